@@ -1,0 +1,126 @@
+"""KV hand-off network: concurrent transfers share each node's NIC max-min fairly.
+
+Every transfer is a flow from one prefill node's egress to one decode node's ingress. Whenever a flow starts
+or ends the rates are recomputed by progressive filling (max-min fair share over both NICs), and the next
+completion is scheduled. The per-transfer overhead is a fixed delay after the bytes arrive (set-up and
+completion notification), which does not occupy the NIC.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from envs.request import Request
+
+_EPS_BYTES = 1e-3  # a flow with less than a thousandth of a byte left is done (float round-off)
+
+
+class Flow:
+    __slots__ = ("req", "src", "dst", "remaining", "rate", "t_start")
+
+    def __init__(self, req: "Request", src: int, dst: int, nbytes: float, t: float) -> None:
+        self.req = req
+        self.src = src
+        self.dst = dst
+        self.remaining = nbytes
+        self.rate = 0.0
+        self.t_start = t
+
+
+class Network:
+    """Max-min fair sharing of P egress and D ingress bandwidth, bytes per second.
+
+    :param egress_bps: NIC bandwidth of each prefill node, bytes/s.
+    :param ingress_bps: NIC bandwidth of each decode node, bytes/s.
+    :param schedule: ``schedule(t, fn, arg)`` of the event loop.
+    :param on_done: called as ``on_done(flow, t)`` when a flow's last byte arrives.
+    """
+
+    def __init__(
+        self,
+        egress_bps: list[float],
+        ingress_bps: list[float],
+        schedule: Callable[[float, Callable, object], None],
+        on_done: Callable[[Flow, float], None],
+    ) -> None:
+        self.egress_bps = egress_bps
+        self.ingress_bps = ingress_bps
+        self.flows: list[Flow] = []
+        self._schedule = schedule
+        self._on_done = on_done
+        self._t = 0.0
+        self._version = 0
+
+    def start(self, req: "Request", src: int, dst: int, nbytes: float, t: float) -> None:
+        self._advance(t)
+        self.flows.append(Flow(req, src, dst, nbytes, t))
+        self._reschedule(t)
+
+    def bytes_remaining(self, t: float, src: int | None = None, dst: int | None = None) -> float:
+        """Bytes still to move at time ``t``, over all flows or those of one source or destination."""
+        dt = t - self._t
+        total = 0.0
+        for f in self.flows:
+            if (src is None or f.src == src) and (dst is None or f.dst == dst):
+                total += max(f.remaining - f.rate * dt, 0.0)
+        return total
+
+    def _advance(self, t: float) -> None:
+        dt = t - self._t
+        if dt > 0:
+            for f in self.flows:
+                f.remaining -= f.rate * dt
+        self._t = t
+
+    def _reschedule(self, t: float) -> None:
+        flows = self.flows
+        self._version += 1
+        if not flows:
+            return
+        if len(flows) == 1:
+            f = flows[0]
+            f.rate = min(self.egress_bps[f.src], self.ingress_bps[f.dst])
+        else:
+            self._max_min_rates()
+        t_next = min(t + max(f.remaining, 0.0) / f.rate for f in flows)
+        self._schedule(t_next, self._on_event, self._version)
+
+    def _max_min_rates(self) -> None:
+        """Progressive filling: repeatedly saturate the link with the smallest fair share."""
+        cap: dict[tuple[int, int], float] = {}
+        users: dict[tuple[int, int], list[Flow]] = {}
+        for f in self.flows:
+            for link in ((0, f.src), (1, f.dst)):
+                if link not in cap:
+                    cap[link] = self.egress_bps[f.src] if link[0] == 0 else self.ingress_bps[f.dst]
+                    users[link] = []
+                users[link].append(f)
+        unfixed = {id(f) for f in self.flows}
+        while unfixed:
+            best_link, best_share = None, float("inf")
+            for link, fl in users.items():
+                n = sum(1 for f in fl if id(f) in unfixed)
+                if n:
+                    share = cap[link] / n
+                    if share < best_share:
+                        best_link, best_share = link, share
+            assert best_link is not None
+            for f in users[best_link]:
+                if id(f) in unfixed:
+                    f.rate = best_share
+                    unfixed.discard(id(f))
+                    for link in ((0, f.src), (1, f.dst)):
+                        cap[link] -= best_share
+
+    def _on_event(self, t: float, version: object) -> None:
+        if version != self._version:
+            return  # superseded by a later start or finish
+        self._advance(t)
+        done = [f for f in self.flows if f.remaining <= _EPS_BYTES + 1e-12 * f.rate]
+        if not done:  # float round-off left a sliver: finish the closest flow
+            done = [min(self.flows, key=lambda f: f.remaining / f.rate)]
+        self.flows = [f for f in self.flows if f not in done]
+        self._reschedule(t)
+        for f in done:
+            self._on_done(f, t)

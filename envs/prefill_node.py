@@ -1,0 +1,105 @@
+"""Prefill node: one vLLM instance that only prefills (FCFS, token-budgeted batches, chunked long prompts)."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from envs.profile import LatencyModel
+    from envs.request import Request
+
+
+class PrefillNode:
+    """FCFS prefill engine.
+
+    Each step takes queued prompts from the head until ``max_batched_tokens`` is used; a prompt that does not
+    fit whole is chunked and continues next step with its prior chunks as context. A prompt's KV blocks are
+    allocated when its first chunk is scheduled and stay held after its prefill until the decode side has
+    pulled them (:meth:`release`): a full KV cache stalls the head of the queue.
+
+    :param on_prefilled: ``on_prefilled(request, t)`` when a prompt's last chunk completes.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        profile: "LatencyModel",
+        max_batched_tokens: int,
+        schedule: Callable[[float, Callable, object], None],
+        on_prefilled: Callable[["Request", float], None],
+    ) -> None:
+        self.index = index
+        self.profile = profile
+        self.max_batched_tokens = max_batched_tokens
+        self.kv_capacity_tokens = profile.kv_capacity_tokens
+        self._schedule = schedule
+        self._on_prefilled = on_prefilled
+        self.queue: deque[Request] = deque()  # waiting or partly prefilled, FCFS
+        self.waiting_tokens = 0  # prompt tokens not yet prefilled, the running step's included
+        self.kv_used_tokens = 0  # allocated: prefilling, or prefilled and waiting for the pull
+        self.held_handoffs = 0
+        self.busy = False
+        self.busy_until_s = 0.0
+        self.busy_s = 0.0  # accumulated step time, for utilisation
+        self.steps = 0
+        self._batch: list[tuple[Request, int]] = []
+
+    def enqueue(self, req: "Request", t: float) -> None:
+        self.queue.append(req)
+        self.waiting_tokens += req.p_remaining
+        if not self.busy:
+            self._start_step(t)
+
+    def release(self, req: "Request", t: float) -> None:
+        """The decode side has pulled ``req``'s KV: free its blocks (and unblock a stalled queue)."""
+        self.kv_used_tokens -= self.profile.blocks(req.input_tokens) * self.profile.kv_block_tokens
+        self.held_handoffs -= 1
+        if not self.busy and self.queue:
+            self._start_step(t)
+
+    def _start_step(self, t: float) -> None:
+        budget = self.max_batched_tokens
+        batch = self._batch = []
+        n = sq = cross = 0
+        prof = self.profile
+        for r in self.queue:
+            if r.t_p_start < 0.0:
+                need = prof.blocks(r.input_tokens) * prof.kv_block_tokens
+                if self.kv_used_tokens + need > self.kv_capacity_tokens:
+                    break  # FCFS: the head waits for KV room
+                self.kv_used_tokens += need
+                r.t_p_start = t
+            c = r.p_remaining if r.p_remaining < budget else budget
+            batch.append((r, c))
+            n += c
+            sq += c * c
+            cross += c * r.p_done
+            budget -= c
+            if budget <= 0:
+                break
+        if not batch:
+            self.busy = False
+            return
+        dt = prof.step_s(n, 0, 0, sq, cross)
+        self.busy = True
+        self.busy_until_s = t + dt
+        self.busy_s += dt
+        self.steps += 1
+        self._schedule(t + dt, self._end_step, None)
+
+    def _end_step(self, t: float, _: object) -> None:
+        queue = self.queue
+        for r, c in self._batch:
+            r.p_done += c
+            r.p_remaining -= c
+            self.waiting_tokens -= c
+            if r.p_remaining == 0:
+                queue.popleft()  # only the batch's last prompt can be partial, so finished ones are a prefix
+                r.t_p_end = t
+                self.held_handoffs += 1
+                self._on_prefilled(r, t)
+        self.busy = False
+        self.busy_until_s = t
+        if queue:
+            self._start_step(t)

@@ -1,0 +1,277 @@
+"""The event loop of the xPyD cluster model.
+
+A heap of ``(time, seq, handler, arg)``; each handler may schedule more. Arrivals are not pushed on the heap:
+they come from the workload's sorted arrays and are merged with the heap, and each one stops the loop for a
+routing decision. :meth:`ClusterSim.advance` runs to the next arrival and returns it; :meth:`ClusterSim.route`
+applies a :class:`~policies.base.Decision`; :meth:`ClusterSim.run` does both with a policy until the end.
+The Gymnasium environment calls ``advance``/``route`` itself, one decision per ``step()``.
+
+Why not SimPy: it is the user's preferred engine, but on this kind of machine a SimPy queue ran 640k events/s
+against 1.6M for a plain ``heapq`` loop, and stopping at every arrival for an outside decision (as every
+routing step needs) 72k decisions/s against 500k (measured for DESIGN.md; ``scripts/bench_simulator.py``
+re-measures the SimPy side on an M/D/1 prefill queue). The 50,000 requests/s goal leaves about 20 us per
+request for everything, so the hot loop is plain Python over a heap.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from heapq import heappop, heappush
+from typing import TYPE_CHECKING, Callable
+
+from envs.config import ClusterConfig
+from envs.decode_node import DecodeNode
+from envs.network import Flow, Network
+from envs.prefill_node import PrefillNode
+from envs.profile import LatencyModel, load_profile
+from envs.request import Request
+from policies.base import DEFLECT, ClusterView, Decision, DecodeNodeView, Policy, PrefillNodeView
+
+if TYPE_CHECKING:
+    from envs.metrics import RunResult
+    from envs.workloads import Workload
+
+_RATE_TAU_S = 10.0  # time constant of the arrival-rate estimate in the view, seconds
+
+
+class DecisionError(ValueError):
+    """A policy returned a decision the cluster cannot carry out (bad node index, no prefill nodes, ...)."""
+
+
+class ClusterSim:
+    """Discrete-event model of one xPyD cluster replaying one workload.
+
+    :param config: cluster shape, profiles, budgets and SLOs.
+    :param workload: the requests to replay (arrival seconds, prompt and output tokens).
+    :param prefill_profile: override the config's prefill profile with a loaded model.
+    :param decode_profile: override the config's decode profile with a loaded model.
+    """
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        workload: "Workload",
+        prefill_profile: LatencyModel | None = None,
+        decode_profile: LatencyModel | None = None,
+    ) -> None:
+        self.config = config
+        self.workload = workload
+        self.prefill_profile = prefill_profile or load_profile(config.prefill_profile)
+        self.decode_profile = decode_profile or load_profile(config.decode_profile)
+        if self.prefill_profile.kv_bytes_per_token != self.decode_profile.kv_bytes_per_token:
+            raise ValueError(
+                f"prefill profile {self.prefill_profile.name} and decode profile {self.decode_profile.name} "
+                "disagree on KV bytes per token: they must serve the same model")
+        self.now = 0.0
+        self.events = 0
+        self._heap: list[tuple[float, int, Callable, object]] = []
+        self._seq = 0
+        self._arr_t = [float(x) for x in workload.arrival_s]
+        self._arr_in = [int(x) for x in workload.input_tokens]
+        self._arr_out = [int(x) for x in workload.output_tokens]
+        self._next = 0
+        self.requests: list[Request] = []
+        self.finished = 0
+        self.rejected = 0
+        self.deflections = 0
+        self._rate = 0.0
+        self._rate_t = 0.0
+        self._rr_decode = 0
+        self.decision_s = 0.0  # wall time spent in policy.decide, seconds
+
+        sched = self.schedule
+        self.prefill = [
+            PrefillNode(i, self.prefill_profile, config.prefill_max_batched_tokens, sched, self._prefilled)
+            for i in range(config.num_prefill)
+        ]
+        self.decode = [
+            DecodeNode(i, self.decode_profile, config.decode_max_batched_tokens, config.max_num_seqs, sched,
+                       self._admitted, self._finished)
+            for i in range(config.num_decode)
+        ]
+        self.network = Network(
+            [self.prefill_profile.nic_bandwidth_Bps] * config.num_prefill,
+            [self.decode_profile.nic_bandwidth_Bps] * config.num_decode,
+            sched, self._transferred)
+        self._xfer_overhead = self.prefill_profile.kv_transfer_overhead_s
+        self._kv_bytes = self.prefill_profile.kv_bytes_per_token
+        self._bw = min(self.prefill_profile.nic_bandwidth_Bps, self.decode_profile.nic_bandwidth_Bps)
+
+    # -- event loop ------------------------------------------------------------------------------------------
+    def schedule(self, t: float, fn: Callable[[float, object], None], arg: object) -> None:
+        self._seq += 1
+        heappush(self._heap, (t, self._seq, fn, arg))
+
+    def advance(self) -> Request | None:
+        """Run events up to the next arrival and return that request, or ``None`` once everything is done."""
+        heap = self._heap
+        arr_t = self._arr_t
+        n_arr = len(arr_t)
+        i = self._next
+        t_arr = arr_t[i] if i < n_arr else math.inf
+        events = 0
+        while heap and heap[0][0] <= t_arr:
+            t, _, fn, arg = heappop(heap)
+            self.now = t
+            fn(t, arg)
+            events += 1
+        self.events += events
+        if i >= n_arr:
+            return None
+        self._next = i + 1
+        self.now = t_arr
+        req = Request(i, t_arr, self._arr_in[i], self._arr_out[i])
+        self.requests.append(req)
+        # exponentially weighted arrival rate, requests per second
+        self._rate = self._rate * math.exp((self._rate_t - t_arr) / _RATE_TAU_S) + 1.0 / _RATE_TAU_S
+        self._rate_t = t_arr
+        return req
+
+    def view(self) -> ClusterView:
+        """The read-only cluster view a policy sees now (node lists built on first access)."""
+        cfg = self.config
+        return ClusterView(self.now, cfg.ttft_slo_s, cfg.tbt_slo_s,
+                           self._rate * math.exp((self._rate_t - self.now) / _RATE_TAU_S),
+                           builder=self._build_view, num_prefill=len(self.prefill),
+                           num_decode=len(self.decode))
+
+    def _build_view(self) -> tuple[list[PrefillNodeView], list[DecodeNodeView]]:
+        now, net = self.now, self.network
+        pv = [
+            PrefillNodeView(
+                index=p.index, profile=p.profile, max_batched_tokens=p.max_batched_tokens,
+                waiting_requests=len(p.queue), waiting_tokens=p.waiting_tokens,
+                busy_until_s=p.busy_until_s if p.busy else now,
+                kv_free_tokens=p.kv_capacity_tokens - p.kv_used_tokens, held_handoffs=p.held_handoffs,
+                egress_bytes=net.bytes_remaining(now, src=p.index) if net.flows else 0.0)
+            for p in self.prefill
+        ]
+        dv = [
+            DecodeNodeView(
+                index=d.index, profile=d.profile, max_batched_tokens=d.max_batched_tokens,
+                max_num_seqs=d.max_num_seqs, batch_size=d.batch_size, context_tokens=d.context_tokens(),
+                kv_free_tokens=d.kv_capacity_tokens - d.kv_reserved_tokens,
+                deflected_waiting_tokens=d.prefill_waiting_tokens,
+                deflected_waiting_requests=len(d.prefilling), inbound_handoffs=d.inbound_handoffs,
+                ingress_bytes=net.bytes_remaining(now, dst=d.index) if net.flows else 0.0,
+                step_s=d.last_step_s, waiting_admission=len(d.admit_queue))
+            for d in self.decode
+        ]
+        return pv, dv
+
+    def route(self, req: Request, decision: Decision) -> None:
+        """Carry out ``decision`` for the request :meth:`advance` returned."""
+        t = self.now
+        d = decision.decode_node
+        if d is not None and not 0 <= d < len(self.decode):
+            raise DecisionError(f"{decision}: decode node {d} out of range 0..{len(self.decode) - 1}")
+        req.estimates = decision.estimates
+        if decision.kind == DEFLECT:
+            if d is None:
+                raise DecisionError(f"{decision}: a deflection must name its decode node")
+            node = self.decode[d]
+            if not node.fits_ever(req):
+                self._reject(req, f"prompt+output {req.input_tokens + req.output_tokens} tokens exceed decode "
+                                  f"node {d}'s KV capacity {node.kv_capacity_tokens}")
+                return
+            req.deflected = True
+            req.d_node = d
+            cap = decision.chunk_cap
+            if cap is not None and cap < 1:
+                raise DecisionError(f"{decision}: chunk cap must be >= 1 token")
+            req.chunk_cap = cap or 0
+            self.deflections += 1
+            node.submit(req, t)
+            return
+        p = decision.prefill_node
+        if p is None or not 0 <= p < len(self.prefill):
+            raise DecisionError(f"{decision}: prefill node {p} out of range 0..{len(self.prefill) - 1}")
+        pnode = self.prefill[p]
+        if pnode.profile.blocks(req.input_tokens) * pnode.profile.kv_block_tokens > pnode.kv_capacity_tokens:
+            self._reject(req, f"prompt {req.input_tokens} tokens exceeds prefill node {p}'s KV capacity")
+            return
+        if not all(n.fits_ever(req) for n in ([self.decode[d]] if d is not None else self.decode)):
+            self._reject(req, f"prompt+output {req.input_tokens + req.output_tokens} tokens exceed a decode "
+                              "node's KV capacity")
+            return
+        req.p_node = p
+        req.d_node = -1 if d is None else d
+        pnode.enqueue(req, t)
+
+    def _reject(self, req: Request, reason: str) -> None:
+        req.reject_reason = reason
+        self.rejected += 1
+
+    # -- hand-off --------------------------------------------------------------------------------------------
+    def _prefilled(self, req: Request, t: float) -> None:
+        d = req.d_node
+        if d < 0:
+            d = req.d_node = self._balance()
+        self.decode[d].submit(req, t)
+
+    def _balance(self) -> int:
+        if self.config.decode_balancer == "round_robin":
+            d = self._rr_decode
+            self._rr_decode = (d + 1) % len(self.decode)
+            return d
+        best, best_load = 0, 1 << 62
+        for d in self.decode:
+            load = d.admitted + len(d.admit_queue)
+            if load < best_load:
+                best, best_load = d.index, load
+        return best
+
+    def _admitted(self, req: Request, t: float) -> None:
+        nbytes = req.input_tokens * self._kv_bytes
+        req.xfer_ideal_s = self._xfer_overhead + nbytes / self._bw
+        self.network.start(req, req.p_node, req.d_node, nbytes, t)
+
+    def _transferred(self, flow: Flow, t: float) -> None:
+        req = flow.req
+        self.prefill[req.p_node].release(req, t)
+        req.t_xfer_end = t + self._xfer_overhead
+        if self._xfer_overhead > 0.0:
+            self.schedule(req.t_xfer_end, self._arrived, req)
+        else:
+            self._arrived(t, req)
+
+    def _arrived(self, t: float, req: object) -> None:
+        r: Request = req  # type: ignore[assignment]
+        self.decode[r.d_node].join(r, t)
+
+    def _finished(self, req: Request, t: float) -> None:
+        self.finished += 1
+
+    # -- whole runs ------------------------------------------------------------------------------------------
+    def run(self, policy: Policy, progress: bool = False) -> "RunResult":
+        """Replay the whole workload under ``policy`` and return the run's metrics."""
+        from envs.metrics import collect
+
+        policy.reset()
+        wall0 = time.perf_counter()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(self._arr_t), unit="req", desc=f"simulate {policy.name}", leave=False)
+        decide = policy.decide
+        view = self.view
+        route = self.route
+        advance = self.advance
+        clock = time.perf_counter
+        dec_s = 0.0
+        n = 0
+        while (req := advance()) is not None:
+            t0 = clock()
+            decision = decide(view(), req)
+            dec_s += clock() - t0
+            route(req, decision)
+            n += 1
+            if bar is not None and n % 2000 == 0:
+                bar.update(2000)
+        if bar is not None:
+            bar.update(n % 2000)
+            bar.close()
+        self.decision_s = dec_s
+        return collect(self, policy_name=policy.name, wall_s=time.perf_counter() - wall0)
