@@ -35,6 +35,9 @@ class DecodeNode:
     :param on_admitted: ``on_admitted(request, t)`` for a prefill-path request whose blocks were just
         reserved (its KV transfer may start).
     :param on_finished: ``on_finished(request, t)`` when a request's last token is out.
+    :param max_segment_steps: cap on the steps one segment may jump over (``None``: no cap). The engine
+        emulator sets 1 so it sees every step and can stream each token in real time.
+    :param on_segment_end: ``on_segment_end(t, steps)`` after each segment's bookkeeping (emulator hook).
     """
 
     def __init__(
@@ -46,8 +49,12 @@ class DecodeNode:
         schedule: Callable[[float, Callable, object], None],
         on_admitted: Callable[["Request", float], None],
         on_finished: Callable[["Request", float], None],
+        max_segment_steps: int | None = None,
+        on_segment_end: Callable[[float, int], None] | None = None,
     ) -> None:
         self.index = index
+        self.max_segment_steps = max_segment_steps or _INF_STEPS
+        self._on_segment_end = on_segment_end
         self.profile = profile
         self.max_batched_tokens = max_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -199,6 +206,8 @@ class DecodeNode:
                 budget -= c
                 if budget <= 0:
                     break
+        if k > self.max_segment_steps:
+            k = self.max_segment_steps
         if n_tok == 0:
             self.active = False
             self.last_step_s = 0.0
@@ -259,6 +268,8 @@ class DecodeNode:
             self._ctx_base -= r.ctx_offset
             self._finish(r, t)
             freed = True
+        if self._on_segment_end is not None:
+            self._on_segment_end(t, k)
         if freed and self.admit_queue:
             self.active = False  # admission may poke; the segment below starts once
             self.try_admit(t)
