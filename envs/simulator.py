@@ -274,4 +274,9 @@ class ClusterSim:
             bar.update(n % 2000)
             bar.close()
         self.decision_s = dec_s
-        return collect(self, policy_name=policy.name, wall_s=time.perf_counter() - wall0)
+        loop_s = time.perf_counter() - wall0
+        result = collect(self, policy_name=policy.name)
+        wall = time.perf_counter() - wall0
+        result.summary.update(wall_s=wall, sim_loop_s=loop_s, metrics_s=wall - loop_s,
+                              sim_requests_per_wall_s=len(self.requests) / wall if wall > 0 else float("nan"))
+        return result

@@ -1,0 +1,69 @@
+"""One simulation from a typed spec: workload + cluster + policy -> RunResult. The CLI and the main job use it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from envs.config import ClusterConfig, ConfigError
+from envs.metrics import RunResult
+from envs.simulator import ClusterSim
+from envs.workloads import make_workload
+from policies.registry import make_policy
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """Which requests to replay; a pure function of these fields (see :func:`envs.workloads.make_workload`).
+
+    :param trace: bundled trace name (``azure_code``, ``azure_conv``) or a path.
+    :param rate: target mean arrival rate, requests/s (``None``: as recorded).
+    :param start_s: window start in the trace, seconds.
+    :param duration_s: window length, seconds (``None``: to the end).
+    :param num_requests: at most this many requests of the window.
+    :param arrival: ``trace`` (recorded times, rescaled), ``poisson``, ``gamma`` or ``onoff``.
+    :param cv: coefficient of variation of gamma gaps.
+    :param seed: seed of synthetic arrivals and length sampling.
+    """
+
+    trace: str = "azure_code"
+    rate: float | None = None
+    start_s: float = 0.0
+    duration_s: float | None = None
+    num_requests: int | None = None
+    arrival: str = "trace"
+    cv: float = 1.0
+    seed: int = 0
+
+    def build(self):
+        return make_workload(self.trace, start_s=self.start_s, duration_s=self.duration_s,
+                             num_requests=self.num_requests, rate=self.rate, arrival=self.arrival, cv=self.cv,
+                             seed=self.seed)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WorkloadSpec":
+        known = {f.name for f in fields(cls)}
+        extra = set(d) - known
+        if extra:
+            raise ConfigError(f"unknown workload key(s) {sorted(extra)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class SimulationSpec:
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    policy: str = "round_robin"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"workload": asdict(self.workload), "cluster": self.cluster.to_dict(), "policy": self.policy}
+
+
+def run_simulation(spec: SimulationSpec, progress: bool = False, workload=None) -> RunResult:
+    """Build the workload (unless given), the cluster and the policy, and replay."""
+    wl = workload if workload is not None else spec.workload.build()
+    sim = ClusterSim(spec.cluster, wl)
+    result = sim.run(make_policy(spec.policy), progress=progress)
+    result.summary["policy"] = spec.policy
+    result.config = {**spec.to_dict(), "workload_meta": dict(wl.meta)}
+    return result
