@@ -79,6 +79,7 @@ class DecodeNode:
         self.inbound_handoffs = 0  # prefill-path requests bound here, not yet in the batch
 
         self.active = False
+        self._starting = False  # a start is scheduled at the current instant
         self._seg_t0 = 0.0
         self._seg_k = 0
         self._seg_a = 0.0
@@ -137,9 +138,18 @@ class DecodeNode:
 
     # -- segments --------------------------------------------------------------------------------------------
     def _poke(self, t: float, prefill_only: bool) -> None:
-        """New work: start now if idle, else cut the running segment at the end of the step in progress."""
+        """New work: start if idle, else cut the running segment at the end of the step in progress.
+
+        An idle node starts its step through an event at the same instant, so that every request arriving at
+        that instant (a batch of KV transfers finishing together, say) is in the first step, as in vLLM.
+        """
         if not self.active:
-            self._start_segment(t)
+            self.active = True
+            self._starting = True
+            self._version += 1
+            self._schedule(t, self._deferred_start, self._version)
+            return
+        if self._starting:
             return
         if prefill_only and self._seg_full:
             return  # no budget left for another chunk until the batch changes anyway
@@ -162,7 +172,12 @@ class DecodeNode:
             self._schedule(self._seg_t0 + new_k * a + 0.5 * b * new_k * (new_k - 1), self._end_segment,
                            self._version)
 
+    def _deferred_start(self, t: float, version: object) -> None:
+        if version == self._version:
+            self._start_segment(t)
+
     def _start_segment(self, t: float) -> None:
+        self._starting = False
         n_done = self.steps_done
         running = self.running
         if self.joiners:
