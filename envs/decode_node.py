@@ -89,16 +89,20 @@ class DecodeNode:
         self._version = 0
         self.busy_s = 0.0
         self.last_step_s = 0.0
-        # Segment log for TBT recovery: steps n0+1 .. n0+k took a + b*j seconds (j = 0..k-1).
+        # Segment log for TBT recovery: steps n0+1 .. n0+k took a + b*j seconds (j = 0..k-1), with a
+        # batch of `bsz` running decodes, `join` of which produced their first token in the first step.
         self.log_n0 = array("q")
         self.log_k = array("q")
         self.log_a = array("d")
         self.log_b = array("d")
+        self.log_bsz = array("q")
+        self.log_join = array("q")
+        self._seg_join = 0
 
     # -- admission -------------------------------------------------------------------------------------------
     def _reservation(self, req: "Request") -> int:
-        prof = self.profile
-        return prof.blocks(req.input_tokens + req.output_tokens) * prof.kv_block_tokens
+        blk = self.profile.kv_block_tokens
+        return -(-(req.input_tokens + req.output_tokens) // blk) * blk
 
     def fits_ever(self, req: "Request") -> bool:
         return self._reservation(req) <= self.kv_capacity_tokens
@@ -240,6 +244,7 @@ class DecodeNode:
         self._seg_a = a
         self._seg_b = b
         self._seg_full = budget <= 0
+        self._seg_join = len(new_joiners) if new_joiners else 0
         self._seg_chunks = chunks
         self.last_step_s = a
         self._version += 1
@@ -254,6 +259,8 @@ class DecodeNode:
         self.log_k.append(k)
         self.log_a.append(self._seg_a)
         self.log_b.append(self._seg_b)
+        self.log_bsz.append(self.batch_size)
+        self.log_join.append(self._seg_join)
         self.busy_s += t - self._seg_t0
         self.last_step_s = self._seg_a + self._seg_b * (k - 1)
         n = self.steps_done = n0 + k

@@ -63,11 +63,30 @@ class RunResult:
     records: dict[str, np.ndarray]
     summary: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
+    _tbt_inputs: Any = field(default=None, repr=False)
+
+    def tbt_p95_per_request(self) -> np.ndarray:
+        """Each request's own P95 TBT, seconds (NaN without samples). Computed on first use and added to
+        ``records`` as ``tbt_p95_s``: it needs every request's step pieces, which the summary does not."""
+        if "tbt_p95_s" not in self.records:
+            if self._tbt_inputs is None:
+                raise ValueError("this result holds no segment logs to compute per-request TBT from")
+            sim, d_node, first, last = self._tbt_inputs
+            n = len(d_node)
+            out = np.full(n, math.nan)
+            for lo in range(0, n, 20_000):  # bounded memory: pieces of 20k requests at a time
+                sl = slice(lo, min(lo + 20_000, n))
+                owner, a, b, j0, j1 = tbt_pieces(sim, d_node[sl], first[sl], last[sl])
+                out[sl] = _quantile_pieces(0.95, owner, sl.stop - sl.start, a, b, j0, j1)
+            self.records["tbt_p95_s"] = out
+        return self.records["tbt_p95_s"]
 
     def save(self, out_dir: str | Path, plots: bool = True) -> Path:
         """Write ``requests.csv``, ``summary.json``, ``config.json`` and the plots into ``out_dir``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        if self._tbt_inputs is not None:
+            self.tbt_p95_per_request()
         cols = list(self.records)
         n = len(self.records[cols[0]]) if cols else 0
         with (out / "requests.csv").open("w", newline="") as f:
@@ -180,36 +199,121 @@ def _quantile_pieces(q: float, owner: np.ndarray, n_owner: int, a, b, j0, j1, it
     return np.where(has, hi, np.nan)
 
 
-def _global_quantiles(qs: tuple[float, ...], a: np.ndarray, b: np.ndarray, j0: np.ndarray, j1: np.ndarray,
-                      total: int) -> list[float]:
-    """Nearest-rank quantiles over every sample of every piece.
+class _SegmentLog:
+    """One decode node's segment log as arrays, with prefix sums for O(1) per-request TBT statistics.
 
-    Each is bracketed first: the same quantile taken with each piece's samples all at its lowest (highest)
-    value is a lower (upper) bound. Only pieces that straddle the bracket are then bisected over.
+    Segment ``s`` ran steps ``n0+1 .. n0+k`` taking ``a + b*j`` seconds (``j = 0..k-1``, ``b >= 0``) with
+    ``bsz`` running decodes, ``join`` of which produced their first token (not a TBT sample) in step 0.
     """
-    cnt = (j1 - j0 + 1).astype(float)
-    low, high = a + b * j0, a + b * j1
+
+    def __init__(self, node: Any, tau: float) -> None:
+        self.index = node.index
+        self.n0 = np.frombuffer(node.log_n0, dtype=np.int64)
+        self.k = np.frombuffer(node.log_k, dtype=np.int64)
+        self.a = np.frombuffer(node.log_a, dtype=np.float64)
+        self.b = np.frombuffer(node.log_b, dtype=np.float64)
+        self.bsz = np.frombuffer(node.log_bsz, dtype=np.int64)
+        self.join = np.frombuffer(node.log_join, dtype=np.int64)
+        self.tau = tau
+        k, a, b = self.k, self.a, self.b
+        self.inv_b = _inv(b)
+        seg_sum = k * a + b * k * (k - 1) / 2
+        seg_over = k - _count_le(tau, a, self.inv_b, np.zeros_like(k), k - 1)
+        z = np.zeros(1)
+        self.c_k = np.concatenate([z, np.cumsum(k)])
+        self.c_sum = np.concatenate([z, np.cumsum(seg_sum)])
+        self.c_over = np.concatenate([z, np.cumsum(seg_over)])
+        self.samples = int(np.sum(self.bsz * k - self.join)) if len(k) else 0
+        # sparse table of segment maxima for range-max queries
+        seg_max = a + b * (k - 1)
+        self.table = [seg_max]
+        w = 1
+        while 2 * w <= len(seg_max):
+            prev = self.table[-1]
+            self.table.append(np.maximum(prev[:-w], prev[w:]))
+            w *= 2
+
+    def _range_max(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Max of segment maxima over [lo, hi] (inclusive; -inf where empty)."""
+        out = np.full(len(lo), -np.inf)
+        ok = hi >= lo
+        if ok.any():
+            span = hi[ok] - lo[ok] + 1
+            lvl = np.floor(np.log2(span)).astype(np.int64)
+            res = np.empty(len(span))
+            for level in np.unique(lvl):
+                m = lvl == level
+                t = self.table[level]
+                res[m] = np.maximum(t[lo[ok][m]], t[hi[ok][m] - (1 << level) + 1])
+            out[ok] = res
+        return out
+
+    def _partial(self, i: np.ndarray, j0: np.ndarray, j1: np.ndarray):
+        a, b = self.a[i], self.b[i]
+        c = np.maximum(j1 - j0 + 1, 0)
+        tot = np.where(c > 0, c * a + b * (j0 + j1) * c / 2, 0.0)
+        le = np.where(c > 0, _count_le(self.tau, a, self.inv_b[i], j0, j1), 0)
+        mx = np.where(c > 0, a + b * j1, -np.inf)
+        return c, tot, c - le, mx
+
+    def request_stats(self, lo: np.ndarray, hi: np.ndarray):
+        """Samples, their sum, how many exceed the SLO, and their max, for sample steps ``lo..hi``."""
+        n0, k = self.n0, self.k
+        i0 = np.searchsorted(n0, lo - 1, side="right") - 1
+        i1 = np.searchsorted(n0, hi - 1, side="right") - 1
+        same = i0 == i1
+        # head: segment i0 from lo; tail: segment i1 up to hi (only when different); middle: full segments
+        c0, t0, o0, m0 = self._partial(i0, lo - n0[i0] - 1, np.where(same, hi - n0[i0] - 1, k[i0] - 1))
+        c1, t1, o1, m1 = self._partial(i1, np.zeros_like(i1), hi - n0[i1] - 1)
+        c1, t1, o1 = (np.where(same, 0, x) for x in (c1, t1, o1))
+        m1 = np.where(same, -np.inf, m1)
+        mid_lo, mid_hi = i0 + 1, i1 - 1
+        has_mid = mid_hi >= mid_lo
+        lo_i, hi_i = np.where(has_mid, mid_lo, 0), np.where(has_mid, mid_hi + 1, 0)
+        cm = self.c_k[hi_i] - self.c_k[lo_i]
+        tm = self.c_sum[hi_i] - self.c_sum[lo_i]
+        om = self.c_over[hi_i] - self.c_over[lo_i]
+        mm = self._range_max(mid_lo, mid_hi)
+        return c0 + c1 + cm, t0 + t1 + tm, o0 + o1 + om, np.maximum(np.maximum(m0, m1), mm)
+
+
+def _weighted_quantiles(logs: list[_SegmentLog], total: int) -> dict[str, float]:
+    """Nearest-rank percentiles of every TBT sample in the run, from the segment logs: each step of a
+    segment is a sample of each of its ``bsz`` decodes, but step 0 not of the ``join`` that started there."""
+    if total == 0:
+        return {f"p{p}": math.nan for p in PERCENTILES}
+    a = np.concatenate([g.a for g in logs])
+    b = np.concatenate([g.b for g in logs])
+    k = np.concatenate([g.k for g in logs])
+    w = np.concatenate([g.bsz for g in logs]).astype(float)
+    join = np.concatenate([g.join for g in logs]).astype(float)
+    keep = w > 0
+    a, b, k, w, join = a[keep], b[keep], k[keep], w[keep], join[keep]
+    weight = w * k - join
+    low, high = a, a + b * (k - 1)
     o_low, o_high = np.argsort(low, kind="stable"), np.argsort(high, kind="stable")
-    c_low, c_high = np.cumsum(cnt[o_low]), np.cumsum(cnt[o_high])
-    inv_b = _inv(b)
+    c_low, c_high = np.cumsum(weight[o_low]), np.cumsum(weight[o_high])
     out = []
-    for q in qs:
-        need = math.ceil(q * total - 1e-9)
-        lo = float(low[o_low][min(np.searchsorted(c_low, need), len(cnt) - 1)])
-        hi = float(high[o_high][min(np.searchsorted(c_high, need), len(cnt) - 1)])
-        below = cnt[high <= lo].sum()  # samples certainly <= any v in the bracket
+    for p in PERCENTILES:
+        need = math.ceil(p / 100 * total - 1e-9)
+        # all of a segment's samples at its lowest (highest) value give a lower (upper) bound
+        lo = float(low[o_low][min(np.searchsorted(c_low, need), len(low) - 1)])
+        hi = float(high[o_high][min(np.searchsorted(c_high, need), len(high) - 1)])
+        below = weight[high <= lo].sum()
         m = (high > lo) & (low <= hi)
-        am, ib, j0m, j1m = a[m], inv_b[m], j0[m], j1[m]
-        for _ in range(50):
+        am, bm, km, wm, jm = a[m], b[m], k[m], w[m], join[m]
+        inv_b, j0 = _inv(bm), np.zeros_like(km)
+        for _ in range(60):
             if hi - lo <= 1e-12 * max(hi, 1e-9):
                 break
             mid = 0.5 * (lo + hi)
-            if below + _count_le(mid, am, ib, j0m, j1m).sum() >= need:
+            if below + (wm * _count_le(mid, am, inv_b, j0, km - 1) - jm * (am <= mid)).sum() >= need:
                 hi = mid
             else:
                 lo = mid
         out.append(hi)
-    return out
+    hi = np.array(out)[:, None]
+    return {f"p{p}": float(h) for p, h in zip(PERCENTILES, hi[:, 0])}
 
 
 def collect(sim: "ClusterSim", policy_name: str = "", wall_s: float = 0.0) -> RunResult:
@@ -257,31 +361,26 @@ def collect(sim: "ClusterSim", policy_name: str = "", wall_s: float = 0.0) -> Ru
     last_step = g([r.last_step for r in reqs], np.int64)
     d_node = g([r.d_node for r in reqs], np.int64)
 
-    # TBT per request, exactly, from the decode nodes' segment logs.
+    # TBT per request, exactly, from the decode nodes' segment logs (prefix sums over segments).
     ok = done & (out_tok > 1)
-    first_s = np.where(ok, first_step, 0)
-    last_s = np.where(ok, last_step, 0)
-    owner, a, b, j0, j1 = tbt_pieces(sim, d_node, first_s, last_s)
-    cnt = np.bincount(owner, weights=j1 - j0 + 1, minlength=n)
-    tot = np.bincount(owner, weights=(j1 - j0 + 1) * a + b * (j0 + j1) * (j1 - j0 + 1) / 2, minlength=n)
+    tau = cfg.tbt_slo_s
+    cnt = np.zeros(n)
+    tot = np.zeros(n)
+    over = np.zeros(n)
+    tbt_max = np.full(n, nan)
+    logs = [_SegmentLog(node, tau) for node in sim.decode]
+    for log in logs:
+        sel = np.flatnonzero(ok & (d_node == log.index))
+        if len(sel):
+            cnt[sel], tot[sel], over[sel], tbt_max[sel] = log.request_stats(first_step[sel] + 1, last_step[sel])
     tbt_mean = np.where(cnt > 0, tot / np.maximum(cnt, 1), nan)
-    tbt_max = np.full(n, -np.inf)
-    np.maximum.at(tbt_max, owner, a + b * j1)
-    tbt_max = np.where(cnt > 0, tbt_max, nan)
-    tbt_p95 = _quantile_pieces(0.95, owner, n, a, b, j0, j1)
-    gaps_total = int(cnt.sum())
-    tbt_all = {}
-    if gaps_total:
-        qs = _global_quantiles(tuple(p / 100 for p in PERCENTILES), a, b, j0, j1, gaps_total)
-        tbt_all = {f"p{p}": v for p, v in zip(PERCENTILES, qs)}
-        tbt_all["mean"] = float(tot.sum() / gaps_total)
-    else:
-        tbt_all = {f"p{p}": nan for p in PERCENTILES} | {"mean": nan}
+    gaps_total = int(sum(log.samples for log in logs))
+    tbt_all = _weighted_quantiles(logs, gaps_total)
+    tbt_all["mean"] = float(tot.sum() / gaps_total) if gaps_total else nan
 
     ttft_ok = done & (ttft <= cfg.ttft_slo_s)
     # P95 TBT <= SLO  <=>  at least ceil(0.95 n) samples <= SLO: an exact count, no quantile needed
-    within = np.bincount(owner, weights=_count_le(cfg.tbt_slo_s, a, _inv(b), j0, j1), minlength=n)
-    tbt_ok = done & ((cnt == 0) | (within >= np.ceil(0.95 * cnt - 1e-9)))
+    tbt_ok = done & ((cnt == 0) | (cnt - over >= np.ceil(0.95 * cnt - 1e-9)))
     slo_ok = ttft_ok & tbt_ok
     t0 = float(arrival.min()) if n else 0.0
     t_end = float(max(t_finish.max() if n else 0.0, sim.now))
@@ -322,7 +421,7 @@ def collect(sim: "ClusterSim", policy_name: str = "", wall_s: float = 0.0) -> Ru
         "offered_rate_rps": n / max(float(arrival.max() - t0), 1e-9) if n > 1 else 0.0,
         "ttft_s": _pcts(ttft_done),
         "tbt_s": tbt_all,
-        "tbt_p95_per_request_s": _pcts(tbt_p95[cnt > 0]),
+        "tbt_samples": gaps_total,
         "e2e_s": _pcts(e2e[done]),
         "slo": {"ttft_slo_s": cfg.ttft_slo_s, "tbt_slo_s": cfg.tbt_slo_s},
         "slo_attainment": float(slo_ok.sum() / n) if n else nan,
@@ -357,11 +456,11 @@ def collect(sim: "ClusterSim", policy_name: str = "", wall_s: float = 0.0) -> Ru
         "ttft_s": ttft,
         "e2e_s": e2e,
         "tbt_mean_s": tbt_mean,
-        "tbt_p95_s": tbt_p95,
         "tbt_max_s": tbt_max,
         "slo_met": slo_ok,
         **{f"{c}_s": np.where(done, comp[c], nan) for c in COMPONENTS},
     }
     config = {"cluster": cfg.to_dict(), "workload": dict(getattr(sim.workload, "meta", {}) or {}),
               "policy": policy_name}
-    return RunResult(records=records, summary=summary, config=config)
+    lazy_p95 = (sim, d_node, np.where(ok, first_step, 0), np.where(ok, last_step, 0))
+    return RunResult(records=records, summary=summary, config=config, _tbt_inputs=lazy_p95)

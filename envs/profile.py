@@ -103,6 +103,7 @@ class LatencyModel:
             for t0, t1, s0, s1 in zip(self.linear_tokens, self.linear_tokens[1:], self.linear_s, self.linear_s[1:])
         ]
         object.__setattr__(self, "_slopes", tuple(slopes))
+        object.__setattr__(self, "_linear_cache", {})  # token count -> seconds (steps repeat token counts)
 
     # -- the model ---------------------------------------------------------------------------------------
     def linear(self, num_tokens: float) -> float:
@@ -133,9 +134,13 @@ class LatencyModel:
         """
         if num_tokens <= 0:
             return 0.0
+        cache = self._linear_cache  # type: ignore[attr-defined]
+        lin = cache.get(num_tokens)
+        if lin is None:
+            lin = cache[num_tokens] = self.linear(num_tokens)
         return (
             self.overhead_s
-            + self.linear(num_tokens)
+            + lin
             + self.decode_attn_s_per_token * decode_ctx_tokens
             + self.decode_attn_s_per_seq * decode_seqs
             + self.prefill_attn_sq_s * chunk_sq

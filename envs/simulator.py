@@ -111,13 +111,14 @@ class ClusterSim:
         i = self._next
         t_arr = arr_t[i] if i < n_arr else math.inf
         events = 0
+        t = self.now
         while heap and heap[0][0] <= t_arr:
             t, _, fn, arg = heappop(heap)
-            self.now = t
-            fn(t, arg)
+            fn(t, arg)  # handlers get the time; nothing reads self.now while events run
             events += 1
         self.events += events
         if i >= n_arr:
+            self.now = t
             return None
         self._next = i + 1
         self.now = t_arr
@@ -191,13 +192,19 @@ class ClusterSim:
         if pnode.profile.blocks(req.input_tokens) * pnode.profile.kv_block_tokens > pnode.kv_capacity_tokens:
             self._reject(req, f"prompt {req.input_tokens} tokens exceeds prefill node {p}'s KV capacity")
             return
-        if not all(n.fits_ever(req) for n in ([self.decode[d]] if d is not None else self.decode)):
+        if not (self.decode[d].fits_ever(req) if d is not None else self._fits_all_decode(req)):
             self._reject(req, f"prompt+output {req.input_tokens + req.output_tokens} tokens exceed a decode "
                               "node's KV capacity")
             return
         req.p_node = p
         req.d_node = -1 if d is None else d
         pnode.enqueue(req, t)
+
+    def _fits_all_decode(self, req: Request) -> bool:
+        for n in self.decode:
+            if not n.fits_ever(req):
+                return False
+        return True
 
     def _reject(self, req: Request, reason: str) -> None:
         req.reject_reason = reason

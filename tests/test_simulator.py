@@ -92,7 +92,8 @@ def test_same_seed_same_run_different_seed_different():
     a = run("always_deflect", wl=make_workload("azure_conv", num_requests=600, arrival="poisson", rate=8, seed=1))[1]
     b = run("always_deflect", wl=make_workload("azure_conv", num_requests=600, arrival="poisson", rate=8, seed=1))[1]
     c = run("always_deflect", wl=make_workload("azure_conv", num_requests=600, arrival="poisson", rate=8, seed=2))[1]
-    for k in ("ttft_s", "e2e_s", "tbt_p95_s"):
+    np.testing.assert_array_equal(a.tbt_p95_per_request(), b.tbt_p95_per_request())
+    for k in ("ttft_s", "e2e_s", "tbt_mean_s"):
         np.testing.assert_array_equal(a.records[k], b.records[k])
     assert not np.array_equal(a.records["ttft_s"], c.records["ttft_s"])
     assert a.summary["ttft_s"] == b.summary["ttft_s"]
@@ -242,3 +243,39 @@ def test_heterogeneous_pools_and_other_shapes():
     assert {r.p_node for r in sim.requests} == {0, 1, 2}
     with pytest.raises(ValueError, match="disagree on KV bytes per token"):
         ClusterSim(ClusterConfig(prefill_profile="h100-80gb_llama-3-8b"), wl)
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "always_deflect"])
+def test_tbt_statistics_from_prefix_sums_equal_the_samples(policy):
+    """Per-request TBT mean/max and SLO counts (prefix sums over segments) against every sample expanded."""
+    from envs.metrics import tbt_pieces
+
+    sim, res = run(policy, wl=make_workload("azure_conv", num_requests=500, rate=12.0, arrival="poisson", seed=4),
+                   tbt_slo_s=0.02)
+    reqs = sim.requests
+    d = np.array([r.d_node for r in reqs])
+    first = np.array([r.first_step for r in reqs])
+    last = np.array([r.last_step for r in reqs])
+    owner, a, b, j0, j1 = tbt_pieces(sim, d, first, last)
+    p95 = res.tbt_p95_per_request()
+    n_over_slo = 0
+    total = 0
+    everything = []
+    for r in reqs:
+        m = np.flatnonzero(owner == r.rid)
+        samples = np.concatenate([a[i] + b[i] * np.arange(j0[i], j1[i] + 1) for i in m]) if len(m) else []
+        assert len(samples) == r.output_tokens - 1
+        total += len(samples)
+        everything.extend(samples)
+        if len(samples):
+            assert res.records["tbt_mean_s"][r.rid] == pytest.approx(np.mean(samples), rel=1e-9)
+            assert res.records["tbt_max_s"][r.rid] == pytest.approx(np.max(samples), rel=1e-12)
+            exact = np.sort(samples)[int(np.ceil(0.95 * len(samples))) - 1]
+            assert p95[r.rid] == pytest.approx(exact, rel=1e-5)
+            n_over_slo += exact > 0.02
+    assert res.summary["tbt_samples"] == total
+    everything = np.sort(everything)
+    for q in (50, 95, 99):  # run-level percentiles: nearest rank over every inter-token gap
+        assert res.summary["tbt_s"][f"p{q}"] == pytest.approx(everything[int(np.ceil(q / 100 * total)) - 1], rel=1e-9)
+    met_tbt = res.summary["tbt_slo_attainment"] * len(reqs)
+    assert met_tbt == pytest.approx(len(reqs) - n_over_slo)
