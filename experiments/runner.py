@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from envs.config import ClusterConfig, ConfigError
 from envs.metrics import RunResult
@@ -57,6 +60,31 @@ class SimulationSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"workload": asdict(self.workload), "cluster": self.cluster.to_dict(), "policy": self.policy}
+
+    @classmethod
+    def from_dict(cls, d: Any, origin: str = "config") -> "SimulationSpec":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{origin}: expected a mapping with workload, cluster, policy")
+        extra = set(d) - {"workload", "cluster", "policy"}
+        if extra:
+            raise ConfigError(f"{origin}: unknown key(s) {sorted(extra)}; known: cluster, policy, workload")
+        try:
+            return cls(workload=WorkloadSpec.from_dict(d.get("workload") or {}),
+                       cluster=ClusterConfig.from_dict(d.get("cluster") or {}),
+                       policy=str(d.get("policy", "round_robin")))
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{origin}: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SimulationSpec":
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            doc = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        return cls.from_dict(doc, origin=str(p))
 
 
 def run_simulation(spec: SimulationSpec, progress: bool = False, workload=None) -> RunResult:

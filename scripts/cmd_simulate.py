@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_cluster_args(p)
     p.add_argument("--policy", default="round_robin",
                    help="policy spec, e.g. round_robin, always_deflect, proactive:margin=0.1")
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML with workload/cluster/policy sections (e.g. experiments/simulate_2p2d.yaml); "
+                        "replaces the workload, cluster and policy flags")
     p.add_argument("--out", type=Path, default=None, help="output folder for records, summary and plots")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
@@ -94,7 +97,10 @@ def format_summary(s: dict) -> str:
 
 
 def run(a: argparse.Namespace) -> int:
-    spec = SimulationSpec(workload=workload_from_args(a), cluster=cluster_from_args(a), policy=a.policy)
+    if a.config:
+        spec = SimulationSpec.from_yaml(a.config)
+    else:
+        spec = SimulationSpec(workload=workload_from_args(a), cluster=cluster_from_args(a), policy=a.policy)
     result = run_simulation(spec, progress=not a.json and sys.stderr.isatty())
     if a.out:
         result.save(a.out, plots=not a.no_plots)
