@@ -71,7 +71,7 @@ class ClusterConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClusterConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ClusterConfig:
         known = {f.name for f in fields(cls)}
         extra = set(d) - known
         if extra:
@@ -79,7 +79,7 @@ class ClusterConfig:
         return cls(**d)
 
     @classmethod
-    def from_shape(cls, shape: str, **kw: Any) -> "ClusterConfig":
+    def from_shape(cls, shape: str, **kw: Any) -> ClusterConfig:
         p, d = parse_shape(shape)
         return cls.from_dict({"num_prefill": p, "num_decode": d, **kw})
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 from array import array
 from collections import deque
+from collections.abc import Callable
 from heapq import heappop, heappush
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from envs.profile import LatencyModel
@@ -43,12 +44,12 @@ class DecodeNode:
     def __init__(
         self,
         index: int,
-        profile: "LatencyModel",
+        profile: LatencyModel,
         max_batched_tokens: int,
         max_num_seqs: int,
         schedule: Callable[[float, Callable, object], None],
-        on_admitted: Callable[["Request", float], None],
-        on_finished: Callable[["Request", float], None],
+        on_admitted: Callable[[Request, float], None],
+        on_finished: Callable[[Request, float], None],
         max_segment_steps: int | None = None,
         on_segment_end: Callable[[float, int], None] | None = None,
     ) -> None:
@@ -100,14 +101,14 @@ class DecodeNode:
         self._seg_join = 0
 
     # -- admission -------------------------------------------------------------------------------------------
-    def _reservation(self, req: "Request") -> int:
+    def _reservation(self, req: Request) -> int:
         blk = self.profile.kv_block_tokens
         return -(-(req.input_tokens + req.output_tokens) // blk) * blk
 
-    def fits_ever(self, req: "Request") -> bool:
+    def fits_ever(self, req: Request) -> bool:
         return self._reservation(req) <= self.kv_capacity_tokens
 
-    def submit(self, req: "Request", t: float) -> None:
+    def submit(self, req: Request, t: float) -> None:
         """Queue ``req`` for admission: a deflected prompt, or a prefill-path request wanting to pull its KV."""
         if not req.deflected:
             self.inbound_handoffs += 1
@@ -135,7 +136,7 @@ class DecodeNode:
         if poked:
             self._poke(t, prefill_only=True)
 
-    def join(self, req: "Request", t: float) -> None:
+    def join(self, req: Request, t: float) -> None:
         """``req``'s KV has arrived: it joins the batch at the next step boundary."""
         self.joiners.append(req)
         self._poke(t, prefill_only=False)
@@ -299,7 +300,7 @@ class DecodeNode:
                 return
         self._start_segment(t)
 
-    def _finish(self, r: "Request", t: float) -> None:
+    def _finish(self, r: Request, t: float) -> None:
         r.t_finish = t
         self.kv_reserved_tokens -= self._reservation(r)
         self.admitted -= 1

@@ -120,7 +120,7 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def tbt_pieces(sim: "ClusterSim", d_node: np.ndarray, first: np.ndarray, last: np.ndarray
+def tbt_pieces(sim: ClusterSim, d_node: np.ndarray, first: np.ndarray, last: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Split each request's TBT samples into arithmetic runs of step times.
 
@@ -316,7 +316,7 @@ def _weighted_quantiles(logs: list[_SegmentLog], total: int) -> dict[str, float]
     return {f"p{p}": float(h) for p, h in zip(PERCENTILES, hi[:, 0])}
 
 
-def collect(sim: "ClusterSim", policy_name: str = "", wall_s: float = 0.0) -> RunResult:
+def collect(sim: ClusterSim, policy_name: str = "", wall_s: float = 0.0) -> RunResult:
     """Turn a finished simulation into per-request records and a run summary."""
     reqs = sim.requests
     cfg = sim.config

@@ -8,7 +8,8 @@ completion notification), which does not occupy the NIC.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from envs.request import Request
@@ -19,7 +20,7 @@ _EPS_BYTES = 1e-3  # a flow with less than a thousandth of a byte left is done (
 class Flow:
     __slots__ = ("req", "src", "dst", "remaining", "rate", "t_start")
 
-    def __init__(self, req: "Request", src: int, dst: int, nbytes: float, t: float) -> None:
+    def __init__(self, req: Request, src: int, dst: int, nbytes: float, t: float) -> None:
         self.req = req
         self.src = src
         self.dst = dst
@@ -52,7 +53,7 @@ class Network:
         self._t = 0.0
         self._version = 0
 
-    def start(self, req: "Request", src: int, dst: int, nbytes: float, t: float) -> None:
+    def start(self, req: Request, src: int, dst: int, nbytes: float, t: float) -> None:
         self._advance(t)
         self.flows.append(Flow(req, src, dst, nbytes, t))
         self._reschedule(t)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from envs.profile import LatencyModel
@@ -24,10 +25,10 @@ class PrefillNode:
     def __init__(
         self,
         index: int,
-        profile: "LatencyModel",
+        profile: LatencyModel,
         max_batched_tokens: int,
         schedule: Callable[[float, Callable, object], None],
-        on_prefilled: Callable[["Request", float], None],
+        on_prefilled: Callable[[Request, float], None],
     ) -> None:
         self.index = index
         self.profile = profile
@@ -45,13 +46,13 @@ class PrefillNode:
         self.steps = 0
         self._batch: list[tuple[Request, int]] = []
 
-    def enqueue(self, req: "Request", t: float) -> None:
+    def enqueue(self, req: Request, t: float) -> None:
         self.queue.append(req)
         self.waiting_tokens += req.p_remaining
         if not self.busy:
             self._start_step(t)
 
-    def release(self, req: "Request", t: float) -> None:
+    def release(self, req: Request, t: float) -> None:
         """The decode side has pulled ``req``'s KV: free its blocks (and unblock a stalled queue)."""
         self.kv_used_tokens -= self.profile.blocks(req.input_tokens) * self.profile.kv_block_tokens
         self.held_handoffs -= 1

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from heapq import heappop, heappush
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from envs.config import ClusterConfig
 from envs.decode_node import DecodeNode
@@ -51,7 +52,7 @@ class ClusterSim:
     def __init__(
         self,
         config: ClusterConfig,
-        workload: "Workload",
+        workload: Workload,
         prefill_profile: LatencyModel | None = None,
         decode_profile: LatencyModel | None = None,
     ) -> None:
@@ -251,7 +252,7 @@ class ClusterSim:
         self.finished += 1
 
     # -- whole runs ------------------------------------------------------------------------------------------
-    def run(self, policy: Policy, progress: bool = False) -> "RunResult":
+    def run(self, policy: Policy, progress: bool = False) -> RunResult:
         """Replay the whole workload under ``policy`` and return the run's metrics."""
         from envs.metrics import collect
 

@@ -95,7 +95,7 @@ def plot_vs_load(xs: Sequence[float], series: Mapping[str, Sequence[float]], pat
     return path
 
 
-def plot_run(result: "RunResult", out: Path) -> list[Path]:
+def plot_run(result: RunResult, out: Path) -> list[Path]:
     """The standard pictures of one simulated run."""
     s = result.summary
     name = s.get("policy") or "run"

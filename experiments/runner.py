@@ -44,7 +44,7 @@ class WorkloadSpec:
                              seed=self.seed)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WorkloadSpec":
+    def from_dict(cls, d: dict[str, Any]) -> WorkloadSpec:
         known = {f.name for f in fields(cls)}
         extra = set(d) - known
         if extra:
@@ -62,7 +62,7 @@ class SimulationSpec:
         return {"workload": asdict(self.workload), "cluster": self.cluster.to_dict(), "policy": self.policy}
 
     @classmethod
-    def from_dict(cls, d: Any, origin: str = "config") -> "SimulationSpec":
+    def from_dict(cls, d: Any, origin: str = "config") -> SimulationSpec:
         if not isinstance(d, dict):
             raise ConfigError(f"{origin}: expected a mapping with workload, cluster, policy")
         extra = set(d) - {"workload", "cluster", "policy"}
@@ -76,7 +76,7 @@ class SimulationSpec:
             raise ConfigError(f"{origin}: {e}") from None
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "SimulationSpec":
+    def from_yaml(cls, path: str | Path) -> SimulationSpec:
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")

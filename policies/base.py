@@ -14,8 +14,9 @@ and decodes on decode node ``d`` (``None`` leaves ``d`` to the decode balancer a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from envs.profile import LatencyModel
@@ -43,11 +44,11 @@ class Decision:
     estimates: dict[str, float] | None = field(default=None, compare=False)
 
     @staticmethod
-    def prefill(p: int, d: int | None = None, estimates: dict[str, float] | None = None) -> "Decision":
+    def prefill(p: int, d: int | None = None, estimates: dict[str, float] | None = None) -> Decision:
         return Decision(PREFILL, p, d, None, estimates)
 
     @staticmethod
-    def deflect(d: int, chunk: int | None = None, estimates: dict[str, float] | None = None) -> "Decision":
+    def deflect(d: int, chunk: int | None = None, estimates: dict[str, float] | None = None) -> Decision:
         return Decision(DEFLECT, None, d, chunk, estimates)
 
     @property
@@ -73,7 +74,7 @@ class PrefillNodeView:
     """
 
     index: int
-    profile: "LatencyModel"
+    profile: LatencyModel
     max_batched_tokens: int
     waiting_requests: int = 0
     waiting_tokens: int = 0
@@ -99,7 +100,7 @@ class DecodeNodeView:
     """
 
     index: int
-    profile: "LatencyModel"
+    profile: LatencyModel
     max_batched_tokens: int
     max_num_seqs: int
     batch_size: int = 0

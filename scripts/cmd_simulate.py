@@ -16,7 +16,8 @@ DEFAULT_PROFILE = "a100-80gb_deepseek-v2-lite"
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--trace", default="azure_code", help="bundled trace (azure_code, azure_conv) or a file path")
-    g.add_argument("--rate", type=float, default=None, help="target mean arrival rate, requests/s (default: as recorded)")
+    g.add_argument("--rate", type=float, default=None,
+                   help="target mean arrival rate, requests/s (default: as recorded)")
     g.add_argument("--start", type=float, default=0.0, help="window start in the trace, seconds")
     g.add_argument("--duration", type=float, default=None, help="window length, seconds (default: to the end)")
     g.add_argument("--num-requests", type=int, default=None, help="at most this many requests")

@@ -10,7 +10,7 @@ import pytest
 
 from envs.config import ClusterConfig, ConfigError, parse_shape
 from envs.network import Network
-from envs.profile import LatencyModel, ProfileError, load_profile, profile_from_dict
+from envs.profile import ProfileError, load_profile, profile_from_dict
 from envs.request import Request
 from envs.simulator import ClusterSim, DecisionError
 from envs.workloads import Trace, Workload, make_workload
