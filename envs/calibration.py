@@ -1,7 +1,8 @@
 """Fitting latency profiles to measured step times and KV transfers.
 
-``deflectlab calibrate`` (``scripts/cmd_calibrate.py``) and ``deflectlab validate`` (``scripts/cmd_validate.py``)
-are thin wrappers around this module; ``deflectlab profile-gpu`` (``envs.gpu_profiler``) writes its input.
+``deflectlab calibrate`` (``scripts/cmd_calibrate.py``) and ``deflectlab validate``
+(``scripts/cmd_validate.py``) are thin wrappers around this module; ``deflectlab profile-gpu``
+(``envs.gpu_profiler``) writes its input.
 
 Measurement CSV
 ---------------
@@ -69,23 +70,50 @@ KINDS: tuple[str, ...] = ("prefill", "decode", "mixed", "transfer")
 STEP_KINDS: tuple[str, ...] = ("prefill", "decode", "mixed")
 #: Numeric columns of the measurement CSV, in the order they are written.
 NUMERIC_COLUMNS: tuple[str, ...] = (
-    "num_tokens", "decode_seqs", "decode_ctx_tokens", "chunk_tokens", "prior_tokens", "bytes", "seconds",
+    "num_tokens",
+    "decode_seqs",
+    "decode_ctx_tokens",
+    "chunk_tokens",
+    "prior_tokens",
+    "bytes",
+    "seconds",
 )
 COLUMNS: tuple[str, ...] = ("kind", *NUMERIC_COLUMNS, "source")
 REQUIRED_COLUMNS: tuple[str, ...] = COLUMNS[:-1]
 
 #: Attention terms of the step model fitted besides the linear curve, with the row column each multiplies.
 ATTN_TERMS: tuple[str, ...] = (
-    "decode_attn_s_per_token", "decode_attn_s_per_seq", "prefill_attn_sq_s", "prefill_attn_cross_s",
+    "decode_attn_s_per_token",
+    "decode_attn_s_per_seq",
+    "prefill_attn_sq_s",
+    "prefill_attn_cross_s",
 )
 TRANSFER_TERMS: tuple[str, ...] = ("kv_transfer_overhead_s", "nic_bandwidth_Bps")
 #: Terms no measurement row determines; they come from ``set_terms`` or the base profile.
-UNMEASURED_TERMS: tuple[str, ...] = ("overhead_s", "kv_bytes_per_token", "kv_capacity_tokens", "kv_block_tokens")
+UNMEASURED_TERMS: tuple[str, ...] = (
+    "overhead_s",
+    "kv_bytes_per_token",
+    "kv_capacity_tokens",
+    "kv_block_tokens",
+)
 
 #: Candidate knot positions (tokens) for the linear curve when none are given: doubling, with the flat
 #: region's end (about 64 tokens on an A100, shared/calibration/README.md) among them.
 DEFAULT_KNOTS: tuple[float, ...] = (
-    1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072,
+    1,
+    16,
+    64,
+    128,
+    256,
+    512,
+    1024,
+    2048,
+    4096,
+    8192,
+    16384,
+    32768,
+    65536,
+    131072,
 )
 
 # (minimum distinct values, kinds, column) a term needs before it can be fitted at all.
@@ -100,10 +128,13 @@ _REQUIREMENTS: dict[str, tuple[int, tuple[str, ...], str]] = {
 # What to add when a term is present in the rows but not separable from the others.
 _SEPARATION_HINTS: dict[str, str] = {
     "decode_attn_s_per_token": "vary decode_ctx_tokens at a fixed decode_seqs",
-    "decode_attn_s_per_seq": "add prefill rows at the decode rows' num_tokens, so the linear operators are "
-                             "pinned apart from the per-sequence cost",
-    "prefill_attn_sq_s": "add mixed rows that split one num_tokens between decodes and a chunk, or more chunk "
-                         "sizes between two knots",
+    "decode_attn_s_per_seq": (
+        "add prefill rows at the decode rows' num_tokens, so the linear operators are pinned apart from the "
+        "per-sequence cost"
+    ),
+    "prefill_attn_sq_s": (
+        "add mixed rows that split one num_tokens between decodes and a chunk, or more chunk sizes between two knots"
+    ),
     "prefill_attn_cross_s": "vary prior_tokens at a fixed chunk_tokens",
 }
 
@@ -190,8 +221,9 @@ def read_measurements(path: str | Path) -> list[Measurement]:
             raise ValueError(f"{path}: empty file; expected a header with columns {', '.join(REQUIRED_COLUMNS)}")
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
-            raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)}; "
-                             f"expected {', '.join(COLUMNS)} (source optional)")
+            raise ValueError(
+                f"{path}:1: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)} (source optional)"
+            )
         unknown = [c for c in header if c not in COLUMNS]
         if unknown:
             raise ValueError(f"{path}:1: unknown column(s) {', '.join(unknown)}; expected {', '.join(COLUMNS)}")
@@ -247,8 +279,13 @@ def write_measurements(path: str | Path, rows: Sequence[Measurement]) -> Path:
         w = csv.writer(f)
         w.writerow(COLUMNS)
         for m in rows:
-            w.writerow([m.kind, *(cell(getattr(m, c)) if c != "seconds" else repr(float(m.seconds))
-                                  for c in NUMERIC_COLUMNS), m.source])
+            w.writerow(
+                [
+                    m.kind,
+                    *(cell(getattr(m, c)) if c != "seconds" else repr(float(m.seconds)) for c in NUMERIC_COLUMNS),
+                    m.source,
+                ]
+            )
     return path
 
 
@@ -259,11 +296,23 @@ def write_measurements(path: str | Path, rows: Sequence[Measurement]) -> Path:
 #: (shared/calibration/README.md; microsoft/vidur @7d47513363ec, MIT). Prefill: (chunk tokens, ms), empty
 #: cache. Decode: (batch, kv tokens per request, ms).
 VIDUR_LLAMA2_7B_PREFILL_ATTN_MS: tuple[tuple[int, float], ...] = (
-    (480, 0.098), (1920, 0.699), (3520, 2.062), (3584, 2.119), (3648, 2.219), (3712, 2.255), (3776, 2.372),
+    (480, 0.098),
+    (1920, 0.699),
+    (3520, 2.062),
+    (3584, 2.119),
+    (3648, 2.219),
+    (3712, 2.255),
+    (3776, 2.372),
 )
 VIDUR_LLAMA2_7B_DECODE_ATTN_MS: tuple[tuple[int, int, float], ...] = (
-    (1, 32, 0.009), (8, 32, 0.018), (32, 32, 0.048), (64, 32, 0.097),
-    (1, 2176, 0.034), (47, 2112, 0.934), (64, 2112, 1.22), (128, 2112, 2.219),
+    (1, 32, 0.009),
+    (8, 32, 0.018),
+    (32, 32, 0.048),
+    (64, 32, 0.097),
+    (1, 2176, 0.034),
+    (47, 2112, 0.934),
+    (64, 2112, 1.22),
+    (128, 2112, 2.219),
 )
 
 
@@ -291,11 +340,15 @@ def vidur_rows(mlp_csv_path: str | Path, layers: int = 32, tp: int = 1) -> list[
                 continue
             layer_ms = sum(float(raw[k]) for k in ops if k != "time_stats.emb.median")
             n = float(raw["num_tokens"])
-            rows.append(Measurement(
-                kind="prefill", num_tokens=n, seconds=(layer_ms * layers + float(raw["time_stats.emb.median"])) / 1e3,
-                source=f"Vidur A100 mlp profile {path.name} (TP{tp}, {layers} layers, linear operators only)",
-                origin=f"{path}:{reader.line_num}",
-            ))
+            rows.append(
+                Measurement(
+                    kind="prefill",
+                    num_tokens=n,
+                    seconds=(layer_ms * layers + float(raw["time_stats.emb.median"])) / 1e3,
+                    source=f"Vidur A100 mlp profile {path.name} (TP{tp}, {layers} layers, linear operators)",
+                    origin=f"{path}:{reader.line_num}",
+                )
+            )
     if not rows:
         raise ValueError(f"{path}: no rows with num_tensor_parallel_workers == {tp}")
     return rows
@@ -318,13 +371,29 @@ def vidur_attention_rows(mlp_csv_path: str | Path, layers: int = 32) -> list[Mea
         return float(np.interp(n, toks, secs))
 
     src = f"Vidur A100 Llama-2-7B TP1 attention.csv rows (shared/calibration/README.md) + {Path(mlp_csv_path).name}"
-    rows = [Measurement(kind="prefill", num_tokens=c, chunk_tokens=c, seconds=linear(c) + ms * layers / 1e3,
-                        source=src, origin=f"vidur-attention:prefill c={c}")
-            for c, ms in VIDUR_LLAMA2_7B_PREFILL_ATTN_MS]
-    rows += [Measurement(kind="decode", num_tokens=b, decode_seqs=b, decode_ctx_tokens=b * kv,
-                         seconds=linear(b) + ms * layers / 1e3, source=src,
-                         origin=f"vidur-attention:decode B={b} kv={kv}")
-             for b, kv, ms in VIDUR_LLAMA2_7B_DECODE_ATTN_MS]
+    rows = [
+        Measurement(
+            kind="prefill",
+            num_tokens=c,
+            chunk_tokens=c,
+            seconds=linear(c) + ms * layers / 1e3,
+            source=src,
+            origin=f"vidur-attention:prefill c={c}",
+        )
+        for c, ms in VIDUR_LLAMA2_7B_PREFILL_ATTN_MS
+    ]
+    rows += [
+        Measurement(
+            kind="decode",
+            num_tokens=b,
+            decode_seqs=b,
+            decode_ctx_tokens=b * kv,
+            seconds=linear(b) + ms * layers / 1e3,
+            source=src,
+            origin=f"vidur-attention:decode B={b} kv={kv}",
+        )
+        for b, kv, ms in VIDUR_LLAMA2_7B_DECODE_ATTN_MS
+    ]
     return rows
 
 
@@ -448,12 +517,16 @@ class FitReport:
 
     def format(self) -> str:
         """A human-readable summary: errors by kind and by term (and on held-out rows when present)."""
-        lines = [f"fit of profile '{self.name}' to {self.rows_used} rows of {', '.join(self.data)}",
-                 f"  MAPE overall {self.mape_pct:.2f} %"]
+        lines = [
+            f"fit of profile '{self.name}' to {self.rows_used} rows of {', '.join(self.data)}",
+            f"  MAPE overall {self.mape_pct:.2f} %",
+        ]
         lines.append("  by kind:      rows    MAPE %  median %   p95 %")
         for kind, s in self.by_kind.items():
-            lines.append(f"    {kind:<10} {s['n']:>6.0f} {s['mape_pct']:>9.2f} {s['median_ape_pct']:>9.2f} "
-                         f"{s['p95_ape_pct']:>7.2f}")
+            lines.append(
+                f"    {kind:<10} {s['n']:>6.0f} {s['mape_pct']:>9.2f} {s['median_ape_pct']:>9.2f} "
+                f"{s['p95_ape_pct']:>7.2f}"
+            )
         lines.append("  by term:                        how     value          rows  MAPE %  +-stderr %")
         for term, t in self.terms.items():
             val = f"{len(t.value)} knots" if isinstance(t.value, list) else f"{t.value:.4g}"
@@ -461,11 +534,15 @@ class FitReport:
             se = f"{t.rel_stderr_pct:9.2f}" if t.rel_stderr_pct is not None else "        -"
             lines.append(f"    {term:<28} {t.how:<7} {val:<13} {t.rows:>5} {mape} {se}")
         if self.holdout:
-            lines.append(f"  held-out rows ({self.holdout['rows']}, fraction {self.holdout['fraction']}, "
-                         f"seed {self.holdout['seed']}): MAPE {self.holdout['mape_pct']:.2f} %")
+            lines.append(
+                f"  held-out rows ({self.holdout['rows']}, fraction {self.holdout['fraction']}, "
+                f"seed {self.holdout['seed']}): MAPE {self.holdout['mape_pct']:.2f} %"
+            )
             for kind, s in self.holdout["by_kind"].items():
-                lines.append(f"    {kind:<10} {s['n']:>6.0f} {s['mape_pct']:>9.2f} {s['median_ape_pct']:>9.2f} "
-                             f"{s['p95_ape_pct']:>7.2f}")
+                lines.append(
+                    f"    {kind:<10} {s['n']:>6.0f} {s['mape_pct']:>9.2f} {s['median_ape_pct']:>9.2f} "
+                    f"{s['p95_ape_pct']:>7.2f}"
+                )
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -491,12 +568,22 @@ def error_stats(measured: np.ndarray, predicted: np.ndarray) -> dict[str, float]
     measured = np.asarray(measured, float)
     predicted = np.asarray(predicted, float)
     if len(measured) == 0:
-        return {"n": 0, "mape_pct": math.nan, "median_ape_pct": math.nan, "p95_ape_pct": math.nan,
-                "bias_pct": math.nan}
+        return {
+            "n": 0,
+            "mape_pct": math.nan,
+            "median_ape_pct": math.nan,
+            "p95_ape_pct": math.nan,
+            "bias_pct": math.nan,
+        }
     pct = 100.0 * (predicted - measured) / measured
     ape = np.abs(pct)
-    return {"n": int(len(measured)), "mape_pct": float(ape.mean()), "median_ape_pct": float(np.median(ape)),
-            "p95_ape_pct": float(np.percentile(ape, 95)), "bias_pct": float(pct.mean())}
+    return {
+        "n": len(measured),
+        "mape_pct": float(ape.mean()),
+        "median_ape_pct": float(np.median(ape)),
+        "p95_ape_pct": float(np.percentile(ape, 95)),
+        "bias_pct": float(pct.mean()),
+    }
 
 
 def errors_by_kind(rows: Sequence[Measurement], predicted: np.ndarray) -> dict[str, dict[str, float]]:
@@ -524,8 +611,10 @@ def _shortfall(term: str, rows: Sequence[Measurement]) -> str | None:
         vals.discard(0.0)
     if len(vals) >= need and any(v > 0 for v in vals):
         return None
-    return (f"too few rows for term {term}: need >= {need} rows of kind {' or '.join(kinds)} with varying "
-            f"column {col} (found {len(vals)} distinct non-zero value(s))")
+    return (
+        f"too few rows for term {term}: need >= {need} rows of kind {' or '.join(kinds)} with varying "
+        f"column {col} (found {len(vals)} distinct non-zero value(s))"
+    )
 
 
 def _unexplained_fraction(a: np.ndarray, j: int) -> float:
@@ -535,7 +624,7 @@ def _unexplained_fraction(a: np.ndarray, j: int) -> float:
     if others.shape[1] == 0:
         return 1.0
     coef, *_ = np.linalg.lstsq(others, col, rcond=None)
-    return float(np.linalg.norm(col - others @ coef) / max(np.linalg.norm(col), 1e-300))
+    return float(np.linalg.norm(col - others @ coef) / max(float(np.linalg.norm(col)), 1e-300))
 
 
 def _origin_files(rows: Sequence[Measurement]) -> list[str]:
@@ -545,6 +634,43 @@ def _origin_files(rows: Sequence[Measurement]) -> list[str]:
         if f not in files:
             files.append(f)
     return files
+
+
+class _Terms:
+    """Each profile term's value, how it was obtained and its source, while a fit is assembled.
+
+    A term is fitted, set by the user, or taken from the base profile; one that can be none of these is
+    recorded as a problem, so that the error names every missing term at once.
+    """
+
+    def __init__(self, base: LatencyModel | None, set_terms: Mapping[str, float], set_source: str):
+        self.base, self.set_terms, self.set_source = base, set_terms, set_source
+        self.values: dict[str, Any] = {}
+        self.how: dict[str, str] = {}
+        self.sources: dict[str, str] = {}
+        self.stderr: dict[str, float] = {}
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def fitted(self, term: str, value: Any, source: str, stderr_pct: float) -> None:
+        self.values[term], self.how[term], self.sources[term] = value, "fitted", source
+        self.stderr[term] = stderr_pct
+
+    def elsewhere(self, term: str, why: str) -> None:
+        """Take ``term`` from the user's values or the base profile, or record ``why`` it cannot be had."""
+        if term in self.set_terms:
+            self.values[term], self.how[term] = float(self.set_terms[term]), "set"
+            self.sources[term] = self.set_source
+        elif self.base is not None:
+            b = self.base
+            self.values[term] = list(b.linear_s) if term == "linear" else getattr(b, term)
+            self.how[term] = "base"
+            orig = b.sources.get(term, "")
+            self.sources[term] = f"from base profile '{b.name}' ({why})" + (f": {orig}" if orig else "")
+        else:
+            problem = f"{why}; or give a base profile (--base) to take it from there"
+            if problem not in self.problems:  # one line for terms that share a reason (the transfer pair)
+                self.problems.append(problem)
 
 
 def fit_profile(
@@ -587,207 +713,231 @@ def fit_profile(
     model = model or (base.model if base else None)
     missing_meta = [k for k, v in (("name", name), ("hardware", hardware), ("model", model)) if not v]
     if missing_meta:
-        raise ValueError(f"no {', '.join(missing_meta)} for the profile: give them, or a base profile")
-    tp = tensor_parallel or (base.tensor_parallel if base else 1)
+        raise ValueError(
+            f"no {', '.join(missing_meta)} for the profile: give --{' --'.join(missing_meta)} or a base "
+            "profile (--base) to take them from"
+        )
 
     files = _origin_files(rows)
     row_sources = sorted({m.source for m in rows if m.source})
     data_desc = ", ".join(files)
     if row_sources:
         data_desc += " (" + "; ".join(row_sources[:3]) + ("; ..." if len(row_sources) > 3 else "") + ")"
-    tail = f"; {provenance}" if provenance else ""
+    fit_desc = f"fit by deflectlab calibrate on {date.today().isoformat()}"
+    tail = f" of {data_desc}" + (f"; {provenance}" if provenance else "")
 
-    values: dict[str, Any] = {}
-    how: dict[str, str] = {}
-    sources: dict[str, str] = {}
-    stderr: dict[str, float | None] = {}
-    problems: list[str] = []
-    warnings: list[str] = []
-
-    def from_elsewhere(term: str, why: str) -> None:
-        """Take ``term`` from set_terms or the base, or record why it cannot be had."""
-        if term in set_terms:
-            values[term], how[term], sources[term] = float(set_terms[term]), "set", set_source
-        elif base is not None:
-            values[term] = getattr(base, term) if term != "linear" else None
-            how[term] = "base"
-            orig = base.sources.get(term, "")
-            sources[term] = f"from base profile '{base.name}' ({why}): {orig}" if orig else \
-                f"from base profile '{base.name}' ({why})"
-        else:
-            problems.append(f"{why}; or give a base profile (--base) to take {term} from")
-
-    # ---- step rows: linear knots and attention terms, jointly.
-    step_rows = [m for m in rows if m.kind in STEP_KINDS]
-    knot_list: list[float] = []
-    if not step_rows:
-        for term in ("linear", *ATTN_TERMS):
-            if term in set_terms:
-                from_elsewhere(term, "")
-            else:
-                from_elsewhere(term, "no step rows of kind prefill, decode or mixed")
-    else:
-        short = _shortfall("linear", step_rows)
-        if short:
-            raise ValueError(short)
-        n_tok = np.array([m.num_tokens for m in step_rows], float)
-        knot_list = [float(k) for k in knots] if knots is not None else auto_knots(n_tok)
-        basis = linear_basis(n_tok, knot_list)
-        unused = [knot_list[i] for i in range(len(knot_list)) if not basis[:, i].any()]
-        if unused:
-            raise ValueError(f"no step row constrains the linear knot(s) at {unused} tokens; "
-                             "add rows of kind prefill at those token counts or move the knots")
-        cols = _term_columns(step_rows)
-        free = [t for t in ATTN_TERMS if t not in set_terms]
-        for t in ATTN_TERMS:
-            if t in set_terms:
-                from_elsewhere(t, "")
-        for t in list(free):
-            short = _shortfall(t, step_rows)
-            if short:
-                free.remove(t)
-                from_elsewhere(t, short)
-        y = np.array([m.seconds for m in step_rows], float)
-        w = 1.0 / y
-        # Drop attention terms the rows cannot separate from the rest (a column that is a combination of
-        # the others), one at a time, the worst first.
-        while True:
-            a = np.column_stack([basis] + [cols[t] for t in free]) * w[:, None]
-            a = a / np.maximum(np.linalg.norm(a, axis=0), 1e-300)
-            frac = {t: _unexplained_fraction(a, basis.shape[1] + i) for i, t in enumerate(free)}
-            worst = min(frac, key=lambda t: frac[t]) if frac else None
-            if worst is None or frac[worst] > 1e-6:
-                break
-            free.remove(worst)
-            from_elsewhere(worst, f"term {worst} is not separable from the other terms by these rows: "
-                                  f"{_SEPARATION_HINTS[worst]}")
-        if problems:
-            raise ValueError("cannot fit the profile:\n  " + "\n  ".join(problems))
-        # Subtract the contribution of attention terms that are fixed (set or from the base).
-        fixed = [t for t in ATTN_TERMS if t not in free]
-        target = y - sum((values[t] * cols[t] for t in fixed), np.zeros_like(y))
-        design = np.column_stack([basis] + [cols[t] for t in free])
-        coef, se = _nnls_relative(design, target, w)
-        rank = np.linalg.matrix_rank(design * w[:, None] / np.maximum(np.linalg.norm(design * w[:, None], axis=0),
-                                                                        1e-300))
-        if rank < design.shape[1]:
-            raise ValueError("the linear knots are not determined by these rows (the design is rank "
-                             f"deficient: rank {rank} < {design.shape[1]} unknowns); use fewer knots "
-                             "(--knots) or add prefill rows between them")
-        k_vals = coef[: len(knot_list)]
-        if np.any(k_vals <= 0):
-            zero = [knot_list[i] for i in np.flatnonzero(k_vals <= 0)]
-            warnings.append(f"linear time fitted as 0 at knot(s) {zero} tokens; set to 1e-9 s (the attention "
-                            "terms explain those rows entirely: check the data or the knots)")
-            k_vals = np.maximum(k_vals, 1e-9)
-        values["linear"] = [float(v) for v in k_vals]
-        how["linear"] = "fitted"
-        kinds_n = Counter(m.kind for m in step_rows)
-        kinds_desc = ", ".join(f"{k} {kinds_n[k]}" for k in STEP_KINDS if kinds_n[k])
-        fit_desc = (f"fit by deflectlab calibrate on {date.today().isoformat()}: non-negative least squares, "
-                    f"relative error, {len(step_rows)} step rows ({kinds_desc}) of {data_desc}{tail}")
-        sources["linear"] = f"{fit_desc}; knots at {[_num(k) for k in knot_list]} tokens"
-        stderr["linear"] = float(np.nanmax(se[: len(knot_list)]))
-        for i, t in enumerate(free):
-            values[t] = float(coef[len(knot_list) + i])
-            how[t] = "fitted"
-            stderr[t] = float(se[len(knot_list) + i])
-            sources[t] = f"{fit_desc} (+-{stderr[t]:.1f} % std. error)"
-
-    # ---- transfer rows: overhead + bytes / bandwidth.
-    xfer = [m for m in rows if m.kind == "transfer"]
-    free_x = [t for t in TRANSFER_TERMS if t not in set_terms]
-    for t in TRANSFER_TERMS:
-        if t in set_terms:
-            from_elsewhere(t, "")
-    if free_x:
-        short = _shortfall("transfer", xfer) if xfer else \
-            "too few rows for terms nic_bandwidth_Bps and kv_transfer_overhead_s: need >= 2 rows of kind " \
-            "transfer with varying column bytes (found none)"
-        if short:
-            for t in free_x:
-                from_elsewhere(t, short.replace("term transfer", "terms nic_bandwidth_Bps and kv_transfer_overhead_s"))
-        else:
-            y = np.array([m.seconds for m in xfer], float)
-            b = np.array([m.bytes for m in xfer], float)
-            cols_x = {"kv_transfer_overhead_s": np.ones_like(b), "nic_bandwidth_Bps": b}
-            target = y - (b / values["nic_bandwidth_Bps"] if "nic_bandwidth_Bps" in set_terms else 0.0) \
-                - (values["kv_transfer_overhead_s"] if "kv_transfer_overhead_s" in set_terms else 0.0)
-            coef, se = _nnls_relative(np.column_stack([cols_x[t] for t in free_x]), target, 1.0 / y)
-            fit_desc = (f"fit by deflectlab calibrate on {date.today().isoformat()}: seconds = overhead + bytes / "
-                        f"bandwidth, non-negative least squares, relative error, {len(xfer)} transfer rows of "
-                        f"{data_desc}{tail}")
-            for i, t in enumerate(free_x):
-                stderr[t] = float(se[i])
-                how[t] = "fitted"
-                sources[t] = f"{fit_desc} (+-{se[i]:.1f} % std. error)"
-                if t == "nic_bandwidth_Bps":
-                    if coef[i] <= 0:
-                        raise ValueError("transfer rows do not grow with bytes: nic_bandwidth_Bps is not "
-                                         "determined (need transfer rows over a wider range of bytes)")
-                    values[t] = float(1.0 / coef[i])
-                else:
-                    values[t] = float(coef[i])
-
-    # ---- terms no row measures.
+    terms = _Terms(base, set_terms, set_source)
+    for t in set_terms:
+        terms.elsewhere(t, "")
+    knot_list = _fit_step_terms([m for m in rows if m.kind in STEP_KINDS], knots, terms, fit_desc, tail)
+    _fit_transfer_terms([m for m in rows if m.kind == "transfer"], terms, fit_desc, tail)
     for t in UNMEASURED_TERMS:
-        why = ("not measured: seconds exclude the engine's per-step overhead (set it to 0 if yours include it)"
-               if t == "overhead_s" else "not measured by step or transfer rows")
-        if t in set_terms or base is not None:
-            from_elsewhere(t, why)
+        if t in set_terms:
+            continue
+        why = (
+            "not measured: seconds exclude the engine's per-step overhead (set it to 0 if yours include it)"
+            if t == "overhead_s"
+            else "not measured by step or transfer rows"
+        )
+        if base is not None:
+            terms.elsewhere(t, why)
         else:
-            problems.append(f"term {t} is {why}: give --set {t}=VALUE or a base profile (--base)")
-    if problems:
-        raise ValueError("cannot fit the profile:\n  " + "\n  ".join(problems))
+            terms.problems.append(f"term {t} is {why}: give --set {t}=VALUE or a base profile (--base)")
+    if terms.problems:
+        raise ValueError("cannot fit the profile:\n  " + "\n  ".join(terms.problems))
 
-    if how.get("linear") == "base":
+    if terms.how["linear"] == "base":
         assert base is not None
         knot_list = list(base.linear_tokens)
-        values["linear"] = list(base.linear_s)
-    linear_src = sources.pop("linear")
-    meta: dict[str, Any] = {"calibration": {
-        "data": files, "rows": len(rows), "date": date.today().isoformat(),
-        "fitted": sorted(t for t, h in how.items() if h == "fitted"),
-        **({"base": base.name} if base else {}), **({"provenance": provenance} if provenance else {}),
-    }}
-    scalar = {t: values[t] for t in SCALAR_TERMS}
+    scalar = {t: terms.values[t] for t in SCALAR_TERMS}
     for t in ("kv_bytes_per_token", "kv_capacity_tokens", "kv_block_tokens"):
         scalar[t] = int(scalar[t])
+    calibration = {
+        "data": files,
+        "rows": len(rows),
+        "date": date.today().isoformat(),
+        "fitted": sorted(t for t, h in terms.how.items() if h == "fitted"),
+        **({"base": base.name} if base else {}),
+        **({"provenance": provenance} if provenance else {}),
+    }
     fitted = LatencyModel(
-        name=str(name), hardware=str(hardware), model=str(model), tensor_parallel=int(tp),
-        linear_tokens=tuple(knot_list), linear_s=tuple(values["linear"]),
-        sources={**{t: sources[t] for t in SCALAR_TERMS}, "linear": linear_src}, meta=meta, **scalar,
+        name=str(name),
+        hardware=str(hardware),
+        model=str(model),
+        tensor_parallel=int(tensor_parallel or (base.tensor_parallel if base else 1)),
+        linear_tokens=tuple(knot_list),
+        linear_s=tuple(terms.values["linear"]),
+        sources={t: terms.sources[t] for t in (*SCALAR_TERMS, "linear")},
+        meta={"calibration": calibration},
+        **scalar,
     )
+    return fitted, _report(fitted, rows, terms, files, knot_list)
 
-    # ---- the report.
+
+def _fit_step_terms(
+    step_rows: list[Measurement], knots: Sequence[float] | None, terms: _Terms, fit_desc: str, tail: str
+) -> list[float]:
+    """Fit the linear knots and the free attention terms jointly to the step rows; returns the knots.
+
+    Attention terms the rows cannot determine (too few rows, or a column the others reproduce exactly) are
+    taken from elsewhere (:meth:`_Terms.elsewhere`).
+    """
+    if not step_rows:
+        for t in ("linear", *ATTN_TERMS):
+            if t not in terms.set_terms:
+                terms.elsewhere(t, "no step rows of kind prefill, decode or mixed")
+        return []
+    short = _shortfall("linear", step_rows)
+    if short:
+        raise ValueError(short)
+    n_tok = np.array([m.num_tokens for m in step_rows], float)
+    knot_list = [float(k) for k in knots] if knots is not None else auto_knots(n_tok)
+    basis = linear_basis(n_tok, knot_list)
+    unused = [knot_list[i] for i in range(len(knot_list)) if not basis[:, i].any()]
+    if unused:
+        raise ValueError(
+            f"no step row constrains the linear knot(s) at {unused} tokens; "
+            "add rows of kind prefill at those token counts or move the knots"
+        )
+    cols = _term_columns(step_rows)
+    free = []
+    for t in ATTN_TERMS:
+        short = _shortfall(t, step_rows)
+        if t in terms.set_terms:
+            continue
+        if short:
+            terms.elsewhere(t, short)
+        else:
+            free.append(t)
+    y = np.array([m.seconds for m in step_rows], float)
+    w = 1.0 / y
+    # Drop the attention terms the rows cannot separate from the rest (a column that is a combination of
+    # the others), one at a time, the worst first.
+    while free:
+        a = np.column_stack([basis] + [cols[t] for t in free]) * w[:, None]
+        a = a / np.maximum(np.linalg.norm(a, axis=0), 1e-300)
+        frac = {t: _unexplained_fraction(a, basis.shape[1] + i) for i, t in enumerate(free)}
+        worst = min(frac, key=lambda t: frac[t])
+        if frac[worst] > 1e-6:
+            break
+        free.remove(worst)
+        why = f"term {worst} is not separable from the other terms by these rows: {_SEPARATION_HINTS[worst]}"
+        terms.elsewhere(worst, why)
+    if terms.problems:  # no fit: carry on only to collect every missing term
+        return knot_list
+    # Subtract the contribution of the attention terms that are fixed (set or from the base).
+    fixed = [t for t in ATTN_TERMS if t not in free]
+    target = y - sum((terms.values[t] * cols[t] for t in fixed), np.zeros_like(y))
+    design = np.column_stack([basis] + [cols[t] for t in free])
+    wd = design * w[:, None]
+    rank = int(np.linalg.matrix_rank(wd / np.maximum(np.linalg.norm(wd, axis=0), 1e-300)))
+    if rank < design.shape[1]:
+        raise ValueError(
+            f"the linear knots are not determined by these rows (rank {rank} < {design.shape[1]} unknowns); "
+            "use fewer knots (--knots) or add prefill rows between them"
+        )
+    coef, se = _nnls_relative(design, target, w)
+    k_vals = coef[: len(knot_list)]
+    if np.any(k_vals <= 0):
+        zero = [knot_list[i] for i in np.flatnonzero(k_vals <= 0)]
+        terms.warnings.append(
+            f"linear time fitted as 0 at knot(s) {zero} tokens; set to 1e-9 s (the attention terms explain "
+            "those rows entirely: check the data or the knots)"
+        )
+        k_vals = np.maximum(k_vals, 1e-9)
+    kinds_n = Counter(m.kind for m in step_rows)
+    kinds_desc = ", ".join(f"{k} {kinds_n[k]}" for k in STEP_KINDS if kinds_n[k])
+    desc = f"{fit_desc}: non-negative least squares, relative error, {len(step_rows)} step rows ({kinds_desc})"
+    knots_desc = f"; knots at {[_num(k) for k in knot_list]} tokens"
+    terms.fitted("linear", [float(v) for v in k_vals], desc + tail + knots_desc, float(np.max(se[: len(k_vals)])))
+    for i, t in enumerate(free, start=len(knot_list)):
+        terms.fitted(t, float(coef[i]), f"{desc} (+-{se[i]:.1f} % std. error){tail}", float(se[i]))
+    return knot_list
+
+
+def _fit_transfer_terms(xfer: list[Measurement], terms: _Terms, fit_desc: str, tail: str) -> None:
+    """Fit ``seconds = kv_transfer_overhead_s + bytes / nic_bandwidth_Bps`` to the transfer rows."""
+    free = [t for t in TRANSFER_TERMS if t not in terms.set_terms]
+    if not free:
+        return
+    short = _shortfall("transfer", xfer)
+    if short:
+        for t in free:
+            terms.elsewhere(t, short.replace("term transfer", "terms nic_bandwidth_Bps and kv_transfer_overhead_s"))
+        return
+    y = np.array([m.seconds for m in xfer], float)
+    b = np.array([m.bytes for m in xfer], float)
+    target = y.copy()
+    if "nic_bandwidth_Bps" in terms.set_terms:
+        target -= b / terms.values["nic_bandwidth_Bps"]
+    if "kv_transfer_overhead_s" in terms.set_terms:
+        target -= terms.values["kv_transfer_overhead_s"]
+    cols = {"kv_transfer_overhead_s": np.ones_like(b), "nic_bandwidth_Bps": b}
+    coef, se = _nnls_relative(np.column_stack([cols[t] for t in free]), target, 1.0 / y)
+    desc = (
+        f"{fit_desc}: seconds = overhead + bytes / bandwidth, non-negative least squares, relative error, "
+        f"{len(xfer)} transfer rows"
+    )
+    for i, t in enumerate(free):
+        value = float(coef[i])
+        if t == "nic_bandwidth_Bps":
+            if value <= 0:
+                raise ValueError(
+                    "transfer rows do not grow with bytes: nic_bandwidth_Bps is not determined (need "
+                    "transfer rows over a wider range of bytes)"
+                )
+            value = 1.0 / value
+        terms.fitted(t, value, f"{desc} (+-{se[i]:.1f} % std. error){tail}", float(se[i]))
+
+
+def _report(
+    fitted: LatencyModel, rows: list[Measurement], terms: _Terms, files: list[str], knots: list[float]
+) -> FitReport:
+    """Fit errors of ``fitted`` on ``rows``: overall, per kind, per term (over the rows each acts on)."""
     pred = predict(fitted, rows)
     measured = np.array([m.seconds for m in rows])
     ape = 100.0 * np.abs(pred - measured) / measured
-    cols_all = _term_columns(rows)
+    cols = _term_columns(rows)
     is_step = np.array([m.kind in STEP_KINDS for m in rows])
-    is_xfer = ~is_step
-    acts = {"linear": is_step, **{t: cols_all[t] > 0 for t in ATTN_TERMS},
-            "kv_transfer_overhead_s": is_xfer, "nic_bandwidth_Bps": is_xfer}
-    terms: dict[str, TermFit] = {}
+    acts = {"linear": is_step, **{t: cols[t] > 0 for t in ATTN_TERMS}}
+    acts.update({t: ~is_step for t in TRANSFER_TERMS})
+    term_fits: dict[str, TermFit] = {}
     for t in ("linear", *ATTN_TERMS, *TRANSFER_TERMS, *UNMEASURED_TERMS):
-        mask = acts.get(t)
-        n = int(mask.sum()) if mask is not None else 0
-        terms[t] = TermFit(
-            value=values["linear"] if t == "linear" else float(values[t]),
-            how=how[t], source=linear_src if t == "linear" else sources[t], rows=n,
-            mape_pct=float(ape[mask].mean()) if n and mask is not None else None,
-            rel_stderr_pct=stderr.get(t),
+        mask = acts.get(t, np.zeros(len(rows), bool))
+        n = int(mask.sum())
+        term_fits[t] = TermFit(
+            value=terms.values[t] if t == "linear" else float(terms.values[t]),
+            how=terms.how[t],
+            source=terms.sources[t],
+            rows=n,
+            mape_pct=float(ape[mask].mean()) if n else None,
+            rel_stderr_pct=terms.stderr.get(t),
         )
-    report = FitReport(
-        name=fitted.name, data=files, rows_used=len(rows), rows_by_kind=dict(Counter(m.kind for m in rows)),
-        mape_pct=float(ape.mean()), by_kind=errors_by_kind(rows, pred), terms=terms,
-        knots=[float(k) for k in knot_list],
-        predictions=[{"origin": m.origin, "kind": m.kind, "measured_s": float(m.seconds),
-                      "predicted_s": float(p), "error_pct": float(100.0 * (p - m.seconds) / m.seconds)}
-                     for m, p in zip(rows, pred)],
-        warnings=warnings,
+    return FitReport(
+        name=fitted.name,
+        data=files,
+        rows_used=len(rows),
+        rows_by_kind=dict(Counter(m.kind for m in rows)),
+        mape_pct=float(ape.mean()),
+        by_kind=errors_by_kind(rows, pred),
+        terms=term_fits,
+        knots=[float(k) for k in knots],
+        predictions=_row_predictions(rows, pred),
+        warnings=terms.warnings,
     )
-    return fitted, report
+
+
+def _row_predictions(rows: Sequence[Measurement], pred: np.ndarray) -> list[dict[str, Any]]:
+    return [
+        {
+            "origin": m.origin,
+            "kind": m.kind,
+            "measured_s": float(m.seconds),
+            "predicted_s": float(p),
+            "error_pct": float(100.0 * (p - m.seconds) / m.seconds),
+        }
+        for m, p in zip(rows, pred)
+    ]
 
 
 def _num(v: float) -> int | float:
@@ -827,31 +977,30 @@ def split_holdout(
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
-    fit, held = [], []
+    fit: list[Measurement] = []
+    held: list[Measurement] = []
     for kind in KINDS:
         idx = [i for i, m in enumerate(rows) if m.kind == kind]
         if not idx:
             continue
         perm = rng.permutation(len(idx))
-        n_held = min(int(round(fraction * len(idx))), len(idx) - 2) if len(idx) > 2 else 0
-        held_set = set(perm[:max(n_held, 0)].tolist())
+        n_held = min(round(fraction * len(idx)), len(idx) - 2) if len(idx) > 2 else 0
+        held_set = set(perm[: max(n_held, 0)].tolist())
         for j, i in enumerate(idx):
             (held if j in held_set else fit).append(rows[i])
     return fit, held
 
 
-def with_holdout(report: FitReport, profile: LatencyModel, held: Sequence[Measurement], fraction: float,
-                 seed: int) -> FitReport:
+def with_holdout(
+    report: FitReport, profile: LatencyModel, held: Sequence[Measurement], fraction: float, seed: int
+) -> FitReport:
     """The report with the profile's errors on held-out rows attached (``report.holdout``)."""
     pred = predict(profile, held)
-    measured = np.array([m.seconds for m in held])
-    overall = error_stats(measured, pred) if len(held) else {"mape_pct": math.nan}
-    return replace(report, holdout={
-        "fraction": fraction, "seed": seed, "rows": len(held), "mape_pct": overall["mape_pct"],
-        "by_kind": errors_by_kind(held, pred),
-        "predictions": [{"origin": m.origin, "kind": m.kind, "measured_s": float(m.seconds),
-                         "predicted_s": float(p)} for m, p in zip(held, pred)],
-    })
+    holdout: dict[str, Any] = {"fraction": fraction, "seed": seed, "rows": len(held)}
+    holdout["mape_pct"] = error_stats(np.array([m.seconds for m in held]), pred)["mape_pct"]
+    holdout["by_kind"] = errors_by_kind(held, pred)
+    holdout["predictions"] = _row_predictions(held, pred)
+    return replace(report, holdout=holdout)
 
 
 def read_many(paths: Collection[str | Path]) -> list[Measurement]:
