@@ -11,12 +11,16 @@ achieved memory bandwidth), and says so. ``deflectlab calibrate`` replaces any o
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
 
-from envs.calibration import fit_piecewise_linear
+from envs.calibration import (
+    VIDUR_LLAMA2_7B_DECODE_ATTN_MS,
+    VIDUR_LLAMA2_7B_PREFILL_ATTN_MS,
+    fit_piecewise_linear,
+    vidur_rows,
+)
 from envs.profile import PROFILE_DIR, LatencyModel
 
 VIDUR = "Vidur A100 profiling (microsoft/vidur @7d47513363ec, MIT)"
@@ -27,11 +31,8 @@ KNOTS = [1, 32, 64, 96, 128, 136, 160, 192, 256, 264, 320, 384, 448, 512, 640, 7
 MOE_KNOTS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 
 # Vidur's Llama-2-7B A100 TP1 attention rows, ms per layer (shared/calibration/README.md).
-PREFILL_ATTN_ROWS = [(480, 0.098), (1920, 0.699), (3520, 2.062), (3584, 2.119), (3648, 2.219), (3712, 2.255),
-                     (3776, 2.372)]
-DECODE_ATTN_ROWS = [  # (batch, kv tokens per request, ms per layer)
-    (1, 32, 0.009), (8, 32, 0.018), (32, 32, 0.048), (64, 32, 0.097),
-    (1, 2176, 0.034), (47, 2112, 0.934), (64, 2112, 1.22), (128, 2112, 2.219)]
+PREFILL_ATTN_ROWS = VIDUR_LLAMA2_7B_PREFILL_ATTN_MS
+DECODE_ATTN_ROWS = VIDUR_LLAMA2_7B_DECODE_ATTN_MS  # (batch, kv tokens per request, ms per layer)
 LLAMA2_KV_BYTES_PER_TOKEN_LAYER = 2 * 32 * 128 * 2  # K and V, 32 heads x 128, fp16
 
 A100_PEAK_FLOPS = 312e12   # NVIDIA A100 datasheet, dense BF16 tensor core
@@ -51,16 +52,8 @@ OVERHEAD = ("upper end of the 0.5-2 ms fixed RDMA set-up cost per transfer (shar
 
 def vidur_linear_rows(path: Path, layers: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, seconds) of one forward pass's linear operators from a Vidur ``*_mlp.csv`` (TP1 rows)."""
-    toks, secs = [], []
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            if row["num_tensor_parallel_workers"] != "1":
-                continue
-            ops = [k for k in row if k.startswith("time_stats.") and k.endswith(".median")]
-            layer_ms = sum(float(row[k]) for k in ops if k != "time_stats.emb.median")
-            toks.append(int(row["num_tokens"]))
-            secs.append((layer_ms * layers + float(row["time_stats.emb.median"])) / 1e3)
-    return np.array(toks, float), np.array(secs, float)
+    rows = vidur_rows(path, layers=layers, tp=1)
+    return np.array([r.num_tokens for r in rows]), np.array([r.seconds for r in rows])
 
 
 def fit_attention(layers: int) -> tuple[float, float, float]:
