@@ -1,0 +1,276 @@
+"""Replay a trace window against an OpenAI-compatible endpoint (the router, an emulator, or vLLM) and measure
+TTFT and TBT at the client.
+
+Open loop: request ``i`` is sent at ``t0 + arrival_s[i] * time_scale`` whatever happened to the others (the
+workload comes from :func:`envs.workloads.make_workload`, so the same arguments give the same requests as the
+simulator replays). Each request is a streaming ``/v1/completions`` call whose prompt is a list of
+``input_tokens`` token ids (so the prompt length is exact on vLLM and the emulator alike), with
+``max_tokens`` = the trace's output length, ``ignore_eos: true`` and ``stream_options.include_usage``.
+
+Times are measured on the wall clock and divided by ``time_scale``, so against emulators run at time scale
+``s`` they are model seconds, comparable with the simulator's. TTFT is from sending the request to the first
+SSE event carrying text; the TBT samples of a request are the gaps between its text events.
+
+The run is bounded: requests are sent only for the window, then outstanding ones get ``drain_timeout_s`` wall
+seconds; whatever is still running is cancelled and counted ``unfinished``. Every request is accounted for:
+``completed``, ``rejected`` (HTTP or stream error, the reason counted by kind) or ``unfinished``.
+
+Summary keys and percentile conventions are the simulator's (:mod:`envs.metrics`): ``ttft_s``/``e2e_s``
+percentiles by ``numpy.percentile`` over completed requests; ``tbt_s`` nearest-rank percentiles over every
+gap of every request; a request meets the SLO when TTFT <= ``ttft_slo_s`` and its own nearest-rank P95 TBT <=
+``tbt_slo_s`` (no gaps: met); ``slo_attainment`` is over all requests, rejected and unfinished ones missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from envs.metrics import PERCENTILES, _pcts
+from envs.workloads import Workload
+
+#: Token ids of replayed prompts cycle through this range (any id a real vocabulary has).
+_TOKEN_ID_BASE = 1000
+_TOKEN_ID_SPAN = 20000
+
+
+def prompt_token_ids(rid: int, n: int) -> list[int]:
+    """The deterministic prompt of request ``rid``: ``n`` token ids (distinct per request, so no prefix caching
+    on a real vLLM shortens it)."""
+    start = (rid * 7919) % _TOKEN_ID_SPAN
+    return [_TOKEN_ID_BASE + (start + i) % _TOKEN_ID_SPAN for i in range(n)]
+
+
+def _nearest_rank(sorted_x: np.ndarray, q: float) -> float:
+    n = len(sorted_x)
+    return float(sorted_x[max(math.ceil(q * n - 1e-9), 1) - 1])
+
+
+@dataclass
+class RequestRecord:
+    """What the client saw of one request; times in model seconds (wall / time_scale)."""
+
+    rid: int
+    arrival_s: float
+    input_tokens: int
+    output_tokens: int
+    status: str = "unfinished"  # completed | rejected | unfinished
+    reason: str = ""
+    http_status: int = 0
+    send_s: float = math.nan
+    ttft_s: float = math.nan
+    e2e_s: float = math.nan
+    tokens: int = 0
+    usage_completion_tokens: int = -1
+    gaps: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ReplayResult:
+    records: list[RequestRecord]
+    summary: dict[str, Any]
+
+    def save(self, out_dir: str | Path, plots: bool = True) -> Path:
+        """Write ``requests.csv``, ``summary.json`` and (``plots``) ``ttft_cdf.png`` into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "requests.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["rid", "arrival_s", "input_tokens", "output_tokens", "status", "reason", "http_status",
+                        "ttft_s", "e2e_s", "tokens_received", "tbt_mean_s", "tbt_p95_s", "tbt_max_s", "slo_met"])
+            s = self.summary["slo"]
+            for r in self.records:
+                g = np.sort(np.asarray(r.gaps, float))
+                w.writerow([r.rid, f"{r.arrival_s:.6f}", r.input_tokens, r.output_tokens, r.status, r.reason,
+                            r.http_status, _f(r.ttft_s), _f(r.e2e_s), r.tokens,
+                            _f(float(g.mean()) if len(g) else math.nan),
+                            _f(_nearest_rank(g, 0.95) if len(g) else math.nan),
+                            _f(float(g[-1]) if len(g) else math.nan),
+                            int(_slo_met(r, s["ttft_slo_s"], s["tbt_slo_s"]))])
+        (out / "summary.json").write_text(json.dumps(self.summary, indent=2, default=float))
+        if plots:
+            from experiments.plots import plot_ttft_cdf
+
+            ttft = np.array([r.ttft_s for r in self.records if r.status == "completed"], float)
+            plot_ttft_cdf({self.summary.get("label") or "replay": ttft}, out / "ttft_cdf.png",
+                          title="TTFT CDF (client side)", slo_s=self.summary["slo"]["ttft_slo_s"])
+        return out
+
+
+def _f(v: float) -> str:
+    return "" if math.isnan(v) else f"{v:.6g}"
+
+
+def _slo_met(r: RequestRecord, ttft_slo_s: float, tbt_slo_s: float) -> bool:
+    if r.status != "completed" or not r.ttft_s <= ttft_slo_s:
+        return False
+    if not r.gaps:
+        return True
+    within = sum(1 for g in r.gaps if g <= tbt_slo_s)
+    return within >= math.ceil(0.95 * len(r.gaps) - 1e-9)
+
+
+def summarize(records: list[RequestRecord], ttft_slo_s: float, tbt_slo_s: float, **extra: Any) -> dict[str, Any]:
+    """The run summary, with the simulator's keys and conventions (see the module docstring)."""
+    n = len(records)
+    done = [r for r in records if r.status == "completed"]
+    rejected = [r for r in records if r.status == "rejected"]
+    reasons: dict[str, int] = {}
+    for r in rejected:
+        reasons[r.reason] = reasons.get(r.reason, 0) + 1
+    ttft = np.array([r.ttft_s for r in done], float)
+    e2e = np.array([r.e2e_s for r in done], float)
+    all_gaps = np.sort(np.concatenate([np.asarray(r.gaps, float) for r in done] or [np.zeros(0)]))
+    if len(all_gaps):
+        tbt = {f"p{p}": _nearest_rank(all_gaps, p / 100) for p in PERCENTILES} | {"mean": float(all_gaps.mean())}
+    else:
+        tbt = {f"p{p}": math.nan for p in PERCENTILES} | {"mean": math.nan}
+    per_req_p95 = np.array([_nearest_rank(np.sort(np.asarray(r.gaps, float)), 0.95) for r in done if r.gaps])
+    ttft_ok = sum(1 for r in done if r.ttft_s <= ttft_slo_s)
+    tbt_ok = sum(1 for r in done if _slo_met(r, math.inf, tbt_slo_s))
+    slo_ok = sum(1 for r in done if _slo_met(r, ttft_slo_s, tbt_slo_s))
+    arrivals = np.array([r.arrival_s for r in records], float)
+    ends = [r.arrival_s + r.e2e_s for r in done]
+    t0 = float(arrivals.min()) if n else 0.0
+    t_end = max(ends) if ends else (float(arrivals.max()) if n else 0.0)
+    makespan = max(t_end - t0, 1e-9)
+    mismatched = sum(1 for r in done if r.tokens != r.output_tokens)
+    return {
+        **extra,
+        "requests": n,
+        "completed": len(done),
+        "rejected": len(rejected),
+        "unfinished": n - len(done) - len(rejected),
+        "rejected_reasons": reasons,
+        "duration_s": makespan,
+        "offered_rate_rps": n / max(float(arrivals.max() - t0), 1e-9) if n > 1 else 0.0,
+        "ttft_s": _pcts(ttft),
+        "tbt_s": tbt,
+        "tbt_p95_per_request_s": _pcts(per_req_p95),
+        "e2e_s": _pcts(e2e),
+        "slo": {"ttft_slo_s": ttft_slo_s, "tbt_slo_s": tbt_slo_s},
+        "slo_attainment": slo_ok / n if n else math.nan,
+        "ttft_slo_attainment": ttft_ok / n if n else math.nan,
+        "tbt_slo_attainment": tbt_ok / n if n else math.nan,
+        "goodput_rps": slo_ok / makespan,
+        "throughput_rps": len(done) / makespan,
+        "output_token_mismatches": mismatched,
+    }
+
+
+async def _one(session: aiohttp.ClientSession, url: str, model: str | None, r: RequestRecord, scale: float,
+               t0: float) -> None:
+    body: dict[str, Any] = {"prompt": prompt_token_ids(r.rid, r.input_tokens), "max_tokens": r.output_tokens,
+                            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if model:
+        body["model"] = model
+    clock = time.perf_counter
+    t_send = clock()
+    r.send_s = (t_send - t0) / scale
+    last = 0.0
+    try:
+        async with session.post(url, json=body) as resp:
+            r.http_status = resp.status
+            if resp.status != 200:
+                r.status, r.reason = "rejected", f"http {resp.status}"
+                await resp.read()
+                return
+            finished = False
+            async for line in resp.content:
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    finished = True
+                    continue  # read to the end of the body so the connection is reused
+                now = clock()
+                try:
+                    ev = json.loads(payload)
+                except ValueError:
+                    r.status, r.reason = "rejected", "malformed SSE event"
+                    return
+                if "error" in ev:
+                    r.status, r.reason = "rejected", f"stream error {ev['error'].get('code', '')}".strip()
+                    return
+                if ev.get("usage"):
+                    r.usage_completion_tokens = int(ev["usage"].get("completion_tokens", -1))
+                for ch in ev.get("choices") or ():
+                    text = ch.get("text")
+                    if text is None:
+                        text = (ch.get("delta") or {}).get("content")
+                    if text:
+                        if r.tokens == 0:
+                            r.ttft_s = (now - t_send) / scale
+                        else:
+                            r.gaps.append((now - last) / scale)
+                        last = now
+                        r.tokens += 1
+            if not finished:
+                r.status, r.reason = "rejected", "stream ended without [DONE]"
+                return
+            r.e2e_s = (clock() - t_send) / scale
+            r.status = "completed"
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+        r.status, r.reason = "rejected", f"connection: {type(e).__name__}"
+
+
+async def replay_async(url: str, workload: Workload, *, time_scale: float = 1.0, model: str | None = None,
+                       ttft_slo_s: float = 1.0, tbt_slo_s: float = 0.1, drain_timeout_s: float = 60.0,
+                       label: str = "", progress: bool = False) -> ReplayResult:
+    """Replay ``workload`` against ``url`` (``http://host:port``; ``/v1/completions`` is appended).
+
+    :param time_scale: wall seconds per model second (the emulators'; 1 for vLLM).
+    :param model: ``model`` field of every request (None: omitted).
+    :param drain_timeout_s: wall seconds to wait for outstanding requests after the last is sent.
+    :param label: name of the run in the summary and plots.
+    """
+    if not time_scale > 0:
+        raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
+    endpoint = url.rstrip("/") + "/v1/completions"
+    records = [RequestRecord(i, float(a), int(li), int(lo)) for i, (a, li, lo) in
+               enumerate(zip(workload.arrival_s, workload.input_tokens, workload.output_tokens))]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(records), unit="req", desc="replay", leave=False)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        tasks = []
+        for r in records:
+            delay = t0 + (r.arrival_s - records[0].arrival_s) * time_scale - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            t = loop.create_task(_one(session, endpoint, model, r, time_scale, t0))
+            if bar is not None:
+                t.add_done_callback(lambda _: bar.update(1))
+            tasks.append(t)
+        done, pending = await asyncio.wait(tasks, timeout=drain_timeout_s) if tasks else (set(), set())
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+    if bar is not None:
+        bar.close()
+    for r in records:
+        if r.status == "unfinished":
+            r.reason = "unfinished"
+    extra = {"label": label, "url": url, "time_scale": time_scale,
+             "workload": dict(getattr(workload, "meta", {}) or {})}
+    return ReplayResult(records, summarize(records, ttft_slo_s, tbt_slo_s, **extra))
+
+
+def replay(url: str, workload: Workload, **kw: Any) -> ReplayResult:
+    """Blocking :func:`replay_async`."""
+    return asyncio.run(replay_async(url, workload, **kw))
