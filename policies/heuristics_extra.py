@@ -269,8 +269,8 @@ class DynamoConditional(Policy):
 
 def _dynamo(mode: str):
     def factory(**kw: Any) -> DynamoConditional:
-        if "mode" in kw:
-            raise ValueError(f"policy {DynamoConditional(mode).name!r}: the mode is fixed by the name; "
+        if kw.pop("mode", mode) != mode:  # params() reports the mode; a different one is a mistake
+            raise ValueError(f"policy {DynamoConditional(mode).name!r}: the mode is fixed by the name ({mode}); "
                              "drop mode=")
         return DynamoConditional(mode=mode, **kw)
 

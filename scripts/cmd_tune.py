@@ -1,0 +1,51 @@
+"""``deflectlab tune``: grid-search the threshold heuristics' parameters on training windows.
+
+    deflectlab tune azure_code --rates 3.21,5,8            # writes experiments/policies/tuned_azure_code_2p2d.yaml
+    deflectlab compare azure_code --tuned experiments/policies/tuned_azure_code_2p2d.yaml
+
+Training seeds (default 100-104) must differ from the evaluation seeds; unless ``--span`` is given the training
+windows are 300 s from the first half of the trace (see :mod:`policies.tuning`). The objective is mean SLO
+attainment over every training (rate, seed) run, ties broken by the lower mean P95 TTFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from experiments.compare import DEFAULT_RATES
+from scripts.cmd_compare import add_common_args, config_from_args, tuned_path_for
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from policies.tuning import GRIDS, TRAIN_SEEDS
+
+    p = sub.add_parser("tune", help="tune the threshold heuristics on training windows (fair baselines)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, ",".join(f"{r:g}" for r in DEFAULT_RATES),
+                    f"{TRAIN_SEEDS[0]}-{TRAIN_SEEDS[-1]}", "300")
+    p.add_argument("--policies", nargs="+", default=list(GRIDS), metavar="NAME",
+                   help=f"policies to tune (default: {' '.join(GRIDS)})")
+    p.add_argument("--out", type=Path, default=None,
+                   help="YAML to write (default experiments/policies/tuned_<trace>_<shape>.yaml)")
+    p.set_defaults(func=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    from envs.workloads import load_trace
+    from policies.tuning import TRAIN_SPAN_FRACTION, save_tuned, tune
+
+    cfg = config_from_args(a, ("round_robin",))
+    if cfg.span is None:  # training windows from the first half of the trace, unless told otherwise
+        end = float(load_trace(cfg.trace).arrival_s[-1])
+        cfg = replace(cfg, span=(0.0, end * TRAIN_SPAN_FRACTION))
+    results = tune(cfg, tuple(a.policies), progress=not a.no_progress)
+    out = a.out or tuned_path_for(cfg)
+    save_tuned(results, out, cfg, command=cfg.command)
+    for name, r in results.items():
+        params = ", ".join(f"{k}={v}" for k, v in r.best.items())
+        print(f"{name:<20} {params:<34} SLO attainment {r.slo_attainment:6.1%}  P95 TTFT {r.ttft_p95_s:7.3f} s")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0

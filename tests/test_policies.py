@@ -1,0 +1,299 @@
+"""Deflection policies: each heuristic's rule on hand-built views, the proactive deflector's TBT-safe chunks and
+TTFT estimates, and the errors bad names and parameters get."""
+
+from __future__ import annotations
+
+import math
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from envs.config import ClusterConfig
+from envs.profile import load_profile
+from envs.simulator import ClusterSim
+from envs.workloads import make_workload
+from policies.base import ClusterView, DecodeNodeView, PrefillNodeView
+from policies.proactive import Lane, ProactiveDeflector, lane_worst, step_model
+from policies.registry import make_policy
+
+PROFILE = load_profile("a100-80gb_deepseek-v2-lite")
+KV = PROFILE.kv_capacity_tokens
+TAU = 0.1
+
+
+def req(L: int, rid: int = 0) -> SimpleNamespace:
+    """A request as a router knows it: no output length at all."""
+    return SimpleNamespace(rid=rid, arrival_s=0.0, input_tokens=L)
+
+
+def pnode(i: int, waiting: int = 0, nreq: int | None = None, busy_for: float = 0.0, now: float = 0.0,
+          egress: float = 0.0) -> PrefillNodeView:
+    n = nreq if nreq is not None else (0 if waiting == 0 else max(1, waiting // 2000))
+    return PrefillNodeView(index=i, profile=PROFILE, max_batched_tokens=8192, waiting_requests=n,
+                           waiting_tokens=waiting, busy_until_s=now + busy_for, kv_free_tokens=KV,
+                           egress_bytes=egress)
+
+
+def dnode(i: int, batch: int = 0, ctx: int = 0, kv_free: int = KV, dwait: int = 0, dreq: int = 0,
+          inbound: int = 0, step_s: float = 0.0) -> DecodeNodeView:
+    return DecodeNodeView(index=i, profile=PROFILE, max_batched_tokens=2048, max_num_seqs=256, batch_size=batch,
+                          context_tokens=ctx, kv_free_tokens=kv_free, deflected_waiting_tokens=dwait,
+                          deflected_waiting_requests=dreq, inbound_handoffs=inbound, step_s=step_s)
+
+
+def view(prefill: list[PrefillNodeView], decode: list[DecodeNodeView], now: float = 0.0) -> ClusterView:
+    return ClusterView(now, 1.0, TAU, prefill=prefill, decode=decode)
+
+
+# -- the heuristics -------------------------------------------------------------------------------------------
+def test_least_loaded_picks_fewest_waiting_tokens_and_most_kv_free():
+    v = view([pnode(0, 9000), pnode(1, 3000), pnode(2, 5000)],
+             [dnode(0, kv_free=1000), dnode(1, kv_free=KV), dnode(2, kv_free=5000)])
+    d = make_policy("least_loaded").decide(v, req(100))
+    assert not d.deflected and d.prefill_node == 1 and d.decode_node == 1
+    assert make_policy("least_loaded:decode=balancer").decide(v, req(100)).decode_node is None
+
+
+def test_length_threshold_deflects_short_prompts_to_least_deflected_work():
+    v = view([pnode(0, 4000), pnode(1, 0)], [dnode(0, dwait=3000, dreq=1), dnode(1, dwait=500, dreq=1)])
+    pol = make_policy("length_threshold:max_len=1000")
+    short = pol.decide(v, req(999))
+    assert short.deflected and short.decode_node == 1 and short.chunk_cap is None
+    long_ = pol.decide(v, req(1000))  # not shorter than max_len
+    assert not long_.deflected and long_.prefill_node == 1
+    # no decode node with KV room for the prompt: prefill instead
+    full = view([pnode(0)], [dnode(0, kv_free=10), dnode(1, kv_free=10)])
+    assert not pol.decide(full, req(500)).deflected
+
+
+def test_queue_threshold_deflects_only_when_the_best_prefill_node_is_backed_up():
+    pol = make_policy("queue_threshold:max_waiting_tokens=10000,chunk=512")
+    calm = view([pnode(0, 20000), pnode(1, 9000)], [dnode(0), dnode(1)])
+    assert not pol.decide(calm, req(3000)).deflected  # node 1 is under the threshold
+    busy = view([pnode(0, 20000), pnode(1, 12000)], [dnode(0, dwait=100, dreq=1), dnode(1)])
+    d = pol.decide(busy, req(3000))
+    assert d.deflected and d.decode_node == 1 and d.chunk_cap == 512
+
+
+def test_dynamo_isl_bounding_prefill_load_and_or():
+    v_calm = view([pnode(0, 1000), pnode(1, 2000)], [dnode(0), dnode(1)])
+    v_busy = view([pnode(0, 20000), pnode(1, 17000)], [dnode(0), dnode(1)])  # 17000 > 2 x 8192
+    isl = make_policy("dynamo_isl:isl_bound=2048")
+    assert isl.decide(v_calm, req(2047)).deflected
+    assert not isl.decide(v_calm, req(2048)).deflected
+    assert not isl.decide(v_busy, req(4000)).deflected  # load does not matter to isl_bounding
+    load = make_policy("dynamo_load")  # load_frac 2.0: busy above 16384 waiting tokens
+    assert not load.decide(v_calm, req(100)).deflected  # length does not matter to prefill_load
+    assert load.decide(v_busy, req(4000)).deflected
+    either = make_policy("dynamo_isl_or_load:isl_bound=1024")
+    assert either.decide(v_calm, req(500)).deflected
+    assert not either.decide(v_calm, req(1500)).deflected
+    assert either.decide(v_busy, req(1500)).deflected
+
+
+def test_dynamo_decode_busy_veto():
+    busy_kv = dnode(0, kv_free=int(0.05 * KV))  # 95 % of KV in use
+    busy_batch = dnode(1, batch=240)  # 240 of 256 sequences
+    calm = dnode(2)
+    pol = make_policy("dynamo_isl:isl_bound=2048,veto_busy=0.9")
+    assert pol.decide(view([pnode(0)], [busy_kv, busy_batch, calm]), req(100)).decode_node == 2
+    vetoed = pol.decide(view([pnode(0)], [busy_kv, busy_batch]), req(100))
+    assert not vetoed.deflected and vetoed.prefill_node == 0
+    # without the veto the bypass goes ahead
+    assert make_policy("dynamo_isl").decide(view([pnode(0)], [busy_kv, busy_batch]), req(100)).deflected
+
+
+def test_policies_never_need_the_output_length():
+    v = view([pnode(0, 30000), pnode(1, 20000)], [dnode(0, batch=10, ctx=20000, step_s=0.03), dnode(1)])
+    for spec in ("round_robin", "always_deflect", "least_loaded", "length_threshold", "queue_threshold",
+                 "dynamo_isl", "dynamo_load", "dynamo_isl_or_load:veto_busy=0.5", "proactive",
+                 "proactive:sharing=serial", "proactive:sharing=queue"):
+        pol = make_policy(spec)
+        pol.reset()
+        pol.decide(v, req(1500))  # SimpleNamespace has no output_tokens: AttributeError if a policy peeks
+
+
+# -- the proactive deflector ---------------------------------------------------------------------------------
+def test_step_model_matches_the_profile():
+    m = step_model(PROFILE)
+    for n in (0.5, 1, 3, 64, 100, 1000, 2047, 5000, 9000, 40000):
+        assert m.lin(n) == pytest.approx(PROFILE.linear(n), rel=1e-12)
+    for L, budget in ((100, 8192), (8192, 8192), (20000, 8192)):
+        done, want = 0, 0.0
+        while done < L:
+            c = min(budget, L - done)
+            want += PROFILE.prefill_attn_sq_s * c * c + PROFILE.prefill_attn_cross_s * c * done
+            done += c
+        assert m.prompt_attn(L, budget) == pytest.approx(want, rel=1e-12)
+
+
+def test_proactive_prefers_the_decode_node_when_the_prefill_queue_is_long():
+    pol = make_policy("proactive")
+    idle_p = view([pnode(0), pnode(1)], [dnode(0, batch=20, ctx=40000, step_s=0.03), dnode(1)])
+    d = pol.decide(idle_p, req(1000))
+    est = d.estimates
+    assert set(est) == {"ttft_s", "ttft_prefill_s", "ttft_deflect_s"}
+    assert est["ttft_s"] == min(est["ttft_prefill_s"], est["ttft_deflect_s"])
+    assert d.deflected == (est["ttft_deflect_s"] < est["ttft_prefill_s"])
+    # a prefill queue of 100k tokens (several seconds) makes the decode side the better path
+    pol.reset()
+    backed = view([pnode(0, 100000, busy_for=0.3), pnode(1, 120000, busy_for=0.2)], [dnode(0, batch=20, ctx=40000,
+                                                                                           step_s=0.03)])
+    d = pol.decide(backed, req(1000))
+    assert d.deflected and d.decode_node == 0 and d.chunk_cap >= 512
+    assert d.estimates["ttft_prefill_s"] > 3.0 > d.estimates["ttft_deflect_s"]
+
+
+def test_proactive_margin_and_no_room():
+    v = view([pnode(0, 30000, busy_for=0.2)], [dnode(0, step_s=0.02)])
+    d = make_policy("proactive").decide(v, req(2000))
+    ratio = d.estimates["ttft_deflect_s"] / d.estimates["ttft_prefill_s"]
+    assert d.deflected and ratio < 1
+    assert not make_policy(f"proactive:margin={min(1 - ratio + 0.01, 0.99):.3f}").decide(v, req(2000)).deflected
+    full = view([pnode(0, 30000, busy_for=0.2)], [dnode(0, kv_free=1000), dnode(1, kv_free=2100)])
+    d = make_policy("proactive").decide(full, req(2000))  # 2000 + 256 output allowance does not fit
+    assert not d.deflected and "ttft_deflect_s" not in d.estimates
+
+
+def test_proactive_works_on_an_idle_decode_node_and_without_prefill_nodes():
+    d = make_policy("proactive").decide(view([], [dnode(0), dnode(1, batch=5, ctx=5000, step_s=0.025)]), req(3000))
+    assert d.deflected and d.decode_node == 0 and 512 <= d.chunk_cap <= 2048
+    step = PROFILE.step_s(d.chunk_cap, 0, 0, d.chunk_cap ** 2, d.chunk_cap * (3000 - d.chunk_cap))
+    assert step <= TAU
+
+
+def _random_view(rng: random.Random, now: float) -> tuple[ClusterView, int]:
+    L = rng.choice([rng.randint(1, 300), rng.randint(300, 3000), rng.randint(3000, 16000)])
+    decode = []
+    for j in range(rng.randint(1, 4)):
+        B = rng.choice([0, rng.randint(1, 20), rng.randint(20, 200)])
+        ctx = B * rng.randint(100, 8000)
+        dreq = rng.choice([0, 0, rng.randint(1, 6)])
+        decode.append(dnode(j, batch=B, ctx=ctx, dwait=dreq * rng.randint(1, 5000), dreq=dreq,
+                            inbound=rng.choice([0, rng.randint(0, 10)]), step_s=rng.uniform(0.0, 0.09)))
+    prefill = [pnode(i, rng.choice([0, rng.randint(0, 400000)]), busy_for=rng.uniform(0, 0.4), now=now)
+               for i in range(rng.randint(0, 3))]
+    return view(prefill, decode, now), L
+
+
+@pytest.mark.parametrize("sharing", ["bounded", "serial", "queue"])
+def test_proactive_chunks_never_break_the_tbt_slo_by_its_own_estimate(sharing):
+    """Property over random views: a deflection's chunk, at its worst (last) position in its prompt, next to the
+    node's running decodes, keeps the step within the TBT SLO by the profile's own step time."""
+    rng = random.Random(7)
+    pol = make_policy(f"proactive:sharing={sharing}")
+    deflected = 0
+    for k in range(400):
+        v, L = _random_view(rng, now=float(k))
+        d = pol.decide(v, req(L, k))
+        if not d.deflected or d.chunk_cap is None:
+            continue
+        deflected += 1
+        node = v.decode[d.decode_node]
+        c = d.chunk_cap
+        assert 1 <= c <= min(L, node.max_batched_tokens - node.batch_size)
+        worst = PROFILE.step_s(node.batch_size + c, node.batch_size, node.context_tokens, c * c, c * (L - c))
+        assert worst <= TAU * (1 + 1e-9), (sharing, L, c, node)
+    assert deflected > 50  # the property was exercised
+
+
+def test_bounded_chunk_accounts_for_every_lane_sharing_the_step():
+    """With lanes already on the node, no step the FCFS fill can form exceeds the SLO."""
+    pol = ProactiveDeflector()
+    m = step_model(PROFILE)
+    rng = random.Random(3)
+    for _ in range(300):
+        lanes = [Lane(float(rng.randint(64, 2048)), rng.randint(100, 8000), 0.0) for _ in range(rng.randint(0, 6))]
+        for ln in lanes:
+            ln.rem = float(rng.randint(1, ln.L))
+        B, L = rng.randint(0, 60), rng.randint(50, 8000)
+        C = B * rng.randint(100, 3000)
+        budget = 2048 - B
+        c = pol.bounded_chunk(m, B, C, L, budget, TAU, lanes)
+        if c == 0:
+            continue
+        # FCFS fill with the new lane last; each lane at its worst chunk for the tokens it gets
+        left, n_tok, attn = budget, 0, 0.0
+        for cap, rem, Li in [(ln.cap, ln.rem, ln.L) for ln in lanes] + [(c, L, L)]:
+            t = min(cap, rem, left)
+            if t <= 0:
+                break
+            left -= t
+            n_tok += t
+            attn += lane_worst(m, t, Li)
+        step = PROFILE.overhead_s + PROFILE.linear(B + n_tok) + PROFILE.decode_attn_s_per_token * C \
+            + PROFILE.decode_attn_s_per_seq * B + attn
+        assert step <= TAU * (1 + 1e-9)
+
+
+def test_proactive_is_deterministic_and_reset_forgets_lanes():
+    wl = make_workload("azure_code", start_s=0.0, duration_s=120.0, rate=6.0)
+    pol = make_policy("proactive")
+    a = ClusterSim(ClusterConfig(), wl).run(pol).records
+    b = ClusterSim(ClusterConfig(), wl).run(pol).records  # run() resets the policy first
+    assert np.array_equal(a["decode_node"], b["decode_node"]) and np.array_equal(a["chunk_cap"], b["chunk_cap"])
+    np.testing.assert_array_equal(a["ttft_s"], b["ttft_s"])
+
+
+def test_proactive_ttft_estimate_against_the_simulated_outcome():
+    """The chosen path's TTFT estimate against the simulated TTFT on a short bursty run (azure_code, first
+    300 s at 5 req/s, 2P2D). Measured (the proactive of this commit): median relative error +4 %, median absolute
+    13.5 %, P95 absolute 77 %; over other windows and loads (3.21-8 req/s, 3 seeds) the median absolute error
+    is 5-15 % and the median signed error within +-10 %. The tail is wide because a request's wait depends on
+    what the decode nodes' batches do after the decision (joins, deflections behind it) which the estimate
+    cannot know. Bounds: median absolute error under 25 % and median signed error within +-15 %."""
+    wl = make_workload("azure_code", start_s=0.0, duration_s=300.0, rate=5.0)
+    sim = ClusterSim(ClusterConfig(), wl)
+    res = sim.run(make_policy("proactive"))
+    err = np.array([(r.estimates["ttft_s"] - r.ttft_s) / r.ttft_s for r in sim.requests
+                    if r.estimates and r.t_first_token >= 0])
+    print(f"estimate error: median {np.median(err):+.3f}, median abs {np.median(np.abs(err)):.3f}, "
+          f"P95 abs {np.percentile(np.abs(err), 95):.3f} over {len(err)} requests")
+    assert len(err) == res.summary["completed"]
+    assert abs(np.median(err)) < 0.15
+    assert np.median(np.abs(err)) < 0.25
+    assert res.summary["estimate_error"]["n"] == len(err)
+
+
+def test_proactive_cuts_tail_ttft_and_keeps_tbt_on_a_bursty_window():
+    """Behaviour the study relies on, on a short window (measured: P95 TTFT 1.4 s against 5.9 s for round robin,
+    TBT SLO attainment 99.9 % against 100 %)."""
+    wl = make_workload("azure_code", start_s=0.0, duration_s=300.0, rate=5.0)
+    rr = ClusterSim(ClusterConfig(), wl).run(make_policy("round_robin")).summary
+    pro = ClusterSim(ClusterConfig(), wl).run(make_policy("proactive")).summary
+    assert pro["ttft_s"]["p95"] < 0.5 * rr["ttft_s"]["p95"]
+    assert pro["tbt_slo_attainment"] >= rr["tbt_slo_attainment"] - 0.02
+    assert pro["slo_attainment"] > rr["slo_attainment"]
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec, words", [
+    ("no_such_policy", ["unknown policy", "no_such_policy", "proactive"]),
+    ("proactive:margin=1.5", ["margin", "1.5"]),
+    ("proactive:tbt_safety=0", ["tbt_safety"]),
+    ("proactive:sharing=lanes", ["sharing", "bounded"]),
+    ("proactive:min_chunk=0", ["min_chunk"]),
+    ("proactive:bogus=1", ["proactive", "bogus"]),
+    ("length_threshold:max_len=-5", ["max_len"]),
+    ("queue_threshold:max_waiting_tokens=abc", ["max_waiting_tokens"]),
+    ("dynamo_isl:veto_busy=2", ["veto_busy"]),
+    ("dynamo_load:mode=isl_bounding", ["mode"]),
+    ("least_loaded:decode=random", ["decode"]),
+    ("proactive:margin", ["key=value"]),
+])
+def test_bad_policy_names_and_parameters_are_clear_errors(spec, words):
+    with pytest.raises(ValueError) as e:
+        make_policy(spec)
+    for w in words:
+        assert w in str(e.value), (spec, str(e.value))
+
+
+def test_params_round_trip_through_the_registry():
+    for spec in ("length_threshold:max_len=777", "dynamo_isl_or_load:isl_bound=512,load_frac=0.5,veto_busy=0.8",
+                 "proactive:margin=0.2,sharing=serial"):
+        pol = make_policy(spec)
+        again = make_policy({"name": spec.split(":")[0], **pol.params()})
+        assert again.params() == pol.params()
+    assert math.isclose(make_policy("dynamo_load:load_frac=0.5").params()["load_frac"], 0.5)
