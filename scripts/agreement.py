@@ -73,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
 
-    workload = make_workload(a.trace, start_s=a.start, duration_s=a.window, rate=a.rate,
-                             num_requests=a.num_requests)
+    try:
+        workload = make_workload(a.trace, start_s=a.start, duration_s=a.window, rate=a.rate,
+                                 num_requests=a.num_requests)
+    except ValueError as e:
+        ap.error(str(e))
     cfg = ClusterConfig(num_prefill=2, num_decode=2, prefill_profile=a.profile, decode_profile=a.profile,
                         ttft_slo_s=a.ttft_slo, tbt_slo_s=a.tbt_slo)
     print(f"{len(workload)} requests of {a.trace} [{a.start:g}, {a.start + a.window:g}) s at {a.rate:g} req/s; "

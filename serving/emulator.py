@@ -301,7 +301,8 @@ class EngineEmulator:
             missing = [k for k in ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")
                        if kvp.get(k) is None]
             if missing or not isinstance(kvp.get("remote_block_ids"), list):
-                raise RequestError(f"kv_transfer_params with do_remote_prefill needs {', '.join(missing) or 'a list of remote_block_ids'}",
+                need = ", ".join(missing) or "a list of remote_block_ids"
+                raise RequestError(f"kv_transfer_params with do_remote_prefill needs {need}",
                                    param="kv_transfer_params")
         prompt = pr.prompt_tokens[0]
         if producer:
@@ -493,7 +494,7 @@ class EngineEmulator:
             self.decode.submit(req, t)  # decoded here: a local hand-off, no transfer
 
     def _hold_expired(self, t: float, b0: object) -> None:
-        req = self._held.pop(b0, None)  # type: ignore[arg-type]
+        req = self._held.pop(b0, None) if isinstance(b0, int) else None
         if req is not None and self.prefill is not None:
             self.prefill.release(req, t)
 

@@ -101,7 +101,7 @@ class Processes:
                 p.stdout.close()
         self.procs.clear()
 
-    def __enter__(self) -> "Processes":
+    def __enter__(self) -> Processes:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -219,7 +219,7 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str | None, r: R
                 return
             r.e2e_s = (clock() - t_send) / scale
             r.status = "completed"
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
         r.status, r.reason = "rejected", f"connection: {type(e).__name__}"
 
 

@@ -61,8 +61,15 @@ from envs.profile import LatencyModel, load_profile
 from policies.base import DEFLECT, Decision, Policy
 from policies.registry import make_policy
 from serving.load_view import Instance, RateEstimate, ViewBuilder, parse_vllm_metrics
-from serving.protocol import (CHUNK_CAP_HEADER, RequestError, dumps, error_body, parse_request,
-                              prefill_hop_body, stream_error_event)
+from serving.protocol import (
+    CHUNK_CAP_HEADER,
+    RequestError,
+    dumps,
+    error_body,
+    parse_request,
+    prefill_hop_body,
+    stream_error_event,
+)
 
 log = logging.getLogger("deflectlab.router")
 
@@ -250,7 +257,7 @@ class Router:
                 if r.status != 200:
                     raise aiohttp.ClientResponseError(r.request_info, (), status=r.status, message="metrics")
                 text = await r.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             inst.consecutive_failures += 1
             if inst.consecutive_failures >= 2:
                 self._mark_dead(inst, f"/metrics failed: {e!r}")
@@ -602,6 +609,18 @@ class Router:
             d.defl_waiting -= 1
             d.defl_waiting_tokens -= n_tok
 
+    async def handle_models(self, request: web.Request) -> web.Response:
+        """``GET /v1/models`` of the first decode instance that answers (clients and benchmarks ask for it)."""
+        assert self.session is not None
+        for d in sorted(self.decode, key=lambda i: not i.alive):
+            try:
+                async with self.session.get(d.base_url + "/v1/models") as r:
+                    return web.Response(body=await r.read(), status=r.status, content_type="application/json")
+            except _CONN_ERRORS:
+                continue
+        return web.json_response(error_body("no decode instance answered /v1/models", 502, "BadGatewayError"),
+                                 status=502)
+
     async def handle_healthcheck(self, request: web.Request) -> web.Response:
         return web.json_response({
             "status": "ok", "prefill_instances": len(self.prefill), "decode_instances": len(self.decode),
@@ -646,6 +665,7 @@ class Router:
         app[ROUTER_KEY] = self
         app.router.add_post("/v1/completions", self.handle_completions)
         app.router.add_post("/v1/chat/completions", self.handle_chat)
+        app.router.add_get("/v1/models", self.handle_models)
         app.router.add_get("/healthcheck", self.handle_healthcheck)
         app.router.add_get("/metrics", self.handle_metrics)
         app.router.add_get("/stats", self.handle_stats)

@@ -12,9 +12,16 @@ import pytest
 from aiohttp import web
 
 from serving.load_view import parse_vllm_metrics
-from serving.protocol import (CHAT_REPLY_PRIMING_TOKENS, CHAT_TOKENS_PER_MESSAGE, CHUNK_CAP_HEADER,
-                              PRODUCER_REQUEST_PARAMS, RequestError, estimate_text_tokens, parse_request,
-                              prompt_token_counts)
+from serving.protocol import (
+    CHAT_REPLY_PRIMING_TOKENS,
+    CHAT_TOKENS_PER_MESSAGE,
+    CHUNK_CAP_HEADER,
+    PRODUCER_REQUEST_PARAMS,
+    RequestError,
+    estimate_text_tokens,
+    parse_request,
+    prompt_token_counts,
+)
 from serving.router import Router
 
 P_PARAMS = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "engine-p0",
@@ -270,3 +277,31 @@ def test_scraped_gauges_are_summed_over_engines():
     assert m["vllm:num_requests_waiting"] == 4.0
     assert m["vllm:kv_cache_usage_perc"] == pytest.approx(0.375)
     assert parse_vllm_metrics("") == {}
+
+
+def test_vllm_commands_print_a_nixl_cluster_behind_the_router():
+    from scripts.cli import build_parser
+    from scripts.cmd_vllm_commands import vllm_commands
+
+    a = build_parser().parse_args(["vllm-commands", "--shape", "2p2d", "--model", "deepseek-ai/DeepSeek-V2-Lite",
+                                   "--base-port", "9100"])
+    text = vllm_commands(a)
+    assert text.count("vllm serve deepseek-ai/DeepSeek-V2-Lite") == 4
+    assert text.count('"kv_role":"kv_producer"') == 2 and text.count('"kv_role":"kv_both"') == 2
+    assert "--port 9100" in text and "--port 9101" in text and "--port 9200" in text and "--port 9201" in text
+    assert len({ln.split("VLLM_NIXL_SIDE_CHANNEL_PORT=")[1].split()[0] for ln in text.splitlines()
+                if "SIDE_CHANNEL_PORT=" in ln}) == 4  # one side channel per instance
+    assert "--prefiller-ports 9100 9101" in text and "--decoder-ports 9200 9201" in text
+
+
+def test_route_cli_pairs_hosts_and_ports():
+    from serving.router import pair_instances
+
+    assert pair_instances(["h"], [1, 2], "prefiller") == [("h", 1), ("h", 2)]
+    assert pair_instances(["a", "b"], [1, 2], "decoder") == [("a", 1), ("b", 2)]
+    with pytest.raises(ValueError, match="number of decoder hosts"):
+        pair_instances(["a", "b", "c"], [1, 2], "decoder")
+    with pytest.raises(ValueError, match="policy file not found"):
+        Router([], [("127.0.0.1", 1)], "missing_policy.onnx")
+    with pytest.raises(ValueError, match="unknown policy"):
+        Router([], [("127.0.0.1", 1)], "no_such_policy")

@@ -142,6 +142,8 @@ async def test_dead_prefill_instance_is_skipped_and_requests_succeed(aiohttp_cli
 
 async def test_oversized_prompt_through_the_router_is_a_400(aiohttp_server, aiohttp_client):
     router, client, _ = await _cluster(aiohttp_server, aiohttp_client, "round_robin")
+    models = await (await client.get("/v1/models")).json()  # passed through from a decode instance
+    assert models["data"][0]["id"] == EmulatorConfig().model_name
     resp = await client.post("/v1/completions", json={"prompt": [1] * 40000, "max_tokens": 2})
     assert resp.status == 400
     assert "maximum context length is 32768 tokens" in (await resp.json())["message"]
@@ -160,3 +162,42 @@ def test_agreement_with_the_simulator(tmp_path, capsys):
         for q in ("p50", "p95"):
             sim, emu = row["simulated"]["ttft_s"][q], row["emulated"]["ttft_s"][q]
             assert abs(emu - sim) / sim < 0.15, (row["policy"], q, sim, emu)
+
+
+def _run(args: list[str], timeout: float = 90) -> str:
+    import subprocess
+    import sys
+
+    from serving.procs import REPO
+
+    r = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_replay_command_smoke(tmp_path):
+    (port,) = free_ports(1)
+    with Processes() as procs:
+        em = procs.emulator(port, "both", 0.02)
+        wait_http(f"http://127.0.0.1:{port}/health", proc=em)
+        out = _run(["-m", "scripts.cli", "replay", "--url", f"http://127.0.0.1:{port}", "--trace", "azure_code",
+                    "--num-requests", "8", "--rate", "4", "--time-scale", "0.02", "--out", str(tmp_path)])
+    assert "8 requests: 8 completed, 0 rejected" in out
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["completed"] == 8 and s["output_token_mismatches"] == 0 and s["ttft_s"]["p50"] > 0
+    assert {"ttft_s", "tbt_s", "e2e_s", "slo_attainment", "goodput_rps"} <= set(s)
+    rows = (tmp_path / "requests.csv").read_text().splitlines()
+    assert len(rows) == 9 and (tmp_path / "ttft_cdf.png").stat().st_size > 0
+
+
+def test_agreement_and_bench_scripts_smoke(tmp_path):
+    out = _run(["scripts/agreement.py", "--start", "540", "--window", "60", "--num-requests", "10", "--rate", "6",
+                "--time-scale", "0.05", "--policy", "round_robin"])
+    assert "TTFT p95" in out and "round_robin" in out
+    out = _run(["scripts/bench_router.py", "--rate", "40", "--duration", "0.5", "--decisions", "200",
+                "--json", str(tmp_path / "bench.json")])
+    assert "deflect path" in out and "policy decision time" in out
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert set(bench["deflect_path"]) == {"end to end (ms)", "first byte (ms)"}
+    assert bench["router_stats_always_deflect"]["requests"]["ok"] > 0
+    assert bench["decisions"]["round_robin"]["p99_us"] > 0
