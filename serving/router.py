@@ -35,7 +35,10 @@ Failures, and how each outcome is counted in ``deflectlab_router_requests_total{
 * with no live prefill instance, or no live decode instance, the request is deflected (decision kind
   ``forced_deflect``) and every decode instance is tried in turn, live or not (a restarted instance answers
   before the probe notices); when all fail the answer is 502;
-* a client that disconnects mid-stream: ``client_disconnected``; a completed answer: ``ok``.
+* a client that disconnects mid-stream: ``client_disconnected``; a completed answer: ``ok``;
+* a policy that raises or returns an invalid decision (e.g. an exported policy, trained for a fixed shape,
+  while an instance is out of rotation): round robin for that request, decision kind ``policy_fallback``. An
+  exported policy's ``check_cluster`` runs at start-up, so a cluster it was not trained for is refused then.
 """
 
 from __future__ import annotations
@@ -93,12 +96,13 @@ class RoutedRequest:
 
 
 def load_policy(spec: str | Policy) -> Policy:
-    """A registry spec (``round_robin``, ``proactive:margin=0.1``) or the path of an exported policy file
-    (loaded by the registry's ``learned`` runtime)."""
+    """A registry spec (``round_robin``, ``proactive:margin=0.1``) or an exported policy (its directory, its
+    ``policy.onnx`` or its ``manifest.json``), loaded by the registry's ``learned`` runtime."""
     if isinstance(spec, Policy):
         return spec
-    if Path(spec).suffix in (".onnx", ".json") or Path(spec).is_file():
-        if not Path(spec).is_file():
+    p = Path(spec)
+    if p.exists() or p.suffix in (".onnx", ".json"):
+        if not p.exists():
             raise ValueError(f"policy file not found: {spec}")
         try:
             return make_policy({"name": "learned", "path": spec})
@@ -173,6 +177,9 @@ class Router:
             decode_profile if isinstance(decode_profile, LatencyModel) else load_profile(decode_profile))
         self.views = ViewBuilder(pp, dp, prefill_max_batched_tokens, decode_max_batched_tokens, max_num_seqs,
                                  ttft_slo_s, tbt_slo_s)
+        check = getattr(self.policy, "check_cluster", None)
+        if callable(check):  # an exported policy refuses a cluster it was not trained for, here, not later
+            check(self.views.view(0.0, 0.0, self.prefill, self.decode))
         self.time_scale = float(time_scale)
         self.scrape_interval_s = scrape_interval_s
         self.dead_probe_interval_s = dead_probe_interval_s
@@ -183,8 +190,7 @@ class Router:
         self._seq = 0
         self._rr_decode = 0
         self._rr_fallback = 0
-        self._scraper: asyncio.Task | None = None
-        self._next_probe: dict[int, float] = {}
+        self._scrapers: list[asyncio.Task] = []
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.decisions = dict.fromkeys(DECISION_KINDS, 0)
         self.decision_s: deque[float] = deque(maxlen=200_000)
@@ -238,7 +244,6 @@ class Router:
         if inst.alive:
             inst.alive = False
             self._m_up.labels(role=inst.role, instance=inst.label).set(0)
-            self._next_probe[id(inst)] = time.monotonic() + self.dead_probe_interval_s
             log.warning("%s instance %s out of rotation: %s", inst.role, inst.label, why)
 
     def _mark_alive(self, inst: Instance) -> None:
@@ -261,8 +266,6 @@ class Router:
             inst.consecutive_failures += 1
             if inst.consecutive_failures >= 2:
                 self._mark_dead(inst, f"/metrics failed: {e!r}")
-            elif not inst.alive:
-                self._next_probe[id(inst)] = time.monotonic() + self.dead_probe_interval_s
             return
         m = parse_vllm_metrics(text)
         inst.scraped_waiting = m.get("vllm:num_requests_waiting", 0.0)
@@ -272,19 +275,12 @@ class Router:
         inst.consecutive_failures = 0
         self._mark_alive(inst)
 
-    async def _scrape_loop(self) -> None:
+    async def _scrape_loop(self, inst: Instance) -> None:
+        """Scrape one instance every ``scrape_interval_s`` while live, every ``dead_probe_interval_s`` while
+        dead (one loop per instance, so a slow instance never delays the others' view)."""
         while True:
-            now = time.monotonic()
-            todo = []
-            for inst in self.prefill + self.decode:
-                if inst.alive:
-                    todo.append(self._scrape(inst))
-                elif now >= self._next_probe.get(id(inst), 0.0):
-                    self._next_probe[id(inst)] = now + self.dead_probe_interval_s
-                    todo.append(self._scrape(inst))
-            if todo:
-                await asyncio.gather(*todo, return_exceptions=True)
-            await asyncio.sleep(self.scrape_interval_s)
+            await self._scrape(inst)
+            await asyncio.sleep(self.scrape_interval_s if inst.alive else self.dead_probe_interval_s)
 
     # -- decisions ------------------------------------------------------------------------------------------
     def model_now(self) -> float:
@@ -648,15 +644,12 @@ class Router:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0))
         self._t0 = time.monotonic()
-        self._scraper = asyncio.create_task(self._scrape_loop())
+        self._scrapers = [asyncio.create_task(self._scrape_loop(i)) for i in self.prefill + self.decode]
 
     async def _on_cleanup(self, app: web.Application) -> None:
-        if self._scraper is not None:
-            self._scraper.cancel()
-            try:
-                await self._scraper
-            except asyncio.CancelledError:
-                pass
+        for t in self._scrapers:
+            t.cancel()
+        await asyncio.gather(*self._scrapers, return_exceptions=True)
         if self.session is not None:
             await self.session.close()
 

@@ -305,3 +305,24 @@ def test_route_cli_pairs_hosts_and_ports():
         Router([], [("127.0.0.1", 1)], "missing_policy.onnx")
     with pytest.raises(ValueError, match="unknown policy"):
         Router([], [("127.0.0.1", 1)], "no_such_policy")
+
+
+def test_exported_policy_paths_and_cluster_check(tmp_path):
+    from policies.base import Decision, Policy
+
+    with pytest.raises(ValueError, match="manifest.json"):  # a directory goes to the learned runtime
+        Router([], [("127.0.0.1", 1)], str(tmp_path))
+
+    class TwoByTwoOnly(Policy):
+        name = "two_by_two_only"
+
+        def check_cluster(self, view):
+            if (view.num_prefill, view.num_decode) != (2, 2):
+                raise ValueError(f"trained for 2P2D, the cluster is {view.num_prefill}P{view.num_decode}D")
+
+        def decide(self, view, request):
+            return Decision.prefill(0)
+
+    with pytest.raises(ValueError, match="trained for 2P2D, the cluster is 1P1D"):
+        Router([("127.0.0.1", 1)], [("127.0.0.1", 2)], TwoByTwoOnly())
+    Router([("127.0.0.1", 1), ("127.0.0.1", 2)], [("127.0.0.1", 3), ("127.0.0.1", 4)], TwoByTwoOnly())

@@ -120,6 +120,15 @@ async def test_decode_killed_mid_stream_gives_error_then_other_instance_serves(a
             _check_sse(raw, 3)
         assert router.outcomes["ok"] == 6
 
+        # restarted on the same port, the instance is probed back into rotation
+        again = procs.emulator(ports[0], "decode", 0.05, name="emulator-restarted")
+        wait_http(f"http://127.0.0.1:{ports[0]}/health", proc=again)
+        for _ in range(100):
+            if router.decode[0].alive:
+                break
+            await asyncio.sleep(0.05)
+        assert router.decode[0].alive
+
 
 async def test_dead_prefill_instance_is_skipped_and_requests_succeed(aiohttp_client):
     ports = free_ports(3)
