@@ -1,0 +1,113 @@
+"""Scale-out: the same :func:`agents.train.train` as Ray Tune trials, locally or on an existing Ray cluster.
+
+``run_ray(config, seeds=[0, 1])`` runs one trial per seed (a grid), optionally times ``num_samples`` draws from a
+W&B sweep file's search space (translated to ``tune.choice`` / ``tune.uniform`` / ``tune.loguniform``). Without
+``address`` Ray starts a local instance with no cluster (``ray.init(num_cpus=...)``); with ``address`` (e.g.
+``ray://head:10001`` or ``auto``) it joins that cluster, and every trial runs ``train`` on whichever node Ray
+places it. Each trial writes its run directory as usual under ``out_dir`` (absolute, so it is the same path on
+every node of a cluster with a shared file system) and reports the run's objective (``slo_attainment``) to Tune.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from agents.config import load_config
+
+
+def _tune_space(sweep: dict[str, Any]) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for k, spec in sweep.get("parameters", {}).items():
+        if "value" in spec:
+            space[k] = spec["value"]
+        elif "values" in spec:
+            space[k] = tune.choice(list(spec["values"]))
+        else:
+            dist = spec.get("distribution", "uniform")
+            lo, hi = spec["min"], spec["max"]
+            if dist == "int_uniform":
+                space[k] = tune.randint(int(lo), int(hi) + 1)
+            elif dist == "log_uniform_values":
+                space[k] = tune.loguniform(float(lo), float(hi))
+            elif dist == "log_uniform":
+                space[k] = tune.loguniform(math.exp(lo), math.exp(hi))
+            elif dist in ("uniform", "q_uniform"):
+                space[k] = tune.uniform(float(lo), float(hi))
+            else:
+                raise ValueError(f"sweep parameter {k!r}: distribution {dist!r} has no Ray Tune translation")
+    return space
+
+
+def _trial(params: dict[str, Any], base: dict[str, Any], out_dir: str) -> None:
+    """One Ray Tune trial: ``train`` with the trial's parameters as dotted overrides."""
+    from ray import tune
+
+    from agents.train import train
+
+    os.environ["WANDB_MODE"] = os.environ.get("WANDB_MODE") or "offline"
+    overrides = {**params, "out_dir": out_dir}
+    res = train(base, overrides=overrides)
+    tune.report({"slo_attainment": res.objective, "best_slo_attainment": res.best_eval_slo_attainment,
+                 "timesteps": res.timesteps, "wall_s": res.wall_s, "run_dir": res.run_dir})
+
+
+def run_ray(config: str | Path | dict[str, Any], *, seeds: list[int] | None = None, sweep: str | Path | None = None,
+            num_samples: int = 1, address: str | None = None, out_dir: str | Path | None = None,
+            cpus_per_trial: float = 1.0, num_cpus: int | None = None,
+            overrides: dict[str, Any] | list[str] | None = None) -> list[dict[str, Any]]:
+    """Run training trials with Ray Tune; returns one row per trial (its parameters and reported metrics).
+
+    :param config: base training config (YAML path or mapping).
+    :param seeds: one trial per seed (grid); default the config's seed.
+    :param sweep: optional W&B sweep file whose search space Tune samples ``num_samples`` times per seed.
+    :param num_samples: samples of the search space.
+    :param address: an existing Ray cluster (``auto``, ``ray://host:10001``); None starts Ray locally.
+    :param out_dir: where runs go (default: the config's ``out_dir``), made absolute.
+    :param cpus_per_trial: CPUs Ray reserves per trial.
+    :param num_cpus: CPUs of a local Ray instance (default: all).
+    :param overrides: dotted overrides applied to every trial.
+    """
+    import ray
+    from ray import tune
+
+    cfg = load_config(config, overrides)
+    base = cfg.to_dict()
+    out = str(Path(out_dir or cfg.out_dir).resolve())
+    space: dict[str, Any] = {"seed": tune.grid_search(list(seeds) if seeds else [cfg.seed])}
+    if sweep is not None:
+        from agents.sweep import load_sweep
+
+        space.update(_tune_space(load_sweep(sweep)))
+    env_vars = {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+    started = False
+    if not ray.is_initialized():
+        if address is None:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": env_vars})
+        else:
+            ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env_vars})
+        started = True
+    try:
+        trainable = tune.with_resources(tune.with_parameters(_trial, base=base, out_dir=out), {"cpu": cpus_per_trial})
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(metric="slo_attainment", mode="max", num_samples=num_samples),
+            run_config=tune.RunConfig(name=f"{cfg.name}-ray", storage_path=str(Path(out) / "ray"), verbose=0))
+        grid = tuner.fit()
+        rows = []
+        for i in range(len(grid)):
+            r = grid[i]
+            if r.error:
+                raise RuntimeError(f"a Ray trial failed: {r.error}")
+            rows.append({"config": r.config, **{k: v for k, v in (r.metrics or {}).items()
+                                                  if k in ("slo_attainment", "best_slo_attainment", "timesteps",
+                                                           "wall_s", "run_dir")}})
+        return rows
+    finally:
+        if started:
+            ray.shutdown()

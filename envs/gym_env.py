@@ -1,0 +1,425 @@
+"""The Gymnasium environment: one ``step()`` per routing decision of an xPyD cluster replaying a trace window."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.utils import seeding
+
+from envs.config import ClusterConfig
+from envs.profile import load_profile
+from envs.rewards import Reward, StepStats, make_reward
+from envs.simulator import ClusterSim
+from envs.workloads import ARRIVALS, Workload, load_trace, make_workload
+from policies.features import FEATURE_SCHEMA, FeatureBuilder, action_layout
+
+#: A window is redrawn (deterministically, from the same generator) while it holds fewer requests than this.
+_MAX_REDRAWS = 64
+
+
+class DeflectionEnv(gym.Env):
+    """Route each arriving request of a disaggregated LLM cluster: prefill it on a prefill node, or deflect it to
+    a decode node.
+
+    ## Description
+
+    A discrete-event model of a cluster of ``P`` prefill and ``D`` decode nodes (``envs.simulator.ClusterSim``,
+    default 2P2D A100-80GB serving DeepSeek-V2-Lite) replays a window of a request trace. Every arriving request
+    needs a routing decision; ``step(action)`` applies it and runs the simulation to the next arrival, whose
+    decision is the next step. Under bursty load the prefill queue and the KV hand-off dominate tail TTFT;
+    deflecting a prefill to a decode node (chunked into its decode batches, no KV transfer) avoids both, at the
+    cost of slower steps for the decodes already running there (the deflection paper, arXiv 2607.02043).
+
+    ## Action Space
+
+    ``Discrete(P + D)``. Action ``i < P``: prefill on prefill node ``i``, decode node chosen by the cluster's
+    decode balancer at hand-off time. Action ``P + j``: deflect to decode node ``j`` with the chunk cap of
+    ``policies.features.ChunkSolver``: the largest chunk whose slowest step (the prompt's last chunk, next to
+    ``j``'s running batch) keeps the TBT SLO by the profile, capped by ``j``'s free token budget, at least 32
+    tokens. :meth:`action_masks` marks decode nodes without free KV room for the prompt invalid (the output
+    length is unknown, as in a router); prefill actions are always valid, and the mask is never all False.
+    Invalid actions are still carried out (the request waits for KV room) so agents without masking work.
+
+    ## Observation Space
+
+    ``Box(low, high, (3 + 6P + 11D,), float32)``, the versioned ``policies.features.FEATURE_SCHEMA``
+    (``deflectlab.features`` v1), built by ``policies.features.build_observation`` from the cluster view and the
+    prompt length only -- the router builds the same vector. Squashed features are ``x / (x + scale)``.
+
+    | block | feature | raw unit | transform, scale | bounds |
+    |---|---|---|---|---|
+    | request | ``input_tokens`` | tokens | log1p(L) / log1p(131072) | [0, 1] |
+    | request | ``prefill_s`` | TTFT SLOs | squash, 1 | [0, 1] |
+    | request | ``arrival_rate`` | requests/s | squash, 10 | [0, 1] |
+    | prefill i | ``waiting_requests`` | requests | squash, 8 | [0, 1] |
+    | prefill i | ``waiting_tokens`` | tokens | squash, 16384 | [0, 1] |
+    | prefill i | ``est_wait`` | TTFT SLOs | squash, 1 | [0, 1] |
+    | prefill i | ``est_ttft`` (T_P) | TTFT SLOs | squash, 1 | [0, 1] |
+    | prefill i | ``kv_free`` | share of capacity | ratio | [0, 1] |
+    | prefill i | ``egress_backlog`` | TTFT SLOs | squash, 1 | [0, 1] |
+    | decode j | ``batch`` | share of max_num_seqs | ratio | [0, 1] |
+    | decode j | ``context`` | share of KV capacity | ratio | [0, 1] |
+    | decode j | ``kv_free`` | share of KV capacity | ratio | [0, 1] |
+    | decode j | ``deflected_waiting_tokens`` | tokens | squash, 8192 | [0, 1] |
+    | decode j | ``deflected_waiting_requests`` | requests | squash, 2 | [0, 1] |
+    | decode j | ``inbound_handoffs`` | requests | squash, 8 | [0, 1] |
+    | decode j | ``waiting_admission`` | requests | squash, 8 | [0, 1] |
+    | decode j | ``tbt_headroom`` | TBT SLOs | (slo - step) / slo | [-1, 1] |
+    | decode j | ``chunk`` | share of token budget | ratio | [0, 1] |
+    | decode j | ``est_ttft`` (T_D) | TTFT SLOs | squash, 1 (1 = infeasible) | [0, 1] |
+    | decode j | ``kv_fits`` | flag | 0/1 | [0, 1] |
+
+    ## Rewards
+
+    A pluggable object from ``envs.rewards`` (``reward=`` takes a preset name, a mapping, a list or an object).
+    The default ``"composite"`` adds, per step: minus the time integral of requests waiting for their first
+    token over the step (request-seconds / TTFT SLO, Park-style and additive: an episode sums to exactly
+    ``-sum(TTFT) / ttft_slo_s``); minus one per first-token event over the TTFT SLO (and per rejected request);
+    minus 0.02 per estimated token gap over the TBT SLO.
+
+    ## Starting State
+
+    ``reset(seed)`` draws an episode from the seed alone: a window start uniform in ``window_start_s`` (trace
+    seconds) and a load multiplier uniform in ``load``; the window's ``window_s`` seconds of trace are replayed
+    ``load`` times faster (recorded burstiness kept). Windows with fewer than ``min_requests`` requests are
+    redrawn from the same generator. The cluster starts empty; the first observation is the first request's.
+    :meth:`episode_workload` returns the same workload for a seed without stepping, so heuristics can be run on
+    exactly the episodes an agent sees.
+
+    ## Episode End
+
+    The episode terminates after the window's last request is routed: that final ``step()`` drains the
+    simulation (every routed request finishes), its reward covers the drain, and ``info["metrics"]`` holds the
+    run summary of ``envs.metrics.collect`` (SLO attainment, TTFT/TBT percentiles, deflection rate, ...). There
+    is no truncation.
+
+    ## Arguments
+
+    :param cluster: a ``ClusterConfig``, a mapping of its fields, or a shape such as ``"2p2d"``.
+    :param trace: bundled trace name (``"azure_code"``, ``"azure_conv"``) or a trace file path.
+    :param load: arrival-rate multiplier over the window's recorded rate, a number or a ``(low, high)`` range
+        sampled uniformly per episode (dimensionless).
+    :param window_s: window length in trace seconds (the episode lasts ``window_s / load`` simulated seconds).
+    :param window_start_s: ``(low, high)`` range of window starts in trace seconds; ``high`` None means the trace
+        end minus ``window_s``. Give training and evaluation disjoint ranges to hold windows out.
+    :param arrival: ``"trace"`` replays recorded arrival times; ``"poisson"``/``"gamma"``/``"onoff"`` draw
+        synthetic arrivals at the scaled rate with lengths sampled from the window (``envs.workloads``).
+    :param cv: coefficient of variation of the gaps for ``arrival="gamma"``.
+    :param max_requests: cap on requests per episode (the window's first ones), None for no cap.
+    :param min_requests: windows with fewer requests are redrawn.
+    :param reward: the reward (see Rewards).
+
+    ## Calibration
+
+    Step times, KV sizes and NIC bandwidth come from the cluster's latency profiles (``envs/profiles``, each
+    number with its source). Default load range 2-4x the recorded rate of ``azure_code``: there 2P2D round robin
+    has a P95 TTFT of 10-19 s against a 1 s SLO and SLO attainment 0.48-0.12, because bursts saturate the
+    prefill pool (mean prefill utilisation 0.3-0.6) while decode nodes have room (measured with
+    ``scripts/bench_env.py``'s ``--calibrate``; see ``experiments/trained/README.md``).
+
+    ## Reward variants
+
+    ``"latency"`` (mean TTFT), ``"slo"`` (TTFT SLO misses), ``"tbt"`` (TBT gaps), ``"composite"`` (default), or
+    any weighted list, e.g. ``[{"name": "latency", "scale": 0.5}, {"name": "slo", "miss": 2, "slope": 0.1}]``.
+
+    ## Version History
+
+    * v0: initial version (feature schema ``deflectlab.features`` v1).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        cluster: ClusterConfig | dict[str, Any] | str | None = None,
+        trace: str = "azure_code",
+        load: float | Sequence[float] = (2.0, 4.0),
+        window_s: float = 300.0,
+        window_start_s: Sequence[float | None] = (0.0, None),
+        arrival: str = "trace",
+        cv: float = 1.0,
+        max_requests: int | None = None,
+        min_requests: int = 20,
+        reward: str | dict[str, Any] | Sequence[Any] | Reward = "composite",
+        render_mode: str | None = None,
+    ) -> None:
+        if render_mode is not None:
+            raise ValueError(f"DeflectionEnv has no render modes, got render_mode={render_mode!r}")
+        self.config = _cluster_config(cluster)
+        self.prefill_profile = load_profile(self.config.prefill_profile)
+        self.decode_profile = load_profile(self.config.decode_profile)
+        self.trace_name = trace
+        self._trace = load_trace(trace)
+        self.load_range = _range("load", load, positive=True)
+        if not (isinstance(window_s, (int, float)) and window_s > 0):
+            raise ValueError(f"window_s must be a number > 0 (trace seconds), got {window_s!r}")
+        self.window_s = float(window_s)
+        span = float(self._trace.arrival_s[-1])
+        lo, hi = (tuple(window_start_s) + (None, None))[:2] if window_start_s is not None else (0.0, None)
+        lo = 0.0 if lo is None else float(lo)
+        hi = max(span - self.window_s, 0.0) if hi is None else float(hi)
+        if not 0.0 <= lo <= hi:
+            raise ValueError(f"window_start_s must be 0 <= low <= high (trace seconds), got ({lo}, {hi})")
+        self.window_start_range = (lo, hi)
+        if arrival not in ARRIVALS:
+            raise ValueError(f"unknown arrival {arrival!r}; known: {', '.join(ARRIVALS)}")
+        self.arrival = arrival
+        self.cv = float(cv)
+        if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
+            raise ValueError(f"max_requests must be an integer >= 1 or None, got {max_requests!r}")
+        self.max_requests = max_requests
+        if not isinstance(min_requests, int) or min_requests < 1:
+            raise ValueError(f"min_requests must be an integer >= 1, got {min_requests!r}")
+        self.min_requests = min_requests
+        self.reward_fn = make_reward(reward)
+        self._track_deadlines = self.reward_fn.needs_deadlines
+        self._experts: dict[str, Any] = {}
+
+        P, D = self.config.num_prefill, self.config.num_decode
+        self.num_prefill, self.num_decode = P, D
+        low, high = FEATURE_SCHEMA.bounds(P, D)
+        self.observation_space = spaces.Box(low, high, dtype=np.float32)
+        self.action_space = spaces.Discrete(P + D)
+        self.action_layout = action_layout(P, D)
+        self.feature_names = FEATURE_SCHEMA.names(P, D)
+
+        self._fb = FeatureBuilder()
+        self.sim: ClusterSim | None = None
+        self._req: Any = None
+        self._p_queues: list[deque] = []  # routed to prefill node p, prefill not done (FCFS)
+        self._d_queues: list[deque] = []  # deflected to decode node d, first chunk not started (FCFS)
+        self._in_flight: list[Any] = []  # prefilled, or deflected and prefilling; no first token yet
+        self._n_waiting = 0
+        self._by_arrival: deque = deque()  # routed requests whose TTFT deadline has not passed, by arrival
+        self._tbt_marks: list[int] = []
+        self._obs = np.zeros(low.shape, dtype=np.float32)
+        self.episode_info: dict[str, Any] = {}
+
+    # -- episodes ------------------------------------------------------------------------------------------
+    def episode_workload(self, seed: int | None = None, rng: np.random.Generator | None = None
+                         ) -> tuple[Workload, dict[str, Any]]:
+        """The workload ``reset(seed=seed)`` replays, and how it was drawn (``start_s``, ``load``, ``requests``).
+
+        A pure function of ``seed`` (or of ``rng``'s state when given instead).
+        """
+        if rng is None:
+            rng, _ = seeding.np_random(seed)
+        lo, hi = self.window_start_range
+        t = self._trace.arrival_s
+        for _ in range(_MAX_REDRAWS):
+            start = float(rng.uniform(lo, hi)) if hi > lo else lo
+            load = float(rng.uniform(*self.load_range)) if self.load_range[1] > self.load_range[0] \
+                else self.load_range[0]
+            i0 = int(np.searchsorted(t, start, side="left"))
+            i1 = int(np.searchsorted(t, start + self.window_s, side="left"))
+            n = i1 - i0 if self.max_requests is None else min(i1 - i0, self.max_requests)
+            if n >= self.min_requests and (n < 2 or t[i0 + n - 1] > t[i0]):
+                break
+        else:
+            raise ValueError(
+                f"no window of {self.window_s:g} trace seconds starting in [{lo:g}, {hi:g}] of {self.trace_name} holds "
+                f"{self.min_requests} requests in {_MAX_REDRAWS} draws; lower min_requests or widen the window")
+        span = float(t[i0 + n - 1] - t[i0]) if n >= 2 else 0.0
+        # the window's recorded rate (the whole trace's if the window has no span), times the load
+        window_rate = (n - 1) / span if span > 0 else (len(t) - 1) / max(float(t[-1]), 1e-9)
+        w = make_workload(self._trace, start_s=start, duration_s=self.window_s, num_requests=self.max_requests,
+                          rate=load * window_rate if span > 0 or self.arrival != "trace" else None,
+                          arrival=self.arrival, cv=self.cv,
+                          seed=int(rng.integers(0, 2**31 - 1)))
+        return w, {"start_s": start, "load": load, "requests": len(w), "trace": self.trace_name}
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
+              ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        if options and "workload" in options:
+            w = options["workload"]
+            if not isinstance(w, Workload):
+                raise ValueError("options['workload'] must be an envs.workloads.Workload")
+            meta: dict[str, Any] = {"requests": len(w), "trace": "given"}
+        else:
+            w, meta = self.episode_workload(rng=self.np_random)
+        self.episode_info = meta
+        sim = self.sim = ClusterSim(self.config, w, self.prefill_profile, self.decode_profile)
+        self._p_queues = [deque() for _ in sim.prefill]
+        self._d_queues = [deque() for _ in sim.decode]
+        self._in_flight = []
+        self._by_arrival = deque()
+        self._n_waiting = 0
+        self._tbt_marks = [0] * len(sim.decode)
+        self._req = sim.advance()
+        self._obs = self._fb.build(sim.view(), self._req)
+        return self._obs, dict(meta)
+
+    @property
+    def current_request(self) -> Any:
+        """The request awaiting this step's decision (None after the episode ended)."""
+        return self._req
+
+    def current_view(self) -> Any:
+        """The cluster view of this step's decision (what the observation was built from)."""
+        if self.sim is None:
+            raise RuntimeError("call reset() first")
+        return self.sim.view()
+
+    def expert_action(self, policy: str) -> int:
+        """The action a heuristic (registry spec, e.g. ``"proactive"``) takes for the current request: its
+        decision's node, in this environment's action layout (the chunk cap is the environment's)."""
+        pol = self._experts.get(policy)
+        if pol is None:
+            from policies.registry import make_policy
+
+            pol = self._experts[policy] = make_policy(policy)
+        if self._req is None:
+            raise RuntimeError("no request awaits a decision; call reset()")
+        d = pol.decide(self.sim.view(), self._req)  # type: ignore[union-attr]
+        if d.deflected:
+            return self.num_prefill + int(d.decode_node)  # type: ignore[arg-type]
+        return int(d.prefill_node)  # type: ignore[arg-type]
+
+    def action_masks(self) -> np.ndarray:
+        """Valid actions for the current request (MaskablePPO calls this): decode nodes without KV room are
+        invalid; never all False."""
+        return self._fb.mask
+
+    # -- the decision --------------------------------------------------------------------------------------
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        sim = self.sim
+        if sim is None or self._req is None:
+            raise RuntimeError("call reset() before step(), and again after the episode terminated")
+        req = self._req
+        sim.route(req, self._fb.decision(int(action)))
+        rf = self.reward_fn
+        stats = StepStats(ttft_slo_s=sim.config.ttft_slo_s, tbt_slo_s=sim.config.tbt_slo_s)
+        if req.reject_reason is not None:
+            stats.rejected = 1
+        else:
+            self._n_waiting += 1
+            if self._track_deadlines:
+                self._by_arrival.append(req)
+            if req.deflected:
+                self._d_queues[req.d_node].append(req)
+            else:
+                self._p_queues[req.p_node].append(req)
+        t0 = sim.now
+        nxt = sim.advance()
+        t1 = sim.now
+        stats.dt_s = t1 - t0
+        self._waiting(stats, t1, rf.needs_first_tokens)
+        if rf.needs_deadlines:
+            self._deadlines(stats, t1 if nxt is not None else math.inf)
+        if rf.needs_tbt:
+            self._tbt_gaps(stats)
+        reward = float(rf(stats))
+        info: dict[str, Any] = {}
+        if nxt is None:
+            from envs.metrics import collect
+
+            self._req = None
+            summary = collect(sim, policy_name="env").summary
+            info["metrics"] = summary
+            info["episode_info"] = dict(self.episode_info)
+            # the terminal observation: the drained cluster, seen by the last request
+            self._obs = self._fb.build(sim.view(), req)
+            return self._obs, reward, True, False, info
+        self._req = nxt
+        self._obs = self._fb.build(sim.view(), nxt)
+        return self._obs, reward, False, False, info
+
+    def _waiting(self, stats: StepStats, t1: float, want_ttfts: bool) -> None:
+        """Integral of requests waiting for their first token over (t0, t1]; first-token events in it.
+
+        Every waiting request arrived at or before t0, so the integral is ``n x dt`` minus, for each one whose
+        first token came at ``tf <= t1``, the part ``t1 - tf`` after it. Requests still queued on a prefill node
+        (or deflected ones whose first chunk has not run) cannot have a first token; those queues are FCFS, so only
+        their heads are checked, and only requests past that stage are scanned.
+        """
+        integral = self._n_waiting * stats.dt_s
+        moved = self._in_flight
+        for q in self._p_queues:
+            while q and q[0].t_p_end >= 0.0:
+                moved.append(q.popleft())
+        for q in self._d_queues:
+            while q and q[0].t_d_start >= 0.0:
+                moved.append(q.popleft())
+        keep = []
+        done = 0
+        ttfts = stats.ttfts_s
+        for r in moved:
+            tf = r.t_first_token
+            if 0.0 <= tf <= t1:
+                integral -= t1 - tf
+                done += 1
+                if want_ttfts:
+                    ttfts.append(tf - r.arrival_s)
+            else:
+                keep.append(r)
+        self._in_flight = keep
+        self._n_waiting -= done
+        stats.waiting_integral = integral
+
+    def _deadlines(self, stats: StepStats, t1: float) -> None:
+        """Requests whose deadline (arrival + TTFT SLO) passed by ``t1`` without a first token by then."""
+        q = self._by_arrival
+        slo = stats.ttft_slo_s
+        misses = 0
+        while q and q[0].arrival_s + slo <= t1:
+            r = q.popleft()
+            tf = r.t_first_token
+            if not 0.0 <= tf <= r.arrival_s + slo:
+                misses += 1
+        stats.deadline_misses = misses
+
+    def _tbt_gaps(self, stats: StepStats) -> None:
+        """Token gaps over the TBT SLO in the decode segments logged since the last step (running batch as the
+        number of gaps per slow step)."""
+        tau = stats.tbt_slo_s
+        gaps = 0.0
+        marks = self._tbt_marks
+        for i, node in enumerate(self.sim.decode):  # type: ignore[union-attr]
+            n = len(node.log_k)
+            m = marks[i]
+            if n == m:
+                continue
+            slow = 0
+            la, lb, lk = node.log_a, node.log_b, node.log_k
+            for s in range(m, n):
+                a, b, k = la[s], lb[s], lk[s]
+                if a + b * (k - 1) <= tau:
+                    continue
+                if b <= 0.0 or a > tau:
+                    slow += k
+                else:  # steps j with a + b j > tau: j > (tau - a) / b
+                    slow += k - (int((tau - a) / b) + 1)
+            marks[i] = n
+            if slow:
+                gaps += slow * max(node.batch_size, 1)
+        stats.tbt_violation_gaps = gaps
+
+
+def _cluster_config(cluster: ClusterConfig | dict[str, Any] | str | None) -> ClusterConfig:
+    if cluster is None:
+        return ClusterConfig()
+    if isinstance(cluster, ClusterConfig):
+        return cluster
+    if isinstance(cluster, str):
+        return ClusterConfig.from_shape(cluster)
+    if isinstance(cluster, dict):
+        d = dict(cluster)
+        if "shape" in d:
+            return ClusterConfig.from_shape(d.pop("shape"), **d)
+        return ClusterConfig.from_dict(d)
+    raise ValueError(f"cluster must be a ClusterConfig, a mapping or a shape like '2p2d', got {cluster!r}")
+
+
+def _range(name: str, v: float | Sequence[float], positive: bool = False) -> tuple[float, float]:
+    vals = [v, v] if isinstance(v, (int, float)) else list(v)
+    if len(vals) != 2 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in vals) \
+            or vals[0] > vals[1] or (positive and vals[0] <= 0):
+        raise ValueError(f"{name} must be a number{' > 0' if positive else ''} or a (low, high) range, got {v!r}")
+    return float(vals[0]), float(vals[1])

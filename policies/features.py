@@ -1,0 +1,500 @@
+"""The feature builder: the one observation of a routing decision, shared by the environment, the exported-policy
+runtime and the router.
+
+``build_observation(view, request)`` turns a :class:`~policies.base.ClusterView` and the arriving request into a
+fixed-length ``float32`` vector for a cluster of ``P`` prefill and ``D`` decode nodes. It reads only fields of the
+view and its node views (profiles included) and ``request.input_tokens``: the router knows exactly these, so a
+policy sees the same features in simulation and in front of real vLLM servers.
+
+Every feature has known bounds, so an exported policy needs no running normaliser. Unbounded quantities are
+squashed with ``x / (x + scale)`` into ``[0, 1)`` (``scale`` is where the feature reads 0.5: resolution is best
+around it); ratios to a capacity are clipped into ``[0, 1]``; the TBT headroom is clipped into ``[-1, 1]``. Times
+are measured in SLOs (seconds over ``ttft_slo_s`` or ``tbt_slo_s``) so a feature of 0.5 means "one SLO".
+
+Layout (:data:`FEATURE_SCHEMA`, version :data:`SCHEMA_VERSION`): the request block, then one block per prefill
+node in index order, then one block per decode node. Changing any feature, its order, its transform or its
+scale is a new schema version: exported policies record the version and the runtime refuses a mismatch.
+
+Action layout (shared with the environment and the runtime): ``Discrete(P + D)``; action ``i < P`` is
+``Decision.prefill(i)`` (decode node left to the cluster's balancer), action ``P + j`` is
+``Decision.deflect(j, chunk)`` with ``chunk`` from :class:`ChunkSolver`: the largest prefill chunk whose decode
+step, next to node ``j``'s running batch, keeps within the TBT SLO by the profile, capped by the node's token
+budget, and at least :data:`MIN_CHUNK_TOKENS` (if even that breaks the SLO, the batch is already over it).
+
+The estimates follow the proactive deflector in DESIGN.md: ``T_P(p) = wait_p + prefill(L) + handoff(L) +
+first_step`` and ``T_D(d) = ceil((Q_d + L) / c_d) * step(B, C, c_d)``.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from policies.base import ClusterView, Decision
+
+if TYPE_CHECKING:
+    from envs.profile import LatencyModel
+
+SCHEMA_NAME = "deflectlab.features"
+SCHEMA_VERSION = 1
+
+#: Smallest chunk cap a deflection gets, tokens: below it the per-step overhead dominates (the profile's
+#: linear-operator time is flat up to about 64 tokens on A100).
+MIN_CHUNK_TOKENS = 32
+#: Context tokens are rounded up to a multiple of this before the chunk search, so results can be cached.
+#: On the bundled A100 profiles 1,024 tokens of decode attention cost about 17 us, against a 100 ms TBT SLO.
+CTX_ROUND_TOKENS = 1024
+#: Prompt lengths are rounded up to a multiple of this for the chunk search (its cross-attention term), tokens.
+PROMPT_ROUND_TOKENS = 256
+#: Prompt length that reads 1.0 on the log scale of ``request.input_tokens``, tokens.
+MAX_PROMPT_TOKENS = 131072
+#: Chunk size at which a prefill node's sustained throughput is taken for queue-wait estimates, tokens.
+PREFILL_RATE_CHUNK_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One feature of the observation.
+
+    :param name: feature name; per-node features are named ``prefill[i].<name>`` / ``decode[j].<name>``.
+    :param unit: unit of the raw quantity before normalisation.
+    :param transform: ``squash`` (``x / (x + scale)``), ``ratio`` (``x / scale`` clipped), ``log``
+        (``log1p(x) / log1p(scale)`` clipped), ``headroom`` (``(scale - x) / scale`` clipped) or ``flag``.
+    :param scale: the transform's scale, in ``unit`` (for SLO-relative units the SLO itself is 1).
+    :param low: lower bound of the normalised value.
+    :param high: upper bound of the normalised value.
+    :param doc: what it measures and why a policy needs it.
+    """
+
+    name: str
+    unit: str
+    transform: str
+    scale: float
+    low: float
+    high: float
+    doc: str
+
+
+def _f(name: str, unit: str, transform: str, scale: float, doc: str, low: float = 0.0, high: float = 1.0
+       ) -> FeatureSpec:
+    return FeatureSpec(name, unit, transform, float(scale), low, high, doc)
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """The versioned observation layout. ``request`` once, ``prefill`` per prefill node, ``decode`` per decode node."""
+
+    name: str
+    version: int
+    request: tuple[FeatureSpec, ...]
+    prefill: tuple[FeatureSpec, ...]
+    decode: tuple[FeatureSpec, ...]
+
+    def size(self, num_prefill: int, num_decode: int) -> int:
+        return len(self.request) + num_prefill * len(self.prefill) + num_decode * len(self.decode)
+
+    def specs(self, num_prefill: int, num_decode: int) -> list[FeatureSpec]:
+        """Every feature in observation order, per-node names expanded (``prefill[0].est_wait``)."""
+        out = list(self.request)
+        for i in range(num_prefill):
+            out += [FeatureSpec(f"prefill[{i}].{s.name}", *astuple_rest(s)) for s in self.prefill]
+        for j in range(num_decode):
+            out += [FeatureSpec(f"decode[{j}].{s.name}", *astuple_rest(s)) for s in self.decode]
+        return out
+
+    def names(self, num_prefill: int, num_decode: int) -> list[str]:
+        return [s.name for s in self.specs(num_prefill, num_decode)]
+
+    def bounds(self, num_prefill: int, num_decode: int) -> tuple[np.ndarray, np.ndarray]:
+        specs = self.specs(num_prefill, num_decode)
+        return (np.array([s.low for s in specs], dtype=np.float32),
+                np.array([s.high for s in specs], dtype=np.float32))
+
+    def to_dict(self, num_prefill: int | None = None, num_decode: int | None = None) -> dict[str, Any]:
+        """JSON form for manifests; with a cluster shape, also the expanded names and bounds."""
+        d: dict[str, Any] = {
+            "name": self.name, "version": self.version,
+            "request": [asdict(s) for s in self.request],
+            "prefill": [asdict(s) for s in self.prefill],
+            "decode": [asdict(s) for s in self.decode],
+        }
+        if num_prefill is not None and num_decode is not None:
+            lo, hi = self.bounds(num_prefill, num_decode)
+            d["size"] = self.size(num_prefill, num_decode)
+            d["names"] = self.names(num_prefill, num_decode)
+            d["low"] = lo.tolist()
+            d["high"] = hi.tolist()
+        return d
+
+
+def astuple_rest(s: FeatureSpec) -> tuple:
+    return (s.unit, s.transform, s.scale, s.low, s.high, s.doc)
+
+
+SLO = "TTFT SLOs (seconds / ttft_slo_s)"
+
+FEATURE_SCHEMA = FeatureSchema(
+    name=SCHEMA_NAME,
+    version=SCHEMA_VERSION,
+    request=(
+        _f("input_tokens", "tokens", "log", MAX_PROMPT_TOKENS,
+           "prompt length L on a log scale (1.0 at 131,072 tokens)"),
+        _f("prefill_s", SLO, "squash", 1.0,
+           "time to prefill L alone on a prefill node, by the prefill profile (decode profile if P = 0)"),
+        _f("arrival_rate", "requests/s", "squash", 10.0,
+           "recent arrival rate (exponentially weighted, the view's arrival_rate_per_s)"),
+    ),
+    prefill=(
+        _f("waiting_requests", "requests", "squash", 8.0, "requests queued or prefilling on the node"),
+        _f("waiting_tokens", "tokens", "squash", 16384.0, "prompt tokens still to prefill on the node"),
+        _f("est_wait", SLO, "squash", 1.0,
+           "estimated wait before this request's prefill starts: running step's remainder + waiting tokens at "
+           "the profile's sustained prefill rate (2,048-token chunks)"),
+        _f("est_ttft", SLO, "squash", 1.0,
+           "estimated TTFT on this prefill path: wait + prefill(L) + KV hand-off(L) + queued egress bytes / NIC "
+           "bandwidth + first decode step (DESIGN.md, proactive deflector)"),
+        _f("kv_free", "share of KV capacity", "ratio", 1.0, "free KV-cache tokens over capacity"),
+        _f("egress_backlog", SLO, "squash", 1.0,
+           "KV bytes still to send from this node, as seconds at NIC bandwidth (hand-off congestion)"),
+    ),
+    decode=(
+        _f("batch", "share of max_num_seqs", "ratio", 1.0, "running decode sequences over max_num_seqs"),
+        _f("context", "share of KV capacity", "ratio", 1.0, "KV tokens the running decodes read per step"),
+        _f("kv_free", "share of KV capacity", "ratio", 1.0, "free KV-cache tokens (reservations subtracted)"),
+        _f("deflected_waiting_tokens", "tokens", "squash", 8192.0,
+           "prompt tokens of deflected prefills not yet computed on this node"),
+        _f("deflected_waiting_requests", "requests", "squash", 2.0,
+           "deflected prefills in progress on this node (a new one would share steps with them)"),
+        _f("inbound_handoffs", "requests", "squash", 8.0, "prefill-path requests whose KV is on its way here"),
+        _f("waiting_admission", "requests", "squash", 8.0, "requests waiting for KV room on this node"),
+        _f("tbt_headroom", "TBT SLOs", "headroom", 1.0,
+           "(tbt_slo_s - current step time) / tbt_slo_s: negative when running decodes already miss the TBT SLO",
+           low=-1.0),
+        _f("chunk", "share of the token budget", "ratio", 1.0,
+           "largest deflected-prefill chunk keeping the step within the TBT SLO, over the node's token budget"),
+        _f("est_ttft", SLO, "squash", 1.0,
+           "estimated TTFT if deflected here: ceil((Q_d + L) / chunk) steps of step(B, C, chunk); 1.0 when the "
+           "prompt's KV does not fit now or no chunk keeps the TBT SLO"),
+        _f("kv_fits", "flag", "flag", 1.0, "1 when the prompt's KV blocks fit in the free KV now (the action mask)"),
+    ),
+)
+
+
+def feature_names(num_prefill: int, num_decode: int) -> list[str]:
+    return FEATURE_SCHEMA.names(num_prefill, num_decode)
+
+
+def observation_bounds(num_prefill: int, num_decode: int) -> tuple[np.ndarray, np.ndarray]:
+    return FEATURE_SCHEMA.bounds(num_prefill, num_decode)
+
+
+def observation_size(num_prefill: int, num_decode: int) -> int:
+    return FEATURE_SCHEMA.size(num_prefill, num_decode)
+
+
+def action_layout(num_prefill: int, num_decode: int) -> list[dict[str, Any]]:
+    """``[{"index": a, "kind": "prefill"|"deflect", "node": i}, ...]`` for ``Discrete(P + D)``."""
+    return ([{"index": i, "kind": "prefill", "node": i} for i in range(num_prefill)]
+            + [{"index": num_prefill + j, "kind": "deflect", "node": j} for j in range(num_decode)])
+
+
+# ------------------------------------------------------------------------------------------------ chunk rule
+
+class ChunkSolver:
+    """Largest deflected-prefill chunk that keeps a decode node's step within the TBT SLO, by the profile.
+
+    A decode node running ``B`` sequences that read ``C`` context tokens, prefilling an ``L``-token prompt in
+    chunks of ``c`` tokens, runs its slowest step at the prompt's last full chunk, which attends to the ``L - c``
+    tokens before it: ``step(B + c tokens, B seqs, C ctx, c**2, c * (L - c))`` (:meth:`LatencyModel.step_s`;
+    a prompt that fits in one chunk has no prior context). That time grows with ``c`` for ``c <= L``, so a
+    binary search finds the largest ``c <= min(L, budget)``, ``budget = max_batched_tokens - B``, keeping it
+    within ``tbt_slo_s``. ``C`` is rounded up to a multiple of :data:`CTX_ROUND_TOKENS` and ``L`` to a multiple of
+    :data:`PROMPT_ROUND_TOKENS` (both conservative) so answers can be cached by ``(B, C, L)``.
+
+    The rule bounds the step time of one deflected prefill next to the running decodes. The decode node fills
+    its token budget FCFS with chunks of every deflected prefill it holds, each under its own cap, so two
+    deflections in flight on one node can share a step and exceed the SLO together; the observation exposes
+    ``deflected_waiting_requests`` so a policy can avoid that.
+
+    :param profile: the decode node's latency profile.
+    :param tbt_slo_s: time-between-tokens SLO, seconds.
+    :param max_batched_tokens: the node's token budget per step, tokens.
+    """
+
+    __slots__ = ("profile", "tbt_slo_s", "max_batched_tokens", "_cache", "_knots", "_vals", "_slopes")
+
+    def __init__(self, profile: LatencyModel, tbt_slo_s: float, max_batched_tokens: int) -> None:
+        self.profile = profile
+        self.tbt_slo_s = tbt_slo_s
+        self.max_batched_tokens = max_batched_tokens
+        self._cache: dict[tuple[int, int, int], tuple[int, float]] = {}
+        k = tuple(float(x) for x in profile.linear_tokens)
+        v = tuple(float(x) for x in profile.linear_s)
+        self._knots, self._vals = k, v
+        self._slopes = tuple((v[i + 1] - v[i]) / (k[i + 1] - k[i]) for i in range(len(k) - 1))
+
+    def step_s(self, batch: int, context_tokens: float, chunk: int, prompt_tokens: int) -> float:
+        """The slowest step of an ``prompt_tokens`` prompt chunked by ``chunk`` next to the batch, seconds."""
+        c = chunk
+        prior = prompt_tokens - c if prompt_tokens > c else 0
+        return self.profile.step_s(batch + c, batch, context_tokens, float(c * c), float(c * prior))
+
+    def solve(self, batch: int, context_tokens: int, prompt_tokens: int) -> tuple[int, float]:
+        """``(chunk_tokens, step_s)``: the largest chunk (0 if none keeps the SLO) and its slowest step, seconds."""
+        key = (batch, (context_tokens + CTX_ROUND_TOKENS - 1) // CTX_ROUND_TOKENS,
+               (prompt_tokens + PROMPT_ROUND_TOKENS - 1) // PROMPT_ROUND_TOKENS)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        if len(self._cache) >= 1 << 17:
+            self._cache.clear()
+        B = batch
+        ctx = float(key[1] * CTX_ROUND_TOKENS)
+        L = key[2] * PROMPT_ROUND_TOKENS
+        prof = self.profile
+        top = min(self.max_batched_tokens - B, L)
+        if top <= 0:
+            out = (0, prof.decode_step_s(B, ctx))
+        else:
+            out = self._search(B, ctx, L, top)
+        self._cache[key] = out
+        return out
+
+    def _search(self, B: int, ctx: float, L: int, top: int) -> tuple[int, float]:
+        # g(c) = step - tau = base + linear(B + c) + a2 c^2 + a1 c, increasing in c for c <= L
+        prof = self.profile
+        base = prof.overhead_s + prof.decode_attn_s_per_token * ctx + prof.decode_attn_s_per_seq * B - self.tbt_slo_s
+        a2 = prof.prefill_attn_sq_s - prof.prefill_attn_cross_s
+        a1 = prof.prefill_attn_cross_s * L
+        knots, vals, slopes = self._knots, self._vals, self._slopes
+        k0, v0, last = knots[0], vals[0], len(knots) - 2
+
+        def g(c: int) -> float:  # the linear-operator curve inlined as in LatencyModel.linear
+            n = B + c
+            if n <= k0:
+                lin = v0
+            else:
+                i = bisect_right(knots, n) - 1
+                if i > last:
+                    i = last
+                lin = vals[i] + slopes[i] * (n - knots[i])
+            return base + lin + a2 * c * c + a1 * c
+
+        tau = self.tbt_slo_s
+        if g(1) > 0.0:
+            return 0, g(1) + tau
+        if g(top) <= 0.0:
+            return top, g(top) + tau
+        # walk the knots to the segment where g crosses zero, then bisect inside it
+        lo, hi = 1, top
+        for n in knots:
+            c = int(n) - B
+            if c <= lo:
+                continue
+            if c >= hi:
+                break
+            if g(c) > 0.0:
+                hi = c
+                break
+            lo = c
+        while hi - lo > 1:  # g(lo) <= 0 < g(hi)
+            mid = (lo + hi) >> 1
+            if g(mid) <= 0.0:
+                lo = mid
+            else:
+                hi = mid
+        return lo, g(lo) + tau
+
+
+def chunk_cap(chunk_tokens: int) -> int:
+    """The chunk cap a deflection gets from the solver's answer (at least :data:`MIN_CHUNK_TOKENS`)."""
+    return chunk_tokens if chunk_tokens >= MIN_CHUNK_TOKENS else MIN_CHUNK_TOKENS
+
+
+# ------------------------------------------------------------------------------------------------ the builder
+
+class _ProfileConsts:
+    """Per-profile numbers the builder needs often (looked up once)."""
+
+    __slots__ = ("profile", "prefill_rate", "kv_capacity", "block", "bw", "_per_prompt")
+
+    def __init__(self, profile: LatencyModel) -> None:
+        self.profile = profile
+        self.prefill_rate = profile.prefill_tokens_per_s(PREFILL_RATE_CHUNK_TOKENS)
+        self.kv_capacity = float(profile.kv_capacity_tokens)
+        self.block = profile.kv_block_tokens
+        self.bw = profile.nic_bandwidth_Bps
+        self._per_prompt: dict[tuple[int, int], tuple[float, float, float]] = {}
+
+    def per_prompt(self, L: int, budget: int) -> tuple[float, float, float]:
+        """``(prefill_s, handoff_s, idle first decode step_s)`` of an ``L``-token prompt, cached by length."""
+        hit = self._per_prompt.get((L, budget))
+        if hit is None:
+            prof = self.profile
+            pre = prof.prefill_s(L) if L <= budget else _chunked_prefill_s(prof, L, budget)
+            hit = (pre, prof.transfer_s(L), prof.decode_step_s(1, L))
+            if len(self._per_prompt) > 65536:
+                self._per_prompt.clear()
+            self._per_prompt[(L, budget)] = hit
+        return hit
+
+
+def _sq(x: float) -> float:
+    return x / (x + 1.0) if x < math.inf else 1.0
+
+
+class FeatureBuilder:
+    """Builds observations, action masks and decisions for one request at a time.
+
+    :meth:`build` computes the observation and, in the same pass, the action mask and each decode node's chunk
+    cap; :meth:`decision` then maps an action to a :class:`~policies.base.Decision` with those caps. The
+    environment and the runtime both use it, so an action means the same thing in both.
+    """
+
+    def __init__(self) -> None:
+        self._consts: dict[int, _ProfileConsts] = {}
+        self._solvers: dict[tuple[int, float, int], ChunkSolver] = {}
+        self.num_prefill = 0
+        self.num_decode = 0
+        self.chunk_caps: list[int] = []
+        self._mask_list: list[bool] = []
+        self._mask: np.ndarray | None = None
+
+    def _pc(self, profile: LatencyModel) -> _ProfileConsts:
+        c = self._consts.get(id(profile))
+        if c is None or c.profile is not profile:
+            c = self._consts[id(profile)] = _ProfileConsts(profile)
+        return c
+
+    def _solver(self, profile: LatencyModel, tbt_slo_s: float, budget: int) -> ChunkSolver:
+        key = (id(profile), tbt_slo_s, budget)
+        s = self._solvers.get(key)
+        if s is None or s.profile is not profile:
+            s = self._solvers[key] = ChunkSolver(profile, tbt_slo_s, budget)
+        return s
+
+    def build(self, view: ClusterView, request: Any) -> np.ndarray:
+        """The observation for ``request`` arriving at ``view`` (``float32``, :data:`FEATURE_SCHEMA` layout)."""
+        L = int(request.input_tokens)
+        now = view.now_s
+        slo = view.ttft_slo_s
+        inv_slo = 1.0 / slo
+        tbt = view.tbt_slo_s
+        pv = view.prefill
+        dv = view.decode
+        P = len(pv)
+        D = len(dv)
+        self.num_prefill, self.num_decode = P, D
+        rate = view.arrival_rate_per_s
+
+        first_prof = pv[0].profile if P else dv[0].profile
+        fpc = self._pc(first_prof)
+        prefill_L, handoff_L, idle_step_L = fpc.per_prompt(L, pv[0].max_batched_tokens if P else L)
+        x = prefill_L * inv_slo
+        obs = [min(math.log1p(L) / _LOG_MAX_PROMPT, 1.0), x / (x + 1.0), rate / (rate + 10.0)]
+
+        # first decode step of a prefill-path request: the fastest decode node's current step (or an idle step)
+        first_step = math.inf
+        for d in dv:
+            s = d.step_s if d.step_s > 0.0 else idle_step_L
+            if s < first_step:
+                first_step = s
+        for p in pv:
+            pc = fpc if p.profile is first_prof else self._pc(p.profile)
+            rem = p.busy_until_s - now
+            wait = (rem if rem > 0.0 else 0.0) + p.waiting_tokens / pc.prefill_rate
+            egress = p.egress_bytes / pc.bw
+            wr = p.waiting_requests
+            wt = p.waiting_tokens
+            x = wait * inv_slo
+            y = (wait + prefill_L + handoff_L + egress + first_step) * inv_slo
+            e = egress * inv_slo
+            kv = p.kv_free_tokens / pc.kv_capacity
+            obs += (wr / (wr + 8.0), wt / (wt + 16384.0), x / (x + 1.0), y / (y + 1.0),
+                    kv if kv < 1.0 else 1.0, e / (e + 1.0))
+
+        caps = self.chunk_caps = [0] * D
+        mask = [True] * (P + D)
+        any_ok = P > 0
+        for j, d in enumerate(dv):
+            pc = self._pc(d.profile)
+            need = -(-L // pc.block) * pc.block
+            fits = d.kv_free_tokens >= need
+            mask[P + j] = fits
+            any_ok = any_ok or fits
+            B = d.batch_size
+            chunk, step_c = self._solver(d.profile, tbt, d.max_batched_tokens).solve(B, d.context_tokens, L)
+            caps[j] = chunk if chunk >= MIN_CHUNK_TOKENS else MIN_CHUNK_TOKENS
+            if fits and chunk >= MIN_CHUNK_TOKENS:
+                t_d = -(-(d.deflected_waiting_tokens + L) // chunk) * step_c * inv_slo
+                est = t_d / (t_d + 1.0)
+            else:
+                est = 1.0
+            h = (tbt - d.step_s) / tbt
+            kv = d.kv_free_tokens / pc.kv_capacity
+            dwt = d.deflected_waiting_tokens
+            dwr = d.deflected_waiting_requests
+            ih = d.inbound_handoffs
+            wa = d.waiting_admission
+            obs += (B / d.max_num_seqs, min(d.context_tokens / pc.kv_capacity, 1.0),
+                    (kv if kv < 1.0 else 1.0) if kv > 0.0 else 0.0, dwt / (dwt + 8192.0), dwr / (dwr + 2.0),
+                    ih / (ih + 8.0), wa / (wa + 8.0), (h if h > -1.0 else -1.0), chunk / d.max_batched_tokens, est,
+                    1.0 if fits else 0.0)
+        if not any_ok:  # never mask everything: with no prefill nodes and no KV room anywhere, allow all
+            mask = [True] * (P + D)
+        self._mask_list = mask
+        self._mask = None
+        return np.array(obs, dtype=np.float32)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The action mask of the last :meth:`build` (``bool``, length ``P + D``): decode nodes without KV room
+        for the prompt are invalid; never all False."""
+        if self._mask is None:
+            self._mask = np.array(self._mask_list, dtype=bool)
+        return self._mask
+
+    def decision(self, action: int) -> Decision:
+        """Map an action of ``Discrete(P + D)`` to a decision, with the chunk caps of the last :meth:`build`."""
+        P = self.num_prefill
+        if 0 <= action < P:
+            return Decision.prefill(action)
+        j = action - P
+        if not 0 <= j < self.num_decode:
+            raise ValueError(f"action {action} out of range 0..{P + self.num_decode - 1}")
+        return Decision.deflect(j, self.chunk_caps[j])
+
+
+_LOG_MAX_PROMPT = math.log1p(MAX_PROMPT_TOKENS)
+
+
+def _chunked_prefill_s(profile: LatencyModel, L: int, budget: int) -> float:
+    """Prefill time of a prompt longer than one step's budget: chunks of ``budget`` tokens, each attending to the
+    chunks before it."""
+    t = 0.0
+    done = 0
+    while done < L:
+        c = min(budget, L - done)
+        t += profile.step_s(c, 0, 0.0, float(c * c), float(c * done))
+        done += c
+    return t
+
+
+_DEFAULT_BUILDER = FeatureBuilder()
+
+
+def build_observation(view: ClusterView, request: Any) -> np.ndarray:
+    """The observation of ``request`` arriving at ``view``: ``float32`` of length
+    ``FEATURE_SCHEMA.size(P, D)``, each feature within its schema bounds."""
+    return _DEFAULT_BUILDER.build(view, request)
+
+
+def action_mask(view: ClusterView, request: Any) -> np.ndarray:
+    """Valid actions of ``Discrete(P + D)`` for ``request`` at ``view`` (never all False)."""
+    b = FeatureBuilder()
+    b.build(view, request)
+    return b.mask

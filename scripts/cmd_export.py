@@ -1,0 +1,33 @@
+"""``deflectlab export``: a trained run's policy as ONNX + manifest (+ numpy weights) for the router."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a trained policy (ONNX + JSON manifest)",
+                       description="Write policy.onnx, policy_mlp.npz and manifest.json; run them with the "
+                                   "policy spec learned:path=<out>.")
+    p.add_argument("--model", required=True, help="run directory, or a model zip inside one")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--which", default="best", choices=["best", "final"],
+                   help="best_model.zip (best periodic evaluation) or model.zip (end of training)")
+    p.add_argument("--check", type=int, default=200, metavar="N",
+                   help="compare exported and in-process actions on N decisions of an evaluation episode (0: skip)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from agents.export import export
+
+    man = export(args.model, args.out, which=args.which)
+    print(f"exported to {man.parent} (manifest {man.name})")
+    if args.check:
+        from agents.export import compare_actions
+
+        res = compare_actions(args.model, man.parent, args.which, args.check)
+        print(f"check: {res['agree']}/{res['n']} decisions agree (onnx), {res['agree_numpy']}/{res['n']} (numpy)")
+        if res["agree"] != res["n"] or res["agree_numpy"] != res["n"]:
+            return 1
+    return 0

@@ -1,0 +1,198 @@
+"""Export to ONNX + manifest, and the runtime that loads it: same actions as in-process, clear refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from agents.export import export  # noqa: E402
+from agents.policy_io import load_policy_net, masked_action  # noqa: E402
+from agents.train import train  # noqa: E402
+from envs.config import ClusterConfig  # noqa: E402
+from envs.gym_env import DeflectionEnv  # noqa: E402
+from envs.simulator import ClusterSim  # noqa: E402
+from policies.features import FEATURE_SCHEMA  # noqa: E402
+from policies.registry import make_policy  # noqa: E402
+from policies.runtime import OnnxPolicy, PolicyFileError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny(tmp: Path, algo: str) -> dict:
+    params = {"n_steps": 128, "batch_size": 64, "n_epochs": 2} if algo != "dqn" else \
+        {"learning_starts": 64, "buffer_size": 2048}
+    return {"name": "exp", "algo": algo, "seed": 2, "total_timesteps": 384, "n_envs": 2, "algo_params": params,
+            "policy": {"net_arch": [32, 32], "activation": "relu" if algo == "dqn" else "tanh"},
+            "env": {"window_s": 40}, "eval": {"every_steps": 0, "episodes": 1, "baselines": []},
+            "wandb": {"enabled": False}, "out_dir": str(tmp / "runs")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    out = {}
+    for algo in ("maskable_ppo", "ppo", "dqn"):
+        res = train(_tiny(tmp, algo))
+        out[algo] = (Path(res.run_dir), export(res.run_dir, tmp / f"exported-{algo}").parent)
+    return out
+
+
+def _observations(n: int = 300):
+    """Observations and masks from real episodes, plus random masks (never all False)."""
+    env = DeflectionEnv(window_s=60)
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset(seed=4)
+    out = []
+    for _ in range(n):
+        m = env.action_masks()
+        out.append((obs, m))
+        rm = rng.random(4) < 0.6
+        rm[rng.integers(4)] = True
+        out.append((obs, rm))
+        obs, _, done, _, _ = env.step(int(rng.integers(4)))
+        if done:
+            obs, _ = env.reset()
+    return out
+
+
+@pytest.mark.parametrize("algo", ["maskable_ppo", "ppo", "dqn"])
+def test_exported_policy_acts_like_the_in_process_one(runs, algo):
+    run_dir, exp = runs[algo]
+    net, cfg, _ = load_policy_net(run_dir)
+    onnx_pol = OnnxPolicy(exp, backend="onnx")
+    np_pol = OnnxPolicy(exp, backend="numpy")
+    model = None
+    if algo == "maskable_ppo":
+        from sb3_contrib import MaskablePPO
+
+        model = MaskablePPO.load(run_dir / "best_model.zip", device="cpu")  # SB3's own loader, as reference
+    for obs, mask in _observations():
+        a = masked_action(net, obs, mask)
+        assert mask[a]
+        assert onnx_pol.act(obs, mask) == a
+        assert np_pol.act(obs, mask) == a
+        if model is not None:
+            assert int(model.predict(obs, action_masks=mask, deterministic=True)[0]) == a
+
+
+def test_manifest_describes_the_policy(runs):
+    _, exp = runs["maskable_ppo"]
+    man = json.loads((exp / "manifest.json").read_text())
+    assert man["feature_schema"]["name"] == FEATURE_SCHEMA.name
+    assert man["feature_schema"]["version"] == FEATURE_SCHEMA.version
+    assert man["feature_schema"]["names"] == FEATURE_SCHEMA.names(2, 2)
+    lo, hi = FEATURE_SCHEMA.bounds(2, 2)
+    assert man["feature_schema"]["low"] == lo.tolist() and man["feature_schema"]["high"] == hi.tolist()
+    assert [a["kind"] for a in man["action_layout"]] == ["prefill", "prefill", "deflect", "deflect"]
+    assert man["cluster"]["num_prefill"] == 2 and man["cluster"]["num_decode"] == 2
+    assert man["cluster"]["decode_profile"] == "a100-80gb_deepseek-v2-lite"
+    assert man["slo"] == {"ttft_slo_s": 1.0, "tbt_slo_s": 0.1}
+    assert man["network"]["layers"][-1]["out"] == 4
+
+
+def test_learned_policy_from_the_registry_runs_a_simulation(runs):
+    _, exp = runs["maskable_ppo"]
+    env = DeflectionEnv(window_s=60)
+    w, _ = env.episode_workload(1_000_000)
+    results = []
+    for backend in ("onnx", "numpy"):
+        pol = make_policy(f"learned:path={exp / 'policy.onnx'},backend={backend}")
+        res = ClusterSim(env.config, w).run(pol)
+        results.append(res.records["path"].tolist())
+        assert res.summary["completed"] + res.summary["rejected"] == len(w)
+    assert results[0] == results[1]
+
+
+def _copy(exp: Path, tmp: Path) -> Path:
+    d = tmp / "copy"
+    shutil.copytree(exp, d)
+    return d
+
+
+def test_refuses_mismatched_clusters(runs):
+    _, exp = runs["maskable_ppo"]
+    pol = OnnxPolicy(exp)
+    w = DeflectionEnv(window_s=60).episode_workload(0)[0]
+    with pytest.raises(PolicyFileError, match="trained for 2P2D, the cluster is 3P2D"):
+        ClusterSim(ClusterConfig(num_prefill=3, num_decode=2), w).run(pol)
+    with pytest.raises(PolicyFileError, match="SLOs"):
+        ClusterSim(ClusterConfig(ttft_slo_s=2.0), w).run(OnnxPolicy(exp))
+    with pytest.raises(PolicyFileError, match="profile"):
+        ClusterSim(ClusterConfig(decode_profile="h100-80gb_llama-3-8b", prefill_profile="h100-80gb_llama-3-8b"),
+                   w).run(OnnxPolicy(exp))
+    ClusterSim(ClusterConfig(ttft_slo_s=2.0), w).run(OnnxPolicy(exp, strict=False))  # allowed when asked
+
+
+def test_refuses_missing_corrupt_and_foreign_files(runs, tmp_path):
+    _, exp = runs["maskable_ppo"]
+    with pytest.raises(PolicyFileError, match="not found"):
+        OnnxPolicy(tmp_path / "nothing")
+    d = _copy(exp, tmp_path)
+    (d / "policy_mlp.npz").unlink()
+    with pytest.raises(PolicyFileError, match="missing"):
+        OnnxPolicy(d)
+    shutil.rmtree(d)
+    d = _copy(exp, tmp_path)
+    raw = bytearray((d / "policy.onnx").read_bytes())
+    raw[len(raw) // 2:] = b"\x00" * (len(raw) - len(raw) // 2)
+    (d / "policy.onnx").write_bytes(bytes(raw))
+    with pytest.raises(PolicyFileError, match="SHA-256"):
+        OnnxPolicy(d)
+    man = json.loads((d / "manifest.json").read_text())  # even with a matching hash, a broken model is refused
+    import hashlib
+
+    man["files"]["onnx"]["sha256"] = hashlib.sha256(bytes(raw)).hexdigest()
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(PolicyFileError, match="onnxruntime cannot load"):
+        OnnxPolicy(d)
+    shutil.rmtree(d)
+    d = _copy(exp, tmp_path)
+    man = json.loads((d / "manifest.json").read_text())
+    man["feature_schema"]["version"] = FEATURE_SCHEMA.version + 1
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(PolicyFileError, match="features"):
+        OnnxPolicy(d)
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(PolicyFileError, match="JSON"):
+        OnnxPolicy(d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(PolicyFileError, match="manifest"):
+        OnnxPolicy(d)
+    with pytest.raises(ValueError, match="backend"):
+        OnnxPolicy(exp, backend="torch")
+
+
+def test_loading_never_unpickles(runs, monkeypatch):
+    import pickle
+
+    def boom(*a, **k):
+        raise AssertionError("a policy file was unpickled")
+
+    monkeypatch.setattr(pickle, "load", boom)
+    monkeypatch.setattr(pickle, "loads", boom)
+    run_dir, exp = runs["maskable_ppo"]
+    OnnxPolicy(exp, backend="onnx")
+    OnnxPolicy(exp, backend="numpy")
+    load_policy_net(run_dir)  # the training side reads weights with torch.load(weights_only=True)
+
+
+def test_export_cli_subprocess(runs, tmp_path):
+    run_dir, _ = runs["ppo"]
+    p = subprocess.run([sys.executable, "-m", "scripts.cli", "export", "--model", str(run_dir), "--out",
+                        str(tmp_path / "cli"), "--check", "100"], cwd=REPO, capture_output=True, text=True,
+                       timeout=240, env={**os.environ, "WANDB_MODE": "offline"})
+    assert p.returncode == 0, p.stderr
+    assert "100/100 decisions agree (onnx), 100/100 (numpy)" in p.stdout
+    assert (tmp_path / "cli" / "manifest.json").is_file()
+    p = subprocess.run([sys.executable, "-m", "scripts.cli", "export", "--model", str(tmp_path), "--out",
+                        str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no best_model.zip or model.zip" in p.stderr
