@@ -73,13 +73,17 @@ def make_policy_net(cfg: TrainConfig) -> BasePolicy:
 
 
 def find_run(model: str | Path, which: str = "best") -> tuple[Path, Path]:
-    """``(run_dir, model_zip)`` for a run directory (its ``best_model.zip``, else ``model.zip``) or a zip inside a
-    run directory (the config is looked up in its parents)."""
+    """``(run_dir, model_zip)`` for a run directory (its ``best_model.zip``, else ``model.zip``; ``which="final"``
+    prefers ``model.zip``, ``"pretrained"`` takes ``pretrained_model.zip``) or a zip inside a run directory (the
+    config is looked up in its parents)."""
     p = Path(model)
     if not p.exists():
         raise FileNotFoundError(f"model not found: {p}")
     if p.is_dir():
-        order = ["best_model.zip", "model.zip"] if which == "best" else ["model.zip", "best_model.zip"]
+        order = {"best": ["best_model.zip", "model.zip"], "final": ["model.zip", "best_model.zip"],
+                 "pretrained": ["pretrained_model.zip"]}.get(which)
+        if order is None:
+            raise ValueError(f"which must be best, final or pretrained, got {which!r}")
         for name in order:
             if (p / name).is_file():
                 return p, p / name

@@ -6,7 +6,8 @@ the policy periodically on fixed evaluation seeds (disjoint from the training se
 in ``<out_dir>/<name>-<algo>-s<seed>-<YYYYmmdd-HHMMSS>/``:
 
 ``config.yaml``/``config.json`` (resolved config), ``progress.csv``, ``checkpoints/``, ``model.zip`` (final),
-``best_model.zip`` (best periodic evaluation), ``evaluations.json`` (history), ``evaluation.json`` and
+``best_model.zip`` (best periodic evaluation), ``pretrained_model.zip`` (after behaviour cloning, if any),
+``evaluations.json`` (history), ``evaluation.json`` and
 ``evaluation.md`` (final comparison with the baselines), ``result.json`` (:class:`TrainResult`), ``wandb/``.
 """
 
@@ -153,6 +154,7 @@ def _callbacks(cfg: TrainConfig, run_dir: Path, progress: bool) -> list[Any]:
 
         def __init__(self) -> None:
             super().__init__()
+            self.run_dir = run_dir
             self.history: list[dict[str, Any]] = []
             self.best = -1.0
             self.next_at = cfg.eval.every_steps if cfg.eval.every_steps > 0 else None
@@ -222,6 +224,7 @@ def _pretrain(cfg: TrainConfig, model: Any, venv: Any, periodic: Any) -> None:
     for k, v in stats.items():
         model.logger.record(f"pretrain/{k}", v)
     model.logger.record("pretrain/wall_s", time.perf_counter() - t0)
+    model.save(periodic.run_dir / "pretrained_model.zip")  # the cloned policy, before any RL
     periodic.init_callback(model)
     rep = periodic.run_eval()  # the cloned policy on the evaluation seeds, logged at step 0
     model.logger.record("pretrain/eval_slo_attainment", rep["policies"]["learned"]["pooled"]["slo_attainment"])

@@ -27,6 +27,10 @@ class DeflectionEnv(gym.Env):
     """Route each arriving request of a disaggregated LLM cluster: prefill it on a prefill node, or deflect it to
     a decode node.
 
+    Make it with ``import envs; gymnasium.make("deflectlab/Deflection-v0", **kwargs)`` (``import envs``
+    registers it), or ``gymnasium.make("envs:deflectlab/Deflection-v0", **kwargs)``, which imports ``envs``
+    itself; or construct ``DeflectionEnv(**kwargs)`` directly.
+
     ## Description
 
     A discrete-event model of a cluster of ``P`` prefill and ``D`` decode nodes (``envs.simulator.ClusterSim``,
@@ -120,8 +124,8 @@ class DeflectionEnv(gym.Env):
     Step times, KV sizes and NIC bandwidth come from the cluster's latency profiles (``envs/profiles``, each
     number with its source). Default load range 2-4x the recorded rate of ``azure_code``: there 2P2D round robin
     has a P95 TTFT of 10-19 s against a 1 s SLO and SLO attainment 0.48-0.12, because bursts saturate the
-    prefill pool (mean prefill utilisation 0.3-0.6) while decode nodes have room (measured with
-    ``scripts/bench_env.py``'s ``--calibrate``; see ``experiments/trained/README.md``).
+    prefill pool (mean prefill utilisation over the trace 0.3-0.6, saturated during bursts) while decode nodes have
+    room (``python scripts/bench_env.py --calibrate`` re-measures it; ``experiments/trained/README.md``).
 
     ## Reward variants
 

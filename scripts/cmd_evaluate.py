@@ -14,13 +14,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "seed); prints a markdown table and writes evaluation.json/.md.")
     p.add_argument("--config", help="training config whose env/eval sections define the episodes "
                                     "(default: the --model run's config)")
-    p.add_argument("--model", help="a trained run directory (or model zip) to include as 'learned'")
-    p.add_argument("--which", default="best", choices=["best", "final"])
+    p.add_argument("--model", action="append", default=[],
+                   help="a trained run directory (or model zip) to include, as 'learned'; repeatable as "
+                        "NAME=PATH[@best|final|pretrained] to compare several")
+    p.add_argument("--which", default="best", choices=["best", "final", "pretrained"],
+                   help="which checkpoint of a run (default: best periodic evaluation)")
     p.add_argument("--policies", default=None,
                    help="comma-separated registry specs, e.g. round_robin,proactive,learned:path=dir "
                         "(default: the config's baselines); separate a spec's own parameters with ';'")
     p.add_argument("--episodes", type=int, help="override eval.episodes")
     p.add_argument("--seed", type=int, help="override the first evaluation seed")
+    p.add_argument("--loads", default=None,
+                   help="comma-separated fixed load multipliers to evaluate at, each its own table, besides the "
+                        "config's own evaluation episodes (e.g. 2,3,4)")
     p.add_argument("--out", help="write evaluation.json and evaluation.md here")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the config "
                    "(e.g. eval.env.load=3.0)")
@@ -33,12 +39,19 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.config and not args.model:
         raise ValueError("give --config or --model")
-    net = None
-    if args.model:
-        from agents.policy_io import find_run, load_policy_net
+    from agents.policy_io import find_run, load_policy_net
 
-        net, run_cfg, _ = load_policy_net(args.model, args.which)
-    cfg_src = args.config or str(find_run(args.model, args.which)[0] / "config.yaml")
+    learned: dict = {}
+    first_run = None
+    for i, m in enumerate(args.model):
+        name, eq, rest = m.partition("=")
+        if not eq:
+            name, rest = ("learned" if len(args.model) == 1 else f"learned{i}"), m
+        path, _, which = rest.partition("@")
+        net, _, _ = load_policy_net(path, which or args.which)
+        learned[name] = NetPolicy(net, name=name)
+        first_run = first_run or find_run(path, which or args.which)[0]
+    cfg_src = args.config or str(first_run / "config.yaml")
     ov = list(args.overrides or [])
     if args.episodes is not None:
         ov.append(f"eval.episodes={args.episodes}")
@@ -51,15 +64,23 @@ def run(args: argparse.Namespace) -> int:
         specs, missing = available_baselines(list(cfg.eval.baselines))
         if missing:
             print(f"skipping unavailable baselines: {', '.join(missing)}")
-    pols: dict = {s: s for s in specs}
-    if net is not None:
-        pols = {"learned": NetPolicy(net), **pols}
-    rep = evaluate(pols, cfg.eval_env_kwargs(), cfg.eval_seeds(), progress=True)
-    md = table(rep)
-    print(md)
+    pols: dict = {**learned, **{s: s for s in specs}}
+    base = cfg.eval_env_kwargs()
+    conditions = [("evaluation episodes (load " + "-".join(f"{x:g}" for x in base["load"]) + ")", base)]
+    for x in (args.loads.split(",") if args.loads else []):
+        conditions.append((f"load {float(x):g}", {**base, "load": [float(x), float(x)]}))
+    reports, parts = {}, []
+    for title, env_kwargs in conditions:
+        rep = evaluate(pols, env_kwargs, cfg.eval_seeds(), progress=True)
+        reports[title] = rep
+        md = table(rep)
+        parts.append(f"### {title}\n\nseeds {rep['seeds'][0]}..{rep['seeds'][-1]}, windows starting in "
+                     f"{env_kwargs['window_start_s']} s of {env_kwargs['trace']}, {env_kwargs['window_s']:g} s long\n\n"
+                     f"{md}\n")
+        print(parts[-1])
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "evaluation.json").write_text(json.dumps(rep, indent=2, default=float))
-        (out / "evaluation.md").write_text(f"seeds {rep['seeds']}\n\n{md}\n")
+        (out / "evaluation.json").write_text(json.dumps(reports, indent=2, default=float))
+        (out / "evaluation.md").write_text("\n".join(parts))
     return 0

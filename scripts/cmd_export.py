@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "policy spec learned:path=<out>.")
     p.add_argument("--model", required=True, help="run directory, or a model zip inside one")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--which", default="best", choices=["best", "final"],
+    p.add_argument("--which", default="best", choices=["best", "final", "pretrained"],
                    help="best_model.zip (best periodic evaluation) or model.zip (end of training)")
     p.add_argument("--check", type=int, default=200, metavar="N",
                    help="compare exported and in-process actions on N decisions of an evaluation episode (0: skip)")

@@ -224,3 +224,19 @@ def test_ray_two_trials_locally(tmp_path):
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["config"]["seed"] for r in rows) == [0, 1]
     assert all(0.0 <= r["slo_attainment"] <= 1.0 for r in rows)
+
+
+def test_shipped_configs_and_sweeps_are_valid():
+    from agents.sweep import base_config_of, load_sweep
+    from agents.train import check_algo_params
+
+    configs = sorted((REPO / "experiments").glob("train_*.yaml"))
+    assert {c.name for c in configs} >= {"train_code_maskppo.yaml", "train_code_ppo.yaml", "train_code_dqn.yaml"}
+    for c in configs:
+        check_algo_params(load_config(c))
+    for s in sorted((REPO / "experiments" / "sweeps").glob("*.yaml")):
+        sweep = load_sweep(s)
+        base = base_config_of(sweep)
+        assert base and (REPO / base).is_file()
+        sample = {k: v.get("value", (v.get("values") or [v.get("min")])[0]) for k, v in sweep["parameters"].items()}
+        check_algo_params(load_config(REPO / base, sample))

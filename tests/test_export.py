@@ -196,3 +196,15 @@ def test_export_cli_subprocess(runs, tmp_path):
     p = subprocess.run([sys.executable, "-m", "scripts.cli", "export", "--model", str(tmp_path), "--out",
                         str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "no best_model.zip or model.zip" in p.stderr
+
+
+def test_the_kept_trained_policy_loads_and_matches_its_model():
+    kept = REPO / "experiments" / "trained"
+    if not (kept / "manifest.json").is_file():
+        pytest.skip("no trained policy kept in experiments/trained")
+    onnx_pol, np_pol = OnnxPolicy(kept), OnnxPolicy(kept, backend="numpy")
+    net, cfg, _ = load_policy_net(kept / "sb3_model.zip")
+    assert cfg.algo == onnx_pol.manifest["network"]["algo"]
+    for obs, mask in _observations(100):
+        a = masked_action(net, obs, mask)
+        assert onnx_pol.act(obs, mask) == a == np_pol.act(obs, mask)
