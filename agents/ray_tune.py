@@ -18,6 +18,10 @@ from typing import Any
 from agents.config import load_config
 
 
+class RayUnavailable(RuntimeError):
+    """Ray (Tune) is not usable in this Python environment; the message says why."""
+
+
 def _tune_space(sweep: dict[str, Any]) -> dict[str, Any]:
     from ray import tune
 
@@ -72,8 +76,12 @@ def run_ray(config: str | Path | dict[str, Any], *, seeds: list[int] | None = No
     :param num_cpus: CPUs of a local Ray instance (default: all).
     :param overrides: dotted overrides applied to every trial.
     """
-    import ray
-    from ray import tune
+    try:
+        import ray
+        from ray import tune
+    except ImportError as e:  # e.g. pyarrow built for NumPy 2 next to NumPy 1.x: Ray cannot serialise anything
+        raise RayUnavailable(f"Ray Tune cannot be imported here: {e}" + (f" ({e.__cause__})" if e.__cause__ else "")
+                             ) from None
 
     cfg = load_config(config, overrides)
     base = cfg.to_dict()

@@ -103,6 +103,7 @@ def bench_env(episodes: int) -> None:
 
 def bench_ppo(steps: int) -> None:
     import torch
+    from stable_baselines3.common.logger import Logger
 
     from agents.config import load_config
     from agents.train import make_model, make_vec_env
@@ -117,6 +118,7 @@ def bench_ppo(steps: int) -> None:
             torch.set_num_threads(threads)
             venv = make_vec_env(cfg)
             model = make_model(cfg, venv)
+            model.set_logger(Logger(None, []))  # no SB3-* folder in the temp dir
             t = time.perf_counter()
             model.learn(total_timesteps=steps)
             dt = time.perf_counter() - t

@@ -48,11 +48,17 @@ def run(args: argparse.Namespace) -> int:
         os.environ["WANDB_MODE"] = "offline"
     ov = _overrides(args)
     if args.ray or args.ray_address:
-        from agents.ray_tune import run_ray
+        import sys
+
+        from agents.ray_tune import RayUnavailable, run_ray
 
         seeds = [int(s) for s in args.ray_seeds.split(",")] if args.ray_seeds else None
-        rows = run_ray(args.config, seeds=seeds, sweep=args.ray_sweep, num_samples=args.ray_samples,
-                       address=args.ray_address, num_cpus=args.ray_cpus, overrides=ov)
+        try:
+            rows = run_ray(args.config, seeds=seeds, sweep=args.ray_sweep, num_samples=args.ray_samples,
+                           address=args.ray_address, num_cpus=args.ray_cpus, overrides=ov)
+        except RayUnavailable as e:
+            print(f"deflectlab train: error: {e}", file=sys.stderr)
+            return 3
         for r in rows:
             print(json.dumps(r, default=str))
         return 0

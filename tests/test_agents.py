@@ -240,3 +240,11 @@ def test_shipped_configs_and_sweeps_are_valid():
         assert base and (REPO / base).is_file()
         sample = {k: v.get("value", (v.get("values") or [v.get("min")])[0]) for k, v in sweep["parameters"].items()}
         check_algo_params(load_config(REPO / base, sample))
+
+
+def test_ray_unavailable_is_a_clear_error(tmp_path):
+    if _ray_tune_problem() is None:
+        pytest.skip("Ray Tune imports here; the two-trial test covers it")
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(tmp_path))
+    p = _cli("train", "--config", str(cfg), "--ray", "--ray-seeds", "0,1")
+    assert p.returncode == 3 and "Ray Tune cannot be imported here" in p.stderr
