@@ -28,13 +28,13 @@ first_step`` and ``T_D(d) = ceil((Q_d + L) / c_d) * step(B, C, c_d)``.
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from policies.base import ClusterView, Decision
+from policies.chunking import largest_safe_chunk, worst_chunk_step_s
 
 if TYPE_CHECKING:
     from envs.profile import LatencyModel
@@ -225,23 +225,17 @@ class ChunkSolver:
     :param max_batched_tokens: the node's token budget per step, tokens.
     """
 
-    __slots__ = ("profile", "tbt_slo_s", "max_batched_tokens", "_cache", "_knots", "_vals", "_slopes")
+    __slots__ = ("profile", "tbt_slo_s", "max_batched_tokens", "_cache")
 
     def __init__(self, profile: LatencyModel, tbt_slo_s: float, max_batched_tokens: int) -> None:
         self.profile = profile
         self.tbt_slo_s = tbt_slo_s
         self.max_batched_tokens = max_batched_tokens
         self._cache: dict[tuple[int, int, int], tuple[int, float]] = {}
-        k = tuple(float(x) for x in profile.linear_tokens)
-        v = tuple(float(x) for x in profile.linear_s)
-        self._knots, self._vals = k, v
-        self._slopes = tuple((v[i + 1] - v[i]) / (k[i + 1] - k[i]) for i in range(len(k) - 1))
 
     def step_s(self, batch: int, context_tokens: float, chunk: int, prompt_tokens: int) -> float:
         """The slowest step of an ``prompt_tokens`` prompt chunked by ``chunk`` next to the batch, seconds."""
-        c = chunk
-        prior = prompt_tokens - c if prompt_tokens > c else 0
-        return self.profile.step_s(batch + c, batch, context_tokens, float(c * c), float(c * prior))
+        return worst_chunk_step_s(self.profile, batch, context_tokens, chunk, prompt_tokens)
 
     def solve(self, batch: int, context_tokens: int, prompt_tokens: int) -> tuple[int, float]:
         """``(chunk_tokens, step_s)``: the largest chunk (0 if none keeps the SLO) and its slowest step, seconds."""
@@ -255,59 +249,14 @@ class ChunkSolver:
         B = batch
         ctx = float(key[1] * CTX_ROUND_TOKENS)
         L = key[2] * PROMPT_ROUND_TOKENS
-        prof = self.profile
         top = min(self.max_batched_tokens - B, L)
         if top <= 0:
-            out = (0, prof.decode_step_s(B, ctx))
+            out = (0, self.profile.decode_step_s(B, ctx))
         else:
-            out = self._search(B, ctx, L, top)
+            c = largest_safe_chunk(self.profile, B, ctx, L, 1, top, self.tbt_slo_s)
+            out = (c, worst_chunk_step_s(self.profile, B, ctx, c if c else 1, L))
         self._cache[key] = out
         return out
-
-    def _search(self, B: int, ctx: float, L: int, top: int) -> tuple[int, float]:
-        # g(c) = step - tau = base + linear(B + c) + a2 c^2 + a1 c, increasing in c for c <= L
-        prof = self.profile
-        base = prof.overhead_s + prof.decode_attn_s_per_token * ctx + prof.decode_attn_s_per_seq * B - self.tbt_slo_s
-        a2 = prof.prefill_attn_sq_s - prof.prefill_attn_cross_s
-        a1 = prof.prefill_attn_cross_s * L
-        knots, vals, slopes = self._knots, self._vals, self._slopes
-        k0, v0, last = knots[0], vals[0], len(knots) - 2
-
-        def g(c: int) -> float:  # the linear-operator curve inlined as in LatencyModel.linear
-            n = B + c
-            if n <= k0:
-                lin = v0
-            else:
-                i = bisect_right(knots, n) - 1
-                if i > last:
-                    i = last
-                lin = vals[i] + slopes[i] * (n - knots[i])
-            return base + lin + a2 * c * c + a1 * c
-
-        tau = self.tbt_slo_s
-        if g(1) > 0.0:
-            return 0, g(1) + tau
-        if g(top) <= 0.0:
-            return top, g(top) + tau
-        # walk the knots to the segment where g crosses zero, then bisect inside it
-        lo, hi = 1, top
-        for n in knots:
-            c = int(n) - B
-            if c <= lo:
-                continue
-            if c >= hi:
-                break
-            if g(c) > 0.0:
-                hi = c
-                break
-            lo = c
-        while hi - lo > 1:  # g(lo) <= 0 < g(hi)
-            mid = (lo + hi) >> 1
-            if g(mid) <= 0.0:
-                lo = mid
-            else:
-                hi = mid
-        return lo, g(lo) + tau
 
 
 def chunk_cap(chunk_tokens: int) -> int:

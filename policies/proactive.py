@@ -66,6 +66,7 @@ from bisect import bisect_right
 from typing import TYPE_CHECKING, Any
 
 from policies.base import ClusterView, Decision, DecodeNodeView, Policy, RequestLike
+from policies.chunking import largest_safe_chunk
 
 if TYPE_CHECKING:
     from envs.profile import LatencyModel
@@ -81,17 +82,12 @@ class StepModel:
     Mirrors :meth:`envs.profile.LatencyModel.step_s` term by term (checked in ``tests/test_policies.py``).
     """
 
-    __slots__ = ("profile", "ov", "knots", "vals", "slopes", "nk", "dattn", "dseq", "sq", "cross", "kvb", "bw",
-                 "xov")
+    __slots__ = ("profile", "lin", "ov", "dattn", "dseq", "sq", "cross", "kvb", "bw", "xov")
 
     def __init__(self, profile: LatencyModel) -> None:
         self.profile = profile
+        self.lin = profile.linear  # linear-operator time of a step of n tokens, seconds
         self.ov = profile.overhead_s
-        self.knots = tuple(float(k) for k in profile.linear_tokens)
-        self.vals = tuple(float(v) for v in profile.linear_s)
-        k, v = self.knots, self.vals
-        self.slopes = tuple((v[i + 1] - v[i]) / (k[i + 1] - k[i]) for i in range(len(k) - 1))
-        self.nk = len(k)
         self.dattn = profile.decode_attn_s_per_token
         self.dseq = profile.decode_attn_s_per_seq
         self.sq = profile.prefill_attn_sq_s
@@ -99,16 +95,6 @@ class StepModel:
         self.kvb = float(profile.kv_bytes_per_token)
         self.bw = float(profile.nic_bandwidth_Bps)
         self.xov = profile.kv_transfer_overhead_s
-
-    def lin(self, n: float) -> float:
-        """Linear-operator time of a step of ``n`` tokens, seconds (as ``LatencyModel.linear``)."""
-        knots = self.knots
-        if n <= knots[0]:
-            return self.vals[0]
-        i = bisect_right(knots, n) - 1
-        if i >= self.nk - 1:
-            i = self.nk - 2
-        return self.vals[i] + self.slopes[i] * (n - knots[i])
 
     def prompt_attn(self, L: int, budget: int) -> float:
         """Causal attention time of one ``L``-token prompt prefilled in chunks of ``budget``, seconds."""
@@ -317,31 +303,14 @@ class ProactiveDeflector(Policy):
 
     # -- the deflect path, DESIGN.md's formula ("queue", "serial") ------------------------------------------
     def slo_chunk(self, m: StepModel, B: int, C: int, L: int, budget: int, tau: float) -> int:
-        """Largest chunk ``c`` (tokens) whose worst step keeps ``B`` decodes over ``C`` context within ``tau``.
-
-        The worst step of a prompt chunked by ``c`` is its last full chunk, after ``L - c`` prior tokens. The
-        chunk is at most ``budget`` (the node's token budget after its decodes) and ``L``. Returns 0 when
-        even the smallest allowed chunk breaks ``tau`` or does not fit.
-        """
+        """Largest chunk ``c`` (tokens) whose worst step keeps ``B`` decodes over ``C`` context within ``tau``
+        (:func:`policies.chunking.largest_safe_chunk`), at most ``budget`` (the node's token budget after its
+        decodes), ``L`` and ``max_chunk``, at least ``min_chunk``; 0 when none fits."""
         hi = budget if budget < L else L
         if self.max_chunk is not None and self.max_chunk < hi:
             hi = self.max_chunk
         lo = self.min_chunk if self.min_chunk < L else L
-        if hi < lo:
-            return 0
-        base = m.ov + m.dattn * C + m.dseq * B
-        lin, sq, cross = m.lin, m.sq, m.cross
-        if base + lin(B + hi) + sq * hi * hi + cross * hi * (L - hi) <= tau:
-            return hi
-        if base + lin(B + lo) + sq * lo * lo + cross * lo * (L - lo) > tau:
-            return 0
-        while hi - lo > 1:  # invariant: f(lo) <= tau < f(hi)
-            mid = (lo + hi) >> 1
-            if base + lin(B + mid) + sq * mid * mid + cross * mid * (L - mid) <= tau:
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        return largest_safe_chunk(m.profile, B, C, L, lo, hi, tau)
 
     @staticmethod
     def queue_ttft(m: StepModel, B: int, C: int, step_s: float, Q: int, nq: int, L: int, c: int) -> float:
