@@ -120,7 +120,9 @@ class DecodeNode:
         poked = False
         while q:
             req = q[0]
-            need = self._reservation(req)
+            need = req.kv_reserved
+            if not need:
+                need = req.kv_reserved = self._reservation(req)
             if self.kv_reserved_tokens + need > self.kv_capacity_tokens or self.admitted >= self.max_num_seqs:
                 break
             q.popleft()
@@ -138,6 +140,11 @@ class DecodeNode:
 
     def join(self, req: Request, t: float) -> None:
         """``req``'s KV has arrived: it joins the batch at the next step boundary."""
+        self.joiners.append(req)
+        self._poke(t, prefill_only=False)
+
+    def join_event(self, t: float, req: Request) -> None:
+        """:meth:`join` with the event loop's ``fn(t, arg)`` signature."""
         self.joiners.append(req)
         self._poke(t, prefill_only=False)
 
@@ -302,7 +309,7 @@ class DecodeNode:
 
     def _finish(self, r: Request, t: float) -> None:
         r.t_finish = t
-        self.kv_reserved_tokens -= self._reservation(r)
+        self.kv_reserved_tokens -= r.kv_reserved
         self.admitted -= 1
         self._on_finished(r, t)
 

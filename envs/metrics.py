@@ -24,6 +24,7 @@ import csv
 import json
 import math
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -322,26 +323,28 @@ def collect(sim: ClusterSim, policy_name: str = "", wall_s: float = 0.0) -> RunR
     cfg = sim.config
     n = len(reqs)
     g = np.array
-    arrival = g([r.arrival_s for r in reqs], float)
-    t_first = g([r.t_first_token for r in reqs], float)
-    t_finish = g([r.t_finish for r in reqs], float)
-    deflected = g([r.deflected for r in reqs], bool)
+
+    def attr(name: str, dtype: Any) -> np.ndarray:
+        return np.fromiter(map(attrgetter(name), reqs), dtype=dtype, count=n)
+
+    arrival = attr("arrival_s", float)
+    t_first = attr("t_first_token", float)
+    t_finish = attr("t_finish", float)
+    deflected = attr("deflected", bool)
     rejected = g([r.reject_reason is not None for r in reqs], bool)
     done = t_finish >= 0
     unfinished = ~done & ~rejected
     nan = math.nan
 
-    def col(vals: list[float]) -> np.ndarray:
-        return g(vals, float)
 
     comp: dict[str, np.ndarray] = {}
-    t_p_start = col([r.t_p_start for r in reqs])
-    t_p_end = col([r.t_p_end for r in reqs])
-    t_admit = col([r.t_admit for r in reqs])
-    t_xfer_end = col([r.t_xfer_end for r in reqs])
-    t_join = col([r.t_join for r in reqs])
-    ideal = col([r.xfer_ideal_s for r in reqs])
-    t_d_start = col([r.t_d_start for r in reqs])
+    t_p_start = attr("t_p_start", float)
+    t_p_end = attr("t_p_end", float)
+    t_admit = attr("t_admit", float)
+    t_xfer_end = attr("t_xfer_end", float)
+    t_join = attr("t_join", float)
+    ideal = attr("xfer_ideal_s", float)
+    t_d_start = attr("t_d_start", float)
     pp = done & ~deflected
     dp = done & deflected
     z = np.zeros(n)
@@ -356,10 +359,10 @@ def collect(sim: ClusterSim, policy_name: str = "", wall_s: float = 0.0) -> RunR
 
     ttft = np.where(done, t_first - arrival, nan)
     e2e = np.where(done, t_finish - arrival, nan)
-    out_tok = g([r.output_tokens for r in reqs], np.int64)
-    first_step = g([r.first_step for r in reqs], np.int64)
-    last_step = g([r.last_step for r in reqs], np.int64)
-    d_node = g([r.d_node for r in reqs], np.int64)
+    out_tok = attr("output_tokens", np.int64)
+    first_step = attr("first_step", np.int64)
+    last_step = attr("last_step", np.int64)
+    d_node = attr("d_node", np.int64)
 
     # TBT per request, exactly, from the decode nodes' segment logs (prefix sums over segments).
     ok = done & (out_tok > 1)
@@ -445,14 +448,14 @@ def collect(sim: ClusterSim, policy_name: str = "", wall_s: float = 0.0) -> RunR
         "sim_requests_per_wall_s": n / wall_s if wall_s > 0 else nan,
     }
     records = {
-        "rid": g([r.rid for r in reqs], np.int64),
+        "rid": attr("rid", np.int64),
         "arrival_s": arrival,
-        "input_tokens": g([r.input_tokens for r in reqs], np.int64),
+        "input_tokens": attr("input_tokens", np.int64),
         "output_tokens": out_tok,
         "path": g(["rejected" if rj else ("deflect" if df else "prefill") for rj, df in zip(rejected, deflected)]),
-        "prefill_node": g([r.p_node for r in reqs], np.int64),
+        "prefill_node": attr("p_node", np.int64),
         "decode_node": d_node,
-        "chunk_cap": g([r.chunk_cap for r in reqs], np.int64),
+        "chunk_cap": attr("chunk_cap", np.int64),
         "ttft_s": ttft,
         "e2e_s": e2e,
         "tbt_mean_s": tbt_mean,

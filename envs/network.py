@@ -118,10 +118,13 @@ class Network:
         if version != self._version:
             return  # superseded by a later start or finish
         self._advance(t)
-        done = [f for f in self.flows if f.remaining <= _EPS_BYTES + 1e-12 * f.rate]
-        if not done:  # float round-off left a sliver: finish the closest flow
-            done = [min(self.flows, key=lambda f: f.remaining / f.rate)]
-        self.flows = [f for f in self.flows if f not in done]
+        if len(self.flows) == 1:  # the common case: one transfer, and it is done
+            done, self.flows = self.flows, []
+        else:
+            done = [f for f in self.flows if f.remaining <= _EPS_BYTES + 1e-12 * f.rate]
+            if not done:  # float round-off left a sliver: finish the closest flow
+                done = [min(self.flows, key=lambda f: f.remaining / f.rate)]
+            self.flows = [f for f in self.flows if f not in done]
         self._reschedule(t)
         for f in done:
             self._on_done(f, t)

@@ -25,7 +25,7 @@ class Request:
         "p_remaining", "p_done", "t_p_start", "t_p_end",
         "t_admit", "xfer_ideal_s", "t_xfer_end", "t_join",
         "d_remaining", "d_done", "t_d_start",
-        "t_first_token", "t_finish", "first_step", "last_step", "ctx_offset",
+        "t_first_token", "t_finish", "first_step", "last_step", "ctx_offset", "kv_reserved",
         "reject_reason",
     )
 
@@ -55,6 +55,7 @@ class Request:
         self.first_step = -1
         self.last_step = -1
         self.ctx_offset = 0
+        self.kv_reserved = 0  # KV tokens the decode node reserved for it (prompt + output, block-rounded)
         self.reject_reason: str | None = None
 
     @property

@@ -95,6 +95,7 @@ class ClusterSim:
             [self.prefill_profile.nic_bandwidth_Bps] * config.num_prefill,
             [self.decode_profile.nic_bandwidth_Bps] * config.num_decode,
             sched, self._transferred)
+        self._num_prefill, self._num_decode = len(self.prefill), len(self.decode)
         self._xfer_overhead = self.prefill_profile.kv_transfer_overhead_s
         self._kv_bytes = self.prefill_profile.kv_bytes_per_token
         self._bw = min(self.prefill_profile.nic_bandwidth_Bps, self.decode_profile.nic_bandwidth_Bps)
@@ -133,10 +134,11 @@ class ClusterSim:
     def view(self) -> ClusterView:
         """The read-only cluster view a policy sees now (node lists built on first access)."""
         cfg = self.config
-        return ClusterView(self.now, cfg.ttft_slo_s, cfg.tbt_slo_s,
-                           self._rate * math.exp((self._rate_t - self.now) / _RATE_TAU_S),
-                           builder=self._build_view, num_prefill=len(self.prefill),
-                           num_decode=len(self.decode))
+        return ClusterView(self.now, cfg.ttft_slo_s, cfg.tbt_slo_s, self._rate_now, builder=self._build_view,
+                           num_prefill=self._num_prefill, num_decode=self._num_decode)
+
+    def _rate_now(self) -> float:
+        return self._rate * math.exp((self._rate_t - self.now) / _RATE_TAU_S)
 
     def _build_view(self) -> tuple[list[PrefillNodeView], list[DecodeNodeView]]:
         now, net = self.now, self.network
@@ -239,14 +241,11 @@ class ClusterSim:
         req = flow.req
         self.prefill[req.p_node].release(req, t)
         req.t_xfer_end = t + self._xfer_overhead
+        node = self.decode[req.d_node]
         if self._xfer_overhead > 0.0:
-            self.schedule(req.t_xfer_end, self._arrived, req)
+            self.schedule(req.t_xfer_end, node.join_event, req)
         else:
-            self._arrived(t, req)
-
-    def _arrived(self, t: float, req: object) -> None:
-        r: Request = req  # type: ignore[assignment]
-        self.decode[r.d_node].join(r, t)
+            node.join(req, t)
 
     def _finished(self, req: Request, t: float) -> None:
         self.finished += 1

@@ -123,10 +123,11 @@ class ClusterView:
     :param now_s: time of the decision, seconds.
     :param ttft_slo_s: time-to-first-token SLO, seconds.
     :param tbt_slo_s: time-between-tokens SLO, seconds.
-    :param arrival_rate_per_s: recent request arrival rate (exponentially weighted), requests per second.
+    :param arrival_rate_per_s: recent request arrival rate (exponentially weighted), requests per second; or a
+        function computing it on first access (the simulator's, so policies that never look pay nothing).
     """
 
-    __slots__ = ("now_s", "ttft_slo_s", "tbt_slo_s", "arrival_rate_per_s", "num_prefill", "num_decode", "_prefill",
+    __slots__ = ("now_s", "ttft_slo_s", "tbt_slo_s", "_rate", "num_prefill", "num_decode", "_prefill",
                  "_decode", "_builder")
 
     def __init__(
@@ -134,7 +135,7 @@ class ClusterView:
         now_s: float,
         ttft_slo_s: float,
         tbt_slo_s: float,
-        arrival_rate_per_s: float = 0.0,
+        arrival_rate_per_s: float | Callable[[], float] = 0.0,
         prefill: list[PrefillNodeView] | None = None,
         decode: list[DecodeNodeView] | None = None,
         builder: Callable[[], tuple[list[PrefillNodeView], list[DecodeNodeView]]] | None = None,
@@ -150,10 +151,17 @@ class ClusterView:
         self.now_s = now_s
         self.ttft_slo_s = ttft_slo_s
         self.tbt_slo_s = tbt_slo_s
-        self.arrival_rate_per_s = arrival_rate_per_s
+        self._rate = arrival_rate_per_s
         self._prefill = prefill
         self._decode = decode
         self._builder = builder
+
+    @property
+    def arrival_rate_per_s(self) -> float:
+        rate = self._rate
+        if not isinstance(rate, float):
+            rate = self._rate = float(rate() if callable(rate) else rate)
+        return rate
 
     def _build(self) -> None:
         assert self._builder is not None
