@@ -88,31 +88,37 @@ class Network:
         self._schedule(t_next, self._on_event, self._version)
 
     def _max_min_rates(self) -> None:
-        """Progressive filling: repeatedly saturate the link with the smallest fair share."""
-        cap: dict[tuple[int, int], float] = {}
-        users: dict[tuple[int, int], list[Flow]] = {}
+        """Progressive filling: repeatedly saturate the link with the smallest fair share.
+
+        Links are P egress ``0..P-1`` and D ingress ``P..P+D-1``; per-link capacity left and unfixed-flow counts
+        make each round O(links), so a burst of concurrent transfers stays cheap.
+        """
+        n_src = len(self.egress_bps)
+        cap = self.egress_bps + self.ingress_bps  # a new list: capacity left per link
+        cnt = [0] * len(cap)
+        on_link: list[list[Flow]] = [[] for _ in cap]
         for f in self.flows:
-            for link in ((0, f.src), (1, f.dst)):
-                if link not in cap:
-                    cap[link] = self.egress_bps[f.src] if link[0] == 0 else self.ingress_bps[f.dst]
-                    users[link] = []
-                users[link].append(f)
-        unfixed = {id(f) for f in self.flows}
-        while unfixed:
-            best_link, best_share = None, float("inf")
-            for link, fl in users.items():
-                n = sum(1 for f in fl if id(f) in unfixed)
-                if n:
-                    share = cap[link] / n
-                    if share < best_share:
-                        best_link, best_share = link, share
-            assert best_link is not None
-            for f in users[best_link]:
-                if id(f) in unfixed:
+            d = n_src + f.dst
+            cnt[f.src] += 1
+            cnt[d] += 1
+            on_link[f.src].append(f)
+            on_link[d].append(f)
+            f.rate = -1.0  # unfixed
+        left = len(self.flows)
+        while left:
+            best, best_share = -1, float("inf")
+            for link, c in enumerate(cnt):
+                if c and cap[link] / c < best_share:
+                    best, best_share = link, cap[link] / c
+            for f in on_link[best]:
+                if f.rate < 0.0:
                     f.rate = best_share
-                    unfixed.discard(id(f))
-                    for link in ((0, f.src), (1, f.dst)):
-                        cap[link] -= best_share
+                    left -= 1
+                    d = n_src + f.dst
+                    cap[f.src] -= best_share
+                    cap[d] -= best_share
+                    cnt[f.src] -= 1
+                    cnt[d] -= 1
 
     def _on_event(self, t: float, version: object) -> None:
         if version != self._version:

@@ -279,3 +279,11 @@ def test_tbt_statistics_from_prefix_sums_equal_the_samples(policy):
         assert res.summary["tbt_s"][f"p{q}"] == pytest.approx(everything[int(np.ceil(q / 100 * total)) - 1], rel=1e-9)
     met_tbt = res.summary["tbt_slo_attainment"] * len(reqs)
     assert met_tbt == pytest.approx(len(reqs) - n_over_slo)
+
+
+def test_max_min_fairness_with_unequal_nics():
+    # P0 (1 GB/s) carries A and B: 0.5 GB/s each; C (P1 -> D1) takes what D1 has left: 3 - 0.5 = 2.5 GB/s
+    done = _transfers([(0.0, 0, 0, 1e8), (0.0, 0, 1, 1e8), (0.0, 1, 1, 1e8)],
+                      egress=(1e9, 3e9), ingress=(3e9, 3e9))
+    assert done[2] == pytest.approx(1e8 / 2.5e9)
+    assert done[0] == pytest.approx(0.2) and done[1] == pytest.approx(0.2)
