@@ -17,15 +17,13 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+from envs.config import ConfigError, read_yaml
+
 ALGOS = ("ppo", "maskable_ppo", "dqn")
 #: Evaluation episodes use seeds from here up; training environments are seeded below it.
 EVAL_SEED_BASE = 1_000_000
 
 _STRICT = ConfigDict(extra="forbid")
-
-
-class ConfigError(ValueError):
-    """A training config key or value is wrong; the message names it."""
 
 
 @dataclass(config=_STRICT)
@@ -233,14 +231,8 @@ def load_config(source: str | Path | dict[str, Any] | TrainConfig,
         return config_from_dict(apply_overrides(source.to_dict(), overrides), "config")
     origin = "config"
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"training config not found: {path}")
-        origin = str(path)
-        try:
-            d = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{origin}: not valid YAML: {e}") from None
+        origin = str(source)
+        d = read_yaml(source, "training config")
     else:
         d = source
     return config_from_dict(apply_overrides(d or {}, overrides), origin)

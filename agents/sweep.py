@@ -34,9 +34,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agents.config import load_config
+from envs.config import read_yaml
 
 METRICS = {"eval/slo_attainment": "objective", "eval/best_slo_attainment": "best_eval_slo_attainment"}
 
@@ -51,12 +50,7 @@ def _sweeps_pkg() -> Any:
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Read a sweep YAML and check it with W&B's ``sweeps`` schema; errors name the problem."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"sweep file not found: {p}")
-    try:
-        sweep = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{p}: not valid YAML: {e}") from None
+    sweep = read_yaml(p, "sweep file")
     if not isinstance(sweep, dict):
         raise ValueError(f"{p}: a sweep is a mapping")
     violations = _sweeps_pkg().schema_violations_from_proposed_config(sweep)

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names it."""
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The YAML document at ``path``: a missing file is a ``FileNotFoundError`` naming ``what`` and the path,
+    invalid YAML a :class:`ConfigError` naming the path and the parser's complaint."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from envs.config import ClusterConfig, ConfigError
+from envs.config import ClusterConfig, ConfigError, read_yaml
 from envs.metrics import RunResult
 from envs.simulator import ClusterSim
 from envs.workloads import make_workload
@@ -77,14 +75,7 @@ class SimulationSpec:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SimulationSpec:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            doc = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        return cls.from_dict(doc, origin=str(p))
+        return cls.from_dict(read_yaml(path, "config file"), origin=str(path))
 
 
 def run_simulation(spec: SimulationSpec, progress: bool = False, workload=None) -> RunResult:

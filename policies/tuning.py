@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from envs.config import read_yaml
 from experiments.compare import ComparisonConfig, run_comparison
 from policies.registry import available, make_policy
 
@@ -171,12 +172,7 @@ def save_tuned(results: dict[str, TuneResult], path: str | Path, cfg: Comparison
 def load_tuned(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Read a tuned-parameters file: ``(policy name -> params, meta)``. Every entry must build a policy."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"tuned-parameters file not found: {path}")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    doc = read_yaml(path, "tuned-parameters file")
     if not isinstance(doc, dict) or not isinstance(doc.get("policies"), dict):
         raise ValueError(f"{path}: expected a mapping with a 'policies' mapping of policy name -> parameters")
     tuned: dict[str, dict[str, Any]] = {}
