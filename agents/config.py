@@ -17,7 +17,7 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
-from envs.config import ConfigError, read_yaml
+from envs.config import ConfigError, parse_value, read_yaml
 
 ALGOS = ("ppo", "maskable_ppo", "dqn")
 #: Evaluation episodes use seeds from here up; training environments are seeded below it.
@@ -210,16 +210,6 @@ def apply_overrides(d: dict[str, Any], overrides: dict[str, Any] | list[str] | N
             cur = nxt
         cur[parts[-1]] = value
     return out
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value: int, float (``3e-4`` too, which YAML 1.1 reads as a string), else YAML."""
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return yaml.safe_load(text)
 
 
 def load_config(source: str | Path | dict[str, Any] | TrainConfig,

@@ -14,6 +14,19 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names it."""
 
 
+def parse_value(text: str) -> Any:
+    """A value written on a command line (``key=value``): int, float (``3e-4`` too, which YAML 1.1 reads as a
+    string), ``none``/``None`` as None, else YAML (``true``, ``null``, lists, plain strings)."""
+    if text.strip().lower() == "none":
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
     """The YAML document at ``path``: a missing file is a ``FileNotFoundError`` naming ``what`` and the path,
     invalid YAML a :class:`ConfigError` naming the path and the parser's complaint."""

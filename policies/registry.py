@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from envs.config import parse_value
 from policies.base import Policy
 
 _REGISTRY: dict[str, Callable[..., Policy]] = {}
@@ -55,7 +56,7 @@ def make_policy(spec: str | dict[str, Any] | Policy, **params: Any) -> Policy:
             k, eq, v = kv.partition("=")
             if not eq:
                 raise ValueError(f"policy parameter {kv!r} in {spec!r} is not key=value")
-            params[k.strip()] = _parse_value(v.strip())
+            params[k.strip()] = parse_value(v.strip())
     name = name.strip()
     if name not in _REGISTRY:
         raise ValueError(f"unknown policy {name!r}; available: {', '.join(sorted(_REGISTRY))}")
@@ -63,16 +64,3 @@ def make_policy(spec: str | dict[str, Any] | Policy, **params: Any) -> Policy:
         return _REGISTRY[name](**params)
     except TypeError as e:
         raise ValueError(f"policy {name!r}: bad parameters {params}: {e}") from None
-
-
-def _parse_value(v: str) -> Any:
-    if v.lower() in ("none", "null"):
-        return None
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    for conv in (int, float):
-        try:
-            return conv(v)
-        except ValueError:
-            pass
-    return v
