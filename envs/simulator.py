@@ -255,6 +255,9 @@ class ClusterSim:
         """Replay the whole workload under ``policy`` and return the run's metrics."""
         from envs.metrics import collect
 
+        if not self.prefill and policy.needs_prefill_nodes:
+            raise DecisionError(f"policy {policy.name!r} routes requests to prefill nodes, but the cluster "
+                                f"{self.config.shape} has none; use always_deflect or proactive")
         policy.reset()
         wall0 = time.perf_counter()
         bar = None

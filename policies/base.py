@@ -192,6 +192,8 @@ class Policy:
     """Base class of every routing policy. Subclasses set ``name`` and implement :meth:`decide`."""
 
     name: str = "policy"
+    #: False for policies that can serve a cluster with no prefill nodes (aggregated serving on the decode nodes)
+    needs_prefill_nodes: bool = True
 
     def decide(self, view: ClusterView, request: RequestLike) -> Decision:  # pragma: no cover - abstract
         raise NotImplementedError

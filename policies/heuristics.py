@@ -37,6 +37,7 @@ class AlwaysDeflect(Policy):
     """
 
     name = "always_deflect"
+    needs_prefill_nodes = False
 
     def __init__(self, chunk: int | None = None) -> None:
         self.chunk = chunk

@@ -241,6 +241,7 @@ class ProactiveDeflector(Policy):
     """
 
     name = "proactive"
+    needs_prefill_nodes = False  # with no prefill nodes every request takes the best decode node
     SHARING = ("bounded", "serial", "queue")
 
     def __init__(self, margin: float = 0.0, tbt_safety: float = 1.0, sharing: str = "bounded",

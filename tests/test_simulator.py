@@ -287,3 +287,13 @@ def test_max_min_fairness_with_unequal_nics():
                       egress=(1e9, 3e9), ingress=(3e9, 3e9))
     assert done[2] == pytest.approx(1e8 / 2.5e9)
     assert done[0] == pytest.approx(0.2) and done[1] == pytest.approx(0.2)
+
+
+def test_cluster_without_prefill_nodes():
+    """0PxD is aggregated serving: deflecting policies run, prefill-routing ones are refused by name."""
+    wl = small_workload(200, rate=2.0)
+    for ok in ("always_deflect", "proactive"):
+        res = ClusterSim(ClusterConfig(num_prefill=0), wl).run(make_policy(ok))
+        assert res.summary["completed"] == 200 and res.summary["deflection_rate"] == 1.0
+    with pytest.raises(DecisionError, match="'round_robin' routes requests to prefill nodes"):
+        ClusterSim(ClusterConfig(num_prefill=0), wl).run(make_policy("round_robin"))
