@@ -115,9 +115,13 @@ def bench_decisions(n: int = 20000) -> dict:
     out = {}
     print(f"\npolicy decision time, Router.decide with view build, {n} decisions each (us):")
     print(f"  {'policy':<22}{'p50':>8}{'p99':>8}{'max':>9}")
-    for name in available():
+    trained = Path(__file__).resolve().parents[1] / "experiments" / "trained"
+    specs = [(n, n) for n in available() if n != "learned"]
+    specs += [("learned (onnxruntime)", f"learned:path={trained}"),  # the exported MLP of experiments/trained
+              ("learned (numpy)", f"learned:path={trained},backend=numpy")]
+    for name, spec in specs:
         try:
-            router = Router([("127.0.0.1", 1), ("127.0.0.1", 2)], [("127.0.0.1", 3), ("127.0.0.1", 4)], name)
+            router = Router([("127.0.0.1", 1), ("127.0.0.1", 2)], [("127.0.0.1", 3), ("127.0.0.1", 4)], spec)
         except ValueError as e:  # a policy that needs parameters (e.g. a file)
             print(f"  {name:<22} skipped: {e}")
             continue
