@@ -452,7 +452,7 @@ def collect(sim: ClusterSim, policy_name: str = "", wall_s: float = 0.0) -> RunR
         "arrival_s": arrival,
         "input_tokens": attr("input_tokens", np.int64),
         "output_tokens": out_tok,
-        "path": g(["rejected" if rj else ("deflect" if df else "prefill") for rj, df in zip(rejected, deflected)]),
+        "path": np.where(rejected, "rejected", np.where(deflected, "deflect", "prefill")),
         "prefill_node": attr("p_node", np.int64),
         "decode_node": d_node,
         "chunk_cap": attr("chunk_cap", np.int64),
