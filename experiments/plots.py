@@ -27,6 +27,17 @@ def _plt():
     return plt
 
 
+def _finish(plt, fig, ax, title: str, path: Path) -> Path:
+    """Title, grid and legend; write the PNG and free the figure."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_ttft_cdf(series: Mapping[str, np.ndarray], path: Path, title: str = "TTFT CDF",
                   slo_s: float | None = None) -> Path:
     """One CDF line per label (TTFT in seconds, log x axis)."""
@@ -41,13 +52,7 @@ def plot_ttft_cdf(series: Mapping[str, np.ndarray], path: Path, title: str = "TT
     ax.set_xscale("log")
     ax.set_xlabel("time to first token (s)")
     ax.set_ylabel("fraction of requests")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, title, path)
 
 
 def plot_breakdown(bars: Mapping[str, Mapping[str, float]], path: Path,
@@ -86,13 +91,7 @@ def plot_vs_load(xs: Sequence[float], series: Mapping[str, Sequence[float]], pat
     ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, title, path)
 
 
 def plot_run(result: RunResult, out: Path) -> list[Path]:
