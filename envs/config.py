@@ -14,6 +14,18 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names it."""
 
 
+def from_mapping(cls: Any, d: Any, what: str) -> Any:
+    """Build dataclass ``cls`` from a mapping; a key that is not one of its fields is a :class:`ConfigError`
+    naming the key and the known ones."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what}: expected a mapping, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    extra = set(d) - known
+    if extra:
+        raise ConfigError(f"unknown {what} key(s) {sorted(extra)}; known: {sorted(known)}")
+    return cls(**d)
+
+
 def parse_value(text: str) -> Any:
     """A value written on a command line (``key=value``): int, float (``3e-4`` too, which YAML 1.1 reads as a
     string), ``none``/``None`` as None, else YAML (``true``, ``null``, lists, plain strings)."""
@@ -100,11 +112,7 @@ class ClusterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClusterConfig:
-        known = {f.name for f in fields(cls)}
-        extra = set(d) - known
-        if extra:
-            raise ConfigError(f"unknown cluster key(s) {sorted(extra)}; known: {sorted(known)}")
-        return cls(**d)
+        return from_mapping(cls, d, "cluster")
 
     @classmethod
     def from_shape(cls, shape: str, **kw: Any) -> ClusterConfig:

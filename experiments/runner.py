@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from envs.config import ClusterConfig, ConfigError, read_yaml
+from envs.config import ClusterConfig, ConfigError, from_mapping, read_yaml
 from envs.metrics import RunResult
 from envs.simulator import ClusterSim
 from envs.workloads import make_workload
@@ -43,11 +43,7 @@ class WorkloadSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorkloadSpec:
-        known = {f.name for f in fields(cls)}
-        extra = set(d) - known
-        if extra:
-            raise ConfigError(f"unknown workload key(s) {sorted(extra)}; known: {sorted(known)}")
-        return cls(**d)
+        return from_mapping(cls, d, "workload")
 
 
 @dataclass(frozen=True)
