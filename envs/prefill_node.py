@@ -43,7 +43,6 @@ class PrefillNode:
         self.busy = False
         self.busy_until_s = 0.0
         self.busy_s = 0.0  # accumulated step time, for utilisation
-        self.steps = 0
         self._batch: list[tuple[Request, int]] = []
 
     def enqueue(self, req: Request, t: float) -> None:
@@ -86,7 +85,6 @@ class PrefillNode:
         self.busy = True
         self.busy_until_s = t + dt
         self.busy_s += dt
-        self.steps += 1
         self._schedule(t + dt, self._end_step, None)
 
     def _end_step(self, t: float, _: object) -> None:
