@@ -922,12 +922,13 @@ def _report(
         by_kind=errors_by_kind(rows, pred),
         terms=term_fits,
         knots=[float(k) for k in knots],
-        predictions=_row_predictions(rows, pred),
+        predictions=row_predictions(rows, pred),
         warnings=terms.warnings,
     )
 
 
-def _row_predictions(rows: Sequence[Measurement], pred: np.ndarray) -> list[dict[str, Any]]:
+def row_predictions(rows: Sequence[Measurement], pred: np.ndarray) -> list[dict[str, Any]]:
+    """One record per row: origin, kind, measured and predicted seconds, error in percent."""
     return [
         {
             "origin": m.origin,
@@ -999,7 +1000,7 @@ def with_holdout(
     holdout: dict[str, Any] = {"fraction": fraction, "seed": seed, "rows": len(held)}
     holdout["mape_pct"] = error_stats(np.array([m.seconds for m in held]), pred)["mape_pct"]
     holdout["by_kind"] = errors_by_kind(held, pred)
-    holdout["predictions"] = _row_predictions(held, pred)
+    holdout["predictions"] = row_predictions(held, pred)
     return replace(report, holdout=holdout)
 
 

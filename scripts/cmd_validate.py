@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from envs.calibration import KINDS, Measurement, error_stats, errors_by_kind, predict, read_many
+from envs.calibration import KINDS, Measurement, error_stats, errors_by_kind, predict, read_many, row_predictions
 from envs.profile import load_profile
 
 KIND_COLOURS = {"prefill": "tab:blue", "decode": "tab:orange", "mixed": "tab:green", "transfer": "tab:purple"}
@@ -96,16 +96,7 @@ def run(args: argparse.Namespace) -> int:
         "with_overhead": bool(args.with_overhead),
         "overall": overall,
         "by_kind": by_kind,
-        "rows": [
-            {
-                "origin": m.origin,
-                "kind": m.kind,
-                "measured_s": float(m.seconds),
-                "predicted_s": float(p),
-                "error_pct": float(100.0 * (p - m.seconds) / m.seconds),
-            }
-            for m, p in zip(rows, predicted)
-        ],
+        "rows": row_predictions(rows, predicted),
     }
     json_path = args.out / "validation.json"
     json_path.write_text(json.dumps(doc, indent=2))
