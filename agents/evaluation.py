@@ -12,11 +12,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from envs.gym_env import DeflectionEnv
-from envs.simulator import ClusterSim
-from policies.base import ClusterView, Decision, Policy
-from policies.features import FeatureBuilder
+from deflectlab.envs.gym_env import DeflectionEnv
+from deflectlab.envs.simulator import ClusterSim
+from deflectlab.policies.base import ClusterView, Decision, Policy
+from deflectlab.policies.features import FeatureBuilder
 
 if TYPE_CHECKING:
     from stable_baselines3.common.policies import BasePolicy
@@ -35,8 +34,7 @@ class NetPolicy(Policy):
 
     def __init__(self, net: BasePolicy, name: str = "learned") -> None:
         import torch
-
-        from agents.policy_io import MaskedPolicyModule
+        from deflectlab.agents.policy_io import MaskedPolicyModule
 
         self.name = name
         self._torch = torch
@@ -59,7 +57,7 @@ def _instantiate(src: PolicySource) -> Policy:
     if isinstance(src, Policy):
         return src
     if isinstance(src, str):
-        from policies.registry import make_policy
+        from deflectlab.policies.registry import make_policy
 
         return make_policy(src)
     return src()
@@ -67,7 +65,7 @@ def _instantiate(src: PolicySource) -> Policy:
 
 def available_baselines(names: list[str]) -> tuple[list[str], list[str]]:
     """``(available, missing)`` among heuristic registry specs (the optional ones may not exist yet)."""
-    from policies.registry import available
+    from deflectlab.policies.registry import available
 
     have = set(available())
     ok = [n for n in names if n.partition(":")[0] in have]

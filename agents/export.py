@@ -26,10 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from agents.policy_io import MASKED_LOGIT, MaskedPolicyModule, cluster_of, load_policy_net, mlp_layers
-from policies import features as F
-from policies.runtime import MANIFEST_FORMAT, MANIFEST_VERSION
+from deflectlab.agents.policy_io import MASKED_LOGIT, MaskedPolicyModule, cluster_of, load_policy_net, mlp_layers
+from deflectlab.policies import features as F
+from deflectlab.policies.runtime import MANIFEST_FORMAT, MANIFEST_VERSION
 
 
 def sha256(path: Path) -> str:
@@ -113,9 +112,9 @@ def compare_actions(model: str | Path, export_dir: str | Path, which: str = "bes
                     seed: int | None = None) -> dict[str, int]:
     """Step an evaluation episode with the in-process policy and count the decisions where the exported policy
     (onnx and numpy backends) picks the same action on the same observation and mask."""
-    from agents.policy_io import masked_action
-    from envs.gym_env import DeflectionEnv
-    from policies.runtime import OnnxPolicy
+    from deflectlab.agents.policy_io import masked_action
+    from deflectlab.envs.gym_env import DeflectionEnv
+    from deflectlab.policies.runtime import OnnxPolicy
 
     net, cfg, _ = load_policy_net(model, which)
     env = DeflectionEnv(**cfg.eval_env_kwargs())

@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from deflectlab.agents.config import TrainConfig, load_config
+from deflectlab.envs.config import ClusterConfig
+from deflectlab.policies.features import FEATURE_SCHEMA
 from gymnasium import spaces
 from torch import nn
-
-from agents.config import TrainConfig, load_config
-from envs.config import ClusterConfig
-from policies.features import FEATURE_SCHEMA
 
 if TYPE_CHECKING:
     from stable_baselines3.common.policies import BasePolicy
@@ -43,7 +42,7 @@ def spaces_for(cluster: ClusterConfig) -> tuple[spaces.Box, spaces.Discrete]:
 
 
 def cluster_of(cfg: TrainConfig) -> ClusterConfig:
-    from envs.gym_env import _cluster_config
+    from deflectlab.envs.gym_env import _cluster_config
 
     return _cluster_config(cfg.env.cluster)
 

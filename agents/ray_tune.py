@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agents.config import load_config
+from deflectlab.agents.config import load_config
 
 
 class RayUnavailable(RuntimeError):
@@ -49,9 +49,8 @@ def _tune_space(sweep: dict[str, Any]) -> dict[str, Any]:
 
 def _trial(params: dict[str, Any], base: dict[str, Any], out_dir: str) -> None:
     """One Ray Tune trial: ``train`` with the trial's parameters as dotted overrides."""
+    from deflectlab.agents.train import train
     from ray import tune
-
-    from agents.train import train
 
     os.environ["WANDB_MODE"] = os.environ.get("WANDB_MODE") or "offline"
     overrides = {**params, "out_dir": out_dir}
@@ -88,7 +87,7 @@ def run_ray(config: str | Path | dict[str, Any], *, seeds: list[int] | None = No
     out = str(Path(out_dir or cfg.out_dir).resolve())
     space: dict[str, Any] = {"seed": tune.grid_search(list(seeds) if seeds else [cfg.seed])}
     if sweep is not None:
-        from agents.sweep import load_sweep
+        from deflectlab.agents.sweep import load_sweep
 
         space.update(_tune_space(load_sweep(sweep)))
     env_vars = {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "RAY_CHDIR_TO_TRIAL_DIR": "0"}

@@ -34,8 +34,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from agents.config import load_config
-from envs.config import read_yaml
+from deflectlab.agents.config import load_config
+from deflectlab.envs.config import read_yaml
 
 METRICS = {"eval/slo_attainment": "objective", "eval/best_slo_attainment": "best_eval_slo_attainment"}
 
@@ -119,8 +119,7 @@ def _trial_overrides(sweep_name: str, sweep_dir: Path, n: int, params: dict[str,
 def _optuna_worker(storage: str, study_name: str, sweep: dict[str, Any], base: str, fixed: dict[str, Any],
                    n_trials: int, sweep_dir: str, seed: int) -> None:
     import optuna
-
-    from agents.train import train
+    from deflectlab.agents.train import train
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=_sampler(sweep, seed))
@@ -190,7 +189,7 @@ def run_optuna(sweep: dict[str, Any], base: str, trials: int, workers: int, swee
 
 def run_sweeps_local(sweep: dict[str, Any], base: str, trials: int, sweep_dir: Path,
                      fixed: dict[str, Any]) -> dict[str, Any]:
-    from agents.train import train
+    from deflectlab.agents.train import train
 
     sw = _sweeps_pkg()
     metric = sweep["metric"]["name"]
@@ -216,8 +215,7 @@ def run_wandb(sweep: dict[str, Any], base: str, trials: int, sweep_dir: Path, fi
               project: str) -> dict[str, Any]:
     """Create the sweep on the W&B server and run ``trials`` trials here as a ``wandb agent``."""
     import wandb
-
-    from agents.train import train
+    from deflectlab.agents.train import train
 
     sweep_id = wandb.sweep(sweep, project=project)
     n = [0]
@@ -263,7 +261,7 @@ def run_sweep(path: str | Path, *, backend: str = "auto", trials: int = 8, worke
         raise ValueError(f"{path}: no base training config: give --config or put `--config <yaml>` in `command`")
     # fail early on a bad base config or a parameter that is not a config key: try each one's first value
     sample = {k: v.get("value", (v.get("values") or [v.get("min")])[0]) for k, v in sweep["parameters"].items()}
-    from agents.train import check_algo_params
+    from deflectlab.agents.train import check_algo_params
 
     check_algo_params(load_config(base, {**(overrides or {}), **sample}))
     if backend not in ("auto", "wandb", "optuna", "sweeps"):

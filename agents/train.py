@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from agents.config import TrainConfig, dump_config, load_config, train_seed
+from deflectlab.agents.config import TrainConfig, dump_config, load_config, train_seed
 
 ALGO_FIXED = {"self", "policy", "env", "policy_kwargs", "seed", "device", "verbose", "tensorboard_log",
               "_init_setup_model"}
@@ -74,10 +74,9 @@ def _make_run_dir(cfg: TrainConfig, run_dir: str | Path | None) -> tuple[str, Pa
 
 def make_env(env_kwargs: dict[str, Any], algo: str) -> Any:
     """One training environment (Monitor-wrapped; DQN gets :class:`agents.masking.ValidActionWrapper`)."""
+    from deflectlab.agents.masking import ValidActionWrapper
+    from deflectlab.envs.gym_env import DeflectionEnv
     from stable_baselines3.common.monitor import Monitor
-
-    from agents.masking import ValidActionWrapper
-    from envs.gym_env import DeflectionEnv
 
     env: Any = DeflectionEnv(**env_kwargs)
     if algo == "dqn":
@@ -117,7 +116,7 @@ def check_algo_params(cfg: TrainConfig) -> None:
 
 
 def make_model(cfg: TrainConfig, venv: Any) -> Any:
-    from agents.policy_io import policy_kwargs
+    from deflectlab.agents.policy_io import policy_kwargs
 
     check_algo_params(cfg)
     return algo_class(cfg.algo)("MlpPolicy", venv, policy_kwargs=policy_kwargs(cfg), seed=cfg.seed, device="cpu",
@@ -125,10 +124,9 @@ def make_model(cfg: TrainConfig, venv: Any) -> Any:
 
 
 def _callbacks(cfg: TrainConfig, run_dir: Path, progress: bool) -> list[Any]:
+    from deflectlab.agents.evaluation import NetPolicy, evaluate
+    from deflectlab.agents.policy_io import make_policy_net
     from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
-
-    from agents.evaluation import NetPolicy, evaluate
-    from agents.policy_io import make_policy_net
 
     class EpisodeMetrics(BaseCallback):
         """``slo/`` metrics of finished training episodes, from ``info["metrics"]``."""
@@ -213,7 +211,7 @@ def _callbacks(cfg: TrainConfig, run_dir: Path, progress: bool) -> list[Any]:
 
 def _pretrain(cfg: TrainConfig, model: Any, venv: Any, periodic: Any) -> None:
     """Behaviour-clone ``cfg.pretrain.expert`` into ``model.policy`` and log how well it took."""
-    from agents.pretrain import behaviour_clone, collect_demos
+    from deflectlab.agents.pretrain import behaviour_clone, collect_demos
 
     pc = cfg.pretrain
     t0 = time.perf_counter()
@@ -244,12 +242,11 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, *, run_dir: str | P
     """
     cfg = load_config(config, overrides)
     import torch
+    from deflectlab.agents.evaluation import available_baselines, evaluate, table
+    from deflectlab.agents.tracking import Namespaced, WandbWriter, init_run
     from stable_baselines3.common.logger import CSVOutputFormat, HumanOutputFormat, Logger
     from stable_baselines3.common.utils import set_random_seed
     from stable_baselines3.common.vec_env import VecNormalize
-
-    from agents.evaluation import available_baselines, evaluate, table
-    from agents.tracking import Namespaced, WandbWriter, init_run
 
     run_name, rdir = _make_run_dir(cfg, run_dir)
     dump_config(cfg, rdir / "config.yaml")

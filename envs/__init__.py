@@ -1,5 +1,5 @@
 """The cluster model, workloads, metrics and the Gymnasium environment (``deflectlab/Deflection-v0``)."""
 
-from envs.registration import register_envs
+from deflectlab.envs.registration import register_envs
 
 register_envs()

@@ -62,8 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from envs.profile import SCALAR_TERMS, LatencyModel
+from deflectlab.envs.profile import SCALAR_TERMS, LatencyModel
 
 #: Kinds of measurement rows.
 KINDS: tuple[str, ...] = ("prefill", "decode", "mixed", "transfer")

@@ -24,8 +24,8 @@ from heapq import heappop, heappush
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from envs.profile import LatencyModel
-    from envs.request import Request
+    from deflectlab.envs.profile import LatencyModel
+    from deflectlab.envs.request import Request
 
 _INF_STEPS = 1 << 62
 

@@ -9,15 +9,14 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.profile import load_profile
+from deflectlab.envs.rewards import Reward, StepStats, make_reward
+from deflectlab.envs.simulator import ClusterSim
+from deflectlab.envs.workloads import ARRIVALS, Workload, load_trace, make_workload
+from deflectlab.policies.features import FEATURE_SCHEMA, FeatureBuilder, action_layout
 from gymnasium import spaces
 from gymnasium.utils import seeding
-
-from envs.config import ClusterConfig
-from envs.profile import load_profile
-from envs.rewards import Reward, StepStats, make_reward
-from envs.simulator import ClusterSim
-from envs.workloads import ARRIVALS, Workload, load_trace, make_workload
-from policies.features import FEATURE_SCHEMA, FeatureBuilder, action_layout
 
 #: A window is redrawn (deterministically, from the same generator) while it holds fewer requests than this.
 _MAX_REDRAWS = 64
@@ -276,7 +275,7 @@ class DeflectionEnv(gym.Env):
         decision's node, in this environment's action layout (the chunk cap is the environment's)."""
         pol = self._experts.get(policy)
         if pol is None:
-            from policies.registry import make_policy
+            from deflectlab.policies.registry import make_policy
 
             pol = self._experts[policy] = make_policy(policy)
         if self._req is None:
@@ -322,7 +321,7 @@ class DeflectionEnv(gym.Env):
         reward = float(rf(stats))
         info: dict[str, Any] = {}
         if nxt is None:
-            from envs.metrics import collect
+            from deflectlab.envs.metrics import collect
 
             self._req = None
             summary = collect(sim, policy_name="env").summary

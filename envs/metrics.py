@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from envs.simulator import ClusterSim
+    from deflectlab.envs.simulator import ClusterSim
 
 #: TTFT components, in order along each path (seconds).
 PREFILL_PATH = ("p_queue", "prefill_exec", "handoff_wait", "transfer", "decode_wait", "first_step")
@@ -50,7 +50,7 @@ COMPONENT_LABELS = {
 PERCENTILES = (50, 90, 95, 99)
 
 
-def _pcts(x: np.ndarray) -> dict[str, float]:
+def percentiles(x: np.ndarray) -> dict[str, float]:
     if len(x) == 0:
         return {f"p{p}": math.nan for p in PERCENTILES} | {"mean": math.nan}
     q = np.percentile(x, PERCENTILES)
@@ -99,7 +99,7 @@ class RunResult:
         (out / "summary.json").write_text(json.dumps(self.summary, indent=2, default=_json_default))
         (out / "config.json").write_text(json.dumps(self.config, indent=2, default=_json_default))
         if plots:
-            from experiments.plots import plot_run
+            from deflectlab.experiments.plots import plot_run
 
             plot_run(self, out)
         return out
@@ -422,10 +422,10 @@ def collect(sim: ClusterSim, policy_name: str = "", wall_s: float = 0.0) -> RunR
         "rejected_reasons": reasons,
         "duration_s": makespan,
         "offered_rate_rps": n / max(float(arrival.max() - t0), 1e-9) if n > 1 else 0.0,
-        "ttft_s": _pcts(ttft_done),
+        "ttft_s": percentiles(ttft_done),
         "tbt_s": tbt_all,
         "tbt_samples": gaps_total,
-        "e2e_s": _pcts(e2e[done]),
+        "e2e_s": percentiles(e2e[done]),
         "slo": {"ttft_slo_s": cfg.ttft_slo_s, "tbt_slo_s": cfg.tbt_slo_s},
         "slo_attainment": float(slo_ok.sum() / n) if n else nan,
         "ttft_slo_attainment": float(ttft_ok.sum() / n) if n else nan,

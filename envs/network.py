@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from envs.request import Request
+    from deflectlab.envs.request import Request
 
 _EPS_BYTES = 1e-3  # a flow with less than a thousandth of a byte left is done (float round-off)
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from envs.profile import LatencyModel
-    from envs.request import Request
+    from deflectlab.envs.profile import LatencyModel
+    from deflectlab.envs.request import Request
 
 
 class PrefillNode:

@@ -274,7 +274,7 @@ def load_profile(name_or_path: str | Path) -> LatencyModel:
         origin = str(p)
         text = p.read_text()
     else:
-        res = resources.files("envs.profiles").joinpath(f"{name_or_path}.yaml")
+        res = resources.files("deflectlab.envs.profiles").joinpath(f"{name_or_path}.yaml")
         if not res.is_file():
             raise ProfileError(f"unknown profile '{name_or_path}'; bundled: {', '.join(bundled_profiles())}")
         origin = f"profile '{name_or_path}'"

@@ -16,4 +16,4 @@ def register_envs() -> None:
     from gymnasium.envs.registration import register, registry
 
     if ENV_ID not in registry:
-        register(id=ENV_ID, entry_point="envs.gym_env:DeflectionEnv")
+        register(id=ENV_ID, entry_point="deflectlab.envs.gym_env:DeflectionEnv")

@@ -21,19 +21,19 @@ from collections.abc import Callable
 from heapq import heappop, heappush
 from typing import TYPE_CHECKING
 
-from envs.config import ClusterConfig
-from envs.decode_node import DecodeNode
-from envs.network import Flow, Network
-from envs.prefill_node import PrefillNode
-from envs.profile import LatencyModel, load_profile
-from envs.request import Request
-from policies.base import DEFLECT, ClusterView, Decision, DecodeNodeView, Policy, PrefillNodeView
+from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.decode_node import DecodeNode
+from deflectlab.envs.network import Flow, Network
+from deflectlab.envs.prefill_node import PrefillNode
+from deflectlab.envs.profile import LatencyModel, load_profile
+from deflectlab.envs.request import Request
+from deflectlab.policies.base import DEFLECT, ClusterView, Decision, DecodeNodeView, Policy, PrefillNodeView
 
 if TYPE_CHECKING:
-    from envs.metrics import RunResult
-    from envs.workloads import Workload
+    from deflectlab.envs.metrics import RunResult
+    from deflectlab.envs.workloads import Workload
 
-_RATE_TAU_S = 10.0  # time constant of the arrival-rate estimate in the view, seconds
+RATE_TAU_S = 10.0  # time constant of the arrival-rate estimate in the view, seconds
 
 
 class DecisionError(ValueError):
@@ -127,7 +127,7 @@ class ClusterSim:
         req = Request(i, t_arr, self._arr_in[i], self._arr_out[i])
         self.requests.append(req)
         # exponentially weighted arrival rate, requests per second
-        self._rate = self._rate * math.exp((self._rate_t - t_arr) / _RATE_TAU_S) + 1.0 / _RATE_TAU_S
+        self._rate = self._rate * math.exp((self._rate_t - t_arr) / RATE_TAU_S) + 1.0 / RATE_TAU_S
         self._rate_t = t_arr
         return req
 
@@ -138,7 +138,7 @@ class ClusterSim:
                            num_prefill=self._num_prefill, num_decode=self._num_decode)
 
     def _rate_now(self) -> float:
-        return self._rate * math.exp((self._rate_t - self.now) / _RATE_TAU_S)
+        return self._rate * math.exp((self._rate_t - self.now) / RATE_TAU_S)
 
     def _build_view(self) -> tuple[list[PrefillNodeView], list[DecodeNodeView]]:
         now, net = self.now, self.network
@@ -253,7 +253,7 @@ class ClusterSim:
     # -- whole runs ------------------------------------------------------------------------------------------
     def run(self, policy: Policy, progress: bool = False) -> RunResult:
         """Replay the whole workload under ``policy`` and return the run's metrics."""
-        from envs.metrics import collect
+        from deflectlab.envs.metrics import collect
 
         if not self.prefill and policy.needs_prefill_nodes:
             raise DecisionError(f"policy {policy.name!r} routes requests to prefill nodes, but the cluster "

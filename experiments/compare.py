@@ -40,12 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from envs.config import ClusterConfig
-from envs.metrics import COMPONENTS
-from envs.simulator import ClusterSim
-from envs.workloads import Workload, load_trace, make_workload
-from policies.registry import make_policy
+from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.metrics import COMPONENTS
+from deflectlab.envs.simulator import ClusterSim
+from deflectlab.envs.workloads import Workload, load_trace, make_workload
+from deflectlab.policies.registry import make_policy
 
 #: Policies compared when none are named: never deflect, always deflect, each threshold heuristic, the paper's.
 DEFAULT_POLICIES: tuple[str, ...] = (
@@ -332,7 +331,7 @@ class ComparisonResult:
     def write_report(self, out_dir: str | Path) -> Path:
         """Write ``results.csv`` (one row per run), ``results.json`` (config, per-run rows, per-load table),
         the PNG plots and ``report.md`` into ``out_dir``; returns the report's path."""
-        from experiments.compare_plots import write_plots
+        from deflectlab.experiments.compare_plots import write_plots
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

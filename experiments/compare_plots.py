@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from envs.metrics import COMPONENTS
-from experiments.plots import plot_breakdown, plot_ttft_cdf
+from deflectlab.envs.metrics import COMPONENTS
+from deflectlab.experiments.plots import plot_breakdown, plot_ttft_cdf
 
 if TYPE_CHECKING:
-    from experiments.compare import ComparisonResult
+    from deflectlab.experiments.compare import ComparisonResult
 
 
 def _plt():

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from envs.config import ClusterConfig
-from envs.metrics import COMPONENT_LABELS, COMPONENTS
-from experiments.plots import plot_breakdown, plot_ttft_cdf, plot_vs_load
-from experiments.runner import SimulationSpec, WorkloadSpec, run_simulation
+from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.metrics import COMPONENT_LABELS, COMPONENTS
+from deflectlab.experiments.plots import plot_breakdown, plot_ttft_cdf, plot_vs_load
+from deflectlab.experiments.runner import SimulationSpec, WorkloadSpec, run_simulation
 
 #: Offered loads, requests/s. The trace's own mean is 3.21 req/s (its bursts reach 67 req/s within a second).
 DEFAULT_RATES = (1.5, 3.21, 5.0, 8.0)
@@ -130,8 +130,8 @@ COMPARE_RATES = (3.21, 6.42, 9.63)
 def run_main_comparison(out: Path, rates: tuple[float, ...] = COMPARE_RATES, progress: bool = True,
                         seeds: tuple[int, ...] = (0, 1, 2, 3, 4)):
     """Compare :data:`MAIN_POLICIES` on held-out windows of the Azure code trace; writes its own report."""
-    from experiments.compare import ComparisonConfig, run_comparison
-    from policies.tuning import load_tuned
+    from deflectlab.experiments.compare import ComparisonConfig, run_comparison
+    from deflectlab.policies.tuning import load_tuned
 
     tuned, _meta = load_tuned(TUNED_FILE)
     cfg = ComparisonConfig(trace="azure_code", rates=rates, seeds=seeds, window_s=300.0, span=HELD_OUT_SPAN,

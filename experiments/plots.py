@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from envs.metrics import RunResult
+    from deflectlab.envs.metrics import RunResult
 
 COLORS = {
     "p_queue": "#d62728", "prefill_exec": "#1f77b4", "handoff_wait": "#ff7f0e", "transfer": "#9467bd",
@@ -58,7 +58,7 @@ def plot_ttft_cdf(series: Mapping[str, np.ndarray], path: Path, title: str = "TT
 def plot_breakdown(bars: Mapping[str, Mapping[str, float]], path: Path,
                    title: str = "Where P95 TTFT goes (mean over requests at or above P95)") -> Path:
     """Stacked bars: one bar per label, one segment per TTFT component (seconds)."""
-    from envs.metrics import COMPONENT_LABELS, COMPONENTS
+    from deflectlab.envs.metrics import COMPONENT_LABELS, COMPONENTS
 
     plt = _plt()
     labels = list(bars)

@@ -6,11 +6,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from envs.config import ClusterConfig, ConfigError, from_mapping, read_yaml
-from envs.metrics import RunResult
-from envs.simulator import ClusterSim
-from envs.workloads import make_workload
-from policies.registry import make_policy
+from deflectlab.envs.config import ClusterConfig, ConfigError, from_mapping, read_yaml
+from deflectlab.envs.metrics import RunResult
+from deflectlab.envs.simulator import ClusterSim
+from deflectlab.envs.workloads import make_workload
+from deflectlab.policies.registry import make_policy
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from envs.profile import LatencyModel
+    from deflectlab.envs.profile import LatencyModel
 
 PREFILL = 0
 DEFLECT = 1

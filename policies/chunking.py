@@ -11,7 +11,7 @@ chunk within the TBT SLO is found by bisection.
 
 from __future__ import annotations
 
-from envs.profile import LatencyModel
+from deflectlab.envs.profile import LatencyModel
 
 
 def worst_chunk_step_s(profile: LatencyModel, batch: int, ctx_tokens: float, chunk: int, prompt_tokens: int) -> float:

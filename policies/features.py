@@ -32,12 +32,11 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from policies.base import ClusterView, Decision
-from policies.chunking import largest_safe_chunk, worst_chunk_step_s
+from deflectlab.policies.base import ClusterView, Decision
+from deflectlab.policies.chunking import largest_safe_chunk, worst_chunk_step_s
 
 if TYPE_CHECKING:
-    from envs.profile import LatencyModel
+    from deflectlab.envs.profile import LatencyModel
 
 SCHEMA_NAME = "deflectlab.features"
 SCHEMA_VERSION = 1

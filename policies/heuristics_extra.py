@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from policies.base import ClusterView, Decision, DecodeNodeView, Policy, PrefillNodeView, RequestLike
+from deflectlab.policies.base import ClusterView, Decision, DecodeNodeView, Policy, PrefillNodeView, RequestLike
 
 
 def _check_number(policy: str, name: str, value: Any, lo: float, lo_inclusive: bool = True,

@@ -65,11 +65,11 @@ import math
 from bisect import bisect_right
 from typing import TYPE_CHECKING, Any
 
-from policies.base import ClusterView, Decision, DecodeNodeView, Policy, RequestLike
-from policies.chunking import largest_safe_chunk
+from deflectlab.policies.base import ClusterView, Decision, DecodeNodeView, Policy, RequestLike
+from deflectlab.policies.chunking import largest_safe_chunk
 
 if TYPE_CHECKING:
-    from envs.profile import LatencyModel
+    from deflectlab.envs.profile import LatencyModel
 
 _BIG = 1 << 62
 _EPS_TOKENS = 1e-6

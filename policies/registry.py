@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from envs.config import parse_value
-from policies.base import Policy
+from deflectlab.envs.config import parse_value
+from deflectlab.policies.base import Policy
 
 _REGISTRY: dict[str, Callable[..., Policy]] = {}
 
@@ -16,12 +16,14 @@ def register(name: str, factory: Callable[..., Policy]) -> None:
 
 
 def _load_builtins() -> None:
-    from policies import heuristics
+    from deflectlab.policies import heuristics
 
     register("round_robin", heuristics.RoundRobin)
     register("never_deflect", heuristics.RoundRobin)
     register("always_deflect", heuristics.AlwaysDeflect)
-    for extra in ("policies.heuristics_extra", "policies.proactive", "policies.runtime"):
+    for extra in (
+        "deflectlab.policies.heuristics_extra", "deflectlab.policies.proactive", "deflectlab.policies.runtime"
+    ):
         try:
             mod = __import__(extra, fromlist=["register_policies"])
         except ModuleNotFoundError as e:

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from policies.base import ClusterView, Decision, Policy, RequestLike
-from policies.features import FEATURE_SCHEMA, FeatureBuilder
+from deflectlab.policies.base import ClusterView, Decision, Policy, RequestLike
+from deflectlab.policies.features import FEATURE_SCHEMA, FeatureBuilder
 
 MANIFEST_FORMAT = "deflectlab.policy"
 MANIFEST_VERSION = 1

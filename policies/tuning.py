@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-
-from envs.config import read_yaml
-from experiments.compare import ComparisonConfig, run_comparison
-from policies.registry import available, make_policy
+from deflectlab.envs.config import read_yaml
+from deflectlab.experiments.compare import ComparisonConfig, run_comparison
+from deflectlab.policies.registry import available, make_policy
 
 #: Parameter grids of the tunable heuristics: policy name -> parameter -> values.
 GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
@@ -89,7 +88,7 @@ def _plain(v: Any) -> Any:
 def training_config(cfg: ComparisonConfig, seeds: tuple[int, ...] | None = None) -> ComparisonConfig:
     """``cfg`` made a training config: training seeds, and (unless ``cfg`` names a span) 300 s windows from
     the first half of the trace."""
-    from envs.workloads import load_trace
+    from deflectlab.envs.workloads import load_trace
 
     seeds = seeds or TRAIN_SEEDS
     span = cfg.span

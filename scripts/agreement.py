@@ -24,15 +24,12 @@ import sys
 import urllib.request
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from envs.config import ClusterConfig  # noqa: E402
-from envs.simulator import ClusterSim  # noqa: E402
-from envs.workloads import make_workload  # noqa: E402
-from policies.registry import make_policy  # noqa: E402
-from serving.procs import Processes, free_ports, wait_http  # noqa: E402
-from serving.replay import replay_async  # noqa: E402
+from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.simulator import ClusterSim
+from deflectlab.envs.workloads import make_workload
+from deflectlab.policies.registry import make_policy
+from deflectlab.serving.procs import Processes, free_ports, wait_http
+from deflectlab.serving.replay import replay_async
 
 
 def run_emulated(policy: str, workload, a: argparse.Namespace, log_dir: Path | None) -> tuple[dict, dict]:

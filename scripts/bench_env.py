@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("WANDB_MODE", "offline")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def bench_env(episodes: int) -> None:
-    from envs.gym_env import DeflectionEnv
-    from envs.simulator import ClusterSim
-    from policies.base import Decision
-    from policies.features import FeatureBuilder
+    from deflectlab.envs.gym_env import DeflectionEnv
+    from deflectlab.envs.simulator import ClusterSim
+    from deflectlab.policies.base import Decision
+    from deflectlab.policies.features import FeatureBuilder
 
     env = DeflectionEnv()
     acts = np.random.default_rng(0).integers(0, 4, size=2_000_000).tolist()
@@ -85,9 +82,8 @@ def bench_env(episodes: int) -> None:
                 k += 1
         return k / (time.perf_counter() - t)
 
+    import deflectlab.envs  # noqa: F401
     import gymnasium as gym
-
-    import envs  # noqa: F401
 
     made = gym.make("deflectlab/Deflection-v0")
     rows = [("simulator only (advance + route)", sim_only), ("+ cluster view (node lists)", sim_view),
@@ -103,10 +99,9 @@ def bench_env(episodes: int) -> None:
 
 def bench_ppo(steps: int) -> None:
     import torch
+    from deflectlab.agents.config import load_config
+    from deflectlab.agents.train import make_model, make_vec_env
     from stable_baselines3.common.logger import Logger
-
-    from agents.config import load_config
-    from agents.train import make_model, make_vec_env
 
     print(f"\n== training throughput, {os.cpu_count()} cores, {steps} steps each ==")
     for algo, n_envs, vec in (("maskable_ppo", 4, "dummy"), ("ppo", 4, "dummy"), ("maskable_ppo", 2, "subproc"),
@@ -127,10 +122,10 @@ def bench_ppo(steps: int) -> None:
 
 
 def calibrate() -> None:
-    from envs.config import ClusterConfig
-    from envs.simulator import ClusterSim
-    from envs.workloads import make_workload
-    from policies.registry import available, make_policy
+    from deflectlab.envs.config import ClusterConfig
+    from deflectlab.envs.simulator import ClusterSim
+    from deflectlab.envs.workloads import make_workload
+    from deflectlab.policies.registry import available, make_policy
 
     cfg = ClusterConfig()
     print("\n== choosing loads: whole azure_code trace (30 min), 2P2D, SLOs 1 s / 0.1 s ==")

@@ -20,16 +20,12 @@ import argparse
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from envs.config import ClusterConfig, parse_shape  # noqa: E402
-from envs.simulator import ClusterSim  # noqa: E402
-from envs.workloads import make_workload  # noqa: E402
-from policies.registry import make_policy  # noqa: E402
+from deflectlab.envs.config import ClusterConfig, parse_shape
+from deflectlab.envs.simulator import ClusterSim
+from deflectlab.envs.workloads import make_workload
+from deflectlab.policies.registry import make_policy
 
 DEFAULT_POLICIES = ("round_robin", "least_loaded", "always_deflect", "length_threshold", "queue_threshold",
                     "dynamo_isl", "dynamo_load", "dynamo_isl_or_load", "proactive")

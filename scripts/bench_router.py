@@ -28,13 +28,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import aiohttp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from serving.procs import Processes, free_ports, wait_http  # noqa: E402
+import aiohttp
+import numpy as np
+from deflectlab.serving.procs import Processes, free_ports, wait_http
 
 
 async def _load(rate: float, duration_s: float, call) -> tuple[np.ndarray, np.ndarray, int]:
@@ -108,8 +104,8 @@ def _report(name: str, direct: tuple, routed: tuple) -> dict:
 
 def bench_decisions(n: int = 20000) -> dict:
     """``Router.decide`` per policy, over a loaded 2P2D view (no network)."""
-    from policies.registry import available
-    from serving.router import RoutedRequest, Router
+    from deflectlab.policies.registry import available
+    from deflectlab.serving.router import RoutedRequest, Router
 
     rng = random.Random(0)
     out = {}

@@ -17,11 +17,11 @@ import subprocess
 import sys
 import time
 
-from envs.config import ClusterConfig
-from envs.metrics import collect
-from envs.simulator import ClusterSim
-from envs.workloads import make_workload
-from policies.registry import make_policy
+from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.metrics import collect
+from deflectlab.envs.simulator import ClusterSim
+from deflectlab.envs.workloads import make_workload
+from deflectlab.policies.registry import make_policy
 
 
 def bench_policy(policy: str, repeat: int) -> dict:

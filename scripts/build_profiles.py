@@ -14,14 +14,13 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-
-from envs.calibration import (
+from deflectlab.envs.calibration import (
     VIDUR_LLAMA2_7B_DECODE_ATTN_MS,
     VIDUR_LLAMA2_7B_PREFILL_ATTN_MS,
     fit_piecewise_linear,
     vidur_rows,
 )
-from envs.profile import PROFILE_DIR, LatencyModel
+from deflectlab.envs.profile import PROFILE_DIR, LatencyModel
 
 VIDUR = "Vidur A100 profiling (microsoft/vidur @7d47513363ec, MIT)"
 # Knots just after 128 and 256 tokens follow the GEMM tile steps visible in the measurements.

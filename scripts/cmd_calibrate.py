@@ -15,9 +15,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from envs.calibration import Measurement, fit_profile, read_many, split_holdout, with_holdout
-from envs.profile import SCALAR_TERMS, load_profile
+from deflectlab.envs.calibration import Measurement, fit_profile, read_many, split_holdout, with_holdout
+from deflectlab.envs.profile import SCALAR_TERMS, load_profile
 
 
 def parse_set(items: list[str]) -> dict[str, float]:
@@ -45,10 +44,10 @@ def parse_knots(text: str | None) -> list[float] | None:
         raise ValueError(f"--knots {text!r}: expected comma-separated token counts, e.g. 1,64,512,4096") from None
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser(
         "calibrate",
-        help="fit a latency profile to measured step times (CSV) and report the error",
+        help=help_text,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -18,8 +18,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from envs.config import ClusterConfig
-from experiments.compare import DEFAULT_POLICIES, DEFAULT_RATES, DEFAULT_SEEDS, ComparisonConfig, run_comparison
+from deflectlab.envs.config import ClusterConfig
+from deflectlab.experiments.compare import (
+    DEFAULT_POLICIES,
+    DEFAULT_RATES,
+    DEFAULT_SEEDS,
+    ComparisonConfig,
+    run_comparison,
+)
 
 TUNED_DIR = Path(__file__).resolve().parents[1] / "experiments" / "policies"
 
@@ -103,7 +109,7 @@ def parse_span(text: str | None) -> tuple[float, float] | None:
 
 def add_common_args(p: argparse.ArgumentParser, rates: str, seeds: str, window: str) -> None:
     """Workload, cluster and run arguments shared by ``compare`` and ``tune``."""
-    from scripts.cmd_simulate import add_cluster_args
+    from deflectlab.scripts.cmd_simulate import add_cluster_args
 
     p.add_argument("trace", nargs="?", default="azure_code",
                    help="bundled trace (azure_code, azure_conv) or a trace file path (default azure_code)")
@@ -125,7 +131,7 @@ def add_common_args(p: argparse.ArgumentParser, rates: str, seeds: str, window: 
 
 
 def config_from_args(a: argparse.Namespace, policies: tuple[str, ...]) -> ComparisonConfig:
-    from scripts.cmd_simulate import cluster_from_args
+    from deflectlab.scripts.cmd_simulate import cluster_from_args
 
     cluster: ClusterConfig = cluster_from_args(a)
     win = parse_window(a.window)
@@ -142,7 +148,7 @@ def tuned_path_for(cfg: ComparisonConfig) -> Path:
 
 def resolve_tuned(arg: str, cfg: ComparisonConfig) -> tuple[dict[str, dict[str, Any]] | None, str]:
     """The tuned parameters ``--tuned`` names (``auto``, ``none`` or a path) and a note for stderr."""
-    from policies.tuning import check_disjoint, load_tuned
+    from deflectlab.policies.tuning import check_disjoint, load_tuned
 
     if arg.lower() == "none":
         return None, "thresholds at their defaults (--tuned none)"
@@ -160,8 +166,8 @@ def resolve_tuned(arg: str, cfg: ComparisonConfig) -> tuple[dict[str, dict[str, 
     return tuned, f"tuned parameters from {path}"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="compare policies over loads and seeds on identical request streams",
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
+    p = sub.add_parser("compare", help=help_text,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, ",".join(f"{r:g}" for r in DEFAULT_RATES), ",".join(map(str, DEFAULT_SEEDS)), "600")
     p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), metavar="SPEC",

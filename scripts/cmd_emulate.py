@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from serving.emulator import ROLES, EmulatorConfig
+from deflectlab.serving.emulator import ROLES, EmulatorConfig
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     d = EmulatorConfig()
-    p = sub.add_parser("emulate", help="run an emulated vLLM instance timed by the cluster model",
+    p = sub.add_parser("emulate", help=help_text,
                        description="An OpenAI-compatible vLLM stand-in (completions, chat, SSE, /metrics, "
                                    "kv_transfer_params) whose step times come from a latency profile. "
                                    "See docs/serving.md.")
@@ -33,9 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
+    from deflectlab.serving.emulator import serve
     from prometheus_client import disable_created_metrics
-
-    from serving.emulator import serve
 
     cfg = EmulatorConfig(role=a.role, profile=a.profile, model_name=a.model_name, time_scale=a.time_scale,
                          max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,

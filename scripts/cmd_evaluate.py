@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser(
-        "evaluate", help="compare policies on a config's evaluation episodes",
+        "evaluate", help=help_text,
         description="Every policy replays the same episodes (DeflectionEnv.episode_workload of each evaluation "
                     "seed); prints a markdown table and writes evaluation.json/.md.")
     p.add_argument("--config", help="training config whose env/eval sections define the episodes "
@@ -34,12 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agents.config import load_config
-    from agents.evaluation import NetPolicy, available_baselines, evaluate, table
+    from deflectlab.agents.config import load_config
+    from deflectlab.agents.evaluation import NetPolicy, available_baselines, evaluate, table
 
     if not args.config and not args.model:
         raise ValueError("give --config or --model")
-    from agents.policy_io import find_run, load_policy_net
+    from deflectlab.agents.policy_io import find_run, load_policy_net
 
     learned: dict = {}
     first_run = None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a trained policy (ONNX + JSON manifest)",
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
+    p = sub.add_parser("export", help=help_text,
                        description="Write policy.onnx, policy_mlp.npz and manifest.json; run them with the "
                                    "policy spec learned:path=<out>.")
     p.add_argument("--model", required=True, help="run directory, or a model zip inside one")
@@ -19,12 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agents.export import export
+    from deflectlab.agents.export import export
 
     man = export(args.model, args.out, which=args.which)
     print(f"exported to {man.parent} (manifest {man.name})")
     if args.check:
-        from agents.export import compare_actions
+        from deflectlab.agents.export import compare_actions
 
         res = compare_actions(args.model, man.parent, args.which, args.check)
         print(f"check: {res['agree']}/{res['n']} decisions agree (onnx), {res['agree_numpy']}/{res['n']} (numpy)")

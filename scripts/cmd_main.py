@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.main_job import DEFAULT_RATES, run_main
+from deflectlab.experiments.main_job import DEFAULT_RATES, run_main
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("main", help="the main job: where tail TTFT goes, and which deflection policy helps",
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
+    p = sub.add_parser("main", help=help_text,
                        description=__doc__)
     p.add_argument("--out", type=Path, default=Path("results/main"), help="output folder (report.md inside)")
     p.add_argument("--rates", type=float, nargs="+", default=list(DEFAULT_RATES),

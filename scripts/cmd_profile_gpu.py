@@ -19,10 +19,10 @@ from pathlib import Path
 SHAPE_NAMES = ("llama-3-8b", "deepseek-v2-lite", "tiny", "tiny-mla-moe")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser(
         "profile-gpu",
-        help="measure step times of a model-shaped transformer; write a calibration CSV",
+        help=help_text,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -51,10 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from envs.gpu_profiler import SHAPES, profile
+        from deflectlab.envs.gpu_profiler import SHAPES, profile
     except ImportError as e:
         raise ValueError(f"profile-gpu needs PyTorch (pip install 'deflectlab[rl]'): {e}") from None
-    from envs.calibration import write_measurements
+    from deflectlab.envs.calibration import write_measurements
 
     if args.layers is not None and args.layers < 1:
         raise ValueError("--layers must be >= 1")

@@ -7,14 +7,14 @@ import argparse
 import json
 from pathlib import Path
 
-from envs.config import ClusterConfig
+from deflectlab.envs.config import ClusterConfig
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from scripts.cmd_simulate import add_workload_args
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
+    from deflectlab.scripts.cmd_simulate import add_workload_args
 
     d = ClusterConfig()
-    p = sub.add_parser("replay", help="replay a trace window against an OpenAI-compatible endpoint",
+    p = sub.add_parser("replay", help=help_text,
                        description=__doc__)
     p.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000 (the router)")
     add_workload_args(p)
@@ -36,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(a: argparse.Namespace) -> int:
     import sys
 
-    from scripts.cmd_simulate import workload_from_args
-    from serving.replay import replay
+    from deflectlab.scripts.cmd_simulate import workload_from_args
+    from deflectlab.serving.replay import replay
 
     if not a.time_scale > 0:
         raise ValueError(f"--time-scale must be > 0, got {a.time_scale}")

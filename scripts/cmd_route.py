@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from envs.config import ClusterConfig
+from deflectlab.envs.config import ClusterConfig
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     d = ClusterConfig()
-    p = sub.add_parser("route", help="run the deflection router in front of vLLM (or emulated) P/D instances",
+    p = sub.add_parser("route", help=help_text,
                        description="OpenAI-compatible router speaking vLLM's P/D protocol (NixlConnector "
                                    "kv_transfer_params); a policy picks prefill-then-hand-off or deflection "
                                    "per request. See docs/serving.md.")
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from serving.router import Router, pair_instances, serve
+    from deflectlab.serving.router import Router, pair_instances, serve
 
     prefill = pair_instances(a.prefiller_hosts, a.prefiller_ports, "prefiller") if a.prefiller_ports else []
     decode = pair_instances(a.decoder_hosts, a.decoder_ports, "decoder")

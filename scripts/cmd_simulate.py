@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from envs.config import ClusterConfig, parse_shape
-from experiments.runner import SimulationSpec, WorkloadSpec, run_simulation
+from deflectlab.envs.config import ClusterConfig, parse_shape
+from deflectlab.experiments.runner import SimulationSpec, WorkloadSpec, run_simulation
 
 DEFAULT_PROFILE = "a100-80gb_deepseek-v2-lite"
 
@@ -56,8 +56,8 @@ def workload_from_args(a: argparse.Namespace) -> WorkloadSpec:
                         num_requests=a.num_requests, arrival=a.arrival, cv=a.cv, seed=a.seed)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("simulate", help="replay a trace on a simulated xPyD cluster under one policy",
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
+    p = sub.add_parser("simulate", help=help_text,
                        description=__doc__)
     add_workload_args(p)
     add_cluster_args(p)
@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def format_summary(s: dict) -> str:
-    from envs.metrics import COMPONENT_LABELS
+    from deflectlab.envs.metrics import COMPONENT_LABELS
 
     t, b = s["ttft_s"], s["tbt_s"]
     lines = [

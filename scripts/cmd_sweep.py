@@ -6,9 +6,9 @@ import argparse
 import json
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser(
-        "sweep", help="hyperparameter sweep from a W&B sweep YAML (W&B server, or local Optuna)",
+        "sweep", help=help_text,
         description="Run experiments/sweeps/<name>.yaml. With W&B credentials (WANDB_API_KEY, WANDB_MODE not "
                     "offline) the sweep is created on the server and this process runs as a wandb agent; "
                     "otherwise trials run locally with Optuna (SQLite in the sweep directory, --workers processes).")
@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agents.config import parse_value
-    from agents.sweep import run_sweep
+    from deflectlab.agents.config import parse_value
+    from deflectlab.agents.sweep import run_sweep
 
     ov = {}
     for o in args.overrides or []:

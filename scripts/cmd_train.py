@@ -7,9 +7,9 @@ import json
 import os
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser(
-        "train", help="train PPO / MaskablePPO / DQN on the deflection environment",
+        "train", help=help_text,
         description="Train an agent from a config (experiments/train_*.yaml). Extra KEY=VALUE arguments override "
                     "config keys by dotted path (algo_params.learning_rate=3e-4), which is also how `wandb agent` "
                     "passes sweep parameters (${args_no_hyphens}).")
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ray or args.ray_address:
         import sys
 
-        from agents.ray_tune import RayUnavailable, run_ray
+        from deflectlab.agents.ray_tune import RayUnavailable, run_ray
 
         seeds = [int(s) for s in args.ray_seeds.split(",")] if args.ray_seeds else None
         try:
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             print(json.dumps(r, default=str))
         return 0
-    from agents.train import train
+    from deflectlab.agents.train import train
 
     res = train(args.config, overrides=ov, progress=not args.no_progress, verbose=args.verbose)
     print(f"run {res.run_name}: {res.timesteps} steps in {res.wall_s:.1f} s ({res.steps_per_s:.0f} steps/s)")

@@ -15,14 +15,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from experiments.compare import DEFAULT_RATES
-from scripts.cmd_compare import add_common_args, config_from_args, tuned_path_for
+from deflectlab.experiments.compare import DEFAULT_RATES
+from deflectlab.scripts.cmd_compare import add_common_args, config_from_args, tuned_path_for
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from policies.tuning import GRIDS, TRAIN_SEEDS
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
+    from deflectlab.policies.tuning import GRIDS, TRAIN_SEEDS
 
-    p = sub.add_parser("tune", help="tune the threshold heuristics on training windows (fair baselines)",
+    p = sub.add_parser("tune", help=help_text,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, ",".join(f"{r:g}" for r in DEFAULT_RATES),
                     f"{TRAIN_SEEDS[0]}-{TRAIN_SEEDS[-1]}", "300")
@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from envs.workloads import load_trace
-    from policies.tuning import TRAIN_SPAN_FRACTION, save_tuned, tune
+    from deflectlab.envs.workloads import load_trace
+    from deflectlab.policies.tuning import TRAIN_SPAN_FRACTION, save_tuned, tune
 
     cfg = config_from_args(a, ("round_robin",))
     if cfg.span is None:  # training windows from the first half of the trace, unless told otherwise

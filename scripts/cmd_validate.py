@@ -15,17 +15,24 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from envs.calibration import KINDS, Measurement, error_stats, errors_by_kind, predict, read_many, row_predictions
-from envs.profile import load_profile
+from deflectlab.envs.calibration import (
+    KINDS,
+    Measurement,
+    error_stats,
+    errors_by_kind,
+    predict,
+    read_many,
+    row_predictions,
+)
+from deflectlab.envs.profile import load_profile
 
 KIND_COLOURS = {"prefill": "tab:blue", "decode": "tab:orange", "mixed": "tab:green", "transfer": "tab:purple"}
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser(
         "validate",
-        help="compare a profile's predictions with measured step times (CSV)",
+        help=help_text,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

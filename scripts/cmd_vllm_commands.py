@@ -8,12 +8,12 @@ import argparse
 import json
 import shlex
 
-from envs.config import ClusterConfig, parse_shape
+from deflectlab.envs.config import ClusterConfig, parse_shape
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     d = ClusterConfig()
-    p = sub.add_parser("vllm-commands", help="print the commands for a vLLM P/D cluster behind the router",
+    p = sub.add_parser("vllm-commands", help=help_text,
                        description=__doc__)
     p.add_argument("--shape", default="2p2d", help="cluster shape <x>p<y>d")
     p.add_argument("--model", default="deepseek-ai/DeepSeek-V2-Lite", help="Hugging Face model id")

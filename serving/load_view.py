@@ -41,11 +41,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from deflectlab.envs.profile import LatencyModel
+from deflectlab.envs.simulator import RATE_TAU_S
+from deflectlab.policies.base import ClusterView, DecodeNodeView, PrefillNodeView
 from prometheus_client.parser import text_string_to_metric_families
-
-from envs.profile import LatencyModel
-from envs.simulator import _RATE_TAU_S
-from policies.base import ClusterView, DecodeNodeView, PrefillNodeView
 
 #: The vLLM gauges the router scrapes.
 SCRAPED = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc")
@@ -126,11 +125,11 @@ class RateEstimate:
         self.t = 0.0
 
     def arrival(self, t: float) -> None:
-        self.rate = self.rate * math.exp((self.t - t) / _RATE_TAU_S) + 1.0 / _RATE_TAU_S
+        self.rate = self.rate * math.exp((self.t - t) / RATE_TAU_S) + 1.0 / RATE_TAU_S
         self.t = t
 
     def at(self, t: float) -> float:
-        return self.rate * math.exp((self.t - t) / _RATE_TAU_S)
+        return self.rate * math.exp((self.t - t) / RATE_TAU_S)
 
 
 class ViewBuilder:

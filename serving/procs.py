@@ -59,13 +59,12 @@ class Processes:
 
     def start(self, args: list[str], name: str) -> subprocess.Popen:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         else:
             out = subprocess.PIPE  # type: ignore[assignment]
-        p = subprocess.Popen([sys.executable, "-m", "scripts.cli", *args], cwd=REPO, env=env, stdout=out,
+        p = subprocess.Popen([sys.executable, "-m", "deflectlab.scripts.cli", *args], cwd=REPO, env=env, stdout=out,
                              stderr=subprocess.STDOUT)
         self.procs.append(p)
         return p

@@ -34,9 +34,8 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-
-from envs.metrics import PERCENTILES, _pcts
-from envs.workloads import Workload
+from deflectlab.envs.metrics import PERCENTILES, percentiles
+from deflectlab.envs.workloads import Workload
 
 #: Token ids of replayed prompts cycle through this range (any id a real vocabulary has).
 _TOKEN_ID_BASE = 1000
@@ -98,7 +97,7 @@ class ReplayResult:
                             int(_slo_met(r, s["ttft_slo_s"], s["tbt_slo_s"]))])
         (out / "summary.json").write_text(json.dumps(self.summary, indent=2, default=float))
         if plots:
-            from experiments.plots import plot_ttft_cdf
+            from deflectlab.experiments.plots import plot_ttft_cdf
 
             ttft = np.array([r.ttft_s for r in self.records if r.status == "completed"], float)
             plot_ttft_cdf({self.summary.get("label") or "replay": ttft}, out / "ttft_cdf.png",
@@ -153,10 +152,10 @@ def summarize(records: list[RequestRecord], ttft_slo_s: float, tbt_slo_s: float,
         "rejected_reasons": reasons,
         "duration_s": makespan,
         "offered_rate_rps": n / max(float(arrivals.max() - t0), 1e-9) if n > 1 else 0.0,
-        "ttft_s": _pcts(ttft),
+        "ttft_s": percentiles(ttft),
         "tbt_s": tbt,
-        "tbt_p95_per_request_s": _pcts(per_req_p95),
-        "e2e_s": _pcts(e2e),
+        "tbt_p95_per_request_s": percentiles(per_req_p95),
+        "e2e_s": percentiles(e2e),
         "slo": {"ttft_slo_s": ttft_slo_s, "tbt_slo_s": tbt_slo_s},
         "slo_attainment": slo_ok / n if n else math.nan,
         "ttft_slo_attainment": ttft_ok / n if n else math.nan,

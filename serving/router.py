@@ -56,15 +56,12 @@ from typing import Any
 import aiohttp
 import numpy as np
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-from envs.config import ClusterConfig
-from envs.profile import LatencyModel, load_profile
-from policies.base import DEFLECT, Decision, Policy
-from policies.registry import make_policy
-from serving.load_view import Instance, RateEstimate, ViewBuilder, parse_vllm_metrics
-from serving.protocol import (
+from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.profile import LatencyModel, load_profile
+from deflectlab.policies.base import DEFLECT, Decision, Policy
+from deflectlab.policies.registry import make_policy
+from deflectlab.serving.load_view import Instance, RateEstimate, ViewBuilder, parse_vllm_metrics
+from deflectlab.serving.protocol import (
     CHUNK_CAP_HEADER,
     RequestError,
     dumps,
@@ -73,6 +70,8 @@ from serving.protocol import (
     prefill_hop_body,
     stream_error_event,
 )
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger("deflectlab.router")
 

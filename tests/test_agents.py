@@ -13,12 +13,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
-
-from agents.config import ConfigError, load_config  # noqa: E402
-from agents.masking import ValidActionWrapper, valid_action  # noqa: E402
-from agents.train import train  # noqa: E402
-from envs.gym_env import DeflectionEnv  # noqa: E402
-from envs.profile import PROFILE_DIR  # noqa: E402
+from deflectlab.agents.config import ConfigError, load_config  # noqa: E402
+from deflectlab.agents.masking import ValidActionWrapper, valid_action  # noqa: E402
+from deflectlab.agents.train import train  # noqa: E402
+from deflectlab.envs.gym_env import DeflectionEnv  # noqa: E402
+from deflectlab.envs.profile import PROFILE_DIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,8 +67,7 @@ def test_training_run_layout_and_same_seed_same_result(tmp_path):
     assert r1.run_dir != r2.run_dir and Path(r1.run_dir).name.startswith("tiny-maskable_ppo-s1-")
     assert r1.final_eval == r2.final_eval and r1.objective == r2.objective
     import torch
-
-    from agents.policy_io import load_policy_net
+    from deflectlab.agents.policy_io import load_policy_net
 
     n1, _, _ = load_policy_net(r1.run_dir, "final")
     n2, _, _ = load_policy_net(r2.run_dir, "final")
@@ -152,7 +150,8 @@ def test_dqn_and_bc_pretraining_run(tmp_path):
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "scripts.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "deflectlab.scripts.cli", *args],
+                          cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -192,7 +191,7 @@ def test_sweep_cli_local_optuna_two_workers(tmp_path):
 
 
 def test_sweeps_package_backend(tmp_path):
-    from agents.sweep import run_sweep
+    from deflectlab.agents.sweep import run_sweep
 
     base = write_yaml(tmp_path / "tiny.yaml", tiny_config(tmp_path, eval={"every_steps": 0, "episodes": 1,
                                                                           "baselines": []}))
@@ -226,8 +225,8 @@ def test_ray_two_trials_locally(tmp_path):
 
 
 def test_shipped_configs_and_sweeps_are_valid():
-    from agents.sweep import base_config_of, load_sweep
-    from agents.train import check_algo_params
+    from deflectlab.agents.sweep import base_config_of, load_sweep
+    from deflectlab.agents.train import check_algo_params
 
     configs = sorted((REPO / "experiments").glob("train_*.yaml"))
     assert {c.name for c in configs} >= {"train_code_maskppo.yaml", "train_code_ppo.yaml", "train_code_dqn.yaml"}

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from envs.calibration import (
+from deflectlab.envs.calibration import (
     Measurement,
     fit_profile,
     predict,
@@ -23,8 +22,8 @@ from envs.calibration import (
     with_holdout,
     write_measurements,
 )
-from envs.profile import LatencyModel, load_profile
-from scripts.cli import main
+from deflectlab.envs.profile import LatencyModel, load_profile
+from deflectlab.scripts.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -295,7 +294,7 @@ def test_tiny_profiler_writes_a_well_formed_csv(tiny_csv: Path) -> None:
 
 def test_mla_moe_shape_runs_on_cpu() -> None:
     pytest.importorskip("torch")
-    from envs.gpu_profiler import SHAPES, profile
+    from deflectlab.envs.gpu_profiler import SHAPES, profile
 
     rows = profile("tiny-mla-moe", "cpu", quick=True, repeats=1, warmup=0, progress=False, threads=1)
     assert {m.kind for m in rows} == {"prefill", "decode", "mixed", "transfer"}
@@ -357,7 +356,7 @@ def test_calibrate_smoke_as_a_subprocess(tiny_csv: Path, tmp_path: Path) -> None
         [
             sys.executable,
             "-m",
-            "scripts.cli",
+            "deflectlab.scripts.cli",
             "calibrate",
             "--data",
             str(tiny_csv),

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from experiments.compare import ComparisonConfig, build_workload, resolve_spec, run_comparison, window_for
-from policies.tuning import check_disjoint, grid_specs, load_tuned, save_tuned, training_config, tune
-from scripts.cmd_compare import parse_rates, parse_seeds, parse_span, parse_window
+from deflectlab.experiments.compare import ComparisonConfig, build_workload, resolve_spec, run_comparison, window_for
+from deflectlab.policies.tuning import check_disjoint, grid_specs, load_tuned, save_tuned, training_config, tune
+from deflectlab.scripts.cmd_compare import parse_rates, parse_seeds, parse_span, parse_window
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(trace="azure_code", rates=(6.0,), seeds=(0, 1), window_s=120.0, workers=1)
@@ -97,8 +96,9 @@ def test_json_document_shape(small_result):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "scripts.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "deflectlab.scripts.cli", *args],
+                          capture_output=True, text=True, cwd=ROOT,
                           env=env, timeout=120)
 
 

@@ -14,11 +14,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from envs.decode_node import DecodeNode
-from envs.metrics import tbt_pieces
-from envs.profile import LatencyModel
-from envs.request import Request
+from deflectlab.envs.decode_node import DecodeNode
+from deflectlab.envs.metrics import tbt_pieces
+from deflectlab.envs.profile import LatencyModel
+from deflectlab.envs.request import Request
 
 
 def simple_profile(**kw) -> LatencyModel:

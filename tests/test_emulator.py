@@ -9,13 +9,12 @@ import math
 
 import numpy as np
 import pytest
+from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.simulator import ClusterSim
+from deflectlab.envs.workloads import Workload
+from deflectlab.policies.registry import make_policy
+from deflectlab.serving.emulator import FILLER, EmulatorConfig, filler_text, make_app
 from prometheus_client.parser import text_string_to_metric_families
-
-from envs.config import ClusterConfig
-from envs.simulator import ClusterSim
-from envs.workloads import Workload
-from policies.registry import make_policy
-from serving.emulator import FILLER, EmulatorConfig, filler_text, make_app
 
 SCALE = 0.01  # 100x faster than the modelled GPU
 

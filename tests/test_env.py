@@ -8,17 +8,22 @@ import warnings
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
+import deflectlab.envs  # noqa: E402,F401  (registers deflectlab/Deflection-v0)
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-import envs  # noqa: E402,F401  (registers deflectlab/Deflection-v0)
-from envs.gym_env import DeflectionEnv  # noqa: E402
-from envs.metrics import collect  # noqa: E402
-from envs.profile import load_profile  # noqa: E402
-from envs.rewards import Composite, SLOHinge, StepStats, TBTViolation, WaitingTimeIntegral, make_reward  # noqa: E402
-from policies.base import ClusterView, DecodeNodeView, PrefillNodeView  # noqa: E402
-from policies.features import FEATURE_SCHEMA, MIN_CHUNK_TOKENS, ChunkSolver, FeatureBuilder, build_observation  # noqa: E402
+from deflectlab.envs.gym_env import DeflectionEnv  # noqa: E402
+from deflectlab.envs.metrics import collect  # noqa: E402
+from deflectlab.envs.profile import load_profile  # noqa: E402
+from deflectlab.envs.rewards import Composite, SLOHinge, StepStats, TBTViolation, WaitingTimeIntegral, make_reward  # noqa: E402
+from deflectlab.policies.base import ClusterView, DecodeNodeView, PrefillNodeView  # noqa: E402
+from deflectlab.policies.features import (  # noqa: E402
+    FEATURE_SCHEMA,
+    MIN_CHUNK_TOKENS,
+    ChunkSolver,
+    FeatureBuilder,
+    build_observation,
+)
 
 SMALL = dict(window_s=60.0, load=(2.0, 3.0))
 

@@ -13,16 +13,15 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-from agents.export import export  # noqa: E402
-from agents.policy_io import load_policy_net, masked_action  # noqa: E402
-from agents.train import train  # noqa: E402
-from envs.config import ClusterConfig  # noqa: E402
-from envs.gym_env import DeflectionEnv  # noqa: E402
-from envs.simulator import ClusterSim  # noqa: E402
-from policies.features import FEATURE_SCHEMA  # noqa: E402
-from policies.registry import make_policy  # noqa: E402
-from policies.runtime import OnnxPolicy, PolicyFileError  # noqa: E402
+from deflectlab.agents.export import export  # noqa: E402
+from deflectlab.agents.policy_io import load_policy_net, masked_action  # noqa: E402
+from deflectlab.agents.train import train  # noqa: E402
+from deflectlab.envs.config import ClusterConfig  # noqa: E402
+from deflectlab.envs.gym_env import DeflectionEnv  # noqa: E402
+from deflectlab.envs.simulator import ClusterSim  # noqa: E402
+from deflectlab.policies.features import FEATURE_SCHEMA  # noqa: E402
+from deflectlab.policies.registry import make_policy  # noqa: E402
+from deflectlab.policies.runtime import OnnxPolicy, PolicyFileError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,13 +186,13 @@ def test_loading_never_unpickles(runs, monkeypatch):
 
 def test_export_cli_subprocess(runs, tmp_path):
     run_dir, _ = runs["ppo"]
-    p = subprocess.run([sys.executable, "-m", "scripts.cli", "export", "--model", str(run_dir), "--out",
+    p = subprocess.run([sys.executable, "-m", "deflectlab.scripts.cli", "export", "--model", str(run_dir), "--out",
                         str(tmp_path / "cli"), "--check", "100"], cwd=REPO, capture_output=True, text=True,
                        timeout=240, env={**os.environ, "WANDB_MODE": "offline"})
     assert p.returncode == 0, p.stderr
     assert "100/100 decisions agree (onnx), 100/100 (numpy)" in p.stdout
     assert (tmp_path / "cli" / "manifest.json").is_file()
-    p = subprocess.run([sys.executable, "-m", "scripts.cli", "export", "--model", str(tmp_path), "--out",
+    p = subprocess.run([sys.executable, "-m", "deflectlab.scripts.cli", "export", "--model", str(tmp_path), "--out",
                         str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "no best_model.zip or model.zip" in p.stderr
 

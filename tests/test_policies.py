@@ -9,14 +9,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from envs.config import ClusterConfig
-from envs.profile import load_profile
-from envs.simulator import ClusterSim
-from envs.workloads import make_workload
-from policies.base import ClusterView, DecodeNodeView, PrefillNodeView
-from policies.proactive import Lane, ProactiveDeflector, lane_worst, step_model
-from policies.registry import make_policy
+from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.profile import load_profile
+from deflectlab.envs.simulator import ClusterSim
+from deflectlab.envs.workloads import make_workload
+from deflectlab.policies.base import ClusterView, DecodeNodeView, PrefillNodeView
+from deflectlab.policies.proactive import Lane, ProactiveDeflector, lane_worst, step_model
+from deflectlab.policies.registry import make_policy
 
 PROFILE = load_profile("a100-80gb_deepseek-v2-lite")
 KV = PROFILE.kv_capacity_tokens

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from envs.profile import load_profile
-from scripts.build_profiles import DECODE_ATTN_ROWS, PREFILL_ATTN_ROWS, vidur_linear_rows
+from deflectlab.envs.profile import load_profile
+from deflectlab.scripts.build_profiles import DECODE_ATTN_ROWS, PREFILL_ATTN_ROWS, vidur_linear_rows
 
 CALIB = Path(__file__).resolve().parents[1].parent / "shared" / "calibration" / "vidur-a100"
 needs_data = pytest.mark.skipif(not CALIB.exists(), reason=f"calibration data not found at {CALIB}")

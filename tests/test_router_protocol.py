@@ -10,9 +10,8 @@ import json
 
 import pytest
 from aiohttp import web
-
-from serving.load_view import parse_vllm_metrics
-from serving.protocol import (
+from deflectlab.serving.load_view import parse_vllm_metrics
+from deflectlab.serving.protocol import (
     CHAT_REPLY_PRIMING_TOKENS,
     CHAT_TOKENS_PER_MESSAGE,
     CHUNK_CAP_HEADER,
@@ -22,7 +21,7 @@ from serving.protocol import (
     parse_request,
     prompt_token_counts,
 )
-from serving.router import Router
+from deflectlab.serving.router import Router
 
 P_PARAMS = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "engine-p0",
             "remote_block_ids": [7, 8, 9], "remote_host": "10.0.0.5", "remote_port": 5600, "tp_size": 1}
@@ -280,10 +279,11 @@ def test_scraped_gauges_are_summed_over_engines():
 
 
 def test_vllm_commands_print_a_nixl_cluster_behind_the_router():
-    from scripts.cli import build_parser
-    from scripts.cmd_vllm_commands import vllm_commands
+    from deflectlab.scripts.cli import build_parser
+    from deflectlab.scripts.cmd_vllm_commands import vllm_commands
 
-    a = build_parser().parse_args(["vllm-commands", "--shape", "2p2d", "--model", "deepseek-ai/DeepSeek-V2-Lite",
+    a = build_parser("vllm-commands").parse_args(["vllm-commands", "--shape", "2p2d", "--model",
+                                                  "deepseek-ai/DeepSeek-V2-Lite",
                                    "--base-port", "9100"])
     text = vllm_commands(a)
     assert text.count("vllm serve deepseek-ai/DeepSeek-V2-Lite") == 4
@@ -295,7 +295,7 @@ def test_vllm_commands_print_a_nixl_cluster_behind_the_router():
 
 
 def test_route_cli_pairs_hosts_and_ports():
-    from serving.router import pair_instances
+    from deflectlab.serving.router import pair_instances
 
     assert pair_instances(["h"], [1, 2], "prefiller") == [("h", 1), ("h", 2)]
     assert pair_instances(["a", "b"], [1, 2], "decoder") == [("a", 1), ("b", 2)]
@@ -308,7 +308,7 @@ def test_route_cli_pairs_hosts_and_ports():
 
 
 def test_exported_policy_paths_and_cluster_check(tmp_path):
-    from policies.base import Decision, Policy
+    from deflectlab.policies.base import Decision, Policy
 
     with pytest.raises(ValueError, match="manifest.json"):  # a directory goes to the learned runtime
         Router([], [("127.0.0.1", 1)], str(tmp_path))

@@ -14,10 +14,9 @@ import random
 
 import aiohttp
 import pytest
-
-from serving.emulator import EmulatorConfig, make_app
-from serving.procs import Processes, free_ports, wait_http
-from serving.router import Router
+from deflectlab.serving.emulator import EmulatorConfig, make_app
+from deflectlab.serving.procs import Processes, free_ports, wait_http
+from deflectlab.serving.router import Router
 
 SCALE = 0.02
 
@@ -161,7 +160,7 @@ async def test_oversized_prompt_through_the_router_is_a_400(aiohttp_server, aioh
 
 @pytest.mark.skipif(os.environ.get("DEFLECTLAB_SLOW") != "1", reason="slow: set DEFLECTLAB_SLOW=1")
 def test_agreement_with_the_simulator(tmp_path, capsys):
-    from scripts.agreement import main
+    from deflectlab.scripts.agreement import main
 
     assert main(["--start", "540", "--window", "30", "--rate", "6", "--policy", "round_robin,always_deflect",
                  "--time-scale", "0.5", "--out", str(tmp_path)]) == 0
@@ -177,7 +176,7 @@ def _run(args: list[str], timeout: float = 90) -> str:
     import subprocess
     import sys
 
-    from serving.procs import REPO
+    from deflectlab.serving.procs import REPO
 
     r = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -189,7 +188,8 @@ def test_replay_command_smoke(tmp_path):
     with Processes() as procs:
         em = procs.emulator(port, "both", 0.02)
         wait_http(f"http://127.0.0.1:{port}/health", proc=em)
-        out = _run(["-m", "scripts.cli", "replay", "--url", f"http://127.0.0.1:{port}", "--trace", "azure_code",
+        out = _run(["-m", "deflectlab.scripts.cli", "replay", "--url", f"http://127.0.0.1:{port}",
+                    "--trace", "azure_code",
                     "--num-requests", "8", "--rate", "4", "--time-scale", "0.02", "--out", str(tmp_path)])
     assert "8 requests: 8 completed, 0 rejected" in out
     s = json.loads((tmp_path / "summary.json").read_text())

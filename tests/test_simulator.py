@@ -7,15 +7,14 @@ import heapq
 
 import numpy as np
 import pytest
-
-from envs.config import ClusterConfig, ConfigError, parse_shape
-from envs.network import Network
-from envs.profile import ProfileError, load_profile, profile_from_dict
-from envs.request import Request
-from envs.simulator import ClusterSim, DecisionError
-from envs.workloads import Trace, Workload, make_workload
-from policies.base import Decision, Policy
-from policies.registry import make_policy
+from deflectlab.envs.config import ClusterConfig, ConfigError, parse_shape
+from deflectlab.envs.network import Network
+from deflectlab.envs.profile import ProfileError, load_profile, profile_from_dict
+from deflectlab.envs.request import Request
+from deflectlab.envs.simulator import ClusterSim, DecisionError
+from deflectlab.envs.workloads import Trace, Workload, make_workload
+from deflectlab.policies.base import Decision, Policy
+from deflectlab.policies.registry import make_policy
 
 
 def small_workload(n=400, rate=None, trace="azure_code", seed=0) -> Workload:
@@ -248,7 +247,7 @@ def test_heterogeneous_pools_and_other_shapes():
 @pytest.mark.parametrize("policy", ["round_robin", "always_deflect"])
 def test_tbt_statistics_from_prefix_sums_equal_the_samples(policy):
     """Per-request TBT mean/max and SLO counts (prefix sums over segments) against every sample expanded."""
-    from envs.metrics import tbt_pieces
+    from deflectlab.envs.metrics import tbt_pieces
 
     sim, res = run(policy, wl=make_workload("azure_conv", num_requests=500, rate=12.0, arrival="poisson", seed=4),
                    tbt_slo_s=0.02)

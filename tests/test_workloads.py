@@ -9,8 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from envs.workloads import (
+from deflectlab.envs.workloads import (
     BUNDLED,
     Trace,
     Workload,
