@@ -21,17 +21,19 @@ backends give the same action: ``onnx`` (onnxruntime, about 14 us per call measu
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from deflectlab.policies.base import ClusterView, Decision, Policy, RequestLike
 from deflectlab.policies.features import FEATURE_SCHEMA, FeatureBuilder
 
 MANIFEST_FORMAT = "deflectlab.policy"
 MANIFEST_VERSION = 1
-BACKENDS = ("onnx", "numpy")
+BACKENDS = ("auto", "onnx", "numpy")
 
 
 class PolicyFileError(ValueError):
@@ -94,15 +96,18 @@ class OnnxPolicy(Policy):
     """An exported policy (see the module docstring).
 
     :param path: export directory, its ``policy.onnx`` or its ``manifest.json``.
-    :param backend: ``onnx`` (onnxruntime) or ``numpy`` (plain-numpy MLP); same actions.
+    :param backend: ``onnx`` (onnxruntime), ``numpy`` (plain-numpy MLP; same actions) or ``auto``: onnx where
+        onnxruntime (the ``serve`` extra) is installed, else numpy, so a base install runs exported policies.
     :param strict: also refuse a cluster whose SLOs or profile names differ from the training cluster's.
     """
 
     name = "learned"
 
-    def __init__(self, path: str | Path, backend: str = "onnx", strict: bool = True) -> None:
+    def __init__(self, path: str | Path, backend: str = "auto", strict: bool = True) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"policy 'learned': backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "auto":
+            backend = "onnx" if importlib.util.find_spec("onnxruntime") is not None else "numpy"
         self.path = str(path)
         self.backend = backend
         self.strict = bool(strict)
@@ -207,5 +212,5 @@ class OnnxPolicy(Policy):
 
 
 def register_policies(register: Any) -> None:
-    """Add ``learned`` (an exported policy: ``learned:path=<dir>,backend=onnx|numpy,strict=true``)."""
+    """Add ``learned`` (an exported policy: ``learned:path=<dir>,backend=auto|onnx|numpy,strict=true``)."""
     register("learned", OnnxPolicy)
