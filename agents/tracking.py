@@ -7,7 +7,7 @@ of that logger, and :class:`Namespaced` wraps the CSV and console outputs; both 
 ``rollout/`` and ``time/`` keys into these namespaces, so ``progress.csv`` and W&B get the same names and numbers.
 
 W&B 0.31 still made a network request at exit with only ``mode="offline"``; setting ``WANDB_MODE=offline`` in the
-environment does not (DESIGN.md), so :func:`resolve_mode` decides and :func:`init_run` sets the variable.
+environment does not (docs/design.md), so :func:`resolve_mode` decides and :func:`init_run` sets the variable.
 """
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ UNMEASURED_TERMS: tuple[str, ...] = (
 )
 
 #: Candidate knot positions (tokens) for the linear curve when none are given: doubling, with the flat
-#: region's end (about 64 tokens on an A100, shared/calibration/README.md) among them.
+#: region's end (about 64 tokens on an A100 in Vidur's Llama-3-8B ``mlp.csv``, microsoft/vidur @7d47513363ec,
+#: bundled in ``envs/data/vidur-a100/``) among them.
 DEFAULT_KNOTS: tuple[float, ...] = (
     1,
     16,
@@ -291,8 +292,13 @@ def write_measurements(path: str | Path, rows: Sequence[Measurement]) -> Path:
 # --------------------------------------------------------------------------------------------------------
 # Vidur's public A100 profiles as measurement rows
 # --------------------------------------------------------------------------------------------------------
+#: The bundled copies of Vidur's A100 profiling CSVs (microsoft/vidur @7d47513363ec, MIT; byte-for-byte, with
+#: the source paths and licence in ``envs/data/README.md``): ``Llama-2-7b-hf_mlp.csv``, ``Meta-Llama-3-8B_mlp.csv``
+#: and ``a100_dgx_send_recv.csv``.
+VIDUR_A100_DIR = Path(__file__).resolve().parent / "data" / "vidur-a100"
 #: Vidur's Llama-2-7B A100-80GB TP1 attention rows, milliseconds per layer, as read from its attention.csv
-#: (shared/calibration/README.md; microsoft/vidur @7d47513363ec, MIT). Prefill: (chunk tokens, ms), empty
+#: (microsoft/vidur @7d47513363ec, MIT: ``data/profiling/compute/a100/meta-llama/Llama-2-7b-hf/attention.csv``,
+#: stored there with Git LFS, so only these rows are copied; measured). Prefill: (chunk tokens, ms), empty
 #: cache. Decode: (batch, kv tokens per request, ms).
 VIDUR_LLAMA2_7B_PREFILL_ATTN_MS: tuple[tuple[int, float], ...] = (
     (480, 0.098),
@@ -319,7 +325,7 @@ def vidur_rows(mlp_csv_path: str | Path, layers: int = 32, tp: int = 1) -> list[
     """Linear-operator rows of one forward pass from a Vidur ``*_mlp.csv`` profile.
 
     Each row is a ``prefill`` row with ``chunk_tokens`` 0 (linear operators only, no attention): the sum of
-    the per-layer operators' median times x ``layers`` plus the embedding's (shared/calibration/README.md).
+    the per-layer operators' median times x ``layers`` plus the embedding's (see ``envs/data/README.md``).
     LM head, sampling and scheduling are not in these files, as ``seconds`` excludes them by definition.
 
     :param mlp_csv_path: a Vidur ``mlp.csv`` (times in milliseconds per layer).
@@ -369,7 +375,7 @@ def vidur_attention_rows(mlp_csv_path: str | Path, layers: int = 32) -> list[Mea
     def linear(n: float) -> float:
         return float(np.interp(n, toks, secs))
 
-    src = f"Vidur A100 Llama-2-7B TP1 attention.csv rows (shared/calibration/README.md) + {Path(mlp_csv_path).name}"
+    src = f"Vidur A100 Llama-2-7B TP1 attention.csv rows (microsoft/vidur @7d47513363ec) + {Path(mlp_csv_path).name}"
     rows = [
         Measurement(
             kind="prefill",

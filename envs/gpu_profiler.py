@@ -109,7 +109,8 @@ class ModelShape:
         return self.experts * (1.0 - (1.0 - self.experts_per_token / self.experts) ** tokens)
 
 
-#: Shapes from the models' configs (shared/calibration/README.md, model facts).
+#: Shapes from the models' ``config.json`` on Hugging Face (``meta-llama/Meta-Llama-3-8B``,
+#: ``deepseek-ai/DeepSeek-V2-Lite``); ``tiny`` and ``tiny-mla-moe`` are made-up shapes for CPU runs.
 SHAPES: dict[str, ModelShape] = {
     "llama-3-8b": ModelShape(
         "llama-3-8b",

@@ -8,7 +8,7 @@ The Gymnasium environment calls ``advance``/``route`` itself, one decision per `
 
 Why not SimPy: it is the user's preferred engine, but on this kind of machine a SimPy queue ran 640k events/s
 against 1.6M for a plain ``heapq`` loop, and stopping at every arrival for an outside decision (as every
-routing step needs) 72k decisions/s against 500k (measured for DESIGN.md; ``scripts/bench_simulator.py``
+routing step needs) 72k decisions/s against 500k (measured for docs/design.md; ``scripts/bench_simulator.py``
 re-measures the SimPy side on an M/D/1 prefill queue). The 50,000 requests/s goal leaves about 20 us per
 request for everything, so the hot loop is plain Python over a heap.
 """

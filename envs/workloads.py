@@ -57,6 +57,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED: dict[str, Path] = {
     "azure_code": DATA_DIR / "AzureLLMInferenceTrace_code_first30min.csv",
     "azure_conv": DATA_DIR / "AzureLLMInferenceTrace_conv_first30min.csv",
+    "mooncake_synthetic": DATA_DIR / "mooncake_synthetic_trace.jsonl",
 }
 
 FORMATS = ("azure", "mooncake", "burstgpt")
@@ -636,7 +637,7 @@ def make_workload(
 
 
 def trace_stats(t: Trace | Workload) -> dict[str, float | int]:
-    """Summary statistics of a trace or workload, as in ``shared/traces/README.md``.
+    """Summary statistics of a trace or workload, as in ``envs/data/README.md``.
 
     ``cv`` is std/mean of the inter-arrival gaps (population std; Poisson gives 1). ``peak_rate_1s`` and
     ``peak_rate_10s`` are the largest request count in aligned k-second bins (from the first arrival) over k.

@@ -21,7 +21,7 @@ Action layout (shared with the environment and the runtime): ``Discrete(P + D)``
 step, next to node ``j``'s running batch, keeps within the TBT SLO by the profile, capped by the node's token
 budget, and at least :data:`MIN_CHUNK_TOKENS` (if even that breaks the SLO, the batch is already over it).
 
-The estimates follow the proactive deflector in DESIGN.md: ``T_P(p) = wait_p + prefill(L) + handoff(L) +
+The estimates follow the proactive deflector in docs/design.md: ``T_P(p) = wait_p + prefill(L) + handoff(L) +
 first_step`` and ``T_D(d) = ceil((Q_d + L) / c_d) * step(B, C, c_d)``.
 """
 
@@ -155,7 +155,7 @@ FEATURE_SCHEMA = FeatureSchema(
            "the profile's sustained prefill rate (2,048-token chunks)"),
         _f("est_ttft", SLO, "squash", 1.0,
            "estimated TTFT on this prefill path: wait + prefill(L) + KV hand-off(L) + queued egress bytes / NIC "
-           "bandwidth + first decode step (DESIGN.md, proactive deflector)"),
+           "bandwidth + first decode step (docs/design.md, proactive deflector)"),
         _f("kv_free", "share of KV capacity", "ratio", 1.0, "free KV-cache tokens over capacity"),
         _f("egress_backlog", SLO, "squash", 1.0,
            "KV bytes still to send from this node, as seconds at NIC bandwidth (hand-off congestion)"),

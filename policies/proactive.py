@@ -1,7 +1,7 @@
 """The paper's proactive deflector: estimate TTFT on every path, deflect when the decode side is faster.
 
 Source: "Towards Load-Aware Prefill Deflection for Disaggregated LLM Serving" (arXiv 2607.02043), as written
-out in DESIGN.md ("Policies"). For a request of ``L`` prompt tokens:
+out in docs/design.md ("Policies"). For a request of ``L`` prompt tokens:
 
 **Prefill path through P node p**: ``T_P(p) = wait_p + prefill(L) + handoff(L) + first_step(d*)``.
 
@@ -11,7 +11,7 @@ out in DESIGN.md ("Policies"). For a request of ``L`` prompt tokens:
   ones taken as ``count x E[L^2]`` (the number waiting times the second moment of the prompt lengths this
   policy has seen; ``count x mean^2`` underestimates it by the lengths' dispersion, about 1.9 on the Azure
   traces). The queue is costed at the rate of full steps of the actual mix, not at one tokens/s figure.
-* ``handoff(L) = kv_transfer_overhead_s + L x kv_bytes_per_token / bw + egress_bytes / bw`` (DESIGN.md's
+* ``handoff(L) = kv_transfer_overhead_s + L x kv_bytes_per_token / bw + egress_bytes / bw`` (docs/design.md's
   formula, literally: the transfer plus the bytes already queued on p's NIC).
 * ``first_step(d*)``: on ``d*``, the decode node the least-loaded balancer would pick now (fewest sequences
   running, prefilling or bound there), half its current step (the wait for a step boundary) plus the step
@@ -31,7 +31,7 @@ token budget leaves after the running decodes with chunks of *every* waiting def
 capped only by its own cap. A prompt deflected behind another therefore does not wait for it: it runs
 alongside, and the step holds the sum of their chunks.
 
-* ``"queue"``: DESIGN.md's formula literally: ``c_d`` is the largest chunk with ``step(B, C, c_d) <= tau``
+* ``"queue"``: docs/design.md's formula literally: ``c_d`` is the largest chunk with ``step(B, C, c_d) <= tau``
   for this prompt alone, and ``T_D(d) = step_s/2 + ceil((Q_d + L) / c_d) x step(B, C, c_d)`` with ``Q_d`` the
   deflected tokens waiting on ``d``. Because concurrent chunks add up, this breaks the TBT SLO: on
   ``azure_code`` at 3.21 req/s (2P2D, whole trace) TBT SLO attainment fell from 100 % to 90 %; a single slow
@@ -228,7 +228,7 @@ class ProactiveDeflector(Policy):
     :param tbt_safety: chunk caps keep the estimated step time under ``tbt_safety x tbt_slo_s``; below 1 leaves
         headroom for decodes that join while the chunks run. Dimensionless, in (0, 1].
     :param sharing: how deflected prefills share a decode node's steps: ``"bounded"`` (default), ``"serial"``
-        or ``"queue"`` (DESIGN.md's formula literally; breaks the TBT SLO under load).
+        or ``"queue"`` (docs/design.md's formula literally; breaks the TBT SLO under load).
     :param min_chunk: no deflection to a node whose SLO-safe chunk is below this (unless the whole prompt is
         smaller), tokens. A prompt that may only take a few hundred tokens per step (a long one, whose chunks
         attend to a long prefix) holds a decode node's step-time budget for many steps; 512 was chosen on the
@@ -302,7 +302,7 @@ class ProactiveDeflector(Policy):
         t += m.prompt_attn(L, budget)
         return t + m.xov + (L * m.kvb + egress_bytes) / m.bw
 
-    # -- the deflect path, DESIGN.md's formula ("queue", "serial") ------------------------------------------
+    # -- the deflect path, docs/design.md's formula ("queue", "serial") ------------------------------------------
     def slo_chunk(self, m: StepModel, B: int, C: int, L: int, budget: int, tau: float) -> int:
         """Largest chunk ``c`` (tokens) whose worst step keeps ``B`` decodes over ``C`` context within ``tau``
         (:func:`policies.chunking.largest_safe_chunk`), at most ``budget`` (the node's token budget after its
@@ -315,7 +315,7 @@ class ProactiveDeflector(Policy):
 
     @staticmethod
     def queue_ttft(m: StepModel, B: int, C: int, step_s: float, Q: int, nq: int, L: int, c: int) -> float:
-        """``T_D = step_s / 2 + ceil((Q + L) / c) x step(B, C, c)``, seconds (DESIGN.md).
+        """``T_D = step_s / 2 + ceil((Q + L) / c) x step(B, C, c)``, seconds (docs/design.md).
 
         ``Q`` deflected tokens of ``nq`` prompts are ahead of this ``L``-token prompt, all at ``c`` tokens per
         step. The step time counts the decode context growing by ``B`` per step, this prompt's chunks'

@@ -15,7 +15,7 @@ Nothing is unpickled: ONNX is protobuf, the numpy weights are read with ``allow_
 ``decide(view, request)`` builds the observation with :mod:`policies.features` (the environment's builder), runs
 the network with the action mask, and maps the action with the environment's layout and chunk rule. Two
 backends give the same action: ``onnx`` (onnxruntime, about 14 us per call measured for a 64x64 MLP) and
-``numpy`` (the MLP in plain numpy, about 6 us; DESIGN.md).
+``numpy`` (the MLP in plain numpy, about 6 us; docs/design.md).
 """
 
 from __future__ import annotations

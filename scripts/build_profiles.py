@@ -1,6 +1,9 @@
 """Derive the bundled latency profiles (``envs/profiles/*.yaml``) from public measurements and model facts.
 
-    python scripts/build_profiles.py [--calibration ../shared/calibration]
+    python scripts/build_profiles.py [--vidur DIR]
+
+``--vidur`` is the folder of Vidur's A100 profiling CSVs; by default the copies bundled in
+``envs/data/vidur-a100/`` (microsoft/vidur @7d47513363ec, MIT; see ``envs/data/README.md``).
 
 Every number written carries its source. What is measured (A100 linear operators and attention, from Vidur's
 public A100 profiling) is fitted; what is not (DeepSeek-V2-Lite on A100, anything on H100) is derived from the
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from deflectlab.envs.calibration import (
+    VIDUR_A100_DIR,
     VIDUR_LLAMA2_7B_DECODE_ATTN_MS,
     VIDUR_LLAMA2_7B_PREFILL_ATTN_MS,
     fit_piecewise_linear,
@@ -29,7 +33,7 @@ KNOTS = [1, 32, 64, 96, 128, 136, 160, 192, 256, 264, 320, 384, 448, 512, 640, 7
 # MoE: the distinct experts a step reads grow fast and concavely at small batches, so knots are denser there.
 MOE_KNOTS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 
-# Vidur's Llama-2-7B A100 TP1 attention rows, ms per layer (shared/calibration/README.md).
+# Vidur's Llama-2-7B A100 TP1 attention rows, ms per layer (microsoft/vidur @7d47513363ec, attention.csv; measured).
 PREFILL_ATTN_ROWS = VIDUR_LLAMA2_7B_PREFILL_ATTN_MS
 DECODE_ATTN_ROWS = VIDUR_LLAMA2_7B_DECODE_ATTN_MS  # (batch, kv tokens per request, ms per layer)
 LLAMA2_KV_BYTES_PER_TOKEN_LAYER = 2 * 32 * 128 * 2  # K and V, 32 heads x 128, fp16
@@ -74,8 +78,8 @@ def kv_capacity(weights_bytes: float, kv_bytes_per_token: int, hbm_gib: float = 
     return int((hbm_gib * GIB * 0.9 - weights_bytes - 3e9) / kv_bytes_per_token)
 
 
-def build(calibration: Path) -> list[Path]:
-    llama_mlp = calibration / "vidur-a100" / "Meta-Llama-3-8B_mlp.csv"
+def build(vidur_dir: Path = VIDUR_A100_DIR) -> list[Path]:
+    llama_mlp = vidur_dir / "Meta-Llama-3-8B_mlp.csv"
     toks, secs = vidur_linear_rows(llama_mlp)
     knots_s = fit_piecewise_linear(toks, secs, KNOTS)
     sq, decode_per_seq, hbm_bps = fit_attention(32)
@@ -104,7 +108,8 @@ def build(calibration: Path) -> list[Path]:
         linear_tokens=tuple(float(k) for k in KNOTS), linear_s=tuple(float(s) for s in knots_s),
         sources={
             "overhead_s": "LM head (128256 x 4096 bf16 = 1.05 GB read at ~2 TB/s, 0.5 ms) plus CPU scheduling "
-                          "and sampling (about 1-3 ms per vLLM step, shared/calibration/README.md): 2.5 ms",
+                          "and sampling (assumed: about 1-3 ms per vLLM step; vLLM's v0.6.0 performance blog, "
+                          "blog.vllm.ai 2024-09-05, profiles scheduling at 29 % of a Llama-3-8B H100 run): 2.5 ms",
             "linear": f"{VIDUR}: Meta-Llama-3-8B mlp.csv TP1, sum of per-layer operator medians x 32 + emb, "
                       f"least-squares (relative) piecewise-linear fit at knots {KNOTS}",
             "decode_attn_s_per_token": f"{src_attn}; decode rows fit to an effective HBM bandwidth of "
@@ -113,7 +118,8 @@ def build(calibration: Path) -> list[Path]:
             "prefill_attn_sq_s": f"{src_attn}; prefill rows (c=480..3776) fit t = k c^2 x 32 layers",
             "prefill_attn_cross_s": "2 x prefill_attn_sq_s: a chunk token attends to every prior token, "
                                     "but on average to half of its own chunk under the causal mask",
-            "kv_bytes_per_token": "32 layers x 8 KV heads x 128 x 2 (K,V) x 2 bytes (shared/calibration README)",
+            "kv_bytes_per_token": "32 layers x 8 KV heads x 128 x 2 (K,V) x 2 bytes (meta-llama/Meta-Llama-3-8B "
+                                  "config.json on Hugging Face)",
             "kv_capacity_tokens": "(80 GiB x 0.9 vLLM gpu_memory_utilization - 16.1 GB weights - 3 GB "
                                   "activations/graphs) / 131,072 B",
             **{k: v[1] for k, v in common.items()},
@@ -137,9 +143,10 @@ def build(calibration: Path) -> list[Path]:
         linear_tokens=tuple(float(k) for k in MOE_KNOTS), linear_s=tuple(ds),
         sources={
             "overhead_s": "as the A100 Llama-3-8B profile: LM head (102400 x 2048, 0.4 GB) plus CPU scheduling and "
-                          "sampling (1-3 ms per vLLM step, shared/calibration/README.md): 2.5 ms",
+                          "sampling (assumed: 1-3 ms per vLLM step, as there): 2.5 ms",
             "linear": "roofline derivation (scripts/build_profiles.py, deepseek_v2_lite_linear): DeepSeek-V2-Lite "
-                      "shapes (shared/calibration/README.md model facts) at the A100 dense FLOP/s and weight-read "
+                      "shapes (deepseek-ai/DeepSeek-V2-Lite config.json on Hugging Face) at the A100 dense FLOP/s and "
+                      "weight-read "
                       f"bandwidth achieved in the Llama-3-8B fit ({dense_flops / 1e12:.0f} TFLOP/s, "
                       f"{flat_bps / 1e12:.2f} TB/s); expert GEMMs at half the dense efficiency and 30 us of "
                       "routing/permute per MoE layer (assumptions: no public DeepSeek-V2-Lite A100 step "
@@ -151,7 +158,8 @@ def build(calibration: Path) -> list[Path]:
                                  "and v dim 128 (MLA expanded for prefill) vs 32 x (128 + 128), 27 vs 32 layers",
             "prefill_attn_cross_s": "2 x prefill_attn_sq_s (see the Llama-3-8B profile)",
             "kv_bytes_per_token": "MLA kv_lora_rank 512 + rope 64 = 576 x 2 B x 27 layers "
-                                  "(shared/calibration/README.md; the reference paper's model)",
+                                  "(deepseek-ai/DeepSeek-V2-Lite config.json; the model of the reference paper, "
+                                  "arXiv 2607.02043)",
             "kv_capacity_tokens": "(80 GiB x 0.9 - 31.4 GB weights (15.7B params) - 3 GB) / 31,104 B",
             **{k: v[1] for k, v in common.items()},
         },
@@ -195,9 +203,9 @@ def build(calibration: Path) -> list[Path]:
 def deepseek_v2_lite_linear(dense_flops: float, weight_bps: float) -> list[float]:
     """Linear-operator seconds of DeepSeek-V2-Lite on one A100 at each of :data:`MOE_KNOTS` (roofline).
 
-    Shapes (shared/calibration/README.md): hidden 2048, 27 layers, the first dense (intermediate 10944),
-    26 MoE layers of 2 shared + 64 routed experts (6 per token), expert intermediate 1408; MLA projections
-    q 2048->16x192, kv_a 2048->576, kv_b 512->16x256, o 16x128->2048.
+    Shapes (deepseek-ai/DeepSeek-V2-Lite config.json on Hugging Face): hidden 2048, 27 layers, the first
+    dense (intermediate 10944), 26 MoE layers of 2 shared + 64 routed experts (6 per token), expert
+    intermediate 1408; MLA projections q 2048->16x192, kv_a 2048->576, kv_b 512->16x256, o 16x128->2048.
     """
     hidden, layers, moe_layers = 2048, 27, 26
     attn = hidden * 16 * 192 + hidden * 576 + 512 * 16 * 256 + 16 * 128 * hidden
@@ -215,10 +223,10 @@ def deepseek_v2_lite_linear(dense_flops: float, weight_bps: float) -> list[float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calibration", type=Path,
-                    default=Path(__file__).resolve().parents[1].parent / "shared" / "calibration")
+    ap.add_argument("--vidur", type=Path, default=VIDUR_A100_DIR,
+                    help="folder of Vidur's A100 profiling CSVs (default: the bundled copies)")
     args = ap.parse_args()
-    for p in build(args.calibration):
+    for p in build(args.vidur):
         print("wrote", p)
 
 

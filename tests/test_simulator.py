@@ -8,6 +8,7 @@ import heapq
 import numpy as np
 import pytest
 from deflectlab.envs.config import ClusterConfig, ConfigError, parse_shape
+from deflectlab.envs.metrics import COMPONENTS
 from deflectlab.envs.network import Network
 from deflectlab.envs.profile import ProfileError, load_profile, profile_from_dict
 from deflectlab.envs.request import Request
@@ -54,14 +55,77 @@ def test_rejections_carry_a_reason():
     assert all("KV capacity" in r.reject_reason for r in sim.requests if r.reject_reason)
 
 
-def test_ttft_breakdown_adds_up_to_ttft():
-    sim, res = run("round_robin", wl=small_workload(800, rate=10.0))
-    rec = res.records
-    parts = sum(rec[f"{c}_s"] for c in ("p_queue", "prefill_exec", "handoff_wait", "transfer", "decode_wait",
-                                         "first_step", "d_queue", "chunked_prefill"))
-    ok = np.isfinite(rec["ttft_s"])
-    np.testing.assert_allclose(parts[ok], rec["ttft_s"][ok], rtol=1e-9, atol=1e-9)
-    assert res.summary["prefill_share_of_p95_ttft"] > 0
+EPS = 1e-9  # float rounding of differences of absolute times (about 1e-14 s at t = 50 s)
+
+
+def _timeline(r: Request) -> dict[str, float]:
+    """A finished request's TTFT parts, by hand from its timestamps, after checking that every timestamp of
+    its path was set and that they come in order (so every part is >= 0)."""
+    if r.deflected:
+        stamps = [r.arrival_s, r.t_admit, r.t_d_start, r.t_first_token, r.t_finish]
+        unused = [r.t_p_start, r.t_p_end, r.t_xfer_end, r.t_join]
+    else:
+        stamps = [r.arrival_s, r.t_p_start, r.t_p_end, r.t_admit, r.t_xfer_end, r.t_join, r.t_first_token,
+                  r.t_finish]
+        unused = [r.t_d_start]
+    assert min(stamps) >= 0.0 and all(t == -1.0 for t in unused), r
+    assert all(a <= b for a, b in zip(stamps, stamps[1:])), (r, stamps)
+    parts = dict.fromkeys(COMPONENTS, 0.0)
+    if r.deflected:
+        parts["d_queue"] = r.t_d_start - r.arrival_s
+        parts["chunked_prefill"] = r.t_first_token - r.t_d_start
+    else:
+        assert 0.0 < r.xfer_ideal_s <= r.t_xfer_end - r.t_admit + EPS, r  # no transfer beats its ideal time
+        parts["p_queue"] = r.t_p_start - r.arrival_s
+        parts["prefill_exec"] = r.t_p_end - r.t_p_start
+        parts["handoff_wait"] = (r.t_xfer_end - r.t_p_end) - r.xfer_ideal_s
+        parts["transfer"] = r.xfer_ideal_s
+        parts["decode_wait"] = r.t_join - r.t_xfer_end
+        parts["first_step"] = r.t_first_token - r.t_join
+    return parts
+
+
+def _p95_linear(x: list[float]) -> float:
+    """The 95th percentile with linear interpolation between order statistics (numpy's default), by hand."""
+    s = sorted(x)
+    h = 0.95 * (len(s) - 1)
+    lo = int(h)
+    return s[lo] + (h - lo) * (s[min(lo + 1, len(s) - 1)] - s[lo])
+
+
+@pytest.mark.parametrize(("policy", "rate"), [("round_robin", 10.0), ("queue_threshold", 4.0)])
+def test_ttft_breakdown_of_the_p95_set_recomputed_from_each_request(policy, rate):
+    """The run's P95-set breakdown against one recomputed from every request's own timestamps: parts >= 0,
+    parts add up to TTFT, the set is the requests at or above the P95 TTFT, and its means match. The
+    queue-threshold policy deflects some requests into that set, so both paths' parts are exercised."""
+    sim, res = run(policy, wl=small_workload(800, rate=rate))
+    done = [r for r in sim.requests if r.finished]
+    assert len(done) == 800
+    parts = {r.rid: _timeline(r) for r in done}
+    for r in done:
+        assert min(parts[r.rid].values()) >= -EPS, (r, parts[r.rid])
+        assert sum(parts[r.rid].values()) == pytest.approx(r.t_first_token - r.arrival_s, rel=1e-9, abs=1e-12)
+    p95 = _p95_linear([r.t_first_token - r.arrival_s for r in done])
+    tail = [r for r in done if r.t_first_token - r.arrival_s >= p95]
+    assert len(tail) == 40  # 5 % of 800
+    s = res.summary
+    for c in COMPONENTS:
+        assert s["ttft_breakdown_p95"][c] == pytest.approx(np.mean([parts[r.rid][c] for r in tail]), abs=1e-12), c
+    tail_mean = np.mean([r.t_first_token - r.arrival_s for r in tail])
+    assert s["p95_set_mean_ttft_s"] == pytest.approx(tail_mean, rel=1e-12)
+    assert s["prefill_share_of_p95_ttft"] == pytest.approx(s["ttft_breakdown_p95"]["prefill_exec"] / tail_mean)
+    # the records carry the same parts, request by request
+    for c in COMPONENTS:
+        by_rid = np.array([parts[int(i)][c] for i in res.records["rid"]])
+        np.testing.assert_allclose(res.records[f"{c}_s"], by_rid, rtol=1e-12, atol=1e-12)
+    paths = {r.deflected for r in tail}
+    for c in ("p_queue", "prefill_exec", "transfer", "first_step"):
+        assert s["ttft_breakdown_p95"][c] > 0, c
+    if policy == "round_robin":
+        assert paths == {False}
+    else:  # a mixed set: the deflected path's parts are non-zero too
+        assert paths == {False, True}
+        assert s["ttft_breakdown_p95"]["d_queue"] > 0 and s["ttft_breakdown_p95"]["chunked_prefill"] > 0
 
 
 def fixed_size_trace(n: int, L: int, out: int = 1) -> Trace:

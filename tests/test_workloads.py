@@ -19,9 +19,8 @@ from deflectlab.envs.workloads import (
     trace_stats,
 )
 
-MOONCAKE_SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "synthetic_trace.jsonl"
-
-# shared/traces/README.md, "Statistics". Percentiles there are numpy's linear percentiles, truncated.
+# envs/data/README.md, "Statistics" (computed when the files were bundled, independently of trace_stats).
+# Percentiles there are numpy's linear percentiles, truncated.
 README_STATS = {
     "azure_code": {
         "requests": 5740, "duration_s": 1788, "mean_rate": 3.21, "cv": 13.5,
@@ -33,7 +32,13 @@ README_STATS = {
         "peak_rate_1s": 15, "peak_rate_10s": 8.8,
         "input": (1243, 1033, 4086, 4123, 14050), "output": (217, 134, 459, 609, 1000),
     },
+    "mooncake_synthetic": {
+        "requests": 3993, "duration_s": 1022, "mean_rate": 3.91, "cv": 1.01,
+        "peak_rate_1s": 13, "peak_rate_10s": 5.5,
+        "input": (15325, 11587, 48904, 66456, 191378), "output": (149, 69, 519, 768, 893),
+    },
 }  # fmt: skip
+FORMAT = {"azure_code": "azure", "azure_conv": "azure", "mooncake_synthetic": "mooncake"}
 
 
 def _check_readme_stats(s: dict, want: dict) -> None:
@@ -78,7 +83,8 @@ AZ_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 @pytest.mark.parametrize("name", sorted(BUNDLED))
 def test_bundled_trace_matches_readme(name: str) -> None:
     tr = load_trace(name)
-    assert tr.name == name and tr.source == name and tr.fmt == "azure" and tr.hash_ids is None
+    assert tr.name == name and tr.source == name and tr.fmt == FORMAT[name]
+    assert (tr.hash_ids is None) == (tr.fmt == "azure")
     assert tr.arrival_s.dtype == np.float64 and tr.input_tokens.dtype == np.int64
     assert tr.arrival_s[0] == 0.0 and np.all(np.diff(tr.arrival_s) >= 0)
     assert tr.input_tokens.min() > 0 and tr.output_tokens.min() > 0
@@ -102,15 +108,13 @@ def test_bundled_traces_are_cached_and_read_only() -> None:
     assert w.arrival_s is not a.arrival_s
 
 
-@pytest.mark.skipif(not MOONCAKE_SHARED.exists(), reason="shared Mooncake trace not present")
-def test_mooncake_shared_trace() -> None:
-    tr = load_trace(MOONCAKE_SHARED)
-    assert tr.fmt == "mooncake" and tr.hash_ids is not None
-    s = trace_stats(tr)
-    assert s["requests"] == 3993 and round(s["duration_s"]) == 1022
-    assert round(s["mean_rate"], 2) == 3.91 and s["cv"] == pytest.approx(1.01, abs=0.01)
-    assert (s["peak_rate_1s"], s["peak_rate_10s"]) == (13, 5.5)
-    assert int(s["input_mean"]) == 15325 and s["input_max"] == 191378 and s["output_max"] == 893
+def test_bundled_mooncake_trace() -> None:
+    tr = load_trace("mooncake_synthetic")
+    # First lines of the file: {"timestamp": 0, "input_length": 40160, "output_length": 6, "hash_ids": [0..78]},
+    # {"timestamp": 0, 36640, 4, [79..150]}, {"timestamp": 40, 23769, 3, [151..197]}.
+    assert tr.input_tokens[:3].tolist() == [40160, 36640, 23769] and tr.output_tokens[:3].tolist() == [6, 4, 3]
+    assert tr.arrival_s[:3].tolist() == [0.0, 0.0, 0.040]
+    assert tr.hash_ids[0] == list(range(79)) and tr.hash_ids[2] == list(range(151, 198))
     # 512-token blocks: one hash per started block.
     assert [len(h) for h in tr.hash_ids] == [math.ceil(n / 512) for n in tr.input_tokens]
 
