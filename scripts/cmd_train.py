@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     asked = "" if res.timesteps == res.requested_timesteps else f" ({res.requested_timesteps} asked, rounded up)"
     print(f"run {res.run_name}: {res.timesteps} RL steps{asked} in {res.learn_s:.1f} s of rollouts and updates "
           f"({res.steps_per_s:.0f} steps/s); behaviour cloning {res.pretrain_s:.1f} s, evaluations "
-          f"{res.eval_s:.1f} s; {res.wall_s:.1f} s in all")
+          f"{res.eval_s:.1f} s; {res.wall_s:.1f} s from cloning to the final evaluation")
     print(f"evaluation SLO attainment {res.objective:.3f} (best periodic {res.best_eval_slo_attainment:.3f}); "
           + ", ".join(f"{k} {v['slo_attainment']:.3f}" for k, v in res.baselines.items()))
     print(f"written to {res.run_dir}")
