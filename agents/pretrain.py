@@ -11,29 +11,46 @@ are not noise that would undo the cloning.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
 import torch
 
 
-def collect_demos(venv: Any, expert: str, steps: int) -> dict[str, np.ndarray]:
+def _bar(total: int, desc: str, unit: str, progress: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress)
+
+
+def collect_demos(venv: Any, expert: str, steps: int, progress: bool = False) -> dict[str, np.ndarray]:
     """Roll the expert out in ``venv`` for about ``steps`` decisions: ``obs, masks, actions, rewards, dones``
-    arrays of shape ``[T, n_envs, ...]`` (rewards as the vector env returns them, normalised or not)."""
+    arrays of shape ``[T, n_envs, ...]`` (rewards as the vector env returns them, normalised or not).
+    ``progress``: a bar on stderr, in decisions."""
     n = venv.num_envs
     obs = venv.reset()
     o, m, a, r, d = [], [], [], [], []
-    for _ in range(max(steps // n, 1)):
-        acts = np.asarray(venv.env_method("expert_action", expert), dtype=np.int64)
-        masks = np.stack(venv.env_method("action_masks"))
-        o.append(obs)
-        m.append(masks)
-        a.append(acts)
-        obs, rew, done, _ = venv.step(acts)
-        r.append(rew)
-        d.append(done)
+    rounds = max(steps // n, 1)
+    with _bar(rounds * n, f"cloning {expert}: demonstrations", "decision", progress) as bar:
+        for _ in range(rounds):
+            obs = _demo_step(venv, expert, obs, (o, m, a, r, d))
+            bar.update(n)
     return {"obs": np.asarray(o, np.float32), "masks": np.asarray(m, bool), "actions": np.asarray(a),
             "rewards": np.asarray(r, np.float32), "dones": np.asarray(d, bool)}
+
+
+def _demo_step(venv: Any, expert: str, obs: Any, out: tuple[list, ...]) -> Any:
+    """One expert step of every environment, appended to ``out`` (obs, masks, actions, rewards, dones)."""
+    o, m, a, r, d = out
+    acts = np.asarray(venv.env_method("expert_action", expert), dtype=np.int64)
+    o.append(obs)
+    m.append(np.stack(venv.env_method("action_masks")))
+    a.append(acts)
+    obs, rew, done, _ = venv.step(acts)
+    r.append(rew)
+    d.append(done)
+    return obs
 
 
 def discounted_returns(rewards: np.ndarray, dones: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
@@ -52,10 +69,35 @@ def discounted_returns(rewards: np.ndarray, dones: np.ndarray, gamma: float) -> 
     return ret, valid
 
 
+def _bc_batch(policy: Any, opt: Any, data: tuple[torch.Tensor, ...], idx: torch.Tensor, fit_value: bool,
+              stats: dict[str, float]) -> None:
+    """One gradient step on the demonstrations ``idx``: masked cross-entropy, plus the critic's MSE to the
+    discounted returns where known (``fit_value``); records the losses in ``stats``."""
+    obs, masks, acts, ret_t, valid_t = data
+    features = policy.extract_features(obs[idx])
+    latent_pi, latent_vf = policy.mlp_extractor(features)
+    logits = torch.where(masks[idx], policy.action_net(latent_pi), torch.full((1,), -1e8))
+    loss = torch.nn.functional.cross_entropy(logits, acts[idx])
+    stats["bc_loss"] = loss.item()
+    if fit_value:
+        v = policy.value_net(latent_vf).squeeze(-1)
+        ok = valid_t[idx]
+        if ok.any():
+            vloss = torch.nn.functional.mse_loss(v[ok], ret_t[idx][ok])
+            stats["value_loss"] = vloss.item()
+            loss = loss + 0.5 * vloss
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
+    opt.step()
+
+
 def behaviour_clone(policy: Any, demos: dict[str, np.ndarray], *, epochs: int, batch_size: int,
-                    learning_rate: float, gamma: float, fit_value: bool, seed: int) -> dict[str, float]:
+                    learning_rate: float, gamma: float, fit_value: bool, seed: int,
+                    progress: bool = False) -> dict[str, float]:
     """Fit an SB3 actor-critic ``policy`` to the demonstrations; returns the final losses and the agreement
-    (share of demonstration actions the greedy masked policy reproduces)."""
+    (share of demonstration actions the greedy masked policy reproduces). ``progress``: a bar on stderr, in
+    epochs, showing the last batch's losses."""
     obs = torch.as_tensor(demos["obs"].reshape(-1, demos["obs"].shape[-1]))
     masks = torch.as_tensor(demos["masks"].reshape(-1, demos["masks"].shape[-1]))
     acts = torch.as_tensor(demos["actions"].reshape(-1))
@@ -67,27 +109,14 @@ def behaviour_clone(policy: Any, demos: dict[str, np.ndarray], *, epochs: int, b
     gen = torch.Generator().manual_seed(seed)
     policy.set_training_mode(True)
     stats = {"bc_loss": float("nan"), "value_loss": float("nan")}
-    for _ in range(epochs):
-        perm = torch.randperm(N, generator=gen)
-        for i in range(0, N, batch_size):
-            idx = perm[i:i + batch_size]
-            features = policy.extract_features(obs[idx])
-            latent_pi, latent_vf = policy.mlp_extractor(features)
-            logits = policy.action_net(latent_pi)
-            logits = torch.where(masks[idx], logits, torch.full_like(logits, -1e8))
-            loss = torch.nn.functional.cross_entropy(logits, acts[idx])
-            stats["bc_loss"] = loss.item()
-            if fit_value:
-                v = policy.value_net(latent_vf).squeeze(-1)
-                ok = valid_t[idx]
-                if ok.any():
-                    vloss = torch.nn.functional.mse_loss(v[ok], ret_t[idx][ok])
-                    stats["value_loss"] = vloss.item()
-                    loss = loss + 0.5 * vloss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
-            opt.step()
+    data = (obs, masks, acts, ret_t, valid_t)
+    with _bar(epochs, f"cloning: fitting {N} decisions", "epoch", progress) as bar:
+        for _ in range(epochs):
+            perm = torch.randperm(N, generator=gen)
+            for i in range(0, N, batch_size):
+                _bc_batch(policy, opt, data, perm[i:i + batch_size], fit_value, stats)
+            bar.set_postfix(bc_loss=f"{stats['bc_loss']:.3f}", refresh=False)
+            bar.update(1)
     policy.set_training_mode(False)
     with torch.no_grad():
         features = policy.extract_features(obs)

@@ -56,7 +56,44 @@ def _trial(params: dict[str, Any], base: dict[str, Any], out_dir: str) -> None:
     overrides = {**params, "out_dir": out_dir}
     res = train(base, overrides=overrides)
     tune.report({"slo_attainment": res.objective, "best_slo_attainment": res.best_eval_slo_attainment,
-                 "timesteps": res.timesteps, "wall_s": res.wall_s, "run_dir": res.run_dir})
+                 "timesteps": res.timesteps, "wall_s": res.wall_s, "run_dir": res.run_dir, "seed": res.seed,
+                 "deflection_rate": res.final_eval.get("deflection_rate"),
+                 "ttft_p95_s": res.final_eval.get("ttft_p95_s")})
+
+
+#: what each trial row carries from the trial's report (the seed is the one ``train`` ran with)
+REPORTED = ("seed", "slo_attainment", "best_slo_attainment", "ttft_p95_s", "deflection_rate", "timesteps", "wall_s",
+            "run_dir")
+
+
+def _progress_callback(total: int) -> Any:
+    """A Ray Tune callback that prints one stderr line when a trial starts and when it ends."""
+    import sys
+    import time
+
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def __init__(self) -> None:
+            self.t0: dict[str, float] = {}
+            self.done = 0
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.t0[trial.trial_id] = time.perf_counter()
+            print(f"ray: trial {trial.trial_id} started, config {trial.config}", file=sys.stderr, flush=True)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.done += 1
+            r = trial.last_result or {}
+            took = time.perf_counter() - self.t0.get(trial.trial_id, time.perf_counter())
+            print(f"ray: trial {trial.trial_id} done ({self.done}/{total}) in {took:.0f} s: seed {r.get('seed')}, "
+                  f"SLO attainment {r.get('slo_attainment')}, {r.get('timesteps')} steps", file=sys.stderr,
+                  flush=True)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            print(f"ray: trial {trial.trial_id} FAILED", file=sys.stderr, flush=True)
+
+    return TrialLines()
 
 
 def run_ray(config: str | Path | dict[str, Any], *, seeds: list[int] | None = None, sweep: str | Path | None = None,
@@ -104,16 +141,15 @@ def run_ray(config: str | Path | dict[str, Any], *, seeds: list[int] | None = No
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric="slo_attainment", mode="max", num_samples=num_samples),
-            run_config=tune.RunConfig(name=f"{cfg.name}-ray", storage_path=str(Path(out) / "ray"), verbose=0))
+            run_config=tune.RunConfig(name=f"{cfg.name}-ray", storage_path=str(Path(out) / "ray"), verbose=0,
+                                      callbacks=[_progress_callback(len(seeds or [cfg.seed]) * num_samples)]))
         grid = tuner.fit()
         rows = []
         for i in range(len(grid)):
             r = grid[i]
             if r.error:
                 raise RuntimeError(f"a Ray trial failed: {r.error}")
-            rows.append({"config": r.config, **{k: v for k, v in (r.metrics or {}).items()
-                                                  if k in ("slo_attainment", "best_slo_attainment", "timesteps",
-                                                           "wall_s", "run_dir")}})
+            rows.append({"config": r.config, **{k: (r.metrics or {}).get(k) for k in REPORTED}})
         return rows
     finally:
         if started:

@@ -29,6 +29,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -114,12 +115,43 @@ def _trial_overrides(sweep_name: str, sweep_dir: Path, n: int, params: dict[str,
             "name": f"{sweep_name}-t{n}"}
 
 
+def effective_params(params: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
+    """The sweep parameters as the trial ran them: a ``--set`` override wins over the sweep's value."""
+    return {k: fixed.get(k, v) for k, v in params.items()}
+
+
+def _say(msg: str) -> None:
+    """One progress line on stderr (trials run in worker processes: flush at once)."""
+    print(f"sweep: {msg}", file=sys.stderr, flush=True)
+
+
+def _trial_row(n: int, params: dict[str, Any], fixed: dict[str, Any], res: Any, value: float,
+               wall_s: float) -> dict[str, Any]:
+    """What one trial ran and scored; prints its progress line."""
+    ran = effective_params(params, fixed)
+    overridden = {k: {"sweep": v, "ran": ran[k]} for k, v in params.items() if ran[k] != v}
+    _say(f"trial {n} done in {wall_s:.1f} s: objective {value:.4f}, {res.timesteps} steps, params {ran}"
+         + (f" (overridden by --set: {sorted(overridden)})" if overridden else ""))
+    return {"number": n, "value": value, "params": ran, "overridden": overridden, "timesteps": res.timesteps,
+            "wall_s": wall_s, "run_dir": res.run_dir}
+
+
+def _run_trial(base: str, sweep_dir: Path, n: int, params: dict[str, Any], fixed: dict[str, Any],
+               metric: str, total: int, wandb_run: Any = None) -> dict[str, Any]:
+    """Train one trial with the sweep's ``params`` (``--set`` overrides winning); returns :func:`_trial_row`."""
+    from deflectlab.agents.train import train
+
+    _say(f"trial {n} of {total} started: {effective_params(params, fixed)}")
+    t0 = time.perf_counter()
+    res = train(base, overrides=_trial_overrides(sweep_dir.name, sweep_dir, n, params, fixed), wandb_run=wandb_run)
+    return _trial_row(n, params, fixed, res, _objective_value(res, metric), time.perf_counter() - t0)
+
+
 # ---------------------------------------------------------------------------------------------------- optuna
 
 def _optuna_worker(storage: str, study_name: str, sweep: dict[str, Any], base: str, fixed: dict[str, Any],
-                   n_trials: int, sweep_dir: str, seed: int) -> None:
+                   n_trials: int, sweep_dir: str, seed: int, total: int) -> None:
     import optuna
-    from deflectlab.agents.train import train
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=_sampler(sweep, seed))
@@ -127,11 +159,10 @@ def _optuna_worker(storage: str, study_name: str, sweep: dict[str, Any], base: s
 
     def objective(trial: Any) -> float:
         params = {k: suggest(trial, k, v) for k, v in sweep["parameters"].items()}
-        ov = _trial_overrides(study_name, Path(sweep_dir), trial.number, params, fixed)
-        res = train(base, overrides=ov)
-        trial.set_user_attr("run_dir", res.run_dir)
-        trial.set_user_attr("params", params)
-        return _objective_value(res, metric)
+        row = _run_trial(base, Path(sweep_dir), trial.number, params, fixed, metric, total)
+        for k in ("run_dir", "params", "overridden", "timesteps", "wall_s"):
+            trial.set_user_attr(k, row[k])
+        return row["value"]
 
     study.optimize(objective, n_trials=n_trials)
 
@@ -162,12 +193,13 @@ def run_optuna(sweep: dict[str, Any], base: str, trials: int, workers: int, swee
     optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     workers = max(1, min(workers, trials))
     shares = [trials // workers + (1 if i < trials % workers else 0) for i in range(workers)]
+    _say(f"{trials} trial(s) on {workers} worker process(es), Optuna storage {storage}")
     if workers == 1:
-        _optuna_worker(storage, name, sweep, base, fixed, shares[0], str(sweep_dir), seed)
+        _optuna_worker(storage, name, sweep, base, fixed, shares[0], str(sweep_dir), seed, trials)
     else:
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_optuna_worker,
-                             args=(storage, name, sweep, base, fixed, shares[i], str(sweep_dir), seed + i))
+                             args=(storage, name, sweep, base, fixed, shares[i], str(sweep_dir), seed + i, trials))
                  for i in range(workers)]
         for p in procs:
             p.start()
@@ -178,8 +210,9 @@ def run_optuna(sweep: dict[str, Any], base: str, trials: int, workers: int, swee
             raise RuntimeError(f"{len(bad)} sweep worker(s) failed (exit codes {bad}); see their output above")
     study = optuna.load_study(study_name=name, storage=storage)
     rows: list[dict[str, Any]] = [
-        {"number": t.number, "value": t.value, "state": t.state.name, "params": t.user_attrs.get("params"),
-         "run_dir": t.user_attrs.get("run_dir")} for t in study.trials]
+        {"number": t.number, "value": t.value, "state": t.state.name,
+         **{k: t.user_attrs.get(k) for k in ("params", "overridden", "timesteps", "wall_s", "run_dir")}}
+        for t in study.trials]
     done = [r for r in rows if r["value"] is not None]
     best = max(done, key=lambda r: float(r["value"])) if done else None
     return {"backend": "optuna", "storage": storage, "trials": rows, "best": best}
@@ -189,8 +222,6 @@ def run_optuna(sweep: dict[str, Any], base: str, trials: int, workers: int, swee
 
 def run_sweeps_local(sweep: dict[str, Any], base: str, trials: int, sweep_dir: Path,
                      fixed: dict[str, Any]) -> dict[str, Any]:
-    from deflectlab.agents.train import train
-
     sw = _sweeps_pkg()
     metric = sweep["metric"]["name"]
     runs: list[Any] = []
@@ -198,13 +229,13 @@ def run_sweeps_local(sweep: dict[str, Any], base: str, trials: int, sweep_dir: P
     for n in range(trials):
         proposal = sw.next_run(sweep, runs)
         if proposal is None:  # a grid is exhausted
+            _say(f"the grid is exhausted after {n} trial(s)")
             break
         params = {k: v["value"] for k, v in proposal.config.items()}
-        res = train(base, overrides=_trial_overrides(sweep_dir.name, sweep_dir, n, params, fixed))
-        value = _objective_value(res, metric)
+        row = _run_trial(base, sweep_dir, n, params, fixed, metric, trials)
         runs.append(sw.SweepRun(name=f"t{n}", config=proposal.config, state=sw.RunState.finished,
-                                summary_metrics={metric: value}))
-        rows.append({"number": n, "value": value, "params": params, "run_dir": res.run_dir})
+                                summary_metrics={metric: row["value"]}))
+        rows.append(row)
     best = max(rows, key=lambda r: float(r["value"])) if rows else None
     return {"backend": "sweeps", "trials": rows, "best": best}
 
@@ -215,15 +246,15 @@ def run_wandb(sweep: dict[str, Any], base: str, trials: int, sweep_dir: Path, fi
               project: str) -> dict[str, Any]:
     """Create the sweep on the W&B server and run ``trials`` trials here as a ``wandb agent``."""
     import wandb
-    from deflectlab.agents.train import train
 
     sweep_id = wandb.sweep(sweep, project=project)
     n = [0]
+    metric = sweep["metric"]["name"]
 
     def trial() -> None:
         run = wandb.init(dir=str(sweep_dir))
         params = {k: v for k, v in dict(run.config).items()}
-        train(base, overrides=_trial_overrides(sweep_dir.name, sweep_dir, n[0], params, fixed), wandb_run=run)
+        _run_trial(base, sweep_dir, n[0], params, fixed, metric, trials, wandb_run=run)
         n[0] += 1
 
     print(f"W&B sweep {sweep_id}: more agents can join with `wandb agent {project}/{sweep_id}`")
@@ -261,9 +292,10 @@ def run_sweep(path: str | Path, *, backend: str = "auto", trials: int = 8, worke
         raise ValueError(f"{path}: no base training config: give --config or put `--config <yaml>` in `command`")
     # fail early on a bad base config or a parameter that is not a config key: try each one's first value
     sample = {k: v.get("value", (v.get("values") or [v.get("min")])[0]) for k, v in sweep["parameters"].items()}
-    from deflectlab.agents.train import check_algo_params
+    from deflectlab.agents.train import check_algo_params, planned_timesteps
 
-    check_algo_params(load_config(base, {**(overrides or {}), **sample}))
+    resolved = load_config(base, {**sample, **(overrides or {})})
+    check_algo_params(resolved)
     if backend not in ("auto", "wandb", "optuna", "sweeps"):
         raise ValueError(f"backend must be auto, wandb, optuna or sweeps, got {backend!r}")
     chosen = choose_backend(backend)
@@ -273,12 +305,17 @@ def run_sweep(path: str | Path, *, backend: str = "auto", trials: int = 8, worke
     sweep_dir = Path(out_dir) / name
     sweep_dir.mkdir(parents=True, exist_ok=False)
     fixed = dict(overrides or {})
+    _say(f"base config {base}; each trial runs about {planned_timesteps(resolved)} steps"
+         + (f" after behaviour cloning of {resolved.pretrain.expert}" if resolved.pretrain.expert else "")
+         + (f"; --set over the sweep: {fixed}" if fixed else ""))
     if chosen == "optuna":
         out = run_optuna(sweep, base, trials, workers, sweep_dir, fixed, seed)
     elif chosen == "sweeps":
         out = run_sweeps_local(sweep, base, trials, sweep_dir, fixed)
     else:
         out = run_wandb(sweep, base, trials, sweep_dir, fixed, project)
-    out.update({"sweep": str(path), "dir": str(sweep_dir), "metric": sweep["metric"]})
+    out.update({"sweep": str(path), "dir": str(sweep_dir), "metric": sweep["metric"], "base_config": base,
+                "cloned_expert": resolved.pretrain.expert, "planned_timesteps_per_trial": planned_timesteps(resolved),
+                "overrides": fixed})
     (sweep_dir / "sweep_result.json").write_text(json.dumps(out, indent=2, default=str))
     return out

@@ -35,6 +35,13 @@ class TrainResult:
     """What a training run produced.
 
     :param objective: pooled SLO attainment of the final policy on the evaluation seeds (the sweep objective).
+    :param timesteps: environment steps that ran (``requested_timesteps`` rounded up, see
+        :func:`planned_timesteps`).
+    :param wall_s: seconds from the start of behaviour cloning to the end of the final evaluation.
+    :param steps_per_s: ``timesteps / learn_s``: the RL steps' own rate, without cloning and evaluations.
+    :param pretrain_s: seconds of behaviour cloning (0 without it), its evaluation included.
+    :param learn_s: seconds of RL rollouts and updates (periodic evaluations excluded).
+    :param eval_s: seconds of every evaluation of the learned policy (periodic and final).
     """
 
     run_dir: str
@@ -46,6 +53,10 @@ class TrainResult:
     steps_per_s: float
     objective: float
     best_eval_slo_attainment: float
+    requested_timesteps: int = 0
+    pretrain_s: float = 0.0
+    learn_s: float = 0.0
+    eval_s: float = 0.0
     final_eval: dict[str, Any] = field(default_factory=dict)
     baselines: dict[str, Any] = field(default_factory=dict)
 
@@ -123,109 +134,69 @@ def make_model(cfg: TrainConfig, venv: Any) -> Any:
                                 verbose=0, **cfg.algo_params)
 
 
+def planned_timesteps(cfg: TrainConfig) -> int:
+    """The steps ``model.learn(cfg.total_timesteps)`` will take: SB3 finishes every rollout it starts.
+
+    PPO and MaskablePPO collect rollouts of ``n_steps x n_envs`` steps, so the count rounds up to a multiple of
+    that; DQN steps every environment at once, so it rounds up to a multiple of ``n_envs``.
+    """
+    if cfg.algo in ("ppo", "maskable_ppo"):
+        chunk = int(cfg.algo_params.get("n_steps", 2048)) * cfg.n_envs
+    else:
+        chunk = cfg.n_envs
+    return -(-cfg.total_timesteps // chunk) * chunk
+
+
+def rounding_note(cfg: TrainConfig) -> str | None:
+    """Why more steps than ``total_timesteps`` will run, or None when exactly that many will."""
+    planned = planned_timesteps(cfg)
+    if planned == cfg.total_timesteps:
+        return None
+    if cfg.algo == "dqn":
+        why = f"DQN steps all {cfg.n_envs} environments together"
+    else:
+        why = (f"{cfg.algo} collects whole rollouts of n_steps {cfg.algo_params.get('n_steps', 2048)} x "
+               f"{cfg.n_envs} envs")
+    return f"total_timesteps {cfg.total_timesteps} rounds up to {planned} steps: {why}"
+
+
 def _callbacks(cfg: TrainConfig, run_dir: Path, progress: bool) -> list[Any]:
-    from deflectlab.agents.evaluation import NetPolicy, evaluate
-    from deflectlab.agents.policy_io import make_policy_net
-    from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
+    from deflectlab.agents.callbacks import EpisodeMetrics, PeriodicEval, Progress
+    from stable_baselines3.common.callbacks import CheckpointCallback
 
-    class EpisodeMetrics(BaseCallback):
-        """``slo/`` metrics of finished training episodes, from ``info["metrics"]``."""
-
-        def _on_step(self) -> bool:
-            for info in self.locals.get("infos", ()):
-                m = info.get("metrics")
-                if m:
-                    rec = self.logger.record_mean
-                    rec("slo/attainment", m["slo_attainment"])
-                    rec("slo/ttft_attainment", m["ttft_slo_attainment"])
-                    rec("slo/tbt_attainment", m["tbt_slo_attainment"])
-                    rec("slo/ttft_p95_s", m["ttft_s"]["p95"])
-                    rec("slo/deflection_rate", m["deflection_rate"])
-                    ep = info.get("episode")
-                    if ep:
-                        rec("charts/episode_return", ep["r"])
-                        rec("charts/episode_length", ep["l"])
-            return True
-
-    class PeriodicEval(BaseCallback):
-        """Evaluate the current policy on the evaluation seeds every ``eval.every_steps`` steps."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.run_dir = run_dir
-            self.history: list[dict[str, Any]] = []
-            self.best = -1.0
-            self.next_at = cfg.eval.every_steps if cfg.eval.every_steps > 0 else None
-
-        def _on_step(self) -> bool:
-            if self.next_at is not None and self.num_timesteps >= self.next_at:
-                self.next_at += cfg.eval.every_steps
-                self.run_eval()
-            return True
-
-        def run_eval(self) -> dict[str, Any]:
-            net = make_policy_net(cfg)  # a snapshot of the current weights, apart from the training copy
-            net.load_state_dict(self.model.policy.state_dict())
-            rep = evaluate({"learned": NetPolicy(net)}, cfg.eval_env_kwargs(), cfg.eval_seeds())
-            r = rep["policies"]["learned"]
-            slo = r["pooled"]["slo_attainment"]
-            if slo > self.best:
-                self.best = slo
-                self.model.save(run_dir / "best_model.zip")
-            row = {"timesteps": self.num_timesteps, **{k: v for k, v in r["pooled"].items()},
-                   **{f"mean_{k}": v for k, v in r["mean"].items()}}
-            self.history.append(row)
-            (run_dir / "evaluations.json").write_text(json.dumps(self.history, indent=2))
-            lg = self.logger
-            lg.record("eval/slo_attainment", slo)
-            lg.record("eval/ttft_p95_s", r["pooled"]["ttft_p95_s"])
-            lg.record("eval/ttft_p50_s", r["pooled"]["ttft_p50_s"])
-            lg.record("eval/ttft_slo_attainment", r["mean"]["ttft_slo_attainment"])
-            lg.record("eval/tbt_slo_attainment", r["mean"]["tbt_slo_attainment"])
-            lg.record("eval/deflection_rate", r["mean"]["deflection_rate"])
-            lg.record("eval/best_slo_attainment", self.best)
-            lg.dump(self.num_timesteps)
-            return rep
-
-    cbs: list[Any] = [EpisodeMetrics(), PeriodicEval()]
+    cbs: list[Any] = [EpisodeMetrics(), PeriodicEval(cfg, run_dir)]
     if cfg.checkpoint_every > 0:
         cbs.append(CheckpointCallback(save_freq=max(cfg.checkpoint_every // cfg.n_envs, 1),
                                       save_path=str(run_dir / "checkpoints"), name_prefix="model"))
     if progress:
-        from tqdm import tqdm
-
-        class Progress(BaseCallback):
-            def _on_training_start(self) -> None:
-                self.bar = tqdm(total=cfg.total_timesteps, unit="step", desc=f"train {cfg.algo}")
-
-            def _on_step(self) -> bool:
-                self.bar.update(self.num_timesteps - self.bar.n)
-                return True
-
-            def _on_training_end(self) -> None:
-                self.bar.close()
-
-        cbs.append(Progress())
+        cbs.append(Progress(planned_timesteps(cfg), f"train {cfg.algo}"))
     return cbs
 
 
-def _pretrain(cfg: TrainConfig, model: Any, venv: Any, periodic: Any) -> None:
-    """Behaviour-clone ``cfg.pretrain.expert`` into ``model.policy`` and log how well it took."""
+def _pretrain(cfg: TrainConfig, model: Any, venv: Any, periodic: Any, progress: bool) -> float:
+    """Behaviour-clone ``cfg.pretrain.expert`` into ``model.policy``, log how well it took; returns the
+    seconds it took (collecting, fitting and the evaluation of the cloned policy)."""
     from deflectlab.agents.pretrain import behaviour_clone, collect_demos
 
     pc = cfg.pretrain
     t0 = time.perf_counter()
-    demos = collect_demos(venv, pc.expert, pc.steps)  # type: ignore[arg-type]
+    demos = collect_demos(venv, pc.expert, pc.steps, progress=progress)  # type: ignore[arg-type]
     stats = behaviour_clone(model.policy, demos, epochs=pc.epochs, batch_size=pc.batch_size,
                             learning_rate=pc.learning_rate, gamma=float(cfg.algo_params.get("gamma", 0.99)),
-                            fit_value=pc.fit_value, seed=cfg.seed)
+                            fit_value=pc.fit_value, seed=cfg.seed, progress=progress)
     for k, v in stats.items():
         model.logger.record(f"pretrain/{k}", v)
     model.logger.record("pretrain/wall_s", time.perf_counter() - t0)
     model.save(periodic.run_dir / "pretrained_model.zip")  # the cloned policy, before any RL
     periodic.init_callback(model)
     rep = periodic.run_eval()  # the cloned policy on the evaluation seeds, logged at step 0
-    model.logger.record("pretrain/eval_slo_attainment", rep["policies"]["learned"]["pooled"]["slo_attainment"])
+    slo = rep["policies"]["learned"]["pooled"]["slo_attainment"]
+    model.logger.record("pretrain/eval_slo_attainment", slo)
+    if progress:
+        print(f"behaviour cloning of {pc.expert}: {int(stats['samples'])} decisions, agreement "
+              f"{stats['agreement']:.1%}, cloned policy's evaluation SLO attainment {slo:.3f} "
+              f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return time.perf_counter() - t0
 
 
 def train(config: TrainConfig | dict[str, Any] | str | Path, *, run_dir: str | Path | None = None,
@@ -284,14 +255,19 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, *, run_dir: str | P
             model.logger.record(f"eval/baseline/{key}/slo_attainment", r["pooled"]["slo_attainment"])
             model.logger.record(f"eval/baseline/{key}/ttft_p95_s", r["pooled"]["ttft_p95_s"])
         cbs = _callbacks(cfg, rdir, progress)
-        t0 = time.perf_counter()
-        if cfg.pretrain.expert is not None:
-            _pretrain(cfg, model, venv, cbs[1])
-        model.learn(total_timesteps=cfg.total_timesteps, callback=cbs, progress_bar=False)
-        wall = time.perf_counter() - t0
-        model.save(rdir / "model.zip")
         periodic = cbs[1]
+        note = rounding_note(cfg)
+        if note:
+            print(f"deflectlab train: note: {note}", file=sys.stderr)
+        t0 = time.perf_counter()
+        pretrain_s = _pretrain(cfg, model, venv, periodic, progress) if cfg.pretrain.expert is not None else 0.0
+        eval_before = periodic.eval_s
+        t1 = time.perf_counter()
+        model.learn(total_timesteps=cfg.total_timesteps, callback=cbs, progress_bar=False)
+        learn_s = time.perf_counter() - t1 - (periodic.eval_s - eval_before)  # rollouts and updates only
+        model.save(rdir / "model.zip")
         final = periodic.run_eval()  # also updates best_model.zip
+        wall = time.perf_counter() - t0
         rep = copy.deepcopy(final)
         rep["policies"].update(base_rep["policies"])
         rep["missing_baselines"] = missing
@@ -302,7 +278,9 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, *, run_dir: str | P
         slo = final["policies"]["learned"]["pooled"]["slo_attainment"]
         result = TrainResult(
             run_dir=str(rdir), run_name=run_name, algo=cfg.algo, seed=cfg.seed, timesteps=int(model.num_timesteps),
-            wall_s=wall, steps_per_s=model.num_timesteps / wall if wall > 0 else 0.0, objective=slo,
+            wall_s=wall, steps_per_s=model.num_timesteps / learn_s if learn_s > 0 else 0.0, objective=slo,
+            requested_timesteps=cfg.total_timesteps, pretrain_s=pretrain_s, learn_s=learn_s,
+            eval_s=periodic.eval_s,
             best_eval_slo_attainment=periodic.best,
             final_eval=final["policies"]["learned"]["pooled"],
             baselines={k: v["pooled"] for k, v in base_rep["policies"].items()})

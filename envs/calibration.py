@@ -54,6 +54,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -137,6 +138,49 @@ _SEPARATION_HINTS: dict[str, str] = {
     ),
     "prefill_attn_cross_s": "vary prior_tokens at a fixed chunk_tokens",
 }
+
+
+#: A fitted term whose standard error exceeds this share of its value is reported as poorly determined
+#: (assumed: at +-50 % the rows cannot tell the value from half or one and a half times it).
+STDERR_WARN_PCT = 50.0
+#: Held-out rows predicted worse than this mean absolute percentage error, overall or for one kind, are
+#: reported (assumed, from the bundled A100 Llama-3-8B fit to Vidur's public operator measurements: median
+#: error 1.1 %, 99 % of the 456 rows within 10 %; scripts/build_profiles.py).
+HOLDOUT_WARN_PCT = 10.0
+#: The ``source`` that ``deflectlab profile-gpu`` writes: the model shape and the device it measured on.
+_PROFILER_SOURCE = re.compile(r"^deflectlab profile-gpu --shape (?P<model>\S+) on (?P<hardware>.+?), \d{4}-\d{2}-\d{2}")
+
+
+def measured_names(rows: Sequence[Measurement]) -> tuple[str | None, str | None]:
+    """``(hardware, model)`` the rows' sources name (rows written by ``deflectlab profile-gpu``), several
+    joined by `` + ``; ``None`` for what no row names."""
+    hardware: list[str] = []
+    model: list[str] = []
+    for m in rows:
+        hit = _PROFILER_SOURCE.match(m.source)
+        if hit:
+            hw, shape = hit["hardware"], f"{hit['model']} shape, random weights (deflectlab profile-gpu)"
+            hardware += [hw] if hw not in hardware else []
+            model += [shape] if shape not in model else []
+    return (" + ".join(hardware) or None, " + ".join(model) or None)
+
+
+def quality_warnings(terms: Mapping[str, TermFit], holdout: Mapping[str, Any] | None) -> list[str]:
+    """Warnings for fitted terms with a standard error above :data:`STDERR_WARN_PCT` and for held-out errors
+    above :data:`HOLDOUT_WARN_PCT` (overall or per kind)."""
+    out = []
+    for name, t in terms.items():
+        if t.how == "fitted" and t.rel_stderr_pct is not None and not t.rel_stderr_pct <= STDERR_WARN_PCT:
+            out.append(f"term {name} is poorly determined: standard error {t.rel_stderr_pct:.0f} % of its value "
+                       f"(> {STDERR_WARN_PCT:g} %); add rows that vary what it multiplies, or fix it with --set")
+    if holdout and holdout.get("rows"):
+        if not holdout["mape_pct"] <= HOLDOUT_WARN_PCT:
+            out.append(f"held-out MAPE {holdout['mape_pct']:.1f} % (> {HOLDOUT_WARN_PCT:g} %): the profile does "
+                       "not predict rows it was not fitted to")
+        for kind, st in holdout.get("by_kind", {}).items():
+            if not st["mape_pct"] <= HOLDOUT_WARN_PCT:
+                out.append(f"held-out {kind} rows: MAPE {st['mape_pct']:.1f} % (> {HOLDOUT_WARN_PCT:g} %)")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -697,8 +741,10 @@ def fit_profile(
         tensor-parallel degree, ``overhead_s`` and the KV sizes); without it such terms are an error.
     :param knots: knot positions of the linear curve, tokens; default :func:`auto_knots` of the step rows.
     :param name: profile name (default: the base's).
-    :param hardware: accelerator name (default: the base's).
-    :param model: model name (default: the base's).
+    :param hardware: accelerator name (default: the device the rows' ``profile-gpu`` sources name, else the
+        base's, with a warning).
+    :param model: model name (default: the shape the rows' ``profile-gpu`` sources name, else the base's, with
+        a warning).
     :param provenance: free text appended to every fitted term's source (e.g. how the data was measured).
     :param tensor_parallel: tensor-parallel degree (default: the base's, else 1).
     :param set_terms: values for scalar terms given by the user; they are not fitted and override the base.
@@ -714,8 +760,13 @@ def fit_profile(
     if bad:
         raise ValueError(f"unknown term(s) {bad} to set; known: {', '.join(SCALAR_TERMS)}")
     name = name or (base.name if base else None)
-    hardware = hardware or (base.hardware if base else None)
-    model = model or (base.model if base else None)
+    found_hw, found_model = measured_names(rows)
+    meta_notes = [f"{what} {getattr(base, what)!r} is the base profile's: the measurements do not name theirs "
+                  f"(give --{what})" for what, given, found in (("hardware", hardware, found_hw),
+                                                                  ("model", model, found_model))
+                  if base is not None and not given and not found]
+    hardware = hardware or found_hw or (base.hardware if base else None)
+    model = model or found_model or (base.model if base else None)
     missing_meta = [k for k, v in (("name", name), ("hardware", hardware), ("model", model)) if not v]
     if missing_meta:
         raise ValueError(
@@ -732,6 +783,7 @@ def fit_profile(
     tail = f" of {data_desc}" + (f"; {provenance}" if provenance else "")
 
     terms = _Terms(base, set_terms, set_source)
+    terms.warnings += meta_notes
     for t in set_terms:
         terms.elsewhere(t, "")
     knot_list = _fit_step_terms([m for m in rows if m.kind in STEP_KINDS], knots, terms, fit_desc, tail)
@@ -928,7 +980,7 @@ def _report(
         terms=term_fits,
         knots=[float(k) for k in knots],
         predictions=row_predictions(rows, pred),
-        warnings=terms.warnings,
+        warnings=terms.warnings + quality_warnings(term_fits, None),
     )
 
 
@@ -1006,7 +1058,7 @@ def with_holdout(
     holdout["mape_pct"] = error_stats(np.array([m.seconds for m in held]), pred)["mape_pct"]
     holdout["by_kind"] = errors_by_kind(held, pred)
     holdout["predictions"] = row_predictions(held, pred)
-    return replace(report, holdout=holdout)
+    return replace(report, holdout=holdout, warnings=report.warnings + quality_warnings({}, holdout))
 
 
 def read_many(paths: Collection[str | Path]) -> list[Measurement]:

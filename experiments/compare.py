@@ -44,6 +44,9 @@ from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.metrics import COMPONENTS
 from deflectlab.envs.simulator import ClusterSim
 from deflectlab.envs.workloads import Workload, load_trace, make_workload
+from deflectlab.experiments.compare_plots import write_plots
+from deflectlab.experiments.labels import policy_label
+from deflectlab.experiments.markdown import table as md_table
 from deflectlab.policies.registry import make_policy
 
 #: Policies compared when none are named: never deflect, always deflect, each threshold heuristic, the paper's.
@@ -327,12 +330,22 @@ class ComparisonResult:
                 return False
         return True
 
+    def identical_groups(self) -> list[list[str]]:
+        """Groups (two or more, config order) of policies whose runs gave identical per-request TTFTs at every
+        (rate, seed): the same decisions in effect, so their tables and plot lines coincide."""
+        key: dict[str, list[bytes]] = {}
+        for r in sorted(self.runs, key=lambda r: (str(r.rate), r.seed)):
+            key.setdefault(r.policy, []).append(np.nan_to_num(r.ttft_s, nan=-1.0).tobytes())
+        groups: dict[tuple[bytes, ...], list[str]] = {}
+        for p in self.config.policies:
+            if p in key:
+                groups.setdefault(tuple(key[p]), []).append(p)
+        return [g for g in groups.values() if len(g) > 1]
+
     # -- files -------------------------------------------------------------------------------------------
     def write_report(self, out_dir: str | Path) -> Path:
         """Write ``results.csv`` (one row per run), ``results.json`` (config, per-run rows, per-load table),
         the PNG plots and ``report.md`` into ``out_dir``; returns the report's path."""
-        from deflectlab.experiments.compare_plots import write_plots
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         rows = self.rows()
@@ -382,24 +395,17 @@ class ComparisonResult:
         tuned = {r.policy: r.spec for r in self.runs if r.spec != r.policy}
         if tuned:
             lines += ["Tuned parameters (from training windows, `deflectlab tune`): "
-                      + ", ".join(f"`{k}` -> `{v}`" for k, v in tuned.items()) + ".", ""]
+                      + ", ".join(f"`{policy_label(k)}` -> `{policy_label(v)}`" for k, v in tuned.items()) + ".",
+                      ""]
+        same = self.identical_groups()
+        if same:
+            lines += ["Policies with identical per-request TTFTs in every run (one line in the TTFT plots): "
+                      + "; ".join(" = ".join(f"`{policy_label(p)}`" for p in g) for g in same) + ".", ""]
         for rate in cfg.rates:
-            rows = [a for a in table if a["rate"] == rate]
-            rows.sort(key=lambda a: cfg.policies.index(a["policy"]))
+            rows = sorted((a for a in table if a["rate"] == rate), key=lambda a: cfg.policies.index(a["policy"]))
             req = rows[0]["requests"] if rows else math.nan
-            lines += [f"## Load {_rate(rate)} (about {req:.0f} requests per window)", "",
-                      "| policy | P50 TTFT (s) | P95 TTFT (s) | P95 vs baseline | P99 TTFT (s) | SLO attain. "
-                      "| vs baseline | TTFT SLO | TBT SLO | TBT SLO vs baseline | P95 TBT (ms) | deflected "
-                      "| prefill util | est. error (median abs) | decide (us) |",
-                      "|---|" + "---:|" * 15]
-            for a in rows:
-                lines.append(
-                    f"| `{a['policy']}` | {a['ttft_p50_s']:.3f} | {a['ttft_p95_s']:.3f} | "
-                    f"{_pct(a['ttft_p95_change'])} | {a['ttft_p99_s']:.3f} | {a['slo_attainment']:.1%} | "
-                    f"{_pts(a['slo_attainment_change_pts'])} | {a['ttft_slo_attainment']:.1%} | "
-                    f"{a['tbt_slo_attainment']:.1%} | {_pts(a['tbt_slo_attainment_change_pts'])} | "
-                    f"{a['tbt_p95_s'] * 1e3:.1f} | {a['deflection_rate']:.0%} | {a['prefill_util']:.0%} | "
-                    f"{_pct(a['estimate_median_abs_rel'], signed=False)} | {a['decision_us_mean']:.1f} |")
+            lines += [f"## Load {_rate(rate)} (about {req:.0f} requests per window)", ""]
+            lines += md_table(REPORT_COLUMNS, [_report_cells(a) for a in rows])
             lines.append("")
         if plots:
             lines += ["## Plots", ""]
@@ -407,6 +413,25 @@ class ComparisonResult:
                 lines += [f"![{title}]({Path(path).name})", ""]
         lines += [f"{len(self.runs)} runs in {self.wall_s:.1f} s wall time.", ""]
         return "\n".join(lines)
+
+
+#: The per-load table of the comparison report (GFM: the separator is built from this header).
+REPORT_COLUMNS = (
+    "policy", "P50 TTFT (s)", "P95 TTFT (s)", "P95 vs baseline", "P99 TTFT (s)", "SLO attain.", "vs baseline",
+    "TTFT SLO", "TBT SLO", "TBT SLO vs baseline", "P95 TBT (ms)", "deflected", "prefill util",
+    "est. error (median abs)", "decide (us)",
+)
+
+
+def _report_cells(a: dict[str, Any]) -> list[str]:
+    """One row of :data:`REPORT_COLUMNS` from a :meth:`ComparisonResult.table` entry."""
+    return [
+        f"`{policy_label(a['policy'])}`", f"{a['ttft_p50_s']:.3f}", f"{a['ttft_p95_s']:.3f}",
+        _pct(a["ttft_p95_change"]), f"{a['ttft_p99_s']:.3f}", f"{a['slo_attainment']:.1%}",
+        _pts(a["slo_attainment_change_pts"]), f"{a['ttft_slo_attainment']:.1%}", f"{a['tbt_slo_attainment']:.1%}",
+        _pts(a["tbt_slo_attainment_change_pts"]), f"{a['tbt_p95_s'] * 1e3:.1f}", f"{a['deflection_rate']:.0%}",
+        f"{a['prefill_util']:.0%}", _pct(a["estimate_median_abs_rel"], signed=False), f"{a['decision_us_mean']:.1f}",
+    ]
 
 
 def _rate(r: float | None) -> str:

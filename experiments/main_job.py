@@ -19,6 +19,7 @@ from typing import Any
 
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.metrics import COMPONENT_LABELS, COMPONENTS
+from deflectlab.experiments.markdown import table as md_table
 from deflectlab.experiments.plots import plot_breakdown, plot_ttft_cdf, plot_vs_load
 from deflectlab.experiments.runner import SimulationSpec, WorkloadSpec, run_simulation
 
@@ -76,22 +77,21 @@ def motivation_markdown(m: dict[str, Any]) -> str:
         f"trace `{m['trace']}` rescaled to each load, policy `{m['policy']}`, TTFT SLO "
         f"{m['cluster']['ttft_slo_s']} s, P95 TBT SLO {m['cluster']['tbt_slo_s']} s.",
         "",
-        "| load (req/s) | requests | P50 TTFT (s) | P95 TTFT (s) | P99 TTFT (s) | P95 TBT (ms) | SLO attainment "
-        "| prefill util | decode util | prefill exec share of P95 TTFT |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['rate']:g} | {r['requests']} | {r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} | "
-            f"{r['ttft_p99_s']:.3f} | {r['tbt_p95_s'] * 1e3:.1f} | {r['slo_attainment']:.1%} | "
-            f"{r['prefill_util']:.0%} | {r['decode_util']:.0%} | {r['prefill_share_of_p95_ttft']:.1%} |")
-    lines += ["", "Mean of each TTFT component over the requests at or above P95 TTFT (seconds, share):", "",
-              "| load | " + " | ".join(COMPONENT_LABELS[c] for c in COMPONENTS[:6]) + " |",
-              "|---:|" + "---:|" * 6]
+    lines += md_table(
+        ("load (req/s)", "requests", "P50 TTFT (s)", "P95 TTFT (s)", "P99 TTFT (s)", "P95 TBT (ms)", "SLO attainment",
+         "prefill util", "decode util", "prefill exec share of P95 TTFT"),
+        [(f"{r['rate']:g}", r["requests"], f"{r['ttft_p50_s']:.3f}", f"{r['ttft_p95_s']:.3f}",
+          f"{r['ttft_p99_s']:.3f}", f"{r['tbt_p95_s'] * 1e3:.1f}", f"{r['slo_attainment']:.1%}",
+          f"{r['prefill_util']:.0%}", f"{r['decode_util']:.0%}", f"{r['prefill_share_of_p95_ttft']:.1%}")
+         for r in rows], align="r" * 10)
+    lines += ["", "Mean of each TTFT component over the requests at or above P95 TTFT (seconds, share):", ""]
+    cells = []
     for r in rows:
         tot = r["p95_set_mean_ttft_s"] or math.nan
-        cells = [f"{r['breakdown_p95'][c]:.3f} ({r['breakdown_p95'][c] / tot:.0%})" for c in COMPONENTS[:6]]
-        lines.append(f"| {r['rate']:g} | " + " | ".join(cells) + " |")
+        cells.append([f"{r['rate']:g}"] + [f"{r['breakdown_p95'][c]:.3f} ({r['breakdown_p95'][c] / tot:.0%})"
+                                           for c in COMPONENTS[:6]])
+    lines += md_table(["load"] + [COMPONENT_LABELS[c] for c in COMPONENTS[:6]], cells, align="r" * 7)
     shares = [r["prefill_share_of_p95_ttft"] for r in rows]
     loaded = [r for r in rows if r["rate"] >= 3.0]
     in_range = [PAPER_SHARE[0] <= r["prefill_share_of_p95_ttft"] <= PAPER_SHARE[1] for r in loaded]
@@ -155,24 +155,21 @@ def comparison_summary(res) -> str:
         f"load. Means over the windows; changes against `{cfg.baseline}` "
         "(never deflect). Full tables and plots: [comparison/report.md](comparison/report.md).",
         "",
-        "| load (req/s) | policy | P95 TTFT (s) | vs never-deflect | SLO attainment | vs never-deflect "
-        "| TBT SLO attainment | deflected |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    best = {}
+    best, cells = {}, []
     for rate in cfg.rates:
         rows = sorted((a for a in table if a["rate"] == rate), key=lambda a: cfg.policies.index(a["policy"]))
         for a in rows:
             ch = a["ttft_p95_change"]
             pts = a["slo_attainment_change_pts"]
             name = "learned (experiments/trained)" if a["policy"].startswith("learned:") else a["policy"]
-            lines.append(
-                f"| {rate:g} | `{name}` | {a['ttft_p95_s']:.3f} | "
-                f"{'' if ch is None else f'{ch:+.0%}'} | {a['slo_attainment']:.1%} | "
-                f"{'' if pts is None else f'{pts:+.1f} pts'} | {a['tbt_slo_attainment']:.1%} | "
-                f"{a['deflection_rate']:.0%} |")
+            cells.append((f"{rate:g}", f"`{name}`", f"{a['ttft_p95_s']:.3f}", "" if ch is None else f"{ch:+.0%}",
+                          f"{a['slo_attainment']:.1%}", "" if pts is None else f"{pts:+.1f} pts",
+                          f"{a['tbt_slo_attainment']:.1%}", f"{a['deflection_rate']:.0%}"))
             if a["policy"] == "proactive":
                 best[rate] = (ch, pts)
+    lines += md_table(("load (req/s)", "policy", "P95 TTFT (s)", "vs never-deflect", "SLO attainment",
+                       "vs never-deflect", "TBT SLO attainment", "deflected"), cells, align="rlrrrrrr")
     if best:
         lines += ["", "The proactive deflector against never-deflect: " + "; ".join(
             f"at {r:g} req/s P95 TTFT {c:+.0%}, SLO attainment {p:+.1f} points" for r, (c, p) in best.items()

@@ -96,8 +96,10 @@ def plot_vs_load(xs: Sequence[float], series: Mapping[str, Sequence[float]], pat
 
 def plot_run(result: RunResult, out: Path) -> list[Path]:
     """The standard pictures of one simulated run."""
+    from deflectlab.experiments.labels import policy_label
+
     s = result.summary
-    name = s.get("policy") or "run"
+    name = policy_label(s.get("policy") or "run")
     return [
         plot_ttft_cdf({name: result.records["ttft_s"]}, out / "ttft_cdf.png",
                       slo_s=s.get("slo", {}).get("ttft_slo_s")),

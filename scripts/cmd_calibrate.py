@@ -5,13 +5,18 @@
 
 The measurement CSV format and the fit are described in ``envs/calibration.py`` and ``docs/calibration.md``.
 Writes the profile (loadable by ``envs.profile.load_profile``) and the fit report beside it
-(``<out stem>.fit.json``); prints the report (``--json``: as JSON).
+(``<out stem>.fit.json``); prints the report (``--json``: as JSON). The report warns when a fitted term is
+poorly determined (standard error above 50 % of its value) or held-out rows are predicted with a MAPE above
+10 % (overall or for one kind); ``--strict`` then exits 1. Hardware and model names come from the rows'
+``source`` (what ``deflectlab profile-gpu`` measured), else ``--hardware``/``--model``, else the base profile
+(with a warning).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +71,10 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     )
     p.add_argument("--name", required=True, help="name of the fitted profile")
     p.add_argument("--out", required=True, type=Path, help="profile YAML to write")
-    p.add_argument("--hardware", default=None, help="accelerator name (default: the base's)")
-    p.add_argument("--model", default=None, help="model name (default: the base's)")
+    p.add_argument("--hardware", default=None,
+                   help="accelerator name (default: the device the rows' profile-gpu source names, else the base's)")
+    p.add_argument("--model", default=None,
+                   help="model name (default: the shape the rows' profile-gpu source names, else the base's)")
     p.add_argument("--tensor-parallel", type=int, default=None, help="tensor-parallel degree (default: the base's)")
     p.add_argument("--knots", default=None, help="linear-curve knots, tokens, comma-separated (default: automatic)")
     p.add_argument(
@@ -89,6 +96,9 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the holdout split")
     p.add_argument("--json", action="store_true", help="print the fit report as JSON instead of text")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when the report has a warning (a poorly determined term, a high held-out error); "
+                        "the profile and report are still written")
     p.set_defaults(func=run)
 
 
@@ -120,4 +130,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(report.format())
         print(f"wrote {out} and {report_path}")
+    if not args.holdout:
+        print("note: no rows held out (--holdout 0), so every error above is in-sample", file=sys.stderr)
+    for w in report.warnings:
+        print(f"deflectlab calibrate: warning: {w}", file=sys.stderr)
+    if args.strict and report.warnings:
+        print(f"deflectlab calibrate: --strict: {len(report.warnings)} warning(s), exit 1", file=sys.stderr)
+        return 1
     return 0

@@ -86,7 +86,9 @@ def format_summary(s: dict) -> str:
         f"goodput {s['goodput_rps']:.2f} req/s, deflection rate {s['deflection_rate']:.1%}",
         f"  utilisation: prefill {', '.join(f'{u:.0%}' for u in s['utilization']['prefill'])}; "
         f"decode {', '.join(f'{u:.0%}' for u in s['utilization']['decode'])}",
-        f"  P95 TTFT breakdown (mean over the {s['p95_set_mean_ttft_s']:.3f} s tail set):",
+        f"  P95 TTFT breakdown: the slowest 5 % of requests (TTFT at or above the P95) wait "
+        f"{s['p95_set_mean_ttft_s']:.3f} s on average",
+        "  for their first token; that time is made of (mean per request, share of it):",
     ]
     for k, v in s["ttft_breakdown_p95"].items():
         if v and v > 0:

@@ -37,5 +37,6 @@ def run(args: argparse.Namespace) -> int:
         ov[k] = parse_value(v)
     out = run_sweep(args.sweep, backend=args.backend, trials=args.trials, workers=args.workers,
                     out_dir=args.out_dir, config=args.config, overrides=ov, project=args.project, seed=args.seed)
-    print(json.dumps({k: out.get(k) for k in ("backend", "dir", "best")}, indent=2, default=str))
+    keys = ("backend", "dir", "base_config", "cloned_expert", "overrides", "planned_timesteps_per_trial", "best")
+    print(json.dumps({k: out.get(k) for k in keys}, indent=2, default=str))
     return 0

@@ -43,6 +43,22 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return ov
 
 
+def tie_note(rows: list[dict]) -> str | None:
+    """A note when trials of different seeds scored exactly alike, saying what that does and does not mean."""
+    by_score: dict[float, list] = {}
+    for r in rows:
+        if r.get("slo_attainment") is not None:
+            by_score.setdefault(r["slo_attainment"], []).append(r.get("seed"))
+    ties = [seeds for seeds in by_score.values() if len(set(seeds)) > 1]
+    if not ties:
+        return None
+    return ("note: seeds " + "; ".join(", ".join(map(str, t)) for t in ties) + " scored exactly the same SLO "
+            "attainment. Each trial ran its own seed (see its run_dir, named -s<seed>-, and its weights), but a "
+            "briefly trained policy tends to send nearly every request to one prefill node; the prefill nodes are "
+            "interchangeable, so two such policies score alike whichever node they pick. Train longer "
+            "(total_timesteps) for the seed to show in the score.")
+
+
 def run(args: argparse.Namespace) -> int:
     if os.environ.get("WANDB_MODE") is None and not os.environ.get("WANDB_API_KEY"):
         os.environ["WANDB_MODE"] = "offline"
@@ -61,11 +77,17 @@ def run(args: argparse.Namespace) -> int:
             return 3
         for r in rows:
             print(json.dumps(r, default=str))
+        note = tie_note(rows)
+        if note:
+            print(note, file=sys.stderr)
         return 0
     from deflectlab.agents.train import train
 
     res = train(args.config, overrides=ov, progress=not args.no_progress, verbose=args.verbose)
-    print(f"run {res.run_name}: {res.timesteps} steps in {res.wall_s:.1f} s ({res.steps_per_s:.0f} steps/s)")
+    asked = "" if res.timesteps == res.requested_timesteps else f" ({res.requested_timesteps} asked, rounded up)"
+    print(f"run {res.run_name}: {res.timesteps} RL steps{asked} in {res.learn_s:.1f} s of rollouts and updates "
+          f"({res.steps_per_s:.0f} steps/s); behaviour cloning {res.pretrain_s:.1f} s, evaluations "
+          f"{res.eval_s:.1f} s; {res.wall_s:.1f} s from cloning to the final evaluation")
     print(f"evaluation SLO attainment {res.objective:.3f} (best periodic {res.best_eval_slo_attainment:.3f}); "
           + ", ".join(f"{k} {v['slo_attainment']:.3f}" for k, v in res.baselines.items()))
     print(f"written to {res.run_dir}")

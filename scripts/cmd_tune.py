@@ -1,7 +1,10 @@
 """``deflectlab tune``: grid-search the threshold heuristics' parameters on training windows.
 
-    deflectlab tune azure_code --rates 3.21,5,8            # writes experiments/policies/tuned_azure_code_2p2d.yaml
-    deflectlab compare azure_code --tuned experiments/policies/tuned_azure_code_2p2d.yaml
+    deflectlab tune azure_code --rates 3.21,5,8            # writes runs/tune/tuned_azure_code_2p2d.yaml
+    deflectlab compare azure_code --tuned runs/tune/tuned_azure_code_2p2d.yaml
+
+The shipped file ``experiments/policies/tuned_<trace>_<shape>.yaml`` (what ``compare --tuned auto`` and
+``main`` read) is replaced only when ``--out`` names it.
 
 Training seeds (default 100-104) must differ from the evaluation seeds; unless ``--span`` is given the training
 windows are 300 s from the first half of the trace (see :mod:`policies.tuning`). The objective is mean SLO
@@ -15,8 +18,16 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from deflectlab.experiments.compare import DEFAULT_RATES
+from deflectlab.experiments.compare import DEFAULT_RATES, ComparisonConfig
 from deflectlab.scripts.cmd_compare import add_common_args, config_from_args, tuned_path_for
+
+#: Where ``tune`` writes by default: a run folder, never the shipped file that ``compare --tuned auto`` reads.
+DEFAULT_OUT_DIR = Path("runs") / "tune"
+
+
+def default_out(cfg: ComparisonConfig) -> Path:
+    """``runs/tune/tuned_<trace>_<shape>.yaml``: the shipped file's name, outside the package."""
+    return DEFAULT_OUT_DIR / tuned_path_for(cfg).name
 
 
 def register(sub: argparse._SubParsersAction, help_text: str) -> None:
@@ -29,7 +40,8 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p.add_argument("--policies", nargs="+", default=list(GRIDS), metavar="NAME",
                    help=f"policies to tune (default: {' '.join(GRIDS)})")
     p.add_argument("--out", type=Path, default=None,
-                   help="YAML to write (default experiments/policies/tuned_<trace>_<shape>.yaml)")
+                   help=f"YAML to write (default {DEFAULT_OUT_DIR}/tuned_<trace>_<shape>.yaml; the shipped "
+                        "experiments/policies/ file is written only when named here)")
     p.set_defaults(func=run)
 
 
@@ -42,10 +54,13 @@ def run(a: argparse.Namespace) -> int:
         end = float(load_trace(cfg.trace).arrival_s[-1])
         cfg = replace(cfg, span=(0.0, end * TRAIN_SPAN_FRACTION))
     results = tune(cfg, tuple(a.policies), progress=not a.no_progress)
-    out = a.out or tuned_path_for(cfg)
+    out = a.out or default_out(cfg)
     save_tuned(results, out, cfg, command=cfg.command)
     for name, r in results.items():
         params = ", ".join(f"{k}={v}" for k, v in r.best.items())
         print(f"{name:<20} {params:<34} SLO attainment {r.slo_attainment:6.1%}  P95 TTFT {r.ttft_p95_s:7.3f} s")
-    print(f"wrote {out}", file=sys.stderr)
+    shipped = tuned_path_for(cfg)
+    note = (" (the shipped file: compare --tuned auto and main read it)" if out.resolve() == shipped.resolve()
+            else f"; use it with `deflectlab compare --tuned {out}` (the shipped {shipped.name} is unchanged)")
+    print(f"wrote {out}{note}", file=sys.stderr)
     return 0

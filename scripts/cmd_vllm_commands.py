@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 
 from deflectlab.envs.config import ClusterConfig, parse_shape
@@ -35,6 +36,9 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p.add_argument("--ucx-tls", default="all", help="UCX_TLS (e.g. rc,cuda_copy,cuda_ipc)")
     p.add_argument("--ucx-net-devices", default="all", help="UCX_NET_DEVICES (e.g. mlx5_0:1)")
     p.add_argument("--extra-vllm-args", default="", help="appended to every vllm serve line")
+    p.add_argument("--health-timeout", type=float, default=900.0, metavar="SECONDS",
+                   help="seconds the script waits for every instance's /health before it gives up (default 900: "
+                        "time to download and load the model)")
     p.set_defaults(func=run)
 
 
@@ -43,6 +47,8 @@ def vllm_commands(a: argparse.Namespace) -> str:
     n_p, n_d = parse_shape(a.shape)
     if a.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {a.tp}")
+    if not (math.isfinite(a.health_timeout) and a.health_timeout >= 0):
+        raise ValueError(f"--health-timeout must be >= 0 seconds, got {a.health_timeout:g}")
     q = shlex.quote
     lines = [
         "#!/usr/bin/env bash",
@@ -77,13 +83,22 @@ def vllm_commands(a: argparse.Namespace) -> str:
     all_ports = " ".join(map(str, p_ports + d_ports))
     lines += [
         "",
-        "# wait until every instance answers /health",
-        f"for port in {all_ports}; do",
-        f"  until curl -sf http://{a.host}:$port/health > /dev/null; do sleep 5; done",
-        "done",
+        f"# wait until every instance answers /health; give up after {a.health_timeout:g} s (a model download, an",
+        "# out-of-memory or a bad flag shows in vllm-*.log), and start the router only when all are up",
+        "wait_healthy() {",
+        f"  local deadline=$((SECONDS + {math.ceil(a.health_timeout)}))",
+        f"  for port in {all_ports}; do",
+        f"    until curl -sf --max-time 5 http://{a.host}:$port/health > /dev/null; do",
+        '      if [ "$SECONDS" -ge "$deadline" ]; then',
+        f'        echo "no /health answer on port $port after {a.health_timeout:g} s; see vllm-*.log" >&2; return 1',
+        "      fi",
+        "      sleep 5",
+        "    done",
+        "  done",
+        "}",
         "",
         "# the deflection router (a drop-in for vLLM's disaggregated proxy) on the front port",
-        f"deflectlab route --host {q(a.router_host or a.host)} --port {a.router_port} \\\n"
+        f"wait_healthy && deflectlab route --host {q(a.router_host or a.host)} --port {a.router_port} \\\n"
         f"  --prefiller-hosts {q(a.host)} --prefiller-ports {' '.join(map(str, p_ports))} \\\n"
         f"  --decoder-hosts {q(a.host)} --decoder-ports {' '.join(map(str, d_ports))} \\\n"
         f"  --policy {q(a.policy)} --profile {q(a.profile)} \\\n"

@@ -222,6 +222,9 @@ def test_ray_two_trials_locally(tmp_path):
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["config"]["seed"] for r in rows) == [0, 1]
     assert all(0.0 <= r["slo_attainment"] <= 1.0 for r in rows)
+    for r in rows:  # the seed each trial reports is the one train() ran with, and its run is named after it
+        assert r["seed"] == r["config"]["seed"] and f"-s{r['seed']}-" in Path(r["run_dir"]).name
+    assert p.stderr.count("ray: trial") >= 4  # a start and an end line per trial
 
 
 def test_shipped_configs_and_sweeps_are_valid():
@@ -246,3 +249,76 @@ def test_ray_unavailable_is_a_clear_error(tmp_path):
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(tmp_path))
     p = _cli("train", "--config", str(cfg), "--ray", "--ray-seeds", "0,1")
     assert p.returncode == 3 and "Ray Tune cannot be imported here" in p.stderr
+
+
+# -- what long work says while it runs, and summaries that report what ran (issue 14) ----------------------------
+def test_planned_timesteps_round_up_to_whole_rollouts():
+    from deflectlab.agents.train import planned_timesteps, rounding_note
+
+    cfg = load_config(tiny_config(Path("/tmp")), ["total_timesteps=300"])  # rollouts of 128 steps x 2 envs
+    assert planned_timesteps(cfg) == 512
+    assert rounding_note(cfg) == ("total_timesteps 300 rounds up to 512 steps: maskable_ppo collects whole "
+                                  "rollouts of n_steps 128 x 2 envs")
+    assert rounding_note(load_config(tiny_config(Path("/tmp")))) is None  # 512 is whole rollouts
+    dqn = load_config(tiny_config(Path("/tmp"), algo="dqn", algo_params={}), ["total_timesteps=301"])
+    assert planned_timesteps(dqn) == 302
+
+
+def test_train_reports_the_steps_it_ran_and_shows_cloning_progress(tmp_path, capfd):
+    cfg = tiny_config(tmp_path, total_timesteps=200, algo_params={"n_steps": 64, "batch_size": 64, "n_epochs": 1},
+                      pretrain={"expert": "always_deflect", "steps": 256, "epochs": 3},
+                      eval={"every_steps": 0, "episodes": 1, "baselines": []})
+    res = train(cfg, progress=True)
+    err = capfd.readouterr().err
+    assert "total_timesteps 200 rounds up to 256 steps" in err
+    assert res.requested_timesteps == 200 and res.timesteps == 256  # what SB3 ran: 2 rollouts of 64 x 2 envs
+    assert "cloning always_deflect: demonstrations" in err and "cloning: fitting 256 decisions" in err
+    assert "behaviour cloning of always_deflect: 256 decisions" in err
+    assert res.pretrain_s > 0 and res.eval_s > 0 and res.learn_s > 0
+    assert res.learn_s + res.pretrain_s <= res.wall_s
+    assert res.steps_per_s == pytest.approx(res.timesteps / res.learn_s)  # RL steps over RL time only
+
+
+def test_sweep_reports_the_values_its_trials_ran(tmp_path, capfd):
+    from deflectlab.agents.sweep import run_sweep
+
+    base = write_yaml(tmp_path / "tiny.yaml", tiny_config(
+        tmp_path, eval={"every_steps": 0, "episodes": 1, "baselines": []},
+        pretrain={"expert": "always_deflect", "steps": 64, "epochs": 1}))
+    sweep = write_yaml(tmp_path / "grid.yaml", {
+        "method": "grid", "metric": {"name": "eval/slo_attainment", "goal": "maximize"},
+        "parameters": {"policy.net_arch": {"values": [[8]]}, "total_timesteps": {"value": 300000}}})
+    out = run_sweep(sweep, backend="sweeps", trials=1, config=str(base), out_dir=tmp_path / "sw",
+                    overrides={"total_timesteps": 128, "algo_params.n_steps": 64})
+    best = out["best"]
+    assert best["params"] == {"policy.net_arch": [8], "total_timesteps": 128}  # what ran, not the sweep's 300000
+    assert best["overridden"] == {"total_timesteps": {"sweep": 300000, "ran": 128}} and best["timesteps"] == 128
+    assert out["cloned_expert"] == "always_deflect" and out["planned_timesteps_per_trial"] == 128
+    err = capfd.readouterr().err
+    assert "sweep: trial 0 of 1 started" in err and "sweep: trial 0 done in" in err
+    assert "after behaviour cloning of always_deflect" in err
+
+
+def test_identical_seed_scores_come_from_interchangeable_prefill_nodes():
+    """Why `train --ray --ray-seeds 0,1` can print one score twice: two briefly trained seeds that send every
+    request to a different prefill node make different decisions, yet the nodes are interchangeable."""
+    from deflectlab.agents.evaluation import Decision, Policy, evaluate
+    from deflectlab.scripts.cmd_train import tie_note
+
+    class OneNode(Policy):
+        def __init__(self, node: int) -> None:
+            self.node = node
+
+        def decide(self, view, request):
+            return Decision.prefill(self.node)
+
+    cfg = load_config(tiny_config(Path("/tmp")))
+    rep = evaluate({"p0": OneNode(0), "p1": OneNode(1), "rr": "round_robin"}, cfg.eval_env_kwargs(),
+                   cfg.eval_seeds())
+    p0, p1, rr = (rep["policies"][k]["pooled"] for k in ("p0", "p1", "rr"))
+    assert p0 == p1  # every metric equal, though no decision is
+    assert rr["ttft_p95_s"] < p0["ttft_p95_s"]  # not because the metrics ignore the policy
+    note = tie_note([{"seed": 0, "slo_attainment": 0.25}, {"seed": 1, "slo_attainment": 0.25},
+                     {"seed": 2, "slo_attainment": 0.5}])
+    assert note and note.startswith("note: seeds 0, 1 scored exactly the same")
+    assert tie_note([{"seed": 0, "slo_attainment": 0.25}, {"seed": 1, "slo_attainment": 0.5}]) is None

@@ -450,3 +450,77 @@ def test_vidur_llama2_attention_rows_give_the_a100_hbm_bandwidth() -> None:
     # A100-80GB's 2.04 TB/s (NVIDIA datasheet)
     assert 1.5e12 < bandwidth < 2.1e12
     assert report.by_kind["decode"]["mape_pct"] < 10.0
+
+
+# -- warnings, --strict, names from the rows' provenance, validate and the fit rows (issue 14) -------------------
+PROFILER_SOURCE = ("deflectlab profile-gpu --shape tiny on CPU x86_64 (1 threads), 2026-12-02 17:00 UTC; fp32, "
+                   "median of 3")
+
+
+def _noisy_csv(tmp_path: Path, noise: float) -> Path:
+    rows = [replace(m, source=PROFILER_SOURCE) for m in synthetic_rows(TRUE, noise, np.random.default_rng(7))]
+    return write_measurements(tmp_path / f"noise{noise}.csv", rows)
+
+
+def test_quality_warnings_thresholds() -> None:
+    from deflectlab.envs.calibration import HOLDOUT_WARN_PCT, STDERR_WARN_PCT, TermFit, quality_warnings
+
+    bad = TermFit(value=1.0, how="fitted", source="", rel_stderr_pct=756.0)
+    fine = TermFit(value=1.0, how="fitted", source="", rel_stderr_pct=STDERR_WARN_PCT - 1)
+    base = TermFit(value=1.0, how="base", source="", rel_stderr_pct=None)
+    [w] = quality_warnings({"linear": bad, "decode_attn_s_per_seq": fine, "overhead_s": base}, None)
+    assert "term linear is poorly determined: standard error 756 %" in w
+    held = {"rows": 10, "mape_pct": 24.0, "by_kind": {"mixed": {"mape_pct": 44.0}, "decode": {"mape_pct": 3.0}}}
+    ws = quality_warnings({}, held)
+    assert len(ws) == 2 and "held-out MAPE 24.0 %" in ws[0] and "held-out mixed rows: MAPE 44.0 %" in ws[1]
+    assert quality_warnings({}, {**held, "mape_pct": HOLDOUT_WARN_PCT, "by_kind": {}}) == []
+
+
+def test_calibrate_names_come_from_the_rows_and_strict_fails_on_a_bad_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, noisy = _noisy_csv(tmp_path, 0.0), _noisy_csv(tmp_path, 0.3)
+    args = ["calibrate", "--base", str(BASE), "--name", "n", "--holdout", "0.3", "--strict", "--json"]
+    assert main([*args, "--data", str(good), "--out", str(tmp_path / "good.yaml")]) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == []
+    profile = load_profile(tmp_path / "good.yaml")
+    assert profile.hardware == "CPU x86_64 (1 threads)"  # what the rows were measured on, not the base's test-GPU
+    assert profile.model.startswith("tiny shape")
+
+    assert main([*args, "--data", str(noisy), "--out", str(tmp_path / "noisy.yaml")]) == 1
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    held = report["holdout"]
+    mape = float(np.mean([abs(p["error_pct"]) for p in held["predictions"]]))  # recomputed from the rows
+    assert mape == pytest.approx(held["mape_pct"]) and mape > 10.0
+    assert f"held-out MAPE {mape:.1f} %" in err and "--strict" in err
+    assert (tmp_path / "noisy.yaml").is_file()  # written anyway, for inspection
+    # without provenance in the rows, the base's names are used and the report says so
+    bare = write_measurements(tmp_path / "bare.csv", synthetic_rows(TRUE, 0.0, np.random.default_rng(7)))
+    assert main(["calibrate", "--base", str(BASE), "--name", "b", "--data", str(bare), "--out",
+                 str(tmp_path / "b.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert "hardware 'test-GPU' is the base profile's" in err and "no rows held out" in err
+
+
+def test_validate_separates_the_rows_the_fit_used(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _noisy_csv(tmp_path, 0.02)
+    prof = tmp_path / "p.yaml"
+    assert main(["calibrate", "--data", str(data), "--base", str(BASE), "--name", "p", "--out", str(prof),
+                 "--holdout", "0.3", "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)
+    n_all, n_fit, n_held = len(read_measurements(data)), fit["rows_used"], fit["holdout"]["rows"]
+    assert n_fit + n_held == n_all and n_held > 0
+
+    assert main(["validate", "--profile", str(prof), "--data", str(data), "--out", str(tmp_path / "v")]) == 0
+    err = capsys.readouterr().err
+    assert f"WARNING: {n_fit} of {n_all} rows were used to fit p" in err
+    doc = json.loads((tmp_path / "v" / "validation.json").read_text())
+    assert doc["rows_used_by_fit"] == n_fit and doc["not_fitted"]["overall"]["n"] == n_held
+    assert doc["not_fitted"]["overall"]["mape_pct"] == pytest.approx(fit["holdout"]["mape_pct"])
+
+    assert main(["validate", "--profile", str(prof), "--data", str(data), "--out", str(tmp_path / "h"),
+                 "--held-out"]) == 0
+    doc = json.loads((tmp_path / "h" / "validation.json").read_text())
+    assert doc["scored"] == "held-out rows only" and len(doc["rows"]) == n_held
+    assert doc["overall"]["mape_pct"] == pytest.approx(fit["holdout"]["mape_pct"])  # same rows, same profile
