@@ -7,13 +7,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import markdown_it  # the dev extra: a real GFM parser checks the tables
 import pytest
 from deflectlab.experiments.compare import REPORT_COLUMNS, ComparisonConfig, run_comparison
 from deflectlab.experiments.compare_plots import _series, merge_identical, spans_decades
 from deflectlab.experiments.labels import policy_label
 from deflectlab.experiments.markdown import table as md_table
-
-markdown_it = pytest.importorskip("markdown_it", reason="markdown-it-py is in the dev extra")
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED = ROOT / "experiments" / "trained"
