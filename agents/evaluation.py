@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from deflectlab.envs.features import FeatureBuilder
 from deflectlab.envs.gym_env import DeflectionEnv
 from deflectlab.envs.simulator import ClusterSim
-from deflectlab.policies.base import ClusterView, Decision, Policy
-from deflectlab.policies.features import FeatureBuilder
+from deflectlab.envs.view import ClusterView, Decision, Policy
 
 if TYPE_CHECKING:
     from stable_baselines3.common.policies import BasePolicy
@@ -26,7 +26,7 @@ EPISODE_KEYS = ("requests", "completed", "rejected", "slo_attainment", "ttft_slo
 
 
 class NetPolicy(Policy):
-    """A trained SB3 policy network used in-process: features from :mod:`policies.features`, masked greedy action.
+    """A trained SB3 policy network used in-process: features from :mod:`envs.features`, masked greedy action.
 
     :param net: the SB3 policy network (PPO, MaskablePPO or DQN).
     :param name: name in reports.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from deflectlab.agents.config import TrainConfig, load_config
 from deflectlab.envs.config import ClusterConfig
-from deflectlab.policies.features import FEATURE_SCHEMA
+from deflectlab.envs.features import FEATURE_SCHEMA
 from gymnasium import spaces
 from torch import nn
 

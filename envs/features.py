@@ -1,7 +1,7 @@
 """The feature builder: the one observation of a routing decision, shared by the environment, the exported-policy
 runtime and the router.
 
-``build_observation(view, request)`` turns a :class:`~policies.base.ClusterView` and the arriving request into a
+``build_observation(view, request)`` turns a :class:`~envs.view.ClusterView` and the arriving request into a
 fixed-length ``float32`` vector for a cluster of ``P`` prefill and ``D`` decode nodes. It reads only fields of the
 view and its node views (profiles included) and ``request.input_tokens``: the router knows exactly these, so a
 policy sees the same features in simulation and in front of real vLLM servers.
@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from deflectlab.policies.base import ClusterView, Decision
-from deflectlab.policies.chunking import largest_safe_chunk, worst_chunk_step_s
+from deflectlab.envs.chunking import largest_safe_chunk, worst_chunk_step_s
+from deflectlab.envs.view import ClusterView, Decision
 
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
@@ -299,7 +299,7 @@ class FeatureBuilder:
     """Builds observations, action masks and decisions for one request at a time.
 
     :meth:`build` computes the observation and, in the same pass, the action mask and each decode node's chunk
-    cap; :meth:`decision` then maps an action to a :class:`~policies.base.Decision` with those caps. The
+    cap; :meth:`decision` then maps an action to a :class:`~envs.view.Decision` with those caps. The
     environment and the runtime both use it, so an action means the same thing in both.
     """
 

@@ -10,11 +10,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.features import FEATURE_SCHEMA, FeatureBuilder, action_layout
 from deflectlab.envs.profile import load_profile
 from deflectlab.envs.rewards import Reward, StepStats, make_reward
 from deflectlab.envs.simulator import ClusterSim
 from deflectlab.envs.workloads import ARRIVALS, Workload, load_trace, make_workload
-from deflectlab.policies.features import FEATURE_SCHEMA, FeatureBuilder, action_layout
 from gymnasium import spaces
 from gymnasium.utils import seeding
 
@@ -43,7 +43,7 @@ class DeflectionEnv(gym.Env):
 
     ``Discrete(P + D)``. Action ``i < P``: prefill on prefill node ``i``, decode node chosen by the cluster's
     decode balancer at hand-off time. Action ``P + j``: deflect to decode node ``j`` with the chunk cap of
-    ``policies.features.ChunkSolver``: the largest chunk whose slowest step (the prompt's last chunk, next to
+    ``envs.features.ChunkSolver``: the largest chunk whose slowest step (the prompt's last chunk, next to
     ``j``'s running batch) keeps the TBT SLO by the profile, capped by ``j``'s free token budget, at least 32
     tokens. :meth:`action_masks` marks decode nodes without free KV room for the prompt invalid (the output
     length is unknown, as in a router); prefill actions are always valid, and the mask is never all False.
@@ -51,8 +51,8 @@ class DeflectionEnv(gym.Env):
 
     ## Observation Space
 
-    ``Box(low, high, (3 + 6P + 11D,), float32)``, the versioned ``policies.features.FEATURE_SCHEMA``
-    (``deflectlab.features`` v1), built by ``policies.features.build_observation`` from the cluster view and the
+    ``Box(low, high, (3 + 6P + 11D,), float32)``, the versioned ``envs.features.FEATURE_SCHEMA``
+    (``deflectlab.features`` v1), built by ``envs.features.build_observation`` from the cluster view and the
     prompt length only -- the router builds the same vector. Squashed features are ``x / (x + scale)``.
 
     | block | feature | raw unit | transform, scale | bounds |

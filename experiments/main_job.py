@@ -131,7 +131,7 @@ def run_main_comparison(out: Path, rates: tuple[float, ...] = COMPARE_RATES, pro
                         seeds: tuple[int, ...] = (0, 1, 2, 3, 4)):
     """Compare :data:`MAIN_POLICIES` on held-out windows of the Azure code trace; writes its own report."""
     from deflectlab.experiments.compare import ComparisonConfig, run_comparison
-    from deflectlab.policies.tuning import load_tuned
+    from deflectlab.experiments.tuning import load_tuned
 
     tuned, _meta = load_tuned(TUNED_FILE)
     cfg = ComparisonConfig(trace="azure_code", rates=rates, seeds=seeds, window_s=300.0, span=HELD_OUT_SPAN,

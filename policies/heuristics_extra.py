@@ -1,6 +1,6 @@
 """Threshold heuristics for deflection: the baselines the proactive deflector is compared against.
 
-Every policy here looks only at the :class:`~policies.base.ClusterView` and the request's prompt length
+Every policy here looks only at the :class:`~envs.view.ClusterView` and the request's prompt length
 (``request.input_tokens``); none reads the output length, which a router does not know. Each class cites
 where its rule comes from. Parameters are plain constructor arguments, so each policy can be built from a
 registry spec such as ``"dynamo_isl:isl_bound=1024,veto_busy=0.9"``.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deflectlab.policies.base import ClusterView, Decision, DecodeNodeView, Policy, PrefillNodeView, RequestLike
+from deflectlab.envs.view import ClusterView, Decision, DecodeNodeView, Policy, PrefillNodeView, RequestLike
 
 
 def _check_number(policy: str, name: str, value: Any, lo: float, lo_inclusive: bool = True,

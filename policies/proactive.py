@@ -65,8 +65,8 @@ import math
 from bisect import bisect_right
 from typing import TYPE_CHECKING, Any
 
-from deflectlab.policies.base import ClusterView, Decision, DecodeNodeView, Policy, RequestLike
-from deflectlab.policies.chunking import largest_safe_chunk
+from deflectlab.envs.chunking import largest_safe_chunk
+from deflectlab.envs.view import ClusterView, Decision, DecodeNodeView, Policy, RequestLike
 
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
@@ -232,7 +232,7 @@ class ProactiveDeflector(Policy):
     :param min_chunk: no deflection to a node whose SLO-safe chunk is below this (unless the whole prompt is
         smaller), tokens. A prompt that may only take a few hundred tokens per step (a long one, whose chunks
         attend to a long prefix) holds a decode node's step-time budget for many steps; 512 was chosen on the
-        training windows of :mod:`policies.tuning` (mean SLO attainment 97.7 % against 97.2 % at 32, 2P2D
+        training windows of :mod:`experiments.tuning` (mean SLO attainment 97.7 % against 97.2 % at 32, 2P2D
         ``azure_code``), as the baselines' thresholds are.
     :param max_chunk: upper bound on the chunk cap, tokens (``None``: no bound but the node's budget).
     :param output_allowance_tokens: KV room kept for the unknown output beyond the prompt, tokens.
@@ -305,7 +305,7 @@ class ProactiveDeflector(Policy):
     # -- the deflect path, DESIGN.md's formula ("queue", "serial") ------------------------------------------
     def slo_chunk(self, m: StepModel, B: int, C: int, L: int, budget: int, tau: float) -> int:
         """Largest chunk ``c`` (tokens) whose worst step keeps ``B`` decodes over ``C`` context within ``tau``
-        (:func:`policies.chunking.largest_safe_chunk`), at most ``budget`` (the node's token budget after its
+        (:func:`envs.chunking.largest_safe_chunk`), at most ``budget`` (the node's token budget after its
         decodes), ``L`` and ``max_chunk``, at least ``min_chunk``; 0 when none fits."""
         hi = budget if budget < L else L
         if self.max_chunk is not None and self.max_chunk < hi:

@@ -148,7 +148,7 @@ def tuned_path_for(cfg: ComparisonConfig) -> Path:
 
 def resolve_tuned(arg: str, cfg: ComparisonConfig) -> tuple[dict[str, dict[str, Any]] | None, str]:
     """The tuned parameters ``--tuned`` names (``auto``, ``none`` or a path) and a note for stderr."""
-    from deflectlab.policies.tuning import check_disjoint, load_tuned
+    from deflectlab.experiments.tuning import check_disjoint, load_tuned
 
     if arg.lower() == "none":
         return None, "thresholds at their defaults (--tuned none)"

@@ -4,7 +4,7 @@
     deflectlab compare azure_code --tuned experiments/policies/tuned_azure_code_2p2d.yaml
 
 Training seeds (default 100-104) must differ from the evaluation seeds; unless ``--span`` is given the training
-windows are 300 s from the first half of the trace (see :mod:`policies.tuning`). The objective is mean SLO
+windows are 300 s from the first half of the trace (see :mod:`experiments.tuning`). The objective is mean SLO
 attainment over every training (rate, seed) run, ties broken by the lower mean P95 TTFT.
 """
 
@@ -20,7 +20,7 @@ from deflectlab.scripts.cmd_compare import add_common_args, config_from_args, tu
 
 
 def register(sub: argparse._SubParsersAction, help_text: str) -> None:
-    from deflectlab.policies.tuning import GRIDS, TRAIN_SEEDS
+    from deflectlab.experiments.tuning import GRIDS, TRAIN_SEEDS
 
     p = sub.add_parser("tune", help=help_text,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
 
 def run(a: argparse.Namespace) -> int:
     from deflectlab.envs.workloads import load_trace
-    from deflectlab.policies.tuning import TRAIN_SPAN_FRACTION, save_tuned, tune
+    from deflectlab.experiments.tuning import TRAIN_SPAN_FRACTION, save_tuned, tune
 
     cfg = config_from_args(a, ("round_robin",))
     if cfg.span is None:  # training windows from the first half of the trace, unless told otherwise

@@ -12,18 +12,18 @@ import deflectlab.envs  # noqa: E402,F401  (registers deflectlab/Deflection-v0)
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from deflectlab.envs.gym_env import DeflectionEnv  # noqa: E402
-from deflectlab.envs.metrics import collect  # noqa: E402
-from deflectlab.envs.profile import load_profile  # noqa: E402
-from deflectlab.envs.rewards import Composite, SLOHinge, StepStats, TBTViolation, WaitingTimeIntegral, make_reward  # noqa: E402
-from deflectlab.policies.base import ClusterView, DecodeNodeView, PrefillNodeView  # noqa: E402
-from deflectlab.policies.features import (  # noqa: E402
+from deflectlab.envs.features import (  # noqa: E402
     FEATURE_SCHEMA,
     MIN_CHUNK_TOKENS,
     ChunkSolver,
     FeatureBuilder,
     build_observation,
 )
+from deflectlab.envs.gym_env import DeflectionEnv  # noqa: E402
+from deflectlab.envs.metrics import collect  # noqa: E402
+from deflectlab.envs.profile import load_profile  # noqa: E402
+from deflectlab.envs.rewards import Composite, SLOHinge, StepStats, TBTViolation, WaitingTimeIntegral, make_reward  # noqa: E402
+from deflectlab.envs.view import ClusterView, DecodeNodeView, PrefillNodeView  # noqa: E402
 
 SMALL = dict(window_s=60.0, load=(2.0, 3.0))
 
