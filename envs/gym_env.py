@@ -14,6 +14,7 @@ from deflectlab.envs.features import FEATURE_SCHEMA, FeatureBuilder, action_layo
 from deflectlab.envs.profile import load_profile
 from deflectlab.envs.rewards import Reward, StepStats, make_reward
 from deflectlab.envs.simulator import ClusterSim
+from deflectlab.envs.view import Policy
 from deflectlab.envs.workloads import ARRIVALS, Workload, load_trace, make_workload
 from gymnasium import spaces
 from gymnasium.utils import seeding
@@ -182,7 +183,7 @@ class DeflectionEnv(gym.Env):
         self.min_requests = min_requests
         self.reward_fn = make_reward(reward)
         self._track_deadlines = self.reward_fn.needs_deadlines
-        self._experts: dict[str, Any] = {}
+        self._expert: Policy | None = None
 
         P, D = self.config.num_prefill, self.config.num_decode
         self.num_prefill, self.num_decode = P, D
@@ -270,14 +271,19 @@ class DeflectionEnv(gym.Env):
             raise RuntimeError("call reset() first")
         return self.sim.view()
 
-    def expert_action(self, policy: str) -> int:
-        """The action a heuristic (registry spec, e.g. ``"proactive"``) takes for the current request: its
-        decision's node, in this environment's action layout (the chunk cap is the environment's)."""
-        pol = self._experts.get(policy)
-        if pol is None:
-            from deflectlab.policies.registry import make_policy
+    def set_expert(self, policy: Policy) -> None:
+        """Keep ``policy`` (built by the caller, e.g. ``policies.registry.make_policy("proactive")``) as this
+        environment's expert for :meth:`expert_action`; its per-run state stays with this environment."""
+        if not callable(getattr(policy, "decide", None)):
+            raise ValueError(f"an expert needs a decide(view, request) method, got {policy!r}")
+        self._expert = policy
 
-            pol = self._experts[policy] = make_policy(policy)
+    def expert_action(self, policy: Policy | None = None) -> int:
+        """The action ``policy`` (default: the one given to :meth:`set_expert`) takes for the current request: its
+        decision's node, in this environment's action layout (the chunk cap is the environment's)."""
+        pol = self._expert if policy is None else policy
+        if pol is None:
+            raise RuntimeError("no expert: pass a policy, or call set_expert() first")
         if self._req is None:
             raise RuntimeError("no request awaits a decision; call reset()")
         d = pol.decide(self.sim.view(), self._req)  # type: ignore[union-attr]

@@ -42,7 +42,7 @@ def run_motivation(out: Path, rates: tuple[float, ...] = DEFAULT_RATES, trace: s
     for rate in it:
         spec = SimulationSpec(workload=WorkloadSpec(trace=trace, rate=rate), cluster=cluster, policy=policy)
         res = run_simulation(spec)
-        res.save(out / f"rate_{rate:g}", plots=False)
+        res.save(out / f"rate_{rate:g}")
         s = res.summary
         rows.append({
             "rate": rate, "requests": s["requests"], "completed": s["completed"], "rejected": s["rejected"],

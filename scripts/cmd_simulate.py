@@ -104,7 +104,11 @@ def run(a: argparse.Namespace) -> int:
         spec = SimulationSpec(workload=workload_from_args(a), cluster=cluster_from_args(a), policy=a.policy)
     result = run_simulation(spec, progress=not a.json and sys.stderr.isatty())
     if a.out:
-        result.save(a.out, plots=not a.no_plots)
+        out = result.save(a.out)
+        if not a.no_plots:
+            from deflectlab.experiments.plots import plot_run
+
+            plot_run(result, out)
     if a.json:
         print(json.dumps(result.summary, default=float))
     else:

@@ -24,6 +24,7 @@ from deflectlab.envs.metrics import collect  # noqa: E402
 from deflectlab.envs.profile import load_profile  # noqa: E402
 from deflectlab.envs.rewards import Composite, SLOHinge, StepStats, TBTViolation, WaitingTimeIntegral, make_reward  # noqa: E402
 from deflectlab.envs.view import ClusterView, DecodeNodeView, PrefillNodeView  # noqa: E402
+from deflectlab.policies.registry import make_policy  # noqa: E402
 
 SMALL = dict(window_s=60.0, load=(2.0, 3.0))
 
@@ -110,7 +111,8 @@ def test_latency_reward_integrates_ttft_and_deadline_misses_count_slo_misses():
     the requests over the TTFT SLO."""
     for reward in ("latency", [{"name": "slo", "at": "deadline"}], [{"name": "slo", "at": "first_token"}]):
         env = DeflectionEnv(reward=reward, **SMALL)
-        _, rewards, info = _rollout(env, seed=5, policy=lambda e, k: e.expert_action("round_robin")
+        env.set_expert(make_policy("round_robin"))
+        _, rewards, info = _rollout(env, seed=5, policy=lambda e, k: e.expert_action()
                                     if k % 3 else 2 + k % 2)
         ttft = collect(env.sim).records["ttft_s"]
         slo = env.config.ttft_slo_s
@@ -204,8 +206,13 @@ def test_chunk_solver_is_the_largest_slo_safe_chunk(profile):
 def test_expert_action_follows_the_heuristic():
     env = DeflectionEnv(**SMALL)
     env.reset(seed=1)
-    assert [env.expert_action("round_robin") for _ in range(3)] == [0, 1, 0]
-    assert env.expert_action("always_deflect") in (2, 3)
+    with pytest.raises(RuntimeError, match="set_expert"):
+        env.expert_action()
+    env.set_expert(make_policy("round_robin"))
+    assert [env.expert_action() for _ in range(3)] == [0, 1, 0]
+    assert env.expert_action(make_policy("always_deflect")) in (2, 3)
+    with pytest.raises(ValueError, match="decide"):
+        env.set_expert("round_robin")  # type: ignore[arg-type]
 
 
 def test_bad_arguments_are_clear_errors():
