@@ -42,9 +42,7 @@ def spaces_for(cluster: ClusterConfig) -> tuple[spaces.Box, spaces.Discrete]:
 
 
 def cluster_of(cfg: TrainConfig) -> ClusterConfig:
-    from deflectlab.envs.gym_env import _cluster_config
-
-    return _cluster_config(cfg.env.cluster)
+    return ClusterConfig.coerce(cfg.env.cluster)
 
 
 def policy_kwargs(cfg: TrainConfig) -> dict[str, Any]:

@@ -115,6 +115,21 @@ class ClusterConfig:
         return from_mapping(cls, d, "cluster")
 
     @classmethod
+    def coerce(cls, cluster: ClusterConfig | dict[str, Any] | str | None) -> ClusterConfig:
+        """A config from a config, a mapping of its fields (``shape`` allowed in place of the node counts), a
+        shape such as ``"2p2d"``, or None (the defaults)."""
+        if cluster is None:
+            return cls()
+        if isinstance(cluster, cls):
+            return cluster
+        if isinstance(cluster, str):
+            return cls.from_shape(cluster)
+        if isinstance(cluster, dict):
+            d = dict(cluster)
+            return cls.from_shape(d.pop("shape"), **d) if "shape" in d else cls.from_dict(d)
+        raise ConfigError(f"cluster must be a ClusterConfig, a mapping or a shape like '2p2d', got {cluster!r}")
+
+    @classmethod
     def from_shape(cls, shape: str, **kw: Any) -> ClusterConfig:
         p, d = parse_shape(shape)
         return cls.from_dict({"num_prefill": p, "num_decode": d, **kw})

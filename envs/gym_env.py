@@ -155,7 +155,7 @@ class DeflectionEnv(gym.Env):
     ) -> None:
         if render_mode is not None:
             raise ValueError(f"DeflectionEnv has no render modes, got render_mode={render_mode!r}")
-        self.config = _cluster_config(cluster)
+        self.config = ClusterConfig.coerce(cluster)
         self.prefill_profile = load_profile(self.config.prefill_profile)
         self.decode_profile = load_profile(self.config.decode_profile)
         self.trace_name = trace
@@ -409,21 +409,6 @@ class DeflectionEnv(gym.Env):
             if slow:
                 gaps += slow * max(node.batch_size, 1)
         stats.tbt_violation_gaps = gaps
-
-
-def _cluster_config(cluster: ClusterConfig | dict[str, Any] | str | None) -> ClusterConfig:
-    if cluster is None:
-        return ClusterConfig()
-    if isinstance(cluster, ClusterConfig):
-        return cluster
-    if isinstance(cluster, str):
-        return ClusterConfig.from_shape(cluster)
-    if isinstance(cluster, dict):
-        d = dict(cluster)
-        if "shape" in d:
-            return ClusterConfig.from_shape(d.pop("shape"), **d)
-        return ClusterConfig.from_dict(d)
-    raise ValueError(f"cluster must be a ClusterConfig, a mapping or a shape like '2p2d', got {cluster!r}")
 
 
 def _range(name: str, v: float | Sequence[float], positive: bool = False) -> tuple[float, float]:
