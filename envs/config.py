@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -12,6 +14,41 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names it."""
+
+
+def check_number(
+    value: Any, name: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+    hi_open: bool = False, integer: bool = False, unit: str = "", what: str = "", error: type[ValueError] = ConfigError,
+) -> Any:
+    """``value`` as a float (an int when ``integer``) if it is a finite number in range, else an ``error`` (a
+    :class:`ConfigError` unless told) naming ``what`` (the owner: a policy, a reward), ``name``, the range, the
+    unit and the value. Bounds are inclusive unless ``lo_open``/``hi_open``; booleans are not numbers."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
+    ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        bounds = [f"{'>' if lo_open else '>='} {lo:g}"] if lo is not None else []
+        bounds += [f"{'<' if hi_open else '<='} {hi:g}"] if hi is not None else []
+        kind = "an integer" if integer else "a finite number"
+        rng = (" " + " and ".join(bounds)) if bounds else ""
+        raise error(f"{what + ': ' if what else ''}{name} must be {kind}{rng}{f' ({unit})' if unit else ''}, "
+                    f"got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def check_range(value: Any, name: str, *, positive: bool = False, unit: str = "", what: str = ""
+                ) -> tuple[float, float]:
+    """A number ``x`` as ``(x, x)``, or a ``(low, high)`` pair with ``low <= high``; each a finite number (> 0
+    when ``positive``). Errors as :func:`check_number`'s."""
+    pair = [value, value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+        raise ConfigError(f"{what + ': ' if what else ''}{name} must be a number or a (low, high) range, got {value!r}")
+    lo, hi = (check_number(x, name, lo=0.0 if positive else None, lo_open=positive, unit=unit, what=what)
+              for x in pair)
+    if lo > hi:
+        raise ConfigError(f"{what + ': ' if what else ''}{name} range must have low <= high, got {value!r}")
+    return lo, hi
 
 
 def from_mapping(cls: Any, d: Any, what: str) -> Any:

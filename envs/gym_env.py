@@ -9,7 +9,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.config import ClusterConfig, check_range
 from deflectlab.envs.features import FEATURE_SCHEMA, FeatureBuilder, action_layout
 from deflectlab.envs.profile import load_profile
 from deflectlab.envs.rewards import Reward, StepStats, make_reward
@@ -160,7 +160,7 @@ class DeflectionEnv(gym.Env):
         self.decode_profile = load_profile(self.config.decode_profile)
         self.trace_name = trace
         self._trace = load_trace(trace)
-        self.load_range = _range("load", load, positive=True)
+        self.load_range = check_range(load, "load", positive=True, unit="x the recorded rate")
         if not (isinstance(window_s, (int, float)) and window_s > 0):
             raise ValueError(f"window_s must be a number > 0 (trace seconds), got {window_s!r}")
         self.window_s = float(window_s)
@@ -409,11 +409,3 @@ class DeflectionEnv(gym.Env):
             if slow:
                 gaps += slow * max(node.batch_size, 1)
         stats.tbt_violation_gaps = gaps
-
-
-def _range(name: str, v: float | Sequence[float], positive: bool = False) -> tuple[float, float]:
-    vals = [v, v] if isinstance(v, (int, float)) else list(v)
-    if len(vals) != 2 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in vals) \
-            or vals[0] > vals[1] or (positive and vals[0] <= 0):
-        raise ValueError(f"{name} must be a number{' > 0' if positive else ''} or a (low, high) range, got {v!r}")
-    return float(vals[0]), float(vals[1])

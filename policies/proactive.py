@@ -66,6 +66,7 @@ from bisect import bisect_right
 from typing import TYPE_CHECKING, Any
 
 from deflectlab.envs.chunking import largest_safe_chunk
+from deflectlab.envs.config import check_number
 from deflectlab.envs.view import ClusterView, Decision, DecodeNodeView, Policy, RequestLike
 
 if TYPE_CHECKING:
@@ -247,15 +248,16 @@ class ProactiveDeflector(Policy):
     def __init__(self, margin: float = 0.0, tbt_safety: float = 1.0, sharing: str = "bounded",
                  min_chunk: int = 512, max_chunk: int | None = None, output_allowance_tokens: int = 256,
                  pin_decode: bool = False) -> None:
-        _check(margin, "margin", 0.0, 1.0, hi_open=True)
-        _check(tbt_safety, "tbt_safety", 0.0, 1.0, lo_open=True)
+        check_number(margin, "margin", lo=0.0, hi=1.0, hi_open=True, what="policy 'proactive'")
+        check_number(tbt_safety, "tbt_safety", lo=0.0, hi=1.0, lo_open=True, what="policy 'proactive'")
         if sharing not in self.SHARING:
             raise ValueError(f"policy 'proactive': sharing must be one of {', '.join(self.SHARING)}, "
                              f"got {sharing!r}")
-        _check(min_chunk, "min_chunk", 1, None, integer=True)
+        check_number(min_chunk, "min_chunk", lo=1, integer=True, unit="tokens", what="policy 'proactive'")
         if max_chunk is not None:
-            _check(max_chunk, "max_chunk", 1, None, integer=True)
-        _check(output_allowance_tokens, "output_allowance_tokens", 0, None, integer=True)
+            check_number(max_chunk, "max_chunk", lo=1, integer=True, unit="tokens", what="policy 'proactive'")
+        check_number(output_allowance_tokens, "output_allowance_tokens", lo=0, integer=True, unit="tokens",
+                     what="policy 'proactive'")
         if not isinstance(pin_decode, bool):
             raise ValueError(f"policy 'proactive': pin_decode must be true or false, got {pin_decode!r}")
         self.margin = float(margin)
@@ -565,20 +567,6 @@ class ProactiveDeflector(Policy):
         if best_d >= 0:
             est["ttft_deflect_s"] = t_d
         return Decision.prefill(best_p, dstar.index if self.pin_decode else None, est)
-
-
-def _check(v: Any, name: str, lo: float, hi: float | None, integer: bool = False, lo_open: bool = False,
-           hi_open: bool = False) -> None:
-    """Raise a ``ValueError`` naming the parameter when ``v`` is not a number in range."""
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if ok and integer:
-        ok = float(v).is_integer()
-    if ok:
-        ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
-    if not ok:
-        rng = f"{'>' if lo_open else '>='} {lo:g}" + ("" if hi is None else f" and {'<' if hi_open else '<='} {hi:g}")
-        raise ValueError(f"policy 'proactive': {name} must be {'an integer' if integer else 'a number'} {rng}, "
-                         f"got {v!r}")
 
 
 def register_policies(register) -> None:

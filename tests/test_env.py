@@ -243,3 +243,34 @@ def test_subproc_vec_env_with_masks():
         assert np.all(np.isfinite(rew))
     finally:
         venv.close()
+
+
+def test_one_number_checker_names_owner_parameter_range_and_value():
+    from deflectlab.envs.config import ConfigError, check_number, check_range
+    from deflectlab.envs.workloads import WorkloadError, make_workload
+
+    assert check_number(np.int64(3), "n", lo=1, integer=True) == 3 and isinstance(check_number(3, "x"), float)
+    assert check_number(0.0, "x", lo=0.0) == 0.0 and check_number(1.0, "x", hi=1.0) == 1.0
+    for value, kw, text in ((0.0, dict(lo=0.0, lo_open=True), "x must be a finite number > 0 (s), got 0.0"),
+                            (1.0, dict(hi=1.0, hi_open=True), "x must be a finite number < 1 (s), got 1.0"),
+                            (2.5, dict(lo=1, integer=True), "x must be an integer >= 1 (s), got 2.5"),
+                            (True, {}, "x must be a finite number (s), got True"),
+                            (math.inf, dict(lo=0.0), "x must be a finite number >= 0 (s), got inf")):
+        with pytest.raises(ConfigError) as e:
+            check_number(value, "x", unit="s", what="owner", **kw)
+        assert str(e.value) == f"owner: {text}"
+    assert check_range(2, "load", positive=True) == (2.0, 2.0) and check_range([1, 3], "load") == (1.0, 3.0)
+    for bad in ((3, 2), (0, 1), "2", (1, 2, 3)):
+        with pytest.raises(ConfigError, match="load"):
+            check_range(bad, "load", positive=True)
+    # every former private checker now speaks through it: policy, reward, workload, env
+    with pytest.raises(ValueError, match=r"policy 'proactive': margin must be a finite number >= 0 and < 1"):
+        make_policy("proactive:margin=1")
+    with pytest.raises(ValueError, match=r"policy 'length_threshold': chunk must be an integer >= 1, got 0"):
+        make_policy("length_threshold:chunk=0")
+    with pytest.raises(ValueError, match=r"reward: scale must be a finite number >= 0, got -1"):
+        make_reward({"name": "latency", "scale": -1})
+    with pytest.raises(WorkloadError, match=r"make_workload: rate must be a finite number > 0 \(req/s\), got 0"):
+        make_workload("azure_code", rate=0)
+    with pytest.raises(ConfigError, match="load"):
+        DeflectionEnv(load=(0.0, 2.0), **{k: v for k, v in SMALL.items() if k != "load"})
