@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -88,35 +88,46 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
 
 
+def cli_field(default: Any, help: str, *, unit: str = "", aliases: tuple[str, ...] = (), choices: tuple[str, ...] = (),
+              flag: str | None = "") -> Any:
+    """A dataclass field that carries its command-line form (``scripts/options.py`` builds the flags from it).
+
+    :param help: what the field means (one line; the flag's help).
+    :param unit: the unit, printed after the help (``seconds``, ``tokens``).
+    :param aliases: older flag names still accepted.
+    :param choices: the allowed values of a string field.
+    :param flag: the flag name; ``""`` derives it from the field name (``ttft_slo_s`` -> ``--ttft-slo-s``, so a
+        unit suffix in the name shows in the flag), None means no flag of its own.
+    """
+    return field(default=default, metadata={"help": help, "unit": unit, "aliases": aliases, "choices": choices,
+                                            "flag": flag})
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Shape and engine settings of an xPyD cluster.
+    """Shape and engine settings of an xPyD cluster. Each field's meaning and unit are in its ``cli_field``
+    (they are also the command-line flags' help texts)."""
 
-    :param num_prefill: prefill nodes (one vLLM instance each).
-    :param num_decode: decode nodes.
-    :param prefill_profile: latency profile of the prefill nodes (bundled name or YAML path).
-    :param decode_profile: latency profile of the decode nodes; may differ from the prefill pool's.
-    :param prefill_max_batched_tokens: token budget of one prefill step, tokens (vLLM
-        ``max_num_batched_tokens``); longer prompts are chunked across steps.
-    :param decode_max_batched_tokens: token budget of one decode step, decodes plus deflected prefill chunks,
-        tokens. Deflected prefills fill what the running decodes leave (vLLM V1 chunked prefill).
-    :param max_num_seqs: most requests admitted on one decode node at once (vLLM ``max_num_seqs``).
-    :param decode_balancer: how a prefill-path request's decode node is chosen when the policy leaves it
-        open: ``least_loaded`` (fewest admitted plus waiting requests) or ``round_robin``.
-    :param ttft_slo_s: time-to-first-token SLO, seconds.
-    :param tbt_slo_s: time-between-tokens SLO on a request's P95 TBT, seconds.
-    """
-
-    num_prefill: int = 2
-    num_decode: int = 2
-    prefill_profile: str = "a100-80gb_deepseek-v2-lite"
-    decode_profile: str = "a100-80gb_deepseek-v2-lite"
-    prefill_max_batched_tokens: int = 8192
-    decode_max_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    decode_balancer: str = "least_loaded"
-    ttft_slo_s: float = 1.0
-    tbt_slo_s: float = 0.1
+    num_prefill: int = cli_field(2, "prefill nodes (one vLLM instance each); flags: --shape", flag=None)
+    num_decode: int = cli_field(2, "decode nodes; flags: --shape", flag=None)
+    prefill_profile: str = cli_field("a100-80gb_deepseek-v2-lite",
+                                     "latency profile of the prefill nodes (bundled name or YAML path)")
+    decode_profile: str = cli_field("a100-80gb_deepseek-v2-lite",
+                                    "latency profile of the decode nodes; may differ from the prefill pool's")
+    prefill_max_batched_tokens: int = cli_field(
+        8192, "token budget of one prefill step (vLLM max_num_batched_tokens); longer prompts are chunked",
+        unit="tokens", aliases=("--prefill-budget",))
+    decode_max_batched_tokens: int = cli_field(
+        2048, "token budget of one decode step, decodes plus deflected prefill chunks (vLLM V1 chunked prefill)",
+        unit="tokens", aliases=("--decode-budget",))
+    max_num_seqs: int = cli_field(256, "most requests admitted on one decode node at once (vLLM max_num_seqs)",
+                                  unit="requests")
+    decode_balancer: str = cli_field(
+        "least_loaded", "decode node of a prefill-path request the policy leaves open: least_loaded (fewest "
+        "admitted plus waiting requests) or round_robin", choices=("least_loaded", "round_robin"))
+    ttft_slo_s: float = cli_field(1.0, "time-to-first-token SLO", unit="seconds", aliases=("--ttft-slo",))
+    tbt_slo_s: float = cli_field(0.1, "SLO on a request's P95 time between tokens", unit="seconds",
+                                 aliases=("--tbt-slo",))
 
     def __post_init__(self) -> None:
         for name in ("num_prefill", "num_decode"):

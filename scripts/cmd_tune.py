@@ -1,6 +1,6 @@
 """``deflectlab tune``: grid-search the threshold heuristics' parameters on training windows.
 
-    deflectlab tune azure_code --rates 3.21,5,8            # writes experiments/policies/tuned_azure_code_2p2d.yaml
+    deflectlab tune azure_code --rates 3.21 5 8            # writes experiments/policies/tuned_azure_code_2p2d.yaml
     deflectlab compare azure_code --tuned experiments/policies/tuned_azure_code_2p2d.yaml
 
 Training seeds (default 100-104) must differ from the evaluation seeds; unless ``--span`` is given the training
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from deflectlab.experiments.compare import DEFAULT_RATES
 from deflectlab.scripts.cmd_compare import add_common_args, config_from_args, tuned_path_for
+from deflectlab.scripts.options import add_policies_flag, parse_policies
 
 
 def register(sub: argparse._SubParsersAction, help_text: str) -> None:
@@ -24,10 +25,8 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
 
     p = sub.add_parser("tune", help=help_text,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, ",".join(f"{r:g}" for r in DEFAULT_RATES),
-                    f"{TRAIN_SEEDS[0]}-{TRAIN_SEEDS[-1]}", "300")
-    p.add_argument("--policies", nargs="+", default=list(GRIDS), metavar="NAME",
-                   help=f"policies to tune (default: {' '.join(GRIDS)})")
+    add_common_args(p, DEFAULT_RATES, f"{TRAIN_SEEDS[0]}-{TRAIN_SEEDS[-1]}", "300")
+    add_policies_flag(p, tuple(GRIDS), "policies to tune (names of the tuning grids)")
     p.add_argument("--out", type=Path, default=None,
                    help="YAML to write (default experiments/policies/tuned_<trace>_<shape>.yaml)")
     p.set_defaults(func=run)
@@ -41,7 +40,7 @@ def run(a: argparse.Namespace) -> int:
     if cfg.span is None:  # training windows from the first half of the trace, unless told otherwise
         end = float(load_trace(cfg.trace).arrival_s[-1])
         cfg = replace(cfg, span=(0.0, end * TRAIN_SPAN_FRACTION))
-    results = tune(cfg, tuple(a.policies), progress=not a.no_progress)
+    results = tune(cfg, parse_policies(a.policies), progress=not a.no_progress)
     out = a.out or tuned_path_for(cfg)
     save_tuned(results, out, cfg, command=cfg.command)
     for name, r in results.items():
