@@ -264,9 +264,13 @@ def parse_seeds(value: str | Iterable[str], flag: str = "--seeds") -> tuple[int,
 
 
 def parse_policies(specs: Iterable[str], flag: str = "--policies") -> tuple[str, ...]:
-    """Policy specs, one per word. A word that holds a comma before any ``:`` is an old comma-separated list."""
+    """Policy specs, one per word. A word that holds a comma before any ``:`` is an old comma-separated list (an
+    error); ``;`` between a spec's parameters (``evaluate``'s old form) is read as ``,``, with a note."""
     out = []
     for spec in specs:
+        if ";" in spec:
+            print(f"deflectlab: {flag}: ';' between a spec's parameters is deprecated, use ','", file=sys.stderr)
+            spec = spec.replace(";", ",")
         name = spec.split(":", 1)[0]
         if "," in name:
             raise ValueError(f"{flag}: {spec!r} looks like a comma-separated list; separate policies with spaces "
