@@ -20,7 +20,15 @@ from __future__ import annotations
 from typing import Any
 
 from deflectlab.envs.config import check_number
-from deflectlab.envs.view import ClusterView, Decision, DecodeNodeView, Policy, PrefillNodeView, RequestLike
+from deflectlab.envs.view import (
+    ClusterView,
+    Decision,
+    DecodeNodeView,
+    Policy,
+    PrefillNodeView,
+    RequestLike,
+    decode_load,
+)
 
 
 def least_loaded_prefill(view: ClusterView) -> int:
@@ -59,8 +67,7 @@ def decode_busy(d: DecodeNodeView, threshold: float) -> bool:
     """
     if kv_use_fraction(d) > threshold:
         return True
-    seqs = d.batch_size + d.deflected_waiting_requests + d.inbound_handoffs
-    return seqs > threshold * d.max_num_seqs
+    return decode_load(d) > threshold * d.max_num_seqs
 
 
 def deflect_target(view: ClusterView, prompt_tokens: int, veto_busy: float | None = None) -> int | None:

@@ -67,12 +67,19 @@ from typing import TYPE_CHECKING, Any
 
 from deflectlab.envs.chunking import largest_safe_chunk
 from deflectlab.envs.config import check_number
-from deflectlab.envs.view import ClusterView, Decision, DecodeNodeView, Policy, RequestLike
+from deflectlab.envs.view import (
+    ClusterView,
+    Decision,
+    DecodeNodeView,
+    Policy,
+    RequestLike,
+    decode_load,
+    least_loaded_decode,
+)
 
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
 
-_BIG = 1 << 62
 _EPS_TOKENS = 1e-6
 _MAX_EPOCHS = 3  # lanes finishing before a new one that the T_D estimate follows one by one
 
@@ -488,35 +495,58 @@ class ProactiveDeflector(Policy):
     # -- the decision --------------------------------------------------------------------------------------
     def decide(self, view: ClusterView, request: RequestLike) -> Decision:
         L = request.input_tokens
-        now = view.now_s
-        decode = view.decode
-        # prompt-length dispersion E[L^2]/E[L]^2 of the requests seen so far (1 until there are a few)
+        dispersion = self._observe(L)
+        dstar = least_loaded_decode(view)
+        best_p, t_p = self._best_prefill(view, L, dispersion)
+        t_p += self._first_step(dstar, L)
+        best_d, best_c, t_d = self._best_deflection(view, L)
+        if best_d >= 0 and (best_p < 0 or t_d < (1.0 - self.margin) * t_p):
+            if self.sharing == "bounded":
+                self._nodes[best_d].lanes.append(Lane(float(best_c), L, float(L)))
+            est = {"ttft_s": t_d, "ttft_deflect_s": t_d}
+            if best_p >= 0:
+                est["ttft_prefill_s"] = t_p
+            return Decision.deflect(best_d, best_c, est)
+        if best_p < 0:  # no prefill node and no decode node with room: queue on the roomiest decode node
+            d_any = max(view.decode, key=lambda d: d.kv_free_tokens).index
+            return Decision.deflect(d_any, None, None)
+        est = {"ttft_s": t_p, "ttft_prefill_s": t_p}
+        if best_d >= 0:
+            est["ttft_deflect_s"] = t_d
+        return Decision.prefill(best_p, dstar.index if self.pin_decode else None, est)
+
+    def _observe(self, L: int) -> float:
+        """Count the prompt; the prompt-length dispersion E[L^2]/E[L]^2 so far (1 until there are a few)."""
         self._n_seen += 1
         self._sum_l += L
         self._sum_l2 += L * L
         n_seen = self._n_seen
-        dispersion = self._sum_l2 * n_seen / (self._sum_l * self._sum_l) if n_seen >= 16 else 1.0
+        return self._sum_l2 * n_seen / (self._sum_l * self._sum_l) if n_seen >= 16 else 1.0
 
-        # d*: the node the least-loaded decode balancer would pick now, and the first step there
-        dstar = decode[0]
-        best_load = _BIG
-        for d in decode:
-            load = d.batch_size + d.deflected_waiting_requests + d.inbound_handoffs
-            if load < best_load:
-                dstar, best_load = d, load
+    @staticmethod
+    def _first_step(dstar: DecodeNodeView, L: int) -> float:
+        """The first decode step of a prefilled request on ``dstar`` (the node the balancer would pick): half the
+        running step, then a step with the request joined (at least the running one), seconds."""
         md = step_model(dstar.profile)
         B1 = dstar.batch_size + 1
         join = md.ov + md.lin(B1) + md.dattn * (dstar.context_tokens + L) + md.dseq * B1
-        first_step = 0.5 * dstar.step_s + (join if join > dstar.step_s else dstar.step_s)
+        return 0.5 * dstar.step_s + (join if join > dstar.step_s else dstar.step_s)
 
+    def _best_prefill(self, view: ClusterView, L: int, dispersion: float) -> tuple[int, float]:
+        """The prefill node with the lowest estimated TTFT before the first decode step, and that estimate."""
         best_p, t_p = -1, math.inf
+        now = view.now_s
         for p in view.prefill:
             t = self.prefill_ttft(step_model(p.profile), now, p.busy_until_s, p.waiting_tokens,
                                   p.waiting_requests, p.max_batched_tokens, L, p.egress_bytes, dispersion)
             if t < t_p:
                 best_p, t_p = p.index, t
-        t_p += first_step
+        return best_p, t_p
 
+    def _best_deflection(self, view: ClusterView, L: int) -> tuple[int, int, float]:
+        """The decode node with the lowest estimated deflected TTFT, its chunk cap and the estimate (``-1, 0,
+        inf`` when no node has room, sequence slots and a TBT-safe chunk)."""
+        decode = view.decode
         tau = view.tbt_slo_s * self.tbt_safety
         need_kv = L + self.output_allowance_tokens
         bounded = self.sharing == "bounded"
@@ -525,48 +555,32 @@ class ProactiveDeflector(Policy):
             nodes.append(NodeLanes())
         best_d, best_c, t_d = -1, 0, math.inf
         for d in decode:
-            lanes = nodes[d.index].sync(now, d) if bounded else None
-            if d.kv_free_tokens < need_kv:
+            lanes = nodes[d.index].sync(view.now_s, d) if bounded else None
+            if d.kv_free_tokens < need_kv or decode_load(d) >= d.max_num_seqs:
                 continue
-            B = d.batch_size
-            if B + d.deflected_waiting_requests + d.inbound_handoffs >= d.max_num_seqs:
-                continue
-            m = step_model(d.profile)
-            C = d.context_tokens
-            budget = d.max_batched_tokens - B
-            if lanes is not None:
-                # the batch the chunks will meet: the running decodes and those bound to join while they run
-                # (KV pulls in flight; deflected prompts, which decode here once prefilled)
-                joins = d.inbound_handoffs + d.deflected_waiting_requests
-                c = self.bounded_chunk(m, B + joins, C + joins * L, L, budget - joins, tau, lanes)
-                if c <= 0:
-                    continue
-                t = self.bounded_ttft(m, B, C, d.step_s, L, c, budget, lanes)
-            else:
-                if self.sharing == "serial" and d.deflected_waiting_requests:
-                    continue
-                c = self.slo_chunk(m, B, C, L, budget, tau)
-                if c <= 0:
-                    continue
-                t = self.queue_ttft(m, B, C, d.step_s, d.deflected_waiting_tokens, d.deflected_waiting_requests,
-                                    L, c)
-            if t < t_d:
+            c, t = self._deflect_estimate(d, L, tau, lanes)
+            if c > 0 and t < t_d:
                 best_d, best_c, t_d = d.index, c, t
+        return best_d, best_c, t_d
 
-        if best_d >= 0 and (best_p < 0 or t_d < (1.0 - self.margin) * t_p):
-            if bounded:
-                nodes[best_d].lanes.append(Lane(float(best_c), L, float(L)))
-            est = {"ttft_s": t_d, "ttft_deflect_s": t_d}
-            if best_p >= 0:
-                est["ttft_prefill_s"] = t_p
-            return Decision.deflect(best_d, best_c, est)
-        if best_p < 0:  # no prefill node and no decode node with room: queue on the roomiest decode node
-            d_any = max(decode, key=lambda d: d.kv_free_tokens).index
-            return Decision.deflect(d_any, None, None)
-        est = {"ttft_s": t_p, "ttft_prefill_s": t_p}
-        if best_d >= 0:
-            est["ttft_deflect_s"] = t_d
-        return Decision.prefill(best_p, dstar.index if self.pin_decode else None, est)
+    def _deflect_estimate(self, d: DecodeNodeView, L: int, tau: float, lanes: list[Lane] | None
+                          ) -> tuple[int, float]:
+        """Chunk cap and TTFT estimate of deflecting ``L`` tokens to ``d`` (cap 0: no TBT-safe chunk)."""
+        m = step_model(d.profile)
+        B, C = d.batch_size, d.context_tokens
+        budget = d.max_batched_tokens - B
+        if lanes is not None:
+            # the batch the chunks will meet: the running decodes and those bound to join while they run
+            # (KV pulls in flight; deflected prompts, which decode here once prefilled)
+            joins = d.inbound_handoffs + d.deflected_waiting_requests
+            c = self.bounded_chunk(m, B + joins, C + joins * L, L, budget - joins, tau, lanes)
+            return (c, self.bounded_ttft(m, B, C, d.step_s, L, c, budget, lanes)) if c > 0 else (0, math.inf)
+        if self.sharing == "serial" and d.deflected_waiting_requests:
+            return 0, math.inf
+        c = self.slo_chunk(m, B, C, L, budget, tau)
+        if c <= 0:
+            return 0, math.inf
+        return c, self.queue_ttft(m, B, C, d.step_s, d.deflected_waiting_tokens, d.deflected_waiting_requests, L, c)
 
 
 def register_policies(register) -> None:
