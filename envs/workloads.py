@@ -351,6 +351,29 @@ def _json_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _mooncake_record(text: str, where: str) -> dict[str, Any]:
+    """One line of a mooncake trace as a JSON object with a finite timestamp and positive integer lengths."""
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise WorkloadError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise WorkloadError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    missing = [k for k in _MOONCAKE_KEYS if k not in rec]
+    if missing:
+        raise WorkloadError(f"{where}: missing key(s) {', '.join(missing)} for the mooncake format")
+    t = rec["timestamp"]
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
+        raise WorkloadError(f"{where}: unparsable timestamp {t!r} (expected milliseconds)")
+    for key in ("input_length", "output_length"):
+        v = rec[key]
+        if not _json_int(v):
+            raise WorkloadError(f"{where}: {key} {v!r} is not an integer")
+        if v <= 0:
+            raise WorkloadError(f"{where}: {key} must be > 0 tokens, got {v}")
+    return rec
+
+
 def _read_mooncake(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]] | None]:
     ts: list[float] = []
     inp: list[int] = []
@@ -365,29 +388,13 @@ def _read_mooncake(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list
             if not text.strip():
                 continue  # a blank line holds no request
             where = f"{path}:{line}"
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise WorkloadError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise WorkloadError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            missing = [k for k in _MOONCAKE_KEYS if k not in rec]
-            if missing:
-                raise WorkloadError(f"{where}: missing key(s) {', '.join(missing)} for the mooncake format")
+            rec = _mooncake_record(text, where)
             t = rec["timestamp"]
-            if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
-                raise WorkloadError(f"{where}: unparsable timestamp {t!r} (expected milliseconds)")
             if t < prev:
                 raise WorkloadError(
                     f"{where}: timestamps not sorted: {t} ms is before the previous line's {prev} ms"
                 )
             prev = t
-            for key in ("input_length", "output_length"):
-                v = rec[key]
-                if not _json_int(v):
-                    raise WorkloadError(f"{where}: {key} {v!r} is not an integer")
-                if v <= 0:
-                    raise WorkloadError(f"{where}: {key} must be > 0 tokens, got {v}")
             h = rec.get("hash_ids")
             if has_hashes is None:
                 has_hashes = h is not None
