@@ -56,18 +56,40 @@ def imported(tree: ast.AST, known: set[str], package: str) -> set[tuple[str, str
     return out
 
 
+def top_level_names(tree: ast.Module) -> set[str]:
+    """Names a module binds at its top level (definitions, assignments, imports), ``if`` blocks included."""
+    out: set[str] = set()
+    stmts = list(tree.body)
+    while stmts:
+        node = stmts.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            out |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            out |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.If, ast.Try)):
+            stmts += node.body + node.orelse + getattr(node, "finalbody", []) + \
+                [s for h in getattr(node, "handlers", []) for s in h.body]
+    return out
+
+
 def graph() -> tuple[dict[str, set[str]], list[str]]:
-    """Module -> deflectlab modules it imports; and every import of a private name across modules."""
+    """Module -> deflectlab modules it imports; and every import of a private name across modules. An import
+    of a module or name that does not exist (a stale path after a move) is an error."""
     files = module_files()
     known = set(files)
+    trees = {mod: ast.parse(path.read_text(), str(path)) for mod, path in files.items()}
     edges: dict[str, set[str]] = {m: set() for m in files}
     private = []
     for mod, path in files.items():
         package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
-        tree = ast.parse(path.read_text(), str(path))
-        for target, name in imported(tree, known, package):
+        for target, name in imported(trees[mod], known, package):
             if target not in known:
                 raise AssertionError(f"{mod} imports {target}, which is no module of the repo")
+            if name and name != "*" and name not in top_level_names(trees[target]):
+                raise AssertionError(f"{mod} imports {name} from {target}, which has no such name")
             if target != mod:
                 edges[mod].add(target)
             if name.startswith("_") and not name.startswith("__"):
@@ -140,6 +162,13 @@ def test_no_module_imports_another_modules_private_names():
 
 
 # -- the checker itself, on small hand-made graphs and sources ----------------------------------------------------
+def test_top_level_names_see_definitions_assignments_imports_and_guarded_blocks():
+    src = ("import numpy as np\nfrom x import y as z\nA, B = 1, 2\nC: int = 3\ndef f():\n    inner = 1\n"
+           "class K:\n    pass\nif True:\n    D = 4\nelse:\n    E = 5\ntry:\n    import json\nexcept ImportError:\n"
+           "    json = None\n")
+    assert top_level_names(ast.parse(src)) == {"np", "z", "A", "B", "C", "f", "K", "D", "E", "json"}
+
+
 def test_circle_finder_on_hand_made_graphs():
     assert circles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset("abc")]
