@@ -166,7 +166,7 @@ def _callbacks(cfg: TrainConfig, run_dir: Path, progress: bool) -> list[Any]:
         def run_eval(self) -> dict[str, Any]:
             net = make_policy_net(cfg)  # a snapshot of the current weights, apart from the training copy
             net.load_state_dict(self.model.policy.state_dict())
-            rep = evaluate({"learned": NetPolicy(net)}, cfg.eval_env_kwargs(), cfg.eval_seeds())
+            rep = evaluate({"learned": NetPolicy(net)}, cfg.eval_env_kwargs(), cfg.eval_seeds()).to_json()
             r = rep["policies"]["learned"]
             slo = r["pooled"]["slo_attainment"]
             if slo > self.best:
@@ -277,8 +277,8 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, *, run_dir: str | P
     model.set_logger(Logger(str(rdir), outputs))
 
     try:
-        base_rep = evaluate({b: b for b in baselines}, eval_kwargs, cfg.eval_seeds()) if baselines else \
-            {"policies": {}}
+        base_rep = evaluate({b: b for b in baselines}, eval_kwargs, cfg.eval_seeds()).to_json() if baselines \
+            else {"policies": {}}
         for name, r in base_rep["policies"].items():
             key = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
             model.logger.record(f"eval/baseline/{key}/slo_attainment", r["pooled"]["slo_attainment"])

@@ -104,13 +104,14 @@ def run(args: argparse.Namespace) -> int:
         rep = evaluate(pols, env_kwargs, seeds, progress=True)
         reports[title] = rep
         md = table(rep)
-        parts.append(f"### {title}\n\nseeds {rep['seeds'][0]}..{rep['seeds'][-1]}, windows starting in "
+        parts.append(f"### {title}\n\nseeds {rep.seeds[0]}..{rep.seeds[-1]}, windows starting in "
                      f"{env_kwargs['window_start_s']} s of {env_kwargs['trace']}, {env_kwargs['window_s']:g} s long\n\n"
                      f"{md}\n")
         print(parts[-1])
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "evaluation.json").write_text(json.dumps(reports, indent=2, default=float))
+        (out / "evaluation.json").write_text(
+            json.dumps({t: r.to_json() for t, r in reports.items()}, indent=2, default=float))
         (out / "evaluation.md").write_text("\n".join(parts))
     return 0

@@ -274,3 +274,37 @@ def test_one_number_checker_names_owner_parameter_range_and_value():
         make_workload("azure_code", rate=0)
     with pytest.raises(ConfigError, match="load"):
         DeflectionEnv(load=(0.0, 2.0), **{k: v for k, v in SMALL.items() if k != "load"})
+
+
+def test_typed_evaluation_report_matches_runs_done_by_hand():
+    """evaluate() against the same episodes run directly: pooled SLO attainment and P95 TTFT recomputed from the
+    per-request records, per-episode means by hand, and the JSON keys the CLI has always printed."""
+    from deflectlab.agents.evaluation import EvaluationReport, evaluate, table
+    from deflectlab.envs.simulator import ClusterSim
+
+    kw = dict(trace="azure_code", load=[3.0, 3.0], window_s=40.0, window_start_s=[1200.0, None])
+    seeds = [1_000_000, 1_000_001]
+    rep = evaluate({"rr": "round_robin", "deflect": "always_deflect"}, kw, seeds)
+    env = DeflectionEnv(**kw)
+    for name, spec in (("rr", "round_robin"), ("deflect", "always_deflect")):
+        met = total = 0
+        ttfts, p95s = [], []
+        pol = make_policy(spec)
+        for s in seeds:
+            res = ClusterSim(env.config, env.episode_workload(s)[0], env.prefill_profile, env.decode_profile).run(pol)
+            met += int(res.records["slo_met"].sum())
+            total += len(res.records["ttft_s"])
+            ttfts += [t for t in res.records["ttft_s"] if t == t]
+            p95s.append(res.summary["ttft_s"]["p95"])
+        r = rep.policies[name]
+        assert r.pooled.requests == total and r.pooled.slo_attainment == pytest.approx(met / total)
+        assert r.pooled.ttft_p95_s == pytest.approx(float(np.percentile(ttfts, 95)))
+        assert r.mean["ttft_p95_s"] == pytest.approx(sum(p95s) / len(p95s))
+        assert [e.ttft_p95_s for e in r.episodes] == pytest.approx(p95s)
+    j = rep.to_json()
+    assert list(j) == ["seeds", "episodes", "policies"] and j["seeds"] == seeds
+    assert list(j["policies"]["rr"]) == ["pooled", "mean", "std", "episodes", "params"]
+    assert list(j["policies"]["rr"]["pooled"]) == ["slo_attainment", "ttft_p50_s", "ttft_p95_s", "ttft_p99_s",
+                                                   "requests"]
+    assert EvaluationReport.from_json(j).to_json() == j and table(j) == table(rep)
+    assert table(rep).count("\n") == 3  # header, separator, two policies
