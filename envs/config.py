@@ -89,7 +89,7 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
 
 
 def cli_field(default: Any, help: str, *, unit: str = "", aliases: tuple[str, ...] = (), choices: tuple[str, ...] = (),
-              flag: str | None = "") -> Any:
+              flag: str | None = "", factory: Any = None) -> Any:
     """A dataclass field that carries its command-line form (``scripts/options.py`` builds the flags from it).
 
     :param help: what the field means (one line; the flag's help).
@@ -98,9 +98,12 @@ def cli_field(default: Any, help: str, *, unit: str = "", aliases: tuple[str, ..
     :param choices: the allowed values of a string field.
     :param flag: the flag name; ``""`` derives it from the field name (``ttft_slo_s`` -> ``--ttft-slo-s``, so a
         unit suffix in the name shows in the flag), None means no flag of its own.
+    :param factory: builds a mutable default (a list, a dict) in place of ``default``.
     """
-    return field(default=default, metadata={"help": help, "unit": unit, "aliases": aliases, "choices": choices,
-                                            "flag": flag})
+    meta = {"help": help, "unit": unit, "aliases": aliases, "choices": choices, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)

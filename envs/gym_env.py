@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from deflectlab.envs.config import ClusterConfig, check_range
+from deflectlab.envs.config import ClusterConfig, ConfigError, check_number, check_range, cli_field, from_mapping
 from deflectlab.envs.features import FEATURE_SCHEMA, FeatureBuilder, action_layout
 from deflectlab.envs.profile import load_profile
-from deflectlab.envs.rewards import Reward, StepStats, make_reward
+from deflectlab.envs.rewards import StepStats, make_reward
 from deflectlab.envs.simulator import ClusterSim
 from deflectlab.envs.view import Policy
 from deflectlab.envs.workloads import ARRIVALS, Workload, load_trace, make_workload
@@ -23,12 +24,55 @@ from gymnasium.utils import seeding
 _MAX_REDRAWS = 64
 
 
+@dataclass
+class EnvConfig:
+    """The arguments of :class:`DeflectionEnv`, defined once: the environment, the trainer's ``env`` config
+    section (``agents.config``) and its overrides all use this class. Validated on construction."""
+
+    cluster: Any = cli_field(None, factory=dict, flag=None,
+                             help="a ClusterConfig, a mapping of its fields (shape: 2p2d allowed), or a shape")
+    trace: str = cli_field("azure_code", "bundled trace name (azure_code, azure_conv) or a trace file path")
+    load: float | list[float] = cli_field(
+        None, factory=lambda: [2.0, 4.0], unit="x the recorded rate",
+        help="arrival-rate multiplier over the window's recorded rate: a number or a [low, high] range sampled "
+             "uniformly per episode")
+    window_s: float = cli_field(300.0, "window length; the episode lasts window_s / load simulated seconds",
+                                unit="trace seconds")
+    window_start_s: list[float | None] = cli_field(
+        None, factory=lambda: [0.0, None], unit="trace seconds",
+        help="[low, high] range of window starts; high None: the trace end minus window_s. Disjoint ranges hold "
+             "evaluation windows out of training")
+    arrival: str = cli_field("trace", "trace replays recorded arrival times; poisson, gamma and onoff draw synthetic "
+                             "arrivals at the scaled rate with lengths sampled from the window", choices=ARRIVALS)
+    cv: float = cli_field(1.0, "coefficient of variation of the gaps for arrival=gamma")
+    max_requests: int | None = cli_field(None, "cap on requests per episode (the window's first ones)",
+                                         unit="requests")
+    min_requests: int = cli_field(20, "windows with fewer requests are redrawn", unit="requests")
+    reward: Any = cli_field("composite", "reward preset name, mapping or list (envs.rewards)", flag=None)
+
+    def __post_init__(self) -> None:
+        check_range(self.load, "load", positive=True, unit="x the recorded rate")
+        check_number(self.window_s, "window_s", lo=0.0, lo_open=True, unit="trace seconds")
+        if self.window_start_s is not None and (isinstance(self.window_start_s, (str, bytes))
+                                                or len(self.window_start_s) > 2):
+            raise ConfigError(f"window_start_s must be [low, high] trace seconds, got {self.window_start_s!r}")
+        if self.arrival not in ARRIVALS:
+            raise ConfigError(f"unknown arrival {self.arrival!r}; known: {', '.join(ARRIVALS)}")
+        check_number(self.cv, "cv", lo=0.0, lo_open=True)
+        if self.max_requests is not None:
+            check_number(self.max_requests, "max_requests", lo=1, integer=True, unit="requests")
+        check_number(self.min_requests, "min_requests", lo=1, integer=True, unit="requests")
+
+    def kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class DeflectionEnv(gym.Env):
     """Route each arriving request of a disaggregated LLM cluster: prefill it on a prefill node, or deflect it to
     a decode node.
 
-    Make it with ``import envs; gymnasium.make("deflectlab/Deflection-v0", **kwargs)`` (``import envs``
-    registers it), or ``gymnasium.make("envs:deflectlab/Deflection-v0", **kwargs)``, which imports ``envs``
+    Make it with ``import deflectlab.envs; gymnasium.make("deflectlab/Deflection-v0", **kwargs)`` (the import
+    registers it), or ``gymnasium.make("deflectlab.envs:deflectlab/Deflection-v0", **kwargs)``, which imports it
     itself; or construct ``DeflectionEnv(**kwargs)`` directly.
 
     ## Description
@@ -105,19 +149,9 @@ class DeflectionEnv(gym.Env):
 
     ## Arguments
 
-    :param cluster: a ``ClusterConfig``, a mapping of its fields, or a shape such as ``"2p2d"``.
-    :param trace: bundled trace name (``"azure_code"``, ``"azure_conv"``) or a trace file path.
-    :param load: arrival-rate multiplier over the window's recorded rate, a number or a ``(low, high)`` range
-        sampled uniformly per episode (dimensionless).
-    :param window_s: window length in trace seconds (the episode lasts ``window_s / load`` simulated seconds).
-    :param window_start_s: ``(low, high)`` range of window starts in trace seconds; ``high`` None means the trace
-        end minus ``window_s``. Give training and evaluation disjoint ranges to hold windows out.
-    :param arrival: ``"trace"`` replays recorded arrival times; ``"poisson"``/``"gamma"``/``"onoff"`` draw
-        synthetic arrivals at the scaled rate with lengths sampled from the window (``envs.workloads``).
-    :param cv: coefficient of variation of the gaps for ``arrival="gamma"``.
-    :param max_requests: cap on requests per episode (the window's first ones), None for no cap.
-    :param min_requests: windows with fewer requests are redrawn.
-    :param reward: the reward (see Rewards).
+    The fields of :class:`EnvConfig` as keyword arguments (``DeflectionEnv(load=3.0, window_s=120)``, which is
+    what ``gymnasium.make`` passes on), or ``config=EnvConfig(...)``; their meanings and units are there. An
+    unknown argument is an error that names it.
 
     ## Calibration
 
@@ -139,49 +173,25 @@ class DeflectionEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(
-        self,
-        cluster: ClusterConfig | dict[str, Any] | str | None = None,
-        trace: str = "azure_code",
-        load: float | Sequence[float] = (2.0, 4.0),
-        window_s: float = 300.0,
-        window_start_s: Sequence[float | None] = (0.0, None),
-        arrival: str = "trace",
-        cv: float = 1.0,
-        max_requests: int | None = None,
-        min_requests: int = 20,
-        reward: str | dict[str, Any] | Sequence[Any] | Reward = "composite",
-        render_mode: str | None = None,
-    ) -> None:
+    def __init__(self, config: EnvConfig | None = None, render_mode: str | None = None, **kwargs: Any) -> None:
         if render_mode is not None:
             raise ValueError(f"DeflectionEnv has no render modes, got render_mode={render_mode!r}")
-        self.config = ClusterConfig.coerce(cluster)
+        if config is not None and kwargs:
+            raise ValueError("give DeflectionEnv an EnvConfig or its fields as keyword arguments, not both")
+        cfg = self.env_config = config if config is not None else from_mapping(EnvConfig, kwargs, "DeflectionEnv")
+        self.config = ClusterConfig.coerce(cfg.cluster or None)
         self.prefill_profile = load_profile(self.config.prefill_profile)
         self.decode_profile = load_profile(self.config.decode_profile)
-        self.trace_name = trace
-        self._trace = load_trace(trace)
-        self.load_range = check_range(load, "load", positive=True, unit="x the recorded rate")
-        if not (isinstance(window_s, (int, float)) and window_s > 0):
-            raise ValueError(f"window_s must be a number > 0 (trace seconds), got {window_s!r}")
-        self.window_s = float(window_s)
-        span = float(self._trace.arrival_s[-1])
-        lo, hi = (tuple(window_start_s) + (None, None))[:2] if window_start_s is not None else (0.0, None)
-        lo = 0.0 if lo is None else float(lo)
-        hi = max(span - self.window_s, 0.0) if hi is None else float(hi)
-        if not 0.0 <= lo <= hi:
-            raise ValueError(f"window_start_s must be 0 <= low <= high (trace seconds), got ({lo}, {hi})")
-        self.window_start_range = (lo, hi)
-        if arrival not in ARRIVALS:
-            raise ValueError(f"unknown arrival {arrival!r}; known: {', '.join(ARRIVALS)}")
-        self.arrival = arrival
-        self.cv = float(cv)
-        if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
-            raise ValueError(f"max_requests must be an integer >= 1 or None, got {max_requests!r}")
-        self.max_requests = max_requests
-        if not isinstance(min_requests, int) or min_requests < 1:
-            raise ValueError(f"min_requests must be an integer >= 1, got {min_requests!r}")
-        self.min_requests = min_requests
-        self.reward_fn = make_reward(reward)
+        self.trace_name = cfg.trace
+        self._trace = load_trace(cfg.trace)
+        self.load_range = check_range(cfg.load, "load", positive=True, unit="x the recorded rate")
+        self.window_s = float(cfg.window_s)
+        self.window_start_range = self._start_range(cfg.window_start_s)
+        self.arrival = cfg.arrival
+        self.cv = float(cfg.cv)
+        self.max_requests = cfg.max_requests
+        self.min_requests = cfg.min_requests
+        self.reward_fn = make_reward(cfg.reward)
         self._track_deadlines = self.reward_fn.needs_deadlines
         self._expert: Policy | None = None
 
@@ -204,6 +214,16 @@ class DeflectionEnv(gym.Env):
         self._tbt_marks: list[int] = []
         self._obs = np.zeros(low.shape, dtype=np.float32)
         self.episode_info: dict[str, Any] = {}
+
+    def _start_range(self, window_start_s: Sequence[float | None] | None) -> tuple[float, float]:
+        """``(low, high)`` window starts, trace seconds; a missing or None high is the trace end minus the window."""
+        span = float(self._trace.arrival_s[-1])
+        lo, hi = (tuple(window_start_s) + (None, None))[:2] if window_start_s is not None else (0.0, None)
+        lo = 0.0 if lo is None else float(lo)
+        hi = max(span - self.window_s, 0.0) if hi is None else float(hi)
+        if not 0.0 <= lo <= hi:
+            raise ValueError(f"window_start_s must be 0 <= low <= high (trace seconds), got ({lo}, {hi})")
+        return lo, hi
 
     # -- episodes ------------------------------------------------------------------------------------------
     def episode_workload(self, seed: int | None = None, rng: np.random.Generator | None = None

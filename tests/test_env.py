@@ -224,6 +224,25 @@ def test_bad_arguments_are_clear_errors():
     env = DeflectionEnv(**SMALL)
     with pytest.raises(RuntimeError):
         env.step(0)
+    with pytest.raises(ValueError, match=r"unknown DeflectionEnv key\(s\) \['lod'\]"):
+        DeflectionEnv(lod=3.0)
+
+
+def test_one_env_config_for_the_env_and_the_trainer():
+    """The trainer's env section is the environment's own EnvConfig: same class, same defaults, same errors."""
+    from deflectlab.agents import config as train_config
+    from deflectlab.envs.gym_env import EnvConfig
+
+    assert train_config.EnvConfig is EnvConfig
+    cfg = train_config.load_config({"name": "t", "env": {"load": [3.0, 3.0], "window_s": 60.0}})
+    assert isinstance(cfg.env, EnvConfig) and cfg.env.kwargs()["load"] == [3.0, 3.0]
+    a, b = DeflectionEnv(config=cfg.env), DeflectionEnv(**cfg.env.kwargs())
+    assert a.load_range == b.load_range == (3.0, 3.0) and a.window_s == b.window_s == 60.0
+    assert a.episode_workload(3)[0].arrival_s.tolist() == b.episode_workload(3)[0].arrival_s.tolist()
+    for bad, text in (({"lod": 1}, "env.lod: unknown key"), ({"window_s": 0}, "window_s must be a finite number > 0"),
+                      ({"min_requests": 0}, "min_requests must be an integer >= 1")):
+        with pytest.raises(ValueError, match=text):
+            train_config.load_config({"name": "t", "env": bad})
 
 
 def test_subproc_vec_env_with_masks():
