@@ -106,6 +106,10 @@ def cli_field(default: Any, help: str, *, unit: str = "", aliases: tuple[str, ..
     return field(default=default, metadata=meta)
 
 
+#: How a prefill-path request's decode node is chosen when the policy leaves it open.
+DECODE_BALANCERS = ("least_loaded", "round_robin")
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Shape and engine settings of an xPyD cluster. Each field's meaning and unit are in its ``cli_field``
@@ -127,7 +131,7 @@ class ClusterConfig:
                                   unit="requests")
     decode_balancer: str = cli_field(
         "least_loaded", "decode node of a prefill-path request the policy leaves open: least_loaded (fewest "
-        "admitted plus waiting requests) or round_robin", choices=("least_loaded", "round_robin"))
+        "admitted plus waiting requests) or round_robin", choices=DECODE_BALANCERS)
     ttft_slo_s: float = cli_field(1.0, "time-to-first-token SLO", unit="seconds", aliases=("--ttft-slo",))
     tbt_slo_s: float = cli_field(0.1, "SLO on a request's P95 time between tokens", unit="seconds",
                                  aliases=("--tbt-slo",))
@@ -147,8 +151,9 @@ class ClusterConfig:
             raise ConfigError(
                 f"decode_max_batched_tokens ({self.decode_max_batched_tokens}) must exceed max_num_seqs "
                 f"({self.max_num_seqs}) so a full decode batch still fits in one step")
-        if self.decode_balancer not in ("least_loaded", "round_robin"):
-            raise ConfigError(f"decode_balancer must be 'least_loaded' or 'round_robin', got {self.decode_balancer!r}")
+        if self.decode_balancer not in DECODE_BALANCERS:
+            raise ConfigError(f"decode_balancer must be one of {', '.join(DECODE_BALANCERS)}, got "
+                              f"{self.decode_balancer!r}")
         for name in ("ttft_slo_s", "tbt_slo_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v <= 0:

@@ -274,10 +274,6 @@ class _ProfileConsts:
         return hit
 
 
-def _sq(x: float) -> float:
-    return x / (x + 1.0) if x < math.inf else 1.0
-
-
 class FeatureBuilder:
     """Builds observations, action masks and decisions for one request at a time.
 

@@ -264,19 +264,21 @@ def parse_seeds(value: str | Iterable[str], flag: str = "--seeds") -> tuple[int,
 
 
 def parse_policies(specs: Iterable[str], flag: str = "--policies") -> tuple[str, ...]:
-    """Policy specs, one per word. A word that holds a comma before any ``:`` is an old comma-separated list (an
-    error); ``;`` between a spec's parameters (``evaluate``'s old form) is read as ``,``, with a note."""
+    """Policy specs, one per word. Commas belong to a spec's parameters (``proactive:margin=0.1,min_chunk=64``); a
+    comma-separated list of policies (``round_robin,proactive``, ``learned:path=x,round_robin``) is an error that
+    says to use spaces. ``;`` between a spec's parameters (``evaluate``'s old form) is read as ``,``, with a note."""
     out = []
-    for spec in specs:
+    for spec in (s.strip() for s in specs):
         if ";" in spec:
             print(f"deflectlab: {flag}: ';' between a spec's parameters is deprecated, use ','", file=sys.stderr)
             spec = spec.replace(";", ",")
-        name = spec.split(":", 1)[0]
-        if "," in name:
-            raise ValueError(f"{flag}: {spec!r} looks like a comma-separated list; separate policies with spaces "
-                             "(a spec's own parameters take commas: proactive:margin=0.1,min_chunk=64)")
-        if spec.strip():
-            out.append(spec.strip())
+        name, _, rest = spec.partition(":")
+        stray = [kv for kv in rest.split(",") if kv and "=" not in kv]
+        if "," in name or stray:
+            raise ValueError(f"{flag}: {spec!r} looks like a comma-separated list of policies; separate policies "
+                             "with spaces (a spec's own parameters take commas: proactive:margin=0.1,min_chunk=64)")
+        if spec:
+            out.append(spec)
     if not out:
         raise ValueError(f"{flag}: give at least one policy spec")
     return tuple(out)

@@ -146,8 +146,11 @@ def test_lists_window_and_aliases_parse_the_same_way():
         workload_from_flags(_parse("simulate", "--start-s", "5", "--window", "10:20"))
     assert parse_policies(["proactive:margin=0.1,min_chunk=64", "round_robin"]) == \
         ("proactive:margin=0.1,min_chunk=64", "round_robin")
-    with pytest.raises(ValueError, match="separate policies with spaces"):
-        parse_policies(["round_robin,proactive"])
+    for old in (["round_robin,proactive"], ["learned:path=experiments/trained,round_robin"]):
+        with pytest.raises(ValueError, match="separate policies with spaces"):
+            parse_policies(old)
+    assert parse_policies(["learned:path=x;which=best"]) == ("learned:path=x,which=best",)  # evaluate's old ';'
+
 
 
 def test_generated_flags_pick_up_a_new_field():
