@@ -27,7 +27,6 @@ from pathlib import Path
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.simulator import ClusterSim
 from deflectlab.envs.workloads import make_workload
-from deflectlab.experiments.plots import plot_run
 from deflectlab.policies.registry import make_policy
 from deflectlab.serving.procs import Processes, free_ports, wait_http
 from deflectlab.serving.replay import replay_async
@@ -51,7 +50,7 @@ def run_emulated(policy: str, workload, a: argparse.Namespace, log_dir: Path | N
         with urllib.request.urlopen(url + "/stats", timeout=5) as r:
             stats = json.load(r)
     if log_dir is not None:
-        plot_run(res, res.save(log_dir / "replay"))
+        res.save(log_dir / "replay", plots=True)
     return res.summary, stats
 
 

@@ -53,11 +53,7 @@ def run(a: argparse.Namespace) -> int:
     print(f"  TBT   p50 {b['p50'] * 1e3:.1f} ms  p95 {b['p95'] * 1e3:.1f} ms  p99 {b['p99'] * 1e3:.1f} ms")
     print(f"  SLO attainment {s['slo_attainment']:.1%}, goodput {s['goodput_rps']:.2f} req/s")
     if a.out:
-        out = res.save(a.out)
-        if not a.no_plots:
-            from deflectlab.experiments.plots import plot_run
-
-            plot_run(res, out)
+        res.save(a.out, plots=not a.no_plots)
         print(f"  wrote {a.out}/ (requests.csv, summary.json{'' if a.no_plots else ', ttft_cdf.png'})")
     else:
         print(json.dumps({k: s[k] for k in ("ttft_s", "tbt_s", "slo_attainment")}, default=float))
