@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import yaml
 from deflectlab.envs.config import ConfigError, parse_value, read_yaml
+from deflectlab.envs.gym_env import EnvConfig
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
@@ -23,28 +24,6 @@ ALGOS = ("ppo", "maskable_ppo", "dqn")
 EVAL_SEED_BASE = 1_000_000
 
 _STRICT = ConfigDict(extra="forbid")
-
-
-@dataclass(config=_STRICT)
-class EnvConfig:
-    """Arguments of :class:`envs.gym_env.DeflectionEnv` (see its docstring for units)."""
-
-    cluster: Annotated[dict[str, Any], Field(description="ClusterConfig fields, or {shape: 2p2d}")] = field(
-        default_factory=dict)
-    trace: Annotated[str, Field(description="bundled trace name or trace file path")] = "azure_code"
-    load: Annotated[list[float], Field(description="load multiplier range [low, high]")] = field(
-        default_factory=lambda: [2.0, 4.0])
-    window_s: Annotated[float, Field(gt=0, description="episode window, trace seconds")] = 300.0
-    window_start_s: Annotated[list[float | None], Field(description="range of window starts, trace seconds")] = \
-        field(default_factory=lambda: [0.0, None])
-    arrival: Annotated[str, Field(description="trace | poisson | gamma | onoff")] = "trace"
-    cv: Annotated[float, Field(gt=0, description="gap CV for arrival=gamma")] = 1.0
-    max_requests: Annotated[int | None, Field(description="cap on requests per episode")] = None
-    min_requests: Annotated[int, Field(ge=1, description="windows with fewer requests are redrawn")] = 20
-    reward: Annotated[Any, Field(description="reward preset name, mapping or list (envs.rewards)")] = "composite"
-
-    def kwargs(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(config=_STRICT)
@@ -113,7 +92,7 @@ class TrainConfig:
     normalize_reward: Annotated[bool, Field(description="scale rewards by a running return std")] = True
     algo_params: dict[str, Any] = field(default_factory=dict)
     policy: PolicyNetConfig = field(default_factory=PolicyNetConfig)
-    env: EnvConfig = field(default_factory=EnvConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)  # the environment's own config class (envs.gym_env)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     checkpoint_every: Annotated[int, Field(ge=0, description="checkpoint every this many steps (0: never)")] = 0

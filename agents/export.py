@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from deflectlab.agents.policy_io import MASKED_LOGIT, MaskedPolicyModule, cluster_of, load_policy_net, mlp_layers
-from deflectlab.policies import features as F
+from deflectlab.envs import features as F
 from deflectlab.policies.runtime import MANIFEST_FORMAT, MANIFEST_VERSION
 
 
@@ -74,7 +74,7 @@ def export(model: str | Path, out_dir: str | Path, which: str = "best", opset: i
         "feature_schema": F.FEATURE_SCHEMA.to_dict(P, D),
         "action_layout": F.action_layout(P, D),
         "chunk_rule": {
-            "doc": "deflect actions use policies.features.ChunkSolver: the largest chunk whose slowest step keeps "
+            "doc": "deflect actions use envs.features.ChunkSolver: the largest chunk whose slowest step keeps "
                    "the TBT SLO by the decode profile, capped by the node's free token budget",
             "min_chunk_tokens": F.MIN_CHUNK_TOKENS,
             "ctx_round_tokens": F.CTX_ROUND_TOKENS,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from deflectlab.agents.config import TrainConfig, load_config
 from deflectlab.envs.config import ClusterConfig
-from deflectlab.policies.features import FEATURE_SCHEMA
+from deflectlab.envs.features import FEATURE_SCHEMA
 from gymnasium import spaces
 from torch import nn
 
@@ -42,9 +42,7 @@ def spaces_for(cluster: ClusterConfig) -> tuple[spaces.Box, spaces.Discrete]:
 
 
 def cluster_of(cfg: TrainConfig) -> ClusterConfig:
-    from deflectlab.envs.gym_env import _cluster_config
-
-    return _cluster_config(cfg.env.cluster)
+    return ClusterConfig.coerce(cfg.env.cluster)
 
 
 def policy_kwargs(cfg: TrainConfig) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 RL from scratch has to discover, from a noisy cluster-wide reward, what the proactive deflector computes in
 closed form. Cloning a heuristic first starts PPO from that policy; PPO then only has to improve on it. The
 demonstrations are collected through the training vector environment itself (so a ``VecNormalize`` reward
-scaler sees them too): at every step each environment asks the expert (``DeflectionEnv.expert_action``) and
-carries out its action. The actor is fitted by masked cross-entropy; the critic, optionally, to the
+scaler sees them too): at every step each environment asks its own expert (``DeflectionEnv.expert_action``)
+and carries out its action. The actor is fitted by masked cross-entropy; the critic, optionally, to the
 demonstrations' discounted returns (Monte Carlo, within complete episodes), so that PPO's first advantages
 are not noise that would undo the cloning.
 """
@@ -28,22 +28,27 @@ def collect_demos(venv: Any, expert: str, steps: int, progress: bool = False) ->
     """Roll the expert out in ``venv`` for about ``steps`` decisions: ``obs, masks, actions, rewards, dones``
     arrays of shape ``[T, n_envs, ...]`` (rewards as the vector env returns them, normalised or not).
     ``progress``: a bar on stderr, in decisions."""
+    from deflectlab.policies.registry import make_policy
+
     n = venv.num_envs
+    for i in range(n):  # one expert per environment, so per-run state (round-robin pointers) stays separate
+        venv.env_method("set_expert", make_policy(expert), indices=[i])
     obs = venv.reset()
     o, m, a, r, d = [], [], [], [], []
     rounds = max(steps // n, 1)
     with _bar(rounds * n, f"cloning {expert}: demonstrations", "decision", progress) as bar:
         for _ in range(rounds):
-            obs = _demo_step(venv, expert, obs, (o, m, a, r, d))
+            obs = _demo_step(venv, obs, (o, m, a, r, d))
             bar.update(n)
     return {"obs": np.asarray(o, np.float32), "masks": np.asarray(m, bool), "actions": np.asarray(a),
             "rewards": np.asarray(r, np.float32), "dones": np.asarray(d, bool)}
 
 
-def _demo_step(venv: Any, expert: str, obs: Any, out: tuple[list, ...]) -> Any:
-    """One expert step of every environment, appended to ``out`` (obs, masks, actions, rewards, dones)."""
+def _demo_step(venv: Any, obs: Any, out: tuple[list, ...]) -> Any:
+    """One step of every environment under its own expert (``set_expert``), appended to ``out`` (obs, masks,
+    actions, rewards, dones)."""
     o, m, a, r, d = out
-    acts = np.asarray(venv.env_method("expert_action", expert), dtype=np.int64)
+    acts = np.asarray(venv.env_method("expert_action"), dtype=np.int64)
     o.append(obs)
     m.append(np.stack(venv.env_method("action_masks")))
     a.append(acts)

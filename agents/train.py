@@ -248,8 +248,8 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, *, run_dir: str | P
     model.set_logger(Logger(str(rdir), outputs))
 
     try:
-        base_rep = evaluate({b: b for b in baselines}, eval_kwargs, cfg.eval_seeds()) if baselines else \
-            {"policies": {}}
+        base_rep = evaluate({b: b for b in baselines}, eval_kwargs, cfg.eval_seeds()).to_json() if baselines \
+            else {"policies": {}}
         for name, r in base_rep["policies"].items():
             key = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
             model.logger.record(f"eval/baseline/{key}/slo_attainment", r["pooled"]["slo_attainment"])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,41 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names it."""
+
+
+def check_number(
+    value: Any, name: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+    hi_open: bool = False, integer: bool = False, unit: str = "", what: str = "", error: type[ValueError] = ConfigError,
+) -> Any:
+    """``value`` as a float (an int when ``integer``) if it is a finite number in range, else an ``error`` (a
+    :class:`ConfigError` unless told) naming ``what`` (the owner: a policy, a reward), ``name``, the range, the
+    unit and the value. Bounds are inclusive unless ``lo_open``/``hi_open``; booleans are not numbers."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
+    ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        bounds = [f"{'>' if lo_open else '>='} {lo:g}"] if lo is not None else []
+        bounds += [f"{'<' if hi_open else '<='} {hi:g}"] if hi is not None else []
+        kind = "an integer" if integer else "a finite number"
+        rng = (" " + " and ".join(bounds)) if bounds else ""
+        raise error(f"{what + ': ' if what else ''}{name} must be {kind}{rng}{f' ({unit})' if unit else ''}, "
+                    f"got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def check_range(value: Any, name: str, *, positive: bool = False, unit: str = "", what: str = ""
+                ) -> tuple[float, float]:
+    """A number ``x`` as ``(x, x)``, or a ``(low, high)`` pair with ``low <= high``; each a finite number (> 0
+    when ``positive``). Errors as :func:`check_number`'s."""
+    pair = [value, value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+        raise ConfigError(f"{what + ': ' if what else ''}{name} must be a number or a (low, high) range, got {value!r}")
+    lo, hi = (check_number(x, name, lo=0.0 if positive else None, lo_open=positive, unit=unit, what=what)
+              for x in pair)
+    if lo > hi:
+        raise ConfigError(f"{what + ': ' if what else ''}{name} range must have low <= high, got {value!r}")
+    return lo, hi
 
 
 def from_mapping(cls: Any, d: Any, what: str) -> Any:
@@ -51,35 +88,53 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
 
 
+def cli_field(default: Any, help: str, *, unit: str = "", aliases: tuple[str, ...] = (), choices: tuple[str, ...] = (),
+              flag: str | None = "", factory: Any = None) -> Any:
+    """A dataclass field that carries its command-line form (``scripts/options.py`` builds the flags from it).
+
+    :param help: what the field means (one line; the flag's help).
+    :param unit: the unit, printed after the help (``seconds``, ``tokens``).
+    :param aliases: older flag names still accepted.
+    :param choices: the allowed values of a string field.
+    :param flag: the flag name; ``""`` derives it from the field name (``ttft_slo_s`` -> ``--ttft-slo-s``, so a
+        unit suffix in the name shows in the flag), None means no flag of its own.
+    :param factory: builds a mutable default (a list, a dict) in place of ``default``.
+    """
+    meta = {"help": help, "unit": unit, "aliases": aliases, "choices": choices, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+#: How a prefill-path request's decode node is chosen when the policy leaves it open.
+DECODE_BALANCERS = ("least_loaded", "round_robin")
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Shape and engine settings of an xPyD cluster.
+    """Shape and engine settings of an xPyD cluster. Each field's meaning and unit are in its ``cli_field``
+    (they are also the command-line flags' help texts)."""
 
-    :param num_prefill: prefill nodes (one vLLM instance each).
-    :param num_decode: decode nodes.
-    :param prefill_profile: latency profile of the prefill nodes (bundled name or YAML path).
-    :param decode_profile: latency profile of the decode nodes; may differ from the prefill pool's.
-    :param prefill_max_batched_tokens: token budget of one prefill step, tokens (vLLM
-        ``max_num_batched_tokens``); longer prompts are chunked across steps.
-    :param decode_max_batched_tokens: token budget of one decode step, decodes plus deflected prefill chunks,
-        tokens. Deflected prefills fill what the running decodes leave (vLLM V1 chunked prefill).
-    :param max_num_seqs: most requests admitted on one decode node at once (vLLM ``max_num_seqs``).
-    :param decode_balancer: how a prefill-path request's decode node is chosen when the policy leaves it
-        open: ``least_loaded`` (fewest admitted plus waiting requests) or ``round_robin``.
-    :param ttft_slo_s: time-to-first-token SLO, seconds.
-    :param tbt_slo_s: time-between-tokens SLO on a request's P95 TBT, seconds.
-    """
-
-    num_prefill: int = 2
-    num_decode: int = 2
-    prefill_profile: str = "a100-80gb_deepseek-v2-lite"
-    decode_profile: str = "a100-80gb_deepseek-v2-lite"
-    prefill_max_batched_tokens: int = 8192
-    decode_max_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    decode_balancer: str = "least_loaded"
-    ttft_slo_s: float = 1.0
-    tbt_slo_s: float = 0.1
+    num_prefill: int = cli_field(2, "prefill nodes (one vLLM instance each); flags: --shape", flag=None)
+    num_decode: int = cli_field(2, "decode nodes; flags: --shape", flag=None)
+    prefill_profile: str = cli_field("a100-80gb_deepseek-v2-lite",
+                                     "latency profile of the prefill nodes (bundled name or YAML path)")
+    decode_profile: str = cli_field("a100-80gb_deepseek-v2-lite",
+                                    "latency profile of the decode nodes; may differ from the prefill pool's")
+    prefill_max_batched_tokens: int = cli_field(
+        8192, "token budget of one prefill step (vLLM max_num_batched_tokens); longer prompts are chunked",
+        unit="tokens", aliases=("--prefill-budget",))
+    decode_max_batched_tokens: int = cli_field(
+        2048, "token budget of one decode step, decodes plus deflected prefill chunks (vLLM V1 chunked prefill)",
+        unit="tokens", aliases=("--decode-budget",))
+    max_num_seqs: int = cli_field(256, "most requests admitted on one decode node at once (vLLM max_num_seqs)",
+                                  unit="requests")
+    decode_balancer: str = cli_field(
+        "least_loaded", "decode node of a prefill-path request the policy leaves open: least_loaded (fewest "
+        "admitted plus waiting requests) or round_robin", choices=DECODE_BALANCERS)
+    ttft_slo_s: float = cli_field(1.0, "time-to-first-token SLO", unit="seconds", aliases=("--ttft-slo",))
+    tbt_slo_s: float = cli_field(0.1, "SLO on a request's P95 time between tokens", unit="seconds",
+                                 aliases=("--tbt-slo",))
 
     def __post_init__(self) -> None:
         for name in ("num_prefill", "num_decode"):
@@ -96,8 +151,9 @@ class ClusterConfig:
             raise ConfigError(
                 f"decode_max_batched_tokens ({self.decode_max_batched_tokens}) must exceed max_num_seqs "
                 f"({self.max_num_seqs}) so a full decode batch still fits in one step")
-        if self.decode_balancer not in ("least_loaded", "round_robin"):
-            raise ConfigError(f"decode_balancer must be 'least_loaded' or 'round_robin', got {self.decode_balancer!r}")
+        if self.decode_balancer not in DECODE_BALANCERS:
+            raise ConfigError(f"decode_balancer must be one of {', '.join(DECODE_BALANCERS)}, got "
+                              f"{self.decode_balancer!r}")
         for name in ("ttft_slo_s", "tbt_slo_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v <= 0:
@@ -113,6 +169,21 @@ class ClusterConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClusterConfig:
         return from_mapping(cls, d, "cluster")
+
+    @classmethod
+    def coerce(cls, cluster: ClusterConfig | dict[str, Any] | str | None) -> ClusterConfig:
+        """A config from a config, a mapping of its fields (``shape`` allowed in place of the node counts), a
+        shape such as ``"2p2d"``, or None (the defaults)."""
+        if cluster is None:
+            return cls()
+        if isinstance(cluster, cls):
+            return cluster
+        if isinstance(cluster, str):
+            return cls.from_shape(cluster)
+        if isinstance(cluster, dict):
+            d = dict(cluster)
+            return cls.from_shape(d.pop("shape"), **d) if "shape" in d else cls.from_dict(d)
+        raise ConfigError(f"cluster must be a ClusterConfig, a mapping or a shape like '2p2d', got {cluster!r}")
 
     @classmethod
     def from_shape(cls, shape: str, **kw: Any) -> ClusterConfig:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.config import ClusterConfig, ConfigError, check_number, check_range, cli_field, from_mapping
+from deflectlab.envs.features import FEATURE_SCHEMA, FeatureBuilder, action_layout
 from deflectlab.envs.profile import load_profile
-from deflectlab.envs.rewards import Reward, StepStats, make_reward
+from deflectlab.envs.rewards import StepStats, make_reward
 from deflectlab.envs.simulator import ClusterSim
+from deflectlab.envs.view import Policy
 from deflectlab.envs.workloads import ARRIVALS, Workload, load_trace, make_workload
-from deflectlab.policies.features import FEATURE_SCHEMA, FeatureBuilder, action_layout
 from gymnasium import spaces
 from gymnasium.utils import seeding
 
@@ -22,12 +24,55 @@ from gymnasium.utils import seeding
 _MAX_REDRAWS = 64
 
 
+@dataclass
+class EnvConfig:
+    """The arguments of :class:`DeflectionEnv`, defined once: the environment, the trainer's ``env`` config
+    section (``agents.config``) and its overrides all use this class. Validated on construction."""
+
+    cluster: Any = cli_field(None, factory=dict, flag=None,
+                             help="a ClusterConfig, a mapping of its fields (shape: 2p2d allowed), or a shape")
+    trace: str = cli_field("azure_code", "bundled trace name (azure_code, azure_conv) or a trace file path")
+    load: float | list[float] = cli_field(
+        None, factory=lambda: [2.0, 4.0], unit="x the recorded rate",
+        help="arrival-rate multiplier over the window's recorded rate: a number or a [low, high] range sampled "
+             "uniformly per episode")
+    window_s: float = cli_field(300.0, "window length; the episode lasts window_s / load simulated seconds",
+                                unit="trace seconds")
+    window_start_s: list[float | None] = cli_field(
+        None, factory=lambda: [0.0, None], unit="trace seconds",
+        help="[low, high] range of window starts; high None: the trace end minus window_s. Disjoint ranges hold "
+             "evaluation windows out of training")
+    arrival: str = cli_field("trace", "trace replays recorded arrival times; poisson, gamma and onoff draw synthetic "
+                             "arrivals at the scaled rate with lengths sampled from the window", choices=ARRIVALS)
+    cv: float = cli_field(1.0, "coefficient of variation of the gaps for arrival=gamma")
+    max_requests: int | None = cli_field(None, "cap on requests per episode (the window's first ones)",
+                                         unit="requests")
+    min_requests: int = cli_field(20, "windows with fewer requests are redrawn", unit="requests")
+    reward: Any = cli_field("composite", "reward preset name, mapping or list (envs.rewards)", flag=None)
+
+    def __post_init__(self) -> None:
+        check_range(self.load, "load", positive=True, unit="x the recorded rate")
+        check_number(self.window_s, "window_s", lo=0.0, lo_open=True, unit="trace seconds")
+        if self.window_start_s is not None and (isinstance(self.window_start_s, (str, bytes))
+                                                or len(self.window_start_s) > 2):
+            raise ConfigError(f"window_start_s must be [low, high] trace seconds, got {self.window_start_s!r}")
+        if self.arrival not in ARRIVALS:
+            raise ConfigError(f"unknown arrival {self.arrival!r}; known: {', '.join(ARRIVALS)}")
+        check_number(self.cv, "cv", lo=0.0, lo_open=True)
+        if self.max_requests is not None:
+            check_number(self.max_requests, "max_requests", lo=1, integer=True, unit="requests")
+        check_number(self.min_requests, "min_requests", lo=1, integer=True, unit="requests")
+
+    def kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class DeflectionEnv(gym.Env):
     """Route each arriving request of a disaggregated LLM cluster: prefill it on a prefill node, or deflect it to
     a decode node.
 
-    Make it with ``import envs; gymnasium.make("deflectlab/Deflection-v0", **kwargs)`` (``import envs``
-    registers it), or ``gymnasium.make("envs:deflectlab/Deflection-v0", **kwargs)``, which imports ``envs``
+    Make it with ``import deflectlab.envs; gymnasium.make("deflectlab/Deflection-v0", **kwargs)`` (the import
+    registers it), or ``gymnasium.make("deflectlab.envs:deflectlab/Deflection-v0", **kwargs)``, which imports it
     itself; or construct ``DeflectionEnv(**kwargs)`` directly.
 
     ## Description
@@ -43,7 +88,7 @@ class DeflectionEnv(gym.Env):
 
     ``Discrete(P + D)``. Action ``i < P``: prefill on prefill node ``i``, decode node chosen by the cluster's
     decode balancer at hand-off time. Action ``P + j``: deflect to decode node ``j`` with the chunk cap of
-    ``policies.features.ChunkSolver``: the largest chunk whose slowest step (the prompt's last chunk, next to
+    ``envs.features.ChunkSolver``: the largest chunk whose slowest step (the prompt's last chunk, next to
     ``j``'s running batch) keeps the TBT SLO by the profile, capped by ``j``'s free token budget, at least 32
     tokens. :meth:`action_masks` marks decode nodes without free KV room for the prompt invalid (the output
     length is unknown, as in a router); prefill actions are always valid, and the mask is never all False.
@@ -51,8 +96,8 @@ class DeflectionEnv(gym.Env):
 
     ## Observation Space
 
-    ``Box(low, high, (3 + 6P + 11D,), float32)``, the versioned ``policies.features.FEATURE_SCHEMA``
-    (``deflectlab.features`` v1), built by ``policies.features.build_observation`` from the cluster view and the
+    ``Box(low, high, (3 + 6P + 11D,), float32)``, the versioned ``envs.features.FEATURE_SCHEMA``
+    (``deflectlab.features`` v1), built by ``envs.features.build_observation`` from the cluster view and the
     prompt length only -- the router builds the same vector. Squashed features are ``x / (x + scale)``.
 
     | block | feature | raw unit | transform, scale | bounds |
@@ -104,19 +149,9 @@ class DeflectionEnv(gym.Env):
 
     ## Arguments
 
-    :param cluster: a ``ClusterConfig``, a mapping of its fields, or a shape such as ``"2p2d"``.
-    :param trace: bundled trace name (``"azure_code"``, ``"azure_conv"``) or a trace file path.
-    :param load: arrival-rate multiplier over the window's recorded rate, a number or a ``(low, high)`` range
-        sampled uniformly per episode (dimensionless).
-    :param window_s: window length in trace seconds (the episode lasts ``window_s / load`` simulated seconds).
-    :param window_start_s: ``(low, high)`` range of window starts in trace seconds; ``high`` None means the trace
-        end minus ``window_s``. Give training and evaluation disjoint ranges to hold windows out.
-    :param arrival: ``"trace"`` replays recorded arrival times; ``"poisson"``/``"gamma"``/``"onoff"`` draw
-        synthetic arrivals at the scaled rate with lengths sampled from the window (``envs.workloads``).
-    :param cv: coefficient of variation of the gaps for ``arrival="gamma"``.
-    :param max_requests: cap on requests per episode (the window's first ones), None for no cap.
-    :param min_requests: windows with fewer requests are redrawn.
-    :param reward: the reward (see Rewards).
+    The fields of :class:`EnvConfig` as keyword arguments (``DeflectionEnv(load=3.0, window_s=120)``, which is
+    what ``gymnasium.make`` passes on), or ``config=EnvConfig(...)``; their meanings and units are there. An
+    unknown argument is an error that names it.
 
     ## Calibration
 
@@ -138,51 +173,27 @@ class DeflectionEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(
-        self,
-        cluster: ClusterConfig | dict[str, Any] | str | None = None,
-        trace: str = "azure_code",
-        load: float | Sequence[float] = (2.0, 4.0),
-        window_s: float = 300.0,
-        window_start_s: Sequence[float | None] = (0.0, None),
-        arrival: str = "trace",
-        cv: float = 1.0,
-        max_requests: int | None = None,
-        min_requests: int = 20,
-        reward: str | dict[str, Any] | Sequence[Any] | Reward = "composite",
-        render_mode: str | None = None,
-    ) -> None:
+    def __init__(self, config: EnvConfig | None = None, render_mode: str | None = None, **kwargs: Any) -> None:
         if render_mode is not None:
             raise ValueError(f"DeflectionEnv has no render modes, got render_mode={render_mode!r}")
-        self.config = _cluster_config(cluster)
+        if config is not None and kwargs:
+            raise ValueError("give DeflectionEnv an EnvConfig or its fields as keyword arguments, not both")
+        cfg = self.env_config = config if config is not None else from_mapping(EnvConfig, kwargs, "DeflectionEnv")
+        self.config = ClusterConfig.coerce(cfg.cluster or None)
         self.prefill_profile = load_profile(self.config.prefill_profile)
         self.decode_profile = load_profile(self.config.decode_profile)
-        self.trace_name = trace
-        self._trace = load_trace(trace)
-        self.load_range = _range("load", load, positive=True)
-        if not (isinstance(window_s, (int, float)) and window_s > 0):
-            raise ValueError(f"window_s must be a number > 0 (trace seconds), got {window_s!r}")
-        self.window_s = float(window_s)
-        span = float(self._trace.arrival_s[-1])
-        lo, hi = (tuple(window_start_s) + (None, None))[:2] if window_start_s is not None else (0.0, None)
-        lo = 0.0 if lo is None else float(lo)
-        hi = max(span - self.window_s, 0.0) if hi is None else float(hi)
-        if not 0.0 <= lo <= hi:
-            raise ValueError(f"window_start_s must be 0 <= low <= high (trace seconds), got ({lo}, {hi})")
-        self.window_start_range = (lo, hi)
-        if arrival not in ARRIVALS:
-            raise ValueError(f"unknown arrival {arrival!r}; known: {', '.join(ARRIVALS)}")
-        self.arrival = arrival
-        self.cv = float(cv)
-        if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
-            raise ValueError(f"max_requests must be an integer >= 1 or None, got {max_requests!r}")
-        self.max_requests = max_requests
-        if not isinstance(min_requests, int) or min_requests < 1:
-            raise ValueError(f"min_requests must be an integer >= 1, got {min_requests!r}")
-        self.min_requests = min_requests
-        self.reward_fn = make_reward(reward)
+        self.trace_name = cfg.trace
+        self._trace = load_trace(cfg.trace)
+        self.load_range = check_range(cfg.load, "load", positive=True, unit="x the recorded rate")
+        self.window_s = float(cfg.window_s)
+        self.window_start_range = self._start_range(cfg.window_start_s)
+        self.arrival = cfg.arrival
+        self.cv = float(cfg.cv)
+        self.max_requests = cfg.max_requests
+        self.min_requests = cfg.min_requests
+        self.reward_fn = make_reward(cfg.reward)
         self._track_deadlines = self.reward_fn.needs_deadlines
-        self._experts: dict[str, Any] = {}
+        self._expert: Policy | None = None
 
         P, D = self.config.num_prefill, self.config.num_decode
         self.num_prefill, self.num_decode = P, D
@@ -203,6 +214,16 @@ class DeflectionEnv(gym.Env):
         self._tbt_marks: list[int] = []
         self._obs = np.zeros(low.shape, dtype=np.float32)
         self.episode_info: dict[str, Any] = {}
+
+    def _start_range(self, window_start_s: Sequence[float | None] | None) -> tuple[float, float]:
+        """``(low, high)`` window starts, trace seconds; a missing or None high is the trace end minus the window."""
+        span = float(self._trace.arrival_s[-1])
+        lo, hi = (tuple(window_start_s) + (None, None))[:2] if window_start_s is not None else (0.0, None)
+        lo = 0.0 if lo is None else float(lo)
+        hi = max(span - self.window_s, 0.0) if hi is None else float(hi)
+        if not 0.0 <= lo <= hi:
+            raise ValueError(f"window_start_s must be 0 <= low <= high (trace seconds), got ({lo}, {hi})")
+        return lo, hi
 
     # -- episodes ------------------------------------------------------------------------------------------
     def episode_workload(self, seed: int | None = None, rng: np.random.Generator | None = None
@@ -270,14 +291,19 @@ class DeflectionEnv(gym.Env):
             raise RuntimeError("call reset() first")
         return self.sim.view()
 
-    def expert_action(self, policy: str) -> int:
-        """The action a heuristic (registry spec, e.g. ``"proactive"``) takes for the current request: its
-        decision's node, in this environment's action layout (the chunk cap is the environment's)."""
-        pol = self._experts.get(policy)
-        if pol is None:
-            from deflectlab.policies.registry import make_policy
+    def set_expert(self, policy: Policy) -> None:
+        """Keep ``policy`` (built by the caller, e.g. ``policies.registry.make_policy("proactive")``) as this
+        environment's expert for :meth:`expert_action`; its per-run state stays with this environment."""
+        if not callable(getattr(policy, "decide", None)):
+            raise ValueError(f"an expert needs a decide(view, request) method, got {policy!r}")
+        self._expert = policy
 
-            pol = self._experts[policy] = make_policy(policy)
+    def expert_action(self, policy: Policy | None = None) -> int:
+        """The action ``policy`` (default: the one given to :meth:`set_expert`) takes for the current request: its
+        decision's node, in this environment's action layout (the chunk cap is the environment's)."""
+        pol = self._expert if policy is None else policy
+        if pol is None:
+            raise RuntimeError("no expert: pass a policy, or call set_expert() first")
         if self._req is None:
             raise RuntimeError("no request awaits a decision; call reset()")
         d = pol.decide(self.sim.view(), self._req)  # type: ignore[union-attr]
@@ -403,26 +429,3 @@ class DeflectionEnv(gym.Env):
             if slow:
                 gaps += slow * max(node.batch_size, 1)
         stats.tbt_violation_gaps = gaps
-
-
-def _cluster_config(cluster: ClusterConfig | dict[str, Any] | str | None) -> ClusterConfig:
-    if cluster is None:
-        return ClusterConfig()
-    if isinstance(cluster, ClusterConfig):
-        return cluster
-    if isinstance(cluster, str):
-        return ClusterConfig.from_shape(cluster)
-    if isinstance(cluster, dict):
-        d = dict(cluster)
-        if "shape" in d:
-            return ClusterConfig.from_shape(d.pop("shape"), **d)
-        return ClusterConfig.from_dict(d)
-    raise ValueError(f"cluster must be a ClusterConfig, a mapping or a shape like '2p2d', got {cluster!r}")
-
-
-def _range(name: str, v: float | Sequence[float], positive: bool = False) -> tuple[float, float]:
-    vals = [v, v] if isinstance(v, (int, float)) else list(v)
-    if len(vals) != 2 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in vals) \
-            or vals[0] > vals[1] or (positive and vals[0] <= 0):
-        raise ValueError(f"{name} must be a number{' > 0' if positive else ''} or a (low, high) range, got {v!r}")
-    return float(vals[0]), float(vals[1])

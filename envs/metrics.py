@@ -82,8 +82,9 @@ class RunResult:
             self.records["tbt_p95_s"] = out
         return self.records["tbt_p95_s"]
 
-    def save(self, out_dir: str | Path, plots: bool = True) -> Path:
-        """Write ``requests.csv``, ``summary.json``, ``config.json`` and the plots into ``out_dir``."""
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``requests.csv``, ``summary.json`` and ``config.json`` into ``out_dir`` (callers draw the plots:
+        ``experiments.plots.plot_run``)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self._tbt_inputs is not None:
@@ -98,10 +99,6 @@ class RunResult:
                 w.writerow([_fmt(col[i]) for col in columns])
         (out / "summary.json").write_text(json.dumps(self.summary, indent=2, default=_json_default))
         (out / "config.json").write_text(json.dumps(self.config, indent=2, default=_json_default))
-        if plots:
-            from deflectlab.experiments.plots import plot_run
-
-            plot_run(self, out)
         return out
 
 

@@ -195,20 +195,9 @@ class LatencyModel:
         return path
 
 
-def profile_from_dict(doc: Any, origin: str = "<dict>") -> LatencyModel:
-    """Validate a profile document (as YAML loads it) into a :class:`LatencyModel`."""
-    if not isinstance(doc, dict):
-        raise ProfileError(f"{origin}: a profile must be a mapping, got {type(doc).__name__}")
-    known = {"name", "hardware", "model", "tensor_parallel", "terms", "linear", "meta"}
-    extra = set(doc) - known
-    if extra:
-        raise ProfileError(f"{origin}: unknown key(s) {sorted(extra)}; expected {sorted(known)}")
-    for key in ("name", "hardware", "model", "terms", "linear"):
-        if key not in doc:
-            raise ProfileError(f"{origin}: missing key '{key}'")
-    terms = doc["terms"]
-    if not isinstance(terms, dict):
-        raise ProfileError(f"{origin}: 'terms' must be a mapping of term -> {{value, source}}")
+def _scalar_terms(terms: dict[str, Any], origin: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each scalar term's value and source from a profile's ``terms`` mapping (every term present, numeric,
+    with a source)."""
     unknown = set(terms) - set(SCALAR_TERMS)
     if unknown:
         raise ProfileError(f"{origin}: unknown term(s) {sorted(unknown)}; known: {sorted(SCALAR_TERMS)}")
@@ -229,6 +218,24 @@ def profile_from_dict(doc: Any, origin: str = "<dict>") -> LatencyModel:
         sources[term] = str(entry["source"])
     for term in ("kv_bytes_per_token", "kv_capacity_tokens", "kv_block_tokens"):
         values[term] = int(values[term])
+    return values, sources
+
+
+def profile_from_dict(doc: Any, origin: str = "<dict>") -> LatencyModel:
+    """Validate a profile document (as YAML loads it) into a :class:`LatencyModel`."""
+    if not isinstance(doc, dict):
+        raise ProfileError(f"{origin}: a profile must be a mapping, got {type(doc).__name__}")
+    known = {"name", "hardware", "model", "tensor_parallel", "terms", "linear", "meta"}
+    extra = set(doc) - known
+    if extra:
+        raise ProfileError(f"{origin}: unknown key(s) {sorted(extra)}; expected {sorted(known)}")
+    for key in ("name", "hardware", "model", "terms", "linear"):
+        if key not in doc:
+            raise ProfileError(f"{origin}: missing key '{key}'")
+    terms = doc["terms"]
+    if not isinstance(terms, dict):
+        raise ProfileError(f"{origin}: 'terms' must be a mapping of term -> {{value, source}}")
+    values, sources = _scalar_terms(terms, origin)
     lin = doc["linear"]
     if not isinstance(lin, dict) or "tokens" not in lin or "seconds" not in lin:
         raise ProfileError(f"{origin}: 'linear' must have 'tokens' and 'seconds' lists")

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from deflectlab.envs.config import check_number
+
 
 @dataclass(slots=True)
 class StepStats:
@@ -94,7 +96,7 @@ class WaitingTimeIntegral(Reward):
     name = "latency"
 
     def __init__(self, scale: float = 1.0) -> None:
-        self.scale = _nonneg("scale", scale)
+        self.scale = check_number(scale, "scale", lo=0.0, what="reward")
 
     def __call__(self, s: StepStats) -> float:
         return -self.scale * s.waiting_integral / s.ttft_slo_s
@@ -116,8 +118,8 @@ class SLOHinge(Reward):
     name = "slo"
 
     def __init__(self, miss: float = 1.0, slope: float = 0.0, at: str = "first_token") -> None:
-        self.miss = _nonneg("miss", miss)
-        self.slope = _nonneg("slope", slope)
+        self.miss = check_number(miss, "miss", lo=0.0, what="reward")
+        self.slope = check_number(slope, "slope", lo=0.0, what="reward")
         if at not in ("first_token", "deadline"):
             raise ValueError(f"reward 'slo': at must be 'first_token' or 'deadline', got {at!r}")
         self.at = at
@@ -154,7 +156,7 @@ class TBTViolation(Reward):
     needs_tbt = True
 
     def __init__(self, weight: float = 1.0) -> None:
-        self.weight = _nonneg("weight", weight)
+        self.weight = check_number(weight, "weight", lo=0.0, what="reward")
 
     def __call__(self, s: StepStats) -> float:
         return -self.weight * s.tbt_violation_gaps
@@ -224,9 +226,3 @@ def make_reward(spec: str | dict[str, Any] | Sequence[Any] | Reward) -> Reward:
     if isinstance(spec, (list, tuple)):
         return Composite([make_reward(t) for t in spec])
     raise ValueError(f"a reward is a name, a mapping, a list or a Reward object, got {spec!r}")
-
-
-def _nonneg(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
-        raise ValueError(f"reward parameter {name} must be a finite number >= 0, got {v!r}")
-    return float(v)

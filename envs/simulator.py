@@ -27,7 +27,7 @@ from deflectlab.envs.network import Flow, Network
 from deflectlab.envs.prefill_node import PrefillNode
 from deflectlab.envs.profile import LatencyModel, load_profile
 from deflectlab.envs.request import Request
-from deflectlab.policies.base import DEFLECT, ClusterView, Decision, DecodeNodeView, Policy, PrefillNodeView
+from deflectlab.envs.view import DEFLECT, ClusterView, Decision, DecodeNodeView, Policy, PrefillNodeView
 
 if TYPE_CHECKING:
     from deflectlab.envs.metrics import RunResult

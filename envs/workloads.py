@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from deflectlab.envs.config import check_number
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -75,6 +76,10 @@ _NS = 1_000_000_000
 
 class WorkloadError(ValueError):
     """A trace file or a workload request is malformed; the message names the file, line and problem."""
+
+
+#: how make_workload's argument errors are raised (the one number checker, envs.config.check_number)
+_MW: dict[str, Any] = {"what": "make_workload", "error": WorkloadError}
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -347,6 +352,29 @@ def _json_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _mooncake_record(text: str, where: str) -> dict[str, Any]:
+    """One line of a mooncake trace as a JSON object with a finite timestamp and positive integer lengths."""
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise WorkloadError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise WorkloadError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    missing = [k for k in _MOONCAKE_KEYS if k not in rec]
+    if missing:
+        raise WorkloadError(f"{where}: missing key(s) {', '.join(missing)} for the mooncake format")
+    t = rec["timestamp"]
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
+        raise WorkloadError(f"{where}: unparsable timestamp {t!r} (expected milliseconds)")
+    for key in ("input_length", "output_length"):
+        v = rec[key]
+        if not _json_int(v):
+            raise WorkloadError(f"{where}: {key} {v!r} is not an integer")
+        if v <= 0:
+            raise WorkloadError(f"{where}: {key} must be > 0 tokens, got {v}")
+    return rec
+
+
 def _read_mooncake(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]] | None]:
     ts: list[float] = []
     inp: list[int] = []
@@ -361,29 +389,13 @@ def _read_mooncake(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list
             if not text.strip():
                 continue  # a blank line holds no request
             where = f"{path}:{line}"
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise WorkloadError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise WorkloadError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            missing = [k for k in _MOONCAKE_KEYS if k not in rec]
-            if missing:
-                raise WorkloadError(f"{where}: missing key(s) {', '.join(missing)} for the mooncake format")
+            rec = _mooncake_record(text, where)
             t = rec["timestamp"]
-            if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
-                raise WorkloadError(f"{where}: unparsable timestamp {t!r} (expected milliseconds)")
             if t < prev:
                 raise WorkloadError(
                     f"{where}: timestamps not sorted: {t} ms is before the previous line's {prev} ms"
                 )
             prev = t
-            for key in ("input_length", "output_length"):
-                v = rec[key]
-                if not _json_int(v):
-                    raise WorkloadError(f"{where}: {key} {v!r} is not an integer")
-                if v <= 0:
-                    raise WorkloadError(f"{where}: {key} must be > 0 tokens, got {v}")
             h = rec.get("hash_ids")
             if has_hashes is None:
                 has_hashes = h is not None
@@ -486,15 +498,6 @@ def load_trace(source: str | Path, fmt: str | None = None, *, drop_failed: bool 
 # ----------------------------------------------------------------------------------------- workloads
 
 
-def _check_positive(name: str, value: Any, *, allow_zero: bool = False, unit: str = "") -> float:
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    v = float(value) if ok else math.nan
-    if not ok or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise WorkloadError(f"make_workload: {name} must be a finite number {bound}{unit}, got {value!r}")
-    return v
-
-
 def _gaps(
     rng: np.random.Generator, arrival: str, n: int, rate: float, cv: float, on_s: float, off_s: float
 ) -> np.ndarray:
@@ -551,28 +554,21 @@ def make_workload(
     """
     if arrival not in ARRIVALS:
         raise WorkloadError(f"make_workload: unknown arrival {arrival!r}; known: {', '.join(ARRIVALS)}")
-    start_s = _check_positive("start_s", start_s, allow_zero=True, unit=" s")
+    start_s = check_number(start_s, "start_s", lo=0.0, unit="s", **_MW)
     if duration_s is not None:
-        duration_s = _check_positive("duration_s", duration_s, unit=" s")
+        duration_s = check_number(duration_s, "duration_s", lo=0.0, lo_open=True, unit="s", **_MW)
     if num_requests is not None:
-        if (
-            not isinstance(num_requests, (int, np.integer))
-            or isinstance(num_requests, bool)
-            or num_requests < 1
-        ):
-            raise WorkloadError(f"make_workload: num_requests must be an integer >= 1, got {num_requests!r}")
-        num_requests = int(num_requests)
+        num_requests = check_number(num_requests, "num_requests", lo=1, integer=True, **_MW)
     if rate is not None:
-        rate = _check_positive("rate", rate, unit=" req/s")
+        rate = check_number(rate, "rate", lo=0.0, lo_open=True, unit="req/s", **_MW)
     elif arrival != "trace":
         raise WorkloadError(f"make_workload: arrival={arrival!r} needs rate (req/s)")
     if arrival == "gamma":
-        cv = _check_positive("cv", cv)
+        cv = check_number(cv, "cv", lo=0.0, lo_open=True, **_MW)
     if arrival == "onoff":
-        on_s = _check_positive("on_s", on_s, unit=" s")
-        off_s = _check_positive("off_s", off_s, allow_zero=True, unit=" s")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise WorkloadError(f"make_workload: seed must be an integer >= 0, got {seed!r}")
+        on_s = check_number(on_s, "on_s", lo=0.0, lo_open=True, unit="s", **_MW)
+        off_s = check_number(off_s, "off_s", lo=0.0, unit="s", **_MW)
+    seed = check_number(seed, "seed", lo=0, integer=True, **_MW)
 
     trace = source if isinstance(source, Trace) else load_trace(source)
     t = trace.arrival_s

@@ -43,7 +43,7 @@ def run_motivation(out: Path, rates: tuple[float, ...] = DEFAULT_RATES, trace: s
     for rate in it:
         spec = SimulationSpec(workload=WorkloadSpec(trace=trace, rate=rate), cluster=cluster, policy=policy)
         res = run_simulation(spec)
-        res.save(out / f"rate_{rate:g}", plots=False)
+        res.save(out / f"rate_{rate:g}")
         s = res.summary
         rows.append({
             "rate": rate, "requests": s["requests"], "completed": s["completed"], "rejected": s["rejected"],
@@ -128,15 +128,15 @@ COMPARE_RATES = (3.21, 6.42, 9.63)
 
 
 def run_main_comparison(out: Path, rates: tuple[float, ...] = COMPARE_RATES, progress: bool = True,
-                        seeds: tuple[int, ...] = (0, 1, 2, 3, 4)):
+                        seeds: tuple[int, ...] = (0, 1, 2, 3, 4), cluster: ClusterConfig | None = None):
     """Compare :data:`MAIN_POLICIES` on held-out windows of the Azure code trace; writes its own report."""
     from deflectlab.experiments.compare import ComparisonConfig, run_comparison
-    from deflectlab.policies.tuning import load_tuned
+    from deflectlab.experiments.tuning import load_tuned
 
     tuned, _meta = load_tuned(TUNED_FILE)
     cfg = ComparisonConfig(trace="azure_code", rates=rates, seeds=seeds, window_s=300.0, span=HELD_OUT_SPAN,
-                           cluster=ClusterConfig(), policies=MAIN_POLICIES, tuned=tuned, baseline="round_robin",
-                           command="deflectlab main (comparison part)")
+                           cluster=cluster or ClusterConfig(), policies=MAIN_POLICIES, tuned=tuned,
+                           baseline="round_robin", command="deflectlab main (comparison part)")
     res = run_comparison(cfg, progress=progress)
     res.write_report(out)
     return res
@@ -180,17 +180,17 @@ def comparison_summary(res) -> str:
 
 
 def run_main(out: Path, rates: tuple[float, ...] = DEFAULT_RATES, compare: bool = True,
-             progress: bool = True) -> Path:
+             progress: bool = True, cluster: ClusterConfig | None = None) -> Path:
     """The README's main job: the motivation study, then (if available) the policy comparison."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    m = run_motivation(out / "motivation", rates=rates, progress=progress)
+    m = run_motivation(out / "motivation", rates=rates, progress=progress, cluster=cluster)
     (out / "motivation" / "table.json").write_text(json.dumps(m, indent=2, default=float))
     md = ["# deflectlab main job", "",
           "Command: `deflectlab main --out " + str(out) + "`", "", motivation_markdown(m).replace(
               "](", "](motivation/")]
     if compare:
-        res = run_main_comparison(out / "comparison", progress=progress)
+        res = run_main_comparison(out / "comparison", progress=progress, cluster=cluster)
         md.append(comparison_summary(res))
     md.append(f"\nTotal wall time {time.perf_counter() - t0:.1f} s.\n")
     report = out / "report.md"

@@ -6,35 +6,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deflectlab.envs.config import ClusterConfig, ConfigError, from_mapping, read_yaml
+from deflectlab.envs.config import ClusterConfig, ConfigError, cli_field, from_mapping, read_yaml
 from deflectlab.envs.metrics import RunResult
 from deflectlab.envs.simulator import ClusterSim
-from deflectlab.envs.workloads import make_workload
+from deflectlab.envs.workloads import ARRIVALS, make_workload
 from deflectlab.policies.registry import make_policy
 
 
 @dataclass(frozen=True)
 class WorkloadSpec:
     """Which requests to replay; a pure function of these fields (see :func:`envs.workloads.make_workload`).
+    Each field's meaning and unit are in its ``cli_field`` (also the command-line flags' help)."""
 
-    :param trace: bundled trace name (``azure_code``, ``azure_conv``) or a path.
-    :param rate: target mean arrival rate, requests/s (``None``: as recorded).
-    :param start_s: window start in the trace, seconds.
-    :param duration_s: window length, seconds (``None``: to the end).
-    :param num_requests: at most this many requests of the window.
-    :param arrival: ``trace`` (recorded times, rescaled), ``poisson``, ``gamma`` or ``onoff``.
-    :param cv: coefficient of variation of gamma gaps.
-    :param seed: seed of synthetic arrivals and length sampling.
-    """
-
-    trace: str = "azure_code"
-    rate: float | None = None
-    start_s: float = 0.0
-    duration_s: float | None = None
-    num_requests: int | None = None
-    arrival: str = "trace"
-    cv: float = 1.0
-    seed: int = 0
+    trace: str = cli_field("azure_code", "bundled trace (azure_code, azure_conv) or a trace file path")
+    rate: float | None = cli_field(None, "target mean arrival rate; unset: as recorded", unit="requests/s")
+    start_s: float = cli_field(0.0, "window start in the trace", unit="seconds", aliases=("--start",))
+    duration_s: float | None = cli_field(None, "window length; unset: to the end (flag: --window)", unit="seconds",
+                                         flag=None)
+    num_requests: int | None = cli_field(None, "at most this many requests of the window; unset: all", unit="requests")
+    arrival: str = cli_field("trace", "recorded arrival times (rescaled to the rate) or a synthetic process",
+                             choices=ARRIVALS)
+    cv: float = cli_field(1.0, "coefficient of variation of gamma inter-arrival gaps")
+    seed: int = cli_field(0, "workload seed (synthetic arrivals, length sampling)")
 
     def build(self):
         return make_workload(self.trace, start_s=self.start_s, duration_s=self.duration_s,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deflectlab.policies.base import ClusterView, Decision, Policy, RequestLike
+from deflectlab.envs.view import ClusterView, Decision, Policy, RequestLike
 
 
 class RoundRobin(Policy):

@@ -1,6 +1,6 @@
 """Threshold heuristics for deflection: the baselines the proactive deflector is compared against.
 
-Every policy here looks only at the :class:`~policies.base.ClusterView` and the request's prompt length
+Every policy here looks only at the :class:`~envs.view.ClusterView` and the request's prompt length
 (``request.input_tokens``); none reads the output length, which a router does not know. Each class cites
 where its rule comes from. Parameters are plain constructor arguments, so each policy can be built from a
 registry spec such as ``"dynamo_isl:isl_bound=1024,veto_busy=0.9"``.
@@ -19,23 +19,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from deflectlab.policies.base import ClusterView, Decision, DecodeNodeView, Policy, PrefillNodeView, RequestLike
-
-
-def _check_number(policy: str, name: str, value: Any, lo: float, lo_inclusive: bool = True,
-                  hi: float | None = None, integer: bool = False) -> None:
-    """Raise a ``ValueError`` naming the policy and parameter when ``value`` is out of range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and integer:
-        ok = float(value).is_integer()
-    if ok:
-        ok = value >= lo if lo_inclusive else value > lo
-    if ok and hi is not None:
-        ok = value <= hi
-    if not ok:
-        rng = f"{'>=' if lo_inclusive else '>'} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"policy {policy!r}: {name} must be {kind} {rng}, got {value!r}")
+from deflectlab.envs.config import check_number
+from deflectlab.envs.view import (
+    ClusterView,
+    Decision,
+    DecodeNodeView,
+    Policy,
+    PrefillNodeView,
+    RequestLike,
+    decode_load,
+)
 
 
 def least_loaded_prefill(view: ClusterView) -> int:
@@ -74,8 +67,7 @@ def decode_busy(d: DecodeNodeView, threshold: float) -> bool:
     """
     if kv_use_fraction(d) > threshold:
         return True
-    seqs = d.batch_size + d.deflected_waiting_requests + d.inbound_handoffs
-    return seqs > threshold * d.max_num_seqs
+    return decode_load(d) > threshold * d.max_num_seqs
 
 
 def deflect_target(view: ClusterView, prompt_tokens: int, veto_busy: float | None = None) -> int | None:
@@ -139,9 +131,9 @@ class LengthThreshold(Policy):
     name = "length_threshold"
 
     def __init__(self, max_len: int = 512, chunk: int | None = None) -> None:
-        _check_number(self.name, "max_len", max_len, 0, integer=True)
+        check_number(max_len, "max_len", lo=0, integer=True, what=f"policy {self.name!r}")
         if chunk is not None:
-            _check_number(self.name, "chunk", chunk, 1, integer=True)
+            check_number(chunk, "chunk", lo=1, integer=True, what=f"policy {self.name!r}")
         self.max_len = int(max_len)
         self.chunk = chunk
 
@@ -172,9 +164,9 @@ class QueueThreshold(Policy):
     name = "queue_threshold"
 
     def __init__(self, max_waiting_tokens: int = 16384, chunk: int | None = None) -> None:
-        _check_number(self.name, "max_waiting_tokens", max_waiting_tokens, 0, integer=True)
+        check_number(max_waiting_tokens, "max_waiting_tokens", lo=0, integer=True, what=f"policy {self.name!r}")
         if chunk is not None:
-            _check_number(self.name, "chunk", chunk, 1, integer=True)
+            check_number(chunk, "chunk", lo=1, integer=True, what=f"policy {self.name!r}")
         self.max_waiting_tokens = int(max_waiting_tokens)
         self.chunk = chunk
 
@@ -226,12 +218,12 @@ class DynamoConditional(Policy):
             raise ValueError(f"policy 'dynamo': mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         self.name = {"isl_bounding": "dynamo_isl", "prefill_load": "dynamo_load",
                      "isl_or_load": "dynamo_isl_or_load"}[mode]
-        _check_number(self.name, "isl_bound", isl_bound, 0, integer=True)
-        _check_number(self.name, "load_frac", load_frac, 0)
+        check_number(isl_bound, "isl_bound", lo=0, integer=True, what=f"policy {self.name!r}")
+        check_number(load_frac, "load_frac", lo=0, what=f"policy {self.name!r}")
         if veto_busy is not None:
-            _check_number(self.name, "veto_busy", veto_busy, 0, hi=1)
+            check_number(veto_busy, "veto_busy", lo=0, hi=1, what=f"policy {self.name!r}")
         if chunk is not None:
-            _check_number(self.name, "chunk", chunk, 1, integer=True)
+            check_number(chunk, "chunk", lo=1, integer=True, what=f"policy {self.name!r}")
         self.mode = mode
         self.isl_bound = int(isl_bound)
         self.load_frac = float(load_frac)

@@ -65,13 +65,21 @@ import math
 from bisect import bisect_right
 from typing import TYPE_CHECKING, Any
 
-from deflectlab.policies.base import ClusterView, Decision, DecodeNodeView, Policy, RequestLike
-from deflectlab.policies.chunking import largest_safe_chunk
+from deflectlab.envs.chunking import largest_safe_chunk
+from deflectlab.envs.config import check_number
+from deflectlab.envs.view import (
+    ClusterView,
+    Decision,
+    DecodeNodeView,
+    Policy,
+    RequestLike,
+    decode_load,
+    least_loaded_decode,
+)
 
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
 
-_BIG = 1 << 62
 _EPS_TOKENS = 1e-6
 _MAX_EPOCHS = 3  # lanes finishing before a new one that the T_D estimate follows one by one
 
@@ -232,7 +240,7 @@ class ProactiveDeflector(Policy):
     :param min_chunk: no deflection to a node whose SLO-safe chunk is below this (unless the whole prompt is
         smaller), tokens. A prompt that may only take a few hundred tokens per step (a long one, whose chunks
         attend to a long prefix) holds a decode node's step-time budget for many steps; 512 was chosen on the
-        training windows of :mod:`policies.tuning` (mean SLO attainment 97.7 % against 97.2 % at 32, 2P2D
+        training windows of :mod:`experiments.tuning` (mean SLO attainment 97.7 % against 97.2 % at 32, 2P2D
         ``azure_code``), as the baselines' thresholds are.
     :param max_chunk: upper bound on the chunk cap, tokens (``None``: no bound but the node's budget).
     :param output_allowance_tokens: KV room kept for the unknown output beyond the prompt, tokens.
@@ -247,15 +255,16 @@ class ProactiveDeflector(Policy):
     def __init__(self, margin: float = 0.0, tbt_safety: float = 1.0, sharing: str = "bounded",
                  min_chunk: int = 512, max_chunk: int | None = None, output_allowance_tokens: int = 256,
                  pin_decode: bool = False) -> None:
-        _check(margin, "margin", 0.0, 1.0, hi_open=True)
-        _check(tbt_safety, "tbt_safety", 0.0, 1.0, lo_open=True)
+        check_number(margin, "margin", lo=0.0, hi=1.0, hi_open=True, what="policy 'proactive'")
+        check_number(tbt_safety, "tbt_safety", lo=0.0, hi=1.0, lo_open=True, what="policy 'proactive'")
         if sharing not in self.SHARING:
             raise ValueError(f"policy 'proactive': sharing must be one of {', '.join(self.SHARING)}, "
                              f"got {sharing!r}")
-        _check(min_chunk, "min_chunk", 1, None, integer=True)
+        check_number(min_chunk, "min_chunk", lo=1, integer=True, unit="tokens", what="policy 'proactive'")
         if max_chunk is not None:
-            _check(max_chunk, "max_chunk", 1, None, integer=True)
-        _check(output_allowance_tokens, "output_allowance_tokens", 0, None, integer=True)
+            check_number(max_chunk, "max_chunk", lo=1, integer=True, unit="tokens", what="policy 'proactive'")
+        check_number(output_allowance_tokens, "output_allowance_tokens", lo=0, integer=True, unit="tokens",
+                     what="policy 'proactive'")
         if not isinstance(pin_decode, bool):
             raise ValueError(f"policy 'proactive': pin_decode must be true or false, got {pin_decode!r}")
         self.margin = float(margin)
@@ -305,7 +314,7 @@ class ProactiveDeflector(Policy):
     # -- the deflect path, docs/design.md's formula ("queue", "serial") ------------------------------------------
     def slo_chunk(self, m: StepModel, B: int, C: int, L: int, budget: int, tau: float) -> int:
         """Largest chunk ``c`` (tokens) whose worst step keeps ``B`` decodes over ``C`` context within ``tau``
-        (:func:`policies.chunking.largest_safe_chunk`), at most ``budget`` (the node's token budget after its
+        (:func:`envs.chunking.largest_safe_chunk`), at most ``budget`` (the node's token budget after its
         decodes), ``L`` and ``max_chunk``, at least ``min_chunk``; 0 when none fits."""
         hi = budget if budget < L else L
         if self.max_chunk is not None and self.max_chunk < hi:
@@ -486,35 +495,58 @@ class ProactiveDeflector(Policy):
     # -- the decision --------------------------------------------------------------------------------------
     def decide(self, view: ClusterView, request: RequestLike) -> Decision:
         L = request.input_tokens
-        now = view.now_s
-        decode = view.decode
-        # prompt-length dispersion E[L^2]/E[L]^2 of the requests seen so far (1 until there are a few)
+        dispersion = self._observe(L)
+        dstar = least_loaded_decode(view)
+        best_p, t_p = self._best_prefill(view, L, dispersion)
+        t_p += self._first_step(dstar, L)
+        best_d, best_c, t_d = self._best_deflection(view, L)
+        if best_d >= 0 and (best_p < 0 or t_d < (1.0 - self.margin) * t_p):
+            if self.sharing == "bounded":
+                self._nodes[best_d].lanes.append(Lane(float(best_c), L, float(L)))
+            est = {"ttft_s": t_d, "ttft_deflect_s": t_d}
+            if best_p >= 0:
+                est["ttft_prefill_s"] = t_p
+            return Decision.deflect(best_d, best_c, est)
+        if best_p < 0:  # no prefill node and no decode node with room: queue on the roomiest decode node
+            d_any = max(view.decode, key=lambda d: d.kv_free_tokens).index
+            return Decision.deflect(d_any, None, None)
+        est = {"ttft_s": t_p, "ttft_prefill_s": t_p}
+        if best_d >= 0:
+            est["ttft_deflect_s"] = t_d
+        return Decision.prefill(best_p, dstar.index if self.pin_decode else None, est)
+
+    def _observe(self, L: int) -> float:
+        """Count the prompt; the prompt-length dispersion E[L^2]/E[L]^2 so far (1 until there are a few)."""
         self._n_seen += 1
         self._sum_l += L
         self._sum_l2 += L * L
         n_seen = self._n_seen
-        dispersion = self._sum_l2 * n_seen / (self._sum_l * self._sum_l) if n_seen >= 16 else 1.0
+        return self._sum_l2 * n_seen / (self._sum_l * self._sum_l) if n_seen >= 16 else 1.0
 
-        # d*: the node the least-loaded decode balancer would pick now, and the first step there
-        dstar = decode[0]
-        best_load = _BIG
-        for d in decode:
-            load = d.batch_size + d.deflected_waiting_requests + d.inbound_handoffs
-            if load < best_load:
-                dstar, best_load = d, load
+    @staticmethod
+    def _first_step(dstar: DecodeNodeView, L: int) -> float:
+        """The first decode step of a prefilled request on ``dstar`` (the node the balancer would pick): half the
+        running step, then a step with the request joined (at least the running one), seconds."""
         md = step_model(dstar.profile)
         B1 = dstar.batch_size + 1
         join = md.ov + md.lin(B1) + md.dattn * (dstar.context_tokens + L) + md.dseq * B1
-        first_step = 0.5 * dstar.step_s + (join if join > dstar.step_s else dstar.step_s)
+        return 0.5 * dstar.step_s + (join if join > dstar.step_s else dstar.step_s)
 
+    def _best_prefill(self, view: ClusterView, L: int, dispersion: float) -> tuple[int, float]:
+        """The prefill node with the lowest estimated TTFT before the first decode step, and that estimate."""
         best_p, t_p = -1, math.inf
+        now = view.now_s
         for p in view.prefill:
             t = self.prefill_ttft(step_model(p.profile), now, p.busy_until_s, p.waiting_tokens,
                                   p.waiting_requests, p.max_batched_tokens, L, p.egress_bytes, dispersion)
             if t < t_p:
                 best_p, t_p = p.index, t
-        t_p += first_step
+        return best_p, t_p
 
+    def _best_deflection(self, view: ClusterView, L: int) -> tuple[int, int, float]:
+        """The decode node with the lowest estimated deflected TTFT, its chunk cap and the estimate (``-1, 0,
+        inf`` when no node has room, sequence slots and a TBT-safe chunk)."""
+        decode = view.decode
         tau = view.tbt_slo_s * self.tbt_safety
         need_kv = L + self.output_allowance_tokens
         bounded = self.sharing == "bounded"
@@ -523,62 +555,32 @@ class ProactiveDeflector(Policy):
             nodes.append(NodeLanes())
         best_d, best_c, t_d = -1, 0, math.inf
         for d in decode:
-            lanes = nodes[d.index].sync(now, d) if bounded else None
-            if d.kv_free_tokens < need_kv:
+            lanes = nodes[d.index].sync(view.now_s, d) if bounded else None
+            if d.kv_free_tokens < need_kv or decode_load(d) >= d.max_num_seqs:
                 continue
-            B = d.batch_size
-            if B + d.deflected_waiting_requests + d.inbound_handoffs >= d.max_num_seqs:
-                continue
-            m = step_model(d.profile)
-            C = d.context_tokens
-            budget = d.max_batched_tokens - B
-            if lanes is not None:
-                # the batch the chunks will meet: the running decodes and those bound to join while they run
-                # (KV pulls in flight; deflected prompts, which decode here once prefilled)
-                joins = d.inbound_handoffs + d.deflected_waiting_requests
-                c = self.bounded_chunk(m, B + joins, C + joins * L, L, budget - joins, tau, lanes)
-                if c <= 0:
-                    continue
-                t = self.bounded_ttft(m, B, C, d.step_s, L, c, budget, lanes)
-            else:
-                if self.sharing == "serial" and d.deflected_waiting_requests:
-                    continue
-                c = self.slo_chunk(m, B, C, L, budget, tau)
-                if c <= 0:
-                    continue
-                t = self.queue_ttft(m, B, C, d.step_s, d.deflected_waiting_tokens, d.deflected_waiting_requests,
-                                    L, c)
-            if t < t_d:
+            c, t = self._deflect_estimate(d, L, tau, lanes)
+            if c > 0 and t < t_d:
                 best_d, best_c, t_d = d.index, c, t
+        return best_d, best_c, t_d
 
-        if best_d >= 0 and (best_p < 0 or t_d < (1.0 - self.margin) * t_p):
-            if bounded:
-                nodes[best_d].lanes.append(Lane(float(best_c), L, float(L)))
-            est = {"ttft_s": t_d, "ttft_deflect_s": t_d}
-            if best_p >= 0:
-                est["ttft_prefill_s"] = t_p
-            return Decision.deflect(best_d, best_c, est)
-        if best_p < 0:  # no prefill node and no decode node with room: queue on the roomiest decode node
-            d_any = max(decode, key=lambda d: d.kv_free_tokens).index
-            return Decision.deflect(d_any, None, None)
-        est = {"ttft_s": t_p, "ttft_prefill_s": t_p}
-        if best_d >= 0:
-            est["ttft_deflect_s"] = t_d
-        return Decision.prefill(best_p, dstar.index if self.pin_decode else None, est)
-
-
-def _check(v: Any, name: str, lo: float, hi: float | None, integer: bool = False, lo_open: bool = False,
-           hi_open: bool = False) -> None:
-    """Raise a ``ValueError`` naming the parameter when ``v`` is not a number in range."""
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if ok and integer:
-        ok = float(v).is_integer()
-    if ok:
-        ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
-    if not ok:
-        rng = f"{'>' if lo_open else '>='} {lo:g}" + ("" if hi is None else f" and {'<' if hi_open else '<='} {hi:g}")
-        raise ValueError(f"policy 'proactive': {name} must be {'an integer' if integer else 'a number'} {rng}, "
-                         f"got {v!r}")
+    def _deflect_estimate(self, d: DecodeNodeView, L: int, tau: float, lanes: list[Lane] | None
+                          ) -> tuple[int, float]:
+        """Chunk cap and TTFT estimate of deflecting ``L`` tokens to ``d`` (cap 0: no TBT-safe chunk)."""
+        m = step_model(d.profile)
+        B, C = d.batch_size, d.context_tokens
+        budget = d.max_batched_tokens - B
+        if lanes is not None:
+            # the batch the chunks will meet: the running decodes and those bound to join while they run
+            # (KV pulls in flight; deflected prompts, which decode here once prefilled)
+            joins = d.inbound_handoffs + d.deflected_waiting_requests
+            c = self.bounded_chunk(m, B + joins, C + joins * L, L, budget - joins, tau, lanes)
+            return (c, self.bounded_ttft(m, B, C, d.step_s, L, c, budget, lanes)) if c > 0 else (0, math.inf)
+        if self.sharing == "serial" and d.deflected_waiting_requests:
+            return 0, math.inf
+        c = self.slo_chunk(m, B, C, L, budget, tau)
+        if c <= 0:
+            return 0, math.inf
+        return c, self.queue_ttft(m, B, C, d.step_s, d.deflected_waiting_tokens, d.deflected_waiting_requests, L, c)
 
 
 def register_policies(register) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from deflectlab.envs.config import parse_value
-from deflectlab.policies.base import Policy
+from deflectlab.envs.view import Policy
 
 _REGISTRY: dict[str, Callable[..., Policy]] = {}
 

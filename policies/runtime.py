@@ -12,7 +12,7 @@ An export (``deflectlab export``, :mod:`agents.export`) is a directory with ``po
 
 Nothing is unpickled: ONNX is protobuf, the numpy weights are read with ``allow_pickle=False``.
 
-``decide(view, request)`` builds the observation with :mod:`policies.features` (the environment's builder), runs
+``decide(view, request)`` builds the observation with :mod:`envs.features` (the environment's builder), runs
 the network with the action mask, and maps the action with the environment's layout and chunk rule. Two
 backends give the same action: ``onnx`` (onnxruntime, about 14 us per call measured for a 64x64 MLP) and
 ``numpy`` (the MLP in plain numpy, about 6 us; docs/design.md).
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from deflectlab.policies.base import ClusterView, Decision, Policy, RequestLike
-from deflectlab.policies.features import FEATURE_SCHEMA, FeatureBuilder
+from deflectlab.envs.features import FEATURE_SCHEMA, FeatureBuilder
+from deflectlab.envs.view import ClusterView, Decision, Policy, RequestLike
 
 MANIFEST_FORMAT = "deflectlab.policy"
 MANIFEST_VERSION = 1

@@ -24,10 +24,10 @@ import numpy as np
 
 
 def bench_env(episodes: int) -> None:
+    from deflectlab.envs.features import FeatureBuilder
     from deflectlab.envs.gym_env import DeflectionEnv
     from deflectlab.envs.simulator import ClusterSim
-    from deflectlab.policies.base import Decision
-    from deflectlab.policies.features import FeatureBuilder
+    from deflectlab.envs.view import Decision
 
     env = DeflectionEnv()
     acts = np.random.default_rng(0).integers(0, 4, size=2_000_000).tolist()

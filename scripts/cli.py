@@ -64,7 +64,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             importlib.import_module(module_name(name)).register(sub, help_text)
         else:
             sub.add_parser(name, help=help_text, add_help=False)
+    parser.set_defaults(_commands=sub.choices)
     return parser
+
+
+def command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The subcommand's own parser (its usage is what an error in that command prints), else the top one."""
+    return parser.get_default("_commands").get(command, parser) if command else parser
+
+
+def parse(parser: argparse.ArgumentParser, command: str | None, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; an unknown flag is reported by the subcommand's parser, with its usage."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command_parser(parser, command).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def missing_extra(e: ModuleNotFoundError) -> str | None:
@@ -75,9 +89,10 @@ def missing_extra(e: ModuleNotFoundError) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = _chosen(argv)
+    parser = None
     try:
         parser = build_parser(command)
-        args = parser.parse_args(argv)
+        args = parse(parser, command, argv)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
@@ -91,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deflectlab {command}: error: this command needs the '{extra}' extra ({e.name} is missing): "
               f"pip install 'deflectlab[{extra}]'", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError) as e:  # user errors: the command's usage and one clear line
+        if parser is not None:
+            command_parser(parser, command).print_usage(sys.stderr)
         print(f"deflectlab {command}: error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)

@@ -1,6 +1,6 @@
 """``deflectlab compare``: run several policies over loads and workload seeds on identical request streams.
 
-    deflectlab compare azure_code --rates 3.21,5,8 --seeds 0-2 --out results/compare
+    deflectlab compare azure_code --rates 3.21 5 8 --seeds 0-2 --out results/compare
     deflectlab compare azure_code --policies round_robin dynamo_isl proactive:margin=0.1 --json
 
 Writes ``results.csv``, ``results.json``, PNG plots and ``report.md`` into ``--out`` (see
@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deflectlab.envs.config import ClusterConfig
 from deflectlab.experiments.compare import (
     DEFAULT_POLICIES,
     DEFAULT_RATES,
@@ -26,119 +25,49 @@ from deflectlab.experiments.compare import (
     ComparisonConfig,
     run_comparison,
 )
+from deflectlab.experiments.runner import WorkloadSpec
+from deflectlab.scripts.options import (
+    add_cluster_flags,
+    add_dataclass_flags,
+    add_policies_flag,
+    add_rates_flag,
+    add_seeds_flag,
+    add_window_flag,
+    cluster_from_flags,
+    given,
+    parse_policies,
+    parse_rates,
+    parse_seeds,
+    parse_span,
+    parse_window,
+)
 
 TUNED_DIR = Path(__file__).resolve().parents[1] / "experiments" / "policies"
 
 
-def parse_rates(text: str) -> tuple[float | None, ...]:
-    """``"3.21,5,8"`` -> rates in requests/s; ``trace`` (or ``recorded``) replays the recorded times."""
-    out: list[float | None] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if part.lower() in ("trace", "recorded", "none"):
-            out.append(None)
-            continue
-        try:
-            v = float(part)
-        except ValueError:
-            raise ValueError(f"--rates: {part!r} is not a number (requests/s) or 'trace'") from None
-        if not v > 0:
-            raise ValueError(f"--rates: {part!r} must be > 0 requests/s")
-        out.append(v)
-    if not out:
-        raise ValueError("--rates: give at least one rate")
-    return tuple(out)
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """``"0,1,2"`` or ``"0-4"`` (inclusive) or a mix -> seeds."""
-    out: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        lo, dash, hi = part.partition("-")
-        try:
-            if dash:
-                a, b = int(lo), int(hi)
-                if b < a:
-                    raise ValueError
-                out.extend(range(a, b + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise ValueError(f"--seeds: {part!r} is not an integer or a range like 0-4") from None
-    if not out or min(out) < 0:
-        raise ValueError("--seeds: give integers >= 0")
-    return tuple(dict.fromkeys(out))
-
-
-def parse_window(text: str) -> dict[str, Any]:
-    """``600`` (seconds, start drawn from the seed), ``300:600`` (start:duration seconds), ``2000req``
-    (requests from a seed-drawn start) or ``all`` (the whole trace) -> ComparisonConfig fields."""
-    t = text.strip().lower()
-    if t in ("all", "whole", "none"):
-        return {"window_s": None, "window_start_s": None, "num_requests": None}
-    try:
-        if t.endswith("req"):
-            n = int(t[:-3])
-            if n < 1:
-                raise ValueError
-            return {"num_requests": n}
-        if ":" in t:
-            a, b = t.split(":", 1)
-            start, dur = float(a), float(b)
-            if start < 0 or dur <= 0:
-                raise ValueError
-            return {"window_start_s": start, "window_s": dur}
-        dur = float(t)
-        if dur <= 0:
-            raise ValueError
-        return {"window_s": dur}
-    except ValueError:
-        raise ValueError(f"--window: {text!r} is not SECONDS, START:SECONDS, <N>req or all") from None
-
-
-def parse_span(text: str | None) -> tuple[float, float] | None:
-    if not text:
-        return None
-    try:
-        a, b = (float(x) for x in text.split(":", 1))
-    except ValueError:
-        raise ValueError(f"--span: {text!r} is not LO:HI seconds") from None
-    if not 0 <= a < b:
-        raise ValueError(f"--span: {text!r} needs 0 <= LO < HI")
-    return (a, b)
-
-
-def add_common_args(p: argparse.ArgumentParser, rates: str, seeds: str, window: str) -> None:
-    """Workload, cluster and run arguments shared by ``compare`` and ``tune``."""
-    from deflectlab.scripts.cmd_simulate import add_cluster_args
-
+def add_common_args(p: argparse.ArgumentParser, rates: tuple[float | None, ...], seeds: str, window: str) -> None:
+    """Workload, cluster and run arguments shared by ``compare`` and ``tune`` (the grammar of
+    :mod:`scripts.options`)."""
     p.add_argument("trace", nargs="?", default="azure_code",
                    help="bundled trace (azure_code, azure_conv) or a trace file path (default azure_code)")
     g = p.add_argument_group("workloads")
-    g.add_argument("--rates", default=rates,
-                   help=f"comma-separated loads, requests/s; 'trace' replays recorded times (default {rates})")
-    g.add_argument("--seeds", default=seeds, help=f"workload seeds, e.g. 0,1,2 or 0-4 (default {seeds})")
-    g.add_argument("--window", default=window,
-                   help="per-seed window: SECONDS of trace time (start drawn from the seed), START:SECONDS, "
-                        f"<N>req, or all (default {window})")
-    g.add_argument("--span", default=None, help="draw windows from LO:HI seconds of the trace only")
-    g.add_argument("--arrival", default="trace", choices=["trace", "poisson", "gamma", "onoff"],
-                   help="recorded arrival times (rescaled to each rate) or a synthetic process")
-    g.add_argument("--cv", type=float, default=1.0, help="CV of gamma inter-arrival gaps")
-    add_cluster_args(p)
+    add_rates_flag(g, rates)
+    add_seeds_flag(g, seeds)
+    add_window_flag(g, window, "start drawn from each seed")
+    g.add_argument("--span", default=None, metavar="LO:HI", help="draw windows from LO:HI seconds of the trace only")
+    add_dataclass_flags(g, WorkloadSpec, only=("arrival", "cv"))
+    add_cluster_flags(p)
     r = p.add_argument_group("run")
     r.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def config_from_args(a: argparse.Namespace, policies: tuple[str, ...]) -> ComparisonConfig:
-    from deflectlab.scripts.cmd_simulate import cluster_from_args
-
-    cluster: ClusterConfig = cluster_from_args(a)
-    win = parse_window(a.window)
+    wl = WorkloadSpec(**given(a, WorkloadSpec))
     return ComparisonConfig(
         trace=a.trace, rates=parse_rates(a.rates), seeds=parse_seeds(a.seeds), span=parse_span(a.span),
-        arrival=a.arrival, cv=a.cv, cluster=cluster, policies=policies, workers=a.workers,
-        command=shlex.join(["deflectlab", *sys.argv[1:]]), **win)
+        arrival=wl.arrival, cv=wl.cv, cluster=cluster_from_flags(a), policies=parse_policies(policies),
+        workers=a.workers, command=shlex.join(["deflectlab", *sys.argv[1:]]), **parse_window(a.window))
 
 
 def tuned_path_for(cfg: ComparisonConfig) -> Path:
@@ -148,7 +77,7 @@ def tuned_path_for(cfg: ComparisonConfig) -> Path:
 
 def resolve_tuned(arg: str, cfg: ComparisonConfig) -> tuple[dict[str, dict[str, Any]] | None, str]:
     """The tuned parameters ``--tuned`` names (``auto``, ``none`` or a path) and a note for stderr."""
-    from deflectlab.policies.tuning import check_disjoint, load_tuned
+    from deflectlab.experiments.tuning import check_disjoint, load_tuned
 
     if arg.lower() == "none":
         return None, "thresholds at their defaults (--tuned none)"
@@ -169,10 +98,8 @@ def resolve_tuned(arg: str, cfg: ComparisonConfig) -> tuple[dict[str, dict[str, 
 def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser("compare", help=help_text,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, ",".join(f"{r:g}" for r in DEFAULT_RATES), ",".join(map(str, DEFAULT_SEEDS)), "600")
-    p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), metavar="SPEC",
-                   help="policy specs, space-separated, e.g. round_robin proactive:margin=0.1 "
-                        f"(default: {' '.join(DEFAULT_POLICIES)})")
+    add_common_args(p, DEFAULT_RATES, ",".join(map(str, DEFAULT_SEEDS)), "600")
+    add_policies_flag(p, DEFAULT_POLICIES, "policies to compare")
     p.add_argument("--baseline", default="round_robin", help="the never-deflect policy the others are compared to")
     p.add_argument("--tuned", default="auto",
                    help="tuned threshold parameters: a YAML from 'deflectlab tune', 'auto' (the shipped file for "

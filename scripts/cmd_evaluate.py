@@ -6,6 +6,17 @@ import argparse
 import json
 from pathlib import Path
 
+from deflectlab.scripts.options import (
+    add_cluster_flags,
+    add_policies_flag,
+    add_seeds_flag,
+    cluster_flags_given,
+    cluster_from_flags,
+    parse_loads,
+    parse_policies,
+    parse_seeds,
+)
+
 
 def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser(
@@ -19,18 +30,34 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
                         "NAME=PATH[@best|final|pretrained] to compare several")
     p.add_argument("--which", default="best", choices=["best", "final", "pretrained"],
                    help="which checkpoint of a run (default: best periodic evaluation)")
-    p.add_argument("--policies", default=None,
-                   help="comma-separated registry specs, e.g. round_robin,proactive,learned:path=dir "
-                        "(default: the config's baselines); separate a spec's own parameters with ';'")
+    add_policies_flag(p, None, "heuristics to evaluate, e.g. round_robin proactive learned:path=DIR (default: the "
+                               "config's baselines)")
+    add_seeds_flag(p, "the config's eval.seed .. eval.seed + eval.episodes - 1", "evaluation seeds, one episode each")
+    p.set_defaults(seeds=None)
     p.add_argument("--episodes", type=int, help="override eval.episodes")
-    p.add_argument("--seed", type=int, help="override the first evaluation seed")
-    p.add_argument("--loads", default=None,
-                   help="comma-separated fixed load multipliers to evaluate at, each its own table, besides the "
-                        "config's own evaluation episodes (e.g. 2,3,4)")
+    p.add_argument("--seed", type=int, help="deprecated: the first evaluation seed (use --seeds)")
+    p.add_argument("--loads", nargs="+", default=None, metavar="MULTIPLIER",
+                   help="fixed load multipliers of the windows' recorded rate (not requests/s: that is --rates "
+                        "elsewhere), each its own table, besides the config's own evaluation episodes (e.g. 2 3 4)")
+    add_cluster_flags(p)
     p.add_argument("--out", help="write evaluation.json and evaluation.md here")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the config "
                    "(e.g. eval.env.load=3.0)")
     p.set_defaults(func=run)
+
+
+def eval_seeds(args: argparse.Namespace, cfg) -> list[int]:
+    """``--seeds`` if given (each at or above the evaluation seed base, so training never saw them), else the
+    config's evaluation seeds (after ``--seed``/``--episodes``)."""
+    from deflectlab.agents.config import EVAL_SEED_BASE
+
+    if args.seeds is None:
+        return cfg.eval_seeds()
+    seeds = list(parse_seeds(args.seeds))
+    if min(seeds) < EVAL_SEED_BASE:
+        raise ValueError(f"--seeds: evaluation seeds must be >= {EVAL_SEED_BASE} (training environments are "
+                         f"seeded below it), got {min(seeds)}")
+    return seeds
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,28 +86,32 @@ def run(args: argparse.Namespace) -> int:
         ov.append(f"eval.seed={args.seed}")
     cfg = load_config(cfg_src, ov)
     if args.policies:
-        specs = [s.strip().replace(";", ",") for s in args.policies.split(",") if s.strip()]
+        specs = list(parse_policies(args.policies))
     else:
         specs, missing = available_baselines(list(cfg.eval.baselines))
         if missing:
             print(f"skipping unavailable baselines: {', '.join(missing)}")
     pols: dict = {**learned, **{s: s for s in specs}}
     base = cfg.eval_env_kwargs()
+    if cluster_flags_given(args):
+        base["cluster"] = cluster_from_flags(args, base["cluster"]).to_dict()
+    seeds = eval_seeds(args, cfg)
     conditions = [("evaluation episodes (load " + "-".join(f"{x:g}" for x in base["load"]) + ")", base)]
-    for x in (args.loads.split(",") if args.loads else []):
-        conditions.append((f"load {float(x):g}", {**base, "load": [float(x), float(x)]}))
+    for x in (parse_loads(args.loads) if args.loads else ()):
+        conditions.append((f"load {x:g}", {**base, "load": [x, x]}))
     reports, parts = {}, []
     for title, env_kwargs in conditions:
-        rep = evaluate(pols, env_kwargs, cfg.eval_seeds(), progress=True)
+        rep = evaluate(pols, env_kwargs, seeds, progress=True)
         reports[title] = rep
         md = table(rep)
-        parts.append(f"### {title}\n\nseeds {rep['seeds'][0]}..{rep['seeds'][-1]}, windows starting in "
+        parts.append(f"### {title}\n\nseeds {rep.seeds[0]}..{rep.seeds[-1]}, windows starting in "
                      f"{env_kwargs['window_start_s']} s of {env_kwargs['trace']}, {env_kwargs['window_s']:g} s long\n\n"
                      f"{md}\n")
         print(parts[-1])
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "evaluation.json").write_text(json.dumps(reports, indent=2, default=float))
+        (out / "evaluation.json").write_text(
+            json.dumps({t: r.to_json() for t, r in reports.items()}, indent=2, default=float))
         (out / "evaluation.md").write_text("\n".join(parts))
     return 0

@@ -11,15 +11,13 @@ from deflectlab.envs.config import ClusterConfig
 
 
 def register(sub: argparse._SubParsersAction, help_text: str) -> None:
-    from deflectlab.scripts.cmd_simulate import add_workload_args
+    from deflectlab.scripts.options import add_workload_flags
 
     d = ClusterConfig()
     p = sub.add_parser("replay", help=help_text,
                        description=__doc__)
     p.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000 (the router)")
-    add_workload_args(p)
-    p.add_argument("--window", dest="duration", type=float, default=argparse.SUPPRESS,
-                   help="window length, seconds (same as --duration)")
+    add_workload_flags(p)
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="wall seconds per model second: the emulators' --time-scale (1 for vLLM)")
     p.add_argument("--model", default=None, help="model field of each request (default: omitted)")
@@ -36,12 +34,12 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
 def run(a: argparse.Namespace) -> int:
     import sys
 
-    from deflectlab.scripts.cmd_simulate import workload_from_args
+    from deflectlab.scripts.options import workload_from_flags
     from deflectlab.serving.replay import replay
 
     if not a.time_scale > 0:
         raise ValueError(f"--time-scale must be > 0, got {a.time_scale}")
-    workload = workload_from_args(a).build()
+    workload = workload_from_flags(a).build()
     print(f"replaying {len(workload)} requests over {workload.duration_s:.1f} model s "
           f"({workload.duration_s * a.time_scale:.1f} wall s) against {a.url}", file=sys.stderr)
     res = replay(a.url, workload, time_scale=a.time_scale, model=a.model, ttft_slo_s=a.ttft_slo,

@@ -7,60 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from deflectlab.envs.config import ClusterConfig, parse_shape
-from deflectlab.experiments.runner import SimulationSpec, WorkloadSpec, run_simulation
-
-DEFAULT_PROFILE = "a100-80gb_deepseek-v2-lite"
-
-
-def add_workload_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("workload")
-    g.add_argument("--trace", default="azure_code", help="bundled trace (azure_code, azure_conv) or a file path")
-    g.add_argument("--rate", type=float, default=None,
-                   help="target mean arrival rate, requests/s (default: as recorded)")
-    g.add_argument("--start", type=float, default=0.0, help="window start in the trace, seconds")
-    g.add_argument("--duration", type=float, default=None, help="window length, seconds (default: to the end)")
-    g.add_argument("--num-requests", type=int, default=None, help="at most this many requests")
-    g.add_argument("--arrival", default="trace", choices=["trace", "poisson", "gamma", "onoff"])
-    g.add_argument("--cv", type=float, default=1.0, help="CV of gamma inter-arrival gaps")
-    g.add_argument("--seed", type=int, default=0)
-
-
-def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    d = ClusterConfig()
-    g = p.add_argument_group("cluster")
-    g.add_argument("--shape", default="2p2d", help="cluster shape <x>p<y>d (default 2p2d)")
-    g.add_argument("--profile", default=None, help=f"profile of both pools (default {DEFAULT_PROFILE})")
-    g.add_argument("--prefill-profile", default=None, help="profile of the prefill pool")
-    g.add_argument("--decode-profile", default=None, help="profile of the decode pool")
-    g.add_argument("--prefill-budget", type=int, default=d.prefill_max_batched_tokens,
-                   help="prefill step token budget (max_num_batched_tokens)")
-    g.add_argument("--decode-budget", type=int, default=d.decode_max_batched_tokens,
-                   help="decode step token budget, decodes plus deflected chunks")
-    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    g.add_argument("--ttft-slo", type=float, default=d.ttft_slo_s, help="TTFT SLO, seconds")
-    g.add_argument("--tbt-slo", type=float, default=d.tbt_slo_s, help="P95 TBT SLO, seconds")
-
-
-def cluster_from_args(a: argparse.Namespace) -> ClusterConfig:
-    p, d = parse_shape(a.shape)
-    base = a.profile or DEFAULT_PROFILE
-    return ClusterConfig(num_prefill=p, num_decode=d, prefill_profile=a.prefill_profile or base,
-                         decode_profile=a.decode_profile or base, prefill_max_batched_tokens=a.prefill_budget,
-                         decode_max_batched_tokens=a.decode_budget, max_num_seqs=a.max_num_seqs,
-                         ttft_slo_s=a.ttft_slo, tbt_slo_s=a.tbt_slo)
-
-
-def workload_from_args(a: argparse.Namespace) -> WorkloadSpec:
-    return WorkloadSpec(trace=a.trace, rate=a.rate, start_s=a.start, duration_s=a.duration,
-                        num_requests=a.num_requests, arrival=a.arrival, cv=a.cv, seed=a.seed)
+from deflectlab.experiments.runner import SimulationSpec, run_simulation
+from deflectlab.scripts.options import add_cluster_flags, add_workload_flags, cluster_from_flags, workload_from_flags
 
 
 def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser("simulate", help=help_text,
                        description=__doc__)
-    add_workload_args(p)
-    add_cluster_args(p)
+    add_workload_flags(p)
+    add_cluster_flags(p)
     p.add_argument("--policy", default="round_robin",
                    help="policy spec, e.g. round_robin, always_deflect, proactive:margin=0.1")
     p.add_argument("--config", type=Path, default=None,
@@ -103,10 +58,14 @@ def run(a: argparse.Namespace) -> int:
     if a.config:
         spec = SimulationSpec.from_yaml(a.config)
     else:
-        spec = SimulationSpec(workload=workload_from_args(a), cluster=cluster_from_args(a), policy=a.policy)
+        spec = SimulationSpec(workload=workload_from_flags(a), cluster=cluster_from_flags(a), policy=a.policy)
     result = run_simulation(spec, progress=not a.json and sys.stderr.isatty())
     if a.out:
-        result.save(a.out, plots=not a.no_plots)
+        out = result.save(a.out)
+        if not a.no_plots:
+            from deflectlab.experiments.plots import plot_run
+
+            plot_run(result, out)
     if a.json:
         print(json.dumps(result.summary, default=float))
     else:

@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from deflectlab.scripts.options import parse_seeds
+
 
 def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser(
@@ -24,7 +26,9 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p.add_argument("--verbose", action="store_true", help="print SB3's log table")
     p.add_argument("--ray", action="store_true", help="run as Ray Tune trials (a local Ray, no cluster needed)")
     p.add_argument("--ray-address", help="join this Ray cluster (e.g. auto, ray://head:10001); implies --ray")
-    p.add_argument("--ray-seeds", default=None, help="comma-separated seeds, one trial each (default: the config's)")
+    p.add_argument("--ray-seeds", nargs="+", default=None, metavar="SEED",
+                   help="training seeds, one trial each: integers or inclusive ranges, e.g. 0 1 or 0-3 "
+                        "(default: the config's)")
     p.add_argument("--ray-sweep", help="a W&B sweep YAML whose search space Ray Tune samples")
     p.add_argument("--ray-samples", type=int, default=1, help="samples of --ray-sweep's space per seed")
     p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
         from deflectlab.agents.ray_tune import RayUnavailable, run_ray
 
-        seeds = [int(s) for s in args.ray_seeds.split(",")] if args.ray_seeds else None
+        seeds = list(parse_seeds(args.ray_seeds, "--ray-seeds")) if args.ray_seeds else None
         try:
             rows = run_ray(args.config, seeds=seeds, sweep=args.ray_sweep, num_samples=args.ray_samples,
                            address=args.ray_address, num_cpus=args.ray_cpus, overrides=ov)

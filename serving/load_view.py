@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from deflectlab.envs.profile import LatencyModel
 from deflectlab.envs.simulator import RATE_TAU_S
-from deflectlab.policies.base import ClusterView, DecodeNodeView, PrefillNodeView
+from deflectlab.envs.view import ClusterView, DecodeNodeView, PrefillNodeView
 from prometheus_client.parser import text_string_to_metric_families
 
 #: The vLLM gauges the router scrapes.

@@ -58,7 +58,7 @@ import numpy as np
 from aiohttp import web
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.profile import LatencyModel, load_profile
-from deflectlab.policies.base import DEFLECT, Decision, Policy
+from deflectlab.envs.view import DEFLECT, Decision, Policy
 from deflectlab.policies.registry import make_policy
 from deflectlab.serving.load_view import Instance, RateEstimate, ViewBuilder, parse_vllm_metrics
 from deflectlab.serving.protocol import (

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import yaml
 from deflectlab.experiments.compare import ComparisonConfig, build_workload, resolve_spec, run_comparison, window_for
-from deflectlab.policies.tuning import check_disjoint, grid_specs, load_tuned, save_tuned, training_config, tune
-from deflectlab.scripts.cmd_compare import parse_rates, parse_seeds, parse_span, parse_window
+from deflectlab.experiments.tuning import check_disjoint, grid_specs, load_tuned, save_tuned, training_config, tune
+from deflectlab.scripts.options import parse_rates, parse_seeds, parse_span, parse_window
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(trace="azure_code", rates=(6.0,), seeds=(0, 1), window_s=120.0, workers=1)

@@ -12,18 +12,19 @@ import deflectlab.envs  # noqa: E402,F401  (registers deflectlab/Deflection-v0)
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from deflectlab.envs.gym_env import DeflectionEnv  # noqa: E402
-from deflectlab.envs.metrics import collect  # noqa: E402
-from deflectlab.envs.profile import load_profile  # noqa: E402
-from deflectlab.envs.rewards import Composite, SLOHinge, StepStats, TBTViolation, WaitingTimeIntegral, make_reward  # noqa: E402
-from deflectlab.policies.base import ClusterView, DecodeNodeView, PrefillNodeView  # noqa: E402
-from deflectlab.policies.features import (  # noqa: E402
+from deflectlab.envs.features import (  # noqa: E402
     FEATURE_SCHEMA,
     MIN_CHUNK_TOKENS,
     ChunkSolver,
     FeatureBuilder,
     build_observation,
 )
+from deflectlab.envs.gym_env import DeflectionEnv  # noqa: E402
+from deflectlab.envs.metrics import collect  # noqa: E402
+from deflectlab.envs.profile import load_profile  # noqa: E402
+from deflectlab.envs.rewards import Composite, SLOHinge, StepStats, TBTViolation, WaitingTimeIntegral, make_reward  # noqa: E402
+from deflectlab.envs.view import ClusterView, DecodeNodeView, PrefillNodeView  # noqa: E402
+from deflectlab.policies.registry import make_policy  # noqa: E402
 
 SMALL = dict(window_s=60.0, load=(2.0, 3.0))
 
@@ -110,7 +111,8 @@ def test_latency_reward_integrates_ttft_and_deadline_misses_count_slo_misses():
     the requests over the TTFT SLO."""
     for reward in ("latency", [{"name": "slo", "at": "deadline"}], [{"name": "slo", "at": "first_token"}]):
         env = DeflectionEnv(reward=reward, **SMALL)
-        _, rewards, info = _rollout(env, seed=5, policy=lambda e, k: e.expert_action("round_robin")
+        env.set_expert(make_policy("round_robin"))
+        _, rewards, info = _rollout(env, seed=5, policy=lambda e, k: e.expert_action()
                                     if k % 3 else 2 + k % 2)
         ttft = collect(env.sim).records["ttft_s"]
         slo = env.config.ttft_slo_s
@@ -204,8 +206,13 @@ def test_chunk_solver_is_the_largest_slo_safe_chunk(profile):
 def test_expert_action_follows_the_heuristic():
     env = DeflectionEnv(**SMALL)
     env.reset(seed=1)
-    assert [env.expert_action("round_robin") for _ in range(3)] == [0, 1, 0]
-    assert env.expert_action("always_deflect") in (2, 3)
+    with pytest.raises(RuntimeError, match="set_expert"):
+        env.expert_action()
+    env.set_expert(make_policy("round_robin"))
+    assert [env.expert_action() for _ in range(3)] == [0, 1, 0]
+    assert env.expert_action(make_policy("always_deflect")) in (2, 3)
+    with pytest.raises(ValueError, match="decide"):
+        env.set_expert("round_robin")  # type: ignore[arg-type]
 
 
 def test_bad_arguments_are_clear_errors():
@@ -217,6 +224,25 @@ def test_bad_arguments_are_clear_errors():
     env = DeflectionEnv(**SMALL)
     with pytest.raises(RuntimeError):
         env.step(0)
+    with pytest.raises(ValueError, match=r"unknown DeflectionEnv key\(s\) \['lod'\]"):
+        DeflectionEnv(lod=3.0)
+
+
+def test_one_env_config_for_the_env_and_the_trainer():
+    """The trainer's env section is the environment's own EnvConfig: same class, same defaults, same errors."""
+    from deflectlab.agents import config as train_config
+    from deflectlab.envs.gym_env import EnvConfig
+
+    assert train_config.EnvConfig is EnvConfig
+    cfg = train_config.load_config({"name": "t", "env": {"load": [3.0, 3.0], "window_s": 60.0}})
+    assert isinstance(cfg.env, EnvConfig) and cfg.env.kwargs()["load"] == [3.0, 3.0]
+    a, b = DeflectionEnv(config=cfg.env), DeflectionEnv(**cfg.env.kwargs())
+    assert a.load_range == b.load_range == (3.0, 3.0) and a.window_s == b.window_s == 60.0
+    assert a.episode_workload(3)[0].arrival_s.tolist() == b.episode_workload(3)[0].arrival_s.tolist()
+    for bad, text in (({"lod": 1}, "env.lod: unknown key"), ({"window_s": 0}, "window_s must be a finite number > 0"),
+                      ({"min_requests": 0}, "min_requests must be an integer >= 1")):
+        with pytest.raises(ValueError, match=text):
+            train_config.load_config({"name": "t", "env": bad})
 
 
 def test_subproc_vec_env_with_masks():
@@ -236,3 +262,68 @@ def test_subproc_vec_env_with_masks():
         assert np.all(np.isfinite(rew))
     finally:
         venv.close()
+
+
+def test_one_number_checker_names_owner_parameter_range_and_value():
+    from deflectlab.envs.config import ConfigError, check_number, check_range
+    from deflectlab.envs.workloads import WorkloadError, make_workload
+
+    assert check_number(np.int64(3), "n", lo=1, integer=True) == 3 and isinstance(check_number(3, "x"), float)
+    assert check_number(0.0, "x", lo=0.0) == 0.0 and check_number(1.0, "x", hi=1.0) == 1.0
+    for value, kw, text in ((0.0, dict(lo=0.0, lo_open=True), "x must be a finite number > 0 (s), got 0.0"),
+                            (1.0, dict(hi=1.0, hi_open=True), "x must be a finite number < 1 (s), got 1.0"),
+                            (2.5, dict(lo=1, integer=True), "x must be an integer >= 1 (s), got 2.5"),
+                            (True, {}, "x must be a finite number (s), got True"),
+                            (math.inf, dict(lo=0.0), "x must be a finite number >= 0 (s), got inf")):
+        with pytest.raises(ConfigError) as e:
+            check_number(value, "x", unit="s", what="owner", **kw)
+        assert str(e.value) == f"owner: {text}"
+    assert check_range(2, "load", positive=True) == (2.0, 2.0) and check_range([1, 3], "load") == (1.0, 3.0)
+    for bad in ((3, 2), (0, 1), "2", (1, 2, 3)):
+        with pytest.raises(ConfigError, match="load"):
+            check_range(bad, "load", positive=True)
+    # every former private checker now speaks through it: policy, reward, workload, env
+    with pytest.raises(ValueError, match=r"policy 'proactive': margin must be a finite number >= 0 and < 1"):
+        make_policy("proactive:margin=1")
+    with pytest.raises(ValueError, match=r"policy 'length_threshold': chunk must be an integer >= 1, got 0"):
+        make_policy("length_threshold:chunk=0")
+    with pytest.raises(ValueError, match=r"reward: scale must be a finite number >= 0, got -1"):
+        make_reward({"name": "latency", "scale": -1})
+    with pytest.raises(WorkloadError, match=r"make_workload: rate must be a finite number > 0 \(req/s\), got 0"):
+        make_workload("azure_code", rate=0)
+    with pytest.raises(ConfigError, match="load"):
+        DeflectionEnv(load=(0.0, 2.0), **{k: v for k, v in SMALL.items() if k != "load"})
+
+
+def test_typed_evaluation_report_matches_runs_done_by_hand():
+    """evaluate() against the same episodes run directly: pooled SLO attainment and P95 TTFT recomputed from the
+    per-request records, per-episode means by hand, and the JSON keys the CLI has always printed."""
+    from deflectlab.agents.evaluation import EvaluationReport, evaluate, table
+    from deflectlab.envs.simulator import ClusterSim
+
+    kw = dict(trace="azure_code", load=[3.0, 3.0], window_s=40.0, window_start_s=[1200.0, None])
+    seeds = [1_000_000, 1_000_001]
+    rep = evaluate({"rr": "round_robin", "deflect": "always_deflect"}, kw, seeds)
+    env = DeflectionEnv(**kw)
+    for name, spec in (("rr", "round_robin"), ("deflect", "always_deflect")):
+        met = total = 0
+        ttfts, p95s = [], []
+        pol = make_policy(spec)
+        for s in seeds:
+            res = ClusterSim(env.config, env.episode_workload(s)[0], env.prefill_profile, env.decode_profile).run(pol)
+            met += int(res.records["slo_met"].sum())
+            total += len(res.records["ttft_s"])
+            ttfts += [t for t in res.records["ttft_s"] if t == t]
+            p95s.append(res.summary["ttft_s"]["p95"])
+        r = rep.policies[name]
+        assert r.pooled.requests == total and r.pooled.slo_attainment == pytest.approx(met / total)
+        assert r.pooled.ttft_p95_s == pytest.approx(float(np.percentile(ttfts, 95)))
+        assert r.mean["ttft_p95_s"] == pytest.approx(sum(p95s) / len(p95s))
+        assert [e.ttft_p95_s for e in r.episodes] == pytest.approx(p95s)
+    j = rep.to_json()
+    assert list(j) == ["seeds", "episodes", "policies"] and j["seeds"] == seeds
+    assert list(j["policies"]["rr"]) == ["pooled", "mean", "std", "episodes", "params"]
+    assert list(j["policies"]["rr"]["pooled"]) == ["slo_attainment", "ttft_p50_s", "ttft_p95_s", "ttft_p99_s",
+                                                   "requests"]
+    assert EvaluationReport.from_json(j).to_json() == j and table(j) == table(rep)
+    assert table(rep).count("\n") == 3  # header, separator, two policies

@@ -17,9 +17,9 @@ from deflectlab.agents.export import export  # noqa: E402
 from deflectlab.agents.policy_io import load_policy_net, masked_action  # noqa: E402
 from deflectlab.agents.train import train  # noqa: E402
 from deflectlab.envs.config import ClusterConfig  # noqa: E402
+from deflectlab.envs.features import FEATURE_SCHEMA  # noqa: E402
 from deflectlab.envs.gym_env import DeflectionEnv  # noqa: E402
 from deflectlab.envs.simulator import ClusterSim  # noqa: E402
-from deflectlab.policies.features import FEATURE_SCHEMA  # noqa: E402
 from deflectlab.policies.registry import make_policy  # noqa: E402
 from deflectlab.policies.runtime import OnnxPolicy, PolicyFileError  # noqa: E402
 

@@ -12,8 +12,8 @@ import pytest
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.profile import load_profile
 from deflectlab.envs.simulator import ClusterSim
+from deflectlab.envs.view import ClusterView, DecodeNodeView, PrefillNodeView
 from deflectlab.envs.workloads import make_workload
-from deflectlab.policies.base import ClusterView, DecodeNodeView, PrefillNodeView
 from deflectlab.policies.proactive import Lane, ProactiveDeflector, lane_worst, step_model
 from deflectlab.policies.registry import make_policy
 

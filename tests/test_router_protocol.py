@@ -308,7 +308,7 @@ def test_route_cli_pairs_hosts_and_ports():
 
 
 def test_exported_policy_paths_and_cluster_check(tmp_path):
-    from deflectlab.policies.base import Decision, Policy
+    from deflectlab.envs.view import Decision, Policy
 
     with pytest.raises(ValueError, match="manifest.json"):  # a directory goes to the learned runtime
         Router([], [("127.0.0.1", 1)], str(tmp_path))

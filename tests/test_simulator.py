@@ -13,8 +13,8 @@ from deflectlab.envs.network import Network
 from deflectlab.envs.profile import ProfileError, load_profile, profile_from_dict
 from deflectlab.envs.request import Request
 from deflectlab.envs.simulator import ClusterSim, DecisionError
+from deflectlab.envs.view import Decision, Policy
 from deflectlab.envs.workloads import Trace, Workload, make_workload
-from deflectlab.policies.base import Decision, Policy
 from deflectlab.policies.registry import make_policy
 
 

@@ -1,7 +1,7 @@
 """The feature builder: the one observation of a routing decision, shared by the environment, the exported-policy
 runtime and the router.
 
-``build_observation(view, request)`` turns a :class:`~policies.base.ClusterView` and the arriving request into a
+``build_observation(view, request)`` turns a :class:`~envs.view.ClusterView` and the arriving request into a
 fixed-length ``float32`` vector for a cluster of ``P`` prefill and ``D`` decode nodes. It reads only fields of the
 view and its node views (profiles included) and ``request.input_tokens``: the router knows exactly these, so a
 policy sees the same features in simulation and in front of real vLLM servers.
@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from deflectlab.policies.base import ClusterView, Decision
-from deflectlab.policies.chunking import largest_safe_chunk, worst_chunk_step_s
+from deflectlab.envs.chunking import largest_safe_chunk, worst_chunk_step_s
+from deflectlab.envs.view import ClusterView, Decision
 
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
@@ -183,18 +183,6 @@ FEATURE_SCHEMA = FeatureSchema(
 )
 
 
-def feature_names(num_prefill: int, num_decode: int) -> list[str]:
-    return FEATURE_SCHEMA.names(num_prefill, num_decode)
-
-
-def observation_bounds(num_prefill: int, num_decode: int) -> tuple[np.ndarray, np.ndarray]:
-    return FEATURE_SCHEMA.bounds(num_prefill, num_decode)
-
-
-def observation_size(num_prefill: int, num_decode: int) -> int:
-    return FEATURE_SCHEMA.size(num_prefill, num_decode)
-
-
 def action_layout(num_prefill: int, num_decode: int) -> list[dict[str, Any]]:
     """``[{"index": a, "kind": "prefill"|"deflect", "node": i}, ...]`` for ``Discrete(P + D)``."""
     return ([{"index": i, "kind": "prefill", "node": i} for i in range(num_prefill)]
@@ -258,11 +246,6 @@ class ChunkSolver:
         return out
 
 
-def chunk_cap(chunk_tokens: int) -> int:
-    """The chunk cap a deflection gets from the solver's answer (at least :data:`MIN_CHUNK_TOKENS`)."""
-    return chunk_tokens if chunk_tokens >= MIN_CHUNK_TOKENS else MIN_CHUNK_TOKENS
-
-
 # ------------------------------------------------------------------------------------------------ the builder
 
 class _ProfileConsts:
@@ -291,15 +274,11 @@ class _ProfileConsts:
         return hit
 
 
-def _sq(x: float) -> float:
-    return x / (x + 1.0) if x < math.inf else 1.0
-
-
 class FeatureBuilder:
     """Builds observations, action masks and decisions for one request at a time.
 
     :meth:`build` computes the observation and, in the same pass, the action mask and each decode node's chunk
-    cap; :meth:`decision` then maps an action to a :class:`~policies.base.Decision` with those caps. The
+    cap; :meth:`decision` then maps an action to a :class:`~envs.view.Decision` with those caps. The
     environment and the runtime both use it, so an action means the same thing in both.
     """
 
@@ -343,7 +322,7 @@ class FeatureBuilder:
         fpc = self._pc(first_prof)
         prefill_L, handoff_L, idle_step_L = fpc.per_prompt(L, pv[0].max_batched_tokens if P else L)
         x = prefill_L * inv_slo
-        obs = [min(math.log1p(L) / _LOG_MAX_PROMPT, 1.0), x / (x + 1.0), rate / (rate + 10.0)]
+        obs = [min(math.log1p(L) / _LOG_MAX_PROMPT, 1.0), x / (x + _S_PREFILL), rate / (rate + _S_RATE)]
 
         # first decode step of a prefill-path request: the fastest decode node's current step (or an idle step)
         first_step = math.inf
@@ -362,8 +341,8 @@ class FeatureBuilder:
             y = (wait + prefill_L + handoff_L + egress + first_step) * inv_slo
             e = egress * inv_slo
             kv = p.kv_free_tokens / pc.kv_capacity
-            obs += (wr / (wr + 8.0), wt / (wt + 16384.0), x / (x + 1.0), y / (y + 1.0),
-                    kv if kv < 1.0 else 1.0, e / (e + 1.0))
+            obs += (wr / (wr + _S_PWR), wt / (wt + _S_PWT), x / (x + _S_PWAIT), y / (y + _S_PTTFT),
+                    kv if kv < 1.0 else 1.0, e / (e + _S_EGRESS))
 
         caps = self.chunk_caps = [0] * D
         mask = [True] * (P + D)
@@ -379,7 +358,7 @@ class FeatureBuilder:
             caps[j] = chunk if chunk >= MIN_CHUNK_TOKENS else MIN_CHUNK_TOKENS
             if fits and chunk >= MIN_CHUNK_TOKENS:
                 t_d = -(-(d.deflected_waiting_tokens + L) // chunk) * step_c * inv_slo
-                est = t_d / (t_d + 1.0)
+                est = t_d / (t_d + _S_DTTFT)
             else:
                 est = 1.0
             h = (tbt - d.step_s) / tbt
@@ -389,8 +368,8 @@ class FeatureBuilder:
             ih = d.inbound_handoffs
             wa = d.waiting_admission
             obs += (B / d.max_num_seqs, min(d.context_tokens / pc.kv_capacity, 1.0),
-                    (kv if kv < 1.0 else 1.0) if kv > 0.0 else 0.0, dwt / (dwt + 8192.0), dwr / (dwr + 2.0),
-                    ih / (ih + 8.0), wa / (wa + 8.0), (h if h > -1.0 else -1.0), chunk / d.max_batched_tokens, est,
+                    (kv if kv < 1.0 else 1.0) if kv > 0.0 else 0.0, dwt / (dwt + _S_DWT), dwr / (dwr + _S_DWR),
+                    ih / (ih + _S_IH), wa / (wa + _S_WA), (h if h > -1.0 else -1.0), chunk / d.max_batched_tokens, est,
                     1.0 if fits else 0.0)
         if not any_ok:  # never mask everything: with no prefill nodes and no KV room anywhere, allow all
             mask = [True] * (P + D)
@@ -420,6 +399,21 @@ class FeatureBuilder:
 _LOG_MAX_PROMPT = math.log1p(MAX_PROMPT_TOKENS)
 
 
+def _scales(block: tuple[FeatureSpec, ...]) -> dict[str, float]:
+    return {spec.name: spec.scale for spec in block}
+
+
+# the squash scales, read from the schema (written once, there)
+_RQ = _scales(FEATURE_SCHEMA.request)
+_PF = _scales(FEATURE_SCHEMA.prefill)
+_DC = _scales(FEATURE_SCHEMA.decode)
+_S_RATE, _S_PREFILL = _RQ["arrival_rate"], _RQ["prefill_s"]
+_S_PWR, _S_PWT, _S_PWAIT, _S_PTTFT, _S_EGRESS = (_PF[k] for k in (
+    "waiting_requests", "waiting_tokens", "est_wait", "est_ttft", "egress_backlog"))
+_S_DWT, _S_DWR, _S_IH, _S_WA, _S_DTTFT = (_DC[k] for k in (
+    "deflected_waiting_tokens", "deflected_waiting_requests", "inbound_handoffs", "waiting_admission", "est_ttft"))
+
+
 def _chunked_prefill_s(profile: LatencyModel, L: int, budget: int) -> float:
     """Prefill time of a prompt longer than one step's budget: chunks of ``budget`` tokens, each attending to the
     chunks before it."""
@@ -439,10 +433,3 @@ def build_observation(view: ClusterView, request: Any) -> np.ndarray:
     """The observation of ``request`` arriving at ``view``: ``float32`` of length
     ``FEATURE_SCHEMA.size(P, D)``, each feature within its schema bounds."""
     return _DEFAULT_BUILDER.build(view, request)
-
-
-def action_mask(view: ClusterView, request: Any) -> np.ndarray:
-    """Valid actions of ``Discrete(P + D)`` for ``request`` at ``view`` (never all False)."""
-    b = FeatureBuilder()
-    b.build(view, request)
-    return b.mask

@@ -181,6 +181,25 @@ class ClusterView:
 
 
 
+def decode_load(d: DecodeNodeView) -> int:
+    """Requests on or bound for decode node ``d``: its running batch, deflected prefills waiting there, and
+    prefill-path requests whose KV is on its way. The one measure of decode load that policies share."""
+    return d.batch_size + d.deflected_waiting_requests + d.inbound_handoffs
+
+
+def least_loaded_decode(view: ClusterView) -> DecodeNodeView:
+    """The decode node with the least :func:`decode_load` (ties: lowest index), as the cluster's least-loaded
+    decode balancer picks it."""
+    decode = view.decode
+    best = decode[0]
+    best_load = decode_load(best)
+    for d in decode:
+        load = decode_load(d)
+        if load < best_load:
+            best, best_load = d, load
+    return best
+
+
 @runtime_checkable
 class RequestLike(Protocol):
     rid: int
