@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deflectlab.agents.config import TrainConfig
 from stable_baselines3.common.callbacks import BaseCallback
+
+from deflectlab.agents.config import TrainConfig
 
 
 class EpisodeMetrics(BaseCallback):

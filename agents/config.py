@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from deflectlab.envs.config import ConfigError, parse_value, read_yaml
-from deflectlab.envs.gym_env import EnvConfig
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
+
+from deflectlab.envs.config import ConfigError, parse_value, read_yaml
+from deflectlab.envs.gym_env import EnvConfig
 
 ALGOS = ("ppo", "maskable_ppo", "dqn")
 #: Evaluation episodes use seeds from here up; training environments are seeded below it.

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from deflectlab.envs.features import FeatureBuilder
 from deflectlab.envs.gym_env import DeflectionEnv
 from deflectlab.envs.simulator import ClusterSim
@@ -35,6 +36,7 @@ class NetPolicy(Policy):
 
     def __init__(self, net: BasePolicy, name: str = "learned") -> None:
         import torch
+
         from deflectlab.agents.policy_io import MaskedPolicyModule
 
         self.name = name

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from deflectlab.agents.policy_io import MASKED_LOGIT, MaskedPolicyModule, cluster_of, load_policy_net, mlp_layers
 from deflectlab.envs import features as F
 from deflectlab.policies.runtime import MANIFEST_FORMAT, MANIFEST_VERSION

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from gymnasium import spaces
+from torch import nn
+
 from deflectlab.agents.config import TrainConfig, load_config
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.features import FEATURE_SCHEMA
-from gymnasium import spaces
-from torch import nn
 
 if TYPE_CHECKING:
     from stable_baselines3.common.policies import BasePolicy

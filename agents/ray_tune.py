@@ -49,8 +49,9 @@ def _tune_space(sweep: dict[str, Any]) -> dict[str, Any]:
 
 def _trial(params: dict[str, Any], base: dict[str, Any], out_dir: str) -> None:
     """One Ray Tune trial: ``train`` with the trial's parameters as dotted overrides."""
-    from deflectlab.agents.train import train
     from ray import tune
+
+    from deflectlab.agents.train import train
 
     os.environ["WANDB_MODE"] = os.environ.get("WANDB_MODE") or "offline"
     overrides = {**params, "out_dir": out_dir}

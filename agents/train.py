@@ -85,9 +85,10 @@ def _make_run_dir(cfg: TrainConfig, run_dir: str | Path | None) -> tuple[str, Pa
 
 def make_env(env_kwargs: dict[str, Any], algo: str) -> Any:
     """One training environment (Monitor-wrapped; DQN gets :class:`agents.masking.ValidActionWrapper`)."""
+    from stable_baselines3.common.monitor import Monitor
+
     from deflectlab.agents.masking import ValidActionWrapper
     from deflectlab.envs.gym_env import DeflectionEnv
-    from stable_baselines3.common.monitor import Monitor
 
     env: Any = DeflectionEnv(**env_kwargs)
     if algo == "dqn":
@@ -161,8 +162,9 @@ def rounding_note(cfg: TrainConfig) -> str | None:
 
 
 def _callbacks(cfg: TrainConfig, run_dir: Path, progress: bool) -> list[Any]:
-    from deflectlab.agents.callbacks import EpisodeMetrics, PeriodicEval, Progress
     from stable_baselines3.common.callbacks import CheckpointCallback
+
+    from deflectlab.agents.callbacks import EpisodeMetrics, PeriodicEval, Progress
 
     cbs: list[Any] = [EpisodeMetrics(), PeriodicEval(cfg, run_dir)]
     if cfg.checkpoint_every > 0:
@@ -213,11 +215,12 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, *, run_dir: str | P
     """
     cfg = load_config(config, overrides)
     import torch
-    from deflectlab.agents.evaluation import available_baselines, evaluate, table
-    from deflectlab.agents.tracking import Namespaced, WandbWriter, init_run
     from stable_baselines3.common.logger import CSVOutputFormat, HumanOutputFormat, Logger
     from stable_baselines3.common.utils import set_random_seed
     from stable_baselines3.common.vec_env import VecNormalize
+
+    from deflectlab.agents.evaluation import available_baselines, evaluate, table
+    from deflectlab.agents.tracking import Namespaced, WandbWriter, init_run
 
     run_name, rdir = _make_run_dir(cfg, run_dir)
     dump_config(cfg, rdir / "config.yaml")

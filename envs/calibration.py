@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from deflectlab.envs.profile import SCALAR_TERMS, LatencyModel
 
 #: Kinds of measurement rows.

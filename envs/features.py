@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from deflectlab.envs.chunking import largest_safe_chunk, worst_chunk_step_s
 from deflectlab.envs.view import ClusterView, Decision
 

@@ -51,9 +51,10 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from deflectlab.envs.calibration import Measurement
 from torch.nn.attention.bias import causal_lower_right
 from tqdm import tqdm
+
+from deflectlab.envs.calibration import Measurement
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from gymnasium import spaces
+from gymnasium.utils import seeding
+
 from deflectlab.envs.config import ClusterConfig, ConfigError, check_number, check_range, cli_field, from_mapping
 from deflectlab.envs.features import FEATURE_SCHEMA, FeatureBuilder, action_layout
 from deflectlab.envs.profile import load_profile
@@ -17,8 +20,6 @@ from deflectlab.envs.rewards import StepStats, make_reward
 from deflectlab.envs.simulator import ClusterSim
 from deflectlab.envs.view import Policy
 from deflectlab.envs.workloads import ARRIVALS, Workload, load_trace, make_workload
-from gymnasium import spaces
-from gymnasium.utils import seeding
 
 #: A window is redrawn (deterministically, from the same generator) while it holds fewer requests than this.
 _MAX_REDRAWS = 64

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from deflectlab.envs.config import check_number
 
 DATA_DIR = Path(__file__).resolve().parent / "data"

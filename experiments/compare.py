@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.metrics import COMPONENTS
 from deflectlab.envs.simulator import ClusterSim

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
 from deflectlab.envs.metrics import COMPONENTS
 from deflectlab.experiments.labels import policy_label
 from deflectlab.experiments.plots import plot_breakdown, plot_ttft_cdf

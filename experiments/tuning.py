@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+
 from deflectlab.envs.config import read_yaml
 from deflectlab.experiments.compare import ComparisonConfig, run_comparison
 from deflectlab.policies.registry import available, make_policy

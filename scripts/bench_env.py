@@ -82,8 +82,9 @@ def bench_env(episodes: int) -> None:
                 k += 1
         return k / (time.perf_counter() - t)
 
-    import deflectlab.envs  # noqa: F401
     import gymnasium as gym
+
+    import deflectlab.envs  # noqa: F401
 
     made = gym.make("deflectlab/Deflection-v0")
     rows = [("simulator only (advance + route)", sim_only), ("+ cluster view (node lists)", sim_view),
@@ -99,9 +100,10 @@ def bench_env(episodes: int) -> None:
 
 def bench_ppo(steps: int) -> None:
     import torch
+    from stable_baselines3.common.logger import Logger
+
     from deflectlab.agents.config import load_config
     from deflectlab.agents.train import make_model, make_vec_env
-    from stable_baselines3.common.logger import Logger
 
     print(f"\n== training throughput, {os.cpu_count()} cores, {steps} steps each ==")
     for algo, n_envs, vec in (("maskable_ppo", 4, "dummy"), ("ppo", 4, "dummy"), ("maskable_ppo", 2, "subproc"),

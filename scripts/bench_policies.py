@@ -22,6 +22,7 @@ import sys
 import time
 
 import numpy as np
+
 from deflectlab.envs.config import ClusterConfig, parse_shape
 from deflectlab.envs.simulator import ClusterSim
 from deflectlab.envs.workloads import make_workload

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+
 from deflectlab.serving.procs import Processes, free_ports, wait_http
 
 

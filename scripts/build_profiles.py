@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+
 from deflectlab.envs.calibration import (
     VIDUR_A100_DIR,
     VIDUR_LLAMA2_7B_DECODE_ATTN_MS,

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
 from deflectlab.envs.calibration import Measurement, fit_profile, read_many, split_holdout, with_holdout
 from deflectlab.envs.profile import SCALAR_TERMS, load_profile
 

@@ -33,8 +33,9 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from deflectlab.serving.emulator import serve
     from prometheus_client import disable_created_metrics
+
+    from deflectlab.serving.emulator import serve
 
     cfg = EmulatorConfig(role=a.role, profile=a.profile, model_name=a.model_name, time_scale=a.time_scale,
                          max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,

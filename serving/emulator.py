@@ -56,14 +56,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.decode_node import DecodeNode
 from deflectlab.envs.prefill_node import PrefillNode
 from deflectlab.envs.profile import LatencyModel, load_profile
 from deflectlab.envs.request import Request
 from deflectlab.serving.protocol import CHUNK_CAP_HEADER, ParsedRequest, RequestError, error_body, parse_request
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 ROLES = ("prefill", "decode", "both")
 

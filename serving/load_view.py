@@ -41,10 +41,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from deflectlab.envs.profile import LatencyModel
 from deflectlab.envs.simulator import RATE_TAU_S
 from deflectlab.envs.view import ClusterView, DecodeNodeView, PrefillNodeView
-from prometheus_client.parser import text_string_to_metric_families
 
 #: The vLLM gauges the router scrapes.
 SCRAPED = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc")

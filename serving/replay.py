@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+
 from deflectlab.envs.metrics import PERCENTILES, percentiles
 from deflectlab.envs.workloads import Workload
 

@@ -56,6 +56,9 @@ from typing import Any
 import aiohttp
 import numpy as np
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.profile import LatencyModel, load_profile
 from deflectlab.envs.view import DEFLECT, Decision, Policy
@@ -70,8 +73,6 @@ from deflectlab.serving.protocol import (
     prefill_hop_body,
     stream_error_event,
 )
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger("deflectlab.router")
 

@@ -13,6 +13,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+
 from deflectlab.agents.config import ConfigError, load_config  # noqa: E402
 from deflectlab.agents.masking import ValidActionWrapper, valid_action  # noqa: E402
 from deflectlab.agents.train import train  # noqa: E402
@@ -67,6 +68,7 @@ def test_training_run_layout_and_same_seed_same_result(tmp_path):
     assert r1.run_dir != r2.run_dir and Path(r1.run_dir).name.startswith("tiny-maskable_ppo-s1-")
     assert r1.final_eval == r2.final_eval and r1.objective == r2.objective
     import torch
+
     from deflectlab.agents.policy_io import load_policy_net
 
     n1, _, _ = load_policy_net(r1.run_dir, "final")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from deflectlab.envs.calibration import (
     VIDUR_A100_DIR,
     Measurement,

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
 from deflectlab.experiments.compare import ComparisonConfig, build_workload, resolve_spec, run_comparison, window_for
 from deflectlab.experiments.tuning import check_disjoint, grid_specs, load_tuned, save_tuned, training_config, tune
 from deflectlab.scripts.options import parse_rates, parse_seeds, parse_span, parse_window

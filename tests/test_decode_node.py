@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from deflectlab.envs.decode_node import DecodeNode
 from deflectlab.envs.metrics import tbt_pieces
 from deflectlab.envs.profile import LatencyModel

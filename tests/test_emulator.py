@@ -9,12 +9,13 @@ import math
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.simulator import ClusterSim
 from deflectlab.envs.workloads import Workload
 from deflectlab.policies.registry import make_policy
 from deflectlab.serving.emulator import FILLER, EmulatorConfig, filler_text, make_app
-from prometheus_client.parser import text_string_to_metric_families
 
 SCALE = 0.01  # 100x faster than the modelled GPU
 

@@ -8,10 +8,11 @@ import warnings
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
-import deflectlab.envs  # noqa: E402,F401  (registers deflectlab/Deflection-v0)
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+import deflectlab.envs  # noqa: E402,F401  (registers deflectlab/Deflection-v0)
 from deflectlab.envs.features import (  # noqa: E402
     FEATURE_SCHEMA,
     MIN_CHUNK_TOKENS,

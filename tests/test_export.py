@@ -13,6 +13,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
 from deflectlab.agents.export import export  # noqa: E402
 from deflectlab.agents.policy_io import load_policy_net, masked_action  # noqa: E402
 from deflectlab.agents.train import train  # noqa: E402

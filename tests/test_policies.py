@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.profile import load_profile
 from deflectlab.envs.simulator import ClusterSim

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from deflectlab.envs.calibration import VIDUR_A100_DIR, fit_piecewise_linear
 from deflectlab.envs.profile import load_profile
 from deflectlab.scripts.build_profiles import DECODE_ATTN_ROWS, KNOTS, PREFILL_ATTN_ROWS, vidur_linear_rows

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from deflectlab.scripts.cli import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,9 +77,10 @@ def test_readme_python_blocks_run_as_written(code, tmp_path):
 def test_the_gymnasium_snippet_masks_through_the_wrappers():
     """What the snippet relies on: gym.make's wrappers hide action_masks, get_wrapper_attr and sb3-contrib reach
     it, and it is the environment's own mask."""
-    import deflectlab.envs  # noqa: F401
     import gymnasium as gym
     import numpy as np
+
+    import deflectlab.envs  # noqa: F401
 
     env = gym.make("deflectlab/Deflection-v0")
     env.reset(seed=3)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import markdown_it  # the dev extra: a real GFM parser checks the tables
 import pytest
+
 from deflectlab.experiments.compare import REPORT_COLUMNS, ComparisonConfig, run_comparison
 from deflectlab.experiments.compare_plots import _series, merge_identical, spans_decades
 from deflectlab.experiments.labels import policy_label

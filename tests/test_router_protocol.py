@@ -10,6 +10,7 @@ import json
 
 import pytest
 from aiohttp import web
+
 from deflectlab.serving.load_view import parse_vllm_metrics
 from deflectlab.serving.protocol import (
     CHAT_REPLY_PRIMING_TOKENS,

@@ -14,6 +14,7 @@ import random
 
 import aiohttp
 import pytest
+
 from deflectlab.serving.emulator import EmulatorConfig, make_app
 from deflectlab.serving.procs import Processes, free_ports, wait_http
 from deflectlab.serving.router import Router

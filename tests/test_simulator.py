@@ -7,6 +7,7 @@ import heapq
 
 import numpy as np
 import pytest
+
 from deflectlab.envs.config import ClusterConfig, ConfigError, parse_shape
 from deflectlab.envs.metrics import COMPONENTS
 from deflectlab.envs.network import Network
