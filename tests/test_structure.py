@@ -16,8 +16,6 @@ RANK = {name: i for i, name in enumerate(LAYERS)}
 
 #: Known circles, each in files owned by a concurrent change; the lead drops them at merge:
 KNOWN_CIRCLES = {
-    # compare.py imports compare_plots (function level), which imports compare (for a type): the plots' change.
-    frozenset({"deflectlab.experiments.compare", "deflectlab.experiments.compare_plots"}),
     # simulator.run() imports metrics.collect (function level); metrics imports ClusterSim for a type: issue 10's
     # metrics rewrite (e.g. ClusterSim.run stops collecting, or metrics types its input by a protocol).
     frozenset({"deflectlab.envs.metrics", "deflectlab.envs.simulator"}),
