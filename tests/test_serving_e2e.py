@@ -17,8 +17,13 @@ import pytest
 from deflectlab.serving.emulator import EmulatorConfig, make_app
 from deflectlab.serving.procs import Processes, free_ports, wait_http
 from deflectlab.serving.router import Router
+from deflectlab.serving.router_config import RouterConfig
 
 SCALE = 0.02
+
+
+def make_router(prefill, decode, policy="round_robin", **kw) -> Router:
+    return Router(RouterConfig.of(prefill, decode, policy, **kw))
 
 
 def _check_sse(raw: bytes, n_tokens: int) -> None:
@@ -38,7 +43,7 @@ async def _cluster(aiohttp_server, aiohttp_client, policy: str):
     servers = []
     for role in ("prefill", "prefill", "decode", "decode"):
         servers.append(await aiohttp_server(make_app(EmulatorConfig(role=role, time_scale=SCALE))))
-    router = Router([("127.0.0.1", s.port) for s in servers[:2]], [("127.0.0.1", s.port) for s in servers[2:]],
+    router = make_router([("127.0.0.1", s.port) for s in servers[:2]], [("127.0.0.1", s.port) for s in servers[2:]],
                     policy, time_scale=SCALE)
     return router, await aiohttp_client(router.app()), servers
 
@@ -94,7 +99,7 @@ async def test_decode_killed_mid_stream_gives_error_then_other_instance_serves(a
         ems = [procs.emulator(port, "decode", 0.05) for port in ports]
         for port, p in zip(ports, ems):
             wait_http(f"http://127.0.0.1:{port}/health", proc=p)
-        router = Router([], [("127.0.0.1", port) for port in ports], "always_deflect", time_scale=0.05,
+        router = make_router([], [("127.0.0.1", port) for port in ports], "always_deflect", time_scale=0.05,
                         decode_balancer="round_robin")
         client = await aiohttp_client(router.app())
         # always_deflect takes decode instances in turn: the first request streams from ports[0]
@@ -136,7 +141,7 @@ async def test_dead_prefill_instance_is_skipped_and_requests_succeed(aiohttp_cli
                procs.emulator(ports[2], "decode", 0.05)]
         for port, p in zip(ports, ems):
             wait_http(f"http://127.0.0.1:{port}/health", proc=p)
-        router = Router([("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])], [("127.0.0.1", ports[2])],
+        router = make_router([("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])], [("127.0.0.1", ports[2])],
                         "round_robin", time_scale=0.05)
         client = await aiohttp_client(router.app())
         procs.kill(ems[0])
