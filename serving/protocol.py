@@ -111,7 +111,8 @@ def prompt_token_counts(body: dict[str, Any], chat: bool) -> list[int]:
     if chat:
         msgs = body.get("messages")
         if msgs is None:
-            raise RequestError("'messages' is required for /v1/chat/completions", param="messages")
+            hint = ("; this body has a 'prompt': send completions to /v1/completions" if "prompt" in body else "")
+            raise RequestError(f"'messages' is required for /v1/chat/completions{hint}", param="messages")
         if not isinstance(msgs, list) or not msgs:
             raise RequestError("'messages' must be a non-empty list of messages", param="messages")
         n = CHAT_REPLY_PRIMING_TOKENS
@@ -121,7 +122,9 @@ def prompt_token_counts(body: dict[str, Any], chat: bool) -> list[int]:
             n += CHAT_TOKENS_PER_MESSAGE + _message_text_tokens(m.get("content"), f"messages[{i}]")
         return [n]
     if "prompt" not in body or body["prompt"] is None:
-        raise RequestError("'prompt' is required for /v1/completions", param="prompt")
+        hint = ("; this body has 'messages': send chat requests to /v1/chat/completions" if "messages" in body
+                else "")
+        raise RequestError(f"'prompt' is required for /v1/completions{hint}", param="prompt")
     p = body["prompt"]
     if isinstance(p, str):
         if not p:

@@ -540,6 +540,9 @@ class Router:
             except _CONN_ERRORS as e:
                 self._leave(d, handoff, call.n_tok, False, 0)
                 err = e
+            except asyncio.CancelledError:  # the client left
+                self._leave(d, handoff, call.n_tok, False, 0)
+                raise
             self.live.out(d, "connect", f"decode hop: {_what_failed(err)}")
             tried.add(d.index)
             nd = self._balance(tried)
@@ -563,11 +566,14 @@ class Router:
         t0 = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + self.cfg.decode_first_byte_timeout_s
         st = _StreamState(p, handoff)
-        d, resp = await self._open_decode(call, d, data, hdrs, handoff, deadline)
-        if isinstance(resp, web.Response):
-            if p is not None:
-                self._unhold(p, call.n_tok)
-            return resp
+        resp: object = None
+        try:
+            d, resp = await self._open_decode(call, d, data, hdrs, handoff, deadline)
+        finally:
+            if p is not None and not isinstance(resp, aiohttp.ClientResponse):
+                self._unhold(p, call.n_tok)  # no decode answer: P's held KV is no longer the router's concern
+        if not isinstance(resp, aiohttp.ClientResponse):
+            return resp  # type: ignore[return-value]
         try:
             if resp.status != 200:
                 return await self._decode_status(call, d, resp)
@@ -817,4 +823,6 @@ def serve(router: Router, host: str = "127.0.0.1", port: int = 8000) -> None:
     print(f"deflectlab router: policy={router.policy_spec} no_prefill={router.cfg.no_prefill} "
           f"prefill={[i.label for i in router.prefill]} decode={[i.label for i in router.decode]} "
           f"on http://{host}:{port}", flush=True)
-    web.run_app(router.app(), host=host, port=port, print=None, access_log=None)
+    # handler_cancellation: a client that disconnects cancels its handler (counted client_disconnected, its
+    # upstream requests closed), also while the router waits on an upstream.
+    web.run_app(router.app(), host=host, port=port, print=None, access_log=None, handler_cancellation=True)

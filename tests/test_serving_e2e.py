@@ -208,10 +208,15 @@ def test_agreement_and_bench_scripts_smoke(tmp_path):
     out = _run(["scripts/agreement.py", "--start", "540", "--window", "60", "--num-requests", "10", "--rate", "6",
                 "--time-scale", "0.05", "--policy", "round_robin"])
     assert "TTFT p95" in out and "round_robin" in out
-    out = _run(["scripts/bench_router.py", "--rate", "40", "--duration", "0.5", "--decisions", "200",
-                "--json", str(tmp_path / "bench.json")])
-    assert "deflect path" in out and "policy decision time" in out
+    out = _run(["scripts/bench_router.py", "--rates", "40", "--duration", "0.5", "--repeats", "1",
+                "--decisions", "200", "--json", str(tmp_path / "bench.json")])
+    assert "router deflect path" in out and "policy decision time" in out
     bench = json.loads((tmp_path / "bench.json").read_text())
-    assert set(bench["deflect_path"]) == {"end to end (ms)", "first byte (ms)"}
-    assert bench["router_stats_always_deflect"]["requests"]["ok"] > 0
+    table = bench["rates"]["40"]
+    assert set(table) == {"direct decode", "router deflect path", "direct two hops", "router two-hop path"}
+    for path, row in table.items():  # every request of every path answered
+        assert row["failed"] == 0 and row["n"] > 0, path
+    assert {"added_p50_ms", "added_p99_ms"} <= set(table["router two-hop path"])
+    st = bench["router_stats_always_deflect"]
+    assert st["requests"]["ok"] == sum(st["requests"].values()) and st["requests_in_flight"] == 0
     assert bench["decisions"]["round_robin"]["p99_us"] > 0
