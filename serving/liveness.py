@@ -52,7 +52,7 @@ class Liveness:
             return
         inst.alive = False
         inst.out_since = time.monotonic()
-        self._set_stale(inst, True, "left rotation")
+        self._set_stale(inst, True, "left rotation", quiet=True)
         self.m.up.labels(role=inst.role, instance=inst.label).set(0)
         self.m.out_of_rotation.labels(role=inst.role, instance=inst.label, reason=reason).inc()
         self.m.states.set(f"rotation {inst.label}", "out",
@@ -141,14 +141,17 @@ class Liveness:
         self.m.scrape_failures.labels(role=inst.role, instance=inst.label, reason=reason).inc()
         self._set_stale(inst, True, why)
 
-    def _set_stale(self, inst: Instance, stale: bool, why: str) -> None:
+    def _set_stale(self, inst: Instance, stale: bool, why: str, quiet: bool = False) -> None:
         if inst.stale == stale:
             return
         inst.stale = stale
         self.m.stale.labels(role=inst.role, instance=inst.label).set(int(stale))
-        self.m.states.set(f"metrics {inst.label}", "stale" if stale else "ok",
-                          f"{inst.role} instance {inst.label} metrics {'stale' if stale else 'fresh again'}: {why}"
-                          + ("; its view uses the router's own counters" if stale else ""))
+        if quiet:  # said by the out-of-rotation message
+            self.m.states.states[f"metrics {inst.label}"] = "stale"
+            return
+        msg = (f"{inst.role} instance {inst.label} metrics stale ({why}); its view uses the router's own counters"
+               if stale else f"{inst.role} instance {inst.label} metrics fresh again")
+        self.m.states.set(f"metrics {inst.label}", "stale" if stale else "ok", msg)
 
     async def scrape_loop(self, inst: Instance) -> None:
         while True:

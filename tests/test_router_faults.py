@@ -308,3 +308,58 @@ async def test_client_disconnect_is_counted_and_nothing_stays_in_flight(aiohttp_
     assert router.outcomes["client_disconnected"] == 2
     _balanced(router, 2)
     assert router.decode[0].active == 0 and router.decode[0].defl_waiting_tokens == 0
+
+
+@pytest.mark.parametrize("down", [("prefill", 0), ("prefill", 1), ("decode", 0), ("decode", 1)])
+def test_shipped_learned_policy_keeps_its_shape_with_one_node_down(down):
+    from deflectlab.serving.router import RoutedRequest
+
+    router = Router(RouterConfig.of([("127.0.0.1", 1), ("127.0.0.1", 2)], [("127.0.0.1", 3), ("127.0.0.1", 4)],
+                                    f"learned:path={TRAINED}"))
+    dead = getattr(router, down[0])[down[1]]
+    router.live.out(dead, "health", "test")
+    view = router.views.view(0.0, 1.0, router.prefill, router.decode)
+    assert (view.num_prefill, view.num_decode) == (2, 2)  # the shape the policy was trained for
+    assert getattr(view, f"dead_{down[0]}") == (down[1],)
+    used = set()
+    for i in range(200):
+        route = router.decide(RoutedRequest(i, i * 0.05, (100, 500, 2000, 6000)[i % 4]))
+        for inst in (route.prefill, route.decode):
+            if inst is not None:
+                used.add((inst.role, inst.index))
+    assert (dead.role, dead.index) not in used
+    # the policy itself avoided the dead instance: nothing replaced, no error, no fallback to round robin
+    assert router.m.fallbacks == {"policy_error": 0, "invalid_decision": 0, "dead_instance": 0}
+    assert router.decisions["forced_deflect"] == 0 and router.decisions["prefill"] > 0
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+async def test_prefill_lost_after_answering_the_decode_side_result_is_passed_on(aiohttp_server, aiohttp_client,
+                                                                                policy):
+    from deflectlab.serving.emulator import EmulatorConfig, make_app
+
+    p = Fake("prefill")  # answers with kv_transfer_params of an instance that is gone (nothing on port 1)
+    p_server = await aiohttp_server(p.app())
+    d_server = await aiohttp_server(make_app(EmulatorConfig(role="decode", time_scale=0.01,
+                                                            kv_load_failure_policy=policy)))
+    router = Router(RouterConfig.of([("127.0.0.1", p_server.port)], [("127.0.0.1", d_server.port)],
+                                    "never_deflect", **FAST))
+    client = await aiohttp_client(router.app())
+    body = {"prompt": list(range(300)), "max_tokens": 3}
+    r_json = await client.post("/v1/completions", json=body)
+    await _until(lambda: router.decode[0].alive)  # a 500 takes D out until its /health answers
+    r_sse = await client.post("/v1/completions", json=body | {"stream": True})
+    raw = await r_sse.read()
+    if policy == "recompute":  # vLLM's default: D prefills the prompt itself, the client sees a normal answer
+        assert r_json.status == 200 and (await r_json.json())["usage"]["completion_tokens"] == 3
+        assert r_sse.status == 200 and raw.endswith(b"data: [DONE]\n\n")
+        assert router.outcomes["ok"] == 2
+    else:
+        err = await r_json.json()
+        assert r_json.status == 502 and router.decode[0].label in err["message"]
+        assert "kv_load_failure_policy=fail" in err["message"]
+        assert r_sse.status == 200 and b"[DONE]" not in raw
+        events = [ln for ln in raw.split(b"\n") if ln.startswith(b"data: ")]
+        assert len(events) == 1 and b"kv_load_failure_policy=fail" in events[0]  # D's own event, passed on
+        assert router.outcomes["upstream_error"] == 2
+    _balanced(router, 2)
