@@ -754,6 +754,8 @@ class Router:
             "policy": self.policy_spec, "requests": dict(m.outcomes), "requests_in_flight": m.in_flight_now,
             "decisions": dict(m.decisions), "forced_deflections": dict(m.forced),
             "policy_fallbacks": dict(m.fallbacks), "stale_view_decisions": m.stale_decisions,
+            "retries": {hop: int(m.registry.get_sample_value("deflectlab_router_retries_total", {"hop": hop}) or 0)
+                        for hop in ("prefill", "decode")},
             "decision_us": _pct_us(m.decision_s), "overhead_us": _pct_us(m.overhead_s),
             "instances": self.live.snapshot(),
         }
