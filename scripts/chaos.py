@@ -1,5 +1,6 @@
 """Chaos test of the served stack: 2 prefill + 2 decode engine emulators, the router and an open-loop replay;
-mid-run one prefill and one decode instance are killed with SIGKILL (``kill -9``), then restarted on their ports.
+mid-run one prefill and one decode instance are killed with SIGKILL (``kill -9``) while both have requests in
+flight, then restarted on their ports.
 
     python scripts/chaos.py --duration 60 --rate 6 --policy proactive --time-scale 0.5
 
@@ -55,6 +56,21 @@ async def _wait_back(session: aiohttp.ClientSession, url: str, label: str, timeo
     return float("nan")
 
 
+async def _wait_busy(url: str, labels: list[str], timeout_s: float) -> bool:
+    """Wait (at most ``timeout_s``) until every instance in ``labels`` has a request in flight, so the kill hits
+    requests mid-way; whether they all had one at the kill."""
+    deadline = time.perf_counter() + timeout_s
+    async with aiohttp.ClientSession() as s:
+        while True:
+            st = await _router_stats(s, url)
+            busy = {i["instance"] for i in st["instances"] if i["in_flight"] > 0}
+            if set(labels) <= busy:
+                return True
+            if time.perf_counter() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+
+
 async def _wait_health(session: aiohttp.ClientSession, port: int, timeout_s: float) -> float:
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
@@ -72,11 +88,12 @@ async def _chaos(procs: Processes, ems: list, ports: list[int], url: str, a: arg
                  ) -> dict[str, Any]:
     """Kill the victims at ``kill_at`` s, restart them ``down`` s later, and time their return to rotation."""
     await asyncio.sleep(max(0.0, t0 + a.kill_at - time.perf_counter()))
+    busy = await _wait_busy(url, [f"127.0.0.1:{ports[i]}" for i in VICTIMS], a.busy_wait)
     t_kill = time.perf_counter()
     for i in VICTIMS:
         procs.kill(ems[i])
     await asyncio.sleep(a.down)
-    events: dict[str, Any] = {"kill_wall_s": t_kill - t0, "instances": {}}
+    events: dict[str, Any] = {"kill_wall_s": t_kill - t0, "victims_busy_at_kill": busy, "instances": {}}
     restarted = {}
     for i in VICTIMS:
         restarted[i] = time.perf_counter()
@@ -123,7 +140,8 @@ def _tally(records: list[RequestRecord], events: dict[str, Any], stats: dict[str
 
 def _print(t: dict[str, Any], a: argparse.Namespace) -> None:
     print(f"\nchaos: {a.policy}, {t['sent']} requests at {a.rate:g} req/s (model), time scale {a.time_scale:g}; "
-          f"prefill and decode instance killed (SIGKILL) at {t['events']['kill_wall_s']:.1f} s wall, restarted "
+          f"prefill and decode instance killed (SIGKILL) at {t['events']['kill_wall_s']:.1f} s wall"
+          f"{' with requests in flight on both' if t['events']['victims_busy_at_kill'] else ''}, restarted "
           f"{a.down:g} s later")
     print(f"  {'sent':<34}{t['sent']:>8}")
     print(f"  {'answered':<34}{t['answered']:>8}")
@@ -180,6 +198,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile", default=ClusterConfig.prefill_profile)
     ap.add_argument("--time-scale", type=float, default=0.5, help="wall seconds per model second")
     ap.add_argument("--kill-at", type=float, default=None, help="wall seconds into the run (default: a third)")
+    ap.add_argument("--busy-wait", type=float, default=5.0,
+                    help="after --kill-at, wait up to this many wall seconds for both victims to have a request in "
+                         "flight")
     ap.add_argument("--down", type=float, default=2.0, help="wall seconds the killed instances stay down")
     ap.add_argument("--drain-timeout", type=float, default=60.0, help="wall seconds after the last request")
     ap.add_argument("--out", type=Path, default=None, help="folder for chaos.json and the processes' logs")

@@ -177,6 +177,7 @@ class Liveness:
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [{"role": i.role, "instance": i.label, "alive": i.alive, "metrics_stale": i.stale,
+                 "in_flight": i.inflight if i.role == "prefill" else i.active,
                  "suspect_for_s": max(0.0, round(i.suspect_until - time.monotonic(), 3)),
                  "waiting": i.scraped_waiting, "running": i.scraped_running, "kv_cache_usage_perc": i.kv_usage}
                 for i in self.instances]

@@ -11,7 +11,8 @@ from deflectlab.scripts.chaos import main
 
 
 def test_chaos_short_form_loses_nothing_and_counters_balance(tmp_path, capsys):
-    rc = main(["--duration", "16", "--rate", "6", "--time-scale", "0.25", "--down", "1", "--out", str(tmp_path)])
+    rc = main(["--duration", "16", "--rate", "6", "--time-scale", "0.25", "--down", "1", "--busy-wait", "1",
+               "--out", str(tmp_path)])
     t = json.loads((tmp_path / "chaos.json").read_text())
     assert rc == 0, capsys.readouterr().out
     assert t["sent"] == 96 and t["lost"] == 0
