@@ -254,8 +254,10 @@ class Router:
             return Route(None, self._balance())
         self.m.states.set("prefill pool", "ok", "prefill and decode instances usable again: the policy decides")
         view = self.views.view(req.arrival_s, self.rate.at(req.arrival_s), self.prefill, self.decode)
-        if view.stale_prefill or view.stale_decode:
-            self.m.stale_decision()
+        if view.stale_prefill:
+            self.m.stale_decision("prefill_metrics_stale")
+        if view.stale_decode:
+            self.m.stale_decision("decode_metrics_stale")
         t0 = time.perf_counter()
         dec, reason = self._ask_policy(view, req)
         self.m.decide_time(time.perf_counter() - t0)
@@ -753,7 +755,7 @@ class Router:
         return {
             "policy": self.policy_spec, "requests": dict(m.outcomes), "requests_in_flight": m.in_flight_now,
             "decisions": dict(m.decisions), "forced_deflections": dict(m.forced),
-            "policy_fallbacks": dict(m.fallbacks), "stale_view_decisions": m.stale_decisions,
+            "policy_fallbacks": dict(m.fallbacks), "stale_view_decisions": dict(m.stale_decisions),
             "retries": {hop: int(m.registry.get_sample_value("deflectlab_router_retries_total", {"hop": hop}) or 0)
                         for hop in ("prefill", "decode")},
             "decision_us": _pct_us(m.decision_s), "overhead_us": _pct_us(m.overhead_s),

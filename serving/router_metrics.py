@@ -24,6 +24,8 @@ DECISION_KINDS = ("prefill", "deflect", "implicit_deflect", "forced_deflect")
 FORCED_REASONS = ("no_prefill_configured", "no_live_prefill", "prefill_failed", "no_live_decode")
 #: Why the policy's decision was replaced.
 FALLBACK_REASONS = ("policy_error", "invalid_decision", "dead_instance")
+#: Why a policy decision was made on a partly stale view (a decision with both counts under both).
+STALE_REASONS = ("prefill_metrics_stale", "decode_metrics_stale")
 #: Why an instance left rotation.
 OUT_REASONS = ("connect", "disconnect", "http_5xx", "timeout", "health")
 #: Why a scrape failed (the instance's metrics go stale; it stays in rotation).
@@ -63,7 +65,7 @@ class RouterMetrics:
         self.decisions = dict.fromkeys(DECISION_KINDS, 0)
         self.forced = dict.fromkeys(FORCED_REASONS, 0)
         self.fallbacks = dict.fromkeys(FALLBACK_REASONS, 0)
-        self.stale_decisions = 0
+        self.stale_decisions = dict.fromkeys(STALE_REASONS, 0)
         self.decision_s: deque[float] = deque(maxlen=200_000)
         self.overhead_s: deque[float] = deque(maxlen=200_000)
         self.states = StateLog()
@@ -78,9 +80,9 @@ class RouterMetrics:
         self._fallback = _labelled(Counter("deflectlab_router_policy_fallbacks", "Policy decisions replaced by "
                                            "the router, by reason.", ["reason"], registry=reg), "reason",
                                    FALLBACK_REASONS)
-        self._stale = Counter("deflectlab_router_stale_view_decisions", "Policy decisions made while some instance "
-                              "in rotation had stale metrics (its view from the router's own counters).",
-                              registry=reg)
+        self._stale = _labelled(Counter("deflectlab_router_stale_view_decisions", "Policy decisions made while "
+                                        "some instance in rotation had stale metrics (its view from the router's "
+                                        "own counters), by pool.", ["reason"], registry=reg), "reason", STALE_REASONS)
         self.out_of_rotation = Counter("deflectlab_router_instance_out_of_rotation", "Times an instance left "
                                        "rotation, by reason.", ["role", "instance", "reason"], registry=reg)
         self.scrape_failures = Counter("deflectlab_router_scrape_failures", "Failed /metrics scrapes, by reason "
@@ -130,9 +132,9 @@ class RouterMetrics:
         self.fallbacks[reason] += 1
         self._fallback[reason].inc()
 
-    def stale_decision(self) -> None:
-        self.stale_decisions += 1
-        self._stale.inc()
+    def stale_decision(self, reason: str) -> None:
+        self.stale_decisions[reason] += 1
+        self._stale[reason].inc()
 
     def decide_time(self, dt: float) -> None:
         self.decision_s.append(dt)

@@ -134,12 +134,13 @@ async def test_failing_metrics_only_make_the_view_stale(aiohttp_server, aiohttp_
     assert router.decisions["prefill"] == 4 and router.decisions["forced_deflect"] == 0
     st = router.stats()
     assert all(i["metrics_stale"] and i["alive"] for i in st["instances"])
-    assert st["stale_view_decisions"] == 4
+    assert st["stale_view_decisions"] == {"prefill_metrics_stale": 4, "decode_metrics_stale": 4}
     text = await (await client.get("/metrics")).text()
     label = router.prefill[0].label
     assert f'deflectlab_router_instance_metrics_stale{{instance="{label}",role="prefill"}} 1.0' in text
     reason = "http_status" if fault == "metrics_404" else "timeout"
     assert f'reason="{reason}"' in text and "deflectlab_router_scrape_failures_total" in text
+    assert 'deflectlab_router_stale_view_decisions_total{reason="prefill_metrics_stale"} 4.0' in text
     _balanced(router, 4)
 
 
