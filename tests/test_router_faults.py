@@ -364,3 +364,35 @@ async def test_prefill_lost_after_answering_the_decode_side_result_is_passed_on(
         assert len(events) == 1 and b"kv_load_failure_policy=fail" in events[0]  # D's own event, passed on
         assert router.outcomes["upstream_error"] == 2
     _balanced(router, 2)
+
+
+async def test_a_router_bug_is_a_500_json_error_counted_once(aiohttp_server, aiohttp_client, monkeypatch):
+    router, client, ps, ds, _ = await _cluster(aiohttp_server, aiohttp_client)
+
+    async def bug(call, p):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(router, "_prefill_hop", bug)
+    r = await client.post("/v1/completions", json={"prompt": "x"})
+    err = await r.json()
+    assert r.status == 500 and err["object"] == "error" and "KeyError" in err["message"]
+    assert router.outcomes["router_error"] == 1
+    _balanced(router, 1)
+
+
+async def test_a_failing_policy_falls_back_and_says_why(aiohttp_server, aiohttp_client, caplog):
+    from deflectlab.policies.base import Policy
+
+    class Broken(Policy):
+        name = "broken"
+
+        def decide(self, view, request):
+            raise RuntimeError("no model loaded")
+
+    router, client, ps, ds, _ = await _cluster(aiohttp_server, aiohttp_client, policy=Broken())
+    with caplog.at_level(logging.WARNING, logger="deflectlab.router"):
+        assert await _complete(client, 3) == [200] * 3
+    assert router.m.fallbacks["policy_error"] == 3 and router.decisions["prefill"] == 3
+    assert sum("no model loaded" in rec.message for rec in caplog.records) == 1  # logged once
+    assert [f.calls for f in ps] == [2, 1]  # round robin over live prefill instances
+    _balanced(router, 3)
