@@ -3,7 +3,7 @@
 A heap of ``(time, seq, handler, arg)``; each handler may schedule more. Arrivals are not pushed on the heap:
 they come from the workload's sorted arrays and are merged with the heap, and each one stops the loop for a
 routing decision. :meth:`ClusterSim.advance` runs to the next arrival and returns it; :meth:`ClusterSim.route`
-applies a :class:`~policies.base.Decision`; :meth:`ClusterSim.run` does both with a policy until the end.
+applies a :class:`~deflectlab.envs.view.Decision`; :meth:`ClusterSim.run` does both with a policy until the end.
 The Gymnasium environment calls ``advance``/``route`` itself, one decision per ``step()``.
 
 Why not SimPy: it is the user's preferred engine, but on this kind of machine a SimPy queue ran 640k events/s

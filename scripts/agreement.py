@@ -9,6 +9,12 @@ workload, and prints P50/P95 TTFT (and P50 TBT) of both with their relative diff
 is stopped when it ends, also on errors or Ctrl-C. ``--out DIR`` keeps each replay's records, summary, plots
 and process logs, and writes ``agreement.json``.
 
+What agreement shows: the emulators time every request with the simulator's own node classes
+(``envs.prefill_node``, ``envs.decode_node``), so agreement shows that the HTTP path (router, emulators,
+replay client, loopback) adds little to the model's times and that the router's policy sees what the
+simulated one sees. It does not show that the model is right: only measurements on real vLLM can (see
+docs/calibration.md). The test suite runs a short form of it (20 s window, time scale 0.5, two policies).
+
 What can make them differ: the emulators' KV transfer is uncontended (the simulator shares each NIC max-min
 fairly between concurrent transfers), the router sees load through counters and 75 ms scrapes where the
 simulated policy sees the exact state, and loopback HTTP and event-loop lag add wall time, which becomes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from deflectlab.serving.emulator import ROLES, EmulatorConfig
+from deflectlab.serving.emulator import KV_LOAD_FAILURE_POLICIES, ROLES, EmulatorConfig
 
 
 def register(sub: argparse._SubParsersAction, help_text: str) -> None:
@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
                    help="output tokens of a chat request without max_tokens")
     p.add_argument("--kv-hold-timeout", type=float, default=d.kv_hold_timeout_s,
                    help="free a prefilled request's KV after this many model seconds if never pulled")
+    p.add_argument("--kv-load-failure-policy", choices=KV_LOAD_FAILURE_POLICIES, default=d.kv_load_failure_policy,
+                   help="when the KV read from a vanished prefill instance fails: recompute the prompt here "
+                        "(vLLM's default) or fail the request (vLLM kv_transfer_config kv_load_failure_policy)")
     p.set_defaults(func=run)
 
 
@@ -40,7 +43,8 @@ def run(a: argparse.Namespace) -> int:
     cfg = EmulatorConfig(role=a.role, profile=a.profile, model_name=a.model_name, time_scale=a.time_scale,
                          max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
                          max_num_seqs=a.max_num_seqs, default_max_tokens=a.default_max_tokens,
-                         kv_hold_timeout_s=a.kv_hold_timeout)
+                         kv_hold_timeout_s=a.kv_hold_timeout,
+                         kv_load_failure_policy=a.kv_load_failure_policy)
     disable_created_metrics()  # as vLLM: no *_created series
     serve(cfg, a.host, a.port)
     return 0

@@ -27,7 +27,11 @@ Roles and ``kv_transfer_params`` (vLLM's NixlConnector protocol):
 * ``do_remote_prefill: true`` (a consumer request, P's params passed on by the router): the decode node
   reserves the request's KV blocks (admission), waits the modelled hand-off ``profile.transfer_s(prompt)``
   (uncontended: the simulator's NIC sharing between concurrent transfers is not emulated), then the request
-  joins the batch at the next step boundary, whose step produces its first token.
+  joins the batch at the next step boundary, whose step produces its first token. While the transfer runs, the
+  decode emulator asks P (``POST /emulator/kv_read``) whether it still holds the blocks; when P is gone or
+  no longer holds them the KV load fails, and the request is recomputed here as a local prefill or fails
+  (HTTP 500, or an SSE error event once streaming), as vLLM's ``kv_load_failure_policy`` (``recompute``, its
+  default, or ``fail``) says.
 * no params: on a ``decode``/``both`` instance the prompt is prefilled locally in chunks inside the decode
   batches (a deflected prefill; the chunk cap comes from the ``X-Deflectlab-Chunk-Cap`` header, else the
   step's token budget). On a ``prefill`` instance it is prefilled by the prefill node and then decoded on a
@@ -64,9 +68,18 @@ from deflectlab.envs.decode_node import DecodeNode
 from deflectlab.envs.prefill_node import PrefillNode
 from deflectlab.envs.profile import LatencyModel, load_profile
 from deflectlab.envs.request import Request
-from deflectlab.serving.protocol import CHUNK_CAP_HEADER, ParsedRequest, RequestError, error_body, parse_request
+from deflectlab.serving.protocol import (
+    CHUNK_CAP_HEADER,
+    ParsedRequest,
+    RequestError,
+    error_body,
+    parse_request,
+    stream_error_event,
+)
 
 ROLES = ("prefill", "decode", "both")
+#: vLLM's ``kv_load_failure_policy`` values (vllm/config/kv_transfer.py); the first is vLLM's default.
+KV_LOAD_FAILURE_POLICIES = ("recompute", "fail")
 
 #: Output filler, one word per token, cycled.
 FILLER = (" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", ".", " Then", " it",
@@ -103,6 +116,10 @@ class EmulatorConfig:
     :param default_max_tokens: output length of a chat request without ``max_tokens``, tokens.
     :param kv_hold_timeout_s: a prefilled request's KV is freed after this long if never pulled, model seconds.
     :param engine_label: value of the ``engine`` label on every metric (vLLM: the engine index).
+    :param kv_load_failure_policy: what a decode instance does when the KV read from the prefill instance
+        fails (that instance vanished, or no longer holds the blocks): ``recompute`` the prompt locally, or
+        ``fail`` the request. vLLM's ``KVTransferConfig.kv_load_failure_policy`` (``--kv-transfer-config
+        '{..., "kv_load_failure_policy": "fail"}'``), default ``recompute``.
     """
 
     role: str = "both"
@@ -115,8 +132,12 @@ class EmulatorConfig:
     default_max_tokens: int = 256
     kv_hold_timeout_s: float = 120.0
     engine_label: str = "0"
+    kv_load_failure_policy: str = "recompute"
 
     def __post_init__(self) -> None:
+        if self.kv_load_failure_policy not in KV_LOAD_FAILURE_POLICIES:
+            raise ValueError(f"kv_load_failure_policy must be one of {', '.join(KV_LOAD_FAILURE_POLICIES)}, got "
+                             f"{self.kv_load_failure_policy!r}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if not (isinstance(self.time_scale, (int, float)) and self.time_scale > 0):
@@ -144,7 +165,7 @@ class _Stream:
 
     __slots__ = ("req", "chat", "stream", "include_usage", "resp_id", "created", "producer", "remote",
                  "local_handoff", "emitted", "t_last", "parts", "wake", "done", "kv_out", "head", "tail",
-                 "tail_last", "abandoned")
+                 "tail_last", "abandoned", "kv_read", "failed")
 
     def __init__(self, req: Request, pr: ParsedRequest, resp_id: str, model_json: bytes, producer: bool) -> None:
         self.req = req
@@ -164,6 +185,8 @@ class _Stream:
         self.done = False
         self.kv_out: dict[str, Any] | None = None
         self.abandoned = False
+        self.kv_read: asyncio.Future | None = None  # the consumer's KV read from P: True when P held the KV
+        self.failed = ""  # why the request failed (kv_load_failure_policy=fail)
         if pr.stream:
             # SSE chunk = head + json(token text) + tail; built once per request.
             rid = json.dumps(resp_id).encode()
@@ -259,6 +282,8 @@ class EngineEmulator:
         self._m_e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in "
                                 "seconds (model seconds in the emulator).", labels, buckets=E2E_BUCKETS,
                                 registry=reg).labels(**lv)
+        self._m_kv_failures = Counter("deflectlab_emulator_kv_load_failures", "KV reads from a prefill instance "
+                                      "that failed (emulator only).", registry=reg)
         self._m_success = Counter("vllm:request_success", "Count of successfully processed requests.",
                                   labels + ("finished_reason",), registry=reg).labels(**lv, finished_reason="length")
 
@@ -405,6 +430,8 @@ class EngineEmulator:
         while not st.done:
             await st.wake.wait()
             st.wake.clear()
+        if st.failed:
+            return web.json_response(error_body(st.failed, 500, "InternalServerError"), status=500)
         req = st.req
         text = filler_text(req.output_tokens)
         usage = {"prompt_tokens": req.input_tokens, "total_tokens": req.input_tokens + req.output_tokens,
@@ -508,17 +535,66 @@ class EngineEmulator:
 
     def _on_admitted(self, req: Request, t: float) -> None:
         st = self._streams[req.rid]
-        delay = self.profile.transfer_s(req.input_tokens) if st.remote is not None else 0.0
+        delay = 0.0
+        if st.remote is not None:
+            delay = self.profile.transfer_s(req.input_tokens)
+            if st.remote[2] != self.engine_id:  # read the KV from P while the modelled transfer runs
+                st.kv_read = asyncio.ensure_future(self._read_remote(st.remote))
         self.schedule(t + delay, self._kv_arrived, req)
 
     def _kv_arrived(self, t: float, req: object) -> None:
         r: Request = req  # type: ignore[assignment]
         st = self._streams[r.rid]
+        read = st.kv_read
+        if read is not None and not read.done():
+            # The read's answer (loopback HTTP) is late in wall time: carry on when it comes, at the model time
+            # of the transfer's end or of the last event handled since, so the read itself takes no model time.
+            read.add_done_callback(lambda _f: self._kv_arrived(max(t, self._last_t), r))
+            return
+        if read is not None and not read.result():
+            self._kv_load_failed(st, t)
+            return
         self.decode.join(r, t)
         if st.remote is not None:
             self._release_remote(st.remote)
         elif st.local_handoff and self.prefill is not None:
             self.prefill.release(r, t)
+
+    def _kv_load_failed(self, st: _Stream, t: float) -> None:
+        """The KV read from P failed: ``recompute`` the prompt here as a local (deflected) prefill, or ``fail``
+        the request, as vLLM's ``kv_load_failure_policy`` says."""
+        self._m_kv_failures.inc()
+        r = st.req
+        d = self.decode
+        d.inbound_handoffs -= 1
+        if self.config.kv_load_failure_policy == "recompute":
+            r.deflected = True
+            d.prefilling.append(r)
+            d.prefill_waiting_tokens += r.d_remaining
+            d._poke(t, prefill_only=True)  # noqa: SLF001 - the node's own entry point for new prefill work
+            return
+        d.kv_reserved_tokens -= r.kv_reserved
+        d.admitted -= 1
+        d.try_admit(t)
+        st.failed = (f"KV transfer from the prefill instance {st.remote[0]}:{st.remote[1]} failed "  # type: ignore[index]
+                     "(kv_load_failure_policy=fail)")
+        if st.stream and not st.abandoned:
+            st.parts.append(stream_error_event(st.failed, 500, "InternalServerError"))
+        st.done = True
+        st.wake.set()
+        del self._streams[r.rid]
+
+    async def _read_remote(self, remote: tuple[Any, Any, Any, int]) -> bool:
+        """Whether P at ``remote`` still holds the KV (the emulator's stand-in for the NIXL read)."""
+        host, port, engine_id, b0 = remote
+        if self._session is None:
+            self._session = ClientSession(timeout=ClientTimeout(total=5))
+        try:
+            async with self._session.post(f"http://{host}:{port}/emulator/kv_read",
+                                          json={"remote_engine_id": engine_id, "first_block": b0}) as r:
+                return r.status == 200 and bool((await r.json()).get("held"))
+        except Exception:  # noqa: BLE001 - P gone or unreadable: the read failed
+            return False
 
     def _release_remote(self, remote: tuple[Any, Any, Any, int]) -> None:
         host, port, engine_id, b0 = remote
@@ -577,6 +653,16 @@ class EngineEmulator:
             return web.json_response({"released": False, "reason": "other engine"})
         return web.json_response({"released": self.release_held(b0)})
 
+    async def handle_read(self, request: web.Request) -> web.Response:
+        """Whether this instance holds the KV a decode instance is about to read (the NIXL read's stand-in)."""
+        try:
+            body = await request.json()
+            b0 = int(body["first_block"])
+        except (ValueError, KeyError, TypeError):
+            return json_error(RequestError("kv_read needs {'remote_engine_id', 'first_block'}"))
+        held = body.get("remote_engine_id") in (None, self.engine_id) and b0 in self._held
+        return web.json_response({"held": held})
+
     async def _on_startup(self, app: web.Application) -> None:
         self.start_clock()
 
@@ -596,6 +682,7 @@ class EngineEmulator:
         app.router.add_get("/health", self.handle_health)
         app.router.add_get("/metrics", self.handle_metrics)
         app.router.add_post("/emulator/kv_release", self.handle_release)
+        app.router.add_post("/emulator/kv_read", self.handle_read)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app

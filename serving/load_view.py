@@ -1,5 +1,5 @@
 """The router's picture of the cluster: per-instance counters and scraped metrics, turned into the same
-:class:`~policies.base.ClusterView` the simulator builds, so a policy sees the same features in both.
+:class:`~deflectlab.envs.view.ClusterView` the simulator builds, so a policy sees the same features in both.
 
 Two sources feed it:
 
@@ -32,6 +32,17 @@ How each view field is filled (``own`` = the router's counters, ``scraped`` = th
 ``waiting_admission``          max(0, scraped waiting - own inbound - own deflected waiting)
 =============================  ==================================================================================
 
+Stale metrics. A scrape that fails, or none newer than the router's ``metrics_stale_s``, makes an instance's
+metrics stale: its view then uses the router's own counters alone (``scraped`` terms read 0, and the used KV is
+the router's estimate: prompt plus streamed tokens of its own requests there). A stale scrape never takes an
+instance out of rotation.
+
+Every configured instance is in the view, in configuration order, so a policy trained for a fixed shape keeps
+its shape. An instance out of rotation is shown unusable: a prefill instance busy for :data:`DEAD_BUSY_S` with
+no free KV, a decode instance full (``max_num_seqs`` running, no free KV, a step of :data:`DEAD_BUSY_S`). The
+view (:class:`RouterView`) also lists which instances are dead and which are stale; the router never sends a
+request to a dead instance a policy picks anyway (see :mod:`serving.router`).
+
 ``now_s`` and ``arrival_rate_per_s`` are in model seconds: wall seconds divided by the router's time scale
 (1 with real vLLM; the emulators' time scale when routing emulators).
 """
@@ -46,6 +57,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from deflectlab.envs.profile import LatencyModel
 from deflectlab.envs.simulator import RATE_TAU_S
 from deflectlab.envs.view import ClusterView, DecodeNodeView, PrefillNodeView
+
+#: How long a dead instance is shown busy, seconds: far beyond any SLO, so every policy's estimate rules it out.
+DEAD_BUSY_S = 1.0e6
 
 #: The vLLM gauges the router scrapes.
 SCRAPED = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc")
@@ -87,7 +101,11 @@ class Instance:
     host: str
     port: int
     alive: bool = True
-    consecutive_failures: int = 0
+    health_failures: int = 0  # consecutive failed /health probes
+    suspect_until: float = 0.0  # wall clock (monotonic) before which a timed-out instance stays out
+    timeouts: int = 0  # consecutive timeouts
+    stale: bool = False  # the last scrape failed, or the last good one is too old
+    out_since: float = -1.0  # wall clock (monotonic) it left rotation
     # scraped (summed over engines)
     scraped_waiting: float = 0.0
     scraped_running: float = 0.0
@@ -134,7 +152,7 @@ class RateEstimate:
 
 
 class ViewBuilder:
-    """Builds the policy's :class:`ClusterView` from the live instances.
+    """Builds the policy's :class:`ClusterView` from every configured instance.
 
     :param prefill_profile: latency model of the prefill instances.
     :param decode_profile: latency model of the decode instances.
@@ -158,39 +176,71 @@ class ViewBuilder:
 
     def prefill_view(self, i: int, p: Instance, now: float) -> PrefillNodeView:
         prof = self.pp
+        if not p.alive:
+            return PrefillNodeView(index=i, profile=prof, max_batched_tokens=self.p_budget, waiting_requests=p.inflight,
+                                   waiting_tokens=p.inflight_tokens, busy_until_s=now + DEAD_BUSY_S, kv_free_tokens=0)
+        if p.stale:
+            waiting = p.inflight
+            kv_free = prof.kv_capacity_tokens - p.inflight_tokens - p.held_tokens
+        else:
+            waiting = max(p.inflight, int(p.scraped_waiting + p.scraped_running))
+            kv_free = int((1.0 - p.kv_usage) * prof.kv_capacity_tokens)
         return PrefillNodeView(
-            index=i, profile=prof, max_batched_tokens=self.p_budget,
-            waiting_requests=max(p.inflight, int(p.scraped_waiting + p.scraped_running)),
-            waiting_tokens=p.inflight_tokens, busy_until_s=now,
-            kv_free_tokens=int((1.0 - p.kv_usage) * prof.kv_capacity_tokens), held_handoffs=p.held,
+            index=i, profile=prof, max_batched_tokens=self.p_budget, waiting_requests=waiting,
+            waiting_tokens=p.inflight_tokens, busy_until_s=now, kv_free_tokens=max(kv_free, 0), held_handoffs=p.held,
             egress_bytes=float(p.held_tokens * prof.kv_bytes_per_token))
 
     def decode_view(self, i: int, d: Instance) -> DecodeNodeView:
         prof = self.dp
+        if not d.alive:
+            return DecodeNodeView(index=i, profile=prof, max_batched_tokens=self.d_budget,
+                                  max_num_seqs=self.max_num_seqs, batch_size=self.max_num_seqs, kv_free_tokens=0,
+                                  step_s=DEAD_BUSY_S)
         own = d.decoding
         batch = own
         ctx = d.decoding_ctx
         started = d.scraped_running - own
-        if started > d.defl_waiting:  # more running than we know of: other clients' requests
+        if not d.stale and started > d.defl_waiting:  # more running than we know of: other clients' requests
             batch = int(d.scraped_running) - d.defl_waiting
             if own > 0:
                 ctx = int(ctx * batch / own)
         chunk = min(max(self.d_budget - batch, 0), d.defl_waiting_tokens)
         step = prof.step_s(batch + chunk, batch, ctx, chunk * chunk, 0) if batch + chunk else 0.0
+        if d.stale:
+            kv_free = prof.kv_capacity_tokens - d.decoding_ctx - d.inbound_tokens - d.defl_waiting_tokens
+            admission = 0
+        else:
+            kv_free = int((1.0 - d.kv_usage) * prof.kv_capacity_tokens)
+            admission = max(0, int(d.scraped_waiting) - d.inbound - d.defl_waiting)
         return DecodeNodeView(
             index=i, profile=prof, max_batched_tokens=self.d_budget, max_num_seqs=self.max_num_seqs,
-            batch_size=batch, context_tokens=ctx,
-            kv_free_tokens=int((1.0 - d.kv_usage) * prof.kv_capacity_tokens),
+            batch_size=batch, context_tokens=ctx, kv_free_tokens=max(kv_free, 0),
             deflected_waiting_tokens=d.defl_waiting_tokens, deflected_waiting_requests=d.defl_waiting,
             inbound_handoffs=d.inbound, ingress_bytes=float(d.inbound_tokens * prof.kv_bytes_per_token),
-            step_s=step, waiting_admission=max(0, int(d.scraped_waiting) - d.inbound - d.defl_waiting))
+            step_s=step, waiting_admission=admission)
 
-    def view(self, now: float, rate: float, live_p: list[Instance], live_d: list[Instance]) -> ClusterView:
-        """A lazily built view of the live instances; view index ``i`` is ``live_p[i]`` / ``live_d[i]``."""
+    def view(self, now: float, rate: float, prefill: list[Instance], decode: list[Instance]) -> RouterView:
+        """A lazily built view of every configured instance; view index ``i`` is ``prefill[i]`` /
+        ``decode[i]``, dead ones shown unusable (see the module docstring)."""
 
         def build() -> tuple[list[PrefillNodeView], list[DecodeNodeView]]:
-            return ([self.prefill_view(i, p, now) for i, p in enumerate(live_p)],
-                    [self.decode_view(i, d) for i, d in enumerate(live_d)])
+            return ([self.prefill_view(i, p, now) for i, p in enumerate(prefill)],
+                    [self.decode_view(i, d) for i, d in enumerate(decode)])
 
-        return ClusterView(now, self.ttft_slo_s, self.tbt_slo_s, rate, builder=build,
-                           num_prefill=len(live_p), num_decode=len(live_d))
+        return RouterView(now, self.ttft_slo_s, self.tbt_slo_s, rate, builder=build, num_prefill=len(prefill),
+                          num_decode=len(decode), instances=(prefill, decode))
+
+
+class RouterView(ClusterView):
+    """A :class:`ClusterView` that also says which instances are out of rotation (``dead_*``) and which have
+    stale metrics (``stale_*``): tuples of view indices."""
+
+    __slots__ = ("dead_prefill", "dead_decode", "stale_prefill", "stale_decode")
+
+    def __init__(self, *args: object, instances: tuple[list[Instance], list[Instance]], **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        prefill, decode = instances
+        self.dead_prefill = tuple(i for i, p in enumerate(prefill) if not p.alive)
+        self.dead_decode = tuple(i for i, d in enumerate(decode) if not d.alive)
+        self.stale_prefill = tuple(i for i, p in enumerate(prefill) if p.alive and p.stale)
+        self.stale_decode = tuple(i for i, d in enumerate(decode) if d.alive and d.stale)

@@ -79,8 +79,12 @@ def estimate_text_tokens(text: str) -> int:
     return max(1, math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN))
 
 
+_INT_ONLY = {int}
+
+
 def _is_token_ids(x: Any) -> bool:
-    return isinstance(x, list) and len(x) > 0 and all(type(t) is int and t >= 0 for t in x)
+    # set(map(type, ...)) and min() run in C: about twice as fast as a generator over a long prompt
+    return isinstance(x, list) and len(x) > 0 and set(map(type, x)) == _INT_ONLY and min(x) >= 0
 
 
 def _message_text_tokens(content: Any, where: str) -> int:
@@ -111,7 +115,8 @@ def prompt_token_counts(body: dict[str, Any], chat: bool) -> list[int]:
     if chat:
         msgs = body.get("messages")
         if msgs is None:
-            raise RequestError("'messages' is required for /v1/chat/completions", param="messages")
+            hint = ("; this body has a 'prompt': send completions to /v1/completions" if "prompt" in body else "")
+            raise RequestError(f"'messages' is required for /v1/chat/completions{hint}", param="messages")
         if not isinstance(msgs, list) or not msgs:
             raise RequestError("'messages' must be a non-empty list of messages", param="messages")
         n = CHAT_REPLY_PRIMING_TOKENS
@@ -121,7 +126,9 @@ def prompt_token_counts(body: dict[str, Any], chat: bool) -> list[int]:
             n += CHAT_TOKENS_PER_MESSAGE + _message_text_tokens(m.get("content"), f"messages[{i}]")
         return [n]
     if "prompt" not in body or body["prompt"] is None:
-        raise RequestError("'prompt' is required for /v1/completions", param="prompt")
+        hint = ("; this body has 'messages': send chat requests to /v1/chat/completions" if "messages" in body
+                else "")
+        raise RequestError(f"'prompt' is required for /v1/completions{hint}", param="prompt")
     p = body["prompt"]
     if isinstance(p, str):
         if not p:

@@ -9,7 +9,9 @@ simulator replays). Each request is a streaming ``/v1/completions`` call whose p
 
 Times are measured on the wall clock and divided by ``time_scale``, so against emulators run at time scale
 ``s`` they are model seconds, comparable with the simulator's. TTFT is from sending the request to the first
-SSE event carrying text; the TBT samples of a request are the gaps between its text events.
+SSE event carrying text. TBT is counted per token, as the simulator counts it: a chunk of ``k`` text events
+arriving ``G`` after the previous chunk gives ``k`` samples of ``G / k`` (see :class:`_TokenClock`); with one
+event per chunk, as vLLM streams, the samples are the gaps between text events.
 
 The run is bounded: requests are sent only for the window, then outstanding ones get ``drain_timeout_s`` wall
 seconds; whatever is still running is cancelled and counted ``unfinished``. Every request is accounted for:
@@ -167,16 +169,96 @@ def summarize(records: list[RequestRecord], ttft_slo_s: float, tbt_slo_s: float,
     }
 
 
+class _TokenClock:
+    """Turns the arrival times of SSE chunks into per-token samples, as the simulator counts them.
+
+    A chunk carrying ``k`` text tokens that arrives ``G`` seconds after the previous one counts as ``k`` gaps of
+    ``G / k``: its tokens were made in ``k`` steps over that time, and reached the client together only because
+    the sender or the client batched them (an emulator at a small time scale runs steps faster than the event
+    loop wakes; a busy client reads late). Tokens that came with the first one are carried into the next
+    chunk's split. With one token per chunk (vLLM's default stream) this is exactly the client-side gap.
+    """
+
+    __slots__ = ("r", "scale", "t_send", "last", "carried")
+
+    def __init__(self, r: RequestRecord, scale: float, t_send: float) -> None:
+        self.r = r
+        self.scale = scale
+        self.t_send = t_send
+        self.last = 0.0
+        self.carried = 0
+
+    def tokens(self, k: int, now: float) -> None:
+        if k <= 0:
+            return
+        r = self.r
+        if r.tokens == 0:
+            r.ttft_s = (now - self.t_send) / self.scale
+            self.carried = k - 1
+        else:
+            n = k + self.carried
+            gap = (now - self.last) / self.scale / n
+            r.gaps.extend([gap] * n)
+            self.carried = 0
+        r.tokens += k
+        self.last = now
+
+
+def _event_tokens(payload: bytes, r: RequestRecord) -> int | None:
+    """Text tokens in one SSE event (None: the event ends the request as rejected)."""
+    try:
+        ev = json.loads(payload)
+    except ValueError:
+        r.status, r.reason = "rejected", "malformed SSE event"
+        return None
+    if "error" in ev:
+        r.status, r.reason = "rejected", f"stream error {ev['error'].get('code', '')}".strip()
+        return None
+    if ev.get("usage"):
+        r.usage_completion_tokens = int(ev["usage"].get("completion_tokens", -1))
+    k = 0
+    for ch in ev.get("choices") or ():
+        text = ch.get("text")
+        if text is None:
+            text = (ch.get("delta") or {}).get("content")
+        k += bool(text)
+    return k
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, r: RequestRecord, clock: _TokenClock) -> bool:
+    """Read the SSE body into ``r``; True when it ended with ``[DONE]``."""
+    buf = b""
+    finished = False
+    async for chunk in resp.content.iter_any():
+        now = time.perf_counter()
+        buf += chunk
+        *events, buf = buf.split(b"\n\n")
+        k = 0
+        for ev in events:
+            ev = ev.strip()
+            if not ev.startswith(b"data:"):
+                continue
+            payload = ev[5:].strip()
+            if payload == b"[DONE]":
+                finished = True  # read on to the end of the body so the connection is reused
+                continue
+            n = _event_tokens(payload, r)
+            if n is None:
+                clock.tokens(k, now)
+                return False
+            k += n
+        clock.tokens(k, now)
+    return finished
+
+
 async def _one(session: aiohttp.ClientSession, url: str, model: str | None, r: RequestRecord, scale: float,
                t0: float) -> None:
     body: dict[str, Any] = {"prompt": prompt_token_ids(r.rid, r.input_tokens), "max_tokens": r.output_tokens,
                             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     if model:
         body["model"] = model
-    clock = time.perf_counter
-    t_send = clock()
+    t_send = time.perf_counter()
     r.send_s = (t_send - t0) / scale
-    last = 0.0
     try:
         async with session.post(url, json=body) as resp:
             r.http_status = resp.status
@@ -184,40 +266,13 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str | None, r: R
                 r.status, r.reason = "rejected", f"http {resp.status}"
                 await resp.read()
                 return
-            finished = False
-            async for line in resp.content:
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    finished = True
-                    continue  # read to the end of the body so the connection is reused
-                now = clock()
-                try:
-                    ev = json.loads(payload)
-                except ValueError:
-                    r.status, r.reason = "rejected", "malformed SSE event"
-                    return
-                if "error" in ev:
-                    r.status, r.reason = "rejected", f"stream error {ev['error'].get('code', '')}".strip()
-                    return
-                if ev.get("usage"):
-                    r.usage_completion_tokens = int(ev["usage"].get("completion_tokens", -1))
-                for ch in ev.get("choices") or ():
-                    text = ch.get("text")
-                    if text is None:
-                        text = (ch.get("delta") or {}).get("content")
-                    if text:
-                        if r.tokens == 0:
-                            r.ttft_s = (now - t_send) / scale
-                        else:
-                            r.gaps.append((now - last) / scale)
-                        last = now
-                        r.tokens += 1
+            finished = await _read_stream(resp, r, _TokenClock(r, scale, t_send))
+            if r.status == "rejected":
+                return
             if not finished:
                 r.status, r.reason = "rejected", "stream ended without [DONE]"
                 return
-            r.e2e_s = (clock() - t_send) / scale
+            r.e2e_s = (time.perf_counter() - t_send) / scale
             r.status = "completed"
     except (TimeoutError, aiohttp.ClientError, OSError) as e:
         r.status, r.reason = "rejected", f"connection: {type(e).__name__}"

@@ -16,29 +16,32 @@ Wire protocol (vLLM's P/D proxy, ``tests/v1/kv_connector/nixl_integration/toy_pr
 Both hops carry the same ``X-Request-Id`` (the client's, else a fresh UUID) and the client's
 ``Authorization`` header (else ``Bearer $OPENAI_API_KEY`` when that is set, as vLLM's proxy does).
 
-The load view (see :mod:`serving.load_view`) comes from the router's in-flight counters and from scraping every
-instance's ``/metrics`` every ``scrape_interval_s``. The policy sees only live instances; its indices are
-mapped back to the configured ones.
+The load view (:mod:`serving.load_view`) has every configured instance, dead ones shown unusable, from the
+router's in-flight counters and each instance's ``/metrics``; rotation comes from ``/health`` probes and
+from the request path (:mod:`serving.liveness`), never from ``/metrics``.
 
-Failures, and how each outcome is counted in ``deflectlab_router_requests_total{outcome}``:
+The failure model (each request ends in exactly one outcome of ``deflectlab_router_requests_total``; the
+table in docs/serving.md lists what the router does in each case and which metric shows it):
 
-* malformed request: 400 naming the problem (``bad_request``);
-* an upstream 4xx (e.g. vLLM's "maximum context length" 400) is passed to the client unchanged
-  (``upstream_client_error``);
-* an upstream 5xx, non-JSON prefill answer, or a connection lost mid-answer: 502 with a JSON error naming the
-  instance (``upstream_error``); mid-stream, once the 200 headers are out, the stream ends with an SSE event
-  ``data: {"error": {...}}`` and no ``[DONE]``;
-* an instance that cannot be connected to, or that dropped a connection, leaves rotation at once (as does
-  one whose ``/metrics`` fails twice in a row) and the request is retried on another instance when nothing
-  has reached the client yet (``deflectlab_router_retries_total``); the scraper keeps probing a dead instance
-  every ``dead_probe_interval_s`` and puts it back when ``/metrics`` answers again;
-* with no live prefill instance, or no live decode instance, the request is deflected (decision kind
-  ``forced_deflect``) and every decode instance is tried in turn, live or not (a restarted instance answers
-  before the probe notices); when all fail the answer is 502;
-* a client that disconnects mid-stream: ``client_disconnected``; a completed answer: ``ok``;
-* a policy that raises or returns an invalid decision (e.g. an exported policy, trained for a fixed shape,
-  while an instance is out of rotation): round robin for that request, decision kind ``policy_fallback``. An
-  exported policy's ``check_cluster`` runs at start-up, so a cluster it was not trained for is refused then.
+* malformed request: 400 naming the problem (``bad_request``); a body over ``max_body_bytes``: 413 with a JSON
+  error (``request_too_large``);
+* an upstream 4xx is passed to the client unchanged (``upstream_client_error``);
+* an upstream 5xx or non-JSON prefill answer: 502 naming the instance and hop (``upstream_error``), and the
+  instance leaves rotation until ``/health`` answers;
+* a refused or dropped connection before anything reached the client: the instance leaves rotation and the
+  request is retried on another instance (``deflectlab_router_retries_total``); mid-stream, once the 200
+  headers are out, the stream ends with an SSE event ``data: {"error": {...}}`` naming instance and hop, and
+  no ``[DONE]`` (``upstream_error``);
+* a wait that runs out (prefill hop, decode first byte, idle gap between chunks): 504, or an SSE error event
+  once streaming (``timeout``); the instance is suspect, out of rotation for a while;
+* every prefill instance out of rotation: ``--no-prefill deflect`` (the default) deflects the request
+  (``deflectlab_router_forced_deflections_total{reason}``), ``--no-prefill reject`` answers 503
+  (``no_instance``); every decode instance out of rotation: each is tried in turn (a restarted instance
+  answers before its probe), then 502;
+* a client that disconnects: ``client_disconnected``; a completed answer: ``ok``;
+* a policy that raises, returns an invalid decision or picks an instance out of rotation: the router replaces
+  the decision (``deflectlab_router_policy_fallbacks_total{reason}``). An exported policy's ``check_cluster``
+  runs at start-up, so a cluster it was not trained for is refused then.
 """
 
 from __future__ import annotations
@@ -49,21 +52,21 @@ import logging
 import os
 import time
 import uuid
-from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from deflectlab.envs.config import ClusterConfig
-from deflectlab.envs.profile import LatencyModel, load_profile
+from deflectlab.envs.profile import load_profile
 from deflectlab.envs.view import DEFLECT, Decision, Policy
 from deflectlab.policies.registry import make_policy
-from deflectlab.serving.load_view import Instance, RateEstimate, ViewBuilder, parse_vllm_metrics
+from deflectlab.serving.liveness import Liveness
+from deflectlab.serving.load_view import Instance, RateEstimate, RouterView, ViewBuilder
 from deflectlab.serving.protocol import (
     CHUNK_CAP_HEADER,
     RequestError,
@@ -73,15 +76,14 @@ from deflectlab.serving.protocol import (
     prefill_hop_body,
     stream_error_event,
 )
+from deflectlab.serving.router_config import RouterConfig
+from deflectlab.serving.router_metrics import DECISION_KINDS, OUTCOMES, RouterMetrics  # noqa: F401 - re-exported
 
 log = logging.getLogger("deflectlab.router")
 
-OUTCOMES = ("ok", "bad_request", "upstream_client_error", "upstream_error", "no_instance", "client_disconnected")
-DECISION_KINDS = ("prefill", "deflect", "implicit_deflect", "forced_deflect", "policy_fallback")
-HOP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-               120.0, 300.0)
-DECISION_BUCKETS = (1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
-_CONN_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError)
+_CONN_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
+_DONE_TAIL = b"data: [DONE]\n\n"
+_TAIL = 1024  # bytes of a stream's end kept to see how it ended
 
 
 class RoutedRequest:
@@ -93,6 +95,36 @@ class RoutedRequest:
         self.rid = rid
         self.arrival_s = arrival_s
         self.input_tokens = input_tokens
+
+
+@dataclass(slots=True)
+class Route:
+    """Where one request goes: the prefill path (``prefill`` set; ``decode`` None lets the balancer pick after
+    the prefill) or a deflection (``prefill`` None, ``decode`` set, ``chunk_cap`` the policy's cap or None)."""
+
+    prefill: Instance | None
+    decode: Instance | None
+    chunk_cap: int | None = None
+
+    @property
+    def deflected(self) -> bool:
+        return self.prefill is None
+
+
+class Call:
+    """One client request on its way through the router."""
+
+    __slots__ = ("request", "raw", "body", "stream", "rid", "headers", "path", "n_tok", "t_in", "outcome")
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.outcome: str | None = None
+        self.t_in = 0.0
+
+    @property
+    def client_gone(self) -> bool:
+        tr = self.request.transport
+        return tr is None or tr.is_closing()
 
 
 def load_policy(spec: str | Policy) -> Policy:
@@ -122,165 +154,66 @@ def _pct_us(xs: Any) -> dict[str, float]:
     return {"n": int(len(a)), "p50": float(p50) * 1e6, "p99": float(p99) * 1e6, "max": float(a.max()) * 1e6}
 
 
+def _what_failed(e: BaseException) -> str:
+    """A plain description of a connection failure (no library internals)."""
+    if isinstance(e, (aiohttp.ClientConnectorError, ConnectionRefusedError)):
+        return "refused the connection"
+    if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, ConnectionResetError)):
+        return "closed the connection"
+    return f"failed ({type(e).__name__})"
+
+
 class Router:
     """The router's state, its upstream calls, and its HTTP handlers.
 
-    :param prefill: ``(host, port)`` of each prefill instance (may be empty: everything is deflected).
-    :param decode: ``(host, port)`` of each decode instance (at least one).
-    :param policy: a :class:`Policy`, a registry spec, or an exported policy file.
-    :param prefill_profile: latency model of the prefill instances (bundled name, path or loaded).
-    :param decode_profile: latency model of the decode instances (default: the prefill one).
-    :param ttft_slo_s: TTFT SLO given to the policy, seconds.
-    :param tbt_slo_s: TBT SLO given to the policy, seconds.
-    :param time_scale: wall seconds per model second of the instances (1 for vLLM; the emulators' setting).
-    :param scrape_interval_s: period of the ``/metrics`` scrape of live instances, wall seconds.
-    :param dead_probe_interval_s: period of the probe of dead instances, wall seconds.
-    :param decode_balancer: decode instance for a prefill-path request the policy leaves open:
-        ``least_loaded`` (fewest requests in flight, as the simulator's balancer) or ``round_robin``.
-    :param prefill_max_batched_tokens: prefill instances' step budget, tokens (for the view).
-    :param decode_max_batched_tokens: decode instances' step budget, tokens (for the view).
-    :param max_num_seqs: decode instances' ``--max-num-seqs`` (for the view).
+    :param config: the router's settings (:class:`RouterConfig`).
     """
 
-    def __init__(
-        self,
-        prefill: list[tuple[str, int]],
-        decode: list[tuple[str, int]],
-        policy: Policy | str = "round_robin",
-        *,
-        prefill_profile: str | LatencyModel = ClusterConfig.prefill_profile,
-        decode_profile: str | LatencyModel | None = None,
-        ttft_slo_s: float = ClusterConfig.ttft_slo_s,
-        tbt_slo_s: float = ClusterConfig.tbt_slo_s,
-        time_scale: float = 1.0,
-        scrape_interval_s: float = 0.075,
-        dead_probe_interval_s: float = 0.5,
-        decode_balancer: str = ClusterConfig.decode_balancer,
-        prefill_max_batched_tokens: int = ClusterConfig.prefill_max_batched_tokens,
-        decode_max_batched_tokens: int = ClusterConfig.decode_max_batched_tokens,
-        max_num_seqs: int = ClusterConfig.max_num_seqs,
-    ) -> None:
-        if not decode:
-            raise ValueError("the router needs at least one decode instance")
-        if not time_scale > 0:
-            raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
-        if decode_balancer not in ("least_loaded", "round_robin"):
-            raise ValueError(f"decode_balancer must be least_loaded or round_robin, got {decode_balancer!r}")
-        if not 0 < scrape_interval_s <= 10:
-            raise ValueError(f"scrape_interval_s must be in (0, 10] seconds, got {scrape_interval_s!r}")
-        self.prefill = [Instance("prefill", i, h, int(p)) for i, (h, p) in enumerate(prefill)]
-        self.decode = [Instance("decode", i, h, int(p)) for i, (h, p) in enumerate(decode)]
-        self.policy = load_policy(policy)
+    def __init__(self, config: RouterConfig) -> None:
+        if not isinstance(config, RouterConfig):
+            raise TypeError(f"Router takes a RouterConfig, got {type(config).__name__}")
+        self.cfg = config
+        c = config.cluster
+        self.prefill = [Instance("prefill", i, h, int(p)) for i, (h, p) in enumerate(config.prefill)]
+        self.decode = [Instance("decode", i, h, int(p)) for i, (h, p) in enumerate(config.decode)]
+        self.policy = load_policy(config.policy)
+        self.policy_spec = config.policy if isinstance(config.policy, str) else self.policy.name
         self.policy.reset()
-        pp = prefill_profile if isinstance(prefill_profile, LatencyModel) else load_profile(prefill_profile)
-        dp = pp if decode_profile is None else (
-            decode_profile if isinstance(decode_profile, LatencyModel) else load_profile(decode_profile))
-        self.views = ViewBuilder(pp, dp, prefill_max_batched_tokens, decode_max_batched_tokens, max_num_seqs,
-                                 ttft_slo_s, tbt_slo_s)
+        pp = load_profile(c.prefill_profile)
+        dp = pp if c.decode_profile == c.prefill_profile else load_profile(c.decode_profile)
+        self.views = ViewBuilder(pp, dp, c.prefill_max_batched_tokens, c.decode_max_batched_tokens, c.max_num_seqs,
+                                 c.ttft_slo_s, c.tbt_slo_s)
         check = getattr(self.policy, "check_cluster", None)
-        if callable(check):  # an exported policy refuses a cluster it was not trained for, here, not later
+        if callable(check):  # an exported policy refuses a cluster it was not trained for, now
             check(self.views.view(0.0, 0.0, self.prefill, self.decode))
-        self.time_scale = float(time_scale)
-        self.scrape_interval_s = scrape_interval_s
-        self.dead_probe_interval_s = dead_probe_interval_s
-        self.decode_balancer = decode_balancer
+        self.time_scale = float(config.time_scale)
+        self.m = RouterMetrics()
+        self.live = Liveness(config, self.prefill + self.decode, self.m)
         self.rate = RateEstimate()
         self.session: aiohttp.ClientSession | None = None
         self._t0 = time.monotonic()
         self._seq = 0
         self._rr_decode = 0
         self._rr_fallback = 0
-        self._scrapers: list[asyncio.Task] = []
-        self.outcomes = dict.fromkeys(OUTCOMES, 0)
-        self.decisions = dict.fromkeys(DECISION_KINDS, 0)
-        self.decision_s: deque[float] = deque(maxlen=200_000)
-        self.overhead_s: deque[float] = deque(maxlen=200_000)
-        self._policy_error_logged = False
-        self._init_metrics()
 
-    # -- metrics --------------------------------------------------------------------------------------------
-    def _init_metrics(self) -> None:
-        reg = self.registry = CollectorRegistry()
-        m_out = Counter("deflectlab_router_requests", "Client requests by outcome.", ["outcome"], registry=reg)
-        self._m_outcome = {k: m_out.labels(outcome=k) for k in OUTCOMES}
-        m_dec = Counter("deflectlab_router_decisions", "Routing decisions by kind (implicit_deflect: prefill-path "
-                        "requests whose prefill instance returned no kv_transfer_params).", ["kind"], registry=reg)
-        self._m_decision = {k: m_dec.labels(kind=k) for k in DECISION_KINDS}
-        self._m_hop = Histogram("deflectlab_router_hop_seconds", "Upstream hop latency, wall seconds: prefill "
-                                "(whole answer), decode_first_byte, decode_total.", ["hop", "instance"],
-                                buckets=HOP_BUCKETS, registry=reg)
-        self._m_decide = Histogram("deflectlab_router_decision_seconds", "Time in policy.decide (view build "
-                                   "included), seconds.", buckets=DECISION_BUCKETS, registry=reg)
-        self._m_overhead = Histogram("deflectlab_router_overhead_seconds", "Router time from a request's body "
-                                     "read to its first upstream request sent, seconds.", buckets=DECISION_BUCKETS,
-                                     registry=reg)
-        self._m_retries = Counter("deflectlab_router_retries", "Requests retried on another instance after a "
-                                  "connection failure.", ["hop"], registry=reg)
-        self._m_up = Gauge("deflectlab_router_instance_up", "1 while an instance is in rotation.",
-                           ["role", "instance"], registry=reg)
-        self._m_inflight = Gauge("deflectlab_router_requests_in_flight", "Client requests being served.",
-                                 registry=reg)
-        for inst in self.prefill + self.decode:
-            self._m_up.labels(role=inst.role, instance=inst.label).set(1)
-        self._hop_children: dict[tuple[str, str], Any] = {}
+    # -- counters ---------------------------------------------------------------------------------------------
+    @property
+    def outcomes(self) -> dict[str, int]:
+        return self.m.outcomes
 
-    def _hop(self, hop: str, inst: Instance) -> Any:
-        key = (hop, inst.label)
-        c = self._hop_children.get(key)
-        if c is None:
-            c = self._hop_children[key] = self._m_hop.labels(hop=hop, instance=inst.label)
-        return c
+    @property
+    def decisions(self) -> dict[str, int]:
+        return self.m.decisions
 
-    def _count(self, outcome: str) -> None:
-        self.outcomes[outcome] += 1
-        self._m_outcome[outcome].inc()
+    def _end(self, call: Call, outcome: str) -> None:
+        """Count ``call``'s outcome (the first one given; a request has exactly one)."""
+        if call.outcome is None:
+            call.outcome = outcome
+            self.m.outcome(outcome)
 
-    def _decided(self, kind: str) -> None:
-        self.decisions[kind] += 1
-        self._m_decision[kind].inc()
-
-    # -- liveness -------------------------------------------------------------------------------------------
-    def _mark_dead(self, inst: Instance, why: object) -> None:
-        if inst.alive:
-            inst.alive = False
-            self._m_up.labels(role=inst.role, instance=inst.label).set(0)
-            log.warning("%s instance %s out of rotation: %s", inst.role, inst.label, why)
-
-    def _mark_alive(self, inst: Instance) -> None:
-        if not inst.alive:
-            inst.alive = True
-            inst.consecutive_failures = 0
-            self._m_up.labels(role=inst.role, instance=inst.label).set(1)
-            log.warning("%s instance %s back in rotation", inst.role, inst.label)
-
-    async def _scrape(self, inst: Instance) -> None:
-        assert self.session is not None
-        try:
-            async with self.session.get(inst.base_url + "/metrics",
-                                        timeout=aiohttp.ClientTimeout(total=max(1.0, 5 * self.scrape_interval_s))
-                                        ) as r:
-                if r.status != 200:
-                    raise aiohttp.ClientResponseError(r.request_info, (), status=r.status, message="metrics")
-                text = await r.text()
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
-            inst.consecutive_failures += 1
-            if inst.consecutive_failures >= 2:
-                self._mark_dead(inst, f"/metrics failed: {e!r}")
-            return
-        m = parse_vllm_metrics(text)
-        inst.scraped_waiting = m.get("vllm:num_requests_waiting", 0.0)
-        inst.scraped_running = m.get("vllm:num_requests_running", 0.0)
-        inst.kv_usage = m.get("vllm:kv_cache_usage_perc", 0.0)
-        inst.scraped_at = time.monotonic()
-        inst.consecutive_failures = 0
-        self._mark_alive(inst)
-
-    async def _scrape_loop(self, inst: Instance) -> None:
-        """Scrape one instance every ``scrape_interval_s`` while live, every ``dead_probe_interval_s`` while
-        dead (one loop per instance, so a slow instance never delays the others' view)."""
-        while True:
-            await self._scrape(inst)
-            await asyncio.sleep(self.scrape_interval_s if inst.alive else self.dead_probe_interval_s)
+    def _error(self, call: Call, outcome: str, message: str, code: int, err_type: str) -> web.Response:
+        self._end(call, outcome)
+        return web.json_response(error_body(message, code, err_type), status=code)
 
     # -- decisions ------------------------------------------------------------------------------------------
     def model_now(self) -> float:
@@ -293,7 +226,7 @@ class Router:
         live = [d for d in cand if d.alive]
         if not live:
             return cand[0] if cand else None
-        if self.decode_balancer == "round_robin":
+        if self.cfg.cluster.decode_balancer == "round_robin":
             d = live[self._rr_decode % len(live)]
             self._rr_decode += 1
             return d
@@ -303,58 +236,106 @@ class Router:
                 best = d
         return best
 
-    def decide(self, req: RoutedRequest, exclude_p: set[int] | None = None
-               ) -> tuple[int, Instance | None, Instance | None, int | None]:
-        """``(kind, prefill instance, decode instance or None, chunk cap)`` for a request; the decode
-        instance is ``None`` on the prefill path when the balancer is to pick it after the prefill."""
-        live_p = [p for p in self.prefill if p.alive and (not exclude_p or p.index not in exclude_p)]
-        live_d = [d for d in self.decode if d.alive]
-        if not live_d or not live_p:
-            self._decided("forced_deflect")
-            return DEFLECT, None, self._balance(), None
-        view = self.views.view(req.arrival_s, self.rate.at(req.arrival_s), live_p, live_d)
+    def _least_loaded_prefill(self, exclude: set[int] | None) -> Instance | None:
+        live = [p for p in self.prefill if p.alive and not (exclude and p.index in exclude)]
+        return min(live, key=lambda p: p.inflight_tokens) if live else None
+
+    def decide(self, req: RoutedRequest, exclude_p: set[int] | None = None) -> Route | None:
+        """Where ``req`` goes; None when it is to be rejected (no prefill instance, ``no_prefill=reject``)."""
+        forced = self._forced_reason(exclude_p)
+        if forced is not None:
+            if forced in ("no_live_prefill", "prefill_failed") and self.cfg.no_prefill == "reject":
+                self.m.states.set("prefill pool", "reject", "no prefill instance in rotation: rejecting requests "
+                                  "(--no-prefill reject)")
+                return None
+            if forced != "no_prefill_configured":
+                self.m.states.set("prefill pool", forced, f"no usable instance ({forced}): deflecting every "
+                                  "request to a decode instance (--no-prefill deflect)")
+            self.m.forced_deflect(forced)
+            return Route(None, self._balance())
+        self.m.states.set("prefill pool", "ok", "prefill and decode instances usable again: the policy decides")
+        view = self.views.view(req.arrival_s, self.rate.at(req.arrival_s), self.prefill, self.decode)
+        if view.stale_prefill:
+            self.m.stale_decision("prefill_metrics_stale")
+        if view.stale_decode:
+            self.m.stale_decision("decode_metrics_stale")
         t0 = time.perf_counter()
+        dec, reason = self._ask_policy(view, req)
+        self.m.decide_time(time.perf_counter() - t0)
+        if dec is None:
+            self.m.fallback(reason)
+            p = self._fallback_prefill(exclude_p)
+            self.m.decided("prefill")
+            return Route(p, None)
+        return self._apply(dec, exclude_p)
+
+    def _forced_reason(self, exclude_p: set[int] | None) -> str | None:
+        if not self.prefill:
+            return "no_prefill_configured"
+        if not any(d.alive for d in self.decode):
+            return "no_live_decode"
+        if any(p.alive and not (exclude_p and p.index in exclude_p) for p in self.prefill):
+            return None
+        return "prefill_failed" if exclude_p else "no_live_prefill"
+
+    def _ask_policy(self, view: RouterView, req: RoutedRequest) -> tuple[Decision | None, str]:
         try:
             dec = self.policy.decide(view, req)
-            ok = self._valid(dec, len(live_p), len(live_d))
         except Exception as e:  # noqa: BLE001 - a broken policy must not take the router down
-            ok = False
-            if not self._policy_error_logged:
-                log.exception("policy %s failed (%s); falling back to round robin", self.policy.name, e)
-                self._policy_error_logged = True
-        dt = time.perf_counter() - t0
-        self.decision_s.append(dt)
-        self._m_decide.observe(dt)
-        if not ok:
-            self._decided("policy_fallback")
-            p = live_p[self._rr_fallback % len(live_p)]
-            self._rr_fallback += 1
-            return 0, p, None, None
-        if dec.kind == DEFLECT:
-            self._decided("deflect")
-            return DEFLECT, None, live_d[dec.decode_node], dec.chunk_cap  # type: ignore[index]
-        self._decided("prefill")
-        d = live_d[dec.decode_node] if dec.decode_node is not None else None
-        return 0, live_p[dec.prefill_node], d, None  # type: ignore[index]
+            self.m.states.set("policy", "error", f"policy {self.policy_spec} raised {type(e).__name__}: {e}; "
+                              "round robin over live prefill instances meanwhile")
+            return None, "policy_error"
+        why = self._invalid(dec)
+        if why:
+            self.m.states.set("policy", "invalid", f"policy {self.policy_spec} returned an invalid decision ({why}); "
+                              "round robin over live prefill instances meanwhile")
+            return None, "invalid_decision"
+        self.m.states.set("policy", "ok", f"policy {self.policy_spec} decides again")
+        return dec, ""
 
-    def _valid(self, dec: Decision, n_p: int, n_d: int) -> bool:
+    def _fallback_prefill(self, exclude_p: set[int] | None) -> Instance:
+        live = [p for p in self.prefill if p.alive and not (exclude_p and p.index in exclude_p)]
+        p = live[self._rr_fallback % len(live)]
+        self._rr_fallback += 1
+        return p
+
+    def _apply(self, dec: Decision, exclude_p: set[int] | None) -> Route:
+        """The policy's decision, with any instance out of rotation replaced (counted ``dead_instance``)."""
+        d = self.decode[dec.decode_node] if dec.decode_node is not None else None
+        if d is not None and not d.alive:
+            self.m.fallback("dead_instance")
+            d = self._balance() if dec.kind == DEFLECT else None
+        if dec.kind == DEFLECT:
+            self.m.decided("deflect")
+            return Route(None, d, dec.chunk_cap)
+        p = self.prefill[dec.prefill_node]  # type: ignore[index]
+        if not p.alive or (exclude_p and p.index in exclude_p):
+            if not p.alive:
+                self.m.fallback("dead_instance")
+            p = self._least_loaded_prefill(exclude_p)  # not None: _forced_reason found one
+        self.m.decided("prefill")
+        return Route(p, d)
+
+    def _invalid(self, dec: object) -> str:
+        """Why ``dec`` is not a valid decision for the configured cluster ('' when it is)."""
         if not isinstance(dec, Decision):
-            raise TypeError(f"policy returned {dec!r}, not a Decision")
+            return f"{dec!r} is not a Decision"
+        n_p, n_d = len(self.prefill), len(self.decode)
         d = dec.decode_node
         if d is not None and not 0 <= d < n_d:
-            raise ValueError(f"{dec}: decode node out of range 0..{n_d - 1}")
+            return f"{dec}: decode node out of range 0..{n_d - 1}"
         if dec.kind == DEFLECT:
             if d is None:
-                raise ValueError(f"{dec}: a deflection must name its decode node")
+                return f"{dec}: a deflection must name its decode node"
             if dec.chunk_cap is not None and dec.chunk_cap < 1:
-                raise ValueError(f"{dec}: chunk cap must be >= 1")
-            return True
+                return f"{dec}: chunk cap must be >= 1"
+            return ""
         p = dec.prefill_node
         if p is None or not 0 <= p < n_p:
-            raise ValueError(f"{dec}: prefill node out of range 0..{n_p - 1}")
-        return True
+            return f"{dec}: prefill node out of range 0..{n_p - 1}"
+        return ""
 
-    # -- HTTP -----------------------------------------------------------------------------------------------
+    # -- HTTP: entry ---------------------------------------------------------------------------------------
     async def handle_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, chat=False)
 
@@ -362,234 +343,374 @@ class Router:
         return await self._handle(request, chat=True)
 
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        self._m_inflight.inc()
+        self.m.inflight.inc()
+        self.m.in_flight_now += 1
+        call = Call(request)
         try:
-            return await self._route(request, chat)
+            resp = await self._route(call, chat)
+            if call.outcome is None:
+                log.error("request %s ended without an outcome; counted router_error", getattr(call, "rid", "?"))
+                self._end(call, "router_error")
+            return resp
+        except asyncio.CancelledError:
+            self._end(call, "client_disconnected")
+            raise
+        except Exception as e:
+            log.exception("router error")
+            return self._error(call, "router_error", f"router error: {type(e).__name__}: {e}", 500,
+                               "InternalServerError")
         finally:
-            self._m_inflight.dec()
+            self.m.inflight.dec()
+            self.m.in_flight_now -= 1
 
-    def _error(self, outcome: str, message: str, code: int, err_type: str) -> web.Response:
-        self._count(outcome)
-        return web.json_response(error_body(message, code, err_type), status=code)
-
-    async def _route(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        raw = await request.read()
-        t_in = time.perf_counter()
+    async def _read(self, call: Call, chat: bool) -> web.Response | None:
+        """Read and check the body into ``call``; an error response when it is bad."""
+        request = call.request
         try:
-            pr = parse_request(raw, chat)
+            call.raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._error(call, "request_too_large", f"request body is larger than the router's limit of "
+                               f"{self.cfg.max_body_bytes} bytes", 413, "RequestEntityTooLargeError")
+        call.t_in = time.perf_counter()
+        try:
+            pr = parse_request(call.raw, chat)
         except RequestError as e:
-            self._count("bad_request")
+            self._end(call, "bad_request")
             return web.json_response(error_body(e.message, e.code, e.err_type, e.param), status=e.code)
-        rid = request.headers.get("X-Request-Id") or str(uuid.uuid4())
-        headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
+        call.body, call.stream, call.n_tok = pr.body, pr.stream, pr.total_prompt_tokens
+        call.rid = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+        headers = {"X-Request-Id": call.rid, "Content-Type": "application/json"}
         auth = request.headers.get("Authorization")
         if auth is None and os.environ.get("OPENAI_API_KEY"):
             auth = f"Bearer {os.environ['OPENAI_API_KEY']}"
         if auth:
             headers["Authorization"] = auth
-        path = "/v1/chat/completions" if chat else "/v1/completions"
-        n_tok = pr.total_prompt_tokens
+        call.headers = headers
+        call.path = "/v1/chat/completions" if chat else "/v1/completions"
+        return None
+
+    async def _route(self, call: Call, chat: bool) -> web.StreamResponse:
+        bad = await self._read(call, chat)
+        if bad is not None:
+            return bad
         now = self.model_now()
         self.rate.arrival(now)
         self._seq += 1
-        req = RoutedRequest(self._seq, now, n_tok)
+        req = RoutedRequest(self._seq, now, call.n_tok)
         tried_p: set[int] = set()
         while True:
-            kind, p, d, chunk = self.decide(req, tried_p)
-            if kind == DEFLECT:
-                if d is None:
-                    return self._error("no_instance", "no decode instance is live", 503, "ServiceUnavailableError")
-                return await self._decode_hop(request, pr.body, raw, pr.stream, rid, headers, path, d, None, None,
-                                              chunk, n_tok, t_in)
+            route = self.decide(req, tried_p)
+            if route is None:
+                return self._error(call, "no_instance", "no prefill instance is in rotation and the router runs "
+                                   "with --no-prefill reject", 503, "ServiceUnavailableError")
+            if route.deflected:
+                if route.decode is None:
+                    return self._error(call, "no_instance", "no decode instance is configured", 503,
+                                       "ServiceUnavailableError")
+                return await self._decode_hop(call, route.decode, None, None, route.chunk_cap)
+            p = route.prefill
             assert p is not None
-            body = dumps(prefill_hop_body(pr.body))
-            if t_in:
-                self._overhead(t_in)
-                t_in = 0.0
-            res = await self._prefill_hop(p, path, body, headers, n_tok)
+            res = await self._prefill_hop(call, p)
             if res is _RETRY:
                 tried_p.add(p.index)
-                self._m_retries.labels(hop="prefill").inc()
+                self.m.retries.labels(hop="prefill").inc()
                 continue
-            if isinstance(res, web.Response):
+            if isinstance(res, web.StreamResponse):
                 return res
-            kvp: dict[str, Any] | None = res  # type: ignore[assignment]
-            if kvp is None:
-                self._decided("implicit_deflect")
-            if d is None or not d.alive:
-                d = self._balance()
+            return await self._after_prefill(call, p, route.decode, res)  # type: ignore[arg-type]
+
+    async def _after_prefill(self, call: Call, p: Instance, d: Instance | None, kvp: dict[str, Any] | None
+                             ) -> web.StreamResponse:
+        if kvp is None:
+            self.m.decided("implicit_deflect")
+        if d is None or not d.alive:
+            d = self._balance()
+        if d is None or call.client_gone:
+            if kvp is not None:
+                self._unhold(p, call.n_tok)
             if d is None:
-                if kvp is not None:
-                    p.held -= 1
-                    p.held_tokens -= n_tok
-                return self._error("no_instance", "no decode instance is live", 503, "ServiceUnavailableError")
-            return await self._decode_hop(request, pr.body, raw, pr.stream, rid, headers, path, d, kvp,
-                                          p if kvp is not None else None, None, n_tok, 0.0)
+                return self._error(call, "no_instance", "no decode instance is configured", 503,
+                                   "ServiceUnavailableError")
+            self._end(call, "client_disconnected")
+            return web.Response(status=499)
+        return await self._decode_hop(call, d, kvp, p if kvp is not None else None, None)
 
-    def _overhead(self, t_in: float) -> None:
-        dt = time.perf_counter() - t_in
-        self.overhead_s.append(dt)
-        self._m_overhead.observe(dt)
+    def _overhead(self, call: Call) -> None:
+        if call.t_in:
+            self.m.overhead(time.perf_counter() - call.t_in)
+            call.t_in = 0.0
 
-    async def _prefill_hop(self, p: Instance, path: str, body: bytes, headers: dict[str, str], n_tok: int
-                           ) -> object:
-        """The prefill hop: P's ``kv_transfer_params`` (None: implicit deflection), :data:`_RETRY`, or an
-        error response for the client."""
+    # -- HTTP: the prefill hop -----------------------------------------------------------------------------
+    async def _prefill_hop(self, call: Call, p: Instance) -> object:
+        """P's ``kv_transfer_params`` (None: implicit deflection), :data:`_RETRY`, or an error response."""
         assert self.session is not None
+        body = dumps(prefill_hop_body(call.body))
+        self._overhead(call)
         p.inflight += 1
-        p.inflight_tokens += n_tok
+        p.inflight_tokens += call.n_tok
         t0 = time.perf_counter()
         try:
-            async with self.session.post(p.base_url + path, data=body, headers=headers) as resp:
-                data = await resp.read()
-                status = resp.status
+            async with asyncio.timeout(self.cfg.prefill_timeout_s):
+                async with self.session.post(p.base_url + call.path, data=body, headers=call.headers) as resp:
+                    data = await resp.read()
+                    status = resp.status
+        except aiohttp.ConnectionTimeoutError as e:
+            self.live.out(p, "connect", f"prefill hop: {_what_failed(e)}")
+            return _RETRY
+        except TimeoutError:
+            why = f"prefill instance {p.label} did not answer the prefill hop within {self.cfg.prefill_timeout_s:g} s"
+            self.live.timed_out(p, "prefill", why)
+            return self._error(call, "timeout", why, 504, "GatewayTimeoutError")
         except _CONN_ERRORS as e:
-            self._mark_dead(p, f"prefill hop: {e!r}")
+            self.live.out(p, "connect" if isinstance(e, aiohttp.ClientConnectorError) else "disconnect",
+                          f"prefill hop: {_what_failed(e)}")
             return _RETRY
         finally:
             p.inflight -= 1
-            p.inflight_tokens -= n_tok
-        self._hop("prefill", p).observe(time.perf_counter() - t0)
+            p.inflight_tokens -= call.n_tok
+        self.m.hop_timer("prefill", p.label).observe(time.perf_counter() - t0)
         if status != 200:
-            return self._upstream_status("prefill", p, status, data)
+            return self._upstream_status(call, "prefill", p, status, data)
+        p.timeouts = 0
         try:
             pj = json.loads(data)
         except ValueError:
-            return self._error("upstream_error", f"prefill instance {p.label} returned a non-JSON answer",
-                               502, "BadGatewayError")
+            return self._error(call, "upstream_error", f"prefill instance {p.label} returned a non-JSON answer "
+                               "on the prefill hop", 502, "BadGatewayError")
         kvp = pj.get("kv_transfer_params") if isinstance(pj, dict) else None
         if not kvp:
             return None
         p.held += 1
-        p.held_tokens += n_tok
+        p.held_tokens += call.n_tok
         return kvp
 
-    def _upstream_status(self, role: str, inst: Instance, status: int, data: bytes) -> web.Response:
+    def _upstream_status(self, call: Call, hop: str, inst: Instance, status: int, data: bytes) -> web.Response:
         if 400 <= status < 500:  # the client's request is at fault: pass vLLM's answer on unchanged
-            self._count("upstream_client_error")
+            self._end(call, "upstream_client_error")
             return web.Response(body=data, status=status, content_type="application/json")
         try:
             msg = json.loads(data).get("message") or data[:200].decode(errors="replace")
         except (ValueError, AttributeError):
             msg = data[:200].decode(errors="replace")
-        return self._error("upstream_error", f"{role} instance {inst.label} answered HTTP {status}: {msg}", 502,
-                           "BadGatewayError")
+        if status >= 500:
+            self.live.out(inst, "http_5xx", f"{hop} hop answered HTTP {status}")
+        return self._error(call, "upstream_error", f"{inst.role} instance {inst.label} answered HTTP {status} on "
+                           f"the {hop} hop: {msg}", 502, "BadGatewayError")
 
-    async def _decode_hop(self, request: web.Request, body: dict[str, Any], raw: bytes, stream: bool, rid: str,
-                          headers: dict[str, str], path: str, d: Instance, kvp: dict[str, Any] | None,
-                          p: Instance | None, chunk: int | None, n_tok: int, t_in: float) -> web.StreamResponse:
-        assert self.session is not None
+    def _unhold(self, p: Instance, n_tok: int) -> None:
+        p.held -= 1
+        p.held_tokens -= n_tok
+
+    # -- HTTP: the decode hop ------------------------------------------------------------------------------
+    def _decode_body(self, call: Call, kvp: dict[str, Any] | None, chunk: int | None
+                     ) -> tuple[bytes, dict[str, str]]:
+        body = call.body
         if kvp is not None:
             data = dumps({**body, "kv_transfer_params": kvp})
         elif "kv_transfer_params" in body:
             data = dumps({k: v for k, v in body.items() if k != "kv_transfer_params"})
         else:
-            data = raw  # the deflect path forwards the client's bytes untouched
-        hdrs = headers if chunk is None else {**headers, CHUNK_CAP_HEADER: str(chunk)}
-        handoff = kvp is not None
+            data = call.raw  # the deflect path forwards the client's bytes untouched
+        hdrs = call.headers if chunk is None else {**call.headers, CHUNK_CAP_HEADER: str(chunk)}
+        return data, hdrs
+
+    def _enter(self, d: Instance, handoff: bool, n_tok: int) -> None:
+        d.active += 1
+        if handoff:
+            d.inbound += 1
+            d.inbound_tokens += n_tok
+        else:
+            d.defl_waiting += 1
+            d.defl_waiting_tokens += n_tok
+
+    async def _open_decode(self, call: Call, d: Instance, data: bytes, hdrs: dict[str, str], handoff: bool,
+                           deadline: float) -> tuple[Instance, aiohttp.ClientResponse | web.Response]:
+        """POST the decode hop, retrying on other decode instances while connections fail; (instance, its
+        response) or (instance, an error response for the client)."""
+        assert self.session is not None
         tried: set[int] = set()
-        if t_in:
-            self._overhead(t_in)
         while True:
-            d.active += 1
-            if handoff:
-                d.inbound += 1
-                d.inbound_tokens += n_tok
-            else:
-                d.defl_waiting += 1
-                d.defl_waiting_tokens += n_tok
-            t0 = time.perf_counter()
+            self._enter(d, handoff, call.n_tok)
             try:
-                resp = await self.session.post(d.base_url + path, data=data, headers=hdrs)
-                break
+                async with asyncio.timeout_at(deadline):
+                    return d, await self.session.post(d.base_url + call.path, data=data, headers=hdrs)
+            except TimeoutError as e:
+                self._leave(d, handoff, call.n_tok, False, 0)
+                if isinstance(e, aiohttp.ConnectionTimeoutError):
+                    err: BaseException = e
+                else:
+                    return d, self._timeout_response(call, d, "decode_first_byte")
             except _CONN_ERRORS as e:
-                self._mark_dead(d, f"decode hop: {e!r}")
-                self._leave(d, handoff, n_tok, False, 0)
-                tried.add(d.index)
-                nd = self._balance(tried)
-                if nd is None:
-                    if p is not None:
-                        p.held -= 1
-                        p.held_tokens -= n_tok
-                    return self._error("upstream_error", f"decode instance {d.label} failed ({e!r}) and no other "
-                                       "decode instance is live", 502, "BadGatewayError")
-                self._m_retries.labels(hop="decode").inc()
-                d = nd
-        decoding = False
-        events = 0
+                self._leave(d, handoff, call.n_tok, False, 0)
+                err = e
+            except asyncio.CancelledError:  # the client left
+                self._leave(d, handoff, call.n_tok, False, 0)
+                raise
+            self.live.out(d, "connect", f"decode hop: {_what_failed(err)}")
+            tried.add(d.index)
+            nd = self._balance(tried)
+            if nd is None:
+                return d, self._error(call, "upstream_error", f"decode instance {d.label} {_what_failed(err)} on "
+                                      "the decode hop and no other decode instance answered", 502, "BadGatewayError")
+            self.m.retries.labels(hop="decode").inc()
+            d = nd
+
+    def _timeout_response(self, call: Call, d: Instance, hop: str) -> web.Response:
+        limit = self.cfg.decode_first_byte_timeout_s
+        why = f"decode instance {d.label} sent no first byte on the decode hop within {limit:g} s"
+        self.live.timed_out(d, hop, why)
+        return self._error(call, "timeout", why, 504, "GatewayTimeoutError")
+
+    async def _decode_hop(self, call: Call, d: Instance, kvp: dict[str, Any] | None, p: Instance | None,
+                          chunk: int | None) -> web.StreamResponse:
+        data, hdrs = self._decode_body(call, kvp, chunk)
+        handoff = kvp is not None
+        self._overhead(call)
+        t0 = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self.cfg.decode_first_byte_timeout_s
+        st = _StreamState(p, handoff)
+        resp: object = None
+        try:
+            d, resp = await self._open_decode(call, d, data, hdrs, handoff, deadline)
+        finally:
+            if p is not None and not isinstance(resp, aiohttp.ClientResponse):
+                self._unhold(p, call.n_tok)  # no decode answer: P's held KV is no longer the router's concern
+        if not isinstance(resp, aiohttp.ClientResponse):
+            return resp  # type: ignore[return-value]
         try:
             if resp.status != 200:
-                try:
-                    err = await resp.read()
-                except _CONN_ERRORS:
-                    err = b""
-                return self._upstream_status("decode", d, resp.status, err)
-            if not stream:
-                try:
-                    out_bytes = await resp.read()
-                except _CONN_ERRORS as e:
-                    self._mark_dead(d, f"decode hop: {e!r}")
-                    return self._error("upstream_error", f"decode instance {d.label} failed mid-answer: {e!r}",
-                                       502, "BadGatewayError")
-                self._hop("decode_first_byte", d).observe(time.perf_counter() - t0)
-                self._count("ok")
-                return web.Response(body=out_bytes, status=200,
-                                    headers={"Content-Type": resp.headers.get("Content-Type", "application/json"),
-                                             "X-Request-Id": rid})
-            out = web.StreamResponse(status=200, headers={
-                "Content-Type": resp.headers.get("Content-Type", "text/event-stream; charset=utf-8"),
-                "X-Request-Id": rid})
-            await out.prepare(request)
-            content = resp.content
-            while True:
-                try:
-                    chunk_b = await content.readany()
-                except _CONN_ERRORS + (aiohttp.ClientPayloadError,) as e:
-                    self._mark_dead(d, f"decode stream broke: {e!r}")
-                    self._count("upstream_error")
-                    try:
-                        await out.write(stream_error_event(f"decode instance {d.label} failed mid-stream: {e!r}"))
-                    except ConnectionResetError:
-                        pass
-                    return out
-                if not chunk_b:
-                    break
-                if not decoding:
-                    decoding = True
-                    self._hop("decode_first_byte", d).observe(time.perf_counter() - t0)
-                    self._first_byte(d, p, handoff, n_tok)
-                k = chunk_b.count(b"data:")
-                events += k
-                d.decoding_ctx += k
-                try:
-                    await out.write(chunk_b)
-                except ConnectionResetError:
-                    self._count("client_disconnected")
-                    return out
-            try:
-                await out.write_eof()
-            except ConnectionResetError:
-                pass  # every byte was written; the client closed first (after [DONE])
-            self._count("ok")
-            return out
+                return await self._decode_status(call, d, resp)
+            if not call.stream:
+                return await self._relay_json(call, d, resp, deadline, st)
+            return await self._relay_stream(call, d, resp, deadline, st)
         finally:
             resp.release()
-            self._hop("decode_total", d).observe(time.perf_counter() - t0)
-            if not decoding and p is not None:
-                p.held -= 1
-                p.held_tokens -= n_tok
-            self._leave(d, handoff, n_tok, decoding, events)
+            self.m.hop_timer("decode_total", d.label).observe(time.perf_counter() - t0)
+            if not st.decoding and p is not None:
+                self._unhold(p, call.n_tok)
+            self._leave(d, handoff, call.n_tok, st.decoding, st.events)
 
-    def _first_byte(self, d: Instance, p: Instance | None, handoff: bool, n_tok: int) -> None:
-        if handoff:
+    async def _decode_status(self, call: Call, d: Instance, resp: aiohttp.ClientResponse) -> web.Response:
+        try:
+            async with asyncio.timeout(self.cfg.stream_idle_timeout_s):
+                err = await resp.read()
+        except (TimeoutError, *_CONN_ERRORS):
+            err = b""
+        return self._upstream_status(call, "decode", d, resp.status, err)
+
+    async def _relay_json(self, call: Call, d: Instance, resp: aiohttp.ClientResponse, deadline: float,
+                          st: _StreamState) -> web.StreamResponse:
+        """A non-streamed answer: it arrives whole at its end, so the first-byte deadline covers it all."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                out_bytes = await resp.read()
+        except TimeoutError:
+            return self._timeout_response(call, d, "decode_first_byte")
+        except _CONN_ERRORS as e:
+            self.live.out(d, "disconnect", f"decode hop: {_what_failed(e)}")
+            return self._error(call, "upstream_error", f"decode instance {d.label} {_what_failed(e)} before "
+                               "its answer on the decode hop was complete", 502, "BadGatewayError")
+        self._first_byte(call, d, st)
+        if call.client_gone:
+            self._end(call, "client_disconnected")
+        else:
+            self._end(call, "ok")
+        return web.Response(body=out_bytes, status=200, headers={
+            "Content-Type": resp.headers.get("Content-Type", "application/json"), "X-Request-Id": call.rid})
+
+    async def _relay_stream(self, call: Call, d: Instance, resp: aiohttp.ClientResponse, deadline: float,
+                            st: _StreamState) -> web.StreamResponse:
+        out = web.StreamResponse(status=200, headers={
+            "Content-Type": resp.headers.get("Content-Type", "text/event-stream; charset=utf-8"),
+            "X-Request-Id": call.rid})
+        try:
+            await out.prepare(call.request)
+        except ConnectionResetError:
+            self._end(call, "client_disconnected")
+            return out
+        content = resp.content
+        tail = b""
+        idle = self.cfg.stream_idle_timeout_s
+        while True:
+            try:
+                if st.decoding:
+                    async with asyncio.timeout(idle):
+                        chunk_b = await content.readany()
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        chunk_b = await content.readany()
+            except TimeoutError:
+                return await self._stream_broke(call, d, out, st, None)
+            except _CONN_ERRORS as e:
+                return await self._stream_broke(call, d, out, st, e)
+            if not chunk_b:
+                break
+            if not st.decoding:
+                self._first_byte(call, d, st)
+            k = chunk_b.count(b"data:")
+            st.events += k
+            d.decoding_ctx += k
+            tail = chunk_b[-_TAIL:] if len(chunk_b) >= _TAIL else (tail + chunk_b)[-_TAIL:]
+            try:
+                await out.write(chunk_b)
+            except ConnectionResetError:
+                self._end(call, "client_disconnected")
+                return out
+        return await self._stream_end(call, d, out, tail)
+
+    async def _stream_end(self, call: Call, d: Instance, out: web.StreamResponse, tail: bytes
+                          ) -> web.StreamResponse:
+        if tail.endswith(_DONE_TAIL):
+            self._end(call, "ok")
+        elif b'data: {"error"' in tail:  # the decode instance's own error event, passed on as it is
+            self._end(call, "upstream_error")
+        else:
+            self._end(call, "upstream_error")
+            await self._write_quietly(out, stream_error_event(f"decode instance {d.label} ended its stream on the "
+                                                              "decode hop without [DONE]"))
+        try:
+            await out.write_eof()
+        except ConnectionResetError:
+            pass  # every byte was written; the client closed first (after [DONE])
+        return out
+
+    async def _stream_broke(self, call: Call, d: Instance, out: web.StreamResponse, st: _StreamState,
+                            e: BaseException | None) -> web.StreamResponse:
+        """The decode hop broke (``e``) or went idle (``e`` None) after the 200 headers went out."""
+        if e is None:
+            phase = "no first token" if not st.decoding else "no chunk"
+            limit = self.cfg.stream_idle_timeout_s if st.decoding else self.cfg.decode_first_byte_timeout_s
+            why = f"decode instance {d.label} sent {phase} on the decode hop for {limit:g} s"
+            self.live.timed_out(d, "decode_idle" if st.decoding else "decode_first_byte", why)
+            self._end(call, "timeout")
+            await self._write_quietly(out, stream_error_event(why, 504, "GatewayTimeoutError"))
+        else:
+            why = f"decode instance {d.label} {_what_failed(e)} mid-stream on the decode hop after {st.events} events"
+            self.live.out(d, "disconnect", why)
+            self._end(call, "upstream_error")
+            await self._write_quietly(out, stream_error_event(why))
+        return out
+
+    @staticmethod
+    async def _write_quietly(out: web.StreamResponse, data: bytes) -> None:
+        try:
+            await out.write(data)
+        except ConnectionResetError:
+            pass
+
+    def _first_byte(self, call: Call, d: Instance, st: _StreamState) -> None:
+        st.decoding = True
+        self.m.hop_timer("decode_first_byte", d.label).observe(time.perf_counter() - st.t0)
+        d.timeouts = 0
+        n_tok = call.n_tok
+        if st.handoff:
             d.inbound -= 1
             d.inbound_tokens -= n_tok
         else:
             d.defl_waiting -= 1
             d.defl_waiting_tokens -= n_tok
-        if p is not None:
-            p.held -= 1
-            p.held_tokens -= n_tok
+        if st.p is not None:
+            self._unhold(st.p, n_tok)
         d.decoding += 1
         d.decoding_ctx += n_tok
 
@@ -605,14 +726,16 @@ class Router:
             d.defl_waiting -= 1
             d.defl_waiting_tokens -= n_tok
 
+    # -- HTTP: the rest --------------------------------------------------------------------------------------
     async def handle_models(self, request: web.Request) -> web.Response:
         """``GET /v1/models`` of the first decode instance that answers (clients and benchmarks ask for it)."""
         assert self.session is not None
         for d in sorted(self.decode, key=lambda i: not i.alive):
             try:
-                async with self.session.get(d.base_url + "/v1/models") as r:
-                    return web.Response(body=await r.read(), status=r.status, content_type="application/json")
-            except _CONN_ERRORS:
+                async with asyncio.timeout(self.cfg.health_timeout_s):
+                    async with self.session.get(d.base_url + "/v1/models") as r:
+                        return web.Response(body=await r.read(), status=r.status, content_type="application/json")
+            except (TimeoutError, *_CONN_ERRORS):
                 continue
         return web.json_response(error_body("no decode instance answered /v1/models", 502, "BadGatewayError"),
                                  status=502)
@@ -621,19 +744,23 @@ class Router:
         return web.json_response({
             "status": "ok", "prefill_instances": len(self.prefill), "decode_instances": len(self.decode),
             "live_prefill_instances": sum(p.alive for p in self.prefill),
-            "live_decode_instances": sum(d.alive for d in self.decode), "policy": self.policy.name})
+            "live_decode_instances": sum(d.alive for d in self.decode), "policy": self.policy_spec,
+            "policy_class": type(self.policy).__name__, "no_prefill": self.cfg.no_prefill})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=generate_latest(self.m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def stats(self) -> dict[str, Any]:
         """Counters and recent timing percentiles (microseconds), as ``GET /stats`` returns them."""
+        m = self.m
         return {
-            "policy": self.policy.name, "requests": dict(self.outcomes), "decisions": dict(self.decisions),
-            "decision_us": _pct_us(self.decision_s), "overhead_us": _pct_us(self.overhead_s),
-            "instances": [{"role": i.role, "instance": i.label, "alive": i.alive, "waiting": i.scraped_waiting,
-                           "running": i.scraped_running, "kv_cache_usage_perc": i.kv_usage}
-                          for i in self.prefill + self.decode],
+            "policy": self.policy_spec, "requests": dict(m.outcomes), "requests_in_flight": m.in_flight_now,
+            "decisions": dict(m.decisions), "forced_deflections": dict(m.forced),
+            "policy_fallbacks": dict(m.fallbacks), "stale_view_decisions": dict(m.stale_decisions),
+            "retries": {hop: int(m.registry.get_sample_value("deflectlab_router_retries_total", {"hop": hop}) or 0)
+                        for hop in ("prefill", "decode")},
+            "decision_us": _pct_us(m.decision_s), "overhead_us": _pct_us(m.overhead_s),
+            "instances": self.live.snapshot(),
         }
 
     async def handle_stats(self, request: web.Request) -> web.Response:
@@ -642,19 +769,17 @@ class Router:
     async def _on_startup(self, app: web.Application) -> None:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0))
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s))
         self._t0 = time.monotonic()
-        self._scrapers = [asyncio.create_task(self._scrape_loop(i)) for i in self.prefill + self.decode]
+        self.live.start(self.session)
 
     async def _on_cleanup(self, app: web.Application) -> None:
-        for t in self._scrapers:
-            t.cancel()
-        await asyncio.gather(*self._scrapers, return_exceptions=True)
+        await self.live.stop()
         if self.session is not None:
             await self.session.close()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=self.cfg.max_body_bytes)
         app[ROUTER_KEY] = self
         app.router.add_post("/v1/completions", self.handle_completions)
         app.router.add_post("/v1/chat/completions", self.handle_chat)
@@ -665,6 +790,20 @@ class Router:
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
+
+
+class _StreamState:
+    """The decode hop's progress: past the first byte yet, SSE events relayed, and the prefill instance whose
+    held KV the first byte releases."""
+
+    __slots__ = ("p", "handoff", "decoding", "events", "t0")
+
+    def __init__(self, p: Instance | None, handoff: bool) -> None:
+        self.p = p
+        self.handoff = handoff
+        self.decoding = False
+        self.events = 0
+        self.t0 = time.perf_counter()
 
 
 _RETRY = object()
@@ -680,12 +819,24 @@ def pair_instances(hosts: list[str], ports: list[int], what: str) -> list[tuple[
     return list(zip(hosts, ports))
 
 
-def serve(router: Router, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the router until interrupted."""
+def serve(router: Router, host: str = "127.0.0.1", port: int = 8000, event_loop: str = "asyncio") -> None:
+    """Run the router until interrupted, on the standard asyncio loop or on uvloop (``pip install uvloop``)."""
     from prometheus_client import disable_created_metrics
+
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ValueError("--event-loop uvloop needs the uvloop package: pip install uvloop") from None
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    elif event_loop != "asyncio":
+        raise ValueError(f"event_loop must be asyncio or uvloop, got {event_loop!r}")
 
     disable_created_metrics()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    print(f"deflectlab router: policy={router.policy.name} prefill={[i.label for i in router.prefill]} "
-          f"decode={[i.label for i in router.decode]} on http://{host}:{port}", flush=True)
-    web.run_app(router.app(), host=host, port=port, print=None, access_log=None)
+    print(f"deflectlab router: policy={router.policy_spec} no_prefill={router.cfg.no_prefill} "
+          f"prefill={[i.label for i in router.prefill]} decode={[i.label for i in router.decode]} "
+          f"event_loop={event_loop} on http://{host}:{port}", flush=True)
+    # handler_cancellation: a client that disconnects cancels its handler (counted client_disconnected, its
+    # upstream requests closed), also while the router waits on an upstream.
+    web.run_app(router.app(), host=host, port=port, print=None, access_log=None, handler_cancellation=True)

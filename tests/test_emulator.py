@@ -199,3 +199,49 @@ async def test_chunk_cap_header_slows_a_deflected_prefill(aiohttp_client):
     assert ttft == pytest.approx(one + capped, rel=1e-9)
     resp = await c.post("/v1/completions", json=body, headers={"X-Deflectlab-Chunk-Cap": "0"})
     assert resp.status == 400
+
+
+async def _kvp_from_vanished_prefill(aiohttp_client, prompt: list[int]) -> dict:
+    """Producer params from a prefill emulator that is then shut down before anyone reads the KV."""
+    p = await _emulator(aiohttp_client, role="prefill")
+    resp = await p.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1, "kv_transfer_params": {
+        "do_remote_decode": True, "do_remote_prefill": False}})
+    kvp = (await resp.json())["kv_transfer_params"]
+    await p.close()
+    return kvp
+
+
+async def test_kv_read_from_a_vanished_prefill_is_recomputed_by_default(aiohttp_client):
+    prompt = list(range(2500))
+    kvp = await _kvp_from_vanished_prefill(aiohttp_client, prompt)
+    d = await _emulator(aiohttp_client, role="decode")  # kv_load_failure_policy: vLLM's default, recompute
+    resp = await d.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4, "kv_transfer_params": kvp})
+    assert resp.status == 200 and (await resp.json())["usage"]["completion_tokens"] == 4
+    dm = {s.name: s.value for f in (await _metrics(d)).values() for s in f}
+    assert dm["deflectlab_emulator_kv_load_failures_total"] == 1
+    # the modelled transfer ran, then the prompt was prefilled here, exactly as a deflected one
+    defl = _sim_one(2500, 4, "always_deflect")
+    transfer = _sim_one(2500, 4, "round_robin")["transfer_s"]
+    assert dm["vllm:time_to_first_token_seconds_sum"] == pytest.approx(transfer + defl["ttft_s"], rel=1e-9)
+    assert dm["vllm:kv_cache_usage_perc"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_kv_read_failure_with_policy_fail_ends_the_request_with_an_error(aiohttp_client, stream):
+    prompt = list(range(300))
+    kvp = await _kvp_from_vanished_prefill(aiohttp_client, prompt)
+    d = await _emulator(aiohttp_client, role="decode", kv_load_failure_policy="fail")
+    resp = await d.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4, "stream": stream,
+                                                "kv_transfer_params": kvp})
+    if stream:
+        events = _sse_events(await resp.read())
+        assert resp.status == 200 and "[DONE]" not in events
+        err = events[-1]["error"]
+    else:
+        assert resp.status == 500
+        err = await resp.json()
+    assert err["code"] == 500 and "kv_load_failure_policy=fail" in err["message"]
+    dm = {s.name: s.value for f in (await _metrics(d)).values() for s in f}
+    assert dm["vllm:kv_cache_usage_perc"] == 0 and dm["vllm:num_requests_running"] == 0
+    ok = await d.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2})  # the instance still serves
+    assert ok.status == 200

@@ -23,6 +23,7 @@ from deflectlab.serving.protocol import (
     prompt_token_counts,
 )
 from deflectlab.serving.router import Router
+from deflectlab.serving.router_config import RouterConfig
 
 P_PARAMS = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "engine-p0",
             "remote_block_ids": [7, 8, 9], "remote_host": "10.0.0.5", "remote_port": 5600, "tp_size": 1}
@@ -46,6 +47,10 @@ vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.25
 # TYPE vllm:time_to_first_token_seconds histogram
 vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="m"} 0.0
 """
+
+
+def make_router(prefill, decode, policy="round_robin", **kw) -> Router:
+    return Router(RouterConfig.of(prefill, decode, policy, **kw))
 
 
 class Upstream:
@@ -87,7 +92,11 @@ class Upstream:
         app.router.add_post("/v1/completions", self.handle)
         app.router.add_post("/v1/chat/completions", self.handle)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/health", self.health)
         return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
 
 
 async def _setup(aiohttp_server, aiohttp_client, policy="round_robin", p_kw=None, d_kw=None, n_d=1):
@@ -95,7 +104,7 @@ async def _setup(aiohttp_server, aiohttp_client, policy="round_robin", p_kw=None
     ds = [Upstream("decode", **(d_kw or {})) for _ in range(n_d)]
     ps = await aiohttp_server(p.app())
     dss = [await aiohttp_server(d.app()) for d in ds]
-    router = Router([("127.0.0.1", ps.port)], [("127.0.0.1", s.port) for s in dss], policy)
+    router = make_router([("127.0.0.1", ps.port)], [("127.0.0.1", s.port) for s in dss], policy)
     client = await aiohttp_client(router.app())
     return router, client, p, ds
 
@@ -228,8 +237,8 @@ async def test_unreachable_instances_leave_rotation_and_requests_still_succeed(a
     d_live = Upstream("decode")
     d_server = await aiohttp_server(d_live.app())
     dead_p, dead_d = unused_tcp_port_factory(), unused_tcp_port_factory()
-    router = Router([("127.0.0.1", dead_p)], [("127.0.0.1", dead_d), ("127.0.0.1", d_server.port)], "round_robin",
-                    decode_balancer="round_robin")
+    router = make_router([("127.0.0.1", dead_p)], [("127.0.0.1", dead_d), ("127.0.0.1", d_server.port)],
+                         "round_robin", decode_balancer="round_robin")
     client = await aiohttp_client(router.app())
     for _ in range(4):
         resp = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
@@ -303,16 +312,16 @@ def test_route_cli_pairs_hosts_and_ports():
     with pytest.raises(ValueError, match="number of decoder hosts"):
         pair_instances(["a", "b", "c"], [1, 2], "decoder")
     with pytest.raises(ValueError, match="policy file not found"):
-        Router([], [("127.0.0.1", 1)], "missing_policy.onnx")
+        make_router([], [("127.0.0.1", 1)], "missing_policy.onnx")
     with pytest.raises(ValueError, match="unknown policy"):
-        Router([], [("127.0.0.1", 1)], "no_such_policy")
+        make_router([], [("127.0.0.1", 1)], "no_such_policy")
 
 
 def test_exported_policy_paths_and_cluster_check(tmp_path):
     from deflectlab.envs.view import Decision, Policy
 
     with pytest.raises(ValueError, match="manifest.json"):  # a directory goes to the learned runtime
-        Router([], [("127.0.0.1", 1)], str(tmp_path))
+        make_router([], [("127.0.0.1", 1)], str(tmp_path))
 
     class TwoByTwoOnly(Policy):
         name = "two_by_two_only"
@@ -325,5 +334,5 @@ def test_exported_policy_paths_and_cluster_check(tmp_path):
             return Decision.prefill(0)
 
     with pytest.raises(ValueError, match="trained for 2P2D, the cluster is 1P1D"):
-        Router([("127.0.0.1", 1)], [("127.0.0.1", 2)], TwoByTwoOnly())
-    Router([("127.0.0.1", 1), ("127.0.0.1", 2)], [("127.0.0.1", 3), ("127.0.0.1", 4)], TwoByTwoOnly())
+        make_router([("127.0.0.1", 1)], [("127.0.0.1", 2)], TwoByTwoOnly())
+    make_router([("127.0.0.1", 1), ("127.0.0.1", 2)], [("127.0.0.1", 3), ("127.0.0.1", 4)], TwoByTwoOnly())
