@@ -304,7 +304,8 @@ def test_sweep_reports_the_values_its_trials_ran(tmp_path, capfd):
 def test_identical_seed_scores_come_from_interchangeable_prefill_nodes():
     """Why `train --ray --ray-seeds 0,1` can print one score twice: two briefly trained seeds that send every
     request to a different prefill node make different decisions, yet the nodes are interchangeable."""
-    from deflectlab.agents.evaluation import Decision, Policy, evaluate
+    from deflectlab.agents.evaluation import evaluate
+    from deflectlab.envs.view import Decision, Policy
     from deflectlab.scripts.cmd_train import tie_note
 
     class OneNode(Policy):
@@ -316,7 +317,7 @@ def test_identical_seed_scores_come_from_interchangeable_prefill_nodes():
 
     cfg = load_config(tiny_config(Path("/tmp")))
     rep = evaluate({"p0": OneNode(0), "p1": OneNode(1), "rr": "round_robin"}, cfg.eval_env_kwargs(),
-                   cfg.eval_seeds())
+                   cfg.eval_seeds()).to_json()
     p0, p1, rr = (rep["policies"][k]["pooled"] for k in ("p0", "p1", "rr"))
     assert p0 == p1  # every metric equal, though no decision is
     assert rr["ttft_p95_s"] < p0["ttft_p95_s"]  # not because the metrics ignore the policy

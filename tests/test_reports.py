@@ -109,13 +109,12 @@ def test_main_job_tables_render(result):
 
 
 def test_evaluation_table_renders():
-    from deflectlab.agents.evaluation import table
+    from deflectlab.agents.evaluation import evaluate, table
 
-    stats = {"slo_attainment": 0.5, "ttft_slo_attainment": 0.6, "tbt_slo_attainment": 1.0, "ttft_p95_s": 2.0,
-             "ttft_p50_s": 0.2, "deflection_rate": 0.1}
-    rep = {"policies": {"a": {"pooled": stats, "mean": stats, "std": stats}}}
+    rep = evaluate({"a": "round_robin", "b": "always_deflect"}, {"window_s": 60.0}, [0, 1])
     [(header, body)] = gfm_tables(table(rep))
-    assert len(header) == 9 and body == [[*body[0][:1], *body[0][1:]]] and len(body[0]) == 9
+    assert len(header) == 9 and len(body) == 2 and all(len(row) == 9 for row in body)
+    assert {row[0] for row in body} == {"a", "b"}
 
 
 def test_policy_label_shortens_paths_only():
