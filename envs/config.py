@@ -68,6 +68,8 @@ class ClusterConfig:
         open: ``least_loaded`` (fewest admitted plus waiting requests) or ``round_robin``.
     :param ttft_slo_s: time-to-first-token SLO, seconds.
     :param tbt_slo_s: time-between-tokens SLO on a request's P95 TBT, seconds.
+    :param handoff: KV hand-off transport preset, ``NAME`` or ``NAME:term=value,...`` (``vllm-nixl``, ``rdma``,
+        ``tcp``; see :mod:`envs.handoff`).
     """
 
     num_prefill: int = 2
@@ -80,6 +82,7 @@ class ClusterConfig:
     decode_balancer: str = "least_loaded"
     ttft_slo_s: float = 1.0
     tbt_slo_s: float = 0.1
+    handoff: str = "vllm-nixl"
 
     def __post_init__(self) -> None:
         for name in ("num_prefill", "num_decode"):
@@ -102,6 +105,9 @@ class ClusterConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"{name} must be a number > 0 (seconds), got {v!r}")
+        from deflectlab.envs.handoff import parse_handoff
+
+        parse_handoff(self.handoff)  # names a bad preset or term
 
     @property
     def shape(self) -> str:

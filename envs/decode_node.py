@@ -10,8 +10,15 @@ mid-segment (a finished KV transfer, a deflected prompt) cuts the segment at the
 and joins at that boundary. Step times of each segment are logged as ``(first step, a, b, K)`` so
 :mod:`envs.metrics` can recover every request's time-between-tokens samples exactly afterwards.
 
-KV memory: admission reserves a request's prompt plus output blocks (no preemption is modelled); requests
-wait FCFS for room, as do KV pulls (a prefill-path request's blocks are reserved before its transfer starts).
+KV memory, as vLLM V1 manages it and without knowing any output length: admission allocates the prompt's
+blocks only (``kv_block_tokens`` per block); requests wait FCFS for blocks and for ``max_num_seqs``, as do KV
+pulls (a prefill-path request's blocks are allocated before its read is issued). A running decode takes a new
+block in the step whose token no longer fits its last one. Block growth is closed-form too: a request whose KV
+holds ``o + m`` tokens after step ``m`` needs a block in step ``m`` when ``(o + m - 1) % blk == 0``, so a
+histogram of ``o % blk`` over the running decodes gives each step's new blocks, and a segment is cut before
+the first step the pool cannot serve. At that step the newest running decodes are preempted (V1's default,
+recompute): their blocks are freed, they go back to the head of the admission queue, and once re-admitted they
+recompute prompt plus generated tokens as a chunked prefill and continue. ``preemptions`` counts them.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import math
 from array import array
 from collections import deque
 from collections.abc import Callable
-from heapq import heappop, heappush
+from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -60,6 +67,14 @@ class DecodeNode:
         self.max_batched_tokens = max_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.kv_capacity_tokens = profile.kv_capacity_tokens
+        self.block_tokens = profile.kv_block_tokens
+        self.total_blocks = profile.kv_capacity_tokens // profile.kv_block_tokens
+        self.used_blocks = 0  # allocated: running decodes' KV, admitted prompts (waiting, pulling, prefilling)
+        self._phase = [0] * self.block_tokens  # running decodes by ctx_offset % block_tokens
+        self.preemptions = 0
+        self.peak_blocks = 0
+        self._usage_area = 0.0  # integral of used blocks over time, block-seconds (for the mean usage)
+        self._usage_t = 0.0
         self._schedule = schedule
         self._on_admitted = on_admitted
         self._on_finished = on_finished
@@ -75,7 +90,6 @@ class DecodeNode:
         self.prefill_waiting_tokens = 0
         self.joiners: list[Request] = []  # KV arrived, waiting for the next step boundary
         self.admit_queue: deque[Request] = deque()
-        self.kv_reserved_tokens = 0
         self.admitted = 0
         self.inbound_handoffs = 0  # prefill-path requests bound here, not yet in the batch
 
@@ -85,6 +99,7 @@ class DecodeNode:
         self._seg_k = 0
         self._seg_a = 0.0
         self._seg_b = 0.0
+        self._seg_g1 = 0  # blocks the running decodes took in the segment's first step
         self._seg_full = False  # the segment's steps use the whole token budget
         self._seg_chunks: list[tuple[Request, int]] = []
         self._version = 0
@@ -101,12 +116,17 @@ class DecodeNode:
         self._seg_join = 0
 
     # -- admission -------------------------------------------------------------------------------------------
-    def _reservation(self, req: Request) -> int:
-        blk = self.profile.kv_block_tokens
-        return -(-(req.input_tokens + req.output_tokens) // blk) * blk
+    @property
+    def kv_reserved_tokens(self) -> int:
+        """Allocated KV, tokens (whole blocks), as of the last segment boundary."""
+        return self.used_blocks * self.block_tokens
+
+    def _need_blocks(self, req: Request) -> int:
+        return -(-(req.input_tokens + req.generated) // self.block_tokens)
 
     def fits_ever(self, req: Request) -> bool:
-        return self._reservation(req) <= self.kv_capacity_tokens
+        """The prompt's blocks fit in an empty pool (nothing about the output is known)."""
+        return -(-req.input_tokens // self.block_tokens) <= self.total_blocks
 
     def submit(self, req: Request, t: float) -> None:
         """Queue ``req`` for admission: a deflected prompt, or a prefill-path request wanting to pull its KV."""
@@ -120,16 +140,21 @@ class DecodeNode:
         poked = False
         while q:
             req = q[0]
-            need = req.kv_reserved
-            if not need:
-                need = req.kv_reserved = self._reservation(req)
-            if self.kv_reserved_tokens + need > self.kv_capacity_tokens or self.admitted >= self.max_num_seqs:
+            need = self._need_blocks(req)
+            if self.used_blocks + need > self.total_blocks or self.admitted >= self.max_num_seqs:
+                if need > self.total_blocks:  # a preempted request that can never fit again
+                    q.popleft()
+                    req.reject_reason = f"KV capacity exceeded: {req.input_tokens + req.generated} tokens"
+                    continue
                 break
             q.popleft()
-            self.kv_reserved_tokens += need
+            self._alloc(need, t)
+            req.kv_blocks = need
             self.admitted += 1
-            req.t_admit = t
-            if req.deflected:
+            if req.t_admit < 0.0:
+                req.t_admit = t
+            if req.deflected or req.preemptions:
+                req.d_remaining = req.input_tokens + req.generated - req.d_done
                 self.prefilling.append(req)
                 self.prefill_waiting_tokens += req.d_remaining
                 poked = True
@@ -137,6 +162,19 @@ class DecodeNode:
                 self._on_admitted(req, t)
         if poked:
             self._poke(t, prefill_only=True)
+
+    def _alloc(self, blocks: int, t: float) -> None:
+        """Change the allocated blocks by ``blocks`` at time ``t`` (usage integral and peak kept)."""
+        self._usage_area += self.used_blocks * (t - self._usage_t)
+        self._usage_t = t
+        self.used_blocks += blocks
+        if self.used_blocks > self.peak_blocks:
+            self.peak_blocks = self.used_blocks
+
+    def usage_mean(self, t_end: float) -> float:
+        """Time-mean of allocated blocks / total blocks over ``[0, t_end]`` (vLLM's ``kv_cache_usage_perc``)."""
+        area = self._usage_area + self.used_blocks * max(t_end - self._usage_t, 0.0)
+        return area / t_end / self.total_blocks if t_end > 0 and self.total_blocks else 0.0
 
     def join(self, req: Request, t: float) -> None:
         """``req``'s KV has arrived: it joins the batch at the next step boundary."""
@@ -149,6 +187,31 @@ class DecodeNode:
         self._poke(t, prefill_only=False)
 
     # -- segments --------------------------------------------------------------------------------------------
+    def _steps_by(self, t: float) -> int:
+        """Steps of the running segment fully done by ``t``: largest j with j*a + b*j*(j-1)/2 <= elapsed."""
+        a, b = self._seg_a, self._seg_b
+        elapsed = t - self._seg_t0
+        if b > 0.0:
+            h = a - 0.5 * b
+            j = int((-h + math.sqrt(h * h + 2.0 * b * elapsed)) / b)
+        else:
+            j = int(elapsed / a)
+        while j > 0 and j * a + 0.5 * b * j * (j - 1) > elapsed:
+            j -= 1
+        while (j + 1) * a + 0.5 * b * (j + 1) * j <= elapsed:
+            j += 1
+        return j
+
+    def next_boundary(self, t: float) -> float:
+        """When the engine step in progress at ``t`` ends (``t`` itself when the node is idle)."""
+        if not self.active or self._starting:
+            return t
+        j = self._steps_by(t)
+        if j >= self._seg_k:
+            return t
+        a, b = self._seg_a, self._seg_b
+        return self._seg_t0 + (j + 1) * a + 0.5 * b * (j + 1) * j
+
     def _poke(self, t: float, prefill_only: bool) -> None:
         """New work: start if idle, else cut the running segment at the end of the step in progress.
 
@@ -166,18 +229,7 @@ class DecodeNode:
         if prefill_only and self._seg_full:
             return  # no budget left for another chunk until the batch changes anyway
         a, b, k = self._seg_a, self._seg_b, self._seg_k
-        elapsed = t - self._seg_t0
-        # steps fully done by t: largest j with j*a + b*j*(j-1)/2 <= elapsed
-        if b > 0.0:
-            h = a - 0.5 * b
-            j = int((-h + math.sqrt(h * h + 2.0 * b * elapsed)) / b)
-        else:
-            j = int(elapsed / a)
-        while j > 0 and j * a + 0.5 * b * j * (j - 1) > elapsed:
-            j -= 1
-        while (j + 1) * a + 0.5 * b * (j + 1) * j <= elapsed:
-            j += 1
-        new_k = j + 1
+        new_k = self._steps_by(t) + 1
         if new_k < k:
             self._seg_k = new_k
             self._version += 1
@@ -188,28 +240,110 @@ class DecodeNode:
         if version == self._version:
             self._start_segment(t)
 
+    # -- block growth (closed form) ---------------------------------------------------------------------------
+    def _growth(self, m0: int, steps: int) -> int:
+        """New blocks the running decodes take in steps ``m0+1 .. m0+steps``: a request with ``ctx_offset`` o
+        takes one in step m when ``(o + m - 1) % blk == 0``; any ``blk`` consecutive steps take one each."""
+        blk, ph = self.block_tokens, self._phase
+        full, rest = divmod(steps, blk)
+        g = full * self.batch_size
+        for m in range(m0, m0 + rest):
+            g += ph[-m % blk]
+        return g
+
+    def _steps_fitting(self, m0: int, room: int) -> int:
+        """How many steps ``m0+1, m0+2, ...`` the running decodes' growth fits in ``room`` free blocks."""
+        bsz, blk, ph = self.batch_size, self.block_tokens, self._phase
+        cycles = room // bsz
+        j = cycles * blk
+        room -= cycles * bsz
+        m = m0 + j
+        while True:  # ends within blk steps: a full cycle would need bsz > room blocks
+            g = ph[-m % blk]
+            if g > room:
+                return j
+            room -= g
+            j += 1
+            m += 1
+
+    def kv_used_blocks(self, t: float) -> int:
+        """Allocated blocks at ``t``, the growth of the steps started in the running segment included."""
+        if not self.active or self._starting or not self.batch_size:
+            return self.used_blocks
+        j = min(self._steps_by(t), self._seg_k - 1)
+        return self.used_blocks + self._seg_g1 + self._growth(self.steps_done + 1, j)
+
+    def _blocks_at(self, ctx_offset: int, step: int) -> int:
+        """Blocks a running decode holds after ``step``: its KV has ``ctx_offset + step`` tokens."""
+        return -(-(ctx_offset + step) // self.block_tokens)
+
+    def _preempt_for(self, need: int, t: float) -> int:
+        """Preempt the newest running decodes (vLLM V1, recompute) until ``need`` new blocks fit; returns the
+        new blocks still needed by the decodes left."""
+        n0, blk = self.steps_done, self.block_tokens
+        while need > self.total_blocks - self.used_blocks and self.running:
+            r = max(self.running, key=lambda e: (e[2].first_step, e[2].rid))[2]
+            self.running = [e for e in self.running if e[2] is not r]
+            heapify(self.running)
+            o = r.ctx_offset
+            self.batch_size -= 1
+            self._ctx_base -= o
+            self._phase[o % blk] -= 1
+            if (o + n0) % blk == 0:
+                need -= 1
+            self._alloc(-self._blocks_at(o, n0), t)
+            self.admitted -= 1
+            self.preemptions += 1
+            r.preemptions += 1
+            if r.tbt_runs is None:
+                r.tbt_runs, r.stalls = [], []
+            r.tbt_runs.append((r.first_step, n0))
+            r.generated += n0 - r.first_step + 1
+            r.t_preempt = t
+            r.d_done = 0
+            r.d_remaining = r.input_tokens + r.generated
+            r.kv_blocks = 0
+            self.admit_queue.appendleft(r)
+        return need
+
+    def _take_joiners(self, t: float, n_done: int) -> list[Request] | None:
+        if not self.joiners:
+            return None
+        blk, ph, running = self.block_tokens, self._phase, self.running
+        for r in self.joiners:
+            if not r.kv_blocks:  # joined without admission (tests, emulator): allocate the prompt now
+                r.kv_blocks = -(-r.input_tokens // blk)
+                self._alloc(r.kv_blocks, t)
+                self.admitted += 1
+            r.t_join = t
+            r.first_step = n_done + 1
+            r.last_step = n_done + r.output_tokens
+            # context read at step k: L + (k - first_step)
+            r.ctx_offset = r.input_tokens - n_done - 1
+            self._ctx_base += r.ctx_offset
+            ph[r.ctx_offset % blk] += 1
+            heappush(running, (r.last_step, r.rid, r))
+        self.batch_size += len(self.joiners)
+        self.inbound_handoffs -= len(self.joiners)
+        new_joiners = self.joiners
+        self.joiners = []
+        return new_joiners
+
     def _start_segment(self, t: float) -> None:
         self._starting = False
         n_done = self.steps_done
+        g1 = self._phase[-n_done % self.block_tokens] if self.batch_size else 0
+        if g1 > self.total_blocks - self.used_blocks:
+            g1 = self._preempt_for(g1, t)
+        new_joiners = self._take_joiners(t, n_done)
         running = self.running
-        if self.joiners:
-            for r in self.joiners:
-                r.t_join = t
-                r.first_step = n_done + 1
-                r.last_step = n_done + r.output_tokens
-                # context read at step k: L + (k - first_step)
-                r.ctx_offset = r.input_tokens - n_done - 1
-                self._ctx_base += r.ctx_offset
-                heappush(running, (r.last_step, r.rid, r))
-            self.batch_size += len(self.joiners)
-            self.inbound_handoffs -= len(self.joiners)
-            new_joiners = self.joiners
-            self.joiners = []
-        else:
-            new_joiners = None
         bsz = self.batch_size
         budget = self.max_batched_tokens - bsz
         k = running[0][0] - n_done if bsz else _INF_STEPS
+        if bsz and k > 1:
+            room = self.total_blocks - self.used_blocks - g1
+            if -(-(k - 1) // self.block_tokens) * bsz > room:  # the pool may run out within the segment
+                k = min(k, 1 + self._steps_fitting(n_done + 1, room))
         chunks: list[tuple[Request, int]] = []
         n_tok = bsz
         sq = cross = 0
@@ -251,12 +385,21 @@ class DecodeNode:
         self._seg_k = k
         self._seg_a = a
         self._seg_b = b
+        self._seg_g1 = g1
         self._seg_full = budget <= 0
         self._seg_join = len(new_joiners) if new_joiners else 0
         self._seg_chunks = chunks
         self.last_step_s = a
         self._version += 1
         self._schedule(t + k * a + 0.5 * b * k * (k - 1), self._end_segment, self._version)
+
+    def _grow(self, t: float, k: int) -> None:
+        """Account the blocks the running decodes took over the ``k`` steps of the segment that just ended."""
+        g = self._seg_g1 + self._growth(self.steps_done + 1, k - 1) if self.batch_size else 0
+        if g:
+            # the blocks arrive step by step: half of them count over the segment (trapezoid)
+            self._usage_area -= 0.5 * g * (t - self._seg_t0)
+            self._alloc(g, t)
 
     def _end_segment(self, t: float, version: object) -> None:
         if version != self._version:
@@ -271,32 +414,17 @@ class DecodeNode:
         self.log_join.append(self._seg_join)
         self.busy_s += t - self._seg_t0
         self.last_step_s = self._seg_a + self._seg_b * (k - 1)
+        self._grow(t, k)
         n = self.steps_done = n0 + k
+        freed = self._finish_chunks(t, k, n)
         running = self.running
-        freed = False
-        for r, c in self._seg_chunks:
-            adv = k * c
-            r.d_done += adv
-            r.d_remaining -= adv
-            self.prefill_waiting_tokens -= adv
-            if r.d_remaining == 0:
-                self.prefilling.remove(r)
-                r.t_first_token = t
-                r.first_step = n
-                r.last_step = n + r.output_tokens - 1
-                if r.output_tokens == 1:
-                    self._finish(r, t)
-                    freed = True
-                else:
-                    r.ctx_offset = r.input_tokens - n  # context read at step k: L + (k - n)
-                    self._ctx_base += r.ctx_offset
-                    self.batch_size += 1
-                    heappush(running, (r.last_step, r.rid, r))
+        blk = self.block_tokens
         while running and running[0][0] == n:
             r = heappop(running)[2]
             self.batch_size -= 1
             self._ctx_base -= r.ctx_offset
-            self._finish(r, t)
+            self._phase[r.ctx_offset % blk] -= 1
+            self._finish(r, t, self._blocks_at(r.ctx_offset, n))
             freed = True
         if self._on_segment_end is not None:
             self._on_segment_end(t, k)
@@ -307,9 +435,37 @@ class DecodeNode:
                 return
         self._start_segment(t)
 
-    def _finish(self, r: Request, t: float) -> None:
+    def _finish_chunks(self, t: float, k: int, n: int) -> bool:
+        """Advance the segment's prefill chunks by ``k`` steps; a finished prompt produces its next token at
+        step ``n`` and joins the running decodes (or finishes). Returns whether blocks were freed."""
+        freed = False
+        for r, c in self._seg_chunks:
+            adv = k * c
+            r.d_done += adv
+            r.d_remaining -= adv
+            self.prefill_waiting_tokens -= adv
+            if r.d_remaining == 0:
+                self.prefilling.remove(r)
+                if r.preemptions:  # a recompute: token generated + 1 comes out of this step
+                    r.stalls.append(t - r.t_preempt)
+                else:
+                    r.t_first_token = t
+                r.first_step = n
+                r.last_step = n + r.output_tokens - r.generated - 1
+                if r.last_step == n:
+                    self._finish(r, t, r.kv_blocks)
+                    freed = True
+                else:
+                    r.ctx_offset = r.input_tokens + r.generated - n  # context read at step k: L + g + (k - n)
+                    self._ctx_base += r.ctx_offset
+                    self._phase[r.ctx_offset % self.block_tokens] += 1
+                    self.batch_size += 1
+                    heappush(self.running, (r.last_step, r.rid, r))
+        return freed
+
+    def _finish(self, r: Request, t: float, blocks: int) -> None:
         r.t_finish = t
-        self.kv_reserved_tokens -= r.kv_reserved
+        self._alloc(-blocks, t)
         self.admitted -= 1
         self._on_finished(r, t)
 
