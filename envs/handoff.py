@@ -86,16 +86,17 @@ _IB_LINK_BPS = 25e9 * 0.7
 
 VLLM_NIXL = Handoff(
     name="vllm-nixl",
-    dispatch_s=0.095,
+    dispatch_s=0.12,
     read_at_step=True,
     setup_s=6.7e-3,
     transfer_Bps=7.5e9,
     link_Bps=_IB_LINK_BPS,
     sources={
         "dispatch_s": f"fitted: {_RFC} measures ~197 ms p50 from P's first token to the client's, of which ~29 ms "
-                      "is the KV read and ~58 ms p50 the first-token recompute with its step alignment; 95 ms "
+                      "is the KV read and ~58 ms p50 the first-token recompute with its step alignment; 120 ms "
                       "for the P response and the router's serial second hop makes the reproduction scenario "
-                      "(tests/test_handoff.py) land on the 197 ms median",
+                      "(experiments/sensitivity.py reproduce_3p1d, checked in tests/test_handoff.py) land on "
+                      "the 197 ms median",
         "read_at_step": f"measured behaviour: {_RFC} names waiting for engine-step boundaries as a cost; the "
                         "decode scheduler allocates the prompt's blocks and the workers start the read in the "
                         "next step",

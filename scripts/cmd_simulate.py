@@ -40,6 +40,9 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--ttft-slo", type=float, default=d.ttft_slo_s, help="TTFT SLO, seconds")
     g.add_argument("--tbt-slo", type=float, default=d.tbt_slo_s, help="P95 TBT SLO, seconds")
+    g.add_argument("--handoff", default=d.handoff,
+                   help=f"KV hand-off transport preset: vllm-nixl, rdma or tcp, optionally with terms, e.g. "
+                        f"vllm-nixl:dispatch_s=0.2 (default {d.handoff})")
 
 
 def cluster_from_args(a: argparse.Namespace) -> ClusterConfig:
@@ -48,7 +51,7 @@ def cluster_from_args(a: argparse.Namespace) -> ClusterConfig:
     return ClusterConfig(num_prefill=p, num_decode=d, prefill_profile=a.prefill_profile or base,
                          decode_profile=a.decode_profile or base, prefill_max_batched_tokens=a.prefill_budget,
                          decode_max_batched_tokens=a.decode_budget, max_num_seqs=a.max_num_seqs,
-                         ttft_slo_s=a.ttft_slo, tbt_slo_s=a.tbt_slo)
+                         ttft_slo_s=a.ttft_slo, tbt_slo_s=a.tbt_slo, handoff=a.handoff)
 
 
 def workload_from_args(a: argparse.Namespace) -> WorkloadSpec:
