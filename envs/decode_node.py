@@ -99,6 +99,7 @@ class DecodeNode:
         self._seg_k = 0
         self._seg_a = 0.0
         self._seg_b = 0.0
+        self._retry_admit = False  # a preemption happened: try the admission queue at the next boundary
         self._seg_g1 = 0  # blocks the running decodes took in the segment's first step
         self._seg_full = False  # the segment's steps use the whole token budget
         self._seg_chunks: list[tuple[Request, int]] = []
@@ -137,11 +138,12 @@ class DecodeNode:
 
     def try_admit(self, t: float) -> None:
         q = self.admit_queue
-        poked = False
+        poked = allocated = False
+        used_now = self.kv_used_blocks(t)  # the step in progress has its blocks already
         while q:
             req = q[0]
             need = self._need_blocks(req)
-            if self.used_blocks + need > self.total_blocks or self.admitted >= self.max_num_seqs:
+            if used_now + need > self.total_blocks or self.admitted >= self.max_num_seqs:
                 if need > self.total_blocks:  # a preempted request that can never fit again
                     q.popleft()
                     req.reject_reason = f"KV capacity exceeded: {req.input_tokens + req.generated} tokens"
@@ -149,6 +151,8 @@ class DecodeNode:
                 break
             q.popleft()
             self._alloc(need, t)
+            used_now += need
+            allocated = True
             req.kv_blocks = need
             self.admitted += 1
             if req.t_admit < 0.0:
@@ -160,8 +164,21 @@ class DecodeNode:
                 poked = True
             else:
                 self._on_admitted(req, t)
+        if allocated and self.active and not self._starting and self.batch_size:
+            self._limit_growth(t)
         if poked:
             self._poke(t, prefill_only=True)
+
+    def _limit_growth(self, t: float) -> None:
+        """Blocks were allocated mid-segment: end the segment before the first step the pool cannot serve."""
+        room = self.total_blocks - self.used_blocks - self._seg_g1
+        allowed = 1 + self._steps_fitting(self.steps_done + 1, room)
+        if allowed < self._seg_k:
+            a, b = self._seg_a, self._seg_b
+            self._seg_k = allowed
+            self._version += 1
+            self._schedule(self._seg_t0 + allowed * a + 0.5 * b * allowed * (allowed - 1), self._end_segment,
+                           self._version)
 
     def _alloc(self, blocks: int, t: float) -> None:
         """Change the allocated blocks by ``blocks`` at time ``t`` (usage integral and peak kept)."""
@@ -333,8 +350,10 @@ class DecodeNode:
         self._starting = False
         n_done = self.steps_done
         g1 = self._phase[-n_done % self.block_tokens] if self.batch_size else 0
-        if g1 > self.total_blocks - self.used_blocks:
+        preempted = g1 > self.total_blocks - self.used_blocks
+        if preempted:
             g1 = self._preempt_for(g1, t)
+            self._retry_admit = True  # as vLLM, the waiting queue is tried again at the next step, not this one
         new_joiners = self._take_joiners(t, n_done)
         running = self.running
         bsz = self.batch_size
@@ -343,35 +362,23 @@ class DecodeNode:
         if bsz and k > 1:
             room = self.total_blocks - self.used_blocks - g1
             if -(-(k - 1) // self.block_tokens) * bsz > room:  # the pool may run out within the segment
-                k = min(k, 1 + self._steps_fitting(n_done + 1, room))
-        chunks: list[tuple[Request, int]] = []
+                k = min(k, 1 + max(self._steps_fitting(n_done + 1, room), 0))
         n_tok = bsz
-        sq = cross = 0
         if budget > 0 and self.prefilling:
-            for r in self.prefilling:
-                c = r.d_remaining
-                if c > budget:
-                    c = budget
-                cap = r.chunk_cap
-                if cap and c > cap:
-                    c = cap
-                if r.t_d_start < 0.0:
-                    r.t_d_start = t
-                chunks.append((r, c))
-                n_tok += c
-                sq += c * c
-                cross += c * r.d_done
-                steps = r.d_remaining // c  # full chunks of this size; a remainder changes the step
-                if steps < k:
-                    k = steps
-                budget -= c
-                if budget <= 0:
-                    break
+            chunks, c_tok, sq, cross, k, budget = self._pick_chunks(t, budget, k)
+            n_tok += c_tok
+        else:
+            chunks, sq, cross = [], 0, 0
         if k > self.max_segment_steps:
             k = self.max_segment_steps
+        if preempted:
+            k = 1
         if n_tok == 0:
             self.active = False
             self.last_step_s = 0.0
+            if self._retry_admit and self.admit_queue:
+                self._retry_admit = False
+                self.try_admit(t)
             return
         prof = self.profile
         a = prof.step_s(n_tok, bsz, self._ctx_base + bsz * (n_done + 1), sq, cross)
@@ -392,6 +399,32 @@ class DecodeNode:
         self.last_step_s = a
         self._version += 1
         self._schedule(t + k * a + 0.5 * b * k * (k - 1), self._end_segment, self._version)
+
+    def _pick_chunks(self, t: float, budget: int, k: int):
+        """Deflected prompts' chunks for the next step, FCFS in ``budget`` tokens, each under its cap; the
+        segment ends (``k``) where a chunk size would change."""
+        chunks: list[tuple[Request, int]] = []
+        n_tok = sq = cross = 0
+        for r in self.prefilling:
+            c = r.d_remaining
+            if c > budget:
+                c = budget
+            cap = r.chunk_cap
+            if cap and c > cap:
+                c = cap
+            if r.t_d_start < 0.0:
+                r.t_d_start = t
+            chunks.append((r, c))
+            n_tok += c
+            sq += c * c
+            cross += c * r.d_done
+            steps = r.d_remaining // c  # full chunks of this size; a remainder changes the step
+            if steps < k:
+                k = steps
+            budget -= c
+            if budget <= 0:
+                break
+        return chunks, n_tok, sq, cross, k, budget
 
     def _grow(self, t: float, k: int) -> None:
         """Account the blocks the running decodes took over the ``k`` steps of the segment that just ended."""
@@ -428,7 +461,8 @@ class DecodeNode:
             freed = True
         if self._on_segment_end is not None:
             self._on_segment_end(t, k)
-        if freed and self.admit_queue:
+        retry, self._retry_admit = self._retry_admit, False
+        if (freed or retry) and self.admit_queue:
             self.active = False  # admission may poke; the segment below starts once
             self.try_admit(t)
             if self.active:
