@@ -13,12 +13,14 @@ and joins at that boundary. Step times of each segment are logged as ``(first st
 KV memory, as vLLM V1 manages it and without knowing any output length: admission allocates the prompt's
 blocks only (``kv_block_tokens`` per block); requests wait FCFS for blocks and for ``max_num_seqs``, as do KV
 pulls (a prefill-path request's blocks are allocated before its read is issued). A running decode takes a new
-block in the step whose token no longer fits its last one. Block growth is closed-form too: a request whose KV
-holds ``o + m`` tokens after step ``m`` needs a block in step ``m`` when ``(o + m - 1) % blk == 0``, so a
-histogram of ``o % blk`` over the running decodes gives each step's new blocks, and a segment is cut before
-the first step the pool cannot serve. At that step the newest running decodes are preempted (V1's default,
-recompute): their blocks are freed, they go back to the head of the admission queue, and once re-admitted they
-recompute prompt plus generated tokens as a chunked prefill and continue. ``preemptions`` counts them.
+block in the step whose token no longer fits its last one. Block use is closed-form too: a running decode
+whose KV holds ``o + m`` tokens after step ``m`` holds ``ceil((o + m) / blk)`` blocks, so with the sum of the
+``o`` (the context base the step time needs anyway) and a histogram of ``o % blk`` the running decodes' blocks
+at any step are an O(blk) sum, and an O(1) bound (``floor`` sum plus one block each) settles most checks. A
+segment is cut before the first step the pool cannot serve. At that step the newest running decodes are
+preempted (V1's default, recompute): their blocks are freed, they go back to the head of the admission
+queue, and once re-admitted they recompute prompt plus generated tokens as a chunked prefill and continue.
+``preemptions`` counts them.
 """
 
 from __future__ import annotations
@@ -69,12 +71,15 @@ class DecodeNode:
         self.kv_capacity_tokens = profile.kv_capacity_tokens
         self.block_tokens = profile.kv_block_tokens
         self.total_blocks = profile.kv_capacity_tokens // profile.kv_block_tokens
-        self.used_blocks = 0  # allocated: running decodes' KV, admitted prompts (waiting, pulling, prefilling)
+        # Allocated blocks = static_blocks (admitted, not running: pulling, waiting to join, prefilling) plus the
+        # running decodes' blocks, derived from their context offsets (see _running_blocks).
+        self.static_blocks = 0
         self._phase = [0] * self.block_tokens  # running decodes by ctx_offset % block_tokens
         self.preemptions = 0
         self.peak_blocks = 0
         self._usage_area = 0.0  # integral of used blocks over time, block-seconds (for the mean usage)
         self._usage_t = 0.0
+        self._usage_last = 0.0
         self._schedule = schedule
         self._on_admitted = on_admitted
         self._on_finished = on_finished
@@ -100,7 +105,6 @@ class DecodeNode:
         self._seg_a = 0.0
         self._seg_b = 0.0
         self._retry_admit = False  # a preemption happened: try the admission queue at the next boundary
-        self._seg_g1 = 0  # blocks the running decodes took in the segment's first step
         self._seg_full = False  # the segment's steps use the whole token budget
         self._seg_chunks: list[tuple[Request, int]] = []
         self._version = 0
@@ -119,11 +123,28 @@ class DecodeNode:
     # -- admission -------------------------------------------------------------------------------------------
     @property
     def kv_reserved_tokens(self) -> int:
-        """Allocated KV, tokens (whole blocks), as of the last segment boundary."""
+        """Allocated KV, tokens (whole blocks), as of the last step boundary."""
         return self.used_blocks * self.block_tokens
 
-    def _need_blocks(self, req: Request) -> int:
-        return -(-(req.input_tokens + req.generated) // self.block_tokens)
+    @property
+    def used_blocks(self) -> int:
+        """Allocated blocks as of the last step boundary (before the next step's new blocks)."""
+        return self.static_blocks + self._running_blocks(self.steps_done)
+
+    def _running_blocks(self, m: int) -> int:
+        """Blocks the running decodes hold for step ``m``: sum of ``ceil((o + m) / blk)``, exactly."""
+        if not self.batch_size:
+            return 0
+        blk = self.block_tokens
+        pad = 0
+        for p, c in enumerate(self._phase):
+            if c:
+                pad += c * ((-p - m) % blk)
+        return (self._ctx_base + self.batch_size * m + pad) // blk
+
+    def _running_blocks_max(self, m: int) -> int:
+        """An upper bound of :meth:`_running_blocks` in O(1)."""
+        return (self._ctx_base + self.batch_size * m) // self.block_tokens + self.batch_size if self.batch_size else 0
 
     def fits_ever(self, req: Request) -> bool:
         """The prompt's blocks fit in an empty pool (nothing about the output is known)."""
@@ -138,21 +159,28 @@ class DecodeNode:
 
     def try_admit(self, t: float) -> None:
         q = self.admit_queue
-        poked = allocated = False
-        used_now = self.kv_used_blocks(t)  # the step in progress has its blocks already
+        poked = tight = False
+        bsz = self.batch_size
+        seg = self.active and not self._starting and bsz
+        # the most the running decodes hold before this segment ends: admitting within it needs no cut
+        if seg:
+            run_max = (self._ctx_base + bsz * (self.steps_done + self._seg_k)) // self.block_tokens + bsz
+        else:
+            run_max = self._running_blocks(self.steps_done)
         while q:
             req = q[0]
-            need = self._need_blocks(req)
-            if used_now + need > self.total_blocks or self.admitted >= self.max_num_seqs:
+            need = -(-(req.input_tokens + req.generated) // self.block_tokens)
+            if self.static_blocks + run_max + need > self.total_blocks and not tight:
+                tight = True
+                run_max = self.kv_used_blocks(t) - self.static_blocks  # exact: the step in progress's blocks
+            if self.static_blocks + run_max + need > self.total_blocks or self.admitted >= self.max_num_seqs:
                 if need > self.total_blocks:  # a preempted request that can never fit again
                     q.popleft()
                     req.reject_reason = f"KV capacity exceeded: {req.input_tokens + req.generated} tokens"
                     continue
                 break
             q.popleft()
-            self._alloc(need, t)
-            used_now += need
-            allocated = True
+            self.static_blocks += need  # usage is noted at the next step boundary (nothing frees before it)
             req.kv_blocks = need
             self.admitted += 1
             if req.t_admit < 0.0:
@@ -164,33 +192,24 @@ class DecodeNode:
                 poked = True
             else:
                 self._on_admitted(req, t)
-        if allocated and self.active and not self._starting and self.batch_size:
-            self._limit_growth(t)
+        if tight and seg:
+            k = self._steps_fitting(self._seg_k)
+            if k < self._seg_k:  # end the segment before the first step the pool cannot serve
+                a, b = self._seg_a, self._seg_b
+                self._seg_k = k
+                self._version += 1
+                self._schedule(self._seg_t0 + k * a + 0.5 * b * k * (k - 1), self._end_segment, self._version)
         if poked:
             self._poke(t, prefill_only=True)
 
-    def _limit_growth(self, t: float) -> None:
-        """Blocks were allocated mid-segment: end the segment before the first step the pool cannot serve."""
-        room = self.total_blocks - self.used_blocks - self._seg_g1
-        allowed = 1 + self._steps_fitting(self.steps_done + 1, room)
-        if allowed < self._seg_k:
-            a, b = self._seg_a, self._seg_b
-            self._seg_k = allowed
-            self._version += 1
-            self._schedule(self._seg_t0 + allowed * a + 0.5 * b * allowed * (allowed - 1), self._end_segment,
-                           self._version)
-
-    def _alloc(self, blocks: int, t: float) -> None:
-        """Change the allocated blocks by ``blocks`` at time ``t`` (usage integral and peak kept)."""
-        self._usage_area += self.used_blocks * (t - self._usage_t)
-        self._usage_t = t
-        self.used_blocks += blocks
-        if self.used_blocks > self.peak_blocks:
-            self.peak_blocks = self.used_blocks
+    def _note_peak(self) -> None:
+        used = self.static_blocks + self._running_blocks(self.steps_done)
+        if used > self.peak_blocks:
+            self.peak_blocks = used
 
     def usage_mean(self, t_end: float) -> float:
         """Time-mean of allocated blocks / total blocks over ``[0, t_end]`` (vLLM's ``kv_cache_usage_perc``)."""
-        area = self._usage_area + self.used_blocks * max(t_end - self._usage_t, 0.0)
+        area = self._usage_area + self._usage_last * max(t_end - self._usage_t, 0.0)
         return area / t_end / self.total_blocks if t_end > 0 and self.total_blocks else 0.0
 
     def join(self, req: Request, t: float) -> None:
@@ -257,48 +276,34 @@ class DecodeNode:
         if version == self._version:
             self._start_segment(t)
 
-    # -- block growth (closed form) ---------------------------------------------------------------------------
-    def _growth(self, m0: int, steps: int) -> int:
-        """New blocks the running decodes take in steps ``m0+1 .. m0+steps``: a request with ``ctx_offset`` o
-        takes one in step m when ``(o + m - 1) % blk == 0``; any ``blk`` consecutive steps take one each."""
-        blk, ph = self.block_tokens, self._phase
-        full, rest = divmod(steps, blk)
-        g = full * self.batch_size
-        for m in range(m0, m0 + rest):
-            g += ph[-m % blk]
-        return g
-
-    def _steps_fitting(self, m0: int, room: int) -> int:
-        """How many steps ``m0+1, m0+2, ...`` the running decodes' growth fits in ``room`` free blocks."""
-        bsz, blk, ph = self.batch_size, self.block_tokens, self._phase
-        cycles = room // bsz
-        j = cycles * blk
-        room -= cycles * bsz
-        m = m0 + j
-        while True:  # ends within blk steps: a full cycle would need bsz > room blocks
-            g = ph[-m % blk]
-            if g > room:
-                return j
-            room -= g
-            j += 1
-            m += 1
+    # -- block use (closed form) -----------------------------------------------------------------------------
+    def _steps_fitting(self, k: int) -> int:
+        """The most steps (<= ``k``) of the running segment whose blocks fit in the pool: the running decodes'
+        blocks grow with the step, so a bisection over the exact count."""
+        n0, free = self.steps_done, self.total_blocks - self.static_blocks
+        if self._running_blocks_max(n0 + k) <= free:
+            return k
+        lo, hi = 0, k  # blocks for step n0 + lo fit, for n0 + hi not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._running_blocks(n0 + mid) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
     def kv_used_blocks(self, t: float) -> int:
-        """Allocated blocks at ``t``, the growth of the steps started in the running segment included."""
+        """Allocated blocks at ``t``: the step in progress has its blocks already."""
         if not self.active or self._starting or not self.batch_size:
             return self.used_blocks
         j = min(self._steps_by(t), self._seg_k - 1)
-        return self.used_blocks + self._seg_g1 + self._growth(self.steps_done + 1, j)
+        return self.static_blocks + self._running_blocks(self.steps_done + j + 1)
 
-    def _blocks_at(self, ctx_offset: int, step: int) -> int:
-        """Blocks a running decode holds after ``step``: its KV has ``ctx_offset + step`` tokens."""
-        return -(-(ctx_offset + step) // self.block_tokens)
-
-    def _preempt_for(self, need: int, t: float) -> int:
-        """Preempt the newest running decodes (vLLM V1, recompute) until ``need`` new blocks fit; returns the
-        new blocks still needed by the decodes left."""
+    def _preempt(self, t: float) -> None:
+        """Preempt the newest running decodes (vLLM V1, recompute) until their blocks for the next step fit."""
         n0, blk = self.steps_done, self.block_tokens
-        while need > self.total_blocks - self.used_blocks and self.running:
+        free = self.total_blocks - self.static_blocks
+        while self.running and self._running_blocks(n0 + 1) > free:
             r = max(self.running, key=lambda e: (e[2].first_step, e[2].rid))[2]
             self.running = [e for e in self.running if e[2] is not r]
             heapify(self.running)
@@ -306,9 +311,6 @@ class DecodeNode:
             self.batch_size -= 1
             self._ctx_base -= o
             self._phase[o % blk] -= 1
-            if (o + n0) % blk == 0:
-                need -= 1
-            self._alloc(-self._blocks_at(o, n0), t)
             self.admitted -= 1
             self.preemptions += 1
             r.preemptions += 1
@@ -321,16 +323,13 @@ class DecodeNode:
             r.d_remaining = r.input_tokens + r.generated
             r.kv_blocks = 0
             self.admit_queue.appendleft(r)
-        return need
 
-    def _take_joiners(self, t: float, n_done: int) -> list[Request] | None:
-        if not self.joiners:
-            return None
+    def _take_joiners(self, t: float, n_done: int) -> list[Request]:
         blk, ph, running = self.block_tokens, self._phase, self.running
         for r in self.joiners:
-            if not r.kv_blocks:  # joined without admission (tests, emulator): allocate the prompt now
-                r.kv_blocks = -(-r.input_tokens // blk)
-                self._alloc(r.kv_blocks, t)
+            if r.kv_blocks:
+                self.static_blocks -= r.kv_blocks  # now counted among the running decodes' blocks
+            else:  # joined without admission (tests, emulator): its blocks are allocated now
                 self.admitted += 1
             r.t_join = t
             r.first_step = n_done + 1
@@ -349,20 +348,22 @@ class DecodeNode:
     def _start_segment(self, t: float) -> None:
         self._starting = False
         n_done = self.steps_done
-        g1 = self._phase[-n_done % self.block_tokens] if self.batch_size else 0
-        preempted = g1 > self.total_blocks - self.used_blocks
+        bsz = self.batch_size
+        free = self.total_blocks - self.static_blocks
+        blk = self.block_tokens
+        # O(1) bound first (floor sum plus one block per decode), the exact O(blk) count only when it is close
+        preempted = (bsz and (self._ctx_base + bsz * (n_done + 1)) // blk + bsz > free
+                     and self._running_blocks(n_done + 1) > free)
         if preempted:
-            g1 = self._preempt_for(g1, t)
+            self._preempt(t)
             self._retry_admit = True  # as vLLM, the waiting queue is tried again at the next step, not this one
-        new_joiners = self._take_joiners(t, n_done)
+        new_joiners = self._take_joiners(t, n_done) if self.joiners else None
         running = self.running
         bsz = self.batch_size
         budget = self.max_batched_tokens - bsz
         k = running[0][0] - n_done if bsz else _INF_STEPS
-        if bsz and k > 1:
-            room = self.total_blocks - self.used_blocks - g1
-            if -(-(k - 1) // self.block_tokens) * bsz > room:  # the pool may run out within the segment
-                k = min(k, 1 + max(self._steps_fitting(n_done + 1, room), 0))
+        if bsz and k > 1 and (self._ctx_base + bsz * (n_done + k)) // blk + bsz > free:
+            k = max(self._steps_fitting(k), 1)  # step n_done + 1 fits (after any preemption)
         n_tok = bsz
         if budget > 0 and self.prefilling:
             chunks, c_tok, sq, cross, k, budget = self._pick_chunks(t, budget, k)
@@ -392,7 +393,6 @@ class DecodeNode:
         self._seg_k = k
         self._seg_a = a
         self._seg_b = b
-        self._seg_g1 = g1
         self._seg_full = budget <= 0
         self._seg_join = len(new_joiners) if new_joiners else 0
         self._seg_chunks = chunks
@@ -426,14 +426,6 @@ class DecodeNode:
                 break
         return chunks, n_tok, sq, cross, k, budget
 
-    def _grow(self, t: float, k: int) -> None:
-        """Account the blocks the running decodes took over the ``k`` steps of the segment that just ended."""
-        g = self._seg_g1 + self._growth(self.steps_done + 1, k - 1) if self.batch_size else 0
-        if g:
-            # the blocks arrive step by step: half of them count over the segment (trapezoid)
-            self._usage_area -= 0.5 * g * (t - self._seg_t0)
-            self._alloc(g, t)
-
     def _end_segment(self, t: float, version: object) -> None:
         if version != self._version:
             return  # the segment was cut short; a newer event ends it
@@ -447,9 +439,16 @@ class DecodeNode:
         self.log_join.append(self._seg_join)
         self.busy_s += t - self._seg_t0
         self.last_step_s = self._seg_a + self._seg_b * (k - 1)
-        self._grow(t, k)
         n = self.steps_done = n0 + k
-        freed = self._finish_chunks(t, k, n)
+        # usage: trapezoid time integral (running decodes' blocks to within half a block each), exact peak
+        bsz = self.batch_size
+        u = self.static_blocks + (self._ctx_base + bsz * n) / self.block_tokens + 0.5 * bsz if bsz else \
+            float(self.static_blocks)
+        self._usage_area += 0.5 * (self._usage_last + u) * (t - self._usage_t)
+        self._usage_t, self._usage_last = t, u
+        if u + 0.5 * bsz > self.peak_blocks:
+            self._note_peak()
+        freed = self._finish_chunks(t, k, n) if self._seg_chunks else False
         running = self.running
         blk = self.block_tokens
         while running and running[0][0] == n:
@@ -457,7 +456,7 @@ class DecodeNode:
             self.batch_size -= 1
             self._ctx_base -= r.ctx_offset
             self._phase[r.ctx_offset % blk] -= 1
-            self._finish(r, t, self._blocks_at(r.ctx_offset, n))
+            self._finish(r, t)
             freed = True
         if self._on_segment_end is not None:
             self._on_segment_end(t, k)
@@ -486,8 +485,9 @@ class DecodeNode:
                     r.t_first_token = t
                 r.first_step = n
                 r.last_step = n + r.output_tokens - r.generated - 1
+                self.static_blocks -= r.kv_blocks  # a finished prompt: its blocks are a running decode's now
                 if r.last_step == n:
-                    self._finish(r, t, r.kv_blocks)
+                    self._finish(r, t)
                     freed = True
                 else:
                     r.ctx_offset = r.input_tokens + r.generated - n  # context read at step k: L + g + (k - n)
@@ -497,9 +497,8 @@ class DecodeNode:
                     heappush(self.running, (r.last_step, r.rid, r))
         return freed
 
-    def _finish(self, r: Request, t: float, blocks: int) -> None:
+    def _finish(self, r: Request, t: float) -> None:
         r.t_finish = t
-        self._alloc(-blocks, t)
         self.admitted -= 1
         self._on_finished(r, t)
 

@@ -84,12 +84,19 @@ class Network:
         self._version += 1
         if not flows:
             return
-        if len(flows) == 1:
+        if len(flows) == 1:  # the common case: one transfer at the smallest of its caps
             f = flows[0]
-            f.rate = min(self.egress_bps[f.src], self.ingress_bps[f.dst], self.flow_cap_bps)
+            rate = self.flow_cap_bps
+            if self.egress_bps[f.src] < rate:
+                rate = self.egress_bps[f.src]
+            if self.ingress_bps[f.dst] < rate:
+                rate = self.ingress_bps[f.dst]
+            f.rate = rate
+            rem = f.remaining
+            t_next = t + (rem if rem > 0.0 else 0.0) / rate
         else:
             self._max_min_rates()
-        t_next = min(t + max(f.remaining, 0.0) / f.rate for f in flows)
+            t_next = min(t + max(f.remaining, 0.0) / f.rate for f in flows)
         self._schedule(t_next, self._on_event, self._version)
 
     def _max_min_rates(self) -> None:
