@@ -46,7 +46,7 @@ def test_conclusions_name_the_conditions_where_a_statement_fails():
 
 def test_sensitivity_command_writes_report_json_and_plots(tmp_path):
     r = _cli("sensitivity", "--out", str(tmp_path), "--rates", "3.21", "--train-seeds", "100", "--eval-seeds", "0",
-             "--window", "60", "--workers", "1", "--no-progress")
+             "--window", "150", "--workers", "1", "--no-progress")
     assert r.returncode == 0, r.stderr
     doc = json.loads((tmp_path / "sensitivity.json").read_text())
     assert [c["label"] for c in doc["conditions"]] == [lab for lab, _ in conditions()]
