@@ -176,3 +176,24 @@ def test_max_num_seqs_limits_admission():
     assert r0.t_admit == 0.0 and r1.t_admit == pytest.approx(0.001)
     assert r2.t_admit == pytest.approx(r0.t_finish)
     assert r2.t_finish > r0.t_finish
+
+
+def test_per_request_p95_tbt_counts_every_run_and_preemption_gap():
+    wl = make_workload("azure_conv", rate=8.0, num_requests=300, seed=2)
+    sim = _sim(wl, kv_tokens=20_000)
+    res = sim.run(make_policy("round_robin"))
+    p95 = res.tbt_p95_per_request()
+    pre = [r for r in sim.requests if r.preemptions and r.output_tokens > 20]
+    assert pre
+    for r in pre[:5]:
+        # independently: each step's duration from the node's segment log, step by step
+        node = sim.decode[r.d_node]
+        dur = {}
+        for n0, k, a, b in zip(node.log_n0, node.log_k, node.log_a, node.log_b):
+            for j in range(k):
+                dur[n0 + j + 1] = a + b * j
+        samples = [dur[m] for first, last in list(r.tbt_runs) + [(r.first_step, r.last_step)]
+                   for m in range(first + 1, last + 1)] + list(r.stalls)
+        assert len(samples) == r.output_tokens - 1
+        x = sorted(samples)
+        assert p95[r.rid] == pytest.approx(x[int(np.ceil(0.95 * len(x))) - 1], rel=1e-12)
