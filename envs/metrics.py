@@ -40,7 +40,7 @@ COMPONENTS = PREFILL_PATH + DEFLECT_PATH
 COMPONENT_LABELS = {
     "p_queue": "prefill queue wait",
     "prefill_exec": "prefill execution",
-    "handoff_wait": "hand-off wait (decode admission + NIC queue)",
+    "handoff_wait": "hand-off wait (dispatch, decode admission, read alignment, NIC queue)",
     "transfer": "KV transfer",
     "decode_wait": "decode-side wait to first step",
     "first_step": "first decode step",
