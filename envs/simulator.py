@@ -246,29 +246,28 @@ class ClusterSim:
         return best
 
     def _admitted(self, req: Request, t: float) -> None:
-        """Blocks allocated: the read is issued at the decode engine's next step boundary (or at once)."""
-        if self._read_at_step:
-            tb = self.decode[req.d_node].next_boundary(t)
-            if tb > t:
-                self.schedule(tb, self._read, req)
-                return
-        self._read(t, req)
+        """Blocks allocated: the read is issued at the decode engine's next step boundary (or at once); after
+        its set-up (posting the read) the bytes move. One event covers both waits."""
+        tb = self.decode[req.d_node].next_boundary(t) if self._read_at_step else t
+        req.t_read = tb
+        ts = tb + self._xfer_overhead
+        if ts > t:
+            self.schedule(ts, self._read, req)
+        else:
+            self._read(t, req)
 
     def _read(self, t: float, req: Request) -> None:
-        req.t_read = t
+        """Set-up done: the bytes start moving (the NIC is not busy during the set-up)."""
         nbytes = req.input_tokens * self._kv_bytes
         req.xfer_ideal_s = self._xfer_overhead + nbytes / self._bw
         self.network.start(req, req.p_node, req.d_node, nbytes, t)
 
     def _transferred(self, flow: Flow, t: float) -> None:
+        """The last byte is in: P frees the blocks; the decode node sees it at its next step boundary."""
         req = flow.req
         self.prefill[req.p_node].release(req, t)
-        req.t_xfer_end = t + self._xfer_overhead
-        node = self.decode[req.d_node]
-        if self._xfer_overhead > 0.0:
-            self.schedule(req.t_xfer_end, node.join_event, req)
-        else:
-            node.join(req, t)
+        req.t_xfer_end = t
+        self.decode[req.d_node].join(req, t)
 
     def _finished(self, req: Request, t: float) -> None:
         self.finished += 1

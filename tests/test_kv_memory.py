@@ -160,7 +160,9 @@ def test_prefill_node_holds_kv_until_pulled():
     (r,) = sim.requests
     (t_rel, used_before), = held
     assert used_before == 1008  # 63 blocks of 16
-    assert t_rel == pytest.approx(r.t_xfer_end - sim._xfer_overhead)  # freed when the bytes are read
+    # freed when the read's last byte is in: set-up (posting the read) first, then the bytes
+    assert t_rel == pytest.approx(r.t_xfer_end)
+    assert t_rel == pytest.approx(r.t_read + 6.7e-3 + 1000 * sim._kv_bytes / 7.5e9)
     assert t_rel > r.t_p_end + sim.handoff.dispatch_s
     assert p.kv_used_tokens == 0
 
