@@ -5,7 +5,7 @@ bound its rate: the per-transfer rate ``flow_cap_bps`` (what one read achieves a
 one queue pair) and each NIC's link capacity (``egress_bps``/``ingress_bps``), which the concurrent flows
 of that NIC share. Whenever a flow starts or ends the rates are recomputed by progressive filling (max-min
 fair share, a flow's own cap acting as a private link), and the next completion is scheduled. The
-per-transfer set-up is a fixed delay the simulator adds after the bytes arrive; it does not occupy the NIC.
+per-transfer set-up is a fixed delay the simulator adds before a flow starts; it does not occupy the NIC.
 """
 
 from __future__ import annotations
