@@ -249,6 +249,41 @@ def _check_row(m: Measurement) -> str | None:
     return None
 
 
+def _check_header(path: Path, fieldnames: Sequence[str] | None) -> list[str]:
+    """The measurement CSV's stripped header, or a ValueError naming a missing or unknown column."""
+    header = [h.strip() for h in (fieldnames or [])]
+    if not header:
+        raise ValueError(f"{path}: empty file; expected a header with columns {', '.join(REQUIRED_COLUMNS)}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ValueError(
+            f"{path}:1: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)} (source optional)"
+        )
+    unknown = [c for c in header if c not in COLUMNS]
+    if unknown:
+        raise ValueError(f"{path}:1: unknown column(s) {', '.join(unknown)}; expected {', '.join(COLUMNS)}")
+    return header
+
+
+def _numeric_cell(where: str, col: str, cell: str) -> float:
+    """One numeric cell of a measurement row (empty is 0, except ``seconds``), or a ValueError naming it."""
+    if not cell:
+        if col == "seconds":
+            raise ValueError(f"{where}: seconds is empty; every row needs its measured time")
+        return 0.0
+    try:
+        v = float(cell)
+    except ValueError:
+        raise ValueError(f"{where}: column {col} is not a number: {cell!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{where}: column {col} is not finite: {cell!r}")
+    if col == "seconds" and v <= 0:
+        raise ValueError(f"{where}: seconds must be > 0, got {cell}")
+    if v < 0:
+        raise ValueError(f"{where}: column {col} must be >= 0, got {cell}")
+    return v
+
+
 def read_measurements(path: str | Path) -> list[Measurement]:
     """Read and validate a measurement CSV (format in the module docstring).
 
@@ -261,18 +296,7 @@ def read_measurements(path: str | Path) -> list[Measurement]:
     rows: list[Measurement] = []
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        if not header:
-            raise ValueError(f"{path}: empty file; expected a header with columns {', '.join(REQUIRED_COLUMNS)}")
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise ValueError(
-                f"{path}:1: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)} (source optional)"
-            )
-        unknown = [c for c in header if c not in COLUMNS]
-        if unknown:
-            raise ValueError(f"{path}:1: unknown column(s) {', '.join(unknown)}; expected {', '.join(COLUMNS)}")
-        reader.fieldnames = header
+        reader.fieldnames = _check_header(path, reader.fieldnames)
         for raw in reader:
             line = reader.line_num
             where = f"{path}:{line}"
@@ -283,25 +307,7 @@ def read_measurements(path: str | Path) -> list[Measurement]:
             kind = (raw["kind"] or "").strip()
             if kind not in KINDS:
                 raise ValueError(f"{where}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-            values: dict[str, float] = {}
-            for col in NUMERIC_COLUMNS:
-                cell = (raw[col] or "").strip()
-                if not cell:
-                    if col == "seconds":
-                        raise ValueError(f"{where}: seconds is empty; every row needs its measured time")
-                    values[col] = 0.0
-                    continue
-                try:
-                    v = float(cell)
-                except ValueError:
-                    raise ValueError(f"{where}: column {col} is not a number: {cell!r}") from None
-                if not math.isfinite(v):
-                    raise ValueError(f"{where}: column {col} is not finite: {cell!r}")
-                if col == "seconds" and v <= 0:
-                    raise ValueError(f"{where}: seconds must be > 0, got {cell}")
-                if v < 0:
-                    raise ValueError(f"{where}: column {col} must be >= 0, got {cell}")
-                values[col] = v
+            values = {col: _numeric_cell(where, col, (raw[col] or "").strip()) for col in NUMERIC_COLUMNS}
             m = Measurement(kind=kind, source=(raw.get("source") or "").strip(), origin=where, **values)
             problem = _check_row(m)
             if problem:

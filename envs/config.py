@@ -135,6 +135,9 @@ class ClusterConfig:
     ttft_slo_s: float = cli_field(1.0, "time-to-first-token SLO", unit="seconds", aliases=("--ttft-slo",))
     tbt_slo_s: float = cli_field(0.1, "SLO on a request's P95 time between tokens", unit="seconds",
                                  aliases=("--tbt-slo",))
+    handoff: str = cli_field(
+        "vllm-nixl", "KV hand-off transport preset: vllm-nixl, rdma or tcp, optionally with terms, e.g. "
+        "vllm-nixl:dispatch_s=0.2 (envs/handoff.py, docs/fidelity.md)")
 
     def __post_init__(self) -> None:
         for name in ("num_prefill", "num_decode"):
@@ -158,6 +161,9 @@ class ClusterConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"{name} must be a number > 0 (seconds), got {v!r}")
+        from deflectlab.envs.handoff import parse_handoff
+
+        parse_handoff(self.handoff)  # names a bad preset or term
 
     @property
     def shape(self) -> str:

@@ -10,8 +10,17 @@ mid-segment (a finished KV transfer, a deflected prompt) cuts the segment at the
 and joins at that boundary. Step times of each segment are logged as ``(first step, a, b, K)`` so
 :mod:`envs.metrics` can recover every request's time-between-tokens samples exactly afterwards.
 
-KV memory: admission reserves a request's prompt plus output blocks (no preemption is modelled); requests
-wait FCFS for room, as do KV pulls (a prefill-path request's blocks are reserved before its transfer starts).
+KV memory, as vLLM V1 manages it and without knowing any output length: admission allocates the prompt's
+blocks only (``kv_block_tokens`` per block); requests wait FCFS for blocks and for ``max_num_seqs``, as do KV
+pulls (a prefill-path request's blocks are allocated before its read is issued). A running decode takes a new
+block in the step whose token no longer fits its last one. Block use is closed-form too: a running decode
+whose KV holds ``o + m`` tokens after step ``m`` holds ``ceil((o + m) / blk)`` blocks, so with the sum of the
+``o`` (the context base the step time needs anyway) and a histogram of ``o % blk`` the running decodes' blocks
+at any step are an O(blk) sum, and an O(1) bound (``floor`` sum plus one block each) settles most checks. A
+segment is cut before the first step the pool cannot serve. At that step the newest running decodes are
+preempted (V1's default, recompute): their blocks are freed, they go back to the head of the admission
+queue, and once re-admitted they recompute prompt plus generated tokens as a chunked prefill and continue.
+``preemptions`` counts them.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import math
 from array import array
 from collections import deque
 from collections.abc import Callable
-from heapq import heappop, heappush
+from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -60,6 +69,17 @@ class DecodeNode:
         self.max_batched_tokens = max_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.kv_capacity_tokens = profile.kv_capacity_tokens
+        self.block_tokens = profile.kv_block_tokens
+        self.total_blocks = profile.kv_capacity_tokens // profile.kv_block_tokens
+        # Allocated blocks = static_blocks (admitted, not running: pulling, waiting to join, prefilling) plus the
+        # running decodes' blocks, derived from their context offsets (see _running_blocks).
+        self.static_blocks = 0
+        self._phase = [0] * self.block_tokens  # running decodes by ctx_offset % block_tokens
+        self.preemptions = 0
+        self.peak_blocks = 0
+        self._usage_area = 0.0  # integral of used blocks over time, block-seconds (for the mean usage)
+        self._usage_t = 0.0
+        self._usage_last = 0.0
         self._schedule = schedule
         self._on_admitted = on_admitted
         self._on_finished = on_finished
@@ -75,7 +95,6 @@ class DecodeNode:
         self.prefill_waiting_tokens = 0
         self.joiners: list[Request] = []  # KV arrived, waiting for the next step boundary
         self.admit_queue: deque[Request] = deque()
-        self.kv_reserved_tokens = 0
         self.admitted = 0
         self.inbound_handoffs = 0  # prefill-path requests bound here, not yet in the batch
 
@@ -85,6 +104,7 @@ class DecodeNode:
         self._seg_k = 0
         self._seg_a = 0.0
         self._seg_b = 0.0
+        self._retry_admit = False  # a preemption happened: try the admission queue at the next boundary
         self._seg_full = False  # the segment's steps use the whole token budget
         self._seg_chunks: list[tuple[Request, int]] = []
         self._version = 0
@@ -101,12 +121,34 @@ class DecodeNode:
         self._seg_join = 0
 
     # -- admission -------------------------------------------------------------------------------------------
-    def _reservation(self, req: Request) -> int:
-        blk = self.profile.kv_block_tokens
-        return -(-(req.input_tokens + req.output_tokens) // blk) * blk
+    @property
+    def kv_reserved_tokens(self) -> int:
+        """Allocated KV, tokens (whole blocks), as of the last step boundary."""
+        return self.used_blocks * self.block_tokens
+
+    @property
+    def used_blocks(self) -> int:
+        """Allocated blocks as of the last step boundary (before the next step's new blocks)."""
+        return self.static_blocks + self._running_blocks(self.steps_done)
+
+    def _running_blocks(self, m: int) -> int:
+        """Blocks the running decodes hold for step ``m``: sum of ``ceil((o + m) / blk)``, exactly."""
+        if not self.batch_size:
+            return 0
+        blk = self.block_tokens
+        pad = 0
+        for p, c in enumerate(self._phase):
+            if c:
+                pad += c * ((-p - m) % blk)
+        return (self._ctx_base + self.batch_size * m + pad) // blk
+
+    def _running_blocks_max(self, m: int) -> int:
+        """An upper bound of :meth:`_running_blocks` in O(1)."""
+        return (self._ctx_base + self.batch_size * m) // self.block_tokens + self.batch_size if self.batch_size else 0
 
     def fits_ever(self, req: Request) -> bool:
-        return self._reservation(req) <= self.kv_capacity_tokens
+        """The prompt's blocks fit in an empty pool (nothing about the output is known)."""
+        return -(-req.input_tokens // self.block_tokens) <= self.total_blocks
 
     def submit(self, req: Request, t: float) -> None:
         """Queue ``req`` for admission: a deflected prompt, or a prefill-path request wanting to pull its KV."""
@@ -117,26 +159,58 @@ class DecodeNode:
 
     def try_admit(self, t: float) -> None:
         q = self.admit_queue
-        poked = False
+        poked = tight = False
+        bsz = self.batch_size
+        seg = self.active and not self._starting and bsz
+        # the most the running decodes hold before this segment ends: admitting within it needs no cut
+        if seg:
+            run_max = (self._ctx_base + bsz * (self.steps_done + self._seg_k)) // self.block_tokens + bsz
+        else:
+            run_max = self._running_blocks(self.steps_done)
         while q:
             req = q[0]
-            need = req.kv_reserved
-            if not need:
-                need = req.kv_reserved = self._reservation(req)
-            if self.kv_reserved_tokens + need > self.kv_capacity_tokens or self.admitted >= self.max_num_seqs:
+            need = -(-(req.input_tokens + req.generated) // self.block_tokens)
+            if self.static_blocks + run_max + need > self.total_blocks and not tight:
+                tight = True
+                run_max = self.kv_used_blocks(t) - self.static_blocks  # exact: the step in progress's blocks
+            if self.static_blocks + run_max + need > self.total_blocks or self.admitted >= self.max_num_seqs:
+                if need > self.total_blocks:  # a preempted request that can never fit again
+                    q.popleft()
+                    req.reject_reason = f"KV capacity exceeded: {req.input_tokens + req.generated} tokens"
+                    continue
                 break
             q.popleft()
-            self.kv_reserved_tokens += need
+            self.static_blocks += need  # usage is noted at the next step boundary (nothing frees before it)
+            req.kv_blocks = need
             self.admitted += 1
-            req.t_admit = t
-            if req.deflected:
+            if req.t_admit < 0.0:
+                req.t_admit = t
+            if req.deflected or req.preemptions:
+                req.d_remaining = req.input_tokens + req.generated - req.d_done
                 self.prefilling.append(req)
                 self.prefill_waiting_tokens += req.d_remaining
                 poked = True
             else:
                 self._on_admitted(req, t)
+        if tight and seg:
+            k = self._steps_fitting(self._seg_k)
+            if k < self._seg_k:  # end the segment before the first step the pool cannot serve
+                a, b = self._seg_a, self._seg_b
+                self._seg_k = k
+                self._version += 1
+                self._schedule(self._seg_t0 + k * a + 0.5 * b * k * (k - 1), self._end_segment, self._version)
         if poked:
             self._poke(t, prefill_only=True)
+
+    def _note_peak(self) -> None:
+        used = self.static_blocks + self._running_blocks(self.steps_done)
+        if used > self.peak_blocks:
+            self.peak_blocks = used
+
+    def usage_mean(self, t_end: float) -> float:
+        """Time-mean of allocated blocks / total blocks over ``[0, t_end]`` (vLLM's ``kv_cache_usage_perc``)."""
+        area = self._usage_area + self._usage_last * max(t_end - self._usage_t, 0.0)
+        return area / t_end / self.total_blocks if t_end > 0 and self.total_blocks else 0.0
 
     def join(self, req: Request, t: float) -> None:
         """``req``'s KV has arrived: it joins the batch at the next step boundary."""
@@ -149,6 +223,31 @@ class DecodeNode:
         self._poke(t, prefill_only=False)
 
     # -- segments --------------------------------------------------------------------------------------------
+    def _steps_by(self, t: float) -> int:
+        """Steps of the running segment fully done by ``t``: largest j with j*a + b*j*(j-1)/2 <= elapsed."""
+        a, b = self._seg_a, self._seg_b
+        elapsed = t - self._seg_t0
+        if b > 0.0:
+            h = a - 0.5 * b
+            j = int((-h + math.sqrt(h * h + 2.0 * b * elapsed)) / b)
+        else:
+            j = int(elapsed / a)
+        while j > 0 and j * a + 0.5 * b * j * (j - 1) > elapsed:
+            j -= 1
+        while (j + 1) * a + 0.5 * b * (j + 1) * j <= elapsed:
+            j += 1
+        return j
+
+    def next_boundary(self, t: float) -> float:
+        """When the engine step in progress at ``t`` ends (``t`` itself when the node is idle)."""
+        if not self.active or self._starting:
+            return t
+        j = self._steps_by(t)
+        if j >= self._seg_k:
+            return t
+        a, b = self._seg_a, self._seg_b
+        return self._seg_t0 + (j + 1) * a + 0.5 * b * (j + 1) * j
+
     def _poke(self, t: float, prefill_only: bool) -> None:
         """New work: start if idle, else cut the running segment at the end of the step in progress.
 
@@ -166,18 +265,7 @@ class DecodeNode:
         if prefill_only and self._seg_full:
             return  # no budget left for another chunk until the batch changes anyway
         a, b, k = self._seg_a, self._seg_b, self._seg_k
-        elapsed = t - self._seg_t0
-        # steps fully done by t: largest j with j*a + b*j*(j-1)/2 <= elapsed
-        if b > 0.0:
-            h = a - 0.5 * b
-            j = int((-h + math.sqrt(h * h + 2.0 * b * elapsed)) / b)
-        else:
-            j = int(elapsed / a)
-        while j > 0 and j * a + 0.5 * b * j * (j - 1) > elapsed:
-            j -= 1
-        while (j + 1) * a + 0.5 * b * (j + 1) * j <= elapsed:
-            j += 1
-        new_k = j + 1
+        new_k = self._steps_by(t) + 1
         if new_k < k:
             self._seg_k = new_k
             self._version += 1
@@ -188,56 +276,110 @@ class DecodeNode:
         if version == self._version:
             self._start_segment(t)
 
+    # -- block use (closed form) -----------------------------------------------------------------------------
+    def _steps_fitting(self, k: int) -> int:
+        """The most steps (<= ``k``) of the running segment whose blocks fit in the pool: the running decodes'
+        blocks grow with the step, so a bisection over the exact count."""
+        n0, free = self.steps_done, self.total_blocks - self.static_blocks
+        if self._running_blocks_max(n0 + k) <= free:
+            return k
+        lo, hi = 0, k  # blocks for step n0 + lo fit, for n0 + hi not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._running_blocks(n0 + mid) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def kv_used_blocks(self, t: float) -> int:
+        """Allocated blocks at ``t``: the step in progress has its blocks already."""
+        if not self.active or self._starting or not self.batch_size:
+            return self.used_blocks
+        j = min(self._steps_by(t), self._seg_k - 1)
+        return self.static_blocks + self._running_blocks(self.steps_done + j + 1)
+
+    def _preempt(self, t: float) -> None:
+        """Preempt the newest running decodes (vLLM V1, recompute) until their blocks for the next step fit."""
+        n0, blk = self.steps_done, self.block_tokens
+        free = self.total_blocks - self.static_blocks
+        while self.running and self._running_blocks(n0 + 1) > free:
+            r = max(self.running, key=lambda e: (e[2].first_step, e[2].rid))[2]
+            self.running = [e for e in self.running if e[2] is not r]
+            heapify(self.running)
+            o = r.ctx_offset
+            self.batch_size -= 1
+            self._ctx_base -= o
+            self._phase[o % blk] -= 1
+            self.admitted -= 1
+            self.preemptions += 1
+            r.preemptions += 1
+            if r.tbt_runs is None:
+                r.tbt_runs, r.stalls = [], []
+            r.tbt_runs.append((r.first_step, n0))
+            r.generated += n0 - r.first_step + 1
+            r.t_preempt = t
+            r.d_done = 0
+            r.d_remaining = r.input_tokens + r.generated
+            r.kv_blocks = 0
+            self.admit_queue.appendleft(r)
+
+    def _take_joiners(self, t: float, n_done: int) -> list[Request]:
+        blk, ph, running = self.block_tokens, self._phase, self.running
+        for r in self.joiners:
+            if r.kv_blocks:
+                self.static_blocks -= r.kv_blocks  # now counted among the running decodes' blocks
+            else:  # joined without admission (tests, emulator): its blocks are allocated now
+                self.admitted += 1
+            r.t_join = t
+            r.first_step = n_done + 1
+            r.last_step = n_done + r.output_tokens
+            # context read at step k: L + (k - first_step)
+            r.ctx_offset = r.input_tokens - n_done - 1
+            self._ctx_base += r.ctx_offset
+            ph[r.ctx_offset % blk] += 1
+            heappush(running, (r.last_step, r.rid, r))
+        self.batch_size += len(self.joiners)
+        self.inbound_handoffs -= len(self.joiners)
+        new_joiners = self.joiners
+        self.joiners = []
+        return new_joiners
+
     def _start_segment(self, t: float) -> None:
         self._starting = False
         n_done = self.steps_done
+        bsz = self.batch_size
+        free = self.total_blocks - self.static_blocks
+        blk = self.block_tokens
+        # O(1) bound first (floor sum plus one block per decode), the exact O(blk) count only when it is close
+        preempted = (bsz and (self._ctx_base + bsz * (n_done + 1)) // blk + bsz > free
+                     and self._running_blocks(n_done + 1) > free)
+        if preempted:
+            self._preempt(t)
+            self._retry_admit = True  # as vLLM, the waiting queue is tried again at the next step, not this one
+        new_joiners = self._take_joiners(t, n_done) if self.joiners else None
         running = self.running
-        if self.joiners:
-            for r in self.joiners:
-                r.t_join = t
-                r.first_step = n_done + 1
-                r.last_step = n_done + r.output_tokens
-                # context read at step k: L + (k - first_step)
-                r.ctx_offset = r.input_tokens - n_done - 1
-                self._ctx_base += r.ctx_offset
-                heappush(running, (r.last_step, r.rid, r))
-            self.batch_size += len(self.joiners)
-            self.inbound_handoffs -= len(self.joiners)
-            new_joiners = self.joiners
-            self.joiners = []
-        else:
-            new_joiners = None
         bsz = self.batch_size
         budget = self.max_batched_tokens - bsz
         k = running[0][0] - n_done if bsz else _INF_STEPS
-        chunks: list[tuple[Request, int]] = []
+        if bsz and k > 1 and (self._ctx_base + bsz * (n_done + k)) // blk + bsz > free:
+            k = max(self._steps_fitting(k), 1)  # step n_done + 1 fits (after any preemption)
         n_tok = bsz
-        sq = cross = 0
         if budget > 0 and self.prefilling:
-            for r in self.prefilling:
-                c = r.d_remaining
-                if c > budget:
-                    c = budget
-                cap = r.chunk_cap
-                if cap and c > cap:
-                    c = cap
-                if r.t_d_start < 0.0:
-                    r.t_d_start = t
-                chunks.append((r, c))
-                n_tok += c
-                sq += c * c
-                cross += c * r.d_done
-                steps = r.d_remaining // c  # full chunks of this size; a remainder changes the step
-                if steps < k:
-                    k = steps
-                budget -= c
-                if budget <= 0:
-                    break
+            chunks, c_tok, sq, cross, k, budget = self._pick_chunks(t, budget, k)
+            n_tok += c_tok
+        else:
+            chunks, sq, cross = [], 0, 0
         if k > self.max_segment_steps:
             k = self.max_segment_steps
+        if preempted:
+            k = 1
         if n_tok == 0:
             self.active = False
             self.last_step_s = 0.0
+            if self._retry_admit and self.admit_queue:
+                self._retry_admit = False
+                self.try_admit(t)
             return
         prof = self.profile
         a = prof.step_s(n_tok, bsz, self._ctx_base + bsz * (n_done + 1), sq, cross)
@@ -258,6 +400,32 @@ class DecodeNode:
         self._version += 1
         self._schedule(t + k * a + 0.5 * b * k * (k - 1), self._end_segment, self._version)
 
+    def _pick_chunks(self, t: float, budget: int, k: int):
+        """Deflected prompts' chunks for the next step, FCFS in ``budget`` tokens, each under its cap; the
+        segment ends (``k``) where a chunk size would change."""
+        chunks: list[tuple[Request, int]] = []
+        n_tok = sq = cross = 0
+        for r in self.prefilling:
+            c = r.d_remaining
+            if c > budget:
+                c = budget
+            cap = r.chunk_cap
+            if cap and c > cap:
+                c = cap
+            if r.t_d_start < 0.0:
+                r.t_d_start = t
+            chunks.append((r, c))
+            n_tok += c
+            sq += c * c
+            cross += c * r.d_done
+            steps = r.d_remaining // c  # full chunks of this size; a remainder changes the step
+            if steps < k:
+                k = steps
+            budget -= c
+            if budget <= 0:
+                break
+        return chunks, n_tok, sq, cross, k, budget
+
     def _end_segment(self, t: float, version: object) -> None:
         if version != self._version:
             return  # the segment was cut short; a newer event ends it
@@ -272,7 +440,37 @@ class DecodeNode:
         self.busy_s += t - self._seg_t0
         self.last_step_s = self._seg_a + self._seg_b * (k - 1)
         n = self.steps_done = n0 + k
+        # usage: trapezoid time integral (running decodes' blocks to within half a block each), exact peak
+        bsz = self.batch_size
+        u = self.static_blocks + (self._ctx_base + bsz * n) / self.block_tokens + 0.5 * bsz if bsz else \
+            float(self.static_blocks)
+        self._usage_area += 0.5 * (self._usage_last + u) * (t - self._usage_t)
+        self._usage_t, self._usage_last = t, u
+        if u + 0.5 * bsz > self.peak_blocks:
+            self._note_peak()
+        freed = self._finish_chunks(t, k, n) if self._seg_chunks else False
         running = self.running
+        blk = self.block_tokens
+        while running and running[0][0] == n:
+            r = heappop(running)[2]
+            self.batch_size -= 1
+            self._ctx_base -= r.ctx_offset
+            self._phase[r.ctx_offset % blk] -= 1
+            self._finish(r, t)
+            freed = True
+        if self._on_segment_end is not None:
+            self._on_segment_end(t, k)
+        retry, self._retry_admit = self._retry_admit, False
+        if (freed or retry) and self.admit_queue:
+            self.active = False  # admission may poke; the segment below starts once
+            self.try_admit(t)
+            if self.active:
+                return
+        self._start_segment(t)
+
+    def _finish_chunks(self, t: float, k: int, n: int) -> bool:
+        """Advance the segment's prefill chunks by ``k`` steps; a finished prompt produces its next token at
+        step ``n`` and joins the running decodes (or finishes). Returns whether blocks were freed."""
         freed = False
         for r, c in self._seg_chunks:
             adv = k * c
@@ -281,35 +479,26 @@ class DecodeNode:
             self.prefill_waiting_tokens -= adv
             if r.d_remaining == 0:
                 self.prefilling.remove(r)
-                r.t_first_token = t
+                if r.preemptions:  # a recompute: token generated + 1 comes out of this step
+                    r.stalls.append(t - r.t_preempt)
+                else:
+                    r.t_first_token = t
                 r.first_step = n
-                r.last_step = n + r.output_tokens - 1
-                if r.output_tokens == 1:
+                r.last_step = n + r.output_tokens - r.generated - 1
+                self.static_blocks -= r.kv_blocks  # a finished prompt: its blocks are a running decode's now
+                if r.last_step == n:
                     self._finish(r, t)
                     freed = True
                 else:
-                    r.ctx_offset = r.input_tokens - n  # context read at step k: L + (k - n)
+                    r.ctx_offset = r.input_tokens + r.generated - n  # context read at step k: L + g + (k - n)
                     self._ctx_base += r.ctx_offset
+                    self._phase[r.ctx_offset % self.block_tokens] += 1
                     self.batch_size += 1
-                    heappush(running, (r.last_step, r.rid, r))
-        while running and running[0][0] == n:
-            r = heappop(running)[2]
-            self.batch_size -= 1
-            self._ctx_base -= r.ctx_offset
-            self._finish(r, t)
-            freed = True
-        if self._on_segment_end is not None:
-            self._on_segment_end(t, k)
-        if freed and self.admit_queue:
-            self.active = False  # admission may poke; the segment below starts once
-            self.try_admit(t)
-            if self.active:
-                return
-        self._start_segment(t)
+                    heappush(self.running, (r.last_step, r.rid, r))
+        return freed
 
     def _finish(self, r: Request, t: float) -> None:
         r.t_finish = t
-        self.kv_reserved_tokens -= r.kv_reserved
         self.admitted -= 1
         self._on_finished(r, t)
 

@@ -1,9 +1,11 @@
-"""KV hand-off network: concurrent transfers share each node's NIC max-min fairly.
+"""KV hand-off network: concurrent transfers share each node's NIC max-min fairly, each under its own cap.
 
-Every transfer is a flow from one prefill node's egress to one decode node's ingress. Whenever a flow starts
-or ends the rates are recomputed by progressive filling (max-min fair share over both NICs), and the next
-completion is scheduled. The per-transfer overhead is a fixed delay after the bytes arrive (set-up and
-completion notification), which does not occupy the NIC.
+Every transfer is a flow from one prefill node's egress to one decode node's ingress. Two separate terms
+bound its rate: the per-transfer rate ``flow_cap_bps`` (what one read achieves alone: descriptor posting,
+one queue pair) and each NIC's link capacity (``egress_bps``/``ingress_bps``), which the concurrent flows
+of that NIC share. Whenever a flow starts or ends the rates are recomputed by progressive filling (max-min
+fair share, a flow's own cap acting as a private link), and the next completion is scheduled. The
+per-transfer set-up is a fixed delay the simulator adds before a flow starts; it does not occupy the NIC.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ class Flow:
 class Network:
     """Max-min fair sharing of P egress and D ingress bandwidth, bytes per second.
 
-    :param egress_bps: NIC bandwidth of each prefill node, bytes/s.
-    :param ingress_bps: NIC bandwidth of each decode node, bytes/s.
+    :param egress_bps: NIC link capacity of each prefill node, bytes/s.
+    :param ingress_bps: NIC link capacity of each decode node, bytes/s.
     :param schedule: ``schedule(t, fn, arg)`` of the event loop.
     :param on_done: called as ``on_done(flow, t)`` when a flow's last byte arrives.
     """
@@ -44,7 +46,10 @@ class Network:
         ingress_bps: list[float],
         schedule: Callable[[float, Callable, object], None],
         on_done: Callable[[Flow, float], None],
+        flow_cap_bps: float = float("inf"),
     ) -> None:
+        """:param flow_cap_bps: the most one transfer moves per second, bytes/s (``inf``: links only)."""
+        self.flow_cap_bps = flow_cap_bps
         self.egress_bps = egress_bps
         self.ingress_bps = ingress_bps
         self.flows: list[Flow] = []
@@ -79,19 +84,28 @@ class Network:
         self._version += 1
         if not flows:
             return
-        if len(flows) == 1:
+        if len(flows) == 1:  # the common case: one transfer at the smallest of its caps
             f = flows[0]
-            f.rate = min(self.egress_bps[f.src], self.ingress_bps[f.dst])
+            rate = self.flow_cap_bps
+            if self.egress_bps[f.src] < rate:
+                rate = self.egress_bps[f.src]
+            if self.ingress_bps[f.dst] < rate:
+                rate = self.ingress_bps[f.dst]
+            f.rate = rate
+            rem = f.remaining
+            t_next = t + (rem if rem > 0.0 else 0.0) / rate
         else:
             self._max_min_rates()
-        t_next = min(t + max(f.remaining, 0.0) / f.rate for f in flows)
+            t_next = min(t + max(f.remaining, 0.0) / f.rate for f in flows)
         self._schedule(t_next, self._on_event, self._version)
 
     def _max_min_rates(self) -> None:
         """Progressive filling: repeatedly saturate the link with the smallest fair share.
 
         Links are P egress ``0..P-1`` and D ingress ``P..P+D-1``; per-link capacity left and unfixed-flow counts
-        make each round O(links), so a burst of concurrent transfers stays cheap.
+        make each round O(links), so a burst of concurrent transfers stays cheap. Each round first fixes, at
+        the per-transfer cap, every flow whose cap is below the smallest link share: the water level reaches
+        the cap before any link fills, and fixing them only raises the other shares.
         """
         n_src = len(self.egress_bps)
         cap = self.egress_bps + self.ingress_bps  # a new list: capacity left per link
@@ -105,12 +119,18 @@ class Network:
             on_link[d].append(f)
             f.rate = -1.0  # unfixed
         left = len(self.flows)
+        flow_cap = self.flow_cap_bps
         while left:
             best, best_share = -1, float("inf")
             for link, c in enumerate(cnt):
                 if c and cap[link] / c < best_share:
                     best, best_share = link, cap[link] / c
-            for f in on_link[best]:
+            if flow_cap < best_share:  # every unfixed flow stops at its own cap first
+                fixing = [f for f in self.flows if f.rate < 0.0]
+                best_share = flow_cap
+            else:
+                fixing = on_link[best]
+            for f in fixing:
                 if f.rate < 0.0:
                     f.rate = best_share
                     left -= 1

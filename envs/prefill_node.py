@@ -40,6 +40,9 @@ class PrefillNode:
         self.waiting_tokens = 0  # prompt tokens not yet prefilled, the running step's included
         self.kv_used_tokens = 0  # allocated: prefilling, or prefilled and waiting for the pull
         self.held_handoffs = 0
+        self.peak_tokens = 0
+        self._usage_area = 0.0  # integral of allocated tokens over time, token-seconds
+        self._usage_t = 0.0
         self.busy = False
         self.busy_until_s = 0.0
         self.busy_s = 0.0  # accumulated step time, for utilisation
@@ -53,10 +56,22 @@ class PrefillNode:
 
     def release(self, req: Request, t: float) -> None:
         """The decode side has pulled ``req``'s KV: free its blocks (and unblock a stalled queue)."""
-        self.kv_used_tokens -= self.profile.blocks(req.input_tokens) * self.profile.kv_block_tokens
+        self._use(-self.profile.blocks(req.input_tokens) * self.profile.kv_block_tokens, t)
         self.held_handoffs -= 1
         if not self.busy and self.queue:
             self._start_step(t)
+
+    def _use(self, tokens: int, t: float) -> None:
+        self._usage_area += self.kv_used_tokens * (t - self._usage_t)
+        self._usage_t = t
+        self.kv_used_tokens += tokens
+        if self.kv_used_tokens > self.peak_tokens:
+            self.peak_tokens = self.kv_used_tokens
+
+    def usage_mean(self, t_end: float) -> float:
+        """Time-mean of allocated / total KV over ``[0, t_end]`` (vLLM's ``kv_cache_usage_perc``)."""
+        area = self._usage_area + self.kv_used_tokens * max(t_end - self._usage_t, 0.0)
+        return area / t_end / self.kv_capacity_tokens if t_end > 0 else 0.0
 
     def _start_step(self, t: float) -> None:
         budget = self.max_batched_tokens
@@ -68,7 +83,7 @@ class PrefillNode:
                 need = prof.blocks(r.input_tokens) * prof.kv_block_tokens
                 if self.kv_used_tokens + need > self.kv_capacity_tokens:
                     break  # FCFS: the head waits for KV room
-                self.kv_used_tokens += need
+                self._use(need, t)
                 r.t_p_start = t
             c = r.p_remaining if r.p_remaining < budget else budget
             batch.append((r, c))

@@ -9,7 +9,9 @@ class Request:
     """A request and its timeline. Times are absolute simulation seconds (``-1.0`` = not reached).
 
     Prefill path: arrival -> ``t_p_start`` (first chunk on the prefill node) -> ``t_p_end`` (prefill done, KV
-    held on P) -> ``t_admit`` (decode node reserved its blocks) -> ``t_xfer_end`` (KV arrived) -> ``t_join``
+    held on P) -> ``t_dispatch`` (P's response and the router's second hop done: the request reaches the decode
+    node) -> ``t_admit`` (decode node allocated the prompt's blocks) -> ``t_read`` (read issued, at a decode step
+    boundary) -> ``t_xfer_end`` (KV arrived, set-up included) -> ``t_join``
     (joined the decode batch at a step boundary) -> ``t_first_token`` (end of the step that recomputed the last
     prompt token) -> ``t_finish``.
     Deflect path: arrival -> ``t_admit`` -> ``t_d_start`` (first chunk inside a decode step) ->
@@ -17,16 +19,21 @@ class Request:
 
     ``first_step``/``last_step`` index the decode node's steps that produced the first and last token; the
     steps in between are this request's time-between-tokens samples (see :mod:`envs.metrics`).
+
+    Decode memory is not clairvoyant: ``output_tokens`` is the workload's truth, read by the decode node only
+    to know at which step the request stops. A preempted request (pool out of blocks, vLLM V1 recompute) keeps
+    ``generated`` tokens, recomputes prompt plus generated tokens as a chunked prefill on its decode node and
+    goes on; ``tbt_runs`` holds its token steps before each preemption and ``stalls`` each preemption's gap.
     """
 
     __slots__ = (
         "rid", "arrival_s", "input_tokens", "output_tokens",
         "deflected", "p_node", "d_node", "chunk_cap", "estimates",
         "p_remaining", "p_done", "t_p_start", "t_p_end",
-        "t_admit", "xfer_ideal_s", "t_xfer_end", "t_join",
+        "t_dispatch", "t_admit", "t_read", "xfer_ideal_s", "t_xfer_end", "t_join",
         "d_remaining", "d_done", "t_d_start",
-        "t_first_token", "t_finish", "first_step", "last_step", "ctx_offset", "kv_reserved",
-        "reject_reason",
+        "t_first_token", "t_finish", "first_step", "last_step", "ctx_offset", "kv_blocks",
+        "generated", "preemptions", "tbt_runs", "stalls", "t_preempt", "reject_reason",
     )
 
     def __init__(self, rid: int, arrival_s: float, input_tokens: int, output_tokens: int) -> None:
@@ -43,7 +50,9 @@ class Request:
         self.p_done = 0
         self.t_p_start = NOT_YET
         self.t_p_end = NOT_YET
+        self.t_dispatch = NOT_YET
         self.t_admit = NOT_YET
+        self.t_read = NOT_YET
         self.xfer_ideal_s = 0.0
         self.t_xfer_end = NOT_YET
         self.t_join = NOT_YET
@@ -55,7 +64,12 @@ class Request:
         self.first_step = -1
         self.last_step = -1
         self.ctx_offset = 0
-        self.kv_reserved = 0  # KV tokens the decode node reserved for it (prompt + output, block-rounded)
+        self.kv_blocks = 0  # KV blocks the decode node allocated at admission (prompt, + generated on resume)
+        self.generated = 0  # output tokens produced before the last preemption
+        self.preemptions = 0
+        self.tbt_runs: list[tuple[int, int]] | None = None  # (first step, last step) of each pre-emption run
+        self.stalls: list[float] | None = None  # token gap across each preemption, seconds
+        self.t_preempt = NOT_YET
         self.reject_reason: str | None = None
 
     @property

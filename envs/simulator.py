@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.decode_node import DecodeNode
+from deflectlab.envs.handoff import parse_handoff
 from deflectlab.envs.network import Flow, Network
 from deflectlab.envs.prefill_node import PrefillNode
 from deflectlab.envs.profile import LatencyModel, load_profile
@@ -91,14 +92,18 @@ class ClusterSim:
                        self._admitted, self._finished)
             for i in range(config.num_decode)
         ]
-        self.network = Network(
-            [self.prefill_profile.nic_bandwidth_Bps] * config.num_prefill,
-            [self.decode_profile.nic_bandwidth_Bps] * config.num_decode,
-            sched, self._transferred)
+        # The hand-off's transport: per-transfer set-up and rate (the preset's, else the profiles'), per-NIC
+        # link capacity shared max-min, the dispatch delay and whether reads wait for a decode step boundary.
+        ho = self.handoff = parse_handoff(config.handoff)
+        pp, dp = self.prefill_profile, self.decode_profile
+        self._bw = ho.transfer_Bps or min(pp.nic_bandwidth_Bps, dp.nic_bandwidth_Bps)
+        self._xfer_overhead = pp.kv_transfer_overhead_s if ho.setup_s is None else ho.setup_s
+        self._dispatch_s = ho.dispatch_s
+        self._read_at_step = ho.read_at_step
+        self.network = Network([ho.link_Bps] * config.num_prefill, [ho.link_Bps] * config.num_decode,
+                               sched, self._transferred, flow_cap_bps=self._bw)
         self._num_prefill, self._num_decode = len(self.prefill), len(self.decode)
-        self._xfer_overhead = self.prefill_profile.kv_transfer_overhead_s
-        self._kv_bytes = self.prefill_profile.kv_bytes_per_token
-        self._bw = min(self.prefill_profile.nic_bandwidth_Bps, self.decode_profile.nic_bandwidth_Bps)
+        self._kv_bytes = pp.kv_bytes_per_token
 
     # -- event loop ------------------------------------------------------------------------------------------
     def schedule(self, t: float, fn: Callable[[float, object], None], arg: object) -> None:
@@ -155,7 +160,7 @@ class ClusterSim:
             DecodeNodeView(
                 index=d.index, profile=d.profile, max_batched_tokens=d.max_batched_tokens,
                 max_num_seqs=d.max_num_seqs, batch_size=d.batch_size, context_tokens=d.context_tokens(),
-                kv_free_tokens=d.kv_capacity_tokens - d.kv_reserved_tokens,
+                kv_free_tokens=(d.total_blocks - d.kv_used_blocks(now)) * d.block_tokens,
                 deflected_waiting_tokens=d.prefill_waiting_tokens,
                 deflected_waiting_requests=len(d.prefilling), inbound_handoffs=d.inbound_handoffs,
                 ingress_bytes=net.bytes_remaining(now, dst=d.index) if net.flows else 0.0,
@@ -176,8 +181,8 @@ class ClusterSim:
                 raise DecisionError(f"{decision}: a deflection must name its decode node")
             node = self.decode[d]
             if not node.fits_ever(req):
-                self._reject(req, f"prompt+output {req.input_tokens + req.output_tokens} tokens exceed decode "
-                                  f"node {d}'s KV capacity {node.kv_capacity_tokens}")
+                self._reject(req, f"prompt {req.input_tokens} tokens exceeds decode node {d}'s KV capacity "
+                                  f"{node.kv_capacity_tokens}")
                 return
             req.deflected = True
             req.d_node = d
@@ -196,8 +201,7 @@ class ClusterSim:
             self._reject(req, f"prompt {req.input_tokens} tokens exceeds prefill node {p}'s KV capacity")
             return
         if not (self.decode[d].fits_ever(req) if d is not None else self._fits_all_decode(req)):
-            self._reject(req, f"prompt+output {req.input_tokens + req.output_tokens} tokens exceed a decode "
-                              "node's KV capacity")
+            self._reject(req, f"prompt {req.input_tokens} tokens exceeds a decode node's KV capacity")
             return
         req.p_node = p
         req.d_node = -1 if d is None else d
@@ -215,6 +219,15 @@ class ClusterSim:
 
     # -- hand-off --------------------------------------------------------------------------------------------
     def _prefilled(self, req: Request, t: float) -> None:
+        """Prefill done: P's response and the router's second hop take ``dispatch_s``."""
+        if self._dispatch_s > 0.0:
+            self.schedule(t + self._dispatch_s, self._dispatched, req)
+        else:
+            self._dispatched(t, req)
+
+    def _dispatched(self, t: float, req: Request) -> None:
+        """The request reaches its decode node, which allocates the prompt's blocks (or queues it)."""
+        req.t_dispatch = t
         d = req.d_node
         if d < 0:
             d = req.d_node = self._balance()
@@ -233,19 +246,28 @@ class ClusterSim:
         return best
 
     def _admitted(self, req: Request, t: float) -> None:
+        """Blocks allocated: the read is issued at the decode engine's next step boundary (or at once); after
+        its set-up (posting the read) the bytes move. One event covers both waits."""
+        tb = self.decode[req.d_node].next_boundary(t) if self._read_at_step else t
+        req.t_read = tb
+        ts = tb + self._xfer_overhead
+        if ts > t:
+            self.schedule(ts, self._read, req)
+        else:
+            self._read(t, req)
+
+    def _read(self, t: float, req: Request) -> None:
+        """Set-up done: the bytes start moving (the NIC is not busy during the set-up)."""
         nbytes = req.input_tokens * self._kv_bytes
         req.xfer_ideal_s = self._xfer_overhead + nbytes / self._bw
         self.network.start(req, req.p_node, req.d_node, nbytes, t)
 
     def _transferred(self, flow: Flow, t: float) -> None:
+        """The last byte is in: P frees the blocks; the decode node sees it at its next step boundary."""
         req = flow.req
         self.prefill[req.p_node].release(req, t)
-        req.t_xfer_end = t + self._xfer_overhead
-        node = self.decode[req.d_node]
-        if self._xfer_overhead > 0.0:
-            self.schedule(req.t_xfer_end, node.join_event, req)
-        else:
-            node.join(req, t)
+        req.t_xfer_end = t
+        self.decode[req.d_node].join(req, t)
 
     def _finished(self, req: Request, t: float) -> None:
         self.finished += 1

@@ -54,6 +54,11 @@ def run_motivation(out: Path, rates: tuple[float, ...] = DEFAULT_RATES, trace: s
             "prefill_share_of_p95_ttft": s["prefill_share_of_p95_ttft"],
             "p95_set_mean_ttft_s": s["p95_set_mean_ttft_s"],
             "breakdown_p95": s["ttft_breakdown_p95"],
+            "handoff_s": s["handoff_s"], "handoff_stages_mean": s["handoff_stages_mean"],
+            "handoff_share_of_p95_ttft": sum(s["ttft_breakdown_p95"][c] for c in
+                                             ("handoff_wait", "transfer", "decode_wait", "first_step"))
+            / s["p95_set_mean_ttft_s"],
+            "preemptions": s["preemptions"], "kv_usage_decode_peak": s["kv_usage"]["decode"]["peak"],
             "wall_s": s["wall_s"],
         })
         cdfs[f"{rate:g} req/s"] = res.records["ttft_s"]
@@ -179,16 +184,53 @@ def comparison_summary(res) -> str:
     return "\n".join(lines)
 
 
+#: The main job's sensitivity section: lighter than ``deflectlab sensitivity`` (one training window per load).
+SENSITIVITY_RATES = (1.0, 3.21, 6.42)
+
+
+def handoff_markdown(m: dict[str, Any]) -> str:
+    """How the hand-off's share of P95 TTFT changes with load (never-deflect), from the motivation rows."""
+    lines = ["## The KV hand-off by load (never deflect)", "",
+             f"Hand-off preset `{m['cluster']['handoff']}`. Hand-off = prefill end to first token of prefill-path "
+             "requests; its share of P95 TTFT = hand-off wait + KV transfer + decode wait + first step over the "
+             "P95 set's mean TTFT.", "",
+             "| load (req/s) | median hand-off (ms) | P95 hand-off (ms) | hand-off share of P95 TTFT | "
+             "dispatch / read wait / set-up + transfer / join wait / first step (mean ms) |",
+             "|---:|---:|---:|---:|---|"]
+    for r in m["rows"]:
+        st = r["handoff_stages_mean"]
+        stages = " / ".join(f"{v * 1e3:.1f}" for v in (st["dispatch"], st["read_wait"] + st["kv_admission"],
+                                                      st["setup"] + st["transfer"] + st["nic_wait"],
+                                                      st["join_wait"], st["first_step"]))
+        lines.append(f"| {r['rate']:g} | {r['handoff_s']['p50'] * 1e3:.0f} | {r['handoff_s']['p95'] * 1e3:.0f} | "
+                     f"{r['handoff_share_of_p95_ttft']:.1%} | {stages} |")
+    shares = [r["handoff_share_of_p95_ttft"] for r in m["rows"]]
+    lines += ["", f"The hand-off is {shares[0]:.1%} of P95 TTFT at {m['rows'][0]['rate']:g} req/s and "
+              f"{shares[-1]:.1%} at {m['rows'][-1]['rate']:g} req/s: it is a fixed ~"
+              f"{m['rows'][0]['handoff_s']['p50'] * 1e3:.0f} ms per request, so its share shrinks as queueing "
+              "for the prefill nodes grows with load.", ""]
+    return "\n".join(lines)
+
+
 def run_main(out: Path, rates: tuple[float, ...] = DEFAULT_RATES, compare: bool = True,
-             progress: bool = True, cluster: ClusterConfig | None = None) -> Path:
-    """The README's main job: the motivation study, then (if available) the policy comparison."""
+             progress: bool = True, cluster: ClusterConfig | None = None, sensitivity: bool = True) -> Path:
+    """The README's main job: the motivation study, the hand-off by load, the sensitivity section, then (if
+    available) the policy comparison."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    cluster = cluster or ClusterConfig()
     m = run_motivation(out / "motivation", rates=rates, progress=progress, cluster=cluster)
     (out / "motivation" / "table.json").write_text(json.dumps(m, indent=2, default=float))
-    md = ["# deflectlab main job", "",
-          "Command: `deflectlab main --out " + str(out) + "`", "", motivation_markdown(m).replace(
-              "](", "](motivation/")]
+    handoff = cluster.handoff
+    cmd = "deflectlab main --out " + str(out) + (f" --handoff {handoff}" if handoff != ClusterConfig().handoff else "")
+    md = ["# deflectlab main job", "", f"Command: `{cmd}`", "", motivation_markdown(m).replace(
+              "](", "](motivation/"), handoff_markdown(m)]
+    if sensitivity:
+        from deflectlab.experiments.sensitivity import run_sensitivity, sensitivity_markdown
+
+        doc = run_sensitivity(out / "sensitivity", rates=SENSITIVITY_RATES, train_seeds=(100,), eval_seeds=(0, 1),
+                              progress=progress)
+        md.append(sensitivity_markdown(doc, image_prefix="sensitivity/"))
     if compare:
         res = run_main_comparison(out / "comparison", progress=progress, cluster=cluster)
         md.append(comparison_summary(res))

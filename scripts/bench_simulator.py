@@ -1,9 +1,10 @@
 """Simulator speed and memory: simulated requests per wall second, events per request, peak memory.
 
-    python scripts/bench_simulator.py [--repeat 3] [--memory-requests 100000]
+    python scripts/bench_simulator.py [--repeat 3] [--memory-requests 100000] [--handoff vllm-nixl]
 
-Targets (issue "calibrated cluster simulator"): >= 50,000 simulated requests per wall second on one core for
-2P2D on the Azure conv trace, never-deflect and always-deflect; < 500 MB peak memory for 100,000 requests.
+Targets (issues "calibrated cluster simulator" and 10): >= 50,000 simulated requests per wall second on one
+core for 2P2D on the Azure conv trace at 6 req/s, never-deflect and always-deflect, with the hand-off stages;
+< 500 MB peak memory for 100,000 requests.
 For scale: Vidur runs about 390 simulated requests/s on this kind of machine, BLIS (Go) about 1,100.
 Also measures SimPy on the same M/D/1 prefill queue, the reason the hot loop is a plain heap.
 """
@@ -23,12 +24,14 @@ from deflectlab.envs.simulator import ClusterSim
 from deflectlab.envs.workloads import make_workload
 from deflectlab.policies.registry import make_policy
 
+RATE = 6.0  # requests/s
 
-def bench_policy(policy: str, repeat: int) -> dict:
-    wl = make_workload("azure_conv")
+
+def bench_policy(policy: str, repeat: int, handoff: str) -> dict:
+    wl = make_workload("azure_conv", rate=RATE)
     best = None
     for _ in range(repeat):
-        sim = ClusterSim(ClusterConfig(), wl)
+        sim = ClusterSim(ClusterConfig(handoff=handoff), wl)
         pol = make_policy(policy)
         t0 = time.perf_counter()
         while (r := sim.advance()) is not None:
@@ -44,10 +47,10 @@ def bench_policy(policy: str, repeat: int) -> dict:
     return best
 
 
-def memory_child(n: int, policy: str) -> None:
-    wl = make_workload("azure_conv", arrival="poisson", rate=5.62, num_requests=n, seed=0)
+def memory_child(n: int, policy: str, handoff: str) -> None:
+    wl = make_workload("azure_conv", arrival="poisson", rate=RATE, num_requests=n, seed=0)
     t0 = time.perf_counter()
-    res = ClusterSim(ClusterConfig(), wl).run(make_policy(policy))
+    res = ClusterSim(ClusterConfig(handoff=handoff), wl).run(make_policy(policy))
     wall = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"policy": policy, "requests": n, "completed": res.summary["completed"], "wall_s": wall,
@@ -106,23 +109,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--memory-requests", type=int, default=100_000)
-    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--handoff", default="vllm-nixl", help="KV hand-off preset (default vllm-nixl)")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        memory_child(int(a.child[0]), a.child[1])
+        memory_child(int(a.child[0]), a.child[1], a.child[2])
         return
-    print("2P2D, a100-80gb_deepseek-v2-lite, Azure conv trace (10,108 requests, native rate), one core")
+    n = len(make_workload("azure_conv", rate=RATE).arrival_s)
+    print(f"2P2D, a100-80gb_deepseek-v2-lite, Azure conv trace ({n:,} requests at {RATE:g} req/s), hand-off "
+          f"{a.handoff}, one core")
     print(f"{'policy':<16}{'loop req/s':>12}{'+metrics req/s':>16}{'metrics s':>11}{'events/req':>12}")
     for pol in ("round_robin", "always_deflect", "proactive"):
         try:
-            r = bench_policy(pol, a.repeat)
+            r = bench_policy(pol, a.repeat, a.handoff)
         except ValueError:
             continue  # policy not available
         print(f"{pol:<16}{r['loop_req_per_s']:>12,.0f}{r['end_to_end_req_per_s']:>16,.0f}{r['metrics_s']:>11.3f}"
               f"{r['events_per_request']:>12.2f}")
-    print(f"\nmemory: {a.memory_requests:,} requests (conv lengths, Poisson at 5.62 req/s), fresh process each")
+    print(f"\nmemory: {a.memory_requests:,} requests (conv lengths, Poisson at {RATE:g} req/s), fresh process each")
     for pol in ("round_robin", "always_deflect"):
-        out = subprocess.run([sys.executable, __file__, "--child", str(a.memory_requests), pol],
+        out = subprocess.run([sys.executable, __file__, "--child", str(a.memory_requests), pol, a.handoff],
                              capture_output=True, text=True, check=True).stdout
         m = json.loads(out)
         print(f"  {pol:<16} peak RSS {m['peak_rss_mb']:7.0f} MB   {m['req_per_s']:>9,.0f} req/s end to end   "

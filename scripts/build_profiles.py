@@ -45,13 +45,14 @@ H100_PEAK_FLOPS = 989e12   # NVIDIA H100 SXM datasheet, dense BF16 tensor core
 H100_HBM_BPS = 3.35e12     # NVIDIA H100 SXM datasheet
 GIB = 1024**3
 
-NIXL = ("vLLM NixlConnector, 3P1D (shared/calibration/README.md): 167 MB in 38.7 ms on average; "
-        "minus the fixed per-transfer overhead gives 167e6 / (38.7e-3 - 2e-3) = 4.55e9 B/s")
+NIXL = ("fitted: one transfer's rate (the rdma hand-off preset's; envs/handoff.py has the others): vLLM "
+        "NixlConnector, 3P1D KV-connector metrics (vLLM RFC #50913): 167 MB in 38.7 ms on average; minus the "
+        "fixed per-transfer overhead gives 167e6 / (38.7e-3 - 2e-3) = 4.55e9 B/s")
 NIXL_BPS = 167e6 / (38.7e-3 - 2e-3)
-OVERHEAD = ("upper end of the 0.5-2 ms fixed RDMA set-up cost per transfer (shared/calibration/README.md, "
-            "Azure ND A100 v4 with GPUDirect RDMA)")
-# Hand-off orchestration beyond this (decode-side block allocation, step alignment, the recompute step) is
-# modelled explicitly by the simulator, not folded into this constant.
+OVERHEAD = ("assumed: upper end of the 0.5-2 ms fixed GPUDirect RDMA set-up cost per transfer (Azure ND A100 v4, "
+            "200 Gb/s HDR InfiniBand per GPU); the rdma hand-off preset's set-up")
+# Hand-off orchestration beyond this (dispatch, decode-side block allocation, step alignment, the recompute
+# step) is modelled by the hand-off presets (envs/handoff.py) and the simulator, not folded into these terms.
 
 
 def vidur_linear_rows(path: Path, layers: int = 32) -> tuple[np.ndarray, np.ndarray]:

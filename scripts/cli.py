@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "replay a trace on a simulated xPyD cluster under one policy",
     "main": "the main job: where tail TTFT goes, and which deflection policy helps",
     "compare": "compare policies over loads and seeds on identical request streams",
+    "sensitivity": "how the conclusions move with the KV hand-off: transport presets and dispatch delay",
     "tune": "tune the threshold heuristics on training windows (fair baselines)",
     "train": "train PPO / MaskablePPO / DQN on the deflection environment",
     "evaluate": "compare policies on a config's evaluation episodes",

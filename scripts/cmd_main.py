@@ -16,12 +16,14 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     add_rates_flag(p, DEFAULT_RATES, allow_trace=False)
     add_cluster_flags(p)
     p.add_argument("--no-compare", action="store_true", help="only the never-deflect motivation study")
+    p.add_argument("--no-sensitivity", action="store_true", help="skip the hand-off sensitivity section")
     p.set_defaults(func=run)
 
 
 def run(a: argparse.Namespace) -> int:
     rates = tuple(float(r) for r in parse_rates(a.rates, allow_trace=False))  # type: ignore[arg-type]
-    report = run_main(a.out, rates=rates, compare=not a.no_compare, cluster=cluster_from_flags(a))
+    report = run_main(a.out, rates=rates, compare=not a.no_compare, cluster=cluster_from_flags(a),
+                      sensitivity=not a.no_sensitivity)
     print(report.read_text())
     print(f"wrote {report}")
     return 0

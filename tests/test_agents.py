@@ -101,7 +101,8 @@ def _slow_nic_profile(tmp: Path) -> str:
 def test_ppo_learns_the_known_optimal_policy(tmp_path):
     """With a 6 s KV hand-off and light load, deflecting every request is optimal; PPO finds it."""
     prof = _slow_nic_profile(tmp_path)
-    env = {"cluster": {"num_prefill": 1, "num_decode": 1, "prefill_profile": prof, "decode_profile": prof},
+    env = {"cluster": {"num_prefill": 1, "num_decode": 1, "prefill_profile": prof, "decode_profile": prof,
+                       "handoff": "rdma"},  # rdma: the transfer rate is the profile's (slow) NIC
            "trace": "azure_conv", "load": [0.2, 0.2], "window_s": 120, "window_start_s": [0, 1000],
            "reward": "latency"}
     cfg = tiny_config(tmp_path, algo="ppo", total_timesteps=3072, env=env,

@@ -43,7 +43,7 @@ def test_simulate_writes_records_summary_and_plots(tmp_path):
 
 
 def test_main_job_writes_its_report(tmp_path):
-    cli("main", "--out", str(tmp_path), "--rates", "2", "6", "--no-compare")
+    cli("main", "--out", str(tmp_path), "--rates", "2", "6", "--no-compare", "--no-sensitivity")
     report = (tmp_path / "report.md").read_text()
     assert "prefill exec share of P95 TTFT" in report
     assert (tmp_path / "motivation" / "ttft_breakdown_p95.png").exists()

@@ -42,7 +42,9 @@ def _sse_events(raw: bytes) -> list:
 
 
 def _sim_one(prompt: int, out: int, policy: str) -> dict:
-    cfg = ClusterConfig(num_prefill=1, num_decode=1)
+    # rdma: the emulator times the engines and the transfer with the profile's terms; the router's hop and
+    # step alignment happen for real in front of it, so the simulator must not add them here
+    cfg = ClusterConfig(num_prefill=1, num_decode=1, handoff="rdma")
     wl = Workload(np.array([0.0]), np.array([prompt]), np.array([out]))
     res = ClusterSim(cfg, wl).run(make_policy(policy))
     return {k: float(res.records[k][0]) for k in ("ttft_s", "e2e_s", "prefill_exec_s", "transfer_s")}

@@ -222,10 +222,11 @@ def test_nic_sharing_is_max_min_fair():
 
 
 def test_prefill_path_handoff_uses_profile_constants():
+    """The rdma preset takes set-up and rate from the profile, with no dispatch delay or step alignment."""
     prof = load_profile("a100-80gb_deepseek-v2-lite")
     tr = Trace(name="one", arrival_s=np.array([0.0]), input_tokens=np.array([4000]), output_tokens=np.array([3]),
                hash_ids=None, source="test")
-    sim = ClusterSim(ClusterConfig(num_prefill=1, num_decode=1), make_workload(tr))
+    sim = ClusterSim(ClusterConfig(num_prefill=1, num_decode=1, handoff="rdma"), make_workload(tr))
     res = sim.run(make_policy("round_robin"))
     r = sim.requests[0]
     assert r.t_p_end == pytest.approx(prof.prefill_s(4000))
