@@ -11,9 +11,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message names it."""
+from deflectlab.envs.parsing import ConfigError, parse_value  # noqa: F401 - re-exported for the layers above
 
 
 def check_number(
@@ -61,19 +59,6 @@ def from_mapping(cls: Any, d: Any, what: str) -> Any:
     if extra:
         raise ConfigError(f"unknown {what} key(s) {sorted(extra)}; known: {sorted(known)}")
     return cls(**d)
-
-
-def parse_value(text: str) -> Any:
-    """A value written on a command line (``key=value``): int, float (``3e-4`` too, which YAML 1.1 reads as a
-    string), ``none``/``None`` as None, else YAML (``true``, ``null``, lists, plain strings)."""
-    if text.strip().lower() == "none":
-        return None
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return yaml.safe_load(text)
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:

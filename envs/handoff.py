@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from deflectlab.envs.config import ConfigError, parse_value
+from deflectlab.envs.parsing import ConfigError, parse_value
 
 
 class HandoffError(ConfigError):

@@ -26,12 +26,30 @@ import math
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from deflectlab.envs.simulator import ClusterSim
+    from deflectlab.envs.config import ClusterConfig
+    from deflectlab.envs.decode_node import DecodeNode
+    from deflectlab.envs.prefill_node import PrefillNode
+    from deflectlab.envs.request import Request
+
+
+class ClusterSim(Protocol):
+    """What this module reads of a finished run: the attributes of :class:`deflectlab.envs.simulator.ClusterSim`
+    (a protocol, so metrics does not import the simulator that imports it)."""
+
+    config: ClusterConfig
+    workload: Any
+    requests: list[Request]
+    prefill: list[PrefillNode]
+    decode: list[DecodeNode]
+    now: float
+    events: int
+    decision_s: float
+    xfer_setup_s: float
 
 #: TTFT components, in order along each path (seconds).
 PREFILL_PATH = ("p_queue", "prefill_exec", "handoff_wait", "transfer", "decode_wait", "first_step")
@@ -571,7 +589,7 @@ def collect(sim: ClusterSim, policy_name: str = "", wall_s: float = 0.0) -> RunR
     t_end = float(max(c.t_finish.max() if n else 0.0, sim.now))
     makespan = max(t_end - t0, 1e-9)
     breakdown, tail_mean, share, means = _breakdown(ttft, done, comp)
-    handoff, stages = _handoff(c, sim._xfer_overhead)
+    handoff, stages = _handoff(c, sim.xfer_setup_s)
     summary = RunSummary(
         policy=policy_name, cluster=cfg.shape, requests=n, completed=int(done.sum()),
         rejected=int(c.rejected.sum()), unfinished=int((~done & ~c.rejected).sum()),

@@ -97,7 +97,7 @@ class ClusterSim:
         ho = self.handoff = parse_handoff(config.handoff)
         pp, dp = self.prefill_profile, self.decode_profile
         self._bw = ho.transfer_Bps or min(pp.nic_bandwidth_Bps, dp.nic_bandwidth_Bps)
-        self._xfer_overhead = pp.kv_transfer_overhead_s if ho.setup_s is None else ho.setup_s
+        self.xfer_setup_s = pp.kv_transfer_overhead_s if ho.setup_s is None else ho.setup_s
         self._dispatch_s = ho.dispatch_s
         self._read_at_step = ho.read_at_step
         self.network = Network([ho.link_Bps] * config.num_prefill, [ho.link_Bps] * config.num_decode,
@@ -250,7 +250,7 @@ class ClusterSim:
         its set-up (posting the read) the bytes move. One event covers both waits."""
         tb = self.decode[req.d_node].next_boundary(t) if self._read_at_step else t
         req.t_read = tb
-        ts = tb + self._xfer_overhead
+        ts = tb + self.xfer_setup_s
         if ts > t:
             self.schedule(ts, self._read, req)
         else:
@@ -259,7 +259,7 @@ class ClusterSim:
     def _read(self, t: float, req: Request) -> None:
         """Set-up done: the bytes start moving (the NIC is not busy during the set-up)."""
         nbytes = req.input_tokens * self._kv_bytes
-        req.xfer_ideal_s = self._xfer_overhead + nbytes / self._bw
+        req.xfer_ideal_s = self.xfer_setup_s + nbytes / self._bw
         self.network.start(req, req.p_node, req.d_node, nbytes, t)
 
     def _transferred(self, flow: Flow, t: float) -> None:

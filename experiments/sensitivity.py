@@ -98,7 +98,7 @@ def run_condition(handoff: str, rates: tuple[float, ...], train_seeds: tuple[int
                   eval_seeds: tuple[int, ...], window_s: float, workers: int | None) -> dict[str, Any]:
     """Tune the threshold on training windows, then compare never/proactive/threshold on held-out ones."""
     from deflectlab.experiments.compare import ComparisonConfig, run_comparison
-    from deflectlab.policies.tuning import tune
+    from deflectlab.experiments.tuning import tune
 
     cluster = ClusterConfig(handoff=handoff)
     common = dict(trace="azure_code", rates=rates, window_s=window_s, cluster=cluster, workers=workers)

@@ -14,14 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("envs", "policies", "agents", "experiments", "serving", "scripts")
 RANK = {name: i for i, name in enumerate(LAYERS)}
 
-#: Known circles, each in files owned by a concurrent change; the lead drops them at merge:
-KNOWN_CIRCLES = {
-    # simulator.run() imports metrics.collect (function level); metrics imports ClusterSim for a type: issue 10's
-    # metrics rewrite (e.g. ClusterSim.run stops collecting, or metrics types its input by a protocol).
-    frozenset({"deflectlab.envs.metrics", "deflectlab.envs.simulator"}),
-}
-
-
 def module_files() -> dict[str, Path]:
     """``deflectlab.<layer>.<module>`` -> file, for every module of every layer folder."""
     out = {}
@@ -151,7 +143,7 @@ def test_no_import_from_a_lower_layer_into_a_higher_one():
 def test_no_import_circle():
     edges, _ = graph()
     found = circles(edges)
-    assert [sorted(c) for c in found if c not in KNOWN_CIRCLES] == []
+    assert [sorted(c) for c in found] == []
 
 
 def test_no_module_imports_another_modules_private_names():
@@ -189,11 +181,3 @@ def test_import_reader_sees_function_level_and_type_checking_imports():
     rel = imported(ast.parse("from ..envs import view\nfrom .heuristics import RoundRobin\n"),
                    known | {"deflectlab.policies.heuristics"}, "deflectlab.policies")
     assert rel == {("deflectlab.envs.view", ""), ("deflectlab.policies.heuristics", "RoundRobin")}
-
-
-def test_known_circles_are_detected_and_still_exist():
-    """Each known exception is a circle the checker finds today (so dropping it makes the circle test fail until
-    it is fixed); an exception that no longer exists must be removed, not kept as a blanket pass."""
-    edges, _ = graph()
-    found = set(circles(edges))
-    assert KNOWN_CIRCLES <= found, f"circles gone, drop them from KNOWN_CIRCLES: {KNOWN_CIRCLES - found}"
