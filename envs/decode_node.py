@@ -222,6 +222,26 @@ class DecodeNode:
         self.joiners.append(req)
         self._poke(t, prefill_only=False)
 
+    def recompute_handoff(self, req: Request, t: float) -> None:
+        """An admitted prefill-path request whose KV read failed is prefilled here instead (vLLM's
+        ``kv_load_failure_policy=recompute``): its prompt blocks are already allocated; it queues as a local,
+        chunked prefill like a deflected one."""
+        self.inbound_handoffs -= 1
+        req.deflected = True
+        req.d_remaining = req.input_tokens + req.generated - req.d_done
+        self.prefilling.append(req)
+        self.prefill_waiting_tokens += req.d_remaining
+        self._poke(t, prefill_only=True)
+
+    def abandon_handoff(self, req: Request, t: float) -> None:
+        """An admitted prefill-path request whose KV will never arrive (``kv_load_failure_policy=fail``): free its
+        blocks and its admission slot, then admit what waits."""
+        self.inbound_handoffs -= 1
+        self.static_blocks -= req.kv_blocks
+        req.kv_blocks = 0
+        self.admitted -= 1
+        self.try_admit(t)
+
     # -- segments --------------------------------------------------------------------------------------------
     def _steps_by(self, t: float) -> int:
         """Steps of the running segment fully done by ``t``: largest j with j*a + b*j*(j-1)/2 <= elapsed."""

@@ -565,17 +565,10 @@ class EngineEmulator:
         the request, as vLLM's ``kv_load_failure_policy`` says."""
         self._m_kv_failures.inc()
         r = st.req
-        d = self.decode
-        d.inbound_handoffs -= 1
         if self.config.kv_load_failure_policy == "recompute":
-            r.deflected = True
-            d.prefilling.append(r)
-            d.prefill_waiting_tokens += r.d_remaining
-            d._poke(t, prefill_only=True)  # noqa: SLF001 - the node's own entry point for new prefill work
+            self.decode.recompute_handoff(r, t)
             return
-        d.kv_reserved_tokens -= r.kv_reserved
-        d.admitted -= 1
-        d.try_admit(t)
+        self.decode.abandon_handoff(r, t)
         st.failed = (f"KV transfer from the prefill instance {st.remote[0]}:{st.remote[1]} failed "  # type: ignore[index]
                      "(kv_load_failure_policy=fail)")
         if st.stream and not st.abandoned:
