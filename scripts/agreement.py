@@ -15,6 +15,11 @@ replay client, loopback) adds little to the model's times and that the router's 
 simulated one sees. It does not show that the model is right: only measurements on real vLLM can (see
 docs/calibration.md). The test suite runs a short form of it (20 s window, time scale 0.5, two policies).
 
+The simulator runs with ``--handoff rdma`` by default: the emulated stack performs the hand-off's
+orchestration for real (router hops, HTTP responses, step boundaries of the emulators) and models only the KV
+transfer with the profile's terms, which is what the ``rdma`` preset is; ``vllm-nixl`` adds a fitted dispatch
+delay standing for that same orchestration on real vLLM (docs/fidelity.md) and would count it twice.
+
 What can make them differ: the emulators' KV transfer is uncontended (the simulator shares each NIC max-min
 fairly between concurrent transfers), the router sees load through counters and 75 ms scrapes where the
 simulated policy sees the exact state, and loopback HTTP and event-loop lag add wall time, which becomes
@@ -73,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ttft-slo", type=float, default=ClusterConfig.ttft_slo_s)
     ap.add_argument("--tbt-slo", type=float, default=ClusterConfig.tbt_slo_s)
     ap.add_argument("--drain-timeout", type=float, default=120.0, help="wall seconds after the last request")
+    ap.add_argument("--handoff", default="rdma",
+                    help="the simulator's hand-off preset (default rdma: the emulated stack performs the "
+                         "orchestration itself over real HTTP hops, and models only the transfer with the profile's "
+                         "terms, which is what rdma is; the simulator's default vllm-nixl would count the "
+                         "orchestration twice)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
 
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     cfg = ClusterConfig(num_prefill=2, num_decode=2, prefill_profile=a.profile, decode_profile=a.profile,
-                        ttft_slo_s=a.ttft_slo, tbt_slo_s=a.tbt_slo)
+                        ttft_slo_s=a.ttft_slo, tbt_slo_s=a.tbt_slo, handoff=a.handoff)
     print(f"{len(workload)} requests of {a.trace} [{a.start:g}, {a.start + a.window:g}) s at {a.rate:g} req/s; "
           f"emulated at time scale {a.time_scale:g} ({workload.duration_s * a.time_scale:.0f} s wall per policy)",
           flush=True)
