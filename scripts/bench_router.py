@@ -329,6 +329,20 @@ def _start_proxy(procs: Processes, name: str, cmd: str, ports: dict[str, int], l
             time.sleep(0.1)
 
 
+def _client_loop(choice: str) -> str:
+    """Install this load generator's event loop policy (auto: uvloop when installed); the loop chosen."""
+    if choice == "asyncio":
+        return choice
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("--client-loop uvloop needs the uvloop package: pip install uvloop") from None
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
 def _up(url: str, proc: Any, log_dir: Path) -> None:
     """Wait for ``url``; if its process dies first, fail with the process's log."""
     try:
@@ -353,8 +367,6 @@ def main(argv: list[str] | None = None) -> int:
     free = iter(free_ports(4))
     ports = {"prefill": a.prefill_port or next(free), "decode": a.decode_port or next(free),
              "router_deflect": next(free), "router_prefill": next(free)}
-    from deflectlab.serving.router import pick_event_loop
-
     log_dir = Path(tempfile.mkdtemp(prefix="bench_router-"))  # files, not pipes nobody reads (a full pipe stalls)
     with Processes(log_dir) as procs:
         p = procs.emulator(ports["prefill"], "prefill", a.time_scale)
@@ -373,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{a.prompt_tokens}-token prompts, {a.max_tokens} streamed tokens, emulators at time scale "
               f"{a.time_scale:g} (prefill :{ports['prefill']}, decode :{ports['decode']}), {a.repeats} alternating "
               f"runs of {a.duration:g} s per path and rate; routers' event loop {a.router_loop}, load generator's "
-              f"{pick_event_loop(a.client_loop)}; process logs in {log_dir}", flush=True)
+              f"{_client_loop(a.client_loop)}; process logs in {log_dir}", flush=True)
         if not proxies:
             print("no --proxy given: the router is timed against direct calls only; to compare with vLLM's toy "
                   "proxy, start it in front of --prefill-port/--decode-port and pass --proxy toy=URL")

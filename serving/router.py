@@ -622,7 +622,7 @@ class Router:
 
     async def _relay_stream(self, call: Call, d: Instance, resp: aiohttp.ClientResponse, deadline: float,
                             st: _StreamState) -> web.StreamResponse:
-        out = web.StreamResponse(status=200, headers={
+        out = _StreamOut(status=200, headers={
             "Content-Type": resp.headers.get("Content-Type", "text/event-stream; charset=utf-8"),
             "X-Request-Id": call.rid})
         try:
@@ -792,6 +792,13 @@ class Router:
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
+
+
+class _StreamOut(web.StreamResponse):
+    """A relayed stream whose status line and headers leave with its first chunk, in one send: one syscall and
+    one client wake-up fewer per request (aiohttp's ``web.Response`` buffers its headers the same way)."""
+
+    _send_headers_immediately = False
 
 
 class _StreamState:
