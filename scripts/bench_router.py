@@ -1,22 +1,29 @@
 """Router overhead and policy decision time, measured on loopback. Prints numbers; asserts nothing.
 
-    python scripts/bench_router.py [--rates 100 500] [--duration 5] [--repeats 2] [--proxy toy=http://...]
+    python scripts/bench_router.py [--rates 100 500] [--duration 5] [--repeats 2]
+        [--proxy-cmd "toy=python toy_proxy_server.py --port {port} --prefiller-ports {prefill_port} ..."]
+        [--proxy NAME=URL [--proxy-pid NAME=PID]]
 
 1. Added latency: open-loop streams of streaming completions at each ``--rates`` value, in alternating runs of
    every path against one prefill and one decode emulator: the decode emulator directly; the router's deflect
    path (``always_deflect``); the client doing vLLM's two hops itself (P, then D with P's params); the
-   router's two-hop path (``round_robin``); and any other proxy given by ``--proxy NAME=URL``. Added latency =
-   a path's end-to-end P50/P99 minus its direct counterpart's. This script never contains a proxy's code: to
-   compare with vLLM's toy P/D proxy (``tests/v1/kv_connector/nixl_integration/toy_proxy_server.py``), start
-   it yourself in front of ``--prefill-port`` and ``--decode-port`` and pass its URL.
+   router's two-hop path (``round_robin``); and any other proxy, started by this script from ``--proxy-cmd
+   NAME=COMMAND`` once the emulators are up (``{port}``, ``{prefill_port}``, ``{decode_port}`` filled in), or
+   already running at ``--proxy NAME=URL``. Added latency = a path's end-to-end P50/P99 minus its direct
+   counterpart's. This script never contains a proxy's code: to compare with vLLM's toy P/D proxy
+   (``tests/v1/kv_connector/nixl_integration/toy_proxy_server.py``), give the command that runs your copy.
+   Each row also gives the CPU milliseconds per answered request of the proxy under test (from
+   ``/proc/PID/stat``; the routers, ``--proxy-cmd`` proxies and ``--proxy-pid`` ones) and of this load
+   generator, and the load generator's send lag P99 (how late it sent against its Poisson schedule: when that
+   grows, the load generator, not the path, is the limit).
 2. Policy decision time: ``Router.decide`` (view build included) in process, for every registered policy,
    over a cluster view with load on it; P50/P99/max in microseconds. Also the live router's own decision and
    overhead percentiles from ``GET /stats``.
 
 The emulators run at a tiny time scale (``--time-scale``, default 0.001: a 10 ms step takes 10 us) so the
 model adds almost nothing. Router, emulators and this load generator share the machine's cores, so the
-numbers include their contention (the load generator saturates first at high rates); expect noise between
-runs on 2 cores.
+numbers include their contention; CPU per request is the steadier measure on a shared machine. Process
+output goes to log files in a fresh temporary folder (printed), never to pipes nobody reads.
 """
 
 from __future__ import annotations
@@ -222,7 +229,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
             "client_cpu_ms_per_req": sum(r.cpu_client for r in runs) * per_req}
 
 
-_HEAD = (f"  {'path':<26}{'n':>7}{'failed':>7}{'p50':>9}{'p99':>9}{'added p50':>11}{'added p99':>11}"
+_HEAD = (f"  {'path':<26}{'n':>7}{'failed':>7}{'p50':>10}{'p99':>10}{'added p50':>11}{'added p99':>11}"
          f"{'proxy cpu':>11}{'client cpu':>11}{'send lag p99':>14}")
 
 
@@ -240,9 +247,10 @@ def _table(rate: float, runs: dict[str, list[Run]]) -> dict:
         if name in base and out[base[name]]["n"] and row["n"]:
             row |= {"added_p50_ms": row["p50_ms"] - out[base[name]]["p50_ms"],
                     "added_p99_ms": row["p99_ms"] - out[base[name]]["p99_ms"]}
-        print(f"  {name:<26}{row['n']:>7}{row['failed']:>7}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}"
-              f"{row.get('added_p50_ms', nan):>11.3f}{row.get('added_p99_ms', nan):>11.3f}"
-              f"{row['proxy_cpu_ms_per_req']:>11.3f}{row['client_cpu_ms_per_req']:>11.3f}{row['send_lag_p99_ms']:>14.3f}")
+        print(f"  {name:<26}{row['n']:>7}{row['failed']:>7} {row['p50_ms']:>9.3f} {row['p99_ms']:>9.3f}"
+              f" {row.get('added_p50_ms', nan):>10.3f} {row.get('added_p99_ms', nan):>10.3f}"
+              f" {row['proxy_cpu_ms_per_req']:>10.3f} {row['client_cpu_ms_per_req']:>10.3f}"
+              f" {row['send_lag_p99_ms']:>13.3f}")
     r = out.get("router two-hop path", {})
     for name, row in list(out.items()):
         if name.startswith("proxy ") and "added_p50_ms" in row and row["added_p50_ms"] > 0 and "added_p50_ms" in r:
