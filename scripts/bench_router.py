@@ -303,8 +303,8 @@ def _parser() -> argparse.ArgumentParser:
                          "--decoder-ports {decode_port}'); its CPU time is reported; repeatable")
     ap.add_argument("--proxy-pid", type=_pid_arg, action="append", default=[],
                     help="NAME=PID of the process serving --proxy NAME, to report its CPU time per request")
-    ap.add_argument("--router-loop", choices=["asyncio", "uvloop", "auto"], default="auto",
-                    help="the routers' --event-loop (auto: uvloop when installed)")
+    ap.add_argument("--router-loop", choices=["asyncio", "uvloop", "auto"], default="asyncio",
+                    help="the routers' --event-loop (the router's default is asyncio; auto: uvloop when installed)")
     ap.add_argument("--client-loop", choices=["asyncio", "uvloop", "auto"], default="auto",
                     help="this load generator's event loop (auto: uvloop when installed)")
     ap.add_argument("--skip-prefill-path", action="store_true")
