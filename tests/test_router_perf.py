@@ -166,3 +166,21 @@ def test_bench_cpu_seconds_reads_proc_like_process_time():
 def test_bench_flags_name_the_problem(parse, text, needle):
     with pytest.raises(argparse.ArgumentTypeError, match=needle.replace("{", r"\{").replace("}", r"\}")):
         getattr(_bench(), parse)(text)
+
+
+def test_bench_starts_a_proxy_command_and_reports_one_that_dies(tmp_path):
+    import sys
+
+    from deflectlab.serving.procs import Processes
+
+    b = _bench()
+    ports = {"prefill": 1111, "decode": 2222}
+    with Processes() as procs:
+        url, pid = b._start_proxy(procs, "web", f"{sys.executable} -m http.server {{port}} --bind 127.0.0.1",
+                                  ports, tmp_path)
+        web = procs.procs[-1]
+        assert url.startswith("http://127.0.0.1:") and web.pid == pid and web.poll() is None
+        with pytest.raises(SystemExit, match=r"--proxy-cmd bad exited with 3.*ports 1111 2222"):
+            b._start_proxy(procs, "bad", f"{sys.executable} -c \"import sys; print('ports', *sys.argv[1:]); "
+                                         f"sys.exit(3)\" {{prefill_port}} {{decode_port}} {{port}}", ports, tmp_path)
+    assert web.poll() is not None  # stopped with the emulators and routers
