@@ -507,8 +507,8 @@ class Router:
                      ) -> tuple[bytes, dict[str, str]]:
         body = call.body
         if kvp is not None:
-            data = (None if "kv_transfer_params" in body else with_kv_params(call.raw, kvp)) \
-                or dumps({**body, "kv_transfer_params": kvp})
+            spliced = None if "kv_transfer_params" in body else with_kv_params(call.raw, kvp)
+            data = spliced if spliced is not None else dumps({**body, "kv_transfer_params": kvp})
         elif "kv_transfer_params" in body:
             data = dumps({k: v for k, v in body.items() if k != "kv_transfer_params"})
         else:
