@@ -1,22 +1,29 @@
 """Router overhead and policy decision time, measured on loopback. Prints numbers; asserts nothing.
 
-    python scripts/bench_router.py [--rates 100 500] [--duration 5] [--repeats 2] [--proxy toy=http://...]
+    python scripts/bench_router.py [--rates 100 500] [--duration 5] [--repeats 2]
+        [--proxy-cmd "toy=python toy_proxy_server.py --port {port} --prefiller-ports {prefill_port} ..."]
+        [--proxy NAME=URL [--proxy-pid NAME=PID]]
 
 1. Added latency: open-loop streams of streaming completions at each ``--rates`` value, in alternating runs of
    every path against one prefill and one decode emulator: the decode emulator directly; the router's deflect
    path (``always_deflect``); the client doing vLLM's two hops itself (P, then D with P's params); the
-   router's two-hop path (``round_robin``); and any other proxy given by ``--proxy NAME=URL``. Added latency =
-   a path's end-to-end P50/P99 minus its direct counterpart's. This script never contains a proxy's code: to
-   compare with vLLM's toy P/D proxy (``tests/v1/kv_connector/nixl_integration/toy_proxy_server.py``), start
-   it yourself in front of ``--prefill-port`` and ``--decode-port`` and pass its URL.
+   router's two-hop path (``round_robin``); and any other proxy, started by this script from ``--proxy-cmd
+   NAME=COMMAND`` once the emulators are up (``{port}``, ``{prefill_port}``, ``{decode_port}`` filled in), or
+   already running at ``--proxy NAME=URL``. Added latency = a path's end-to-end P50/P99 minus its direct
+   counterpart's. This script never contains a proxy's code: to compare with vLLM's toy P/D proxy
+   (``tests/v1/kv_connector/nixl_integration/toy_proxy_server.py``), give the command that runs your copy.
+   Each row also gives the CPU milliseconds per answered request of the proxy under test (from
+   ``/proc/PID/stat``; the routers, ``--proxy-cmd`` proxies and ``--proxy-pid`` ones) and of this load
+   generator, and the load generator's send lag P99 (how late it sent against its Poisson schedule: when that
+   grows, the load generator, not the path, is the limit).
 2. Policy decision time: ``Router.decide`` (view build included) in process, for every registered policy,
    over a cluster view with load on it; P50/P99/max in microseconds. Also the live router's own decision and
    overhead percentiles from ``GET /stats``.
 
 The emulators run at a tiny time scale (``--time-scale``, default 0.001: a 10 ms step takes 10 us) so the
 model adds almost nothing. Router, emulators and this load generator share the machine's cores, so the
-numbers include their contention (the load generator saturates first at high rates); expect noise between
-runs on 2 cores.
+numbers include their contention; CPU per request is the steadier measure on a shared machine. Process
+output goes to log files in a fresh temporary folder (printed), never to pipes nobody reads.
 """
 
 from __future__ import annotations
@@ -24,8 +31,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import shlex
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -36,11 +48,35 @@ import numpy as np
 
 from deflectlab.serving.procs import Processes, free_ports, wait_http
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
-async def _load(rate: float, duration_s: float, call) -> tuple[np.ndarray, np.ndarray, int]:
-    """Open-loop Poisson arrivals; returns (end-to-end s, first byte s, failures)."""
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (Linux ``/proc``; this process when None)."""
+    if pid is None:
+        return time.process_time()
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15 of proc(5))
+
+
+class Run:
+    """One timed run of one path: end-to-end and first-byte seconds, failures, the load generator's send lag
+    (actual minus scheduled send time, s), and CPU seconds used by the proxy under test and by this client."""
+
+    def __init__(self, e2e: list[float], ttfb: list[float], failures: int, lag: list[float]) -> None:
+        self.e2e, self.ttfb, self.lag = np.array(e2e), np.array(ttfb), np.array(lag)
+        self.failures = failures
+        self.cpu_proxy = self.cpu_client = float("nan")
+
+
+async def _load(rate: float, duration_s: float, call) -> Run:
+    """Open-loop Poisson arrivals at ``rate`` for ``duration_s``."""
     rng = random.Random(1)
-    e2e, ttfb = [], []
+    e2e, ttfb, lag = [], [], []
     failures = 0
     tasks = []
 
@@ -61,10 +97,11 @@ async def _load(rate: float, duration_s: float, call) -> tuple[np.ndarray, np.nd
         delay = t_next - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        lag.append(time.perf_counter() - t_next)
         tasks.append(asyncio.ensure_future(one()))
         t_next += rng.expovariate(rate)
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
-    return np.array(e2e), np.array(ttfb), failures
+    return Run(e2e, ttfb, failures, lag)
 
 
 async def _stream(session: aiohttp.ClientSession, url: str, body: bytes) -> float:
@@ -145,8 +182,18 @@ async def _warm(s: aiohttp.ClientSession, calls: dict[str, Any], n: int) -> None
             await call(s)
 
 
-async def _run_rate(a: argparse.Namespace, rate: float, url: dict[str, str], proxies: dict[str, str]) -> dict:
-    """Alternating runs at ``rate`` of every path; returns {path: [(e2e, ttfb, failures), ...]}."""
+async def _timed(rate: float, a: argparse.Namespace, call, pid: int | None) -> Run:
+    """One run, with the CPU time of the proxy process ``pid`` (if any) and of this client around it."""
+    p0, c0 = cpu_seconds(pid) if pid else float("nan"), cpu_seconds(None)
+    run = await _load(rate, a.duration, call)
+    run.cpu_proxy = cpu_seconds(pid) - p0 if pid else float("nan")
+    run.cpu_client = cpu_seconds(None) - c0
+    return run
+
+
+async def _run_rate(a: argparse.Namespace, rate: float, url: dict[str, str], proxies: dict[str, str],
+                    pids: dict[str, int]) -> dict[str, list[Run]]:
+    """Alternating runs at ``rate`` of every path; returns {path: [Run, ...]}."""
     body = {"prompt": list(range(a.prompt_tokens)), "max_tokens": a.max_tokens, "stream": True}
     raw = json.dumps(body).encode()
     calls = {
@@ -164,34 +211,49 @@ async def _run_rate(a: argparse.Namespace, rate: float, url: dict[str, str], pro
         await _warm(s, calls, 20)
         for _ in range(a.repeats):
             for name, call in calls.items():
-                runs[name].append(await _load(rate, a.duration, lambda c=call: c(s)))
+                runs[name].append(await _timed(rate, a, lambda c=call: c(s), pids.get(name)))
     return runs
 
 
-def _merge(runs: list) -> tuple[np.ndarray, np.ndarray, int]:
-    return (np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs]), sum(r[2] for r in runs))
+def summarize(runs: list[Run]) -> dict[str, Any]:
+    """One path's runs merged: n, failures, end-to-end p50/p99 (ms), the load generator's send lag p99 (ms),
+    and CPU ms per answered request of the proxy under test and of the load generator."""
+    e2e = np.concatenate([r.e2e for r in runs]) * 1e3
+    lag = np.concatenate([r.lag for r in runs]) * 1e3
+    n = int(len(e2e))
+    p50, p99 = _pct(e2e) if n else (float("nan"),) * 2
+    per_req = 1e3 / n if n else float("nan")
+    return {"n": n, "failed": sum(r.failures for r in runs), "p50_ms": p50, "p99_ms": p99,
+            "send_lag_p99_ms": float(np.percentile(lag, 99)) if len(lag) else float("nan"),
+            "proxy_cpu_ms_per_req": sum(r.cpu_proxy for r in runs) * per_req,
+            "client_cpu_ms_per_req": sum(r.cpu_client for r in runs) * per_req}
 
 
-def _table(rate: float, runs: dict[str, list]) -> dict:
+_HEAD = (f"  {'path':<26}{'n':>7}{'failed':>7}{'p50':>10}{'p99':>10}{'added p50':>11}{'added p99':>11}"
+         f"{'proxy cpu':>11}{'client cpu':>11}{'send lag p99':>14}")
+
+
+def _table(rate: float, runs: dict[str, list[Run]]) -> dict:
     """Added p50/p99 of each proxied path over its direct counterpart, end to end, in ms."""
-    merged = {k: _merge(v) for k, v in runs.items()}
+    out: dict[str, Any] = {k: summarize(v) for k, v in runs.items()}
     base = {"router deflect path": "direct decode"}
-    base |= {k: "direct two hops" for k in merged if k.startswith(("router two-hop", "proxy "))}
-    out: dict[str, Any] = {}
-    print(f"\n{rate:g} req/s, end to end (send to last byte), ms; added = path minus its direct call")
-    print(f"  {'path':<26}{'n':>7}{'failed':>7}{'p50':>9}{'p99':>9}{'added p50':>11}{'added p99':>11}")
-    for name, (e2e, _, fails) in merged.items():
-        p50, p99 = _pct(e2e * 1e3) if len(e2e) else (float("nan"),) * 2
-        row = {"n": int(len(e2e)), "failed": fails, "p50_ms": p50, "p99_ms": p99}
-        if name in base:
-            b50, b99 = _pct(merged[base[name]][0] * 1e3)
-            row |= {"added_p50_ms": p50 - b50, "added_p99_ms": p99 - b99}
-        out[name] = row
-        print(f"  {name:<26}{row['n']:>7}{fails:>7}{p50:>9.3f}{p99:>9.3f}"
-              f"{row.get('added_p50_ms', float('nan')):>11.3f}{row.get('added_p99_ms', float('nan')):>11.3f}")
-    r = out.get("router two-hop path", {})
+    base |= {k: "direct two hops" for k in out if k.startswith(("router two-hop", "proxy "))}
+    print(f"\n{rate:g} req/s, end to end (send to last byte), ms; added = path minus its direct call; cpu = CPU ms "
+          "per request of the proxy under test and of this load generator; send lag = how late the load generator "
+          "sent (a large one means the load generator, not the path, was the limit)")
+    print(_HEAD)
+    nan = float("nan")
     for name, row in out.items():
-        if name.startswith("proxy ") and "added_p50_ms" in row and row["added_p50_ms"] > 0:
+        if name in base and out[base[name]]["n"] and row["n"]:
+            row |= {"added_p50_ms": row["p50_ms"] - out[base[name]]["p50_ms"],
+                    "added_p99_ms": row["p99_ms"] - out[base[name]]["p99_ms"]}
+        print(f"  {name:<26}{row['n']:>7}{row['failed']:>7} {row['p50_ms']:>9.3f} {row['p99_ms']:>9.3f}"
+              f" {row.get('added_p50_ms', nan):>10.3f} {row.get('added_p99_ms', nan):>10.3f}"
+              f" {row['proxy_cpu_ms_per_req']:>10.3f} {row['client_cpu_ms_per_req']:>10.3f}"
+              f" {row['send_lag_p99_ms']:>13.3f}")
+    r = out.get("router two-hop path", {})
+    for name, row in list(out.items()):
+        if name.startswith("proxy ") and "added_p50_ms" in row and row["added_p50_ms"] > 0 and "added_p50_ms" in r:
             ratio = (r["added_p50_ms"] / row["added_p50_ms"], r["added_p99_ms"] / row["added_p99_ms"])
             out[f"ratio vs {name}"] = {"p50": ratio[0], "p99": ratio[1]}
             print(f"  router two-hop added / {name} added: p50 {ratio[0]:.2f}x, p99 {ratio[1]:.2f}x")
@@ -203,6 +265,21 @@ def _proxy_arg(text: str) -> tuple[str, str]:
     if not sep or not name or not url.startswith("http"):
         raise argparse.ArgumentTypeError(f"--proxy wants NAME=http://host:port, got {text!r}")
     return name, url
+
+
+def _cmd_arg(text: str) -> tuple[str, str]:
+    name, sep, cmd = text.partition("=")
+    if not sep or not name or "{port}" not in cmd:
+        raise argparse.ArgumentTypeError(f"--proxy-cmd wants NAME=COMMAND with {{port}} in COMMAND (and "
+                                         f"{{prefill_port}}, {{decode_port}} where it takes them), got {text!r}")
+    return name, cmd
+
+
+def _pid_arg(text: str) -> tuple[str, int]:
+    name, sep, pid = text.partition("=")
+    if not sep or not name or not pid.isdigit():
+        raise argparse.ArgumentTypeError(f"--proxy-pid wants NAME=PID (the process serving --proxy NAME), got {text!r}")
+    return name, int(pid)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -219,39 +296,110 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--proxy", type=_proxy_arg, action="append", default=[],
                     help="NAME=URL of another P/D proxy to time beside the router, started by you in front of "
                          "--prefill-port and --decode-port (e.g. vLLM's toy_proxy_server.py); repeatable")
+    ap.add_argument("--proxy-cmd", type=_cmd_arg, action="append", default=[],
+                    help="NAME=COMMAND that starts another P/D proxy, run by this script after the emulators are up "
+                         "and stopped at the end; {port}, {prefill_port}, {decode_port} are filled in (e.g. "
+                         "toy='python toy_proxy_server.py --port {port} --prefiller-ports {prefill_port} "
+                         "--decoder-ports {decode_port}'); its CPU time is reported; repeatable")
+    ap.add_argument("--proxy-pid", type=_pid_arg, action="append", default=[],
+                    help="NAME=PID of the process serving --proxy NAME, to report its CPU time per request")
+    ap.add_argument("--router-loop", choices=["asyncio", "uvloop", "auto"], default="asyncio",
+                    help="the routers' --event-loop (the router's default is asyncio; auto: uvloop when installed)")
+    ap.add_argument("--client-loop", choices=["asyncio", "uvloop", "auto"], default="auto",
+                    help="this load generator's event loop (auto: uvloop when installed)")
     ap.add_argument("--skip-prefill-path", action="store_true")
     ap.add_argument("--decisions", type=int, default=20000, help="decisions timed per policy in process")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     return ap
 
 
+def _start_proxy(procs: Processes, name: str, cmd: str, ports: dict[str, int], log_dir: Path) -> tuple[str, int]:
+    """Start ``cmd`` (a ``--proxy-cmd``) on a free port; its (URL, pid) once it accepts connections."""
+    port = free_ports(1)[0]
+    argv = shlex.split(cmd.format(port=port, prefill_port=ports["prefill"], decode_port=ports["decode"]))
+    out = open(log_dir / f"proxy-{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    try:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    except OSError as e:
+        raise SystemExit(f"--proxy-cmd {name}: cannot start {argv[0]!r}: {e}") from None
+    procs.procs.append(proc)  # stopped with the emulators and routers
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"--proxy-cmd {name} exited with {proc.returncode}; its log: "
+                             f"{(log_dir / f'proxy-{name}.log').read_text(errors='replace')[-1500:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return f"http://127.0.0.1:{port}", proc.pid
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"--proxy-cmd {name} did not listen on port {port} within 30 s") from None
+            time.sleep(0.1)
+
+
+def _client_loop(choice: str) -> str:
+    """Install this load generator's event loop policy (auto: uvloop when installed); the loop chosen."""
+    if choice == "asyncio":
+        return choice
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("--client-loop uvloop needs the uvloop package: pip install uvloop") from None
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def _up(url: str, proc: Any, log_dir: Path) -> None:
+    """Wait for ``url``; if its process dies first, fail with the process's log."""
+    try:
+        wait_http(url, proc=proc)
+    except RuntimeError as e:
+        logs = "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-1500:]}"
+                         for f in sorted(log_dir.glob("*.log")))
+        raise SystemExit(f"{e}\n{logs}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     if a.duration <= 0 or a.repeats < 1 or any(r <= 0 for r in a.rates):
         raise SystemExit("--duration and --rates must be > 0 and --repeats >= 1")
+    names = [n for n, _ in a.proxy] + [n for n, _ in a.proxy_cmd]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--proxy and --proxy-cmd names must differ, got {names}")
+    unknown = {n for n, _ in a.proxy_pid} - {n for n, _ in a.proxy}
+    if unknown:
+        raise SystemExit(f"--proxy-pid names no --proxy: {', '.join(sorted(unknown))}")
     results: dict = {"args": vars(a) | {"json": str(a.json)}, "rates": {}}
     free = iter(free_ports(4))
     ports = {"prefill": a.prefill_port or next(free), "decode": a.decode_port or next(free),
              "router_deflect": next(free), "router_prefill": next(free)}
-    with Processes() as procs:
+    log_dir = Path(tempfile.mkdtemp(prefix="bench_router-"))  # files, not pipes nobody reads (a full pipe stalls)
+    with Processes(log_dir) as procs:
         p = procs.emulator(ports["prefill"], "prefill", a.time_scale)
         d = procs.emulator(ports["decode"], "decode", a.time_scale)
-        wait_http(f"http://127.0.0.1:{ports['prefill']}/health", proc=p)
-        wait_http(f"http://127.0.0.1:{ports['decode']}/health", proc=d)
-        common = ["--time-scale", str(a.time_scale)]
+        _up(f"http://127.0.0.1:{ports['prefill']}/health", p, log_dir)
+        _up(f"http://127.0.0.1:{ports['decode']}/health", d, log_dir)
+        common = ["--time-scale", str(a.time_scale), "--event-loop", a.router_loop]
         r1 = procs.router(ports["router_deflect"], [ports["prefill"]], [ports["decode"]], "always_deflect", *common)
         r2 = procs.router(ports["router_prefill"], [ports["prefill"]], [ports["decode"]], "round_robin", *common)
-        wait_http(f"http://127.0.0.1:{ports['router_deflect']}/healthcheck", proc=r1)
-        wait_http(f"http://127.0.0.1:{ports['router_prefill']}/healthcheck", proc=r2)
+        _up(f"http://127.0.0.1:{ports['router_deflect']}/healthcheck", r1, log_dir)
+        _up(f"http://127.0.0.1:{ports['router_prefill']}/healthcheck", r2, log_dir)
         url = _paths(a, ports)
+        proxies, pids = dict(a.proxy), {f"proxy {n}": pid for n, pid in a.proxy_pid}
+        for name, cmd in a.proxy_cmd:
+            proxies[name], pids[f"proxy {name}"] = _start_proxy(procs, name, cmd, ports, log_dir)
         print(f"{a.prompt_tokens}-token prompts, {a.max_tokens} streamed tokens, emulators at time scale "
               f"{a.time_scale:g} (prefill :{ports['prefill']}, decode :{ports['decode']}), {a.repeats} alternating "
-              f"runs of {a.duration:g} s per path and rate", flush=True)
-        if not a.proxy:
+              f"runs of {a.duration:g} s per path and rate; routers' event loop {a.router_loop}, load generator's "
+              f"{_client_loop(a.client_loop)}; process logs in {log_dir}", flush=True)
+        if not proxies:
             print("no --proxy given: the router is timed against direct calls only; to compare with vLLM's toy "
                   "proxy, start it in front of --prefill-port/--decode-port and pass --proxy toy=URL")
         for rate in a.rates:
-            runs = asyncio.run(_run_rate(a, rate, url, dict(a.proxy)))
+            pids |= {"router deflect path": r1.pid, "router two-hop path": r2.pid}
+            runs = asyncio.run(_run_rate(a, rate, url, proxies, pids))
             results["rates"][f"{rate:g}"] = _table(rate, runs)
         for name, port in (("always_deflect", ports["router_deflect"]), ("round_robin", ports["router_prefill"])):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:

@@ -55,8 +55,8 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     for flag, field, text in _TIMING_FLAGS:
         p.add_argument(flag, type=float, default=getattr(r, field), help=f"{text}, wall seconds (default %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=r.max_body_bytes, help="largest request body accepted")
-    p.add_argument("--event-loop", choices=["asyncio", "uvloop"], default="asyncio",
-                   help="the router's event loop (uvloop: pip install uvloop)")
+    p.add_argument("--event-loop", choices=["asyncio", "uvloop", "auto"], default="asyncio",
+                   help="the router's event loop (uvloop: pip install uvloop; auto: uvloop when installed)")
     p.add_argument("--decode-balancer", choices=["least_loaded", "round_robin"], default=d.decode_balancer)
     p.add_argument("--prefill-max-batched-tokens", type=int, default=d.prefill_max_batched_tokens)
     p.add_argument("--decode-max-batched-tokens", type=int, default=d.decode_max_batched_tokens)

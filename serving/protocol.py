@@ -229,6 +229,22 @@ def prefill_hop_body(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_JSON_SPACE = b" \t\n\r"
+
+
+def with_kv_params(raw: bytes, kvp: dict[str, Any]) -> bytes | None:
+    """The client's body bytes ``raw`` (a JSON object without ``kv_transfer_params``) with
+    ``"kv_transfer_params": kvp`` added as its last member, without re-serialising the rest: on a long
+    token-id prompt that saves a whole ``json.dumps`` of the body (about 0.4 ms for 8,000 ids). None when
+    ``raw`` is not plain UTF-8 object text (a BOM, UTF-16/32, an empty object): the caller serialises then."""
+    body = raw.strip(_JSON_SPACE)
+    if len(body) < 3 or body[0] != 0x7B or body[-1] != 0x7D or body[1] == 0 or body[-2] == 0:  # '{', '}'
+        return None
+    if body[1:-1].strip(_JSON_SPACE) == b"":
+        return None
+    return body[:-1] + b',"kv_transfer_params":' + dumps(kvp) + b"}"
+
+
 def dumps(obj: Any) -> bytes:
     """Compact JSON bytes (what the router sends upstream)."""
     return json.dumps(obj, separators=(",", ":")).encode()
