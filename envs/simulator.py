@@ -104,6 +104,19 @@ class ClusterSim:
                                sched, self._transferred, flow_cap_bps=self._bw)
         self._num_prefill, self._num_decode = len(self.prefill), len(self.decode)
         self._kv_bytes = pp.kv_bytes_per_token
+        self._hashes = self._enable_prefix_cache()
+
+    def _enable_prefix_cache(self) -> list[list[int]] | None:
+        """Prefix caching on every node when the config asks for it and the trace has block hashes; returns the
+        per-request hashes (None: no lookups, the model without a cache)."""
+        hashes = getattr(self.workload, "hash_ids", None)
+        self.prefix_cache = bool(self.config.prefix_cache and hashes is not None)
+        if not self.prefix_cache:
+            return None
+        bt = self.workload.hash_block_tokens
+        for n in (*self.prefill, *self.decode):
+            n.enable_prefix_cache(bt)
+        return hashes
 
     # -- event loop ------------------------------------------------------------------------------------------
     def schedule(self, t: float, fn: Callable[[float, object], None], arg: object) -> None:
@@ -130,6 +143,8 @@ class ClusterSim:
         self._next = i + 1
         self.now = t_arr
         req = Request(i, t_arr, self._arr_in[i], self._arr_out[i])
+        if self._hashes is not None:
+            req.hashes = self._hashes[i]
         self.requests.append(req)
         # exponentially weighted arrival rate, requests per second
         self._rate = self._rate * math.exp((self._rate_t - t_arr) / RATE_TAU_S) + 1.0 / RATE_TAU_S
@@ -257,8 +272,9 @@ class ClusterSim:
             self._read(t, req)
 
     def _read(self, t: float, req: Request) -> None:
-        """Set-up done: the bytes start moving (the NIC is not busy during the set-up)."""
-        nbytes = req.input_tokens * self._kv_bytes
+        """Set-up done: the bytes start moving (the NIC is not busy during the set-up). Only the prompt blocks the
+        decode node did not hold already move (NixlConnector reads into unhashed blocks only)."""
+        nbytes = (req.input_tokens - req.d_cached) * self._kv_bytes
         req.xfer_ideal_s = self.xfer_setup_s + nbytes / self._bw
         self.network.start(req, req.p_node, req.d_node, nbytes, t)
 
