@@ -212,6 +212,7 @@ class DecodeNode:
             self.admitted += 1
             if cache is not None and req.hashes is not None:
                 req.d_held = cache.acquire(req.hashes, hit)
+                cache.trim(self.total_blocks - self.static_blocks - run_now)  # room for the new blocks
                 req.d_done = hit * self.hash_block_tokens  # the cached prefix counts as computed
                 if req.t_admit < 0.0:
                     req.d_cached = req.d_done
@@ -484,6 +485,8 @@ class DecodeNode:
         self._usage_t, self._usage_last = t, u
         if u + 0.5 * bsz > self.peak_blocks:
             self._note_peak()
+        if self.cache is not None and self.cache.free:
+            self._trim_cache(n)
         freed = self._finish_chunks(t, k, n) if self._seg_chunks else False
         running = self.running
         blk = self.block_tokens
@@ -541,6 +544,13 @@ class DecodeNode:
         if r.d_held is not None:
             self._release_cached(r)
         self._on_finished(r, t)
+
+    def _trim_cache(self, n: int) -> None:
+        """The running decodes grew during the segment: evict cached blocks that no longer fit beside the blocks of
+        step ``n``, before this boundary frees anything (usage only grows inside a segment)."""
+        free = self.total_blocks - self.static_blocks
+        if self.cache.free_blocks > free - self._running_blocks_max(n):
+            self.cache.trim(free - self._running_blocks(n))
 
     def _release_cached(self, r: Request) -> None:
         """``r`` gives its cached blocks back: those another request still holds were counted once for both

@@ -131,6 +131,7 @@ class PrefillNode:
         if self.kv_used_tokens + need > self.kv_capacity_tokens:
             return -1  # FCFS: the head waits for KV room
         r.p_held = cache.acquire(r.hashes, hit)
+        cache.trim(self.kv_capacity_tokens - self.kv_used_tokens - need)  # room for the new blocks
         cached = hit * bt
         r.p_cached = cached
         r.p_done = cached
