@@ -187,13 +187,13 @@ class DecodeNode:
         else:
             run_max = self._running_blocks(self.steps_done)
         cache = self.cache
-        run_now = self.kv_used_blocks(t) - self.static_blocks if cache is not None else 0
+        run_now = -1  # the running decodes' blocks now, computed when an eviction may be due
         hit = 0
         while q:
             req = q[0]
             need = kv_need = -(-(req.input_tokens + req.generated) // self.block_tokens)
             if cache is not None and req.hashes is not None:
-                cache.trim(self.total_blocks - self.static_blocks - run_now)
+                run_now = self._evict(t, max(run_max, run_now), run_now)
                 hit, shared = cache.match(req.hashes, max_hit_blocks(req.hashes, req.input_tokens, req.generated,
                                                                      self.hash_block_tokens))
                 need -= shared * cache.unit  # blocks a running request holds already: no new room
@@ -212,7 +212,7 @@ class DecodeNode:
             self.admitted += 1
             if cache is not None and req.hashes is not None:
                 req.d_held = cache.acquire(req.hashes, hit)
-                cache.trim(self.total_blocks - self.static_blocks - run_now)  # room for the new blocks
+                run_now = self._evict(t, max(run_max, run_now), run_now)  # room for the new blocks
                 req.d_done = hit * self.hash_block_tokens  # the cached prefix counts as computed
                 if req.t_admit < 0.0:
                     req.d_cached = req.d_done
@@ -544,6 +544,17 @@ class DecodeNode:
         if r.d_held is not None:
             self._release_cached(r)
         self._on_finished(r, t)
+
+    def _evict(self, t: float, run_bound: int, run_now: int) -> int:
+        """Evict the cached free blocks that do not fit beside the allocated ones at ``t``. ``run_bound`` bounds the
+        running decodes' blocks from above; ``run_now`` is their exact count, or -1 when not computed yet (it is
+        computed only when an eviction may be due). Returns ``run_now``."""
+        cache = self.cache
+        if cache.free_blocks > self.total_blocks - self.static_blocks - run_bound:
+            if run_now < 0:
+                run_now = self.kv_used_blocks(t) - self.static_blocks
+            cache.trim(self.total_blocks - self.static_blocks - run_now)
+        return run_now
 
     def _trim_cache(self, n: int) -> None:
         """The running decodes grew during the segment: evict cached blocks that no longer fit beside the blocks of
