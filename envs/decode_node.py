@@ -545,6 +545,13 @@ class DecodeNode:
             self._release_cached(r)
         self._on_finished(r, t)
 
+    def cached_prefix_tokens(self, hashes: list[int], prompt_tokens: int, t: float) -> int:
+        """Prompt tokens an admission at ``t`` would find cached (after the evictions due by then); no other
+        effect on the model."""
+        self._evict(t, self.total_blocks, -1)  # no cheap bound here: the exact count when anything is cached
+        bt = self.hash_block_tokens
+        return self.cache.match(hashes, max_hit_blocks(hashes, prompt_tokens, 0, bt))[0] * bt
+
     def _evict(self, t: float, run_bound: int, run_now: int) -> int:
         """Evict the cached free blocks that do not fit beside the allocated ones at ``t``. ``run_bound`` bounds the
         running decodes' blocks from above; ``run_now`` is their exact count, or -1 when not computed yet (it is

@@ -121,6 +121,13 @@ class PrefillNode:
         self.busy_s += dt
         self._schedule(t + dt, self._end_step, None)
 
+    def cached_prefix_tokens(self, hashes: list[int], prompt_tokens: int) -> int:
+        """Prompt tokens a lookup now would find cached (after the evictions due by now); no other effect."""
+        cache = self.cache
+        cache.trim(self.kv_capacity_tokens - self.kv_used_tokens)
+        bt = self.hash_block_tokens
+        return cache.match(hashes, max_hit_blocks(hashes, prompt_tokens, 0, bt))[0] * bt
+
     def _lookup(self, r: Request, need: int, t: float) -> int:
         """The prompt's cached prefix: its tokens are not prefilled again, blocks other running prompts hold take
         no new room. Returns the new KV tokens to allocate, or -1 when they do not fit (nothing changed)."""

@@ -155,7 +155,7 @@ class ClusterSim:
         """The read-only cluster view a policy sees now (node lists built on first access)."""
         cfg = self.config
         return ClusterView(self.now, cfg.ttft_slo_s, cfg.tbt_slo_s, self._rate_now, builder=self._build_view,
-                           num_prefill=self._num_prefill, num_decode=self._num_decode)
+                           num_prefill=self._num_prefill, num_decode=self._num_decode, handoff=self.handoff)
 
     def _rate_now(self) -> float:
         return self._rate * math.exp((self._rate_t - self.now) / RATE_TAU_S)
@@ -182,6 +182,12 @@ class ClusterSim:
                 step_s=d.last_step_s, waiting_admission=len(d.admit_queue))
             for d in self.decode
         ]
+        req = self.requests[-1] if self._hashes is not None and self.requests else None
+        if req is not None and req.t_p_start < 0.0 and req.t_admit < 0.0:  # the arriving request, not yet routed
+            for v, p in zip(pv, self.prefill):
+                v.cached_tokens = p.cached_prefix_tokens(req.hashes, req.input_tokens)
+            for v, d in zip(dv, self.decode):
+                v.cached_tokens = d.cached_prefix_tokens(req.hashes, req.input_tokens, now)
         return pv, dv
 
     def route(self, req: Request, decision: Decision) -> None:
