@@ -80,14 +80,14 @@ def test_queue_threshold_deflects_only_when_the_best_prefill_node_is_backed_up()
 def test_dynamo_isl_bounding_prefill_load_and_or():
     v_calm = view([pnode(0, 1000), pnode(1, 2000)], [dnode(0), dnode(1)])
     v_busy = view([pnode(0, 20000), pnode(1, 17000)], [dnode(0), dnode(1)])  # 17000 > 2 x 8192
-    isl = make_policy("dynamo_isl:isl_bound=2048")
+    isl = make_policy("dynamo_isl:isl_bound=2048,isl_ratio=1.01")  # no cache: only a ratio gate off lets it pass
     assert isl.decide(v_calm, req(2047)).deflected
     assert not isl.decide(v_calm, req(2048)).deflected
     assert not isl.decide(v_busy, req(4000)).deflected  # load does not matter to isl_bounding
     load = make_policy("dynamo_load")  # load_frac 2.0: busy above 16384 waiting tokens
     assert not load.decide(v_calm, req(100)).deflected  # length does not matter to prefill_load
     assert load.decide(v_busy, req(4000)).deflected
-    either = make_policy("dynamo_isl_or_load:isl_bound=1024")
+    either = make_policy("dynamo_isl_or_load:isl_bound=1024,isl_ratio=1.01")
     assert either.decide(v_calm, req(500)).deflected
     assert not either.decide(v_calm, req(1500)).deflected
     assert either.decide(v_busy, req(1500)).deflected
@@ -97,12 +97,30 @@ def test_dynamo_decode_busy_veto():
     busy_kv = dnode(0, kv_free=int(0.05 * KV))  # 95 % of KV in use
     busy_batch = dnode(1, batch=240)  # 240 of 256 sequences
     calm = dnode(2)
-    pol = make_policy("dynamo_isl:isl_bound=2048,veto_busy=0.9")
+    pol = make_policy("dynamo_isl:isl_bound=2048,veto_busy=0.9,isl_ratio=1.01")
     assert pol.decide(view([pnode(0)], [busy_kv, busy_batch, calm]), req(100)).decode_node == 2
     vetoed = pol.decide(view([pnode(0)], [busy_kv, busy_batch]), req(100))
     assert not vetoed.deflected and vetoed.prefill_node == 0
     # without the veto the bypass goes ahead
-    assert make_policy("dynamo_isl").decide(view([pnode(0)], [busy_kv, busy_batch]), req(100)).deflected
+    assert make_policy("dynamo_isl:isl_ratio=1.01").decide(view([pnode(0)], [busy_kv, busy_batch]), req(100)).deflected
+
+
+def test_dynamo_cached_ratio_gate():
+    """Dynamo's isl_bounding (lib/kv-router/src/conditional_disagg.rs): bypass iff eff = L - cached on the
+    cache-hot decode node is < eff_isl_threshold AND eff / L < eff_isl_ratio_threshold (0.7); to that node."""
+    def v(cached):
+        ds = [dnode(0), dnode(1)]
+        ds[1].cached_tokens = cached
+        return view([pnode(0, 1000)], ds)
+
+    pol = make_policy("dynamo_isl")  # isl_bound 2048, isl_ratio 0.7
+    assert not pol.decide(v(0), req(1000)).deflected  # short, but nothing cached: ratio 1.0
+    d = pol.decide(v(512), req(1000))  # eff 488, ratio 0.488
+    assert d.deflected and d.decode_node == 1
+    assert not pol.decide(v(256), req(1000)).deflected  # eff 744: ratio 0.744 >= 0.7
+    assert not pol.decide(v(6144), req(8300)).deflected  # ratio 0.26, but eff 2156 >= 2048
+    assert pol.decide(v(6656), req(8300)).deflected  # eff 1644, ratio 0.198
+    assert make_policy("dynamo_isl_or_load").params()["isl_ratio"] == 0.7
 
 
 def test_policies_never_need_the_output_length():
