@@ -53,7 +53,7 @@ from deflectlab.policies.registry import make_policy
 #: Policies compared when none are named: never deflect, always deflect, each threshold heuristic, the paper's.
 DEFAULT_POLICIES: tuple[str, ...] = (
     "round_robin", "least_loaded", "always_deflect", "length_threshold", "queue_threshold", "dynamo_isl",
-    "dynamo_load", "dynamo_isl_or_load", "proactive",
+    "dynamo_load", "dynamo_isl_or_load", "prefix_affinity", "proactive",
 )
 #: Loads in requests/s. ``azure_code`` runs at 3.21 req/s on its own time line. In 2P2D (A100, DeepSeek-V2-Lite)
 #: its bursts saturate the prefill nodes from about 2 req/s on: never-deflect P95 TTFT goes from 0.6 s at 1 req/s

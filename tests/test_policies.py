@@ -315,3 +315,47 @@ def test_params_round_trip_through_the_registry():
         again = make_policy({"name": spec.split(":")[0], **pol.params()})
         assert again.params() == pol.params()
     assert math.isclose(make_policy("dynamo_load:load_frac=0.5").params()["load_frac"], 0.5)
+
+
+def test_prefix_affinity_scores_cache_against_queue_and_deflects_short_uncached_prompts():
+    """llm-d-style scores: 3 x cached share + 2 x queue score ((max - q) / (max - min)); deflect when the chosen
+    decode node leaves fewer than pd_threshold uncached tokens."""
+    from deflectlab.policies.prefix_affinity import queue_scores
+
+    assert queue_scores([4.0, 2.0, 0.0]) == [0.0, 0.5, 1.0] and queue_scores([3.0, 3.0]) == [1.0, 1.0]
+    d0, d1 = dnode(0, batch=4), dnode(1, batch=0)  # loads 4 and 0: queue scores 0 and 1
+    p0, p1 = pnode(0, 1000), pnode(1, 3000)
+    pol = make_policy("prefix_affinity")  # prefix 3, queue 2, pd_threshold 2048
+    d = pol.decide(view([p0, p1], [d0, d1]), req(8000))  # nothing cached: least loaded everywhere
+    assert not d.deflected and (d.prefill_node, d.decode_node) == (0, 1)
+    d0.cached_tokens, p1.cached_tokens = 5500, 4000  # d0: 3 x 0.6875 + 0 > d1's 2; p1: 1.5 + 0 < p0's 2
+    d = pol.decide(view([p0, p1], [d0, d1]), req(8000))
+    assert not d.deflected and (d.prefill_node, d.decode_node) == (0, 0)
+    p1.cached_tokens = 7000  # p1: 3 x 0.875 = 2.625 > 2
+    assert pol.decide(view([p0, p1], [d0, d1]), req(8000)).prefill_node == 1
+    d0.cached_tokens = 6500  # 1500 uncached on d0 < 2048: decode-only, on d0
+    d = pol.decide(view([p0, p1], [d0, d1]), req(8000))
+    assert d.deflected and d.decode_node == 0
+    assert make_policy("prefix_affinity:pd_threshold=1024").decide(view([p0, p1], [d0, d1]), req(8000)).kind == 0
+
+
+def test_proactive_estimates_use_the_handoff_preset_and_the_cache():
+    """One shared hand-off estimate: under vllm-nixl the prefill-path estimate exceeds the rdma one by exactly the
+    difference of envs.handoff.handoff_estimate_s; cached tokens on the decode node shrink both paths."""
+    from deflectlab.envs.handoff import RDMA, VLLM_NIXL, handoff_estimate_s
+
+    L = 6000
+    est = {}
+    for ho in (VLLM_NIXL, RDMA):
+        v = view([pnode(0, 0)], [dnode(0)])
+        v.handoff = ho
+        est[ho.name] = make_policy("proactive").decide(v, req(L)).estimates["ttft_prefill_s"]
+    prof = pnode(0).profile
+    gap = handoff_estimate_s(VLLM_NIXL, prof, L) - handoff_estimate_s(RDMA, prof, L)
+    assert est["vllm-nixl"] - est["rdma"] == pytest.approx(gap, rel=1e-9) and gap > 0.1  # the dispatch, mostly
+    cold, warm = view([pnode(0, 0)], [dnode(0)]), view([pnode(0, 0)], [dnode(0)])
+    warm.decode[0].cached_tokens = 4096
+    e_cold = make_policy("proactive").decide(cold, req(L)).estimates
+    e_warm = make_policy("proactive").decide(warm, req(L)).estimates
+    assert e_warm["ttft_deflect_s"] < e_cold["ttft_deflect_s"]
+    assert e_warm["ttft_prefill_s"] < e_cold["ttft_prefill_s"]  # fewer bytes to move
