@@ -573,7 +573,8 @@ class EngineEmulator:
             d.prefill_waiting_tokens += r.d_remaining
             d._poke(t, prefill_only=True)  # noqa: SLF001 - the node's own entry point for new prefill work
             return
-        d.kv_reserved_tokens -= r.kv_reserved
+        d.static_blocks -= r.kv_blocks  # the blocks admission reserved for the read
+        r.kv_blocks = 0
         d.admitted -= 1
         d.try_admit(t)
         st.failed = (f"KV transfer from the prefill instance {st.remote[0]}:{st.remote[1]} failed "  # type: ignore[index]
