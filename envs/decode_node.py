@@ -187,13 +187,12 @@ class DecodeNode:
         else:
             run_max = self._running_blocks(self.steps_done)
         cache = self.cache
-        run_now = -1  # the running decodes' blocks now, computed when an eviction may be due
         hit = 0
         while q:
             req = q[0]
             need = kv_need = -(-(req.input_tokens + req.generated) // self.block_tokens)
             if cache is not None and req.hashes is not None:
-                run_now = self._evict(t, max(run_max, run_now), run_now)
+                self._evict(t, run_max)
                 hit, shared = cache.match(req.hashes, max_hit_blocks(req.hashes, req.input_tokens, req.generated,
                                                                      self.hash_block_tokens))
                 need -= shared * cache.unit  # blocks a running request holds already: no new room
@@ -212,7 +211,7 @@ class DecodeNode:
             self.admitted += 1
             if cache is not None and req.hashes is not None:
                 req.d_held = cache.acquire(req.hashes, hit)
-                run_now = self._evict(t, max(run_max, run_now), run_now)  # room for the new blocks
+                self._evict(t, run_max)  # room for the new blocks
                 req.d_done = hit * self.hash_block_tokens  # the cached prefix counts as computed
                 if req.t_admit < 0.0:
                     req.d_cached = req.d_done
@@ -548,27 +547,38 @@ class DecodeNode:
     def cached_prefix_tokens(self, hashes: list[int], prompt_tokens: int, t: float) -> int:
         """Prompt tokens an admission at ``t`` would find cached (after the evictions due by then); no other
         effect on the model."""
-        self._evict(t, self.total_blocks, -1)  # no cheap bound here: the exact count when anything is cached
+        self._evict(t, self.total_blocks)  # no cheap bound here
         bt = self.hash_block_tokens
         return self.cache.match(hashes, max_hit_blocks(hashes, prompt_tokens, 0, bt))[0] * bt
 
-    def _evict(self, t: float, run_bound: int, run_now: int) -> int:
-        """Evict the cached free blocks that do not fit beside the allocated ones at ``t``. ``run_bound`` bounds the
-        running decodes' blocks from above; ``run_now`` is their exact count, or -1 when not computed yet (it is
-        computed only when an eviction may be due). Returns ``run_now``."""
+    def _evict(self, t: float, run_bound: int) -> None:
+        """Evict the cached free blocks that do not fit beside the blocks allocated at ``t`` (the step in progress
+        has its blocks). ``run_bound`` bounds the running decodes' blocks from above: nothing to do below it."""
         cache = self.cache
         if cache.free_blocks > self.total_blocks - self.static_blocks - run_bound:
-            if run_now < 0:
-                run_now = self.kv_used_blocks(t) - self.static_blocks
-            cache.trim(self.total_blocks - self.static_blocks - run_now)
-        return run_now
+            m = self.steps_done
+            if self.active and not self._starting and self.batch_size:
+                m += min(self._steps_by(t), self._seg_k - 1) + 1
+            cache.trim_to(self._cache_keep(m))
+
+    def _cache_keep(self, m: int) -> int:
+        """Cached blocks that fit beside the allocated blocks of step ``m``, exactly: the running decodes hold
+        between the floor sum and it plus one block each, and the O(blk) exact count is needed only when those
+        two bounds leave room for different numbers of cached blocks."""
+        free, unit, bsz = self.total_blocks - self.static_blocks, self.cache.unit, self.batch_size
+        if not bsz:
+            return free // unit
+        lo = (self._ctx_base + bsz * m) // self.block_tokens
+        keep = (free - lo) // unit
+        if keep != (free - lo - bsz) // unit:
+            keep = (free - self._running_blocks(m)) // unit
+        return keep
 
     def _trim_cache(self, n: int) -> None:
         """The running decodes grew during the segment: evict cached blocks that no longer fit beside the blocks of
         step ``n``, before this boundary frees anything (usage only grows inside a segment)."""
-        free = self.total_blocks - self.static_blocks
-        if self.cache.free_blocks > free - self._running_blocks_max(n):
-            self.cache.trim(free - self._running_blocks(n))
+        if self.cache.free_blocks > self.total_blocks - self.static_blocks - self._running_blocks_max(n):
+            self.cache.trim_to(self._cache_keep(n))
 
     def _release_cached(self, r: Request) -> None:
         """``r`` gives its cached blocks back: those another request still holds were counted once for both

@@ -102,8 +102,12 @@ class PrefixCache:
 
     def trim(self, room: int) -> None:
         """Evict least recently used free blocks until they fit in ``room`` (pool blocks, or tokens)."""
+        self.trim_to(room // self.unit if room > 0 else 0)
+
+    def trim_to(self, keep: int) -> None:
+        """Evict least recently used free blocks until at most ``keep`` are left."""
         free = self.free
-        over = len(free) - (room // self.unit if room > 0 else 0)
+        over = len(free) - (keep if keep > 0 else 0)
         if over > 0:
             cnt = self.cnt
             for h in list(islice(free, over)):
