@@ -123,6 +123,9 @@ class ClusterConfig:
     handoff: str = cli_field(
         "vllm-nixl", "KV hand-off transport preset: vllm-nixl, rdma or tcp, optionally with terms, e.g. "
         "vllm-nixl:dispatch_s=0.2 (envs/handoff.py, docs/fidelity.md)")
+    prefix_cache: bool = cli_field(
+        True, "automatic prefix caching on every node (vLLM V1's default) where the trace has block hashes "
+        "(Mooncake); --no-prefix-cache turns it off (docs/prefix_cache.md)")
 
     def __post_init__(self) -> None:
         for name in ("num_prefill", "num_decode"):
@@ -146,6 +149,8 @@ class ClusterConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"{name} must be a number > 0 (seconds), got {v!r}")
+        if not isinstance(self.prefix_cache, bool):
+            raise ConfigError(f"prefix_cache must be true or false, got {self.prefix_cache!r}")
         from deflectlab.envs.handoff import parse_handoff
 
         parse_handoff(self.handoff)  # names a bad preset or term

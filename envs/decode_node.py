@@ -32,6 +32,8 @@ from collections.abc import Callable
 from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING
 
+from deflectlab.envs.prefix_cache import PrefixCache, cache_unit, max_hit_blocks
+
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
     from deflectlab.envs.request import Request
@@ -119,6 +121,23 @@ class DecodeNode:
         self.log_bsz = array("q")
         self.log_join = array("q")
         self._seg_join = 0
+        self.cache: PrefixCache | None = None  # set by enable_prefix_cache
+        self.hash_block_tokens = 0
+
+    def enable_prefix_cache(self, hash_block_tokens: int) -> None:
+        """Cache prompts' full blocks of ``hash_block_tokens`` tokens (the trace's hash granularity).
+
+        A cached prefix counts as computed: a deflected prompt (or a preempted request's recompute) prefills
+        only the rest, and a prefill-path request's KV read moves only the blocks this node lacks. vLLM's
+        NixlConnector does the same: the decode scheduler first finds the local prefix hit
+        (``num_computed_tokens``); ``NixlConnectorScheduler.get_num_new_matched_tokens`` then asks for
+        ``len(prompt) - num_computed_tokens`` tokens from the prefill instance, and ``update_state_after_alloc``
+        reads into the request's *unhashed* blocks only (``blocks.get_unhashed_block_ids()``), the worker
+        reading the matching tail of the remote block ids (``vllm/distributed/kv_transfer/kv_connector/v1/
+        nixl_connector.py``).
+        """
+        self.cache = PrefixCache(cache_unit(hash_block_tokens, self.block_tokens))
+        self.hash_block_tokens = hash_block_tokens
 
     # -- admission -------------------------------------------------------------------------------------------
     @property
@@ -167,22 +186,35 @@ class DecodeNode:
             run_max = (self._ctx_base + bsz * (self.steps_done + self._seg_k)) // self.block_tokens + bsz
         else:
             run_max = self._running_blocks(self.steps_done)
+        cache = self.cache
+        hit = 0
         while q:
             req = q[0]
-            need = -(-(req.input_tokens + req.generated) // self.block_tokens)
+            need = kv_need = -(-(req.input_tokens + req.generated) // self.block_tokens)
+            if cache is not None and req.hashes is not None:
+                self._evict(t, run_max)
+                hit, shared = cache.match(req.hashes, max_hit_blocks(req.hashes, req.input_tokens, req.generated,
+                                                                     self.hash_block_tokens))
+                need -= shared * cache.unit  # blocks a running request holds already: no new room
             if self.static_blocks + run_max + need > self.total_blocks and not tight:
                 tight = True
                 run_max = self.kv_used_blocks(t) - self.static_blocks  # exact: the step in progress's blocks
             if self.static_blocks + run_max + need > self.total_blocks or self.admitted >= self.max_num_seqs:
-                if need > self.total_blocks:  # a preempted request that can never fit again
+                if kv_need > self.total_blocks:  # a preempted request that can never fit again
                     q.popleft()
                     req.reject_reason = f"KV capacity exceeded: {req.input_tokens + req.generated} tokens"
                     continue
                 break
             q.popleft()
             self.static_blocks += need  # usage is noted at the next step boundary (nothing frees before it)
-            req.kv_blocks = need
+            req.kv_blocks = kv_need
             self.admitted += 1
+            if cache is not None and req.hashes is not None:
+                req.d_held = cache.acquire(req.hashes, hit)
+                self._evict(t, run_max)  # room for the new blocks
+                req.d_done = hit * self.hash_block_tokens  # the cached prefix counts as computed
+                if req.t_admit < 0.0:
+                    req.d_cached = req.d_done
             if req.t_admit < 0.0:
                 req.t_admit = t
             if req.deflected or req.preemptions:
@@ -342,6 +374,8 @@ class DecodeNode:
             r.d_done = 0
             r.d_remaining = r.input_tokens + r.generated
             r.kv_blocks = 0
+            if r.d_held is not None:  # its cached blocks stay cached (the recompute may hit them)
+                self._release_cached(r)
             self.admit_queue.appendleft(r)
 
     def _take_joiners(self, t: float, n_done: int) -> list[Request]:
@@ -349,6 +383,8 @@ class DecodeNode:
         for r in self.joiners:
             if r.kv_blocks:
                 self.static_blocks -= r.kv_blocks  # now counted among the running decodes' blocks
+                if r.d_held is not None:  # the KV arrived: its new full blocks are cached here now
+                    self.cache.register(r.hashes, len(r.d_held), r.input_tokens // self.hash_block_tokens, r.d_held)
             else:  # joined without admission (tests, emulator): its blocks are allocated now
                 self.admitted += 1
             r.t_join = t
@@ -468,6 +504,8 @@ class DecodeNode:
         self._usage_t, self._usage_last = t, u
         if u + 0.5 * bsz > self.peak_blocks:
             self._note_peak()
+        if self.cache is not None and self.cache.free:
+            self._trim_cache(n)
         freed = self._finish_chunks(t, k, n) if self._seg_chunks else False
         running = self.running
         blk = self.block_tokens
@@ -506,6 +544,8 @@ class DecodeNode:
                 r.first_step = n
                 r.last_step = n + r.output_tokens - r.generated - 1
                 self.static_blocks -= r.kv_blocks  # a finished prompt: its blocks are a running decode's now
+                if r.d_held is not None:
+                    self.cache.register(r.hashes, len(r.d_held), r.input_tokens // self.hash_block_tokens, r.d_held)
                 if r.last_step == n:
                     self._finish(r, t)
                     freed = True
@@ -520,7 +560,51 @@ class DecodeNode:
     def _finish(self, r: Request, t: float) -> None:
         r.t_finish = t
         self.admitted -= 1
+        if r.d_held is not None:
+            self._release_cached(r)
         self._on_finished(r, t)
+
+    def cached_prefix_tokens(self, hashes: list[int], prompt_tokens: int, t: float) -> int:
+        """Prompt tokens an admission at ``t`` would find cached (after the evictions due by then); no other
+        effect on the model."""
+        self._evict(t, self.total_blocks)  # no cheap bound here
+        bt = self.hash_block_tokens
+        return self.cache.match(hashes, max_hit_blocks(hashes, prompt_tokens, 0, bt))[0] * bt
+
+    def _evict(self, t: float, run_bound: int) -> None:
+        """Evict the cached free blocks that do not fit beside the blocks allocated at ``t`` (the step in progress
+        has its blocks). ``run_bound`` bounds the running decodes' blocks from above: nothing to do below it."""
+        cache = self.cache
+        if cache.free_blocks > self.total_blocks - self.static_blocks - run_bound:
+            m = self.steps_done
+            if self.active and not self._starting and self.batch_size:
+                m += min(self._steps_by(t), self._seg_k - 1) + 1
+            cache.trim_to(self._cache_keep(m))
+
+    def _cache_keep(self, m: int) -> int:
+        """Cached blocks that fit beside the allocated blocks of step ``m``, exactly: the running decodes hold
+        between the floor sum and it plus one block each, and the O(blk) exact count is needed only when those
+        two bounds leave room for different numbers of cached blocks."""
+        free, unit, bsz = self.total_blocks - self.static_blocks, self.cache.unit, self.batch_size
+        if not bsz:
+            return free // unit
+        lo = (self._ctx_base + bsz * m) // self.block_tokens
+        keep = (free - lo) // unit
+        if keep != (free - lo - bsz) // unit:
+            keep = (free - self._running_blocks(m)) // unit
+        return keep
+
+    def _trim_cache(self, n: int) -> None:
+        """The running decodes grew during the segment: evict cached blocks that no longer fit beside the blocks of
+        step ``n``, before this boundary frees anything (usage only grows inside a segment)."""
+        if self.cache.free_blocks > self.total_blocks - self.static_blocks - self._running_blocks_max(n):
+            self.cache.trim_to(self._cache_keep(n))
+
+    def _release_cached(self, r: Request) -> None:
+        """``r`` gives its cached blocks back: those another request still holds were counted once for both
+        (admission subtracted them), so they count again now; the others become free but cached."""
+        self.static_blocks += self.cache.release(r.d_held) * self.cache.unit
+        r.d_held = None
 
     # -- observation -----------------------------------------------------------------------------------------
     def context_tokens(self) -> int:

@@ -11,6 +11,13 @@ squashed with ``x / (x + scale)`` into ``[0, 1)`` (``scale`` is where the featur
 around it); ratios to a capacity are clipped into ``[0, 1]``; the TBT headroom is clipped into ``[-1, 1]``. Times
 are measured in SLOs (seconds over ``ttft_slo_s`` or ``tbt_slo_s``) so a feature of 0.5 means "one SLO".
 
+Versions (:data:`SCHEMAS`): **1** (:data:`FEATURE_SCHEMA`, :data:`SCHEMA_VERSION`, the default and the shipped
+policy's) estimates the hand-off from the latency profile's transfer terms and knows no prefix cache; **2**
+(:data:`FEATURE_SCHEMA_V2`) adds each node's cached share of the prompt and its ``est_ttft`` features use the
+hits (a node prefills only what it does not hold, a hand-off moves only what the decode node lacks) and the
+cluster's hand-off preset (:func:`envs.handoff.handoff_estimate_s`, dispatch delay included). A schema-1 policy
+sees exactly the features it was trained on.
+
 Layout (:data:`FEATURE_SCHEMA`, version :data:`SCHEMA_VERSION`): the request block, then one block per prefill
 node in index order, then one block per decode node. Changing any feature, its order, its transform or its
 scale is a new schema version: exported policies record the version and the runtime refuses a mismatch.
@@ -28,13 +35,14 @@ first_step`` and ``T_D(d) = ceil((Q_d + L) / c_d) * step(B, C, c_d)``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from deflectlab.envs.chunking import largest_safe_chunk, worst_chunk_step_s
-from deflectlab.envs.view import ClusterView, Decision
+from deflectlab.envs.handoff import handoff_estimate_s
+from deflectlab.envs.view import ClusterView, Decision, least_loaded_decode
 
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
@@ -184,6 +192,44 @@ FEATURE_SCHEMA = FeatureSchema(
 )
 
 
+def _v2(spec: FeatureSpec, doc: str) -> FeatureSpec:
+    return replace(spec, doc=doc)
+
+
+#: Schema 2: schema 1 with each node's cached share of the prompt, and TTFT estimates that use the hits and the
+#: cluster's hand-off preset.
+FEATURE_SCHEMA_V2 = FeatureSchema(
+    name=SCHEMA_NAME,
+    version=2,
+    request=FEATURE_SCHEMA.request,
+    prefill=tuple(
+        _v2(s, "estimated TTFT on this prefill path: wait + prefill(L - cached here) + hand-off of the tokens the "
+               "least-loaded decode node does not hold, by the cluster's preset (dispatch, set-up, rate; queued "
+               "egress bytes included) + first decode step") if s.name == "est_ttft" else s
+        for s in FEATURE_SCHEMA.prefill) + (
+        _f("cached", "share of the prompt", "ratio", 1.0,
+           "prompt tokens this node holds in its prefix cache (not prefilled again) over the prompt length"),),
+    decode=tuple(
+        _v2(s, "estimated TTFT if deflected here: ceil((Q_d + L - cached here) / chunk) steps of step(B, C, chunk); "
+               "1.0 when the prompt's KV does not fit now or no chunk keeps the TBT SLO") if s.name == "est_ttft"
+        else s for s in FEATURE_SCHEMA.decode) + (
+        _f("cached", "share of the prompt", "ratio", 1.0,
+           "prompt tokens this node holds in its prefix cache (a deflection skips them, a hand-off does not move "
+           "them) over the prompt length"),),
+)
+#: Every schema this code builds, by version.
+SCHEMAS: dict[int, FeatureSchema] = {1: FEATURE_SCHEMA, 2: FEATURE_SCHEMA_V2}
+LATEST_SCHEMA_VERSION = 2
+
+
+def schema(version: int) -> FeatureSchema:
+    """The feature schema of ``version``; an unknown one is a ``ValueError`` naming the known ones."""
+    s = SCHEMAS.get(version)
+    if s is None:
+        raise ValueError(f"unknown feature schema version {version!r}; known: {sorted(SCHEMAS)}")
+    return s
+
+
 def action_layout(num_prefill: int, num_decode: int) -> list[dict[str, Any]]:
     """``[{"index": a, "kind": "prefill"|"deflect", "node": i}, ...]`` for ``Discrete(P + D)``."""
     return ([{"index": i, "kind": "prefill", "node": i} for i in range(num_prefill)]
@@ -283,7 +329,9 @@ class FeatureBuilder:
     environment and the runtime both use it, so an action means the same thing in both.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, version: int = SCHEMA_VERSION) -> None:
+        self.schema = schema(version)
+        self.version = version
         self._consts: dict[int, _ProfileConsts] = {}
         self._solvers: dict[tuple[int, float, int], ChunkSolver] = {}
         self.num_prefill = 0
@@ -306,7 +354,8 @@ class FeatureBuilder:
         return s
 
     def build(self, view: ClusterView, request: Any) -> np.ndarray:
-        """The observation for ``request`` arriving at ``view`` (``float32``, :data:`FEATURE_SCHEMA` layout)."""
+        """The observation for ``request`` arriving at ``view`` (``float32``, the layout of this builder's schema
+        version)."""
         L = int(request.input_tokens)
         now = view.now_s
         slo = view.ttft_slo_s
@@ -319,6 +368,8 @@ class FeatureBuilder:
         self.num_prefill, self.num_decode = P, D
         rate = view.arrival_rate_per_s
 
+        v2 = self.version >= 2
+        d_hit = least_loaded_decode(view).cached_tokens if v2 else 0  # the hand-off's destination holds these
         first_prof = pv[0].profile if P else dv[0].profile
         fpc = self._pc(first_prof)
         prefill_L, handoff_L, idle_step_L = fpc.per_prompt(L, pv[0].max_batched_tokens if P else L)
@@ -339,11 +390,18 @@ class FeatureBuilder:
             wr = p.waiting_requests
             wt = p.waiting_tokens
             x = wait * inv_slo
-            y = (wait + prefill_L + handoff_L + egress + first_step) * inv_slo
+            if v2:
+                pre = pc.per_prompt(L - p.cached_tokens, p.max_batched_tokens)[0] if p.cached_tokens else prefill_L
+                y = (wait + pre + handoff_estimate_s(view.handoff, p.profile, L - d_hit, p.egress_bytes)
+                     + first_step) * inv_slo
+            else:
+                y = (wait + prefill_L + handoff_L + egress + first_step) * inv_slo
             e = egress * inv_slo
             kv = p.kv_free_tokens / pc.kv_capacity
             obs += (wr / (wr + _S_PWR), wt / (wt + _S_PWT), x / (x + _S_PWAIT), y / (y + _S_PTTFT),
                     kv if kv < 1.0 else 1.0, e / (e + _S_EGRESS))
+            if v2:
+                obs.append(p.cached_tokens / L)
 
         caps = self.chunk_caps = [0] * D
         mask = [True] * (P + D)
@@ -358,7 +416,8 @@ class FeatureBuilder:
             chunk, step_c = self._solver(d.profile, tbt, d.max_batched_tokens).solve(B, d.context_tokens, L)
             caps[j] = chunk if chunk >= MIN_CHUNK_TOKENS else MIN_CHUNK_TOKENS
             if fits and chunk >= MIN_CHUNK_TOKENS:
-                t_d = -(-(d.deflected_waiting_tokens + L) // chunk) * step_c * inv_slo
+                todo = L - d.cached_tokens if v2 else L
+                t_d = -(-(d.deflected_waiting_tokens + todo) // chunk) * step_c * inv_slo
                 est = t_d / (t_d + _S_DTTFT)
             else:
                 est = 1.0
@@ -372,6 +431,8 @@ class FeatureBuilder:
                     (kv if kv < 1.0 else 1.0) if kv > 0.0 else 0.0, dwt / (dwt + _S_DWT), dwr / (dwr + _S_DWR),
                     ih / (ih + _S_IH), wa / (wa + _S_WA), (h if h > -1.0 else -1.0), chunk / d.max_batched_tokens, est,
                     1.0 if fits else 0.0)
+            if v2:
+                obs.append(d.cached_tokens / L)
         if not any_ok:  # never mask everything: with no prefill nodes and no KV room anywhere, allow all
             mask = [True] * (P + D)
         self._mask_list = mask
@@ -427,10 +488,13 @@ def _chunked_prefill_s(profile: LatencyModel, L: int, budget: int) -> float:
     return t
 
 
-_DEFAULT_BUILDER = FeatureBuilder()
+_BUILDERS: dict[int, FeatureBuilder] = {}
 
 
-def build_observation(view: ClusterView, request: Any) -> np.ndarray:
+def build_observation(view: ClusterView, request: Any, version: int = SCHEMA_VERSION) -> np.ndarray:
     """The observation of ``request`` arriving at ``view``: ``float32`` of length
-    ``FEATURE_SCHEMA.size(P, D)``, each feature within its schema bounds."""
-    return _DEFAULT_BUILDER.build(view, request)
+    ``schema(version).size(P, D)``, each feature within its schema bounds."""
+    b = _BUILDERS.get(version)
+    if b is None:
+        b = _BUILDERS[version] = FeatureBuilder(version)
+    return b.build(view, request)

@@ -144,6 +144,19 @@ TCP = Handoff(
 )
 
 PRESETS: dict[str, Handoff] = {h.name: h for h in (VLLM_NIXL, RDMA, TCP)}
+
+
+def handoff_estimate_s(handoff: Handoff | None, profile, tokens: float, queued_bytes: float = 0.0) -> float:
+    """The one uncontended hand-off estimate every policy and feature shares, seconds: the dispatch delay, the
+    per-transfer set-up, and ``tokens`` of KV plus ``queued_bytes`` already waiting on the NIC at the
+    per-transfer rate. ``handoff`` None (or a preset leaving set-up and rate unset) takes them from the latency
+    ``profile`` (``kv_transfer_overhead_s``, ``nic_bandwidth_Bps``): the estimate before the presets existed, which
+    schema-1 features keep. The step alignment and the first decode step are estimated by the callers."""
+    if handoff is None:
+        return profile.transfer_s(tokens) + queued_bytes / profile.nic_bandwidth_Bps
+    setup = profile.kv_transfer_overhead_s if handoff.setup_s is None else handoff.setup_s
+    rate = handoff.transfer_Bps or profile.nic_bandwidth_Bps
+    return handoff.dispatch_s + setup + (tokens * profile.kv_bytes_per_token + queued_bytes) / rate
 DEFAULT = "vllm-nixl"
 
 

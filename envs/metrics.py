@@ -50,6 +50,7 @@ class ClusterSim(Protocol):
     events: int
     decision_s: float
     xfer_setup_s: float
+    prefix_cache: bool
 
 #: TTFT components, in order along each path (seconds).
 PREFILL_PATH = ("p_queue", "prefill_exec", "handoff_wait", "transfer", "decode_wait", "first_step")
@@ -389,6 +390,12 @@ class RunSummary:
     preemptions: int = 0
     #: allocated / total KV blocks (vLLM's ``kv_cache_usage_perc``): time-mean and peak, per pool and node.
     kv_usage: dict[str, Any] = field(default_factory=dict)
+    #: prefix caching on (the config asks for it and the trace has block hashes)
+    prefix_cache: bool = False
+    #: cached share of the prompt tokens each pool looked up: ``prefill`` over the prompts prefilled there,
+    #: ``decode`` over the requests admitted there (a deflected prompt's hit saves compute, a prefill-path
+    #: request's hit saves KV transfer); 0.0 with the cache off.
+    prefix_hit_rate: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -548,6 +555,19 @@ def _kv_usage(sim: ClusterSim, t_end: float) -> dict[str, Any]:
     return {"prefill": pool(pre), "decode": pool(dec)}
 
 
+def _prefix_hit_rate(reqs: list) -> dict[str, float]:
+    """Cached share of prompt tokens per pool, over the requests that looked the pool up."""
+    p_in = p_hit = d_in = d_hit = 0
+    for r in reqs:
+        if r.t_p_start >= 0.0:
+            p_in += r.input_tokens
+            p_hit += r.p_cached
+        if r.t_admit >= 0.0:
+            d_in += r.input_tokens
+            d_hit += r.d_cached
+    return {"prefill": p_hit / p_in if p_in else 0.0, "decode": d_hit / d_in if d_in else 0.0}
+
+
 def _records(c: _Columns, reqs: list, comp, ttft, e2e, tbt_mean, tbt_max, slo_ok) -> dict[str, np.ndarray]:
     done, nan = c.done, math.nan
     return {
@@ -610,6 +630,7 @@ def collect(sim: ClusterSim, policy_name: str = "", wall_s: float = 0.0) -> RunR
         wall_s=wall_s, events=sim.events, sim_requests_per_wall_s=n / wall_s if wall_s > 0 else nan,
         handoff_s=handoff, handoff_stages_mean=stages, handoff_preset=cfg.handoff,
         preemptions=int(sum(d.preemptions for d in sim.decode)), kv_usage=_kv_usage(sim, t_end),
+        prefix_cache=sim.prefix_cache, prefix_hit_rate=_prefix_hit_rate(reqs),
     )
     records = _records(c, reqs, comp, ttft, e2e, tbt_mean, tbt_max, slo_ok)
     config = {"cluster": cfg.to_dict(), "workload": dict(getattr(sim.workload, "meta", {}) or {}),

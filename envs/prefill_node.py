@@ -6,6 +6,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from deflectlab.envs.prefix_cache import PrefixCache, cache_unit, max_hit_blocks
+
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
     from deflectlab.envs.request import Request
@@ -47,6 +49,14 @@ class PrefillNode:
         self.busy_until_s = 0.0
         self.busy_s = 0.0  # accumulated step time, for utilisation
         self._batch: list[tuple[Request, int]] = []
+        self.cache: PrefixCache | None = None  # set by enable_prefix_cache
+        self.hash_block_tokens = 0
+
+    def enable_prefix_cache(self, hash_block_tokens: int) -> None:
+        """Cache prompts' full blocks of ``hash_block_tokens`` tokens (the trace's hash granularity)."""
+        cache_unit(hash_block_tokens, self.profile.kv_block_tokens)  # checks the sizes agree
+        self.cache = PrefixCache(hash_block_tokens)  # this node counts its pool in tokens
+        self.hash_block_tokens = hash_block_tokens
 
     def enqueue(self, req: Request, t: float) -> None:
         self.queue.append(req)
@@ -55,8 +65,13 @@ class PrefillNode:
             self._start_step(t)
 
     def release(self, req: Request, t: float) -> None:
-        """The decode side has pulled ``req``'s KV: free its blocks (and unblock a stalled queue)."""
-        self._use(-self.profile.blocks(req.input_tokens) * self.profile.kv_block_tokens, t)
+        """The decode side has pulled ``req``'s KV: free its blocks (and unblock a stalled queue); its cached
+        blocks stay cached (held by others, or free for reuse)."""
+        freed = self.profile.blocks(req.input_tokens) * self.profile.kv_block_tokens
+        if req.p_held is not None:
+            freed -= self.cache.release(req.p_held) * self.hash_block_tokens  # shared: still in use
+            req.p_held = None
+        self._use(-freed, t)
         self.held_handoffs -= 1
         if not self.busy and self.queue:
             self._start_step(t)
@@ -81,7 +96,11 @@ class PrefillNode:
         for r in self.queue:
             if r.t_p_start < 0.0:
                 need = prof.blocks(r.input_tokens) * prof.kv_block_tokens
-                if self.kv_used_tokens + need > self.kv_capacity_tokens:
+                if r.hashes is not None and self.cache is not None:
+                    need = self._lookup(r, need, t)
+                    if need < 0:
+                        break
+                elif self.kv_used_tokens + need > self.kv_capacity_tokens:
                     break  # FCFS: the head waits for KV room
                 self._use(need, t)
                 r.t_p_start = t
@@ -102,6 +121,31 @@ class PrefillNode:
         self.busy_s += dt
         self._schedule(t + dt, self._end_step, None)
 
+    def cached_prefix_tokens(self, hashes: list[int], prompt_tokens: int) -> int:
+        """Prompt tokens a lookup now would find cached (after the evictions due by now); no other effect."""
+        cache = self.cache
+        cache.trim(self.kv_capacity_tokens - self.kv_used_tokens)
+        bt = self.hash_block_tokens
+        return cache.match(hashes, max_hit_blocks(hashes, prompt_tokens, 0, bt))[0] * bt
+
+    def _lookup(self, r: Request, need: int, t: float) -> int:
+        """The prompt's cached prefix: its tokens are not prefilled again, blocks other running prompts hold take
+        no new room. Returns the new KV tokens to allocate, or -1 when they do not fit (nothing changed)."""
+        cache, bt = self.cache, self.hash_block_tokens
+        cache.trim(self.kv_capacity_tokens - self.kv_used_tokens)  # units: tokens here, cache unit 1 block = bt
+        hit, shared = cache.match(r.hashes, max_hit_blocks(r.hashes, r.input_tokens, 0, bt))
+        need -= shared * bt
+        if self.kv_used_tokens + need > self.kv_capacity_tokens:
+            return -1  # FCFS: the head waits for KV room
+        r.p_held = cache.acquire(r.hashes, hit)
+        cache.trim(self.kv_capacity_tokens - self.kv_used_tokens - need)  # room for the new blocks
+        cached = hit * bt
+        r.p_cached = cached
+        r.p_done = cached
+        r.p_remaining -= cached
+        self.waiting_tokens -= cached
+        return need
+
     def _end_step(self, t: float, _: object) -> None:
         queue = self.queue
         for r, c in self._batch:
@@ -111,6 +155,8 @@ class PrefillNode:
             if r.p_remaining == 0:
                 queue.popleft()  # only the batch's last prompt can be partial, so finished ones are a prefix
                 r.t_p_end = t
+                if r.p_held is not None:
+                    self.cache.register(r.hashes, len(r.p_held), r.input_tokens // self.hash_block_tokens, r.p_held)
                 self.held_handoffs += 1
                 self._on_prefilled(r, t)
         self.busy = False

@@ -104,6 +104,19 @@ class ClusterSim:
                                sched, self._transferred, flow_cap_bps=self._bw)
         self._num_prefill, self._num_decode = len(self.prefill), len(self.decode)
         self._kv_bytes = pp.kv_bytes_per_token
+        self._hashes = self._enable_prefix_cache()
+
+    def _enable_prefix_cache(self) -> list[list[int]] | None:
+        """Prefix caching on every node when the config asks for it and the trace has block hashes; returns the
+        per-request hashes (None: no lookups, the model without a cache)."""
+        hashes = getattr(self.workload, "hash_ids", None)
+        self.prefix_cache = bool(self.config.prefix_cache and hashes is not None)
+        if not self.prefix_cache:
+            return None
+        bt = self.workload.hash_block_tokens
+        for n in (*self.prefill, *self.decode):
+            n.enable_prefix_cache(bt)
+        return hashes
 
     # -- event loop ------------------------------------------------------------------------------------------
     def schedule(self, t: float, fn: Callable[[float, object], None], arg: object) -> None:
@@ -130,6 +143,8 @@ class ClusterSim:
         self._next = i + 1
         self.now = t_arr
         req = Request(i, t_arr, self._arr_in[i], self._arr_out[i])
+        if self._hashes is not None:
+            req.hashes = self._hashes[i]
         self.requests.append(req)
         # exponentially weighted arrival rate, requests per second
         self._rate = self._rate * math.exp((self._rate_t - t_arr) / RATE_TAU_S) + 1.0 / RATE_TAU_S
@@ -140,7 +155,7 @@ class ClusterSim:
         """The read-only cluster view a policy sees now (node lists built on first access)."""
         cfg = self.config
         return ClusterView(self.now, cfg.ttft_slo_s, cfg.tbt_slo_s, self._rate_now, builder=self._build_view,
-                           num_prefill=self._num_prefill, num_decode=self._num_decode)
+                           num_prefill=self._num_prefill, num_decode=self._num_decode, handoff=self.handoff)
 
     def _rate_now(self) -> float:
         return self._rate * math.exp((self._rate_t - self.now) / RATE_TAU_S)
@@ -167,6 +182,12 @@ class ClusterSim:
                 step_s=d.last_step_s, waiting_admission=len(d.admit_queue))
             for d in self.decode
         ]
+        req = self.requests[-1] if self._hashes is not None and self.requests else None
+        if req is not None and req.t_p_start < 0.0 and req.t_admit < 0.0:  # the arriving request, not yet routed
+            for v, p in zip(pv, self.prefill):
+                v.cached_tokens = p.cached_prefix_tokens(req.hashes, req.input_tokens)
+            for v, d in zip(dv, self.decode):
+                v.cached_tokens = d.cached_prefix_tokens(req.hashes, req.input_tokens, now)
         return pv, dv
 
     def route(self, req: Request, decision: Decision) -> None:
@@ -257,8 +278,9 @@ class ClusterSim:
             self._read(t, req)
 
     def _read(self, t: float, req: Request) -> None:
-        """Set-up done: the bytes start moving (the NIC is not busy during the set-up)."""
-        nbytes = req.input_tokens * self._kv_bytes
+        """Set-up done: the bytes start moving (the NIC is not busy during the set-up). Only the prompt blocks the
+        decode node did not hold already move (NixlConnector reads into unhashed blocks only)."""
+        nbytes = (req.input_tokens - req.d_cached) * self._kv_bytes
         req.xfer_ideal_s = self.xfer_setup_s + nbytes / self._bw
         self.network.start(req, req.p_node, req.d_node, nbytes, t)
 

@@ -71,6 +71,8 @@ class PrefillNodeView:
     :param kv_free_tokens: free KV-cache tokens (KV of finished prefills is held until the decode side pulls it).
     :param held_handoffs: finished prefills whose KV has not yet been pulled by a decode node.
     :param egress_bytes: KV bytes still to send from this node (in flight or waiting for decode admission).
+    :param cached_tokens: prompt tokens of the arriving request this node holds in its prefix cache (its expected
+        hit: they would not be prefilled again); 0 without a prefix cache.
     """
 
     index: int
@@ -82,6 +84,7 @@ class PrefillNodeView:
     kv_free_tokens: int = 0
     held_handoffs: int = 0
     egress_bytes: float = 0.0
+    cached_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -97,6 +100,8 @@ class DecodeNodeView:
     :param ingress_bytes: KV bytes still to arrive over this node's NIC.
     :param step_s: duration of the node's current (or last) step, seconds.
     :param waiting_admission: requests waiting for KV room on this node.
+    :param cached_tokens: prompt tokens of the arriving request this node holds in its prefix cache: a deflected
+        prefill would skip them, a hand-off would not move them; 0 without a prefix cache.
     """
 
     index: int
@@ -112,6 +117,7 @@ class DecodeNodeView:
     ingress_bytes: float = 0.0
     step_s: float = 0.0
     waiting_admission: int = 0
+    cached_tokens: int = 0
 
 
 class ClusterView:
@@ -125,10 +131,12 @@ class ClusterView:
     :param tbt_slo_s: time-between-tokens SLO, seconds.
     :param arrival_rate_per_s: recent request arrival rate (exponentially weighted), requests per second; or a
         function computing it on first access (the simulator's, so policies that never look pay nothing).
+    :param handoff: the cluster's KV hand-off preset (:class:`envs.handoff.Handoff`) for hand-off estimates
+        (:func:`envs.handoff.handoff_estimate_s`); None: the latency profile's transfer terms only.
     """
 
     __slots__ = ("now_s", "ttft_slo_s", "tbt_slo_s", "_rate", "num_prefill", "num_decode", "_prefill",
-                 "_decode", "_builder")
+                 "_decode", "_builder", "handoff")
 
     def __init__(
         self,
@@ -141,6 +149,7 @@ class ClusterView:
         builder: Callable[[], tuple[list[PrefillNodeView], list[DecodeNodeView]]] | None = None,
         num_prefill: int | None = None,
         num_decode: int | None = None,
+        handoff: Any = None,
     ) -> None:
         if builder is None and (prefill is None or decode is None):
             raise ValueError("ClusterView needs node lists or a builder")
@@ -155,6 +164,7 @@ class ClusterView:
         self._prefill = prefill
         self._decode = decode
         self._builder = builder
+        self.handoff = handoff
 
     @property
     def arrival_rate_per_s(self) -> float:

@@ -63,6 +63,11 @@ BUNDLED: dict[str, Path] = {
 }
 
 FORMATS = ("azure", "mooncake", "burstgpt")
+
+#: Tokens one Mooncake ``hash_ids`` entry stands for: "each hash id represents a block of 512 tokens" (README of
+#: ``kvcache-ai/Mooncake`` ``FAST25-release/traces``; given by the trace format, not fitted). Mooncake is the
+#: only format here with hashes; Azure and BurstGPT traces have none and get no prefix-cache hits.
+MOONCAKE_HASH_BLOCK_TOKENS = 512
 ARRIVALS = ("trace", "poisson", "gamma", "onoff")
 
 _AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -166,6 +171,7 @@ class Workload:
     :param hash_ids: prefix-block hashes per request when the source has them (Mooncake), else None.
     :param meta: how the workload was made (source, format, window, arrival process, rate, seed, ...);
         JSON-serialisable, meant to be written beside results.
+    :param hash_block_tokens: prompt tokens one entry of ``hash_ids`` stands for (the trace format's block).
     """
 
     arrival_s: np.ndarray
@@ -173,6 +179,7 @@ class Workload:
     output_tokens: np.ndarray
     hash_ids: list[list[int]] | None = None
     meta: dict = field(default_factory=dict)
+    hash_block_tokens: int = MOONCAKE_HASH_BLOCK_TOKENS
 
     def __post_init__(self) -> None:
         arr, inp, out = _check_requests(
@@ -181,6 +188,8 @@ class Workload:
         object.__setattr__(self, "arrival_s", arr)
         object.__setattr__(self, "input_tokens", inp)
         object.__setattr__(self, "output_tokens", out)
+        check_number(self.hash_block_tokens, "hash_block_tokens", lo=1, integer=True, unit="tokens",
+                     what="Workload", error=WorkloadError)
 
     def __len__(self) -> int:
         return len(self.arrival_s)

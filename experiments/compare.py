@@ -53,13 +53,26 @@ from deflectlab.policies.registry import make_policy
 #: Policies compared when none are named: never deflect, always deflect, each threshold heuristic, the paper's.
 DEFAULT_POLICIES: tuple[str, ...] = (
     "round_robin", "least_loaded", "always_deflect", "length_threshold", "queue_threshold", "dynamo_isl",
-    "dynamo_load", "dynamo_isl_or_load", "proactive",
+    "dynamo_load", "dynamo_isl_or_load", "prefix_affinity", "proactive",
 )
 #: Loads in requests/s. ``azure_code`` runs at 3.21 req/s on its own time line. In 2P2D (A100, DeepSeek-V2-Lite)
 #: its bursts saturate the prefill nodes from about 2 req/s on: never-deflect P95 TTFT goes from 0.6 s at 1 req/s
 #: to 2.8 s at 2 and 5.7 s at 3.21 (prefill execution 12 % of it) while mean prefill utilisation is only 10-15 %.
 DEFAULT_RATES: tuple[float, ...] = (3.21, 5.0, 8.0)
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
+#: A run is *saturated* when its TTFT grows with arrival time by more than this many seconds per second (the
+#: least-squares slope over the window's requests): the backlog then grows by at least a tenth of the elapsed
+#: time, so latencies measure the queue's length, not the routing. Long prompts alone raise TTFT but not its
+#: slope. A load where every policy is saturated saturates the cluster, and the report says so.
+SATURATION_TTFT_SLOPE = 0.1
+
+
+def ttft_growth(arrival_s: np.ndarray, ttft_s: np.ndarray) -> float:
+    """Least-squares slope of TTFT against arrival time over the completed requests, seconds per second."""
+    ok = np.isfinite(ttft_s)
+    if ok.sum() < 2 or np.ptp(arrival_s[ok]) <= 0:
+        return math.nan
+    return float(np.polyfit(arrival_s[ok], ttft_s[ok], 1)[0])
 
 
 @dataclass(frozen=True)
@@ -216,6 +229,7 @@ class RunRecord:
             "policy": self.policy, "spec": self.spec, "rate": self.rate, "seed": self.seed,
             "window_start_s": (self.workload.get("window") or {}).get("start_s"),
             "offered_rate_rps": s.get("offered_rate_rps"),
+            "ttft_growth": ttft_growth(self.arrival_s, self.ttft_s),
             "requests": s.get("requests"), "completed": s.get("completed"), "rejected": s.get("rejected"),
             "ttft_p50_s": t.get("p50"), "ttft_p90_s": t.get("p90"), "ttft_p95_s": t.get("p95"),
             "ttft_p99_s": t.get("p99"), "ttft_mean_s": t.get("mean"),
@@ -318,6 +332,14 @@ class ComparisonResult:
                                                   if b else math.nan)
         return out
 
+    def saturated_rates(self) -> list[Any]:
+        """Loads at which every policy is saturated (mean TTFT growth above :data:`SATURATION_TTFT_SLOPE`)."""
+        by_rate: dict[Any, list[float]] = {}
+        for a in self.table():
+            by_rate.setdefault(a["rate"], []).append(a.get("ttft_growth", math.nan))
+        return [r for r in self.config.rates
+                if by_rate.get(r) and all(x > SATURATION_TTFT_SLOPE for x in by_rate[r])]
+
     def to_json(self) -> dict[str, Any]:
         """``{"results": [{policy, rate, seed, ttft_s{p50,p95,p99}, tbt_s{p95}, slo_attainment,
         deflection_rate}, ...]}``: what ``deflectlab compare --json`` prints."""
@@ -402,10 +424,17 @@ class ComparisonResult:
         if same:
             lines += ["Policies with identical per-request TTFTs in every run (one line in the TTFT plots): "
                       + "; ".join(" = ".join(f"`{policy_label(p)}`" for p in g) for g in same) + ".", ""]
+        saturated = self.saturated_rates()
         for rate in cfg.rates:
             rows = sorted((a for a in table if a["rate"] == rate), key=lambda a: cfg.policies.index(a["policy"]))
             req = rows[0]["requests"] if rows else math.nan
             lines += [f"## Load {_rate(rate)} (about {req:.0f} requests per window)", ""]
+            if rate in saturated:
+                least = min(a.get("ttft_growth", math.nan) for a in rows)
+                lines += [f"**This load saturates the {cl.shape} cluster under every policy**: TTFT grows with "
+                          f"arrival time by at least {least:.2f} s per s under each (more than "
+                          f"{SATURATION_TTFT_SLOPE:g}), so the backlog grows through the window and latencies "
+                          "measure the queue, not the policy. Use a larger `--shape` or a lower load.", ""]
             lines += md_table(REPORT_COLUMNS, [_report_cells(a) for a in rows])
             lines.append("")
         if plots:

@@ -42,6 +42,10 @@ GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
     "dynamo_load": {"load_frac": (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)},
     "dynamo_isl_or_load": {"isl_bound": (256, 512, 1024, 1536, 2048, 3072, 4096, 8192),
                            "load_frac": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)},
+    # llm-d-style affinity (policies/prefix_affinity.py): the uncached-prompt threshold for deflecting, and the
+    # weight of the cache against the queue (queue_weight stays 2, llm-d's default profile)
+    "prefix_affinity": {"pd_threshold": (0, 256, 512, 1024, 2048, 4096, 8192, 16384),
+                        "prefix_weight": (0.0, 1.0, 3.0, 10.0)},
 }
 #: Training seeds used when none are given; the evaluation default is 0, 1, 2.
 TRAIN_SEEDS: tuple[int, ...] = (100, 101, 102, 103, 104)

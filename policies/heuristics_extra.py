@@ -188,10 +188,12 @@ class DynamoConditional(Policy):
     Source: ai-dynamo/dynamo ``lib/kv-router/src/conditional_disagg.rs`` (policies ``isl_bounding``,
     ``prefill_load``, ``isl_or_load``) and the "Conditional Disaggregation" page of the Dynamo docs:
 
-    * ``isl_bounding``: bypass when the effective input length is below ``isl_bound`` (Dynamo's
-      ``eff_isl_threshold``, default 2048). Dynamo's effective ISL subtracts the decode worker's prefix-cache
-      hit and adds a cached-ratio gate (``eff_isl_ratio_threshold``); the cluster model has no prefix cache,
-      so the effective ISL is the prompt length and the ratio gate (which would then never pass) is dropped.
+    * ``isl_bounding``: bypass when the effective input length ``eff = L - cached`` (the prompt less the
+      prefix the cache-hot decode node holds, the view's ``cached_tokens``) is below ``isl_bound`` (Dynamo's
+      ``eff_isl_threshold``, default 2048) *and* ``eff / L`` is below ``isl_ratio`` (Dynamo's
+      ``eff_isl_ratio_threshold``, default 0.7: the decode node's cache must cover enough of the prompt). As in
+      Dynamo, without prefix-cache hits the ratio is 1 and this gate never passes; ``isl_ratio`` above 1 turns
+      the ratio gate off (a bypass by prompt length alone, this policy's behaviour before the cache existed).
     * ``prefill_load``: bypass when the prefill worker the router would pick is busy, ``active_tokens >
       load_frac x max_num_batched_tokens`` (Dynamo's ``router_queue_threshold``, default 2.0). Active tokens
       are the node's waiting prompt tokens (the running step's included).
@@ -199,12 +201,13 @@ class DynamoConditional(Policy):
 
     Decode-busy veto (Dynamo's ``decode_busy_threshold``, an AND gate over the verdict): with ``veto_busy``
     set, a bypass goes only to a decode node whose KV use and batch share are at most ``veto_busy``; if no
-    node qualifies the request takes the prefill path. The bypass target is the decode node with the least
-    deflected work waiting (Dynamo uses its KV-overlap router, which has nothing to score without a prefix
-    cache).
+    node qualifies the request takes the prefill path. The bypass target is the cache-hot decode node (the most
+    cached tokens, as Dynamo's KV-overlap router picks it) when it holds any of the prompt and qualifies, else the
+    decode node with the least deflected work waiting.
 
     :param mode: ``"isl_bounding"``, ``"prefill_load"`` or ``"isl_or_load"``.
-    :param isl_bound: bypass prompts shorter than this, tokens.
+    :param isl_bound: bypass prompts whose uncached part is shorter than this, tokens.
+    :param isl_ratio: ... and whose uncached share of the prompt is below this (> 1: no ratio gate).
     :param load_frac: prefill worker busy above ``load_frac x`` its token budget of waiting tokens.
     :param veto_busy: decode-busy threshold as a fraction of KV capacity and of ``max_num_seqs`` (``None``: off).
     :param chunk: chunk cap of a deflected prefill, tokens (``None``: the decode node's token budget).
@@ -213,13 +216,15 @@ class DynamoConditional(Policy):
     MODES = ("isl_bounding", "prefill_load", "isl_or_load")
 
     def __init__(self, mode: str = "isl_or_load", isl_bound: int = 2048, load_frac: float = 2.0,
-                 veto_busy: float | None = None, chunk: int | None = None) -> None:
+                 veto_busy: float | None = None, chunk: int | None = None, isl_ratio: float = 0.7) -> None:
         if mode not in self.MODES:
             raise ValueError(f"policy 'dynamo': mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         self.name = {"isl_bounding": "dynamo_isl", "prefill_load": "dynamo_load",
                      "isl_or_load": "dynamo_isl_or_load"}[mode]
         check_number(isl_bound, "isl_bound", lo=0, integer=True, what=f"policy {self.name!r}")
         check_number(load_frac, "load_frac", lo=0, what=f"policy {self.name!r}")
+        check_number(isl_ratio, "isl_ratio", lo=0, what=f"policy {self.name!r}")
+        self.isl_ratio = float(isl_ratio)
         if veto_busy is not None:
             check_number(veto_busy, "veto_busy", lo=0, hi=1, what=f"policy {self.name!r}")
         if chunk is not None:
@@ -233,16 +238,24 @@ class DynamoConditional(Policy):
     def _prefill_busy(self, p: PrefillNodeView) -> bool:
         return p.waiting_tokens > self.load_frac * p.max_batched_tokens
 
+    def _isl_bypass(self, L: int, hot: DecodeNodeView) -> bool:
+        eff = L - hot.cached_tokens
+        return eff < self.isl_bound and eff / max(L, 1) < self.isl_ratio
+
     def decide(self, view: ClusterView, request: RequestLike) -> Decision:
         L = request.input_tokens
         p = least_loaded_prefill(view)
+        hot = max(view.decode, key=lambda d: d.cached_tokens)  # the cache-hot decode node (first of equals)
         if self.mode == "isl_bounding":
-            bypass = L < self.isl_bound
+            bypass = self._isl_bypass(L, hot)
         elif self.mode == "prefill_load":
             bypass = self._prefill_busy(view.prefill[p])
         else:
-            bypass = L < self.isl_bound or self._prefill_busy(view.prefill[p])
+            bypass = self._isl_bypass(L, hot) or self._prefill_busy(view.prefill[p])
         if bypass:
+            if hot.cached_tokens and hot.kv_free_tokens >= L and not (
+                    self.veto_busy is not None and decode_busy(hot, self.veto_busy)):
+                return Decision.deflect(hot.index, self.chunk)
             d = deflect_target(view, L, self.veto_busy)
             if d is not None:
                 return Decision.deflect(d, self.chunk)
@@ -252,6 +265,7 @@ class DynamoConditional(Policy):
         out: dict[str, Any] = {"mode": self.mode}
         if self.mode != "prefill_load":
             out["isl_bound"] = self.isl_bound
+            out["isl_ratio"] = self.isl_ratio
         if self.mode != "isl_bounding":
             out["load_frac"] = self.load_frac
         out["veto_busy"] = self.veto_busy

@@ -12,7 +12,10 @@ out in docs/design.md ("Policies"). For a request of ``L`` prompt tokens:
   policy has seen; ``count x mean^2`` underestimates it by the lengths' dispersion, about 1.9 on the Azure
   traces). The queue is costed at the rate of full steps of the actual mix, not at one tokens/s figure.
 * ``handoff(L) = kv_transfer_overhead_s + L x kv_bytes_per_token / bw + egress_bytes / bw`` (docs/design.md's
-  formula, literally: the transfer plus the bytes already queued on p's NIC).
+  formula: the transfer plus the bytes already queued on p's NIC), with the cluster's hand-off preset when the
+  view carries one (:func:`envs.handoff.handoff_estimate_s`: its dispatch delay, set-up and rate).
+* With prefix caching, node p prefills only ``L - cached_p`` tokens, the hand-off moves only the tokens ``d*``
+  does not hold, and a deflection to ``d`` prefills ``L - cached_d`` tokens (the view's ``cached_tokens``).
 * ``first_step(d*)``: on ``d*``, the decode node the least-loaded balancer would pick now (fewest sequences
   running, prefilling or bound there), half its current step (the wait for a step boundary) plus the step
   the request joins: the larger of d*'s current step and a decode step with this request's context added.
@@ -67,6 +70,7 @@ from typing import TYPE_CHECKING, Any
 
 from deflectlab.envs.chunking import largest_safe_chunk
 from deflectlab.envs.config import check_number
+from deflectlab.envs.handoff import handoff_estimate_s
 from deflectlab.envs.view import (
     ClusterView,
     Decision,
@@ -290,11 +294,14 @@ class ProactiveDeflector(Policy):
     # -- the prefill path ----------------------------------------------------------------------------------
     @staticmethod
     def prefill_ttft(m: StepModel, now: float, busy_until_s: float, W: int, nw: int, budget: int, L: int,
-                     egress_bytes: float, dispersion: float = 1.0) -> float:
+                     egress_bytes: float, dispersion: float = 1.0, handoff_s: float | None = None) -> float:
         """``wait_p + prefill(L) + handoff(L)``, seconds, on a prefill node with ``W`` tokens of ``nw`` prompts
         waiting (the running step's included) and a step budget of ``budget`` tokens.
 
+        :param L: the prompt tokens to prefill (a cached prefix subtracted).
         :param dispersion: ``E[L^2] / E[L]^2`` of prompt lengths, for the queued prompts' attention.
+        :param handoff_s: the hand-off estimate (:func:`envs.handoff.handoff_estimate_s`, queued egress
+            included); None: the profile's transfer terms for ``L`` tokens and ``egress_bytes``.
         """
         r = busy_until_s - now
         if r > 0.0:
@@ -309,6 +316,8 @@ class ProactiveDeflector(Policy):
         if Wq > 0 and nw > 0:
             t += m.sq * Wq * (W / nw) * dispersion  # queued prompts' attention: their number x E[L^2]
         t += m.prompt_attn(L, budget)
+        if handoff_s is not None:
+            return t + handoff_s
         return t + m.xov + (L * m.kvb + egress_bytes) / m.bw
 
     # -- the deflect path, docs/design.md's formula ("queue", "serial") ------------------------------------------
@@ -497,12 +506,12 @@ class ProactiveDeflector(Policy):
         L = request.input_tokens
         dispersion = self._observe(L)
         dstar = least_loaded_decode(view)
-        best_p, t_p = self._best_prefill(view, L, dispersion)
+        best_p, t_p = self._best_prefill(view, L, dispersion, dstar.cached_tokens)
         t_p += self._first_step(dstar, L)
         best_d, best_c, t_d = self._best_deflection(view, L)
         if best_d >= 0 and (best_p < 0 or t_d < (1.0 - self.margin) * t_p):
             if self.sharing == "bounded":
-                self._nodes[best_d].lanes.append(Lane(float(best_c), L, float(L)))
+                self._nodes[best_d].lanes.append(Lane(float(best_c), L, float(L - view.decode[best_d].cached_tokens)))
             est = {"ttft_s": t_d, "ttft_deflect_s": t_d}
             if best_p >= 0:
                 est["ttft_prefill_s"] = t_p
@@ -532,13 +541,17 @@ class ProactiveDeflector(Policy):
         join = md.ov + md.lin(B1) + md.dattn * (dstar.context_tokens + L) + md.dseq * B1
         return 0.5 * dstar.step_s + (join if join > dstar.step_s else dstar.step_s)
 
-    def _best_prefill(self, view: ClusterView, L: int, dispersion: float) -> tuple[int, float]:
-        """The prefill node with the lowest estimated TTFT before the first decode step, and that estimate."""
+    def _best_prefill(self, view: ClusterView, L: int, dispersion: float, d_cached: int = 0) -> tuple[int, float]:
+        """The prefill node with the lowest estimated TTFT before the first decode step, and that estimate: each
+        node prefills what it does not hold cached, and the hand-off (the cluster's preset) moves what the decode
+        node (``d_cached`` tokens held) lacks."""
         best_p, t_p = -1, math.inf
         now = view.now_s
         for p in view.prefill:
+            ho = handoff_estimate_s(view.handoff, p.profile, L - d_cached, p.egress_bytes)
             t = self.prefill_ttft(step_model(p.profile), now, p.busy_until_s, p.waiting_tokens,
-                                  p.waiting_requests, p.max_batched_tokens, L, p.egress_bytes, dispersion)
+                                  p.waiting_requests, p.max_batched_tokens, L - p.cached_tokens, p.egress_bytes,
+                                  dispersion, ho)
             if t < t_p:
                 best_p, t_p = p.index, t
         return best_p, t_p
@@ -558,7 +571,7 @@ class ProactiveDeflector(Policy):
             lanes = nodes[d.index].sync(view.now_s, d) if bounded else None
             if d.kv_free_tokens < need_kv or decode_load(d) >= d.max_num_seqs:
                 continue
-            c, t = self._deflect_estimate(d, L, tau, lanes)
+            c, t = self._deflect_estimate(d, L - d.cached_tokens, tau, lanes)  # a cached prefix is not prefilled
             if c > 0 and t < t_d:
                 best_d, best_c, t_d = d.index, c, t
         return best_d, best_c, t_d

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from deflectlab.envs.features import FEATURE_SCHEMA, FeatureBuilder
+from deflectlab.envs.features import FEATURE_SCHEMA, SCHEMAS, FeatureBuilder
 from deflectlab.envs.view import ClusterView, Decision, Policy, RequestLike
 
 MANIFEST_FORMAT = "deflectlab.policy"
@@ -71,13 +71,14 @@ def load_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
         files = man["files"]
     except (KeyError, TypeError, ValueError) as e:
         raise PolicyFileError(f"{man_path}: manifest lacks {e}") from None
-    if fs.get("name") != FEATURE_SCHEMA.name or fs.get("version") != FEATURE_SCHEMA.version:
+    sch = SCHEMAS.get(fs.get("version")) if fs.get("name") == FEATURE_SCHEMA.name else None
+    if sch is None:
         raise PolicyFileError(
             f"{man_path}: trained on features {fs.get('name')} v{fs.get('version')}, this code builds "
-            f"{FEATURE_SCHEMA.name} v{FEATURE_SCHEMA.version}; retrain or use the matching deflectlab version")
-    if fs.get("names") != FEATURE_SCHEMA.names(P, D):
-        raise PolicyFileError(f"{man_path}: feature list differs from {FEATURE_SCHEMA.name} "
-                              f"v{FEATURE_SCHEMA.version} for {P}P{D}D (same version, different features)")
+            f"{FEATURE_SCHEMA.name} v{', v'.join(map(str, SCHEMAS))}; retrain or use the matching deflectlab version")
+    if fs.get("names") != sch.names(P, D):
+        raise PolicyFileError(f"{man_path}: feature list differs from {sch.name} "
+                              f"v{sch.version} for {P}P{D}D (same version, different features)")
     for key in ("onnx", "numpy"):
         entry = files.get(key)
         if not entry:
@@ -114,9 +115,10 @@ class OnnxPolicy(Policy):
         self.dir, self.manifest = load_manifest(path)
         c = self.manifest["cluster"]
         self.num_prefill, self.num_decode = int(c["num_prefill"]), int(c["num_decode"])
-        self.num_obs = FEATURE_SCHEMA.size(self.num_prefill, self.num_decode)
+        version = self.manifest["feature_schema"]["version"]
+        self.num_obs = SCHEMAS[version].size(self.num_prefill, self.num_decode)
         self._masked = float(self.manifest["network"].get("masked_logit", -1e9))
-        self._fb = FeatureBuilder()
+        self._fb = FeatureBuilder(version)  # the schema the policy was trained on (1 for the shipped one)
         self._checked = False
         if backend == "onnx":
             self._load_onnx()

@@ -1,6 +1,7 @@
 """Simulator speed and memory: simulated requests per wall second, events per request, peak memory.
 
     python scripts/bench_simulator.py [--repeat 3] [--memory-requests 100000] [--handoff vllm-nixl]
+    python scripts/bench_simulator.py --prefix-cache [--repeat 5]   # cache on against off, Mooncake trace
 
 Targets (issues "calibrated cluster simulator" and 10): >= 50,000 simulated requests per wall second on one
 core for 2P2D on the Azure conv trace at 6 req/s, never-deflect and always-deflect, with the hand-off stages;
@@ -45,6 +46,25 @@ def bench_policy(policy: str, repeat: int, handoff: str) -> dict:
         if best is None or row["loop_s"] + row["metrics_s"] < best["loop_s"] + best["metrics_s"]:
             best = row
     return best
+
+
+def bench_prefix_cache(repeat: int, shapes: tuple[str, ...] = ("2p2d", "16p16d")) -> None:
+    """Issue 11's speed check: the whole bundled Mooncake trace (recorded arrivals), prefix cache on against off,
+    best process CPU time of ``repeat`` runs (CPU time, since the machine may be shared)."""
+    wl = make_workload("mooncake_synthetic")
+    print(f"Mooncake synthetic trace ({len(wl):,} requests, recorded arrivals), a100-80gb_deepseek-v2-lite, "
+          f"best CPU seconds of {repeat} runs (loop and metrics)")
+    print(f"{'shape':<8}{'policy':<16}{'cache off s':>12}{'cache on s':>12}{'on / off':>10}")
+    for shape in shapes:
+        for pol in ("round_robin", "always_deflect", "proactive"):
+            best = {}
+            for on in (False, True):
+                for _ in range(repeat):
+                    sim = ClusterSim(ClusterConfig.from_shape(shape, prefix_cache=on), wl)
+                    t0 = time.process_time()
+                    sim.run(make_policy(pol))
+                    best[on] = min(best.get(on, 1e9), time.process_time() - t0)
+            print(f"{shape:<8}{pol:<16}{best[False]:>12.3f}{best[True]:>12.3f}{best[True] / best[False]:>10.2f}")
 
 
 def memory_child(n: int, policy: str, handoff: str) -> None:
@@ -111,9 +131,14 @@ def main() -> None:
     ap.add_argument("--memory-requests", type=int, default=100_000)
     ap.add_argument("--handoff", default="vllm-nixl", help="KV hand-off preset (default vllm-nixl)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--prefix-cache", action="store_true",
+                    help="only the prefix cache's cost: Mooncake trace, cache on against off")
     a = ap.parse_args()
     if a.child:
         memory_child(int(a.child[0]), a.child[1], a.child[2])
+        return
+    if a.prefix_cache:
+        bench_prefix_cache(a.repeat)
         return
     n = len(make_workload("azure_conv", rate=RATE).arrival_s)
     print(f"2P2D, a100-80gb_deepseek-v2-lite, Azure conv trace ({n:,} requests at {RATE:g} req/s), hand-off "

@@ -67,6 +67,7 @@ from deflectlab.envs.view import DEFLECT, Decision, Policy
 from deflectlab.policies.registry import make_policy
 from deflectlab.serving.liveness import Liveness
 from deflectlab.serving.load_view import Instance, RateEstimate, RouterView, ViewBuilder
+from deflectlab.serving.prefix_view import PrefixView
 from deflectlab.serving.protocol import (
     CHUNK_CAP_HEADER,
     RequestError,
@@ -90,12 +91,13 @@ _TAIL = 1024  # bytes of a stream's end kept to see how it ended
 class RoutedRequest:
     """What the policy is told about a request: never its output length (the router does not know it)."""
 
-    __slots__ = ("rid", "arrival_s", "input_tokens")
+    __slots__ = ("rid", "arrival_s", "input_tokens", "hashes")
 
-    def __init__(self, rid: int, arrival_s: float, input_tokens: int) -> None:
+    def __init__(self, rid: int, arrival_s: float, input_tokens: int, hashes: list[int] | None = None) -> None:
         self.rid = rid
         self.arrival_s = arrival_s
         self.input_tokens = input_tokens
+        self.hashes = hashes  # the prompt's block hashes (serving/prefix_view.py), for the cache estimate
 
 
 @dataclass(slots=True)
@@ -184,6 +186,7 @@ class Router:
         dp = pp if c.decode_profile == c.prefill_profile else load_profile(c.decode_profile)
         self.views = ViewBuilder(pp, dp, c.prefill_max_batched_tokens, c.decode_max_batched_tokens, c.max_num_seqs,
                                  c.ttft_slo_s, c.tbt_slo_s)
+        self.prefix = PrefixView(len(self.prefill), len(self.decode), pp, dp) if c.prefix_cache else None
         check = getattr(self.policy, "check_cluster", None)
         if callable(check):  # an exported policy refuses a cluster it was not trained for, now
             check(self.views.view(0.0, 0.0, self.prefill, self.decode))
@@ -261,14 +264,21 @@ class Router:
         if view.stale_decode:
             self.m.stale_decision("decode_metrics_stale")
         t0 = time.perf_counter()
+        if self.prefix is not None and req.hashes:
+            self.prefix.annotate(view, req.hashes, req.input_tokens)
         dec, reason = self._ask_policy(view, req)
         self.m.decide_time(time.perf_counter() - t0)
         if dec is None:
             self.m.fallback(reason)
             p = self._fallback_prefill(exclude_p)
             self.m.decided("prefill")
-            return Route(p, None)
-        return self._apply(dec, exclude_p)
+            route = Route(p, None)
+        else:
+            route = self._apply(dec, exclude_p)
+        if self.prefix is not None and req.hashes:
+            self.prefix.record(req.hashes, route.prefill.index if route.prefill else None,
+                               route.decode.index if route.decode else None)
+        return route
 
     def _forced_reason(self, exclude_p: set[int] | None) -> str | None:
         if not self.prefill:
@@ -397,7 +407,7 @@ class Router:
         now = self.model_now()
         self.rate.arrival(now)
         self._seq += 1
-        req = RoutedRequest(self._seq, now, call.n_tok)
+        req = RoutedRequest(self._seq, now, call.n_tok, self.prefix.hashes(call.body) if self.prefix else None)
         tried_p: set[int] = set()
         while True:
             route = self.decide(req, tried_p)

@@ -200,3 +200,24 @@ def test_shipped_tuned_file_loads():
     assert set(tuned) >= {"length_threshold", "queue_threshold", "dynamo_isl", "dynamo_load"}
     assert meta["trace"] == "azure_code" and not set(meta["seeds"]) & {0, 1, 2}
     assert yaml.safe_load(path.read_text())["trials"]
+
+
+def test_large_heterogeneous_shapes_and_the_saturation_note():
+    """16P16D with H100 prefill and A100 decode nodes runs; 2P2D on the Mooncake trace at its recorded rate is
+    saturated under every policy (TTFT grows with arrival time) and the report says so, 16P16D is not."""
+    from deflectlab.envs.config import ClusterConfig
+    from deflectlab.experiments.compare import ComparisonConfig, run_comparison
+
+    res = {}
+    for shape in ("2p2d", "16p16d"):
+        cl = ClusterConfig.from_shape(shape, prefill_profile="h100-80gb_llama-3-8b",
+                                      decode_profile="a100-80gb_llama-3-8b")
+        cfg = ComparisonConfig(trace="mooncake_synthetic", rates=(None,), seeds=(0,), window_s=120.0, cluster=cl,
+                               policies=("round_robin", "proactive"), workers=1)
+        res[shape] = run_comparison(cfg, progress=False)
+    assert res["2p2d"].saturated_rates() == [None]
+    assert all(a["ttft_growth"] > 0.1 for a in res["2p2d"].table())
+    assert "saturates the 2p2d cluster under every policy" in res["2p2d"].markdown()
+    assert res["16p16d"].saturated_rates() == []
+    assert "saturates" not in res["16p16d"].markdown()
+    assert {r.summary["cluster"] for r in res["16p16d"].runs} == {"16p16d"}

@@ -48,7 +48,7 @@ def test_no_clairvoyance(policy):
     decisions and identical timelines up to T (a small decode pool, so admission waits and preemptions)."""
     base = make_workload("azure_code", rate=6.0, num_requests=600, seed=3)
     t_cut = float(base.arrival_s[400])
-    sim_a = _sim(base)
+    sim_a = _sim(base, kv_tokens=12_000)  # tight enough that both policies preempt before T
     dec_a = _drive(sim_a, make_policy(policy))
     # the pool is tight: requests wait for blocks and decodes are preempted before T
     assert any(0 <= r.t_preempt < t_cut for r in sim_a.requests)
@@ -58,7 +58,7 @@ def test_no_clairvoyance(policy):
     out_b = base.output_tokens.copy()
     out_b[unfinished] = out_b[unfinished] * 3 + 7
     wl_b = Workload(arrival_s=base.arrival_s, input_tokens=base.input_tokens, output_tokens=out_b)
-    sim_b = _sim(wl_b)
+    sim_b = _sim(wl_b, kv_tokens=12_000)
     dec_b = _drive(sim_b, make_policy(policy))
     n_before = int(np.searchsorted(base.arrival_s, t_cut))
     assert dec_a[:n_before] == dec_b[:n_before]

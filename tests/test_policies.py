@@ -80,14 +80,14 @@ def test_queue_threshold_deflects_only_when_the_best_prefill_node_is_backed_up()
 def test_dynamo_isl_bounding_prefill_load_and_or():
     v_calm = view([pnode(0, 1000), pnode(1, 2000)], [dnode(0), dnode(1)])
     v_busy = view([pnode(0, 20000), pnode(1, 17000)], [dnode(0), dnode(1)])  # 17000 > 2 x 8192
-    isl = make_policy("dynamo_isl:isl_bound=2048")
+    isl = make_policy("dynamo_isl:isl_bound=2048,isl_ratio=1.01")  # no cache: only a ratio gate off lets it pass
     assert isl.decide(v_calm, req(2047)).deflected
     assert not isl.decide(v_calm, req(2048)).deflected
     assert not isl.decide(v_busy, req(4000)).deflected  # load does not matter to isl_bounding
     load = make_policy("dynamo_load")  # load_frac 2.0: busy above 16384 waiting tokens
     assert not load.decide(v_calm, req(100)).deflected  # length does not matter to prefill_load
     assert load.decide(v_busy, req(4000)).deflected
-    either = make_policy("dynamo_isl_or_load:isl_bound=1024")
+    either = make_policy("dynamo_isl_or_load:isl_bound=1024,isl_ratio=1.01")
     assert either.decide(v_calm, req(500)).deflected
     assert not either.decide(v_calm, req(1500)).deflected
     assert either.decide(v_busy, req(1500)).deflected
@@ -97,12 +97,30 @@ def test_dynamo_decode_busy_veto():
     busy_kv = dnode(0, kv_free=int(0.05 * KV))  # 95 % of KV in use
     busy_batch = dnode(1, batch=240)  # 240 of 256 sequences
     calm = dnode(2)
-    pol = make_policy("dynamo_isl:isl_bound=2048,veto_busy=0.9")
+    pol = make_policy("dynamo_isl:isl_bound=2048,veto_busy=0.9,isl_ratio=1.01")
     assert pol.decide(view([pnode(0)], [busy_kv, busy_batch, calm]), req(100)).decode_node == 2
     vetoed = pol.decide(view([pnode(0)], [busy_kv, busy_batch]), req(100))
     assert not vetoed.deflected and vetoed.prefill_node == 0
     # without the veto the bypass goes ahead
-    assert make_policy("dynamo_isl").decide(view([pnode(0)], [busy_kv, busy_batch]), req(100)).deflected
+    assert make_policy("dynamo_isl:isl_ratio=1.01").decide(view([pnode(0)], [busy_kv, busy_batch]), req(100)).deflected
+
+
+def test_dynamo_cached_ratio_gate():
+    """Dynamo's isl_bounding (lib/kv-router/src/conditional_disagg.rs): bypass iff eff = L - cached on the
+    cache-hot decode node is < eff_isl_threshold AND eff / L < eff_isl_ratio_threshold (0.7); to that node."""
+    def v(cached):
+        ds = [dnode(0), dnode(1)]
+        ds[1].cached_tokens = cached
+        return view([pnode(0, 1000)], ds)
+
+    pol = make_policy("dynamo_isl")  # isl_bound 2048, isl_ratio 0.7
+    assert not pol.decide(v(0), req(1000)).deflected  # short, but nothing cached: ratio 1.0
+    d = pol.decide(v(512), req(1000))  # eff 488, ratio 0.488
+    assert d.deflected and d.decode_node == 1
+    assert not pol.decide(v(256), req(1000)).deflected  # eff 744: ratio 0.744 >= 0.7
+    assert not pol.decide(v(6144), req(8300)).deflected  # ratio 0.26, but eff 2156 >= 2048
+    assert pol.decide(v(6656), req(8300)).deflected  # eff 1644, ratio 0.198
+    assert make_policy("dynamo_isl_or_load").params()["isl_ratio"] == 0.7
 
 
 def test_policies_never_need_the_output_length():
@@ -297,3 +315,47 @@ def test_params_round_trip_through_the_registry():
         again = make_policy({"name": spec.split(":")[0], **pol.params()})
         assert again.params() == pol.params()
     assert math.isclose(make_policy("dynamo_load:load_frac=0.5").params()["load_frac"], 0.5)
+
+
+def test_prefix_affinity_scores_cache_against_queue_and_deflects_short_uncached_prompts():
+    """llm-d-style scores: 3 x cached share + 2 x queue score ((max - q) / (max - min)); deflect when the chosen
+    decode node leaves fewer than pd_threshold uncached tokens."""
+    from deflectlab.policies.prefix_affinity import queue_scores
+
+    assert queue_scores([4.0, 2.0, 0.0]) == [0.0, 0.5, 1.0] and queue_scores([3.0, 3.0]) == [1.0, 1.0]
+    d0, d1 = dnode(0, batch=4), dnode(1, batch=0)  # loads 4 and 0: queue scores 0 and 1
+    p0, p1 = pnode(0, 1000), pnode(1, 3000)
+    pol = make_policy("prefix_affinity")  # prefix 3, queue 2, pd_threshold 2048
+    d = pol.decide(view([p0, p1], [d0, d1]), req(8000))  # nothing cached: least loaded everywhere
+    assert not d.deflected and (d.prefill_node, d.decode_node) == (0, 1)
+    d0.cached_tokens, p1.cached_tokens = 5500, 4000  # d0: 3 x 0.6875 + 0 > d1's 2; p1: 1.5 + 0 < p0's 2
+    d = pol.decide(view([p0, p1], [d0, d1]), req(8000))
+    assert not d.deflected and (d.prefill_node, d.decode_node) == (0, 0)
+    p1.cached_tokens = 7000  # p1: 3 x 0.875 = 2.625 > 2
+    assert pol.decide(view([p0, p1], [d0, d1]), req(8000)).prefill_node == 1
+    d0.cached_tokens = 6500  # 1500 uncached on d0 < 2048: decode-only, on d0
+    d = pol.decide(view([p0, p1], [d0, d1]), req(8000))
+    assert d.deflected and d.decode_node == 0
+    assert make_policy("prefix_affinity:pd_threshold=1024").decide(view([p0, p1], [d0, d1]), req(8000)).kind == 0
+
+
+def test_proactive_estimates_use_the_handoff_preset_and_the_cache():
+    """One shared hand-off estimate: under vllm-nixl the prefill-path estimate exceeds the rdma one by exactly the
+    difference of envs.handoff.handoff_estimate_s; cached tokens on the decode node shrink both paths."""
+    from deflectlab.envs.handoff import RDMA, VLLM_NIXL, handoff_estimate_s
+
+    L = 6000
+    est = {}
+    for ho in (VLLM_NIXL, RDMA):
+        v = view([pnode(0, 0)], [dnode(0)])
+        v.handoff = ho
+        est[ho.name] = make_policy("proactive").decide(v, req(L)).estimates["ttft_prefill_s"]
+    prof = pnode(0).profile
+    gap = handoff_estimate_s(VLLM_NIXL, prof, L) - handoff_estimate_s(RDMA, prof, L)
+    assert est["vllm-nixl"] - est["rdma"] == pytest.approx(gap, rel=1e-9) and gap > 0.1  # the dispatch, mostly
+    cold, warm = view([pnode(0, 0)], [dnode(0)]), view([pnode(0, 0)], [dnode(0)])
+    warm.decode[0].cached_tokens = 4096
+    e_cold = make_policy("proactive").decide(cold, req(L)).estimates
+    e_warm = make_policy("proactive").decide(warm, req(L)).estimates
+    assert e_warm["ttft_deflect_s"] < e_cold["ttft_deflect_s"]
+    assert e_warm["ttft_prefill_s"] < e_cold["ttft_prefill_s"]  # fewer bytes to move

@@ -16,7 +16,8 @@ OLD_KEYS = {"policy", "cluster", "requests", "completed", "rejected", "unfinishe
             "ttft_slo_attainment", "tbt_slo_attainment", "goodput_rps", "throughput_rps", "deflection_rate",
             "ttft_breakdown_p95", "ttft_breakdown_mean", "p95_set_mean_ttft_s", "prefill_share_of_p95_ttft",
             "utilization", "estimate_error", "decision_us_mean", "wall_s", "events", "sim_requests_per_wall_s"}
-NEW_KEYS = {"handoff_s", "handoff_stages_mean", "handoff_preset", "preemptions", "kv_usage"}
+NEW_KEYS = {"handoff_s", "handoff_stages_mean", "handoff_preset", "preemptions", "kv_usage",
+            "prefix_cache", "prefix_hit_rate"}
 
 
 def test_summary_keys_are_the_old_ones_plus_the_new():

@@ -1,0 +1,256 @@
+"""Prefix caching on every node (envs/prefix_cache.py): hits against a hand-written LRU, the compute and transfer
+they save, the KV pool shared with running requests, and the model with the cache off."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.prefix_cache import PrefixCache
+from deflectlab.envs.profile import load_profile
+from deflectlab.envs.simulator import ClusterSim
+from deflectlab.envs.workloads import Workload, make_workload
+from deflectlab.policies.registry import make_policy
+
+PROFILE = "a100-80gb_deepseek-v2-lite"
+BT = 512  # tokens a Mooncake hash stands for
+BLK = 16  # the profile's KV block, tokens
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _profile(kv_tokens: int | None = None):
+    p = load_profile(PROFILE)
+    return dataclasses.replace(p, kv_capacity_tokens=kv_tokens) if kv_tokens else p
+
+
+def _sim(reqs, shape="1p1d", kv_tokens=None, gap=100.0, **cluster) -> ClusterSim:
+    """``reqs``: (prompt tokens, output tokens, hashes[, arrival]) per request; arrivals ``gap`` apart if not given."""
+    arr = [r[3] if len(r) > 3 else i * gap for i, r in enumerate(reqs)]
+    wl = Workload(np.array(arr, float), np.array([r[0] for r in reqs]), np.array([r[1] for r in reqs]),
+                  hash_ids=[list(r[2]) for r in reqs])
+    prof = _profile(kv_tokens)
+    return ClusterSim(ClusterConfig.from_shape(shape, **cluster), wl, prefill_profile=prof, decode_profile=prof)
+
+
+def _run(sim, policy):
+    sim.run(make_policy(policy))
+    return sim.requests
+
+
+# -- the hand-computed reference -----------------------------------------------------------------------------
+def reference_hits(reqs, pool: int, unit: int, need_of) -> list[int]:
+    """vLLM's prefix cache for requests that run one at a time, written as plainly as possible: a list in LRU
+    order (front = next evicted); a request's hit is its longest cached prefix of full blocks leaving one token
+    to compute; its blocks come out of the list; room is made for its allocation (``need_of(L)`` pool units);
+    its new full blocks are cached; at the end all of them go to the back, last block first."""
+    lru: list[int] = []
+    hits = []
+    for L, _, h in reqs:
+        n_max = min(len(h), L // BT, (L - 1) // BT)
+        hit = 0
+        while hit < n_max and h[hit] in lru:
+            hit += 1
+        for x in h[:hit]:
+            lru.remove(x)
+        while len(lru) * unit > pool - need_of(L):
+            lru.pop(0)
+        mine = h[:hit] + [x for x in h[hit:L // BT] if x not in lru]
+        lru.extend(reversed(mine))
+        hits.append(hit * BT)
+    return hits
+
+
+def _sequential_trace(n=40, seed=7):
+    """Prompts from a few prefix families, 1-4 full blocks plus (mostly) a partial tail of its own, one output
+    token; a prompt of whole blocks exercises the cap that leaves a token to compute."""
+    rng = np.random.default_rng(seed)
+    families = [[100 * f + j for j in range(6)] for f in range(5)]
+    reqs, uid = [], 10_000
+    for _ in range(n):
+        fam, k = families[rng.integers(len(families))], int(rng.integers(1, 5))
+        tail = int(rng.choice([0, 37, 300]))
+        h = fam[:k] + ([uid] if tail else [])
+        uid += 1
+        reqs.append((k * BT + tail, 1, h))
+    return reqs
+
+
+def test_hits_equal_a_hand_computed_lru_on_the_decode_node():
+    """Deflected prompts one at a time on a decode pool of 8 cached blocks' room: hits, evictions and all."""
+    reqs = _sequential_trace()
+    kv = 8 * BT
+    got = [r.d_cached for r in _run(_sim(reqs, kv_tokens=kv), "always_deflect")]
+    want = reference_hits(reqs, kv // BLK, BT // BLK, lambda L: -(-L // BLK))
+    assert got == want
+    assert 0 < sum(want) < sum(r[0] for r in reqs)  # some hits, some misses
+    seen, evicted = set(), 0
+    for w, (L, _, h) in zip(want, reqs):
+        evicted += w == 0 and h[0] in seen and (L - 1) // BT > 0  # a prefix seen before, gone: the pool is small
+        seen.add(h[0])
+    assert evicted > 0
+
+
+def test_hits_equal_the_reference_on_both_pools_of_the_prefill_path():
+    reqs = _sequential_trace(seed=11)
+    kv = 8 * BT
+    done = _run(_sim(reqs, kv_tokens=kv), "round_robin")
+    want = reference_hits(reqs, kv, BT, lambda L: -(-L // BLK) * BLK)  # the prefill node counts tokens
+    assert [r.p_cached for r in done] == want
+    assert [r.d_cached for r in done] == want  # the decode pool is the same size and sees the same sequence
+
+
+def test_prefix_hit_rate_is_the_cached_share_of_prompt_tokens():
+    reqs = _sequential_trace(seed=3)
+    sim = _sim(reqs, kv_tokens=8 * BT)
+    res = sim.run(make_policy("always_deflect"))
+    want = reference_hits(reqs, 8 * BT // BLK, BT // BLK, lambda L: -(-L // BLK))
+    s = res.summary
+    assert s["prefix_cache"] is True
+    assert s["prefix_hit_rate"]["decode"] == pytest.approx(sum(want) / sum(r[0] for r in reqs), rel=1e-12)
+    assert s["prefix_hit_rate"]["prefill"] == 0.0  # nothing was prefilled on a prefill node
+
+
+# -- what a hit saves ------------------------------------------------------------------------------------------
+def test_cached_prefill_is_cheaper_by_exactly_the_cached_tokens():
+    """Second prompt shares 3 blocks: its prefill step computes L - 1536 tokens with 1536 of prior context."""
+    L = 4 * BT + 200
+    reqs = [(L, 1, [1, 2, 3, 4, 5]), (L, 1, [1, 2, 3, 9, 10])]
+    prof = _profile()
+    first, second = _run(_sim(reqs), "round_robin")
+    h = 3 * BT
+    assert (first.p_cached, second.p_cached) == (0, h)
+    assert first.t_p_end - first.t_p_start == pytest.approx(prof.step_s(L, 0, 0, L * L, 0), rel=1e-12)
+    c = L - h
+    assert second.t_p_end - second.t_p_start == pytest.approx(prof.step_s(c, 0, 0, c * c, c * h), rel=1e-12)
+
+
+def test_deflected_prefill_skips_the_cached_prefix():
+    """Deflected: the chunks start after the cached prefix; step by step, each chunk's step as the profile
+    prices it (budget 2048 tokens, prior context = cached + earlier chunks)."""
+    L = 5 * BT + 100
+    reqs = [(L, 1, [1, 2, 3, 4, 5, 6]), (L, 1, [1, 2, 3, 4, 7, 8])]
+    prof = _profile()
+    _, second = _run(_sim(reqs), "always_deflect")
+    done = 4 * BT
+    assert second.d_cached == done
+    t = 0.0
+    while done < L:
+        c = min(L - done, 2048)
+        t += prof.step_s(c, 0, 0, c * c, c * done)
+        done += c
+    assert second.ttft_s == pytest.approx(t, rel=1e-9)
+
+
+def test_handoff_moves_only_the_blocks_the_decode_node_lacks():
+    L = 3 * BT + 100
+    reqs = [(L, 2, [1, 2, 3, 4]), (L, 2, [1, 2, 8, 9]), (L, 2, [20, 21, 22, 23])]
+    sim = _sim(reqs)
+    a, b, c = _run(sim, "round_robin")
+    kvb, bw, setup = sim.prefill_profile.kv_bytes_per_token, sim._bw, sim.xfer_setup_s
+    assert (a.d_cached, b.d_cached, c.d_cached) == (0, 2 * BT, 0)
+    assert a.xfer_ideal_s == pytest.approx(setup + L * kvb / bw, rel=1e-12)
+    assert b.xfer_ideal_s == pytest.approx(setup + (L - 2 * BT) * kvb / bw, rel=1e-12)
+    assert c.xfer_ideal_s == pytest.approx(a.xfer_ideal_s, rel=1e-12)
+
+
+# -- one KV pool for running requests and cached blocks ---------------------------------------------------------
+def test_running_requests_evict_cached_blocks_and_shared_blocks_count_once():
+    """A (3 blocks) finishes; B (no shared prefix) then runs and grows to 219 of 256 blocks; C, after B, has
+    A's prefix but finds only its first block: B's admission left room for 2 cached blocks (A's last block was
+    evicted first), its growth for 1. Without B, C finds all three."""
+    kv = 8 * BT  # 256 blocks of 16 tokens
+    a = (3 * BT + 1, 1, [1, 2, 3, 4], 0.0)
+    b = (3000, 500, [50, 51, 52, 53, 54, 55], 10.0)
+    c = (3 * BT + 1, 1, [1, 2, 3, 5], 200.0)
+    with_b = _run(_sim([a, b, c], kv_tokens=kv), "always_deflect")
+    assert with_b[1].t_finish < c[3]  # the eviction happened while B ran, not at C's lookup
+    assert with_b[2].d_cached == BT
+    without_b = _run(_sim([a, c], kv_tokens=kv), "always_deflect")
+    assert without_b[1].d_cached == 3 * BT
+
+
+def test_blocks_two_running_requests_share_take_room_once():
+    L = 3 * BT + 1
+    reqs = [(L, 2000, [1, 2, 3, 4], 0.0), (L, 2000, [1, 2, 3, 5], 1.0)]
+    used = {}
+    for on in (True, False):
+        sim = _sim(reqs, prefix_cache=on)
+        pol = make_policy("always_deflect")
+        sim.advance()
+        sim.route(sim.requests[0], pol.decide(sim.view(), sim.requests[0]))
+        req = sim.advance()
+        sim.route(req, pol.decide(sim.view(), req))
+        assert req.t_admit == 1.0 and sim.requests[0].t_finish < 0  # both in the pool
+        used[on] = sim.decode[0].kv_used_blocks(1.0)
+    assert used[False] - used[True] == 3 * BT // BLK  # three 512-token blocks, 32 pool blocks each
+
+
+def test_a_mooncake_run_leaves_no_block_held():
+    wl = make_workload("mooncake_synthetic", num_requests=400)
+    sim = ClusterSim(ClusterConfig.from_shape("2p2d"), wl)
+    res = sim.run(make_policy("proactive"))
+    assert res.summary["completed"] + res.summary["rejected"] == 400
+    assert 0 < res.summary["prefix_hit_rate"]["decode"] < 1 and 0 < res.summary["prefix_hit_rate"]["prefill"] < 1
+    for n in (*sim.prefill, *sim.decode):
+        assert n.cache is not None and not any(n.cache.cnt.values())  # every block given back
+    assert all(d.used_blocks == 0 for d in sim.decode) and all(p.kv_used_tokens == 0 for p in sim.prefill)
+    for d in sim.decode:
+        assert d.cache.free_blocks <= d.total_blocks
+
+
+# -- the cache off -----------------------------------------------------------------------------------------------
+TIMES = ("t_p_start", "t_p_end", "t_dispatch", "t_admit", "t_read", "t_xfer_end", "t_join", "t_d_start",
+         "t_first_token", "t_finish", "xfer_ideal_s")
+
+
+@pytest.mark.parametrize("policy", ["proactive", "round_robin"])
+def test_no_prefix_cache_is_the_model_without_a_cache(policy):
+    """``prefix_cache=False`` on a trace with hashes gives the timelines of the same trace without hashes
+    (where the nodes have no cache at all), and the cache on changes them."""
+    wl = make_workload("mooncake_synthetic", num_requests=300)
+    bare = Workload(wl.arrival_s, wl.input_tokens, wl.output_tokens)
+    runs = {}
+    for name, w, on in (("off", wl, False), ("bare", bare, True), ("on", wl, True)):
+        sim = ClusterSim(ClusterConfig.from_shape("2p2d", prefix_cache=on), w)
+        sim.run(make_policy(policy))
+        runs[name] = [tuple(getattr(r, k) for k in TIMES) for r in sim.requests]
+        assert all(n.cache is None for n in sim.decode) == (name != "on")
+    assert runs["off"] == runs["bare"]
+    assert runs["on"] != runs["off"]
+
+
+def test_no_prefix_cache_flag():
+    out = subprocess.run([sys.executable, "-m", "deflectlab.scripts.cli", "simulate", "--trace", "mooncake_synthetic",
+                          "--num-requests", "60", "--no-prefix-cache", "--json"], cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=300).stdout
+    s = json.loads(out)
+    assert s["prefix_cache"] is False and s["prefix_hit_rate"] == {"prefill": 0.0, "decode": 0.0}
+
+
+# -- the cache alone ----------------------------------------------------------------------------------------------
+def test_cache_lru_order_and_sharing():
+    c = PrefixCache(unit=1)
+    held_a = c.acquire([1, 2, 3], 0)
+    c.register([1, 2, 3], 0, 3, held_a)
+    held_b = c.acquire([1, 2, 9], c.match([1, 2, 9], 3)[0])
+    assert held_b == [1, 2] and c.match([1, 2, 3], 3) == (3, 3)  # all held: no new room needed
+    assert c.release(held_a) == 2  # 1 and 2 still held by b
+    assert list(c.free) == [3]
+    assert c.release(held_b) == 0
+    assert list(c.free) == [3, 2, 1]  # last block first
+    c.trim(2)
+    assert list(c.free) == [2, 1] and 3 not in c and c.evictions == 1
+    assert c.match([1, 2, 3], 3) == (2, 0)
+
+
+def test_trace_block_must_be_a_whole_number_of_node_blocks():
+    wl = Workload(np.array([0.0]), np.array([600]), np.array([2]), hash_ids=[[1, 2]], hash_block_tokens=500)
+    with pytest.raises(ValueError, match="multiple of the node's KV block"):
+        ClusterSim(ClusterConfig.from_shape("1p1d"), wl)
