@@ -22,7 +22,8 @@ def _load_builtins() -> None:
     register("never_deflect", heuristics.RoundRobin)
     register("always_deflect", heuristics.AlwaysDeflect)
     for extra in (
-        "deflectlab.policies.heuristics_extra", "deflectlab.policies.proactive", "deflectlab.policies.runtime"
+        "deflectlab.policies.heuristics_extra", "deflectlab.policies.proactive", "deflectlab.policies.runtime",
+        "deflectlab.policies.lookahead",
     ):
         try:
             mod = __import__(extra, fromlist=["register_policies"])
