@@ -113,17 +113,18 @@ class StateCopier:
         new = object.__new__(cls)
         self.memo[id(x)] = new
         cp = self.copy
+        atomic = _ATOMIC
         setattr_ = object.__setattr__
         for name in slots:
             try:
                 v = getattr(x, name)
             except AttributeError:
                 continue
-            setattr_(new, name, cp(v))
+            setattr_(new, name, v if type(v) in atomic else cp(v))
         if d is not None:
             nd = new.__dict__
             for k, v in d.items():
-                nd[k] = cp(v)
+                nd[k] = v if type(v) in atomic else cp(v)
         return new
 
 

@@ -27,45 +27,68 @@ import math
 from bisect import bisect_right
 from typing import Any
 
+import numpy as np
+
 from deflectlab.envs.features import FeatureBuilder
 from deflectlab.envs.view import ClusterView, Decision, Policy, RequestLike
 
 _DRAIN_S = 120.0  # after the horizon, drain the copy at most this long (simulated seconds); unfinished = missed
 
 
-def tbt_slo_ok(node: Any, req: Any, tau: float) -> bool:
-    """Whether ``req`` (finished on decode ``node``) has P95 TBT <= ``tau``: at least ``ceil(0.95 n)`` of its
-    ``n`` samples (token steps after the first, each pre-emption run, each pre-emption gap) are <= ``tau``.
-    Exact, from the node's segment log (steps ``n0+1 .. n0+k`` took ``a + b*j``, ``j = 0..k-1``)."""
-    runs = list(req.tbt_runs or ()) + [(req.first_step, req.last_step)]
-    cnt = over = 0
-    for first, last in runs:
-        c, o = _count_over(node, first + 1, last, tau)
-        cnt += c
-        over += o
-    for gap in req.stalls or ():
-        cnt += 1
-        over += gap > tau
-    return cnt == 0 or cnt - over >= math.ceil(0.95 * cnt - 1e-9)
+def tbt_slo_met(sim: Any, reqs: list, tau: float) -> list[bool]:
+    """For each finished request, whether its own P95 TBT <= ``tau``: at least ``ceil(0.95 n)`` of its ``n``
+    samples (token steps after the first, each pre-emption run, each pre-emption gap) are <= ``tau``, as
+    :mod:`~deflectlab.envs.metrics` counts it. Exact, from the decode nodes' segment logs (steps ``n0+1 ..
+    n0+k`` took ``a + b*j`` seconds, ``j = 0..k-1``), with prefix sums over the segments the requests span."""
+    n = len(reqs)
+    cnt = np.zeros(n)
+    over = np.zeros(n)
+    runs: dict[int, list[tuple[int, int, int]]] = {}
+    for i, r in enumerate(reqs):
+        node_runs = runs.setdefault(r.d_node, [])
+        for first, last in (r.tbt_runs or ()):
+            node_runs.append((i, first + 1, last))
+        node_runs.append((i, r.first_step + 1, r.last_step))
+        for gap in r.stalls or ():
+            cnt[i] += 1
+            over[i] += gap > tau
+    for d, node_runs in runs.items():
+        owner, lo, hi = (np.array(x, dtype=np.int64) for x in zip(*node_runs, strict=True))
+        keep = hi >= lo
+        if keep.any():
+            owner, lo, hi = owner[keep], lo[keep], hi[keep]
+            f = _OverCount(sim.decode[d], tau, int(lo.min()))
+            cnt += np.bincount(owner, weights=hi - lo + 1, minlength=n)
+            over += np.bincount(owner, weights=f(hi) - f(lo - 1), minlength=n)
+    return list(cnt - over >= np.ceil(0.95 * cnt - 1e-9))
 
 
-def _count_over(node: Any, lo: int, hi: int, tau: float) -> tuple[int, int]:
-    """Samples and samples over ``tau`` among the step times of steps ``lo..hi`` of ``node``."""
-    n0, k, a, b = node.log_n0, node.log_k, node.log_a, node.log_b
-    i = bisect_right(n0, lo - 1) - 1
-    cnt = over = 0
-    while lo <= hi and 0 <= i < len(n0):
-        s0, ki, ai, bi = n0[i], k[i], a[i], b[i]
-        j0, j1 = lo - s0 - 1, min(hi - s0 - 1, ki - 1)
-        c = j1 - j0 + 1
-        if c > 0:
-            cnt += c
-            if ai + bi * j1 > tau:  # some exceed: those with j > (tau - a) / b
-                le = 0 if bi <= 0 or tau < ai else min(max(math.floor((tau - ai) / bi) - j0 + 1, 0), c)
-                over += c - le
-        lo = s0 + ki + 1
-        i += 1
-    return cnt, over
+class _OverCount:
+    """``F(s)``: how many of one decode node's steps up to ``s`` took more than ``tau`` (relative to the first
+    segment kept, which holds step ``lo_min - 1``; only differences ``F(hi) - F(lo - 1)`` are meaningful)."""
+
+    def __init__(self, node: Any, tau: float, lo_min: int) -> None:
+        i0 = max(bisect_right(node.log_n0, lo_min - 2) - 1, 0)
+        self.n0 = np.frombuffer(node.log_n0, dtype=np.int64)[i0:]
+        self.a = np.frombuffer(node.log_a, dtype=np.float64)[i0:]
+        self.b = np.frombuffer(node.log_b, dtype=np.float64)[i0:]
+        k = np.frombuffer(node.log_k, dtype=np.int64)[i0:]
+        self.tau = tau
+        self.c_over = np.concatenate([[0.0], np.cumsum(self._over_first(self.a, self.b, k))])
+
+    def _over_first(self, a: np.ndarray, b: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """Of steps ``j = 0..m-1`` taking ``a + b*j`` (``b >= 0``), how many exceed ``tau``."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            le_b = np.floor((self.tau - a) / np.where(b > 0, b, 1.0)) + 1
+        le = np.where(b > 0, le_b, np.where(a <= self.tau, m, 0))
+        return m - np.clip(le, 0, m)
+
+    def __call__(self, s: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(self.n0, s - 1, side="right") - 1
+        ok = i >= 0
+        ii = np.where(ok, i, 0)
+        m = np.maximum(s - self.n0[ii], 0)
+        return np.where(ok, self.c_over[ii] + self._over_first(self.a[ii], self.b[ii], m), 0.0)
 
 
 class Lookahead(Policy):
@@ -159,8 +182,9 @@ class Lookahead(Policy):
 
 def _objective(sim: Any, scored: list) -> tuple[int, float]:
     cfg = sim.config
-    ttft_slo, tau, cap = cfg.ttft_slo_s, cfg.tbt_slo_s, _DRAIN_S
+    ttft_slo, cap = cfg.ttft_slo_s, _DRAIN_S
     met, ttft_sum = 0, 0.0
+    tbt_check = []
     for r in scored:
         if r.reject_reason is not None:
             continue
@@ -169,9 +193,13 @@ def _objective(sim: Any, scored: list) -> tuple[int, float]:
             continue
         ttft = r.t_first_token - r.arrival_s
         ttft_sum += ttft
-        if ttft <= ttft_slo and r.t_finish >= 0.0 and (
-                r.output_tokens <= 1 or tbt_slo_ok(sim.decode[r.d_node], r, tau)):
-            met += 1
+        if ttft <= ttft_slo and r.t_finish >= 0.0:
+            if r.output_tokens <= 1:
+                met += 1
+            else:
+                tbt_check.append(r)
+    if tbt_check:
+        met += sum(tbt_slo_met(sim, tbt_check, cfg.tbt_slo_s))
     return met, -ttft_sum
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from array import array
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from deflectlab.envs.request import Request
 from deflectlab.envs.simulator import ClusterSim
 from deflectlab.envs.statecopy import StateCopier
 from deflectlab.envs.workloads import make_workload
-from deflectlab.policies.lookahead import Lookahead, _count_over
+from deflectlab.policies.lookahead import Lookahead, tbt_slo_met
 from deflectlab.policies.registry import make_policy
 
 CFG = ClusterConfig(handoff="vllm-nixl")
@@ -91,21 +92,36 @@ def test_copier_names_an_uncopyable_type():
         StateCopier().copy(iter([1]))
 
 
-def test_count_over_matches_step_by_step():
-    class Log:
-        log_n0 = [0, 3, 7]   # steps 1-3, 4-7, 8-9
-        log_k = [3, 4, 2]
-        log_a = [0.05, 0.08, 0.2]
-        log_b = [0.0, 0.01, 0.0]
+def test_tbt_slo_met_matches_a_step_by_step_count():
+    class Node:  # steps 1-3 take 0.05; 4-7 take 0.08, 0.091, 0.102, 0.113; 8-9 take 0.2
+        log_n0 = array("q", [0, 3, 7])
+        log_k = array("q", [3, 4, 2])
+        log_a = array("d", [0.05, 0.08, 0.2])
+        log_b = array("d", [0.0, 0.011, 0.0])
 
     steps = {}
-    for n0, k, a, b in zip(Log.log_n0, Log.log_k, Log.log_a, Log.log_b, strict=True):
+    for n0, k, a, b in zip(Node.log_n0, Node.log_k, Node.log_a, Node.log_b, strict=True):
         for j in range(k):
             steps[n0 + 1 + j] = a + b * j
-    for lo in range(1, 10):
-        for hi in range(lo - 1, 10):
-            want = [steps[s] for s in range(lo, hi + 1)]
-            assert _count_over(Log, lo, hi, 0.1) == (len(want), sum(x > 0.1 for x in want))
+
+    class Sim:
+        decode = [Node]
+
+    reqs, want = [], []
+    for first in range(0, 9):
+        for last in range(first + 1, 10):
+            r = Request(len(reqs), 0.0, 10, 5)
+            r.d_node, r.first_step, r.last_step = 0, first, last
+            x = sorted(steps[s] for s in range(first + 1, last + 1))
+            reqs.append(r)
+            want.append(x[math.ceil(0.95 * len(x)) - 1] <= 0.1)  # nearest-rank P95 <= SLO
+    # a pre-empted request: runs of steps 1-3 and 8-9 (two of five samples over) plus one 0.05 s gap
+    r = Request(len(reqs), 0.0, 10, 5)
+    r.d_node, r.tbt_runs, r.stalls, r.first_step, r.last_step = 0, [(0, 3)], [0.05], 7, 9
+    reqs.append(r)
+    want.append(False)
+    assert tbt_slo_met(Sim, reqs, 0.1) == want
+    assert any(want) and not all(want)
 
 
 def test_lookahead_is_clairvoyant_only_inside_the_simulator():
