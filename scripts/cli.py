@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "main": "the main job: where tail TTFT goes, and which deflection policy helps",
     "compare": "compare policies over loads and seeds on identical request streams",
     "sensitivity": "how the conclusions move with the KV hand-off: transport presets and dispatch delay",
+    "headroom": "the clairvoyant lookahead planner against the heuristics: how much room is left",
     "tune": "tune the threshold heuristics on training windows (fair baselines)",
     "train": "train PPO / MaskablePPO / DQN on the deflection environment",
     "evaluate": "compare policies on a config's evaluation episodes",
