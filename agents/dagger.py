@@ -1,0 +1,200 @@
+"""Imitation of the clairvoyant lookahead planner, DAgger-style, for the shape-generic network.
+
+Each iteration plays episodes on a mix of cluster shapes, traces and loads. At every decision the planner
+(:class:`~deflectlab.policies.lookahead.Lookahead`, attached to the environment's simulation) labels the state
+with its action; the action actually taken is the planner's with probability ``beta`` (``beta0 * decay**i``)
+and the learner's otherwise, so later iterations visit the states the learner itself reaches (Ross et al.,
+"A Reduction of Imitation Learning and Structured Prediction to No-Regret Online Learning", AISTATS 2011).
+All labelled states are kept (the aggregated data set) and the network is retrained on them each iteration
+by masked cross-entropy. Training windows come from ``window_start_s`` (default [0, 1200) s of each trace),
+disjoint from the held-out evaluation windows ([1200, 1800) s).
+
+The planner's decision maps onto the environment's actions by its node: prefill on ``p`` is action ``p``,
+deflection to ``d`` is action ``P + d`` (with the environment's chunk cap).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deflectlab.agents.setnet import MASKED_LOGIT, SetPolicyNet, masked_argmax, split_obs
+
+
+@dataclass
+class DaggerConfig:
+    """What :func:`train_dagger` runs. Shapes are ``(P, D)``; loads are multiples of the recorded rate."""
+
+    shapes: list[tuple[int, int]] = field(default_factory=lambda: [(2, 2), (4, 4)])
+    traces: list[str] = field(default_factory=lambda: ["azure_code", "azure_conv"])
+    loads: tuple[float, float] = (1.0, 3.0)
+    window_s: float = 60.0
+    window_start_s: tuple[float, float] = (0.0, 1140.0)
+    iterations: int = 4
+    episodes_per_iteration: int = 4
+    max_decisions: int = 400
+    beta0: float = 1.0
+    beta_decay: float = 0.5
+    horizon_s: float = 2.0
+    base: str = "length_threshold"
+    base_max_len: int = 3072
+    hidden: int = 64
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 3e-3
+    seed: int = 0
+    handoff: str = "vllm-nixl"
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.episodes_per_iteration < 1:
+            raise ValueError("dagger: iterations and episodes_per_iteration must be >= 1")
+        if not self.shapes or any(int(p) < 1 or int(d) < 1 for p, d in self.shapes):
+            raise ValueError(f"dagger: shapes must be (P, D) pairs with P, D >= 1, got {self.shapes}")
+        if not 0.0 <= self.beta0 <= 1.0 or not 0.0 <= self.beta_decay <= 1.0:
+            raise ValueError("dagger: beta0 and beta_decay must be in [0, 1]")
+        self.shapes = [(int(p), int(d)) for p, d in self.shapes]
+
+
+@dataclass
+class Dataset:
+    """Aggregated labelled states, grouped by cluster shape (tensors of one shape stack)."""
+
+    obs: dict[tuple[int, int], list[np.ndarray]] = field(default_factory=dict)
+    mask: dict[tuple[int, int], list[np.ndarray]] = field(default_factory=dict)
+    label: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+
+    def add(self, shape: tuple[int, int], obs: np.ndarray, mask: np.ndarray, label: int) -> None:
+        self.obs.setdefault(shape, []).append(np.array(obs, np.float32))
+        self.mask.setdefault(shape, []).append(np.array(mask, bool))
+        self.label.setdefault(shape, []).append(int(label))
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.label.values())
+
+
+def planner_action(decision: Any, num_prefill: int) -> int:
+    """The environment's action of a planner decision (by node)."""
+    return num_prefill + int(decision.decode_node) if decision.deflected else int(decision.prefill_node)
+
+
+def _env(cfg: DaggerConfig, shape: tuple[int, int], trace: str):
+    from deflectlab.envs.gym_env import DeflectionEnv
+
+    return DeflectionEnv(trace=trace, load=list(cfg.loads), window_s=cfg.window_s,
+                         window_start_s=list(cfg.window_start_s), cluster={"num_prefill": shape[0],
+                                                                           "num_decode": shape[1],
+                                                                           "handoff": cfg.handoff})
+
+
+def collect_episode(cfg: DaggerConfig, net: SetPolicyNet | None, beta: float, shape: tuple[int, int], trace: str,
+                    seed: int, data: Dataset, rng: np.random.Generator) -> dict[str, Any]:
+    """Play one episode, the planner labelling every state; returns counts (decisions, agreement)."""
+    from deflectlab.policies.lookahead import Lookahead
+
+    env = _env(cfg, shape, trace)
+    planner = Lookahead(horizon_s=cfg.horizon_s, base=cfg.base, base_max_len=cfg.base_max_len)
+    obs, meta = env.reset(seed=seed)
+    planner.attach(env.sim)
+    P, D = shape
+    n = agree = 0
+    done = False
+    while not done and n < cfg.max_decisions:
+        mask = env.action_masks()
+        label = planner_action(planner.decide(env.current_view(), env.current_request), P)
+        if not mask[label]:  # the base's own deflection to a node the env masks: fall back to its best valid
+            label = int(np.flatnonzero(mask)[0])
+        data.add(shape, obs, mask, label)
+        if net is not None:
+            with torch.no_grad():
+                mine = masked_argmax(net.flat_logits(torch.as_tensor(obs[None]), P, D)[0].numpy(), mask)
+        else:
+            mine = label
+        agree += int(mine == label)
+        act = label if rng.random() < beta else mine
+        obs, _, done, _, _ = env.step(act)
+        n += 1
+    return {"shape": f"{P}P{D}D", "trace": trace, "load": meta.get("load"), "decisions": n, "agree": agree}
+
+
+def fit(net: SetPolicyNet, data: Dataset, cfg: DaggerConfig, gen: torch.Generator) -> float:
+    """Retrain on the whole aggregated set (masked cross-entropy); returns the final training accuracy."""
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    tensors = {s: (torch.as_tensor(np.stack(data.obs[s])), torch.as_tensor(np.stack(data.mask[s])),
+                   torch.as_tensor(data.label[s])) for s in data.label}
+    net.train()
+    for _ in range(cfg.epochs):
+        for shape, (x, m, y) in tensors.items():
+            perm = torch.randperm(len(y), generator=gen)
+            for i in range(0, len(y), cfg.batch_size):
+                idx = perm[i:i + cfg.batch_size]
+                logits = net.flat_logits(x[idx], *shape).masked_fill(~m[idx], MASKED_LOGIT)
+                loss = torch.nn.functional.cross_entropy(logits, y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    net.eval()
+    hit = total = 0
+    with torch.no_grad():
+        for shape, (x, m, y) in tensors.items():
+            pred = net.flat_logits(x, *shape).masked_fill(~m, MASKED_LOGIT).argmax(1)
+            hit += int((pred == y).sum())
+            total += len(y)
+    return hit / total if total else float("nan")
+
+
+def train_dagger(cfg: DaggerConfig, out: Path | None = None) -> tuple[SetPolicyNet, dict[str, Any]]:
+    """Run DAgger; returns the network and a log (per iteration: episodes, learner-planner agreement on the
+    visited states before retraining, training accuracy, wall time)."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    net = SetPolicyNet(cfg.hidden).eval()
+    data = Dataset()
+    log: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for it in range(cfg.iterations):
+        beta = cfg.beta0 * cfg.beta_decay ** it
+        eps = []
+        for e in range(cfg.episodes_per_iteration):
+            k = it * cfg.episodes_per_iteration + e
+            shape = cfg.shapes[k % len(cfg.shapes)]
+            trace = cfg.traces[(k // len(cfg.shapes)) % len(cfg.traces)]
+            eps.append(collect_episode(cfg, net if it else None, beta, shape, trace, cfg.seed * 100_000 + k,
+                                       data, rng))
+        acc = fit(net, data, cfg, gen)
+        dec = sum(e["decisions"] for e in eps)
+        log.append({"iteration": it, "beta": beta, "episodes": eps, "states": len(data),
+                    "majority_label_share": majority_share(data),
+                    "learner_agreement_before_fit": sum(e["agree"] for e in eps) / max(dec, 1) if it else None,
+                    "train_accuracy": acc, "wall_s": time.perf_counter() - t0})
+    result = {"config": asdict(cfg), "iterations": log, "wall_s": time.perf_counter() - t0, "states": len(data)}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "dagger_log.json").write_text(json.dumps(result, indent=1, default=str))
+    return net, result
+
+
+def majority_share(data: Dataset) -> float:
+    """Accuracy of always answering each shape's most common label (what a network must beat)."""
+    total = len(data)
+    return sum(int(np.bincount(v).max()) for v in data.label.values()) / total if total else float("nan")
+
+
+def action_agreement(net: SetPolicyNet, data: Dataset) -> float:
+    """Share of the data set's labels the network's greedy masked action reproduces."""
+    hit = total = 0
+    for shape, obs in data.obs.items():
+        x = torch.as_tensor(np.stack(obs))
+        m = np.stack(data.mask[shape])
+        with torch.no_grad():
+            logits = net(*split_obs(x, *shape))[0].numpy()
+        for i, y in enumerate(data.label[shape]):
+            hit += int(masked_argmax(logits[i], m[i]) == y)
+            total += 1
+    return hit / total if total else float("nan")
