@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "headroom": "the clairvoyant lookahead planner against the heuristics: how much room is left",
     "tune": "tune the threshold heuristics on training windows (fair baselines)",
     "train": "train PPO / MaskablePPO / DQN on the deflection environment",
+    "dagger": "imitate the clairvoyant lookahead planner with the shape-generic network (DAgger)",
     "evaluate": "compare policies on a config's evaluation episodes",
     "sweep": "hyperparameter sweep from a W&B sweep YAML (W&B server, or local Optuna)",
     "export": "export a trained policy (ONNX + JSON manifest)",
