@@ -201,6 +201,7 @@ def sweep_rows(res: dict[str, Any]) -> list[list[Any]]:
 def write_report(res: dict[str, Any], out: Path, command: str) -> Path:
     """``report.md`` and ``headroom.json`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    res = {**res, "command": command}
     (out / "headroom.json").write_text(json.dumps(res, indent=1, default=float))
     spec, pol = res["spec"], res["policies"]
     lines = [
@@ -227,3 +228,24 @@ def write_report(res: dict[str, Any], out: Path, command: str) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+COMMITTED = Path(__file__).parent / "headroom"
+
+
+def headroom_summary(folder: Path = COMMITTED) -> str:
+    """The main job's short headroom section, read from the committed run (the planner takes minutes, so the
+    main job does not rerun it); empty when there is none."""
+    path = folder / "headroom.json"
+    if not path.is_file():
+        return ""
+    res = json.loads(path.read_text())
+    head = ["trace", "load", "requests", *res["policies"].keys(), "headroom (points)", "planner decisions/s"]
+    lines = ["## Headroom: the clairvoyant lookahead planner", "",
+             "How much better than the heuristics a policy could get: the lookahead planner (clairvoyant about "
+             "each window's future arrivals; a reference, not deployable) on held-out windows of both Azure "
+             "traces. Not rerun by the main job (it takes minutes); from the committed run "
+             "`experiments/headroom/report.md` (`" + res.get("command", "deflectlab headroom") + "`), where the "
+             "horizon sweep is.", ""]
+    lines += table(head, headroom_rows(res))
+    return "\n".join(lines + [""])

@@ -7,7 +7,14 @@ import math
 
 import pytest
 
-from deflectlab.experiments.headroom import HeadroomSpec, paired_ci, planner_spec, run_headroom, write_report
+from deflectlab.experiments.headroom import (
+    HeadroomSpec,
+    headroom_summary,
+    paired_ci,
+    planner_spec,
+    run_headroom,
+    write_report,
+)
 
 
 def test_paired_ci_by_hand():
@@ -47,3 +54,6 @@ def test_tiny_headroom_run_and_report(tmp_path):
     text = path.read_text()
     assert "clairvoyant" in text and "| azure_code | 2x |" in text and "## Horizon sweep" in text
     assert json.loads((tmp_path / "headroom.json").read_text())["best"] == res["best"]
+    summary = headroom_summary(tmp_path)
+    assert "deflectlab headroom (test)" in summary and "| azure_code | 2x |" in summary
+    assert headroom_summary(tmp_path / "none") == ""
