@@ -198,3 +198,28 @@ def action_agreement(net: SetPolicyNet, data: Dataset) -> float:
             hit += int(masked_argmax(logits[i], m[i]) == y)
             total += 1
     return hit / total if total else float("nan")
+
+
+def finetune_ppo(net: SetPolicyNet, shape: tuple[int, int], cfg: DaggerConfig, steps: int,
+                 reward: str = "attainment", lr: float = 3e-5) -> tuple[SetPolicyNet, dict[str, Any]]:
+    """MaskablePPO fine-tuning of the imitation network on one shape (training windows of ``cfg``), started
+    from its weights; returns the fine-tuned network (a copy) and steps/s and wall time."""
+    import copy
+
+    from sb3_contrib import MaskablePPO
+
+    from deflectlab.agents.setnet import make_set_policy_class
+    from deflectlab.envs.gym_env import DeflectionEnv
+
+    env = DeflectionEnv(trace=cfg.traces[0], load=list(cfg.loads), window_s=cfg.window_s,
+                        window_start_s=list(cfg.window_start_s), reward=reward,
+                        cluster={"num_prefill": shape[0], "num_decode": shape[1], "handoff": cfg.handoff})
+    model = MaskablePPO(make_set_policy_class(), env, learning_rate=lr, n_steps=512, batch_size=128, n_epochs=4,
+                        clip_range=0.1, seed=cfg.seed, device="cpu",
+                        policy_kwargs={"num_prefill": shape[0], "num_decode": shape[1], "hidden": net.hidden})
+    model.policy.set_net.load_state_dict(net.state_dict())
+    t0 = time.perf_counter()
+    model.learn(steps)
+    wall = time.perf_counter() - t0
+    out = copy.deepcopy(model.policy.set_net).eval()
+    return out, {"steps": steps, "wall_s": wall, "steps_per_s": steps / wall if wall > 0 else float("nan")}

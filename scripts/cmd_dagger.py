@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ppo-steps", type=int, default=0,
+                   help="then MaskablePPO fine-tuning from the imitation weights on the first shape (0: none); "
+                        "exported to OUT/policy_ppo")
     p.set_defaults(func=run)
 
 
@@ -63,6 +66,15 @@ def run(a: argparse.Namespace) -> int:
         "window_start_s": list(cfg.window_start_s), "profiles": ["a100-80gb_deepseek-v2-lite"],
         "teacher": f"lookahead:horizon_s={cfg.horizon_s:g} (clairvoyant)", "method": "DAgger",
         "states": log["states"]}, source={"run": str(a.out), "wall_s": log["wall_s"]})
+    if a.ppo_steps > 0:
+        from deflectlab.agents.dagger import finetune_ppo
+
+        tuned, info = finetune_ppo(net, cfg.shapes[0], cfg, a.ppo_steps)
+        print(json.dumps({"ppo": info}))
+        export_set(tuned, a.out / "policy_ppo", ClusterConfig(handoff=cfg.handoff), trained_on={
+            "shapes": [f"{p}P{d}D" for p, d in cfg.shapes], "traces": cfg.traces, "method": "DAgger then "
+            f"MaskablePPO {a.ppo_steps} steps on {cfg.shapes[0][0]}P{cfg.shapes[0][1]}D ({cfg.traces[0]})"},
+            source={"run": str(a.out), **info})
     for it in log["iterations"]:
         print(json.dumps({k: it[k] for k in ("iteration", "beta", "states", "learner_agreement_before_fit",
                                               "train_accuracy", "majority_label_share", "wall_s")}))

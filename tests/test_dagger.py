@@ -59,3 +59,15 @@ def test_fit_learns_a_rule_it_can_be_checked_against():
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="shapes"):
         DaggerConfig(shapes=[(0, 2)])
+
+
+def test_ppo_finetune_starts_from_the_imitation_weights():
+    from deflectlab.agents.dagger import finetune_ppo
+
+    net = SetPolicyNet(16)
+    tuned, info = finetune_ppo(net, (2, 2), TINY, steps=512)
+    assert info["steps"] == 512 and info["steps_per_s"] > 0
+    a, b = net.state_dict(), tuned.state_dict()
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    # small learning rate, one update round: the policy moved, but stayed near its start
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.1
