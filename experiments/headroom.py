@@ -90,12 +90,12 @@ def planner_spec(horizon_s: float, best_spec: str) -> str:
     return f"{PLANNER}:horizon_s={horizon_s:g},base={name}" + (f",{base}" if base else "")
 
 
-def episode(trace: str, load: float, seed: int, window_s: float, handoff: str):
+def episode(trace: str, load: float, seed: int, window_s: float, handoff: str, shape: tuple[int, int] = (2, 2)):
     """The workload of one held-out episode, drawn as the environment draws it, and its cluster config."""
     from deflectlab.envs.gym_env import DeflectionEnv
 
-    env = DeflectionEnv(trace=trace, load=[load, load], window_s=window_s,
-                        window_start_s=list(HELD_OUT_START_S), cluster={"handoff": handoff})
+    env = DeflectionEnv(trace=trace, load=[load, load], window_s=window_s, window_start_s=list(HELD_OUT_START_S),
+                        cluster={"handoff": handoff, "num_prefill": shape[0], "num_decode": shape[1]})
     wl, meta = env.episode_workload(seed=seed)
     return env.config, wl, meta
 
@@ -105,14 +105,16 @@ def run_one(task: tuple[str, float, int, float, str, str]) -> dict[str, Any]:
     from deflectlab.envs.simulator import ClusterSim
     from deflectlab.policies.registry import make_policy
 
-    trace, load, seed, window_s, handoff, spec = task
-    cfg, wl, meta = episode(trace, load, seed, window_s, handoff)
+    trace, load, seed, window_s, handoff, spec = task[:6]
+    shape = task[6] if len(task) > 6 else (2, 2)
+    cfg, wl, meta = episode(trace, load, seed, window_s, handoff, shape)
     sim = ClusterSim(cfg, wl)
     t0 = time.perf_counter()
     s = sim.run(make_policy(spec)).summary
     wall = time.perf_counter() - t0
     n = s["requests"]
     return {"trace": trace, "load": load, "seed": seed, "policy": spec, "requests": n,
+            "shape": f"{shape[0]}P{shape[1]}D",
             "slo_met": round(s["slo_attainment"] * n), "slo_attainment": s["slo_attainment"],
             "ttft_p95_s": s["ttft_s"]["p95"], "deflected": sim.deflections / n if n else math.nan,
             "wall_s": wall, "decisions_per_s": n / max(sim.decision_s, 1e-9), "start_s": meta["start_s"]}

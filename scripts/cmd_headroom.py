@@ -46,7 +46,33 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p.add_argument("--sweep-trace", default="azure_code", help="the sweep's trace")
     p.add_argument("--sweep-load", type=float, default=3.0, help="the sweep's load")
     p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    p.add_argument("--learned", action="append", default=[], metavar="LABEL=SPEC",
+                   help="instead of the planner: evaluate this learned policy (e.g. dagger=learned:path=DIR) "
+                        "against the heuristics with paired differences; repeatable")
+    p.add_argument("--shapes", default="2x2", help="with --learned: cluster shapes PxD, comma-separated")
     p.set_defaults(func=run)
+
+
+def _learned(a: argparse.Namespace) -> int:
+    from deflectlab.experiments.learned_eval import evaluate_learned, write_learned
+    from deflectlab.scripts.cmd_dagger import _shapes
+
+    learned = {}
+    for item in a.learned:
+        label, eq, spec = item.partition("=")
+        if not eq or not label.strip() or not spec.strip():
+            raise SystemExit(f"deflectlab headroom: --learned {item!r} is not LABEL=SPEC")
+        learned[label.strip()] = spec.strip()
+    try:
+        shapes = _shapes(a.shapes)
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"deflectlab headroom: --shapes: {e}") from None
+    settings = [(s, tr, ld) for s in shapes for tr in a.traces for ld in a.loads]
+    res = evaluate_learned(learned, settings, a.episodes, window_s=a.window, jobs=a.jobs)
+    path = write_learned(res, a.out, "deflectlab " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+    print(path.read_text())
+    print(f"wrote {path}")
+    return 0
 
 
 def run(a: argparse.Namespace) -> int:
@@ -54,6 +80,8 @@ def run(a: argparse.Namespace) -> int:
 
     if a.jobs < 1:
         raise SystemExit("deflectlab headroom: --jobs must be >= 1")
+    if a.learned:
+        return _learned(a)
     try:
         spec = HeadroomSpec(traces=a.traces, loads=a.loads, episodes=a.episodes, window_s=a.window,
                             horizon_s=a.horizon, sweep_horizons=a.sweep_horizons, sweep_trace=a.sweep_trace,

@@ -57,3 +57,15 @@ def test_tiny_headroom_run_and_report(tmp_path):
     summary = headroom_summary(tmp_path)
     assert "deflectlab headroom (test)" in summary and "| azure_code | 2x |" in summary
     assert headroom_summary(tmp_path / "none") == ""
+
+
+def test_learned_evaluation_pairs_episodes_and_marks_refused_shapes(tmp_path):
+    from deflectlab.experiments.learned_eval import evaluate_learned, write_learned
+
+    res = evaluate_learned({"v1": "learned:path=experiments/trained"},
+                           [((2, 2), "azure_code", 2.0), ((3, 3), "azure_code", 2.0)], episodes=2, window_s=15.0)
+    v1 = [r for r in res["rows"] if r["policy"] == "learned:path=experiments/trained"]
+    assert {r["shape"] for r in v1} == {"2P2D"}  # the fixed-shape v1 export refuses 3P3D
+    assert len([r for r in res["rows"] if r["shape"] == "3P3D"]) == 2 * 3  # the three baselines ran there
+    text = write_learned(res, tmp_path, "test").read_text()
+    assert "| 3P3D | azure_code | 2x |" in text and "n/a" in text
