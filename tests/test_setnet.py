@@ -124,3 +124,19 @@ def test_sb3_maskable_policy_trains_and_exports_the_same_actions(tmp_path):
         obs, _, done, _, _ = env.step(int(a))
         if done:
             obs, _ = env.reset()
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (4, 4)])
+def test_router_loads_the_shape_generic_export_for_any_shape(exported, shape):
+    pytest.importorskip("aiohttp")
+    from deflectlab.serving.router import Router
+    from deflectlab.serving.router_config import RouterConfig
+
+    _, d = exported
+    P, D = shape
+    hosts = [("127.0.0.1", 9000 + i) for i in range(P + D)]
+    r = Router(RouterConfig(prefill=hosts[:P], decode=hosts[P:], policy=str(d)))
+    assert r.policy.generic and r.policy._checked
+    if shape != (2, 2):
+        with pytest.raises(PolicyFileError, match="trained for 2P2D"):
+            Router(RouterConfig(prefill=hosts[:P], decode=hosts[P:], policy="experiments/trained"))
