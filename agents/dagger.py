@@ -50,6 +50,10 @@ class DaggerConfig:
     lr: float = 3e-3
     seed: int = 0
     handoff: str = "vllm-nixl"
+    #: cost-aware imitation: a state's loss weighs 1 + regret_weight x (requests the worst valid action loses
+    #: against the best, by the planner's rollouts), and its target spreads over the actions tied on SLO count
+    #: (0: plain cross-entropy on the planner's pick)
+    regret_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.episodes_per_iteration < 1:
@@ -68,11 +72,17 @@ class Dataset:
     obs: dict[tuple[int, int], list[np.ndarray]] = field(default_factory=dict)
     mask: dict[tuple[int, int], list[np.ndarray]] = field(default_factory=dict)
     label: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    #: per action, SLO-meeting requests it loses against the planner's best (0 for ties); NaN where invalid
+    regret: dict[tuple[int, int], list[np.ndarray]] = field(default_factory=dict)
 
-    def add(self, shape: tuple[int, int], obs: np.ndarray, mask: np.ndarray, label: int) -> None:
+    def add(self, shape: tuple[int, int], obs: np.ndarray, mask: np.ndarray, label: int,
+            regret: np.ndarray | None = None) -> None:
         self.obs.setdefault(shape, []).append(np.array(obs, np.float32))
         self.mask.setdefault(shape, []).append(np.array(mask, bool))
         self.label.setdefault(shape, []).append(int(label))
+        if regret is None:
+            regret = np.where(np.arange(len(mask)) == label, 0.0, np.nan)
+        self.regret.setdefault(shape, []).append(np.asarray(regret, np.float32))
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.label.values())
@@ -81,6 +91,18 @@ class Dataset:
 def planner_action(decision: Any, num_prefill: int) -> int:
     """The environment's action of a planner decision (by node)."""
     return num_prefill + int(decision.decode_node) if decision.deflected else int(decision.prefill_node)
+
+
+def action_regret(scores: list, num_prefill: int, num_actions: int) -> np.ndarray:
+    """Per environment action, how many SLO-meeting requests it loses against the planner's best candidate
+    (its best candidate on the same node); NaN for actions the planner did not score (masked)."""
+    met = np.full(num_actions, -np.inf)
+    for dec, (m, _) in scores:
+        a = planner_action(dec, num_prefill)
+        if a < num_actions:
+            met[a] = max(met[a], m)
+    best = met.max()
+    return np.where(np.isfinite(met), best - met, np.nan).astype(np.float32)
 
 
 def _env(cfg: DaggerConfig, shape: tuple[int, int], trace: str):
@@ -109,7 +131,7 @@ def collect_episode(cfg: DaggerConfig, net: SetPolicyNet | None, beta: float, sh
         label = planner_action(planner.decide(env.current_view(), env.current_request), P)
         if not mask[label]:  # the base's own deflection to a node the env masks: fall back to its best valid
             label = int(np.flatnonzero(mask)[0])
-        data.add(shape, obs, mask, label)
+        data.add(shape, obs, mask, label, action_regret(planner.last_scores, P, len(mask)))
         if net is not None:
             with torch.no_grad():
                 mine = masked_argmax(net.flat_logits(torch.as_tensor(obs[None]), P, D)[0].numpy(), mask)
@@ -126,26 +148,43 @@ def fit(net: SetPolicyNet, data: Dataset, cfg: DaggerConfig, gen: torch.Generato
     """Retrain on the whole aggregated set (masked cross-entropy); returns the final training accuracy."""
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     tensors = {s: (torch.as_tensor(np.stack(data.obs[s])), torch.as_tensor(np.stack(data.mask[s])),
-                   torch.as_tensor(data.label[s])) for s in data.label}
+                   torch.as_tensor(data.label[s]), *_targets(data, s, cfg.regret_weight)) for s in data.label}
     net.train()
     for _ in range(cfg.epochs):
-        for shape, (x, m, y) in tensors.items():
-            perm = torch.randperm(len(y), generator=gen)
-            for i in range(0, len(y), cfg.batch_size):
+        for shape, (x, m, _, target, w) in tensors.items():
+            perm = torch.randperm(len(w), generator=gen)
+            for i in range(0, len(w), cfg.batch_size):
                 idx = perm[i:i + cfg.batch_size]
                 logits = net.flat_logits(x[idx], *shape).masked_fill(~m[idx], MASKED_LOGIT)
-                loss = torch.nn.functional.cross_entropy(logits, y[idx])
+                nll = -(target[idx] * torch.log_softmax(logits, dim=1)).sum(1)
+                loss = (w[idx] * nll).sum() / w[idx].sum()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
     net.eval()
     hit = total = 0
     with torch.no_grad():
-        for shape, (x, m, y) in tensors.items():
+        for shape, (x, m, y, _, _) in tensors.items():
             pred = net.flat_logits(x, *shape).masked_fill(~m, MASKED_LOGIT).argmax(1)
             hit += int((pred == y).sum())
             total += len(y)
     return hit / total if total else float("nan")
+
+
+def _targets(data: Dataset, shape: tuple[int, int], regret_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per state: the target distribution and the loss weight. Plain (``regret_weight`` 0): one-hot on the
+    planner's pick, weight 1. Cost-aware: uniform over the actions tied with the best on SLO count, weight
+    ``1 + regret_weight * max regret``."""
+    y = np.asarray(data.label[shape])
+    n, a = len(y), len(data.mask[shape][0])
+    if regret_weight <= 0:
+        return torch.as_tensor(np.eye(a, dtype=np.float32)[y]), torch.ones(n)
+    r = np.stack(data.regret[shape])
+    tie = np.nan_to_num(r, nan=np.inf) <= 0.0
+    tie[np.arange(n), y] |= ~tie.any(1)  # never an empty target
+    target = tie / tie.sum(1, keepdims=True)
+    worst = np.nan_to_num(r, nan=0.0).max(1)
+    return torch.as_tensor(target.astype(np.float32)), torch.as_tensor(1.0 + regret_weight * worst, dtype=torch.float32)
 
 
 def train_dagger(cfg: DaggerConfig, out: Path | None = None) -> tuple[SetPolicyNet, dict[str, Any]]:

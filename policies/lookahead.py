@@ -120,6 +120,7 @@ class Lookahead(Policy):
         self._base = make_policy(base, **self.base_params)
         self._fb = FeatureBuilder()
         self._sim: Any = None
+        self.last_scores: list[tuple[Decision, tuple[int, float]]] = []
         self.decisions = 0
         self.rollouts = 0
 
@@ -155,8 +156,10 @@ class Lookahead(Policy):
         if not sim.requests or sim.requests[-1] is not request:
             raise RuntimeError("policy 'lookahead': the request is not the simulation's pending one")
         best, best_key = None, None
+        scores = self.last_scores = []  # (decision, (met, -sum TTFT)) per candidate, for cost-aware imitation
         for dec in self.candidates(view, request):
             key = self.score(dec)
+            scores.append((dec, key))
             if best_key is None or key > best_key:
                 best, best_key = dec, key
         self.decisions += 1

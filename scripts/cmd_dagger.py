@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--regret-weight", type=float, default=0.0,
+                   help="cost-aware imitation: weigh each state by 1 + W x the requests its worst action loses "
+                        "(planner rollouts), targets spread over actions tied on SLO count (0: plain)")
     p.add_argument("--ppo-steps", type=int, default=0,
                    help="then MaskablePPO fine-tuning from the imitation weights on the first shape (0: none); "
                         "exported to OUT/policy_ppo")
@@ -57,7 +60,8 @@ def run(a: argparse.Namespace) -> int:
         cfg = DaggerConfig(shapes=a.shapes, traces=[t.strip() for t in a.traces.split(",") if t.strip()],
                            loads=tuple(a.loads), window_s=a.window, iterations=a.iterations,
                            episodes_per_iteration=a.episodes, max_decisions=a.max_decisions, horizon_s=a.horizon,
-                           hidden=a.hidden, epochs=a.epochs, seed=a.seed)
+                           hidden=a.hidden, epochs=a.epochs, seed=a.seed,
+                           regret_weight=a.regret_weight)
     except ValueError as e:
         raise SystemExit(f"deflectlab {e}") from None
     net, log = train_dagger(cfg, out=a.out)
@@ -65,6 +69,7 @@ def run(a: argparse.Namespace) -> int:
         "shapes": [f"{p}P{d}D" for p, d in cfg.shapes], "traces": cfg.traces, "loads": list(cfg.loads),
         "window_start_s": list(cfg.window_start_s), "profiles": ["a100-80gb_deepseek-v2-lite"],
         "teacher": f"lookahead:horizon_s={cfg.horizon_s:g} (clairvoyant)", "method": "DAgger",
+        "regret_weight": cfg.regret_weight,
         "states": log["states"]}, source={"run": str(a.out), "wall_s": log["wall_s"]})
     if a.ppo_steps > 0:
         from deflectlab.agents.dagger import finetune_ppo

@@ -50,10 +50,12 @@ def test_fit_learns_a_rule_it_can_be_checked_against():
     for _ in range(400):
         obs = rng.random(3 + 6 + 11).astype(np.float32)
         data.add((1, 1), obs, np.ones(2, bool), 1 if obs[0] < 0.5 else 0)
-    net = SetPolicyNet(16)
-    cfg = DaggerConfig(epochs=60, lr=1e-2, hidden=16)
-    assert fit(net, data, cfg, torch.Generator().manual_seed(0)) >= 0.95
-    assert action_agreement(net, data) >= 0.95
+    for weight in (0.0, 1.0):  # plain and cost-aware losses (here the regret is known only for the label)
+        torch.manual_seed(0)
+        net = SetPolicyNet(16)
+        cfg = DaggerConfig(epochs=60, lr=1e-2, hidden=16, regret_weight=weight)
+        assert fit(net, data, cfg, torch.Generator().manual_seed(0)) >= 0.95
+        assert action_agreement(net, data) >= 0.95
 
 
 def test_bad_config_is_named():
@@ -71,3 +73,23 @@ def test_ppo_finetune_starts_from_the_imitation_weights():
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
     # small learning rate, one update round: the policy moved, but stayed near its start
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.1
+
+
+def test_action_regret_and_cost_aware_targets_by_hand():
+    from deflectlab.agents.dagger import _targets, action_regret
+    from deflectlab.envs.view import Decision
+
+    # 1P2D: prefill(0) meets 10, deflect(0) 7, deflect(1) 10 (tie), the base's deflect(1, None) 9
+    scores = [(Decision.prefill(0), (10, -3.0)), (Decision.deflect(0, 64), (7, -2.0)),
+              (Decision.deflect(1, 64), (10, -2.5)), (Decision.deflect(1), (9, -1.0))]
+    r = action_regret(scores, 1, 3)
+    assert r.tolist() == [0.0, 3.0, 0.0]
+    data = Dataset()
+    data.add((1, 2), np.zeros(3 + 6 + 22, np.float32), np.ones(3, bool), 2, r)
+    data.add((1, 2), np.zeros(3 + 6 + 22, np.float32), np.array([True, False, True]), 0,
+             np.array([0.0, np.nan, 2.0], np.float32))
+    target, w = _targets(data, (1, 2), 0.5)
+    assert target.tolist() == [[0.5, 0.0, 0.5], [1.0, 0.0, 0.0]]
+    assert w.tolist() == [1.0 + 0.5 * 3.0, 1.0 + 0.5 * 2.0]
+    plain, w0 = _targets(data, (1, 2), 0.0)
+    assert plain.tolist() == [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]] and w0.tolist() == [1.0, 1.0]
