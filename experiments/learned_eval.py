@@ -91,7 +91,8 @@ def learned_markdown(res: dict[str, Any], command: str) -> str:
 
 def write_learned(res: dict[str, Any], out: Path, command: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "learned_eval.json").write_text(json.dumps({**res, "command": command}, indent=1, default=float))
+    doc = json.dumps({**res, "command": command}, separators=(",", ":"), default=float)
+    (out / "learned_eval.json").write_text(doc)
     path = out / "learned_eval.md"
     path.write_text(learned_markdown(res, command))
     return path
