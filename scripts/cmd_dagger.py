@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 
-def _shapes(text: str) -> list[tuple[int, int]]:
+def parse_shapes(text: str) -> list[tuple[int, int]]:
     out = []
     for part in filter(None, (x.strip() for x in text.split(","))):
         p, sep, d = part.lower().partition("x")
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser("dagger", help=help_text, description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/dagger"), help="run folder")
-    p.add_argument("--shapes", type=_shapes, default=[(2, 2), (4, 4)], help="training shapes, PxD comma-separated")
+    p.add_argument("--shapes", type=parse_shapes, default=[(2, 2), (4, 4)], help="training shapes, PxD comma-separated")
     p.add_argument("--traces", default="azure_code,azure_conv", help="training traces, comma-separated")
     p.add_argument("--loads", type=float, nargs=2, default=(1.0, 3.0), metavar=("LOW", "HIGH"),
                    help="episode load drawn uniformly in [LOW, HIGH] x the recorded rate")

@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
 
 def _learned(a: argparse.Namespace) -> int:
     from deflectlab.experiments.learned_eval import evaluate_learned, write_learned
-    from deflectlab.scripts.cmd_dagger import _shapes
+    from deflectlab.scripts.cmd_dagger import parse_shapes
 
     learned = {}
     for item in a.learned:
@@ -64,7 +64,7 @@ def _learned(a: argparse.Namespace) -> int:
             raise SystemExit(f"deflectlab headroom: --learned {item!r} is not LABEL=SPEC")
         learned[label.strip()] = spec.strip()
     try:
-        shapes = _shapes(a.shapes)
+        shapes = parse_shapes(a.shapes)
     except argparse.ArgumentTypeError as e:
         raise SystemExit(f"deflectlab headroom: --shapes: {e}") from None
     settings = [(s, tr, ld) for s in shapes for tr in a.traces for ld in a.loads]
