@@ -81,6 +81,7 @@ class ClusterSim:
         self._rate_t = 0.0
         self._rr_decode = 0
         self.decision_s = 0.0  # wall time spent in policy.decide, seconds
+        self._done_prefix = 0  # requests[:k] are finished or rejected (copy_state shares them)
 
         sched = self.schedule
         self.prefill = [
@@ -294,6 +295,50 @@ class ClusterSim:
     def _finished(self, req: Request, t: float) -> None:
         self.finished += 1
 
+    # -- state copy (lookahead planning) ---------------------------------------------------------------------
+    def copy_state(self) -> ClusterSim:
+        """An independent copy of this simulation as it stands, to be played forward without touching this one.
+
+        Mutable state (nodes, queues, heap, network flows, live requests, step logs) is copied attribute by
+        attribute (:class:`~deflectlab.envs.statecopy.StateCopier`); immutable things are shared: config,
+        profiles, the workload and its arrival arrays, and the requests already finished or rejected.
+        The request :meth:`advance` returned and that is not yet routed is copied too: route the copy's
+        ``requests[-1]`` in the copy.
+        """
+        from deflectlab.envs.statecopy import StateCopier
+
+        reqs = self.requests
+        k, n = self._done_prefix, len(reqs)
+        while k < n and (reqs[k].t_finish >= 0.0 or reqs[k].reject_reason is not None):
+            k += 1
+        self._done_prefix = k
+        shared: list[object] = [self.config, self.workload, self.prefill_profile, self.decode_profile, self.handoff,
+                                self._arr_t, self._arr_in, self._arr_out]
+        shared.extend(node.profile for node in self.prefill)
+        shared.extend(node.profile for node in self.decode)
+        shared.extend(reqs[:k])
+        cp = StateCopier(shared)
+        new = object.__new__(type(self))
+        cp.memo[id(self)] = new
+        nd = new.__dict__
+        for name, v in self.__dict__.items():
+            if name != "requests":
+                nd[name] = cp.copy(v)
+        new.requests = reqs[:k] + [cp.copy(r) for r in reqs[k:]]
+        return new
+
+    def run_events(self, until: float = math.inf) -> None:
+        """Run queued events up to time ``until`` without taking further arrivals (a planner's drain)."""
+        heap = self._heap
+        t = self.now
+        events = 0
+        while heap and heap[0][0] <= until:
+            t, _, fn, arg = heappop(heap)
+            fn(t, arg)
+            events += 1
+        self.events += events
+        self.now = max(self.now, t)
+
     # -- whole runs ------------------------------------------------------------------------------------------
     def run(self, policy: Policy, progress: bool = False) -> RunResult:
         """Replay the whole workload under ``policy`` and return the run's metrics."""
@@ -303,6 +348,9 @@ class ClusterSim:
             raise DecisionError(f"policy {policy.name!r} routes requests to prefill nodes, but the cluster "
                                 f"{self.config.shape} has none; use always_deflect or proactive")
         policy.reset()
+        attach = getattr(policy, "attach", None)
+        if attach is not None:  # a planner that plays this simulation forward (policies.lookahead)
+            attach(self)
         wall0 = time.perf_counter()
         bar = None
         if progress:

@@ -24,6 +24,7 @@ def _load_builtins() -> None:
     for extra in (
         "deflectlab.policies.heuristics_extra", "deflectlab.policies.proactive", "deflectlab.policies.runtime",
         "deflectlab.policies.prefix_affinity",
+        "deflectlab.policies.lookahead",
     ):
         try:
             mod = __import__(extra, fromlist=["register_policies"])

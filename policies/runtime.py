@@ -33,6 +33,9 @@ from deflectlab.envs.view import ClusterView, Decision, Policy, RequestLike
 
 MANIFEST_FORMAT = "deflectlab.policy"
 MANIFEST_VERSION = 1
+#: Shape-generic policies (agents.setnet: one network for every cluster shape, dynamic node count in ONNX).
+SET_MANIFEST_VERSION = 2
+_SET_INPUTS = ["request", "prefill", "decode", "action_mask"]
 BACKENDS = ("auto", "onnx", "numpy")
 
 
@@ -62,13 +65,17 @@ def load_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT:
         raise PolicyFileError(f"{man_path}: not a deflectlab policy manifest (format {man.get('format')!r})"
                               if isinstance(man, dict) else f"{man_path}: not a deflectlab policy manifest")
+    if man.get("format_version") == SET_MANIFEST_VERSION:
+        _check_set_schema(man, man_path)
+        _check_files(d, man, man_path)
+        return d, man
     if man.get("format_version") != MANIFEST_VERSION:
         raise PolicyFileError(f"{man_path}: manifest format version {man.get('format_version')!r}; this code reads "
-                              f"{MANIFEST_VERSION}")
+                              f"{MANIFEST_VERSION} (fixed shape) and {SET_MANIFEST_VERSION} (any shape)")
     try:
         fs = man["feature_schema"]
         P, D = int(man["cluster"]["num_prefill"]), int(man["cluster"]["num_decode"])
-        files = man["files"]
+        man["files"]  # noqa: B018 - presence check (KeyError below)
     except (KeyError, TypeError, ValueError) as e:
         raise PolicyFileError(f"{man_path}: manifest lacks {e}") from None
     sch = SCHEMAS.get(fs.get("version")) if fs.get("name") == FEATURE_SCHEMA.name else None
@@ -79,6 +86,28 @@ def load_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if fs.get("names") != sch.names(P, D):
         raise PolicyFileError(f"{man_path}: feature list differs from {sch.name} "
                               f"v{sch.version} for {P}P{D}D (same version, different features)")
+    _check_files(d, man, man_path)
+    return d, man
+
+
+def _check_set_schema(man: dict[str, Any], man_path: Path) -> None:
+    """A shape-generic manifest names the schema's blocks, not a shape-bound feature list."""
+    fs = man.get("feature_schema")
+    if not isinstance(fs, dict) or not isinstance(man.get("files"), dict) or not isinstance(man.get("slo"), dict):
+        raise PolicyFileError(f"{man_path}: manifest lacks feature_schema, files or slo")
+    if fs.get("name") != FEATURE_SCHEMA.name or fs.get("version") != FEATURE_SCHEMA.version:
+        raise PolicyFileError(
+            f"{man_path}: trained on features {fs.get('name')} v{fs.get('version')}, this code builds "
+            f"{FEATURE_SCHEMA.name} v{FEATURE_SCHEMA.version}; retrain or use the matching deflectlab version")
+    for block in ("request", "prefill", "decode"):
+        have = [f.get("name") for f in fs.get(block) or [] if isinstance(f, dict)]
+        if have != [f.name for f in getattr(FEATURE_SCHEMA, block)]:
+            raise PolicyFileError(f"{man_path}: the {block} block's features differ from {FEATURE_SCHEMA.name} "
+                                  f"v{FEATURE_SCHEMA.version}")
+
+
+def _check_files(d: Path, man: dict[str, Any], man_path: Path) -> None:
+    files = man["files"]
     for key in ("onnx", "numpy"):
         entry = files.get(key)
         if not entry:
@@ -90,7 +119,26 @@ def load_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
         if digest != entry.get("sha256"):
             raise PolicyFileError(f"{f}: SHA-256 {digest[:12]}... does not match the manifest's "
                                   f"{str(entry.get('sha256'))[:12]}...: the file is corrupt or was changed")
-    return d, man
+
+
+def set_numpy_logits(w: dict[str, np.ndarray], req: np.ndarray, pre: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """The shape-generic network's logits (agents.setnet.SetPolicyNet) in plain numpy, for one observation
+    (``req [3], pre [P, 6], dec [D, 11]``): shared node encoders, mean/max pooled context, per-node scores."""
+    def lin(x: np.ndarray, name: str) -> np.ndarray:
+        y = x @ w[f"{name}.weight"].T
+        b = w.get(f"{name}.bias")
+        return y if b is None else y + b
+
+    ep = np.tanh(lin(np.tanh(lin(pre, "phi_p.0")), "phi_p.2"))
+    ed = np.tanh(lin(np.tanh(lin(dec, "phi_d.0")), "phi_d.2"))
+    g = np.tanh(lin(np.concatenate([req, ep.mean(0), ep.max(0), ed.mean(0), ed.max(0)]), "rho.0"))
+    sp = lin(np.tanh(lin(ep, "psi_p_node") + lin(g, "psi_p_ctx")), "psi_p_out")[:, 0]
+    sd = lin(np.tanh(lin(ed, "psi_d_node") + lin(g, "psi_d_ctx")), "psi_d_out")[:, 0]
+    return np.concatenate([sp, sd]).astype(np.float32)
+
+
+_SET_KEYS = ("phi_p.0", "phi_p.2", "phi_d.0", "phi_d.2", "rho.0", "psi_p_node", "psi_p_out", "psi_d_node",
+             "psi_d_out")
 
 
 class OnnxPolicy(Policy):
@@ -114,9 +162,15 @@ class OnnxPolicy(Policy):
         self.strict = bool(strict)
         self.dir, self.manifest = load_manifest(path)
         c = self.manifest["cluster"]
-        self.num_prefill, self.num_decode = int(c["num_prefill"]), int(c["num_decode"])
         version = self.manifest["feature_schema"]["version"]
-        self.num_obs = SCHEMAS[version].size(self.num_prefill, self.num_decode)
+        #: a shape-generic policy (manifest version 2) runs on any P >= 1, D >= 1
+        self.generic = self.manifest["format_version"] == SET_MANIFEST_VERSION
+        if self.generic:
+            self.num_prefill = self.num_decode = None
+            self.num_obs = None
+        else:
+            self.num_prefill, self.num_decode = int(c["num_prefill"]), int(c["num_decode"])
+            self.num_obs = SCHEMAS[version].size(self.num_prefill, self.num_decode)
         self._masked = float(self.manifest["network"].get("masked_logit", -1e9))
         self._fb = FeatureBuilder(version)  # the schema the policy was trained on (1 for the shipped one)
         self._checked = False
@@ -138,6 +192,10 @@ class OnnxPolicy(Policy):
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise PolicyFileError(f"{f}: onnxruntime cannot load it: {e}") from None
         names = [i.name for i in self._sess.get_inputs()]
+        if self.generic:
+            if names != _SET_INPUTS:
+                raise PolicyFileError(f"{f}: inputs {names}, expected {_SET_INPUTS} (a shape-generic policy)")
+            return
         if names != ["obs", "action_mask"]:
             raise PolicyFileError(f"{f}: inputs {names}, expected ['obs', 'action_mask']")
         shape = self._sess.get_inputs()[0].shape
@@ -151,6 +209,12 @@ class OnnxPolicy(Policy):
                 arrays = {k: z[k] for k in z.files}
         except (ValueError, OSError) as e:
             raise PolicyFileError(f"{f}: not a readable numpy weight file: {e}") from None
+        if self.generic:
+            missing = [k for k in _SET_KEYS if f"{k}.weight" not in arrays]
+            if missing:
+                raise PolicyFileError(f"{f}: shape-generic weights lack {missing}")
+            self._set_w = {k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}
+            return
         spec = self.manifest["network"]["layers"]
         self._layers: list[tuple[np.ndarray, np.ndarray, str]] = []
         for i, layer in enumerate(spec):
@@ -166,7 +230,10 @@ class OnnxPolicy(Policy):
     def check_cluster(self, view: ClusterView) -> None:
         """Refuse a cluster this policy was not trained for (shape; with ``strict`` SLOs and profiles)."""
         P, D = view.num_prefill, view.num_decode
-        if (P, D) != (self.num_prefill, self.num_decode):
+        if self.generic and (P < 1 or D < 1):
+            raise PolicyFileError(f"{self.dir}: a shape-generic policy needs at least one prefill and one decode "
+                                  f"node, the cluster is {P}P{D}D")
+        if not self.generic and (P, D) != (self.num_prefill, self.num_decode):
             raise PolicyFileError(f"{self.dir}: trained for {self.num_prefill}P{self.num_decode}D, the cluster is "
                                   f"{P}P{D}D")
         if self.strict:
@@ -187,7 +254,10 @@ class OnnxPolicy(Policy):
 
     # -- deciding ------------------------------------------------------------------------------------------
     def act(self, obs: np.ndarray, mask: np.ndarray) -> int:
-        """The greedy masked action for one observation."""
+        """The greedy masked action for one observation (a shape-generic policy reads P and D off the mask and
+        the observation's length)."""
+        if self.generic:
+            return self._act_set(obs, mask)
         if self.backend == "onnx":
             a, _ = self._sess.run(None, {"obs": obs.reshape(1, -1), "action_mask": mask.reshape(1, -1)})
             return int(a[0])
@@ -200,7 +270,29 @@ class OnnxPolicy(Policy):
                 x = np.maximum(x, 0.0)
         return int(np.argmax(np.where(mask, x, np.float32(self._masked))))
 
+    def _act_set(self, obs: np.ndarray, mask: np.ndarray) -> int:
+        a = len(mask)
+        n_pre, n_dec, n_req = len(FEATURE_SCHEMA.prefill), len(FEATURE_SCHEMA.decode), len(FEATURE_SCHEMA.request)
+        D = (len(obs) - n_req - a * n_pre) // (n_dec - n_pre)
+        P = a - D
+        if P < 0 or D < 0 or FEATURE_SCHEMA.size(P, D) != len(obs):
+            raise ValueError(f"observation of {len(obs)} features and a mask of {a} actions fit no cluster shape")
+        req, pre = obs[:n_req], obs[n_req:n_req + P * n_pre].reshape(P, n_pre)
+        dec = obs[n_req + P * n_pre:].reshape(D, n_dec)
+        if self.backend == "onnx":
+            act, _ = self._sess.run(None, {"request": req.reshape(1, -1), "prefill": pre[None], "decode": dec[None],
+                                           "action_mask": mask.reshape(1, -1)})
+            return int(act[0])
+        logits = set_numpy_logits(self._set_w, req, pre, dec)
+        return int(np.argmax(np.where(mask, logits, np.float32(self._masked))))
+
     def decide(self, view: ClusterView, request: RequestLike) -> Decision:
+        if self.generic:
+            if not self._checked:
+                self.check_cluster(view)
+            fb = self._fb
+            obs = fb.build(view, request)
+            return fb.decision(self._act_set(obs, fb.mask))
         if not self._checked:
             self.check_cluster(view)
         elif view.num_prefill != self.num_prefill or view.num_decode != self.num_decode:

@@ -1,0 +1,264 @@
+"""Imitation of the clairvoyant lookahead planner, DAgger-style, for the shape-generic network.
+
+Each iteration plays episodes on a mix of cluster shapes, traces and loads. At every decision the planner
+(:class:`~deflectlab.policies.lookahead.Lookahead`, attached to the environment's simulation) labels the state
+with its action; the action actually taken is the planner's with probability ``beta`` (``beta0 * decay**i``)
+and the learner's otherwise, so later iterations visit the states the learner itself reaches (Ross et al.,
+"A Reduction of Imitation Learning and Structured Prediction to No-Regret Online Learning", AISTATS 2011).
+All labelled states are kept (the aggregated data set) and the network is retrained on them each iteration
+by masked cross-entropy. Training windows come from ``window_start_s`` (default [0, 1200) s of each trace),
+disjoint from the held-out evaluation windows ([1200, 1800) s).
+
+The planner's decision maps onto the environment's actions by its node: prefill on ``p`` is action ``p``,
+deflection to ``d`` is action ``P + d`` (with the environment's chunk cap).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deflectlab.agents.setnet import MASKED_LOGIT, SetPolicyNet, masked_argmax, split_obs
+
+
+@dataclass
+class DaggerConfig:
+    """What :func:`train_dagger` runs. Shapes are ``(P, D)``; loads are multiples of the recorded rate."""
+
+    shapes: list[tuple[int, int]] = field(default_factory=lambda: [(2, 2), (4, 4)])
+    traces: list[str] = field(default_factory=lambda: ["azure_code", "azure_conv"])
+    loads: tuple[float, float] = (1.0, 3.0)
+    window_s: float = 60.0
+    window_start_s: tuple[float, float] = (0.0, 1140.0)
+    iterations: int = 4
+    episodes_per_iteration: int = 4
+    max_decisions: int = 400
+    beta0: float = 1.0
+    beta_decay: float = 0.5
+    horizon_s: float = 2.0
+    base: str = "length_threshold"
+    base_max_len: int = 3072
+    hidden: int = 64
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 3e-3
+    seed: int = 0
+    handoff: str = "vllm-nixl"
+    #: cost-aware imitation: a state's loss weighs 1 + regret_weight x (requests the worst valid action loses
+    #: against the best, by the planner's rollouts), and its target spreads over the actions tied on SLO count
+    #: (0: plain cross-entropy on the planner's pick)
+    regret_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.episodes_per_iteration < 1:
+            raise ValueError("dagger: iterations and episodes_per_iteration must be >= 1")
+        if not self.shapes or any(int(p) < 1 or int(d) < 1 for p, d in self.shapes):
+            raise ValueError(f"dagger: shapes must be (P, D) pairs with P, D >= 1, got {self.shapes}")
+        if not 0.0 <= self.beta0 <= 1.0 or not 0.0 <= self.beta_decay <= 1.0:
+            raise ValueError("dagger: beta0 and beta_decay must be in [0, 1]")
+        self.shapes = [(int(p), int(d)) for p, d in self.shapes]
+
+
+@dataclass
+class Dataset:
+    """Aggregated labelled states, grouped by cluster shape (tensors of one shape stack)."""
+
+    obs: dict[tuple[int, int], list[np.ndarray]] = field(default_factory=dict)
+    mask: dict[tuple[int, int], list[np.ndarray]] = field(default_factory=dict)
+    label: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    #: per action, SLO-meeting requests it loses against the planner's best (0 for ties); NaN where invalid
+    regret: dict[tuple[int, int], list[np.ndarray]] = field(default_factory=dict)
+
+    def add(self, shape: tuple[int, int], obs: np.ndarray, mask: np.ndarray, label: int,
+            regret: np.ndarray | None = None) -> None:
+        self.obs.setdefault(shape, []).append(np.array(obs, np.float32))
+        self.mask.setdefault(shape, []).append(np.array(mask, bool))
+        self.label.setdefault(shape, []).append(int(label))
+        if regret is None:
+            regret = np.where(np.arange(len(mask)) == label, 0.0, np.nan)
+        self.regret.setdefault(shape, []).append(np.asarray(regret, np.float32))
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.label.values())
+
+
+def planner_action(decision: Any, num_prefill: int) -> int:
+    """The environment's action of a planner decision (by node)."""
+    return num_prefill + int(decision.decode_node) if decision.deflected else int(decision.prefill_node)
+
+
+def action_regret(scores: list, num_prefill: int, num_actions: int) -> np.ndarray:
+    """Per environment action, how many SLO-meeting requests it loses against the planner's best candidate
+    (its best candidate on the same node); NaN for actions the planner did not score (masked)."""
+    met = np.full(num_actions, -np.inf)
+    for dec, (m, _) in scores:
+        a = planner_action(dec, num_prefill)
+        if a < num_actions:
+            met[a] = max(met[a], m)
+    best = met.max()
+    return np.where(np.isfinite(met), best - met, np.nan).astype(np.float32)
+
+
+def _env(cfg: DaggerConfig, shape: tuple[int, int], trace: str):
+    from deflectlab.envs.gym_env import DeflectionEnv
+
+    return DeflectionEnv(trace=trace, load=list(cfg.loads), window_s=cfg.window_s,
+                         window_start_s=list(cfg.window_start_s), cluster={"num_prefill": shape[0],
+                                                                           "num_decode": shape[1],
+                                                                           "handoff": cfg.handoff})
+
+
+def collect_episode(cfg: DaggerConfig, net: SetPolicyNet | None, beta: float, shape: tuple[int, int], trace: str,
+                    seed: int, data: Dataset, rng: np.random.Generator) -> dict[str, Any]:
+    """Play one episode, the planner labelling every state; returns counts (decisions, agreement)."""
+    from deflectlab.policies.lookahead import Lookahead
+
+    env = _env(cfg, shape, trace)
+    planner = Lookahead(horizon_s=cfg.horizon_s, base=cfg.base, base_max_len=cfg.base_max_len)
+    obs, meta = env.reset(seed=seed)
+    planner.attach(env.sim)
+    P, D = shape
+    n = agree = 0
+    done = False
+    while not done and n < cfg.max_decisions:
+        mask = env.action_masks()
+        label = planner_action(planner.decide(env.current_view(), env.current_request), P)
+        if not mask[label]:  # the base's own deflection to a node the env masks: fall back to its best valid
+            label = int(np.flatnonzero(mask)[0])
+        data.add(shape, obs, mask, label, action_regret(planner.last_scores, P, len(mask)))
+        if net is not None:
+            with torch.no_grad():
+                mine = masked_argmax(net.flat_logits(torch.as_tensor(obs[None]), P, D)[0].numpy(), mask)
+        else:
+            mine = label
+        agree += int(mine == label)
+        act = label if rng.random() < beta else mine
+        obs, _, done, _, _ = env.step(act)
+        n += 1
+    return {"shape": f"{P}P{D}D", "trace": trace, "load": meta.get("load"), "decisions": n, "agree": agree}
+
+
+def fit(net: SetPolicyNet, data: Dataset, cfg: DaggerConfig, gen: torch.Generator) -> float:
+    """Retrain on the whole aggregated set (masked cross-entropy); returns the final training accuracy."""
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    tensors = {s: (torch.as_tensor(np.stack(data.obs[s])), torch.as_tensor(np.stack(data.mask[s])),
+                   torch.as_tensor(data.label[s]), *_targets(data, s, cfg.regret_weight)) for s in data.label}
+    net.train()
+    for _ in range(cfg.epochs):
+        for shape, (x, m, _, target, w) in tensors.items():
+            perm = torch.randperm(len(w), generator=gen)
+            for i in range(0, len(w), cfg.batch_size):
+                idx = perm[i:i + cfg.batch_size]
+                logits = net.flat_logits(x[idx], *shape).masked_fill(~m[idx], MASKED_LOGIT)
+                nll = -(target[idx] * torch.log_softmax(logits, dim=1)).sum(1)
+                loss = (w[idx] * nll).sum() / w[idx].sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    net.eval()
+    hit = total = 0
+    with torch.no_grad():
+        for shape, (x, m, y, _, _) in tensors.items():
+            pred = net.flat_logits(x, *shape).masked_fill(~m, MASKED_LOGIT).argmax(1)
+            hit += int((pred == y).sum())
+            total += len(y)
+    return hit / total if total else float("nan")
+
+
+def _targets(data: Dataset, shape: tuple[int, int], regret_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per state: the target distribution and the loss weight. Plain (``regret_weight`` 0): one-hot on the
+    planner's pick, weight 1. Cost-aware: uniform over the actions tied with the best on SLO count, weight
+    ``1 + regret_weight * max regret``."""
+    y = np.asarray(data.label[shape])
+    n, a = len(y), len(data.mask[shape][0])
+    if regret_weight <= 0:
+        return torch.as_tensor(np.eye(a, dtype=np.float32)[y]), torch.ones(n)
+    r = np.stack(data.regret[shape])
+    tie = np.nan_to_num(r, nan=np.inf) <= 0.0
+    tie[np.arange(n), y] |= ~tie.any(1)  # never an empty target
+    target = tie / tie.sum(1, keepdims=True)
+    worst = np.nan_to_num(r, nan=0.0).max(1)
+    return torch.as_tensor(target.astype(np.float32)), torch.as_tensor(1.0 + regret_weight * worst, dtype=torch.float32)
+
+
+def train_dagger(cfg: DaggerConfig, out: Path | None = None) -> tuple[SetPolicyNet, dict[str, Any]]:
+    """Run DAgger; returns the network and a log (per iteration: episodes, learner-planner agreement on the
+    visited states before retraining, training accuracy, wall time)."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    net = SetPolicyNet(cfg.hidden).eval()
+    data = Dataset()
+    log: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for it in range(cfg.iterations):
+        beta = cfg.beta0 * cfg.beta_decay ** it
+        eps = []
+        for e in range(cfg.episodes_per_iteration):
+            k = it * cfg.episodes_per_iteration + e
+            shape = cfg.shapes[k % len(cfg.shapes)]
+            trace = cfg.traces[(k // len(cfg.shapes)) % len(cfg.traces)]
+            eps.append(collect_episode(cfg, net if it else None, beta, shape, trace, cfg.seed * 100_000 + k,
+                                       data, rng))
+        acc = fit(net, data, cfg, gen)
+        dec = sum(e["decisions"] for e in eps)
+        log.append({"iteration": it, "beta": beta, "episodes": eps, "states": len(data),
+                    "majority_label_share": majority_share(data),
+                    "learner_agreement_before_fit": sum(e["agree"] for e in eps) / max(dec, 1) if it else None,
+                    "train_accuracy": acc, "wall_s": time.perf_counter() - t0})
+    result = {"config": asdict(cfg), "iterations": log, "wall_s": time.perf_counter() - t0, "states": len(data)}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "dagger_log.json").write_text(json.dumps(result, indent=1, default=str))
+    return net, result
+
+
+def majority_share(data: Dataset) -> float:
+    """Accuracy of always answering each shape's most common label (what a network must beat)."""
+    total = len(data)
+    return sum(int(np.bincount(v).max()) for v in data.label.values()) / total if total else float("nan")
+
+
+def action_agreement(net: SetPolicyNet, data: Dataset) -> float:
+    """Share of the data set's labels the network's greedy masked action reproduces."""
+    hit = total = 0
+    for shape, obs in data.obs.items():
+        x = torch.as_tensor(np.stack(obs))
+        m = np.stack(data.mask[shape])
+        with torch.no_grad():
+            logits = net(*split_obs(x, *shape))[0].numpy()
+        for i, y in enumerate(data.label[shape]):
+            hit += int(masked_argmax(logits[i], m[i]) == y)
+            total += 1
+    return hit / total if total else float("nan")
+
+
+def finetune_ppo(net: SetPolicyNet, shape: tuple[int, int], cfg: DaggerConfig, steps: int,
+                 reward: str = "attainment", lr: float = 3e-5) -> tuple[SetPolicyNet, dict[str, Any]]:
+    """MaskablePPO fine-tuning of the imitation network on one shape (training windows of ``cfg``), started
+    from its weights; returns the fine-tuned network (a copy) and steps/s and wall time."""
+    import copy
+
+    from sb3_contrib import MaskablePPO
+
+    from deflectlab.agents.setnet import make_set_policy_class
+    from deflectlab.envs.gym_env import DeflectionEnv
+
+    env = DeflectionEnv(trace=cfg.traces[0], load=list(cfg.loads), window_s=cfg.window_s,
+                        window_start_s=list(cfg.window_start_s), reward=reward,
+                        cluster={"num_prefill": shape[0], "num_decode": shape[1], "handoff": cfg.handoff})
+    model = MaskablePPO(make_set_policy_class(), env, learning_rate=lr, n_steps=512, batch_size=128, n_epochs=4,
+                        clip_range=0.1, seed=cfg.seed, device="cpu",
+                        policy_kwargs={"num_prefill": shape[0], "num_decode": shape[1], "hidden": net.hidden})
+    model.policy.set_net.load_state_dict(net.state_dict())
+    t0 = time.perf_counter()
+    model.learn(steps)
+    wall = time.perf_counter() - t0
+    out = copy.deepcopy(model.policy.set_net).eval()
+    return out, {"steps": steps, "wall_s": wall, "steps_per_s": steps / wall if wall > 0 else float("nan")}

@@ -1,0 +1,211 @@
+"""``lookahead``: a clairvoyant planner that plays each action forward on a copy of the simulation.
+
+**Clairvoyant, not deployable.** At each decision it copies the running simulation
+(:meth:`~deflectlab.envs.simulator.ClusterSim.copy_state`), routes the request with one candidate action, and
+plays the copy forward for ``horizon_s`` seconds of the window's *known future arrivals* (routed by a base
+policy), then drains the copy with no further arrivals. It picks the action whose copy scores best. It reads
+the workload's future (arrival times, prompt lengths, and through the model the output lengths), which no
+router knows: it is a reference for how much better than the heuristics deflection could get (the headroom)
+and a teacher for imitation, not a policy to serve.
+
+Candidates: the environment's actions (prefill on each prefill node, the decode node left to the balancer;
+deflect to each decode node with KV room, with the TBT-safe chunk cap of :class:`~deflectlab.envs.features.
+FeatureBuilder`) plus the base policy's own decision, so a planner never scores below its base at a
+decision. Objective, over the requests live at the decision plus those arriving within the horizon: the
+number that meet their SLO (TTFT <= the TTFT SLO and their own P95 TBT <= the TBT SLO, as
+:mod:`~deflectlab.envs.metrics` counts it), ties broken by the lower sum of TTFTs. Rollouts are
+deterministic, so one rollout per action suffices.
+
+It needs the simulation itself: :meth:`ClusterSim.run` calls :meth:`attach`; the DAgger labeller attaches
+the environment's simulation. Without one, ``decide`` is an error saying so.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from bisect import bisect_right
+from typing import Any
+
+import numpy as np
+
+from deflectlab.envs.features import FeatureBuilder
+from deflectlab.envs.view import ClusterView, Decision, Policy, RequestLike
+
+_DRAIN_S = 120.0  # after the horizon, drain the copy at most this long (simulated seconds); unfinished = missed
+
+
+def tbt_slo_met(sim: Any, reqs: list, tau: float) -> list[bool]:
+    """For each finished request, whether its own P95 TBT <= ``tau``: at least ``ceil(0.95 n)`` of its ``n``
+    samples (token steps after the first, each pre-emption run, each pre-emption gap) are <= ``tau``, as
+    :mod:`~deflectlab.envs.metrics` counts it. Exact, from the decode nodes' segment logs (steps ``n0+1 ..
+    n0+k`` took ``a + b*j`` seconds, ``j = 0..k-1``), with prefix sums over the segments the requests span."""
+    n = len(reqs)
+    cnt = np.zeros(n)
+    over = np.zeros(n)
+    runs: dict[int, list[tuple[int, int, int]]] = {}
+    for i, r in enumerate(reqs):
+        node_runs = runs.setdefault(r.d_node, [])
+        for first, last in (r.tbt_runs or ()):
+            node_runs.append((i, first + 1, last))
+        node_runs.append((i, r.first_step + 1, r.last_step))
+        for gap in r.stalls or ():
+            cnt[i] += 1
+            over[i] += gap > tau
+    for d, node_runs in runs.items():
+        owner, lo, hi = (np.array(x, dtype=np.int64) for x in zip(*node_runs, strict=True))
+        keep = hi >= lo
+        if keep.any():
+            owner, lo, hi = owner[keep], lo[keep], hi[keep]
+            f = _OverCount(sim.decode[d], tau, int(lo.min()))
+            cnt += np.bincount(owner, weights=hi - lo + 1, minlength=n)
+            over += np.bincount(owner, weights=f(hi) - f(lo - 1), minlength=n)
+    return list(cnt - over >= np.ceil(0.95 * cnt - 1e-9))
+
+
+class _OverCount:
+    """``F(s)``: how many of one decode node's steps up to ``s`` took more than ``tau`` (relative to the first
+    segment kept, which holds step ``lo_min - 1``; only differences ``F(hi) - F(lo - 1)`` are meaningful)."""
+
+    def __init__(self, node: Any, tau: float, lo_min: int) -> None:
+        i0 = max(bisect_right(node.log_n0, lo_min - 2) - 1, 0)
+        self.n0 = np.frombuffer(node.log_n0, dtype=np.int64)[i0:]
+        self.a = np.frombuffer(node.log_a, dtype=np.float64)[i0:]
+        self.b = np.frombuffer(node.log_b, dtype=np.float64)[i0:]
+        k = np.frombuffer(node.log_k, dtype=np.int64)[i0:]
+        self.tau = tau
+        self.c_over = np.concatenate([[0.0], np.cumsum(self._over_first(self.a, self.b, k))])
+
+    def _over_first(self, a: np.ndarray, b: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """Of steps ``j = 0..m-1`` taking ``a + b*j`` (``b >= 0``), how many exceed ``tau``."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            le_b = np.floor((self.tau - a) / np.where(b > 0, b, 1.0)) + 1
+        le = np.where(b > 0, le_b, np.where(a <= self.tau, m, 0))
+        return m - np.clip(le, 0, m)
+
+    def __call__(self, s: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(self.n0, s - 1, side="right") - 1
+        ok = i >= 0
+        ii = np.where(ok, i, 0)
+        m = np.maximum(s - self.n0[ii], 0)
+        return np.where(ok, self.c_over[ii] + self._over_first(self.a[ii], self.b[ii], m), 0.0)
+
+
+class Lookahead(Policy):
+    """Clairvoyant one-step lookahead over the window's known arrivals (see the module docstring).
+
+    :param horizon_s: simulated seconds of future arrivals each rollout routes (then it drains).
+    :param base: the registry name of the policy that routes the rollouts' future arrivals.
+    :param base_*: parameters of the base policy (``base_max_len=3072`` for the tuned length threshold).
+    """
+
+    name = "lookahead"
+    clairvoyant = True
+
+    def __init__(self, horizon_s: float = 10.0, base: str = "length_threshold", **base_params: Any) -> None:
+        from deflectlab.policies.registry import make_policy
+
+        if not (isinstance(horizon_s, int | float) and horizon_s >= 0 and math.isfinite(horizon_s)):
+            raise ValueError(f"policy 'lookahead': horizon_s must be a finite number >= 0 seconds, got {horizon_s!r}")
+        bad = [k for k in base_params if not k.startswith("base_")]
+        if bad:
+            raise ValueError(f"policy 'lookahead': unknown parameters {bad}; base policy parameters are base_<name>")
+        if base == "lookahead":
+            raise ValueError("policy 'lookahead': the base policy cannot be lookahead itself")
+        self.horizon_s = float(horizon_s)
+        self.base_name = base
+        self.base_params = {k[5:]: v for k, v in base_params.items()}
+        if base == "length_threshold" and "max_len" not in self.base_params:
+            self.base_params["max_len"] = 3072  # tuned: experiments/policies/tuned_azure_code_2p2d.yaml
+        self._base = make_policy(base, **self.base_params)
+        self._fb = FeatureBuilder()
+        self._sim: Any = None
+        self.last_scores: list[tuple[Decision, tuple[int, float]]] = []
+        self.decisions = 0
+        self.rollouts = 0
+
+    def params(self) -> dict[str, Any]:
+        return {"horizon_s": self.horizon_s, "base": self.base_name,
+                **{f"base_{k}": v for k, v in self.base_params.items()}}
+
+    def reset(self, seed: int | None = None) -> None:
+        self._base.reset(seed)
+        self.decisions = self.rollouts = 0
+
+    def attach(self, sim: Any) -> None:
+        """Plan on ``sim`` (a :class:`~deflectlab.envs.simulator.ClusterSim` stopped at a decision)."""
+        self._sim = sim
+
+    def candidates(self, view: ClusterView, request: RequestLike) -> list[Decision]:
+        """The environment's valid actions' decisions, then the base policy's decision if it is not among them."""
+        self._fb.build(view, request)
+        mask = self._fb.mask
+        out = [self._fb.decision(a) for a in range(len(mask)) if mask[a]]
+        if not view.num_prefill:
+            out = [d for d in out if d.deflected]
+        base = self._base.decide(view, request)
+        if base not in out:
+            out.append(base)
+        return out
+
+    def decide(self, view: ClusterView, request: RequestLike) -> Decision:
+        sim = self._sim
+        if sim is None:
+            raise RuntimeError("policy 'lookahead' is clairvoyant: it plans on the simulation itself and runs only "
+                               "inside ClusterSim.run (or after attach(sim)); it cannot serve live traffic")
+        if not sim.requests or sim.requests[-1] is not request:
+            raise RuntimeError("policy 'lookahead': the request is not the simulation's pending one")
+        best, best_key = None, None
+        scores = self.last_scores = []  # (decision, (met, -sum TTFT)) per candidate, for cost-aware imitation
+        for dec in self.candidates(view, request):
+            key = self.score(dec)
+            scores.append((dec, key))
+            if best_key is None or key > best_key:
+                best, best_key = dec, key
+        self.decisions += 1
+        assert best is not None
+        return best
+
+    def score(self, decision: Decision) -> tuple[int, float]:
+        """Play ``decision`` forward on a copy: (requests meeting the SLO, minus the sum of their TTFTs)."""
+        sim = self._sim
+        c = sim.copy_state()
+        self.rollouts += 1
+        scored = [r for r in c.requests[c._done_prefix:] if r.reject_reason is None]
+        c.route(c.requests[-1], decision)
+        t_end = c.now + self.horizon_s
+        base = copy.deepcopy(self._base)
+        while c._next < len(c._arr_t) and c._arr_t[c._next] <= t_end:
+            r = c.advance()
+            c.route(r, base.decide(c.view(), r))
+            scored.append(r)
+        c.run_events(t_end + _DRAIN_S)
+        return _objective(c, scored)
+
+
+def _objective(sim: Any, scored: list) -> tuple[int, float]:
+    cfg = sim.config
+    ttft_slo, cap = cfg.ttft_slo_s, _DRAIN_S
+    met, ttft_sum = 0, 0.0
+    tbt_check = []
+    for r in scored:
+        if r.reject_reason is not None:
+            continue
+        if r.t_first_token < 0.0:
+            ttft_sum += cap
+            continue
+        ttft = r.t_first_token - r.arrival_s
+        ttft_sum += ttft
+        if ttft <= ttft_slo and r.t_finish >= 0.0:
+            if r.output_tokens <= 1:
+                met += 1
+            else:
+                tbt_check.append(r)
+    if tbt_check:
+        met += sum(tbt_slo_met(sim, tbt_check, cfg.tbt_slo_s))
+    return met, -ttft_sum
+
+
+def register_policies(register: Any) -> None:
+    """Add ``lookahead`` (clairvoyant planner: ``lookahead:horizon_s=10,base=length_threshold,base_max_len=3072``)."""
+    register("lookahead", Lookahead)
