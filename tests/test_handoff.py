@@ -6,6 +6,7 @@ import heapq
 
 import numpy as np
 import pytest
+from conftest import simple_profile
 
 from deflectlab.envs.config import ClusterConfig, ConfigError
 from deflectlab.envs.handoff import PRESETS, HandoffError, parse_handoff
@@ -19,17 +20,8 @@ from deflectlab.policies.registry import make_policy
 
 
 def _profile(**kw) -> LatencyModel:
-    base = dict(
-        name="test", hardware="test", model="test", tensor_parallel=1,
-        overhead_s=0.010, decode_attn_s_per_token=2e-6, decode_attn_s_per_seq=1e-4,
-        prefill_attn_sq_s=1e-9, prefill_attn_cross_s=2e-9,
-        kv_bytes_per_token=1000, kv_capacity_tokens=10_000_000, kv_block_tokens=16,
-        nic_bandwidth_Bps=1e9, kv_transfer_overhead_s=0.0,
-        linear_tokens=(1.0, 64.0, 4096.0), linear_s=(0.005, 0.006, 0.100),
-        sources={"all": "synthetic test profile"},
-    )
-    base.update(kw)
-    return LatencyModel(**base)
+    """The shared synthetic profile with vLLM's 16-token KV blocks."""
+    return simple_profile(**{"kv_block_tokens": 16, **kw})
 
 
 def test_vllm_nixl_reproduces_the_measured_3p1d_handoff():
