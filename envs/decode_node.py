@@ -30,15 +30,26 @@ from array import array
 from collections import deque
 from collections.abc import Callable
 from heapq import heapify, heappop, heappush
+from operator import mul
 from typing import TYPE_CHECKING
 
-from deflectlab.envs.prefix_cache import PrefixCache, cache_unit, max_hit_blocks
+from deflectlab.envs.prefix_cache import Holding, PrefixCache, cache_unit, max_hit_blocks
 
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
     from deflectlab.envs.request import Request
 
 _INF_STEPS = 1 << 62
+_PAD_TABLES: dict[int, tuple[tuple[int, ...], ...]] = {}
+
+
+def _pad_table(blk: int) -> tuple[tuple[int, ...], ...]:
+    """``table[m % blk][p] = (-p - m) % blk``: the tokens a running decode of phase ``p`` lacks to fill its last
+    block at step ``m`` (one shared table per block size)."""
+    t = _PAD_TABLES.get(blk)
+    if t is None:
+        t = _PAD_TABLES[blk] = tuple(tuple((-p - r) % blk for p in range(blk)) for r in range(blk))
+    return t
 
 
 class DecodeNode:
@@ -77,6 +88,7 @@ class DecodeNode:
         # running decodes' blocks, derived from their context offsets (see _running_blocks).
         self.static_blocks = 0
         self._phase = [0] * self.block_tokens  # running decodes by ctx_offset % block_tokens
+        _pad_table(self.block_tokens)  # made once per block size, shared (not part of the node's state)
         self.preemptions = 0
         self.peak_blocks = 0
         self._usage_area = 0.0  # integral of used blocks over time, block-seconds (for the mean usage)
@@ -155,10 +167,7 @@ class DecodeNode:
         if not self.batch_size:
             return 0
         blk = self.block_tokens
-        pad = 0
-        for p, c in enumerate(self._phase):
-            if c:
-                pad += c * ((-p - m) % blk)
+        pad = sum(map(mul, self._phase, _PAD_TABLES[blk][m % blk]))
         return (self._ctx_base + self.batch_size * m + pad) // blk
 
     def _running_blocks_max(self, m: int) -> int:
@@ -191,11 +200,16 @@ class DecodeNode:
         while q:
             req = q[0]
             need = kv_need = -(-(req.input_tokens + req.generated) // self.block_tokens)
-            if cache is not None and req.hashes is not None:
-                self._evict(t, run_max)
-                hit, shared = cache.match(req.hashes, max_hit_blocks(req.hashes, req.input_tokens, req.generated,
-                                                                     self.hash_block_tokens))
-                need -= shared * cache.unit  # blocks a running request holds already: no new room
+            h = req.hashes
+            if cache is not None and h is not None:
+                if cache.n_free and cache.n_free * cache.unit > self.total_blocks - self.static_blocks - run_max:
+                    self._evict(t)
+                if h and h[0] in cache.start:
+                    hit, shared = cache.match(h, max_hit_blocks(h, req.input_tokens, req.generated,
+                                                                self.hash_block_tokens))
+                    need -= shared * cache.unit  # blocks a running request holds already: no new room
+                else:
+                    hit = 0
             if self.static_blocks + run_max + need > self.total_blocks and not tight:
                 tight = True
                 run_max = self.kv_used_blocks(t) - self.static_blocks  # exact: the step in progress's blocks
@@ -209,9 +223,10 @@ class DecodeNode:
             self.static_blocks += need  # usage is noted at the next step boundary (nothing frees before it)
             req.kv_blocks = kv_need
             self.admitted += 1
-            if cache is not None and req.hashes is not None:
-                req.d_held = cache.acquire(req.hashes, hit)
-                self._evict(t, run_max)  # room for the new blocks
+            if cache is not None and h is not None:
+                req.d_held = cache.acquire(h, hit) if hit else Holding(h, 0)
+                if cache.n_free and cache.n_free * cache.unit > self.total_blocks - self.static_blocks - run_max:
+                    self._evict(t)  # room for the new blocks
                 req.d_done = hit * self.hash_block_tokens  # the cached prefix counts as computed
                 if req.t_admit < 0.0:
                     req.d_cached = req.d_done
@@ -384,7 +399,7 @@ class DecodeNode:
             if r.kv_blocks:
                 self.static_blocks -= r.kv_blocks  # now counted among the running decodes' blocks
                 if r.d_held is not None:  # the KV arrived: its new full blocks are cached here now
-                    self.cache.register(r.hashes, len(r.d_held), r.input_tokens // self.hash_block_tokens, r.d_held)
+                    self.cache.register(r.d_held, r.input_tokens // self.hash_block_tokens)
             else:  # joined without admission (tests, emulator): its blocks are allocated now
                 self.admitted += 1
             r.t_join = t
@@ -504,8 +519,10 @@ class DecodeNode:
         self._usage_t, self._usage_last = t, u
         if u + 0.5 * bsz > self.peak_blocks:
             self._note_peak()
-        if self.cache is not None and self.cache.free:
-            self._trim_cache(n)
+        cache = self.cache
+        if cache is not None and cache.n_free and cache.n_free * cache.unit > self.total_blocks - self.static_blocks - (
+                (self._ctx_base + bsz * n) // self.block_tokens + bsz):  # the running decodes grew: evict, exactly
+            cache.trim_to(self._cache_keep(n))
         freed = self._finish_chunks(t, k, n) if self._seg_chunks else False
         running = self.running
         blk = self.block_tokens
@@ -545,7 +562,7 @@ class DecodeNode:
                 r.last_step = n + r.output_tokens - r.generated - 1
                 self.static_blocks -= r.kv_blocks  # a finished prompt: its blocks are a running decode's now
                 if r.d_held is not None:
-                    self.cache.register(r.hashes, len(r.d_held), r.input_tokens // self.hash_block_tokens, r.d_held)
+                    self.cache.register(r.d_held, r.input_tokens // self.hash_block_tokens)
                 if r.last_step == n:
                     self._finish(r, t)
                     freed = True
@@ -567,19 +584,24 @@ class DecodeNode:
     def cached_prefix_tokens(self, hashes: list[int], prompt_tokens: int, t: float) -> int:
         """Prompt tokens an admission at ``t`` would find cached (after the evictions due by then); no other
         effect on the model."""
-        self._evict(t, self.total_blocks)  # no cheap bound here
-        bt = self.hash_block_tokens
-        return self.cache.match(hashes, max_hit_blocks(hashes, prompt_tokens, 0, bt))[0] * bt
-
-    def _evict(self, t: float, run_bound: int) -> None:
-        """Evict the cached free blocks that do not fit beside the blocks allocated at ``t`` (the step in progress
-        has its blocks). ``run_bound`` bounds the running decodes' blocks from above: nothing to do below it."""
         cache = self.cache
-        if cache.free_blocks > self.total_blocks - self.static_blocks - run_bound:
-            m = self.steps_done
-            if self.active and not self._starting and self.batch_size:
-                m += min(self._steps_by(t), self._seg_k - 1) + 1
-            cache.trim_to(self._cache_keep(m))
+        if not hashes or hashes[0] not in cache.start:
+            return 0
+        bsz = self.batch_size
+        if cache.n_free and cache.n_free * cache.unit > self.total_blocks - self.static_blocks - (
+                (self._ctx_base + bsz * (self.steps_done + self._seg_k)) // self.block_tokens + bsz if bsz else 0):
+            self._evict(t)
+        bt = self.hash_block_tokens
+        return cache.match(hashes, max_hit_blocks(hashes, prompt_tokens, 0, bt))[0] * bt
+
+    def _evict(self, t: float) -> None:
+        """Evict the cached free blocks that do not fit beside the blocks allocated at ``t`` (the step in progress
+        has its blocks); the callers have checked with a cheap upper bound of the running decodes' blocks that
+        some may not fit."""
+        m = self.steps_done
+        if self.active and not self._starting and self.batch_size:
+            m += min(self._steps_by(t), self._seg_k - 1) + 1
+        self.cache.trim_to(self._cache_keep(m))
 
     def _cache_keep(self, m: int) -> int:
         """Cached blocks that fit beside the allocated blocks of step ``m``, exactly: the running decodes hold
@@ -593,12 +615,6 @@ class DecodeNode:
         if keep != (free - lo - bsz) // unit:
             keep = (free - self._running_blocks(m)) // unit
         return keep
-
-    def _trim_cache(self, n: int) -> None:
-        """The running decodes grew during the segment: evict cached blocks that no longer fit beside the blocks of
-        step ``n``, before this boundary frees anything (usage only grows inside a segment)."""
-        if self.cache.free_blocks > self.total_blocks - self.static_blocks - self._running_blocks_max(n):
-            self.cache.trim_to(self._cache_keep(n))
 
     def _release_cached(self, r: Request) -> None:
         """``r`` gives its cached blocks back: those another request still holds were counted once for both

@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from deflectlab.envs.prefix_cache import PrefixCache, cache_unit, max_hit_blocks
+from deflectlab.envs.prefix_cache import Holding, PrefixCache, cache_unit, max_hit_blocks
 
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
@@ -124,26 +124,39 @@ class PrefillNode:
     def cached_prefix_tokens(self, hashes: list[int], prompt_tokens: int) -> int:
         """Prompt tokens a lookup now would find cached (after the evictions due by now); no other effect."""
         cache = self.cache
-        cache.trim(self.kv_capacity_tokens - self.kv_used_tokens)
+        if not hashes or hashes[0] not in cache.start:
+            return 0
+        room = self.kv_capacity_tokens - self.kv_used_tokens
+        if cache.n_free * cache.unit > room:
+            cache.trim(room)
         bt = self.hash_block_tokens
         return cache.match(hashes, max_hit_blocks(hashes, prompt_tokens, 0, bt))[0] * bt
 
     def _lookup(self, r: Request, need: int, t: float) -> int:
         """The prompt's cached prefix: its tokens are not prefilled again, blocks other running prompts hold take
         no new room. Returns the new KV tokens to allocate, or -1 when they do not fit (nothing changed)."""
-        cache, bt = self.cache, self.hash_block_tokens
-        cache.trim(self.kv_capacity_tokens - self.kv_used_tokens)  # units: tokens here, cache unit 1 block = bt
-        hit, shared = cache.match(r.hashes, max_hit_blocks(r.hashes, r.input_tokens, 0, bt))
-        need -= shared * bt
-        if self.kv_used_tokens + need > self.kv_capacity_tokens:
+        cache, bt, h = self.cache, self.hash_block_tokens, r.hashes
+        room = self.kv_capacity_tokens - self.kv_used_tokens  # units: tokens here, cache unit 1 block = bt
+        if cache.n_free * bt > room:
+            cache.trim(room)
+        if h and h[0] in cache.start:
+            hit, shared = cache.match(h, max_hit_blocks(h, r.input_tokens, 0, bt))
+            need -= shared * bt
+        else:
+            hit = 0
+        if need > room:
             return -1  # FCFS: the head waits for KV room
-        r.p_held = cache.acquire(r.hashes, hit)
-        cache.trim(self.kv_capacity_tokens - self.kv_used_tokens - need)  # room for the new blocks
-        cached = hit * bt
-        r.p_cached = cached
-        r.p_done = cached
-        r.p_remaining -= cached
-        self.waiting_tokens -= cached
+        if hit:
+            r.p_held = cache.acquire(h, hit)
+            cached = hit * bt
+            r.p_cached = cached
+            r.p_done = cached
+            r.p_remaining -= cached
+            self.waiting_tokens -= cached
+        else:
+            r.p_held = Holding(h, 0)
+        if cache.n_free * bt > room - need:
+            cache.trim(room - need)  # room for the new blocks
         return need
 
     def _end_step(self, t: float, _: object) -> None:
@@ -156,7 +169,7 @@ class PrefillNode:
                 queue.popleft()  # only the batch's last prompt can be partial, so finished ones are a prefix
                 r.t_p_end = t
                 if r.p_held is not None:
-                    self.cache.register(r.hashes, len(r.p_held), r.input_tokens // self.hash_block_tokens, r.p_held)
+                    self.cache.register(r.p_held, r.input_tokens // self.hash_block_tokens)
                 self.held_handoffs += 1
                 self._on_prefilled(r, t)
         self.busy = False

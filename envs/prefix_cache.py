@@ -26,78 +26,207 @@ block another request registered meanwhile keeps its own copy uncached, as vLLM 
 
 from __future__ import annotations
 
-from itertools import filterfalse, islice, takewhile
+from itertools import islice
+
+# How the blocks are stored. A prompt's blocks enter the cache together, as one contiguous run of its hash
+# list, and they leave it together or from the tail: eviction is LRU among free blocks and a request frees its
+# blocks last-first, so the newest block of a run is always evicted before the older ones. The cache therefore
+# keeps *spans* (a run ``ref[lo:hi]`` of one prompt's hash list with one holder count), not blocks: a lookup,
+# a hold, a release and an eviction touch one or two spans, not ~30 blocks. A span is split when a request holds
+# only its head (the hit ends inside it) and shortened from its tail when evicted. This is exact, not an
+# approximation: ``tests/test_prefix_cache.py`` plays random operations against a block-by-block reference.
+#
+# Why a lookup need only find span *starts*: hashes chain, so a block's predecessor inside its span is its
+# parent. A cached block whose parent is not the block before it in its span would be cached twice, which the
+# cache never does; so the next cached block of a prompt, once the current span no longer matches, begins a
+# span of its own.
+
+
+class _Span:
+    """Cached blocks ``ref[lo:hi]`` of one prompt's hash list, all held by ``cnt`` running requests."""
+
+    __slots__ = ("ref", "lo", "hi", "cnt")
+
+    def __init__(self, ref: list[int], lo: int, hi: int, cnt: int) -> None:
+        self.ref, self.lo, self.hi, self.cnt = ref, lo, hi, cnt
+
+
+class Holding:
+    """A request's blocks held in one node's cache: its hash list, how many of its leading blocks are settled
+    (the hit, then every full block once its KV is computed or received), and the ranges ``[lo, hi)`` of its
+    hash list it holds, as a flat list (a block another request cached first is not held by this one)."""
+
+    __slots__ = ("hashes", "n", "ranges")
+
+    def __init__(self, hashes: list[int], n: int) -> None:
+        self.hashes, self.n = hashes, n
+        self.ranges: list[int] = [0, n] if n else []
+
+    @property
+    def blocks(self) -> int:
+        """Blocks held."""
+        r = self.ranges
+        return sum(r[1::2]) - sum(r[0::2])
+
+
+def _common(a: list[int], i: int, b: list[int], j: int, n: int) -> int:
+    """Length of the common prefix of ``a[i:i+n]`` and ``b[j:j+n]`` (their first elements are equal)."""
+    if a[i:i + n] == b[j:j + n]:
+        return n
+    lo, hi = 1, n - 1  # a[i:i+lo] == b[j:j+lo] holds; the answer is below n
+    while lo < hi:  # binary search on equal slices: C-level comparisons
+        mid = (lo + hi + 1) // 2
+        if a[i:i + mid] == b[j:j + mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class PrefixCache:
-    """The cached blocks of one node: every cached block with its count of holding requests (0: free but cached),
-    and the free ones again in LRU order. Two plain dicts; the per-block work of looking up, registering and
-    releasing runs in C-level iterators (a Mooncake prompt is ~30 blocks, handled on two nodes).
+    """The cached blocks of one node, as spans (see above): ``start`` maps each span's first hash to it, ``free``
+    holds the spans nobody holds in LRU order (least recently used first; within a span the last block goes
+    first).
 
     :param unit: pool blocks (or tokens, as the node counts its pool) one cached (trace) block occupies.
     """
 
-    __slots__ = ("unit", "cnt", "free", "evictions")
+    __slots__ = ("unit", "start", "free", "n_free", "n_blocks", "evictions")
 
     def __init__(self, unit: int) -> None:
         self.unit = unit
-        self.cnt: dict[int, int] = {}  # hash -> running requests holding it (0: free but cached)
-        # the blocks with count 0, least recently used first: a plain dict keeps insertion order and a block
-        # leaves it when held again, so its order is LRU order (cheaper than an OrderedDict)
-        self.free: dict[int, None] = {}
+        self.start: dict[int, _Span] = {}
+        # a plain dict keeps insertion order and a span leaves it when held again, so its order is LRU order
+        self.free: dict[_Span, None] = {}
+        self.n_free = 0  # cached blocks nobody holds
+        self.n_blocks = 0  # cached blocks
         self.evictions = 0
 
-    def __contains__(self, h: int) -> bool:
-        return h in self.cnt
-
     def __len__(self) -> int:
-        return len(self.cnt)
+        return self.n_blocks
+
+    def __contains__(self, h: int) -> bool:
+        """Whether block ``h`` is cached (a scan: for tests and inspection, not the hot path)."""
+        return any(h in s.ref[s.lo:s.hi] for s in self.start.values())
+
+    def free_hashes(self) -> list[int]:
+        """The free-but-cached blocks in eviction order (inspection)."""
+        return [h for s in self.free for h in reversed(s.ref[s.lo:s.hi])]
+
+    @property
+    def held_blocks(self) -> int:
+        """Cached blocks some running request holds."""
+        return self.n_blocks - self.n_free
 
     def match(self, hashes: list[int], n_max: int) -> tuple[int, int]:
         """``(hit, shared)``: the leading blocks of ``hashes[:n_max]`` that are cached, and how many of those a
         running request already holds (they take no new room). No side effect."""
-        cnt = self.cnt
-        counts = list(map(cnt.__getitem__, takewhile(cnt.__contains__, islice(hashes, n_max))))
-        return len(counts), len(counts) - counts.count(0)
+        start = self.start
+        i = shared = 0
+        while i < n_max:
+            s = start.get(hashes[i])
+            if s is None:
+                break
+            n = s.hi - s.lo
+            if n > n_max - i:
+                n = n_max - i
+            k = n if s.ref is hashes and s.lo == i else _common(s.ref, s.lo, hashes, i, n)
+            if s.cnt:
+                shared += k
+            i += k
+        return i, shared
 
-    def acquire(self, hashes: list[int], hit: int) -> list[int]:
-        """Hold the first ``hit`` blocks (free ones leave the LRU list); returns the list of held hashes."""
-        cnt, free = self.cnt, self.free
-        out = hashes[:hit]
-        for h in out:
-            c = cnt[h]
-            if not c:
-                del free[h]
-            cnt[h] = c + 1
-        return out
+    def acquire(self, hashes: list[int], hit: int) -> Holding:
+        """Hold the first ``hit`` blocks (as :meth:`match` found them); free ones leave the LRU list."""
+        start, free = self.start, self.free
+        i = 0
+        while i < hit:
+            s = start[hashes[i]]
+            lo = s.lo
+            n = s.hi - lo
+            k = n if n <= hit - i and (s.ref is hashes and lo == i) else _common(s.ref, lo, hashes, i, min(n, hit - i))
+            if k < n:  # held up to inside the span: split it; the tail keeps the span's object and LRU place
+                head = _Span(s.ref, lo, lo + k, s.cnt + 1)
+                start[s.ref[lo]] = head
+                s.lo = lo + k
+                start[s.ref[lo + k]] = s
+                if not s.cnt:
+                    self.n_free -= k
+            else:
+                if not s.cnt:
+                    del free[s]
+                    self.n_free -= n
+                s.cnt += 1
+            i += k
+        return Holding(hashes, hit)
 
-    def register(self, hashes: list[int], lo: int, hi: int, out: list[int]) -> None:
-        """A request computed (or received) blocks ``lo..hi-1``: each not cached yet becomes cached, held by it
-        (appended to ``out``); one cached meanwhile by another request stays that one's (vLLM keeps the first
-        copy and does not cache the duplicate). Chained hashes never repeat inside one prompt."""
-        cnt = self.cnt
-        new = list(filterfalse(cnt.__contains__, islice(hashes, lo, hi)))
-        if new:
-            cnt.update(dict.fromkeys(new, 1))
-            out += new
+    def register(self, held: Holding, hi: int) -> None:
+        """The request computed (or received) its blocks up to ``hi``: each not cached yet becomes cached, held by
+        it; one cached meanwhile by another request stays that one's (vLLM keeps the first copy and does not cache
+        the duplicate)."""
+        lo = held.n
+        if hi <= lo:
+            return
+        held.n = hi
+        hashes, start, r = held.hashes, self.start, held.ranges
+        i = lo
+        if lo and not (r and r[-1] == lo):  # the block before is another request's (registering in pieces)
+            i += self._continuation(hashes, lo, hi)
+        elif not any(map(start.__contains__, islice(hashes, lo, hi))):  # nothing of it cached meanwhile
+            self._add(held, lo, hi)
+            return
+        while i < hi:  # rare: skip the runs another request cached meanwhile
+            s = start.get(hashes[i])
+            if s is not None:
+                i += _common(s.ref, s.lo, hashes, i, min(s.hi - s.lo, hi - i))
+                continue
+            j = i + 1
+            while j < hi and hashes[j] not in start:
+                j += 1
+            self._add(held, i, j)
+            i = j
 
-    def release(self, out: list[int]) -> int:
+    def _continuation(self, hashes: list[int], lo: int, hi: int) -> int:
+        """How many of ``hashes[lo:hi]`` continue, inside its span, the cached block ``hashes[lo - 1]`` another
+        request holds (a scan over the spans: only when one request registers its blocks in pieces)."""
+        h = hashes[lo - 1]
+        for s in self.start.values():
+            ref = s.ref
+            if h in ref[s.lo:s.hi]:
+                p = ref.index(h, s.lo, s.hi) + 1
+                return _common(ref, p, hashes, lo, min(s.hi - p, hi - lo)) if p < s.hi and ref[p] == hashes[lo] else 0
+        return 0
+
+    def _add(self, held: Holding, lo: int, hi: int) -> None:
+        self.start[held.hashes[lo]] = _Span(held.hashes, lo, hi, 1)
+        self.n_blocks += hi - lo
+        r = held.ranges
+        if r and r[-1] == lo:
+            r[-1] = hi
+        else:
+            r += (lo, hi)
+
+    def release(self, held: Holding) -> int:
         """A request frees its blocks (finished or preempted): each goes to the LRU tail once nobody holds it,
         last block first. Returns how many are still held by others (shared blocks)."""
-        cnt, free = self.cnt, self.free
-        counts = list(map(cnt.__getitem__, out))
-        if counts.count(1) == len(counts):  # the common case: nobody else holds any of them
-            cnt.update(dict.fromkeys(out, 0))
-            free.update(dict.fromkeys(reversed(out)))
-            return 0
+        start, hashes, r = self.start, held.hashes, held.ranges
+        spans = []
+        for k in range(0, len(r), 2):
+            i, hi = r[k], r[k + 1]
+            while i < hi:
+                s = start[hashes[i]]
+                spans.append(s)
+                i += s.hi - s.lo
         still = 0
-        for i in range(len(out) - 1, -1, -1):
-            h, c = out[i], counts[i] - 1
-            cnt[h] = c
-            if c:
-                still += 1
+        free = self.free
+        for s in reversed(spans):
+            s.cnt -= 1
+            if s.cnt:
+                still += s.hi - s.lo
             else:
-                free[h] = None
+                free[s] = None
+                self.n_free += s.hi - s.lo
+        held.ranges = []
         return still
 
     def trim(self, room: int) -> None:
@@ -106,19 +235,27 @@ class PrefixCache:
 
     def trim_to(self, keep: int) -> None:
         """Evict least recently used free blocks until at most ``keep`` are left."""
-        free = self.free
-        over = len(free) - (keep if keep > 0 else 0)
+        over = self.n_free - (keep if keep > 0 else 0)
         if over > 0:
-            cnt = self.cnt
-            for h in list(islice(free, over)):
-                del free[h]
-                del cnt[h]
             self.evictions += over
+            self.n_free -= over
+            self.n_blocks -= over
+            free, start = self.free, self.start
+            while over:
+                s = next(iter(free))
+                n = s.hi - s.lo
+                if n <= over:
+                    del free[s]
+                    del start[s.ref[s.lo]]
+                    over -= n
+                else:  # the span's newest blocks go first
+                    s.hi -= over
+                    over = 0
 
     @property
     def free_blocks(self) -> int:
         """Pool blocks (or tokens) held by free-but-cached blocks."""
-        return len(self.free) * self.unit
+        return self.n_free * self.unit
 
 
 def cache_unit(hash_block_tokens: int, kv_block_tokens: int) -> int:

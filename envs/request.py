@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deflectlab.envs.prefix_cache import Holding
+
 NOT_YET = -1.0
 
 
@@ -78,8 +83,8 @@ class Request:
         self.hashes: list[int] | None = None
         self.p_cached = 0
         self.d_cached = 0
-        self.p_held: list[int] | None = None
-        self.d_held: list[int] | None = None
+        self.p_held: Holding | None = None
+        self.d_held: Holding | None = None
 
     @property
     def ttft_s(self) -> float:

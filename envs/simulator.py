@@ -317,6 +317,9 @@ class ClusterSim:
         shared.extend(node.profile for node in self.prefill)
         shared.extend(node.profile for node in self.decode)
         shared.extend(reqs[:k])
+        if self._hashes is not None:  # the trace's hash lists: read-only, referenced by requests and cache spans
+            shared.append(self._hashes)
+            shared.extend(self._hashes)
         cp = StateCopier(shared)
         new = object.__new__(type(self))
         cp.memo[id(self)] = new

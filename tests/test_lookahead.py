@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from array import array
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 
 from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.prefix_cache import Holding
+from deflectlab.envs.profile import load_profile
 from deflectlab.envs.request import Request
 from deflectlab.envs.simulator import ClusterSim
 from deflectlab.envs.statecopy import StateCopier
@@ -23,8 +26,12 @@ def _busy_workload(n: int = 260):
     return make_workload("azure_code", start_s=300, num_requests=n, arrival="poisson", rate=12.0, seed=5)
 
 
+def _value(v):
+    return (v.n, tuple(v.ranges)) if isinstance(v, Holding) else v  # cached blocks a request holds, by position
+
+
 def _timeline(sim: ClusterSim) -> list[tuple]:
-    return [tuple(getattr(r, s) for s in Request.__slots__ if s != "estimates") for r in sim.requests]
+    return [tuple(_value(getattr(r, s)) for s in Request.__slots__ if s != "estimates") for r in sim.requests]
 
 
 def _logs(sim: ClusterSim) -> list[tuple]:
@@ -39,13 +46,24 @@ def _play(sim: ClusterSim, policy, stop: int | None = None) -> None:
         sim.route(r, policy.decide(sim.view(), r))
 
 
-def test_copy_played_forward_equals_original_played_forward():
-    wl = _busy_workload()
-    ref = ClusterSim(CFG, wl)
+def _cache_state(sim: ClusterSim) -> list[tuple]:
+    return [(len(n.cache), n.cache.free_hashes(), n.cache.evictions) for n in (*sim.prefill, *sim.decode)]
+
+
+@pytest.mark.parametrize("trace", ["azure_code", "mooncake"])
+def test_copy_played_forward_equals_original_played_forward(trace):
+    if trace == "mooncake":  # prefix caches on every node, under memory pressure (evictions, shared blocks)
+        wl = make_workload("mooncake_synthetic", num_requests=260, arrival="poisson", rate=3.0, seed=1)
+        prof = dataclasses.replace(load_profile("a100-80gb_deepseek-v2-lite"), kv_capacity_tokens=300_000)
+        make = lambda: ClusterSim(CFG, wl, prefill_profile=prof, decode_profile=prof)  # noqa: E731
+    else:
+        wl = _busy_workload()
+        make = lambda: ClusterSim(CFG, wl)  # noqa: E731
+    ref = make()
     _play(ref, make_policy("length_threshold:max_len=1024"))
     ref.run_events()
 
-    sim = ClusterSim(CFG, wl)
+    sim = make()
     pol = make_policy("length_threshold:max_len=1024")
     _play(sim, pol, stop=150)  # stopped at a decision with work in flight on every node
     assert any(d.batch_size for d in sim.decode) and sim._heap
@@ -66,6 +84,9 @@ def test_copy_played_forward_equals_original_played_forward():
     assert _timeline(cp) == _timeline(ref) == _timeline(sim)
     assert _logs(cp) == _logs(ref) == _logs(sim)
     assert cp.events == sim.events == ref.events
+    if trace == "mooncake":
+        assert _cache_state(cp) == _cache_state(ref) == _cache_state(sim)
+        assert sum(e for *_, e in _cache_state(ref)) > 0 and any(r.d_cached for r in ref.requests)
 
 
 def test_copier_rebinds_methods_and_keeps_identity():

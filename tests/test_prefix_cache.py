@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deflectlab.envs import decode_node, prefill_node
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.prefix_cache import PrefixCache
 from deflectlab.envs.profile import load_profile
 from deflectlab.envs.simulator import ClusterSim
 from deflectlab.envs.workloads import Workload, make_workload
 from deflectlab.policies.registry import make_policy
+
+from block_cache_ref import BlockCache  # tests/block_cache_ref.py (pytest puts tests/ on the path)
 
 PROFILE = "a100-80gb_deepseek-v2-lite"
 BT = 512  # tokens a Mooncake hash stands for
@@ -199,7 +203,7 @@ def test_a_mooncake_run_leaves_no_block_held():
     assert res.summary["completed"] + res.summary["rejected"] == 400
     assert 0 < res.summary["prefix_hit_rate"]["decode"] < 1 and 0 < res.summary["prefix_hit_rate"]["prefill"] < 1
     for n in (*sim.prefill, *sim.decode):
-        assert n.cache is not None and not any(n.cache.cnt.values())  # every block given back
+        assert n.cache is not None and n.cache.held_blocks == 0  # every block given back
     assert all(d.used_blocks == 0 for d in sim.decode) and all(p.kv_used_tokens == 0 for p in sim.prefill)
     for d in sim.decode:
         assert d.cache.free_blocks <= d.total_blocks
@@ -235,19 +239,88 @@ def test_no_prefix_cache_flag():
 
 
 # -- the cache alone ----------------------------------------------------------------------------------------------
-def test_cache_lru_order_and_sharing():
-    c = PrefixCache(unit=1)
+@pytest.mark.parametrize("cls", [PrefixCache, BlockCache])
+def test_cache_lru_order_and_sharing(cls):
+    c = cls(unit=1)
     held_a = c.acquire([1, 2, 3], 0)
-    c.register([1, 2, 3], 0, 3, held_a)
+    c.register(held_a, 3)
     held_b = c.acquire([1, 2, 9], c.match([1, 2, 9], 3)[0])
-    assert held_b == [1, 2] and c.match([1, 2, 3], 3) == (3, 3)  # all held: no new room needed
+    assert held_b.blocks == 2 and c.match([1, 2, 3], 3) == (3, 3)  # all held: no new room needed
     assert c.release(held_a) == 2  # 1 and 2 still held by b
-    assert list(c.free) == [3]
+    assert c.free_hashes() == [3]
     assert c.release(held_b) == 0
-    assert list(c.free) == [3, 2, 1]  # last block first
+    assert c.free_hashes() == [3, 2, 1]  # last block first
     c.trim(2)
-    assert list(c.free) == [2, 1] and 3 not in c and c.evictions == 1
+    assert c.free_hashes() == [2, 1] and 3 not in c and c.evictions == 1
     assert c.match([1, 2, 3], 3) == (2, 0)
+
+
+def _random_prompts(rng: random.Random, n: int) -> list[list[int]]:
+    """Chained hash lists with shared prefixes: each prompt extends a prefix of an earlier one (a new
+    conversation turn, a shared system prompt) or starts afresh; equal hashes mean equal prefixes."""
+    prompts: list[list[int]] = []
+    nxt = 0
+    for _ in range(n):
+        base = list(rng.choice(prompts)[:rng.randint(0, 12)]) if prompts and rng.random() < 0.8 else []
+        new = rng.randint(0 if base else 1, 8)
+        prompts.append(base + list(range(nxt, nxt + new)))
+        nxt += new
+    return prompts
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_spans_equal_a_block_by_block_cache(seed):
+    """Random interleavings of lookups, holds, registrations (also after another request cached the same blocks
+    meanwhile), releases and evictions: the span cache answers exactly like the block-by-block reference."""
+    rng = random.Random(seed)
+    prompts = _random_prompts(rng, 60)
+    caches = (PrefixCache(unit=2), BlockCache(unit=2))
+    live: list[tuple[list[int], list]] = []  # (hashes, [holding in each cache])
+    for step in range(1500):
+        op = rng.random()
+        if op < 0.35 or not live:  # admit: look up, hold the hit (maybe capped), register later
+            h = rng.choice(prompts)
+            n_max = rng.randint(0, len(h))
+            got = [c.match(h, n_max) for c in caches]
+            assert got[0] == got[1], (step, h, n_max)
+            live.append((h, [c.acquire(h, got[0][0]) for c in caches]))
+        elif op < 0.6:  # a request's KV is computed: its blocks up to some point become cached
+            h, held = rng.choice(live)
+            hi = rng.randint(held[1].n, len(h))
+            for c, x in zip(caches, held, strict=True):
+                c.register(x, hi)
+            assert held[0].blocks == held[1].blocks
+        elif op < 0.85:  # a request finishes or is preempted
+            h, held = live.pop(rng.randrange(len(live)))
+            assert caches[0].release(held[0]) == caches[1].release(held[1])
+        else:  # the pool needs room
+            keep = rng.randint(0, caches[1].n_free + 1)
+            for c in caches:
+                c.trim_to(keep)
+        a, b = caches
+        assert (len(a), a.n_free, a.held_blocks, a.evictions) == (len(b), b.n_free, b.held_blocks, b.evictions)
+        if step % 50 == 0:
+            assert a.free_hashes() == b.free_hashes()
+            assert all((x in a) == (x in b) for p in prompts for x in p)
+
+
+@pytest.mark.parametrize("policy", ["proactive", "always_deflect", "round_robin"])
+def test_simulation_with_spans_equals_block_by_block(policy, monkeypatch):
+    """The whole model on the Mooncake trace, under memory pressure (evictions), gives the same timelines with
+    the span cache as with the block-by-block reference."""
+    wl = make_workload("mooncake_synthetic", num_requests=500)
+    prof = _profile(400_000)
+    runs = []
+    for cls in (PrefixCache, BlockCache):
+        monkeypatch.setattr(decode_node, "PrefixCache", cls)
+        monkeypatch.setattr(prefill_node, "PrefixCache", cls)
+        sim = ClusterSim(ClusterConfig.from_shape("2p2d"), wl, prefill_profile=prof, decode_profile=prof)
+        sim.run(make_policy(policy))
+        assert all(type(n.cache) is cls for n in (*sim.prefill, *sim.decode))
+        runs.append(([tuple(getattr(r, k) for k in (*TIMES, "p_cached", "d_cached")) for r in sim.requests],
+                     [n.cache.evictions for n in (*sim.prefill, *sim.decode)]))
+    assert sum(runs[1][1]) > 0  # the pool was tight enough to evict
+    assert runs[0] == runs[1]
 
 
 def test_trace_block_must_be_a_whole_number_of_node_blocks():
