@@ -202,14 +202,8 @@ class DecodeNode:
             need = kv_need = -(-(req.input_tokens + req.generated) // self.block_tokens)
             h = req.hashes
             if cache is not None and h is not None:
-                if cache.n_free and cache.n_free * cache.unit > self.total_blocks - self.static_blocks - run_max:
-                    self._evict(t)
-                if h and h[0] in cache.start:
-                    hit, shared = cache.match(h, max_hit_blocks(h, req.input_tokens, req.generated,
-                                                                self.hash_block_tokens))
-                    need -= shared * cache.unit  # blocks a running request holds already: no new room
-                else:
-                    hit = 0
+                hit, shared = self._lookup(req, t, run_max)
+                need -= shared * cache.unit  # blocks a running request holds already: no new room
             if self.static_blocks + run_max + need > self.total_blocks and not tight:
                 tight = True
                 run_max = self.kv_used_blocks(t) - self.static_blocks  # exact: the step in progress's blocks
@@ -224,12 +218,7 @@ class DecodeNode:
             req.kv_blocks = kv_need
             self.admitted += 1
             if cache is not None and h is not None:
-                req.d_held = cache.acquire(h, hit) if hit else Holding(h, 0)
-                if cache.n_free and cache.n_free * cache.unit > self.total_blocks - self.static_blocks - run_max:
-                    self._evict(t)  # room for the new blocks
-                req.d_done = hit * self.hash_block_tokens  # the cached prefix counts as computed
-                if req.t_admit < 0.0:
-                    req.d_cached = req.d_done
+                self._hold(req, hit, t, run_max)
             if req.t_admit < 0.0:
                 req.t_admit = t
             if req.deflected or req.preemptions:
@@ -248,6 +237,30 @@ class DecodeNode:
                 self._schedule(self._seg_t0 + k * a + 0.5 * b * k * (k - 1), self._end_segment, self._version)
         if poked:
             self._poke(t, prefill_only=True)
+
+    def _lookup(self, req: Request, t: float, run_max: int) -> tuple[int, int]:
+        """The cached prefix an admission of ``req`` at ``t`` finds (after the evictions due by then):
+        ``(hit, shared)`` in cached blocks. ``run_max`` bounds the running decodes' blocks from above."""
+        cache, h = self.cache, req.hashes
+        if not h or h[0] not in cache.start:
+            # No hit whatever the evictions (they only remove blocks), so they can wait: the running decodes only
+            # grow until the segment's end, which evicts before anything is freed or read, and an admission
+            # evicts for its own blocks (the same LRU head, so the same blocks go as if evicted now).
+            return 0, 0
+        if cache.n_free and cache.n_free * cache.unit > self.total_blocks - self.static_blocks - run_max:
+            self._evict(t)
+        return cache.match(h, max_hit_blocks(h, req.input_tokens, req.generated, self.hash_block_tokens))
+
+    def _hold(self, req: Request, hit: int, t: float, run_max: int) -> None:
+        """``req`` is admitted: it holds its cached prefix (which counts as computed) and evicts what no longer
+        fits beside its new blocks."""
+        cache = self.cache
+        req.d_held = cache.acquire(req.hashes, hit) if hit else Holding(req.hashes, 0)
+        if cache.n_free and cache.n_free * cache.unit > self.total_blocks - self.static_blocks - run_max:
+            self._evict(t)  # room for the new blocks
+        req.d_done = hit * self.hash_block_tokens
+        if req.t_admit < 0.0:
+            req.d_cached = req.d_done
 
     def _note_peak(self) -> None:
         used = self.static_blocks + self._running_blocks(self.steps_done)
@@ -577,8 +590,9 @@ class DecodeNode:
     def _finish(self, r: Request, t: float) -> None:
         r.t_finish = t
         self.admitted -= 1
-        if r.d_held is not None:
-            self._release_cached(r)
+        if r.d_held is not None:  # its blocks still held by others were counted once for both: count them again
+            self.static_blocks += self.cache.release(r.d_held) * self.cache.unit
+            r.d_held = None
         self._on_finished(r, t)
 
     def cached_prefix_tokens(self, hashes: list[int], prompt_tokens: int, t: float) -> int:

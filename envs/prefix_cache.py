@@ -91,7 +91,7 @@ class PrefixCache:
     :param unit: pool blocks (or tokens, as the node counts its pool) one cached (trace) block occupies.
     """
 
-    __slots__ = ("unit", "start", "free", "n_free", "n_blocks", "evictions")
+    __slots__ = ("unit", "start", "free", "n_free", "n_blocks", "evictions", "risky")
 
     def __init__(self, unit: int) -> None:
         self.unit = unit
@@ -101,6 +101,7 @@ class PrefixCache:
         self.n_free = 0  # cached blocks nobody holds
         self.n_blocks = 0  # cached blocks
         self.evictions = 0
+        self.risky: set[int] = set()  # first hashes of cached spans whose registrant did not hold their parent
 
     def __len__(self) -> int:
         return self.n_blocks
@@ -163,27 +164,41 @@ class PrefixCache:
     def register(self, held: Holding, hi: int) -> None:
         """The request computed (or received) its blocks up to ``hi``: each not cached yet becomes cached, held by
         it; one cached meanwhile by another request stays that one's (vLLM keeps the first copy and does not cache
-        the duplicate)."""
+        the duplicate).
+
+        Which of the new blocks can be cached already? The first one, if another request registered it
+        meanwhile. A later one only if its parent is not cached while it is: an *orphan* span. A request holds
+        every block of its prompt before the ones it registers, and it frees its blocks last-first, so a span's
+        parent block leaves the LRU list after the span does, unless the span was registered by a request that
+        did not hold the parent (it skipped a block another request had cached: ``risky``). So while no such
+        span is cached, checking the first new block is exact; otherwise every new block is checked."""
         lo = held.n
         if hi <= lo:
             return
         held.n = hi
         hashes, start, r = held.hashes, self.start, held.ranges
         i = lo
-        if lo and not (r and r[-1] == lo):  # the block before is another request's (registering in pieces)
+        ours = not lo or (r and r[-1] == lo)  # this request holds the block before the new ones
+        if not ours:  # the block before is another request's (registering in pieces)
             i += self._continuation(hashes, lo, hi)
-        elif not any(map(start.__contains__, islice(hashes, lo, hi))):  # nothing of it cached meanwhile
-            self._add(held, lo, hi)
+        elif not (hashes[lo] in start if not self.risky else any(map(start.__contains__, islice(hashes, lo, hi)))):
+            start[hashes[lo]] = _Span(hashes, lo, hi, 1)  # the common case: nothing of it cached meanwhile
+            self.n_blocks += hi - lo
+            if r:
+                r[-1] = hi
+            else:
+                r += (lo, hi)
             return
         while i < hi:  # rare: skip the runs another request cached meanwhile
             s = start.get(hashes[i])
             if s is not None:
                 i += _common(s.ref, s.lo, hashes, i, min(s.hi - s.lo, hi - i))
+                ours = False
                 continue
             j = i + 1
             while j < hi and hashes[j] not in start:
                 j += 1
-            self._add(held, i, j)
+            self._add(held, i, j, risky=not ours)
             i = j
 
     def _continuation(self, hashes: list[int], lo: int, hi: int) -> int:
@@ -197,8 +212,11 @@ class PrefixCache:
                 return _common(ref, p, hashes, lo, min(s.hi - p, hi - lo)) if p < s.hi and ref[p] == hashes[lo] else 0
         return 0
 
-    def _add(self, held: Holding, lo: int, hi: int) -> None:
-        self.start[held.hashes[lo]] = _Span(held.hashes, lo, hi, 1)
+    def _add(self, held: Holding, lo: int, hi: int, risky: bool) -> None:
+        h = held.hashes[lo]
+        self.start[h] = _Span(held.hashes, lo, hi, 1)
+        if risky and lo:
+            self.risky.add(h)
         self.n_blocks += hi - lo
         r = held.ranges
         if r and r[-1] == lo:
@@ -210,6 +228,19 @@ class PrefixCache:
         """A request frees its blocks (finished or preempted): each goes to the LRU tail once nobody holds it,
         last block first. Returns how many are still held by others (shared blocks)."""
         start, hashes, r = self.start, held.hashes, held.ranges
+        held.ranges = []
+        if not r:
+            return 0
+        if len(r) == 2:  # one range
+            i, hi = r
+            s = start[hashes[i]]
+            if s.hi - s.lo == hi - i:  # one span: the common case
+                s.cnt -= 1
+                if s.cnt:
+                    return hi - i
+                self.free[s] = None
+                self.n_free += hi - i
+                return 0
         spans = []
         for k in range(0, len(r), 2):
             i, hi = r[k], r[k + 1]
@@ -226,7 +257,6 @@ class PrefixCache:
             else:
                 free[s] = None
                 self.n_free += s.hi - s.lo
-        held.ranges = []
         return still
 
     def trim(self, room: int) -> None:
@@ -240,17 +270,23 @@ class PrefixCache:
             self.evictions += over
             self.n_free -= over
             self.n_blocks -= over
-            free, start = self.free, self.start
-            while over:
-                s = next(iter(free))
+            gone = []
+            for s in self.free:  # least recently used first
                 n = s.hi - s.lo
-                if n <= over:
-                    del free[s]
-                    del start[s.ref[s.lo]]
-                    over -= n
-                else:  # the span's newest blocks go first
+                if n > over:  # the span's newest blocks go first
                     s.hi -= over
-                    over = 0
+                    break
+                gone.append(s)
+                over -= n
+                if not over:
+                    break
+            free, start, risky = self.free, self.start, self.risky
+            for s in gone:
+                del free[s]
+                h = s.ref[s.lo]
+                del start[h]
+                if risky:
+                    risky.discard(h)
 
     @property
     def free_blocks(self) -> int:

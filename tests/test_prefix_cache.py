@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from block_cache_ref import BlockCache  # tests/block_cache_ref.py (pytest puts tests/ on the path)
 
 from deflectlab.envs import decode_node, prefill_node
 from deflectlab.envs.config import ClusterConfig
@@ -20,8 +21,6 @@ from deflectlab.envs.profile import load_profile
 from deflectlab.envs.simulator import ClusterSim
 from deflectlab.envs.workloads import Workload, make_workload
 from deflectlab.policies.registry import make_policy
-
-from block_cache_ref import BlockCache  # tests/block_cache_ref.py (pytest puts tests/ on the path)
 
 PROFILE = "a100-80gb_deepseek-v2-lite"
 BT = 512  # tokens a Mooncake hash stands for
