@@ -218,7 +218,7 @@ class DecodeNode:
             req.kv_blocks = kv_need
             self.admitted += 1
             if cache is not None and h is not None:
-                self._hold(req, hit, t, run_max)
+                self._hold(req, hit)
             if req.t_admit < 0.0:
                 req.t_admit = t
             if req.deflected or req.preemptions:
@@ -243,21 +243,21 @@ class DecodeNode:
         ``(hit, shared)`` in cached blocks. ``run_max`` bounds the running decodes' blocks from above."""
         cache, h = self.cache, req.hashes
         if not h or h[0] not in cache.start:
-            # No hit whatever the evictions (they only remove blocks), so they can wait: the running decodes only
-            # grow until the segment's end, which evicts before anything is freed or read, and an admission
-            # evicts for its own blocks (the same LRU head, so the same blocks go as if evicted now).
-            return 0, 0
+            return 0, 0  # no hit whatever the evictions (they only remove blocks): they can wait (see _hold)
         if cache.n_free and cache.n_free * cache.unit > self.total_blocks - self.static_blocks - run_max:
             self._evict(t)
         return cache.match(h, max_hit_blocks(h, req.input_tokens, req.generated, self.hash_block_tokens))
 
-    def _hold(self, req: Request, hit: int, t: float, run_max: int) -> None:
-        """``req`` is admitted: it holds its cached prefix (which counts as computed) and evicts what no longer
-        fits beside its new blocks."""
+    def _hold(self, req: Request, hit: int) -> None:
+        """``req`` is admitted: it holds its cached prefix, which counts as computed.
+
+        The evictions its new blocks cause can wait: until the next segment's end the pool only fills
+        (admissions, the decodes' growth) and nothing reads the LRU list, because every lookup that may hit, every
+        registration that may meet cached blocks, every release and every free evicts what is due first
+        (:meth:`_lookup`, :meth:`_take_joiners`, :meth:`_end_segment`, :meth:`_preempt`,
+        :meth:`abandon_handoff`). So the same LRU head goes, in the same order, as if it went now."""
         cache = self.cache
         req.d_held = cache.acquire(req.hashes, hit) if hit else Holding(req.hashes, 0)
-        if cache.n_free and cache.n_free * cache.unit > self.total_blocks - self.static_blocks - run_max:
-            self._evict(t)  # room for the new blocks
         req.d_done = hit * self.hash_block_tokens
         if req.t_admit < 0.0:
             req.d_cached = req.d_done
@@ -297,6 +297,12 @@ class DecodeNode:
         """An admitted prefill-path request whose KV will never arrive (``kv_load_failure_policy=fail``): free its
         blocks and its admission slot, then admit what waits."""
         self.inbound_handoffs -= 1
+        cache = self.cache
+        if cache is not None and req.d_held is not None:
+            if cache.n_free:  # the evictions due before blocks are freed (see _hold)
+                self._evict(t)
+            self.static_blocks += cache.release(req.d_held) * cache.unit
+            req.d_held = None
         self.static_blocks -= req.kv_blocks
         req.kv_blocks = 0
         self.admitted -= 1
@@ -383,6 +389,8 @@ class DecodeNode:
         """Preempt the newest running decodes (vLLM V1, recompute) until their blocks for the next step fit."""
         n0, blk = self.steps_done, self.block_tokens
         free = self.total_blocks - self.static_blocks
+        if self.cache is not None and self.cache.n_free:  # the evictions due before blocks are freed (see _hold)
+            self.cache.trim_to(self._cache_keep(n0))
         while self.running and self._running_blocks(n0 + 1) > free:
             r = max(self.running, key=lambda e: (e[2].first_step, e[2].rid))[2]
             self.running = [e for e in self.running if e[2] is not r]
@@ -408,6 +416,10 @@ class DecodeNode:
 
     def _take_joiners(self, t: float, n_done: int) -> list[Request]:
         blk, ph, running = self.block_tokens, self._phase, self.running
+        cache = self.cache
+        if cache is not None and cache.n_free and any(r.d_held is not None and cache.may_find(r.d_held)
+                                                      for r in self.joiners):
+            cache.trim_to(self._cache_keep(n_done))  # the evictions due before registering (see _hold)
         for r in self.joiners:
             if r.kv_blocks:
                 self.static_blocks -= r.kv_blocks  # now counted among the running decodes' blocks

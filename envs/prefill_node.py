@@ -69,7 +69,11 @@ class PrefillNode:
         blocks stay cached (held by others, or free for reuse)."""
         freed = self.profile.blocks(req.input_tokens) * self.profile.kv_block_tokens
         if req.p_held is not None:
-            freed -= self.cache.release(req.p_held) * self.hash_block_tokens  # shared: still in use
+            cache = self.cache
+            room = self.kv_capacity_tokens - self.kv_used_tokens
+            if cache.n_free * cache.unit > room:  # the evictions due before blocks are freed (see _lookup)
+                cache.trim(room)
+            freed -= cache.release(req.p_held) * self.hash_block_tokens  # shared: still in use
             req.p_held = None
         self._use(-freed, t)
         self.held_handoffs -= 1
@@ -134,12 +138,17 @@ class PrefillNode:
 
     def _lookup(self, r: Request, need: int, t: float) -> int:
         """The prompt's cached prefix: its tokens are not prefilled again, blocks other running prompts hold take
-        no new room. Returns the new KV tokens to allocate, or -1 when they do not fit (nothing changed)."""
+        no new room. Returns the new KV tokens to allocate, or -1 when they do not fit (nothing changed).
+
+        Evictions happen only where their result is read: before a lookup that may hit, before a registration
+        that may meet cached blocks (:meth:`_end_step`) and before blocks are freed (:meth:`release`). In
+        between the pool only fills (admissions), so evicting then takes the same LRU
+        head, in the same order, as evicting at every admission would."""
         cache, bt, h = self.cache, self.hash_block_tokens, r.hashes
         room = self.kv_capacity_tokens - self.kv_used_tokens  # units: tokens here, cache unit 1 block = bt
-        if cache.n_free * bt > room:
-            cache.trim(room)
         if h and h[0] in cache.start:
+            if cache.n_free * bt > room:
+                cache.trim(room)
             hit, shared = cache.match(h, max_hit_blocks(h, r.input_tokens, 0, bt))
             need -= shared * bt
         else:
@@ -155,8 +164,6 @@ class PrefillNode:
             self.waiting_tokens -= cached
         else:
             r.p_held = Holding(h, 0)
-        if cache.n_free * bt > room - need:
-            cache.trim(room - need)  # room for the new blocks
         return need
 
     def _end_step(self, t: float, _: object) -> None:
@@ -169,7 +176,10 @@ class PrefillNode:
                 queue.popleft()  # only the batch's last prompt can be partial, so finished ones are a prefix
                 r.t_p_end = t
                 if r.p_held is not None:
-                    self.cache.register(r.p_held, r.input_tokens // self.hash_block_tokens)
+                    cache = self.cache
+                    if cache.may_find(r.p_held):  # the evictions due first (see _lookup)
+                        cache.trim(self.kv_capacity_tokens - self.kv_used_tokens)
+                    cache.register(r.p_held, r.input_tokens // self.hash_block_tokens)
                 self.held_handoffs += 1
                 self._on_prefilled(r, t)
         self.busy = False

@@ -53,6 +53,9 @@ class BlockCache:
             self.cnt[h] += 1
         return Holding(hashes, hit)
 
+    def may_find(self, held: Holding) -> bool:
+        return any(h in self.cnt for h in held.hashes[held.n:])
+
     def register(self, held: Holding, hi: int) -> None:
         for i in range(held.n, hi):
             if held.hashes[i] not in self.cnt:  # one cached meanwhile by another request stays that one's

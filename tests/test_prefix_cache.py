@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from block_cache_ref import BlockCache  # tests/block_cache_ref.py (pytest puts tests/ on the path)
 
-from deflectlab.envs import decode_node, prefill_node
+from deflectlab.envs import decode_node, prefill_node, prefix_cache, simulator
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.prefix_cache import PrefixCache
 from deflectlab.envs.profile import load_profile
@@ -206,6 +206,64 @@ def test_a_mooncake_run_leaves_no_block_held():
     assert all(d.used_blocks == 0 for d in sim.decode) and all(p.kv_used_tokens == 0 for p in sim.prefill)
     for d in sim.decode:
         assert d.cache.free_blocks <= d.total_blocks
+
+
+class _EagerDecodeNode(decode_node.DecodeNode):
+    """The decode node evicting at every instant the pool grows: before every lookup and after every admission
+    (the reading of vLLM closest to the letter). The model defers those evictions to the next lookup that may
+    hit, release or free (``DecodeNode._hold``); this is the reference that deferral must equal."""
+
+    def _lookup(self, req, t, run_max):
+        if self.cache.n_free:
+            self._evict(t)
+        return self.cache.match(req.hashes, prefix_cache.max_hit_blocks(req.hashes, req.input_tokens,
+                                                                          req.generated, self.hash_block_tokens))
+
+    def _hold(self, req, hit):
+        super()._hold(req, hit)
+        if self.cache.n_free:
+            self._evict(self._now)
+
+    def try_admit(self, t):
+        self._now = t
+        super().try_admit(t)
+
+
+class _EagerPrefillNode(prefill_node.PrefillNode):
+    """The prefill node evicting before every lookup and after every admission (see _EagerDecodeNode)."""
+
+    def _lookup(self, r, need, t):
+        room = self.kv_capacity_tokens - self.kv_used_tokens
+        self.cache.trim(room)
+        hit, shared = self.cache.match(r.hashes, prefix_cache.max_hit_blocks(r.hashes, r.input_tokens, 0,
+                                                                              self.hash_block_tokens))
+        if need - shared * self.hash_block_tokens > room:
+            return -1
+        need = super()._lookup(r, need, t)
+        self.cache.trim(room - need)
+        return need
+
+
+@pytest.mark.parametrize("policy", ["always_deflect", "round_robin", "proactive"])
+def test_deferred_evictions_equal_evicting_at_once(policy, monkeypatch):
+    """On the Mooncake trace with tight pools (evictions, preemptions, rejections), deferring evictions gives the
+    timelines, hits, evicted blocks and final cache contents of evicting at every instant, on both pools."""
+    wl = make_workload("mooncake_synthetic")  # the whole trace: a shorter one missed a case once
+    prof = _profile(150_000)
+    runs = []
+    for dcls, pcls in ((decode_node.DecodeNode, prefill_node.PrefillNode), (_EagerDecodeNode, _EagerPrefillNode)):
+        monkeypatch.setattr(simulator, "DecodeNode", dcls)
+        monkeypatch.setattr(simulator, "PrefillNode", pcls)
+        sim = ClusterSim(ClusterConfig.from_shape("2p2d"), wl, prefill_profile=prof, decode_profile=prof)
+        sim.run(make_policy(policy))
+        assert all(type(d) is dcls for d in sim.decode) and all(type(p) is pcls for p in sim.prefill)
+        runs.append(([tuple(getattr(r, k) for k in (*TIMES, "p_cached", "d_cached")) for r in sim.requests],
+                     [(n.cache.evictions, n.cache.free_hashes(), len(n.cache)) for n in (*sim.prefill, *sim.decode)],
+                     sum(d.preemptions for d in sim.decode)))
+    assert sum(e for e, *_ in runs[1][1]) > 0 and any(r[-1] for r in runs[1][0])  # evictions and hits
+    assert runs[0] == runs[1]
+    if policy == "always_deflect":
+        assert runs[1][2] > 0  # preemptions release held blocks
 
 
 # -- the cache off -----------------------------------------------------------------------------------------------
