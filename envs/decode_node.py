@@ -417,9 +417,11 @@ class DecodeNode:
     def _take_joiners(self, t: float, n_done: int) -> list[Request]:
         blk, ph, running = self.block_tokens, self._phase, self.running
         cache = self.cache
-        if cache is not None and cache.n_free and any(r.d_held is not None and cache.may_find(r.d_held)
-                                                      for r in self.joiners):
-            cache.trim_to(self._cache_keep(n_done))  # the evictions due before registering (see _hold)
+        if cache is not None and cache.n_free:
+            for r in self.joiners:
+                if r.d_held is not None and cache.may_find(r.d_held):
+                    cache.trim_to(self._cache_keep(n_done))  # the evictions due before registering (see _hold)
+                    break
         for r in self.joiners:
             if r.kv_blocks:
                 self.static_blocks -= r.kv_blocks  # now counted among the running decodes' blocks

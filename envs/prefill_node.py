@@ -177,7 +177,7 @@ class PrefillNode:
                 r.t_p_end = t
                 if r.p_held is not None:
                     cache = self.cache
-                    if cache.may_find(r.p_held):  # the evictions due first (see _lookup)
+                    if cache.n_free and cache.may_find(r.p_held):  # the evictions due first (see _lookup)
                         cache.trim(self.kv_capacity_tokens - self.kv_used_tokens)
                     cache.register(r.p_held, r.input_tokens // self.hash_block_tokens)
                 self.held_handoffs += 1

@@ -164,8 +164,10 @@ class PrefixCache:
     def may_find(self, held: Holding) -> bool:
         """Whether registering the request's next blocks may meet cached ones (so what it registers depends on the
         evictions due by now: a node that defers evictions must carry them out first)."""
+        if self.risky:
+            return True
         h, n = held.hashes, held.n
-        return n < len(h) and (h[n] in self.start or bool(self.risky))
+        return n < len(h) and h[n] in self.start
 
     def register(self, held: Holding, hi: int) -> None:
         """The request computed (or received) its blocks up to ``hi``: each not cached yet becomes cached, held by
