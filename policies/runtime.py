@@ -93,7 +93,8 @@ def _known_schema(fs: dict[str, Any], man_path: Path) -> FeatureSchema:
     """The schema a manifest's ``feature_schema`` names, if this code builds it; else a :class:`PolicyFileError`
     naming the manifest's name and version and the versions this code builds."""
     version = fs.get("version")
-    sch = SCHEMAS.get(version) if fs.get("name") == FEATURE_SCHEMA.name and not isinstance(version, bool) else None
+    known = fs.get("name") == FEATURE_SCHEMA.name and isinstance(version, int) and not isinstance(version, bool)
+    sch = SCHEMAS.get(version) if known else None
     if sch is None:
         raise PolicyFileError(
             f"{man_path}: trained on features {fs.get('name')} v{version}, this code builds "

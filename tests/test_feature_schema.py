@@ -423,6 +423,10 @@ def test_unknown_or_mismatched_schema_versions_are_refused(set_v2, tmp_path):
     _set_manifest(generic, version=7)
     with pytest.raises(PolicyFileError, match=msg):
         OnnxPolicy(generic)
+    for odd in ([2], "2", True, None):  # not a version number at all: the same clear refusal
+        _set_manifest(generic, version=odd)
+        with pytest.raises(PolicyFileError, match="this code builds deflectlab.features v1, v2"):
+            OnnxPolicy(generic)
     # a v2 network whose manifest claims v1: v1's block list is not the manifest's
     claims_v1 = _copy(d2, tmp_path / "claims_v1")
     _set_manifest(claims_v1, version=1)
