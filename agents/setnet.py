@@ -2,9 +2,9 @@
 
 The observation (any version of :data:`~deflectlab.envs.features.SCHEMAS`; the network is built for one and
 records it as ``feature_schema``) is a request block, one block per prefill node and one per decode node.
-:class:`SetPolicyNet` embeds every node block with a shared per-kind encoder
-(``phi_p``, ``phi_d``), pools the embeddings (mean and max per kind) into a cluster context together with the
-request's features, and scores each node from its own embedding and that context:
+:class:`SetPolicyNet` embeds every node block with a shared per-kind encoder (``phi_p``, ``phi_d``), pools the
+embeddings (mean and max per kind) into a cluster context together with the request's features, and scores
+each node from its own embedding and that context:
 
     logit(prefill i) = psi_p(phi_p(x_i), g)        logit(decode j) = psi_d(phi_d(x_j), g)
     g = rho(request, mean_i phi_p, max_i phi_p, mean_j phi_d, max_j phi_d)
