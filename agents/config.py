@@ -111,6 +111,9 @@ class TrainConfig:
             raise ValueError(f"wandb.mode must be auto, offline, online or disabled, got {self.wandb.mode!r}")
         if self.pretrain.expert is not None and self.algo == "dqn":
             raise ValueError("pretrain.expert (behaviour cloning) is for ppo and maskable_ppo, not dqn")
+        if self.eval.env.get("feature_schema", self.env.feature_schema) != self.env.feature_schema:
+            raise ValueError(f"eval.env.feature_schema ({self.eval.env['feature_schema']!r}) must equal "
+                             f"env.feature_schema ({self.env.feature_schema}): a policy sees one feature schema")
         if train_seed(self.seed, self.n_envs - 1) >= self.eval.seed:
             raise ValueError(f"training seeds ({self.seed} x 1000 + env index) must stay below the evaluation "
                              f"seeds ({self.eval.seed}..)")

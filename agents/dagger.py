@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from deflectlab.agents.setnet import MASKED_LOGIT, SetPolicyNet, masked_argmax, split_obs
+from deflectlab.envs.features import SCHEMAS
 
 
 @dataclass
@@ -54,6 +55,8 @@ class DaggerConfig:
     #: against the best, by the planner's rollouts), and its target spreads over the actions tied on SLO count
     #: (0: plain cross-entropy on the planner's pick)
     regret_weight: float = 0.0
+    #: the observation's feature schema version (envs.features.SCHEMAS; 2 adds the prefix-cache hits)
+    feature_schema: int = 1
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.episodes_per_iteration < 1:
@@ -63,6 +66,9 @@ class DaggerConfig:
         if not 0.0 <= self.beta0 <= 1.0 or not 0.0 <= self.beta_decay <= 1.0:
             raise ValueError("dagger: beta0 and beta_decay must be in [0, 1]")
         self.shapes = [(int(p), int(d)) for p, d in self.shapes]
+        if isinstance(self.feature_schema, bool) or self.feature_schema not in SCHEMAS:
+            raise ValueError(f"dagger: unknown feature_schema {self.feature_schema!r}; known versions: "
+                             f"{', '.join(map(str, SCHEMAS))}")
 
 
 @dataclass
@@ -111,7 +117,8 @@ def _env(cfg: DaggerConfig, shape: tuple[int, int], trace: str):
     return DeflectionEnv(trace=trace, load=list(cfg.loads), window_s=cfg.window_s,
                          window_start_s=list(cfg.window_start_s), cluster={"num_prefill": shape[0],
                                                                            "num_decode": shape[1],
-                                                                           "handoff": cfg.handoff})
+                                                                           "handoff": cfg.handoff},
+                         feature_schema=cfg.feature_schema)
 
 
 def collect_episode(cfg: DaggerConfig, net: SetPolicyNet | None, beta: float, shape: tuple[int, int], trace: str,
@@ -193,7 +200,7 @@ def train_dagger(cfg: DaggerConfig, out: Path | None = None) -> tuple[SetPolicyN
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    net = SetPolicyNet(cfg.hidden).eval()
+    net = SetPolicyNet(cfg.hidden, cfg.feature_schema).eval()
     data = Dataset()
     log: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -232,7 +239,7 @@ def action_agreement(net: SetPolicyNet, data: Dataset) -> float:
         x = torch.as_tensor(np.stack(obs))
         m = np.stack(data.mask[shape])
         with torch.no_grad():
-            logits = net(*split_obs(x, *shape))[0].numpy()
+            logits = net(*split_obs(x, *shape, net.feature_schema))[0].numpy()
         for i, y in enumerate(data.label[shape]):
             hit += int(masked_argmax(logits[i], m[i]) == y)
             total += 1
@@ -251,11 +258,12 @@ def finetune_ppo(net: SetPolicyNet, shape: tuple[int, int], cfg: DaggerConfig, s
     from deflectlab.envs.gym_env import DeflectionEnv
 
     env = DeflectionEnv(trace=cfg.traces[0], load=list(cfg.loads), window_s=cfg.window_s,
-                        window_start_s=list(cfg.window_start_s), reward=reward,
+                        window_start_s=list(cfg.window_start_s), reward=reward, feature_schema=net.feature_schema,
                         cluster={"num_prefill": shape[0], "num_decode": shape[1], "handoff": cfg.handoff})
     model = MaskablePPO(make_set_policy_class(), env, learning_rate=lr, n_steps=512, batch_size=128, n_epochs=4,
                         clip_range=0.1, seed=cfg.seed, device="cpu",
-                        policy_kwargs={"num_prefill": shape[0], "num_decode": shape[1], "hidden": net.hidden})
+                        policy_kwargs={"num_prefill": shape[0], "num_decode": shape[1], "hidden": net.hidden,
+                                       "feature_schema": net.feature_schema})
     model.policy.set_net.load_state_dict(net.state_dict())
     t0 = time.perf_counter()
     model.learn(steps)

@@ -32,9 +32,11 @@ class NetPolicy(Policy):
 
     :param net: the SB3 policy network (PPO, MaskablePPO or DQN).
     :param name: name in reports.
+    :param feature_schema: the feature schema version the network was trained on (its run's
+        ``env.feature_schema``).
     """
 
-    def __init__(self, net: BasePolicy, name: str = "learned") -> None:
+    def __init__(self, net: BasePolicy, name: str = "learned", feature_schema: int = 1) -> None:
         import torch
 
         from deflectlab.agents.policy_io import MaskedPolicyModule
@@ -42,7 +44,7 @@ class NetPolicy(Policy):
         self.name = name
         self._torch = torch
         self._mod = MaskedPolicyModule(net).eval()
-        self._fb = FeatureBuilder()
+        self._fb = FeatureBuilder(feature_schema)
 
     def decide(self, view: ClusterView, request: Any) -> Decision:
         torch = self._torch

@@ -47,7 +47,8 @@ def export(model: str | Path, out_dir: str | Path, which: str = "best", opset: i
     net, cfg, zip_path = load_policy_net(model, which)
     cluster = cluster_of(cfg)
     P, D = cluster.num_prefill, cluster.num_decode
-    n_obs = F.FEATURE_SCHEMA.size(P, D)
+    fs = F.schema(cfg.env.feature_schema)  # the version the policy was trained on, recorded in the manifest
+    n_obs = fs.size(P, D)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -72,7 +73,7 @@ def export(model: str | Path, out_dir: str | Path, which: str = "best", opset: i
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
-        "feature_schema": F.FEATURE_SCHEMA.to_dict(P, D),
+        "feature_schema": fs.to_dict(P, D),
         "action_layout": F.action_layout(P, D),
         "chunk_rule": {
             "doc": "deflect actions use envs.features.ChunkSolver: the largest chunk whose slowest step keeps "

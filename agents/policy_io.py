@@ -25,7 +25,7 @@ from torch import nn
 
 from deflectlab.agents.config import TrainConfig, load_config
 from deflectlab.envs.config import ClusterConfig
-from deflectlab.envs.features import FEATURE_SCHEMA
+from deflectlab.envs.features import schema
 
 if TYPE_CHECKING:
     from stable_baselines3.common.policies import BasePolicy
@@ -36,9 +36,10 @@ MASKED_LOGIT = -1e9
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
-def spaces_for(cluster: ClusterConfig) -> tuple[spaces.Box, spaces.Discrete]:
-    """Observation and action spaces of a cluster shape (as the environment builds them)."""
-    lo, hi = FEATURE_SCHEMA.bounds(cluster.num_prefill, cluster.num_decode)
+def spaces_for(cluster: ClusterConfig, feature_schema: int = 1) -> tuple[spaces.Box, spaces.Discrete]:
+    """Observation and action spaces of a cluster shape under feature schema ``feature_schema`` (as the
+    environment builds them)."""
+    lo, hi = schema(feature_schema).bounds(cluster.num_prefill, cluster.num_decode)
     return spaces.Box(lo, hi, dtype=np.float32), spaces.Discrete(cluster.num_prefill + cluster.num_decode)
 
 
@@ -52,7 +53,7 @@ def policy_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 def make_policy_net(cfg: TrainConfig) -> BasePolicy:
     """An untrained policy network of the shape ``cfg`` trains (CPU, eval mode)."""
-    obs_space, act_space = spaces_for(cluster_of(cfg))
+    obs_space, act_space = spaces_for(cluster_of(cfg), cfg.env.feature_schema)
     kw = policy_kwargs(cfg)
     if cfg.algo == "dqn":
         from stable_baselines3.dqn.policies import DQNPolicy

@@ -1,11 +1,13 @@
 """Export a shape-generic :class:`~deflectlab.agents.setnet.SetPolicyNet` (manifest format version 2).
 
-``policy.onnx``: ``(request [N, 3], prefill [N, P, 6], decode [N, D, 11], action_mask [N, P + D] bool) ->
+``policy.onnx``: ``(request [N, R], prefill [N, P, F_p], decode [N, D, F_d], action_mask [N, P + D] bool) ->
 (action [N] int64, logits [N, P + D])`` with ``N``, ``P`` and ``D`` dynamic, so one file serves every cluster
-shape. ``policy_set.npz``: the same weights by parameter name for the runtime's numpy path. ``manifest.json``:
-the feature schema's blocks (not an expanded, shape-bound list), the profiles and SLOs, the shapes, traces and
-profiles it was trained on, SHA-256 of both files. The runtime (:mod:`deflectlab.policies.runtime`) reads
-version 1 (fixed shape MLP) and version 2 (this).
+shape; ``R, F_p, F_d`` are the block sizes of the network's feature schema (3, 6, 11 for v1; 3, 7, 12 for v2).
+``policy_set.npz``: the same weights by parameter name for the runtime's numpy path. ``manifest.json``: the
+feature schema's name, version and blocks (not an expanded, shape-bound list), the profiles and SLOs, the
+shapes, traces and profiles it was trained on, SHA-256 of both files. The runtime
+(:mod:`deflectlab.policies.runtime`) reads manifest version 1 (fixed shape MLP) and version 2 (this), each with
+feature schema 1 or 2.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from deflectlab.agents.export import sha256
-from deflectlab.agents.setnet import MASKED_LOGIT, N_DEC, N_PRE, N_REQ, SetPolicyModule, SetPolicyNet
+from deflectlab.agents.setnet import MASKED_LOGIT, SetPolicyModule, SetPolicyNet, block_sizes
 from deflectlab.envs import features as F
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.policies.runtime import MANIFEST_FORMAT, SET_MANIFEST_VERSION
@@ -32,11 +34,14 @@ def export_set(net: SetPolicyNet, out_dir: str | Path, cluster: ClusterConfig, t
 
     :param cluster: the profiles, budgets and SLOs the policy serves (its shape is not binding).
     :param trained_on: what it saw: ``{"shapes": ["2P2D", ...], "traces": [...], "loads": [...], ...}``.
+
+    The feature schema is the network's own (``net.feature_schema``), recorded in the manifest.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     module = SetPolicyModule(net).eval()
-    args = (torch.zeros(1, N_REQ), torch.zeros(1, 2, N_PRE), torch.zeros(1, 3, N_DEC),
+    n_req, n_pre, n_dec = block_sizes(net.feature_schema)
+    args = (torch.zeros(1, n_req), torch.zeros(1, 2, n_pre), torch.zeros(1, 3, n_dec),
             torch.ones(1, 5, dtype=torch.bool))
     onnx_path = out / "policy.onnx"
     with warnings.catch_warnings():
@@ -49,7 +54,7 @@ def export_set(net: SetPolicyNet, out_dir: str | Path, cluster: ClusterConfig, t
                                         "action": {0: "batch"}, "logits": {0: "batch", 1: "A"}})
     npz_path = out / "policy_set.npz"
     np.savez(npz_path, **net.arrays())
-    schema = F.FEATURE_SCHEMA.to_dict()
+    schema = F.schema(net.feature_schema).to_dict()
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "format_version": SET_MANIFEST_VERSION,
@@ -65,8 +70,8 @@ def export_set(net: SetPolicyNet, out_dir: str | Path, cluster: ClusterConfig, t
         "slo": {"ttft_slo_s": cluster.ttft_slo_s, "tbt_slo_s": cluster.tbt_slo_s},
         "trained_on": trained_on,
         "network": {"kind": "set_logits", "hidden": net.hidden, "masked_logit": MASKED_LOGIT,
-                    "inputs": {"request": ["batch", N_REQ], "prefill": ["batch", "P", N_PRE],
-                               "decode": ["batch", "D", N_DEC], "action_mask": ["batch", "P+D"]},
+                    "inputs": {"request": ["batch", n_req], "prefill": ["batch", "P", n_pre],
+                               "decode": ["batch", "D", n_dec], "action_mask": ["batch", "P+D"]},
                     "outputs": {"action": ["batch"], "logits": ["batch", "P+D"]}},
         "files": {"onnx": {"path": onnx_path.name, "sha256": sha256(onnx_path), "opset": opset},
                   "numpy": {"path": npz_path.name, "sha256": sha256(npz_path)}},

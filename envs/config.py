@@ -73,14 +73,14 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
 
 
-def cli_field(default: Any, help: str, *, unit: str = "", aliases: tuple[str, ...] = (), choices: tuple[str, ...] = (),
+def cli_field(default: Any, help: str, *, unit: str = "", aliases: tuple[str, ...] = (), choices: tuple[Any, ...] = (),
               flag: str | None = "", factory: Any = None) -> Any:
     """A dataclass field that carries its command-line form (``scripts/options.py`` builds the flags from it).
 
     :param help: what the field means (one line; the flag's help).
     :param unit: the unit, printed after the help (``seconds``, ``tokens``).
     :param aliases: older flag names still accepted.
-    :param choices: the allowed values of a string field.
+    :param choices: the allowed values of a string field (or of an int field, as ints: ``feature_schema``).
     :param flag: the flag name; ``""`` derives it from the field name (``ttft_slo_s`` -> ``--ttft-slo-s``, so a
         unit suffix in the name shows in the flag), None means no flag of its own.
     :param factory: builds a mutable default (a list, a dict) in place of ``default``.

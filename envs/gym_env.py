@@ -14,7 +14,7 @@ from gymnasium import spaces
 from gymnasium.utils import seeding
 
 from deflectlab.envs.config import ClusterConfig, ConfigError, check_number, check_range, cli_field, from_mapping
-from deflectlab.envs.features import FEATURE_SCHEMA, FeatureBuilder, action_layout
+from deflectlab.envs.features import SCHEMAS, FeatureBuilder, action_layout, schema
 from deflectlab.envs.profile import load_profile
 from deflectlab.envs.rewards import StepStats, make_reward
 from deflectlab.envs.simulator import ClusterSim
@@ -50,6 +50,10 @@ class EnvConfig:
                                          unit="requests")
     min_requests: int = cli_field(20, "windows with fewer requests are redrawn", unit="requests")
     reward: Any = cli_field("composite", "reward preset name, mapping or list (envs.rewards)", flag=None)
+    feature_schema: int = cli_field(
+        1, "observation's feature schema version (envs.features.SCHEMAS): 1, no prefix cache (the shipped "
+        "policy's); 2 adds each node's cached share of the prompt and cache-aware TTFT estimates",
+        choices=tuple(SCHEMAS))
 
     def __post_init__(self) -> None:
         check_range(self.load, "load", positive=True, unit="x the recorded rate")
@@ -63,6 +67,9 @@ class EnvConfig:
         if self.max_requests is not None:
             check_number(self.max_requests, "max_requests", lo=1, integer=True, unit="requests")
         check_number(self.min_requests, "min_requests", lo=1, integer=True, unit="requests")
+        if isinstance(self.feature_schema, bool) or self.feature_schema not in SCHEMAS:
+            raise ConfigError(f"unknown feature_schema {self.feature_schema!r}; known versions: "
+                              f"{', '.join(map(str, SCHEMAS))}")
 
     def kwargs(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,9 +104,12 @@ class DeflectionEnv(gym.Env):
 
     ## Observation Space
 
-    ``Box(low, high, (3 + 6P + 11D,), float32)``, the versioned ``envs.features.FEATURE_SCHEMA``
-    (``deflectlab.features`` v1), built by ``envs.features.build_observation`` from the cluster view and the
-    prompt length only -- the router builds the same vector. Squashed features are ``x / (x + scale)``.
+    ``Box(low, high, (3 + 6P + 11D,), float32)`` with ``feature_schema=1`` (the default), the versioned
+    ``envs.features.FEATURE_SCHEMA`` (``deflectlab.features`` v1); ``Box(low, high, (3 + 7P + 12D,), float32)``
+    with ``feature_schema=2`` (``envs.features.FEATURE_SCHEMA_V2``). Either is built by
+    ``envs.features.FeatureBuilder(feature_schema)`` from the cluster view and the prompt length only -- the
+    router builds the same vector; ``feature_names`` lists them in order. Squashed features are
+    ``x / (x + scale)``. Schema 1:
 
     | block | feature | raw unit | transform, scale | bounds |
     |---|---|---|---|---|
@@ -123,6 +133,11 @@ class DeflectionEnv(gym.Env):
     | decode j | ``chunk`` | share of token budget | ratio | [0, 1] |
     | decode j | ``est_ttft`` (T_D) | TTFT SLOs | squash, 1 (1 = infeasible) | [0, 1] |
     | decode j | ``kv_fits`` | flag | 0/1 | [0, 1] |
+
+    Schema 2 appends ``cached`` to each prefill and each decode block: the prompt tokens the node holds in its
+    prefix cache over ``L`` (ratio, [0, 1]; 0 on traces without block hashes or with ``prefix_cache`` off), and
+    its ``est_ttft`` features count only the uncached tokens and time the hand-off by the cluster's preset
+    (``envs.handoff.handoff_estimate_s``, dispatch delay included; ``docs/prefix_cache.md``).
 
     ## Rewards
 
@@ -169,7 +184,8 @@ class DeflectionEnv(gym.Env):
 
     ## Version History
 
-    * v0: initial version (feature schema ``deflectlab.features`` v1).
+    * v0: initial version (feature schema ``deflectlab.features`` v1); ``feature_schema=2`` selects v2 (the
+      default stays 1).
     """
 
     metadata = {"render_modes": []}
@@ -198,13 +214,15 @@ class DeflectionEnv(gym.Env):
 
         P, D = self.config.num_prefill, self.config.num_decode
         self.num_prefill, self.num_decode = P, D
-        low, high = FEATURE_SCHEMA.bounds(P, D)
+        #: the observation's layout (``envs.features.SCHEMAS[config.feature_schema]``)
+        self.feature_schema = schema(int(cfg.feature_schema))
+        low, high = self.feature_schema.bounds(P, D)
         self.observation_space = spaces.Box(low, high, dtype=np.float32)
         self.action_space = spaces.Discrete(P + D)
         self.action_layout = action_layout(P, D)
-        self.feature_names = FEATURE_SCHEMA.names(P, D)
+        self.feature_names = self.feature_schema.names(P, D)
 
-        self._fb = FeatureBuilder()
+        self._fb = FeatureBuilder(self.feature_schema.version)
         self.sim: ClusterSim | None = None
         self._req: Any = None
         self._p_queues: list[deque] = []  # routed to prefill node p, prefill not done (FCFS)

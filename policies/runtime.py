@@ -3,8 +3,9 @@
 An export (``deflectlab export``, :mod:`agents.export`) is a directory with ``policy.onnx``, ``policy_mlp.npz`` and
 ``manifest.json``. Loading checks, and refuses with a clear :class:`PolicyFileError`:
 
-* the manifest's format and version, and that its feature schema is this code's (name, version and the exact
-  feature list), so the network sees the features it was trained on;
+* the manifest's format and version, and that its feature schema is one this code builds (name, a version of
+  :data:`envs.features.SCHEMAS`, 1 or 2, and that version's exact feature list), so the network sees the
+  features it was trained on: the policy builds its observations with the manifest's schema version;
 * both weight files exist and match the SHA-256 in the manifest (a truncated or edited file is refused);
 * the ONNX model loads in onnxruntime and has the expected inputs;
 * at the first decision, the cluster: ``view.num_prefill``/``view.num_decode`` must equal the manifest's, and
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from deflectlab.envs.features import FEATURE_SCHEMA, SCHEMAS, FeatureBuilder
+from deflectlab.envs.features import FEATURE_SCHEMA, SCHEMAS, FeatureBuilder, FeatureSchema
 from deflectlab.envs.view import ClusterView, Decision, Policy, RequestLike
 
 MANIFEST_FORMAT = "deflectlab.policy"
@@ -78,11 +79,9 @@ def load_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
         man["files"]  # noqa: B018 - presence check (KeyError below)
     except (KeyError, TypeError, ValueError) as e:
         raise PolicyFileError(f"{man_path}: manifest lacks {e}") from None
-    sch = SCHEMAS.get(fs.get("version")) if fs.get("name") == FEATURE_SCHEMA.name else None
-    if sch is None:
-        raise PolicyFileError(
-            f"{man_path}: trained on features {fs.get('name')} v{fs.get('version')}, this code builds "
-            f"{FEATURE_SCHEMA.name} v{', v'.join(map(str, SCHEMAS))}; retrain or use the matching deflectlab version")
+    if not isinstance(fs, dict):
+        raise PolicyFileError(f"{man_path}: manifest's feature_schema is not a mapping")
+    sch = _known_schema(fs, man_path)
     if fs.get("names") != sch.names(P, D):
         raise PolicyFileError(f"{man_path}: feature list differs from {sch.name} "
                               f"v{sch.version} for {P}P{D}D (same version, different features)")
@@ -90,20 +89,31 @@ def load_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
     return d, man
 
 
+def _known_schema(fs: dict[str, Any], man_path: Path) -> FeatureSchema:
+    """The schema a manifest's ``feature_schema`` names, if this code builds it; else a :class:`PolicyFileError`
+    naming the manifest's name and version and the versions this code builds."""
+    version = fs.get("version")
+    known = fs.get("name") == FEATURE_SCHEMA.name and isinstance(version, int) and not isinstance(version, bool)
+    sch = SCHEMAS.get(version) if known else None
+    if sch is None:
+        raise PolicyFileError(
+            f"{man_path}: trained on features {fs.get('name')} v{version}, this code builds "
+            f"{FEATURE_SCHEMA.name} v{', v'.join(map(str, SCHEMAS))}; retrain or use the matching deflectlab version")
+    return sch
+
+
 def _check_set_schema(man: dict[str, Any], man_path: Path) -> None:
-    """A shape-generic manifest names the schema's blocks, not a shape-bound feature list."""
+    """A shape-generic manifest names the schema's blocks, not a shape-bound feature list; any version this
+    code builds (:data:`SCHEMAS`) is accepted, with exactly that version's features."""
     fs = man.get("feature_schema")
     if not isinstance(fs, dict) or not isinstance(man.get("files"), dict) or not isinstance(man.get("slo"), dict):
         raise PolicyFileError(f"{man_path}: manifest lacks feature_schema, files or slo")
-    if fs.get("name") != FEATURE_SCHEMA.name or fs.get("version") != FEATURE_SCHEMA.version:
-        raise PolicyFileError(
-            f"{man_path}: trained on features {fs.get('name')} v{fs.get('version')}, this code builds "
-            f"{FEATURE_SCHEMA.name} v{FEATURE_SCHEMA.version}; retrain or use the matching deflectlab version")
+    sch = _known_schema(fs, man_path)
     for block in ("request", "prefill", "decode"):
         have = [f.get("name") for f in fs.get(block) or [] if isinstance(f, dict)]
-        if have != [f.name for f in getattr(FEATURE_SCHEMA, block)]:
-            raise PolicyFileError(f"{man_path}: the {block} block's features differ from {FEATURE_SCHEMA.name} "
-                                  f"v{FEATURE_SCHEMA.version}")
+        if have != [f.name for f in getattr(sch, block)]:
+            raise PolicyFileError(f"{man_path}: the {block} block's features differ from {sch.name} "
+                                  f"v{sch.version}")
 
 
 def _check_files(d: Path, man: dict[str, Any], man_path: Path) -> None:
@@ -123,7 +133,8 @@ def _check_files(d: Path, man: dict[str, Any], man_path: Path) -> None:
 
 def set_numpy_logits(w: dict[str, np.ndarray], req: np.ndarray, pre: np.ndarray, dec: np.ndarray) -> np.ndarray:
     """The shape-generic network's logits (agents.setnet.SetPolicyNet) in plain numpy, for one observation
-    (``req [3], pre [P, 6], dec [D, 11]``): shared node encoders, mean/max pooled context, per-node scores."""
+    (``req [R], pre [P, F_p], dec [D, F_d]``, the block sizes of its feature schema: 3, 6, 11 for v1; 3, 7, 12
+    for v2): shared node encoders, mean/max pooled context, per-node scores."""
     def lin(x: np.ndarray, name: str) -> np.ndarray:
         y = x @ w[f"{name}.weight"].T
         b = w.get(f"{name}.bias")
@@ -195,6 +206,10 @@ class OnnxPolicy(Policy):
         if self.generic:
             if names != _SET_INPUTS:
                 raise PolicyFileError(f"{f}: inputs {names}, expected {_SET_INPUTS} (a shape-generic policy)")
+            have = [i.shape[-1] for i in self._sess.get_inputs()[:3]]
+            if have != self._block_sizes():
+                raise PolicyFileError(f"{f}: takes blocks of {have} features, the manifest's feature schema "
+                                      f"v{self._fb.version} has {self._block_sizes()}")
             return
         if names != ["obs", "action_mask"]:
             raise PolicyFileError(f"{f}: inputs {names}, expected ['obs', 'action_mask']")
@@ -213,6 +228,12 @@ class OnnxPolicy(Policy):
             missing = [k for k in _SET_KEYS if f"{k}.weight" not in arrays]
             if missing:
                 raise PolicyFileError(f"{f}: shape-generic weights lack {missing}")
+            h = arrays["phi_p.0.weight"].shape[0]
+            have = [arrays["rho.0.weight"].shape[1] - 4 * h, arrays["phi_p.0.weight"].shape[1],
+                    arrays["phi_d.0.weight"].shape[1]]
+            if have != self._block_sizes():
+                raise PolicyFileError(f"{f}: weights take blocks of {have} features, the manifest's feature "
+                                      f"schema v{self._fb.version} has {self._block_sizes()}")
             self._set_w = {k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}
             return
         spec = self.manifest["network"]["layers"]
@@ -225,6 +246,11 @@ class OnnxPolicy(Policy):
                                  layer["activation"]))
         if self._layers[0][0].shape[1] != self.num_obs:
             raise PolicyFileError(f"{f}: takes {self._layers[0][0].shape[1]} features, expected {self.num_obs}")
+
+    def _block_sizes(self) -> list[int]:
+        """``[request, per prefill node, per decode node]`` feature counts of the manifest's schema."""
+        s = self._fb.schema
+        return [len(s.request), len(s.prefill), len(s.decode)]
 
     # -- checks --------------------------------------------------------------------------------------------
     def check_cluster(self, view: ClusterView) -> None:
@@ -272,10 +298,11 @@ class OnnxPolicy(Policy):
 
     def _act_set(self, obs: np.ndarray, mask: np.ndarray) -> int:
         a = len(mask)
-        n_pre, n_dec, n_req = len(FEATURE_SCHEMA.prefill), len(FEATURE_SCHEMA.decode), len(FEATURE_SCHEMA.request)
+        sch = self._fb.schema
+        n_req, n_pre, n_dec = self._block_sizes()
         D = (len(obs) - n_req - a * n_pre) // (n_dec - n_pre)
         P = a - D
-        if P < 0 or D < 0 or FEATURE_SCHEMA.size(P, D) != len(obs):
+        if P < 0 or D < 0 or sch.size(P, D) != len(obs):
             raise ValueError(f"observation of {len(obs)} features and a mask of {a} actions fit no cluster shape")
         req, pre = obs[:n_req], obs[n_req:n_req + P * n_pre].reshape(P, n_pre)
         dec = obs[n_req + P * n_pre:].reshape(D, n_dec)

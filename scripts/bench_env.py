@@ -2,11 +2,13 @@
 
     python scripts/bench_env.py                 # env decisions/s on one core, PPO steps/s on all cores
     python scripts/bench_env.py --calibrate     # also: round robin vs load on azure_code (choosing loads)
+    python scripts/bench_env.py --skip-ppo --feature-schema 2 --trace mooncake_synthetic   # schema 2's cost
 
 Environment: 2P2D A100 DeepSeek-V2-Lite, the default episodes (azure_code windows at 2-4x), a uniformly random
 policy (actions drawn up front so the generator is not timed). Reported per decision: the simulator alone
 (advance + route, no features), plus the cluster view, plus the feature builder, and the full ``env.step``
-(direct, and through ``gymnasium.make``'s wrappers). The process is pinned to one CPU for this part.
+(direct, and through ``gymnasium.make``'s wrappers). The process is pinned to one CPU for this part, and times
+are CPU seconds of this process (``time.process_time``), best of 3, so other jobs on a shared machine count less.
 
 Training: MaskablePPO and PPO (64x64 MLP, n_steps 512 x n_envs, batch 256, 5 epochs) for ``--ppo-steps`` steps on
 DummyVecEnv (4 envs, one process) and SubprocVecEnv (2 envs, two processes), with all CPUs available.
@@ -23,13 +25,13 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import numpy as np
 
 
-def bench_env(episodes: int) -> None:
+def bench_env(episodes: int, feature_schema: int = 1, trace: str = "azure_code") -> None:
     from deflectlab.envs.features import FeatureBuilder
     from deflectlab.envs.gym_env import DeflectionEnv
     from deflectlab.envs.simulator import ClusterSim
     from deflectlab.envs.view import Decision
 
-    env = DeflectionEnv()
+    env = DeflectionEnv(feature_schema=feature_schema, trace=trace)
     acts = np.random.default_rng(0).integers(0, 4, size=2_000_000).tolist()
     seeds = list(range(episodes))
     workloads = [env.episode_workload(s)[0] for s in seeds]
@@ -37,18 +39,18 @@ def bench_env(episodes: int) -> None:
 
     def sim_only() -> float:
         k = 0
-        t = time.perf_counter()
+        t = time.process_time()
         for w in workloads:
             sim = ClusterSim(env.config, w, env.prefill_profile, env.decode_profile)
             while (r := sim.advance()) is not None:
                 a = acts[k]
                 k += 1
                 sim.route(r, Decision.prefill(a) if a < 2 else Decision.deflect(a - 2, 512))
-        return k / (time.perf_counter() - t)
+        return k / (time.process_time() - t)
 
     def sim_view() -> float:
         k = 0
-        t = time.perf_counter()
+        t = time.process_time()
         for w in workloads:
             sim = ClusterSim(env.config, w, env.prefill_profile, env.decode_profile)
             while (r := sim.advance()) is not None:
@@ -56,12 +58,12 @@ def bench_env(episodes: int) -> None:
                 a = acts[k]
                 k += 1
                 sim.route(r, Decision.prefill(a) if a < 2 else Decision.deflect(a - 2, 512))
-        return k / (time.perf_counter() - t)
+        return k / (time.process_time() - t)
 
     def sim_view_features() -> float:
         k = 0
-        fb = FeatureBuilder()
-        t = time.perf_counter()
+        fb = FeatureBuilder(feature_schema)
+        t = time.process_time()
         for w in workloads:
             sim = ClusterSim(env.config, w, env.prefill_profile, env.decode_profile)
             while (r := sim.advance()) is not None:
@@ -69,29 +71,30 @@ def bench_env(episodes: int) -> None:
                 a = acts[k]
                 k += 1
                 sim.route(r, fb.decision(a))
-        return k / (time.perf_counter() - t)
+        return k / (time.process_time() - t)
 
     def env_steps(e) -> float:
         k = 0
-        t = time.perf_counter()
+        t = time.process_time()
         for s in seeds:
             e.reset(seed=s)
             done = False
             while not done:
                 _, _, done, _, _ = e.step(acts[k])
                 k += 1
-        return k / (time.perf_counter() - t)
+        return k / (time.process_time() - t)
 
     import gymnasium as gym
 
     import deflectlab.envs  # noqa: F401
 
-    made = gym.make("deflectlab/Deflection-v0")
+    made = gym.make("deflectlab/Deflection-v0", feature_schema=feature_schema, trace=trace)
     rows = [("simulator only (advance + route)", sim_only), ("+ cluster view (node lists)", sim_view),
             ("+ feature builder (observation, mask, chunk caps)", sim_view_features),
             ("env.step, DeflectionEnv direct (+ reward)", lambda: env_steps(env)),
             ("env.step via gymnasium.make (wrappers)", lambda: env_steps(made))]
-    print(f"\n== environment, one core, random policy: {episodes} episodes, {n_dec} decisions ==")
+    print(f"\n== environment, one core, random policy: {episodes} episodes of {trace}, {n_dec} decisions, "
+          f"feature schema {feature_schema} ==")
     for name, fn in rows:
         fn()  # warm: caches (chunk solver, per-prompt estimates), imports
         best = max(fn() for _ in range(3))
@@ -148,11 +151,13 @@ def main() -> None:
     ap.add_argument("--ppo-steps", type=int, default=20_000, help="training steps per throughput measurement")
     ap.add_argument("--skip-ppo", action="store_true")
     ap.add_argument("--calibrate", action="store_true", help="also print round robin against load")
+    ap.add_argument("--feature-schema", type=int, default=1, choices=(1, 2), help="the env's feature schema")
+    ap.add_argument("--trace", default="azure_code", help="the env's trace (mooncake_synthetic has prefix hits)")
     args = ap.parse_args()
     allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     if allowed:
         os.sched_setaffinity(0, {min(allowed)})
-    bench_env(args.episodes)
+    bench_env(args.episodes, args.feature_schema, args.trace)
     if allowed:
         os.sched_setaffinity(0, allowed)
     if not args.skip_ppo:

@@ -13,6 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
+from deflectlab.envs.gym_env import EnvConfig
+from deflectlab.scripts.options import add_dataclass_flags
+
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     out = []
@@ -45,6 +48,7 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p.add_argument("--regret-weight", type=float, default=0.0,
                    help="cost-aware imitation: weigh each state by 1 + W x the requests its worst action loses "
                         "(planner rollouts), targets spread over actions tied on SLO count (0: plain)")
+    add_dataclass_flags(p, EnvConfig, only=("feature_schema",))  # --feature-schema
     p.add_argument("--ppo-steps", type=int, default=0,
                    help="then MaskablePPO fine-tuning from the imitation weights on the first shape (0: none); "
                         "exported to OUT/policy_ppo")
@@ -61,7 +65,8 @@ def run(a: argparse.Namespace) -> int:
                            loads=tuple(a.loads), window_s=a.window, iterations=a.iterations,
                            episodes_per_iteration=a.episodes, max_decisions=a.max_decisions, horizon_s=a.horizon,
                            hidden=a.hidden, epochs=a.epochs, seed=a.seed,
-                           regret_weight=a.regret_weight)
+                           regret_weight=a.regret_weight,
+                           **({} if a.feature_schema is None else {"feature_schema": a.feature_schema}))
     except ValueError as e:
         raise SystemExit(f"deflectlab {e}") from None
     net, log = train_dagger(cfg, out=a.out)
@@ -69,7 +74,7 @@ def run(a: argparse.Namespace) -> int:
         "shapes": [f"{p}P{d}D" for p, d in cfg.shapes], "traces": cfg.traces, "loads": list(cfg.loads),
         "window_start_s": list(cfg.window_start_s), "profiles": ["a100-80gb_deepseek-v2-lite"],
         "teacher": f"lookahead:horizon_s={cfg.horizon_s:g} (clairvoyant)", "method": "DAgger",
-        "regret_weight": cfg.regret_weight,
+        "regret_weight": cfg.regret_weight, "feature_schema": cfg.feature_schema,
         "states": log["states"]}, source={"run": str(a.out), "wall_s": log["wall_s"]})
     if a.ppo_steps > 0:
         from deflectlab.agents.dagger import finetune_ppo

@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 
-from deflectlab.scripts.options import parse_seeds
+from deflectlab.envs.gym_env import EnvConfig
+from deflectlab.scripts.options import add_dataclass_flags, parse_seeds
 
 
 def register(sub: argparse._SubParsersAction, help_text: str) -> None:
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--total-timesteps", type=int, help="override total_timesteps")
     p.add_argument("--out-dir", help="override out_dir")
+    add_dataclass_flags(p, EnvConfig, only=("feature_schema",))  # --feature-schema: override env.feature_schema
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="print SB3's log table")
     p.add_argument("--ray", action="store_true", help="run as Ray Tune trials (a local Ray, no cluster needed)")
@@ -41,6 +43,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         v = getattr(args, flag)
         if v is not None:
             ov.append(f"{key}={v}")
+    if args.feature_schema is not None:
+        ov.append(f"env.feature_schema={args.feature_schema}")
     for o in ov:
         if "=" not in o:
             raise ValueError(f"override {o!r} is not KEY=VALUE")
