@@ -201,9 +201,11 @@ class DecodeNode:
             req = q[0]
             need = kv_need = -(-(req.input_tokens + req.generated) // self.block_tokens)
             h = req.hashes
-            if cache is not None and h is not None:
+            if cache is not None and h and h[0] in cache.start:  # else no hit, whatever is evicted
                 hit, shared = self._lookup(req, t, run_max)
                 need -= shared * cache.unit  # blocks a running request holds already: no new room
+            else:
+                hit = 0
             if self.static_blocks + run_max + need > self.total_blocks and not tight:
                 tight = True
                 run_max = self.kv_used_blocks(t) - self.static_blocks  # exact: the step in progress's blocks
@@ -240,10 +242,10 @@ class DecodeNode:
 
     def _lookup(self, req: Request, t: float, run_max: int) -> tuple[int, int]:
         """The cached prefix an admission of ``req`` at ``t`` finds (after the evictions due by then):
-        ``(hit, shared)`` in cached blocks. ``run_max`` bounds the running decodes' blocks from above."""
+        ``(hit, shared)`` in cached blocks; for a prompt whose first block is cached (else it has no hit,
+        whatever is evicted, and the evictions can wait: see :meth:`_hold`). ``run_max`` bounds the running
+        decodes' blocks from above."""
         cache, h = self.cache, req.hashes
-        if not h or h[0] not in cache.start:
-            return 0, 0  # no hit whatever the evictions (they only remove blocks): they can wait (see _hold)
         if cache.n_free and cache.n_free * cache.unit > self.total_blocks - self.static_blocks - run_max:
             self._evict(t)
         return cache.match(h, max_hit_blocks(h, req.input_tokens, req.generated, self.hash_block_tokens))

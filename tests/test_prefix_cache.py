@@ -226,6 +226,8 @@ class _EagerDecodeNode(decode_node.DecodeNode):
 
     def try_admit(self, t):
         self._now = t
+        if self.cache is not None and self.cache.n_free and self.admit_queue:
+            self._evict(t)  # before the queue head's lookup; later heads follow an admission (evicted in _hold)
         super().try_admit(t)
 
 
