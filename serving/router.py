@@ -354,7 +354,6 @@ class Router:
         return await self._handle(request, chat=True)
 
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        self.m.inflight.inc()
         self.m.in_flight_now += 1
         call = Call(request)
         try:
@@ -371,7 +370,6 @@ class Router:
             return self._error(call, "router_error", f"router error: {type(e).__name__}: {e}", 500,
                                "InternalServerError")
         finally:
-            self.m.inflight.dec()
             self.m.in_flight_now -= 1
 
     async def _read(self, call: Call, chat: bool) -> web.Response | None:
@@ -786,9 +784,12 @@ class Router:
         return web.json_response(self.stats())
 
     async def _on_startup(self, app: web.Application) -> None:
+        # DummyCookieJar: a proxy keeps no cookies (one client's would reach another's requests), and skips the
+        # jar's filtering on every upstream request
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s))
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
+            cookie_jar=aiohttp.DummyCookieJar())
         self._t0 = time.monotonic()
         self.live.start(self.session)
 
