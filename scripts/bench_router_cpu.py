@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from deflectlab.scripts.lean_http import LeanClient, request_bytes, serve_upstream
+from deflectlab.scripts.lean_http import LeanClient, Upstream, request_bytes, serve_upstream
 from deflectlab.serving.procs import free_ports
 from deflectlab.serving.protocol import dumps, prefill_hop_body, with_kv_params
 from deflectlab.serving.router import Router, pick_event_loop
@@ -54,7 +54,7 @@ async def _bench(a: argparse.Namespace) -> dict[str, float]:
     tasks = []
     for role, port in (("prefill", p_port), ("decode", d_port)):
         ready = asyncio.Event()
-        tasks.append(asyncio.create_task(serve_upstream(role, port, H, 0.0, ready)))
+        tasks.append(asyncio.create_task(serve_upstream(Upstream(role, port), H, ready)))
         await ready.wait()
     runners = []
     for policy, port in (("round_robin", rr_port), ("always_deflect", ad_port)):

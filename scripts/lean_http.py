@@ -267,6 +267,7 @@ class Upstream:
         self.role, self.port, self.token_gap_s = role, port, token_gap_s
         self.running = 0
         self.served = 0
+        self.handoffs = 0  # decode requests that carried a prefill instance's kv_transfer_params
         self._seq = 0
 
     def metrics(self) -> bytes:
@@ -289,6 +290,9 @@ class Upstream:
                     "remote_block_ids": [self._seq], "remote_host": "127.0.0.1", "remote_port": self.port,
                     "tp_size": 1}
             return json.dumps(out, separators=(",", ":")).encode(), []
+        kvp_in = body.get("kv_transfer_params")
+        if isinstance(kvp_in, dict) and kvp_in.get("do_remote_prefill"):
+            self.handoffs += 1
         n = body.get("max_tokens")
         n = n if type(n) is int and n > 0 else 8
         if not body.get("stream"):
@@ -397,11 +401,9 @@ class _ServerConn(asyncio.Protocol):
             self._next()
 
 
-async def serve_upstream(role: str, port: int, host: str = "127.0.0.1", token_gap_s: float = 0.0,
-                         ready: asyncio.Event | None = None) -> None:
-    """Serve the stand-in until cancelled."""
-    up = Upstream(role, port, token_gap_s)
-    server = await asyncio.get_running_loop().create_server(lambda: _ServerConn(up), host, port)
+async def serve_upstream(up: Upstream, host: str = "127.0.0.1", ready: asyncio.Event | None = None) -> None:
+    """Serve the stand-in ``up`` on its port until cancelled (``ready`` set once it listens)."""
+    server = await asyncio.get_running_loop().create_server(lambda: _ServerConn(up), host, up.port)
     if ready is not None:
         ready.set()
     async with server:
@@ -420,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--token-gap-ms must be >= 0")
     print(f"lean {a.role} stand-in on http://{a.host}:{a.port}", flush=True)
     try:
-        asyncio.run(serve_upstream(a.role, a.port, a.host, a.token_gap_ms / 1e3))
+        asyncio.run(serve_upstream(Upstream(a.role, a.port, a.token_gap_ms / 1e3), a.host))
     except KeyboardInterrupt:
         pass
     return 0
