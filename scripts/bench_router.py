@@ -485,6 +485,10 @@ def _check(a: argparse.Namespace) -> None:
         raise SystemExit(f"--proxy-pid names no --proxy: {', '.join(sorted(unknown))}")
 
 
+def _loadavg() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def _machine() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
@@ -516,8 +520,11 @@ def main(argv: list[str] | None = None) -> int:
                   "proxy, start it in front of --prefill-port/--decode-port and pass --proxy toy=URL")
         for rate in a.rates:
             pids |= {"router deflect path": r1.pid, "router two-hop path": r2.pid}
+            load0 = _loadavg()
             runs = asyncio.run(_run_rate(a, rate, url, proxies, pids, [u.pid for u in up]))
             results["rates"][f"{rate:g}"] = _table(rate, runs)
+            results["rates"][f"{rate:g}"]["load_average"] = {"before": load0, "after": _loadavg()}
+            print(f"  machine load average (1 min) before and after this rate's runs: {load0:.2f}, {_loadavg():.2f}")
         _live_stats(ports, results)
     if a.decisions > 0:
         results["decisions"] = bench_decisions(a.decisions)
