@@ -322,6 +322,69 @@ def _table(rate: float, runs: dict[str, list[Run]]) -> dict:
     return out
 
 
+#: (group, test on a profile entry's file name and function name), first match wins (``--router-profile``).
+_STARTUP_FILES = ("importlib", "/re/_", "typing.py", "/yaml/", "/enum.py", "/attr/", "numpy/", "/abc.py",
+                  "dataclasses.py", "inspect.py")
+_STARTUP_BUILTINS = ("marshal.loads", "builtins.compile", "_imp.", "set_default_verify_paths", "__build_class__",
+                     "io.open_code", "builtins.exec", "builtins.__import__", "'read' of '_io")
+_PROFILE_GROUPS: tuple[tuple[str, Any], ...] = (
+    ("idle (waiting in epoll)", lambda f, n: f == "~" and "poll' of 'select.epoll" in n),
+    ("start-up (imports, compiling)", lambda f, n: any(k in f for k in _STARTUP_FILES) or (
+        f == "~" and any(k in n for k in _STARTUP_BUILTINS))),
+    ("socket send/recv syscalls", lambda f, n: f == "~" and any(k in n for k in ("'send'", "'recv'", "'connect'",
+                                                                                 "'_accept'"))),
+    ("router: prefix estimate", lambda f, n: "/serving/prefix_view" in f),
+    ("router: own code (serving/, policy, view)", lambda f, n: any(k in f for k in ("/serving/", "/policies/",
+                                                                                       "/envs/"))),
+    ("aiohttp server (request parsing, responses)", lambda f, n: "aiohttp/web" in f),
+    ("aiohttp client (upstream requests, streams)", lambda f, n: "aiohttp/" in f),
+    ("asyncio event loop", lambda f, n: "asyncio/" in f or "selectors" in f),
+    ("prometheus_client", lambda f, n: "prometheus_client" in f),
+    ("json", lambda f, n: "/json/" in f or (f == "~" and "json" in n)),
+)
+
+
+def _group(fname: str, name: str) -> str | None:
+    return next((g for g, match in _PROFILE_GROUPS if match(fname, name)), None)
+
+
+def profile_groups(path: Path | str) -> dict[str, float]:
+    """A cProfile file's own time (``tottime``) summed by :data:`_PROFILE_GROUPS`, seconds. A built-in
+    function no group claims (``isinstance``, ``len``, a lock) counts for its callers' groups, each the time
+    spent in it on their calls; what is left is ``other``."""
+    import pstats
+
+    out: dict[str, float] = {}
+    for (fname, _line, name), (_cc, _nc, tt, _ct, callers) in pstats.Stats(str(path)).stats.items():
+        group = _group(fname, name)
+        if group is None and fname == "~" and callers:
+            for (cf, _cl, cn), caller_stats in callers.items():
+                g = _group(cf, cn) or "other"
+                out[g] = out.get(g, 0.0) + caller_stats[2]
+            continue
+        out[group or "other"] = out.get(group or "other", 0.0) + tt
+    return out
+
+
+def _print_profiles(directory: Path, results: dict) -> None:
+    """Where each profiled router's busy time went, as shares of its busy time (idle and start-up left out);
+    with the run's CPU ms per request from ``/proc``, each share in ms per request."""
+    for policy, path_name in (("always_deflect", "router deflect path"), ("round_robin", "router two-hop path")):
+        f = directory / f"router-{policy}.prof"
+        if not f.exists():
+            continue
+        groups = profile_groups(f)
+        busy = {k: v for k, v in groups.items() if not k.startswith(("idle", "start-up"))}
+        total = sum(busy.values())
+        rows = [r for rate in results["rates"].values() for k, r in rate.items() if k == path_name]
+        cpu = float(np.mean([r["proxy_cpu_ms_per_req"] for r in rows])) if rows else float("nan")
+        print(f"\nrouter {policy} under cProfile ({f}): share of its busy time, and that share of the "
+              f"{cpu:.3f} CPU ms per request measured under the profiler")
+        for k, v in sorted(busy.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:<46}{100 * v / total:6.1f} %{cpu * v / total:9.3f} ms")
+        results[f"profile_{policy}"] = {k: v / total for k, v in busy.items()}
+
+
 def _proxy_arg(text: str) -> tuple[str, str]:
     name, sep, url = text.partition("=")
     if not sep or not name or not url.startswith("http"):
@@ -526,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
             results["rates"][f"{rate:g}"]["load_average"] = {"before": load0, "after": _loadavg()}
             print(f"  machine load average (1 min) before and after this rate's runs: {load0:.2f}, {_loadavg():.2f}")
         _live_stats(ports, results)
+    if a.router_profile is not None:  # the routers wrote their profiles when they stopped
+        _print_profiles(a.router_profile, results)
     if a.decisions > 0:
         results["decisions"] = bench_decisions(a.decisions)
     if a.json:
