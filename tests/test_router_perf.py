@@ -239,3 +239,23 @@ def test_bench_starts_a_proxy_command_and_reports_one_that_dies(tmp_path):
             b._start_proxy(procs, "bad", f"{sys.executable} -c \"import sys; print('ports', *sys.argv[1:]); "
                                          f"sys.exit(3)\" {{prefill_port}} {{decode_port}} {{port}}", ports, tmp_path)
     assert web.poll() is not None  # stopped with the emulators and routers
+
+
+def test_bench_profile_groups_keep_every_second_and_charge_builtins_to_callers(tmp_path):
+    import cProfile
+    import pstats
+
+    from deflectlab.serving.prefix_view import request_block_hashes
+
+    body = {"prompt": list(range(256))}
+    prof = cProfile.Profile()
+    prof.runcall(lambda: [request_block_hashes(body, 16) for _ in range(200)] + [json.dumps(body)])
+    prof.dump_stats(tmp_path / "p.prof")
+    groups = _bench().profile_groups(tmp_path / "p.prof")
+    stats = pstats.Stats(str(tmp_path / "p.prof")).stats
+    assert sum(groups.values()) == pytest.approx(sum(v[2] for v in stats.values()), rel=1e-6)  # nothing lost
+    # the hashing's built-ins (blake2b, array, int.from_bytes, ...) are the prefix estimate's: its group holds
+    # all of their time, which is nearly all of the profile
+    blake = sum(v[2] for (f, _, n), v in stats.items() if f == "~" and "blake2b" in n)
+    assert blake > 0 and groups["router: prefix estimate"] >= blake
+    assert groups["router: prefix estimate"] > 0.8 * sum(groups.values())
