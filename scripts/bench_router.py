@@ -1,29 +1,35 @@
 """Router overhead and policy decision time, measured on loopback. Prints numbers; asserts nothing.
 
-    python scripts/bench_router.py [--rates 100 500] [--duration 5] [--repeats 2]
+    python scripts/bench_router.py [--rates 100 500] [--duration 5] [--repeats 2] [--decisions 0]
+        [--upstream lean|emulator] [--client lean|aiohttp] [--token-gap-ms 0] [--router-profile DIR]
         [--proxy-cmd "toy=python toy_proxy_server.py --port {port} --prefiller-ports {prefill_port} ..."]
         [--proxy NAME=URL [--proxy-pid NAME=PID]]
 
 1. Added latency: open-loop streams of streaming completions at each ``--rates`` value, in alternating runs of
-   every path against one prefill and one decode emulator: the decode emulator directly; the router's deflect
+   every path against one prefill and one decode upstream: the decode upstream directly; the router's deflect
    path (``always_deflect``); the client doing vLLM's two hops itself (P, then D with P's params); the
    router's two-hop path (``round_robin``); and any other proxy, started by this script from ``--proxy-cmd
-   NAME=COMMAND`` once the emulators are up (``{port}``, ``{prefill_port}``, ``{decode_port}`` filled in), or
+   NAME=COMMAND`` once the upstreams are up (``{port}``, ``{prefill_port}``, ``{decode_port}`` filled in), or
    already running at ``--proxy NAME=URL``. Added latency = a path's end-to-end P50/P99 minus its direct
    counterpart's. This script never contains a proxy's code: to compare with vLLM's toy P/D proxy
    (``tests/v1/kv_connector/nixl_integration/toy_proxy_server.py``), give the command that runs your copy.
-   Each row also gives the CPU milliseconds per answered request of the proxy under test (from
-   ``/proc/PID/stat``; the routers, ``--proxy-cmd`` proxies and ``--proxy-pid`` ones) and of this load
-   generator, and the load generator's send lag P99 (how late it sent against its Poisson schedule: when that
-   grows, the load generator, not the path, is the limit).
+   Each row also gives the CPU milliseconds per answered request (from ``/proc/PID/stat``) of the proxy under
+   test (the routers, ``--proxy-cmd`` proxies and ``--proxy-pid`` ones), of both upstreams and of this load
+   generator; the proxy's utilisation (CPU seconds per wall second: 1.0 is one core busy); and the load
+   generator's send lag P99 (how late it sent against its Poisson schedule: when that grows, the load
+   generator, not the path, is the limit). The machine's load average is printed before and after each rate.
 2. Policy decision time: ``Router.decide`` (view build included) in process, for every registered policy,
-   over a cluster view with load on it; P50/P99/max in microseconds. Also the live router's own decision and
-   overhead percentiles from ``GET /stats``.
+   over a cluster view with load on it; P50/P99/max in microseconds (``--decisions 0`` skips it). Also the
+   live router's own decision and overhead percentiles from ``GET /stats``.
 
-The emulators run at a tiny time scale (``--time-scale``, default 0.001: a 10 ms step takes 10 us) so the
-model adds almost nothing. Router, emulators and this load generator share the machine's cores, so the
-numbers include their contention; CPU per request is the steadier measure on a shared machine. Process
-output goes to log files in a fresh temporary folder (printed), never to pipes nobody reads.
+Upstreams and load generator are lean by default (``scripts/lean_http.py``): stand-ins that answer at once
+and a client on raw keep-alive connections, so that hundreds of requests per second measure the router, not
+them. ``--upstream emulator`` uses the engine emulators at ``--time-scale`` (default 0.001: a 10 ms step
+takes 10 us), ``--client aiohttp`` an aiohttp client. Routers, upstreams and this load generator share the
+machine's cores (the header line says how many), so the numbers include their contention; CPU per request
+is the steadier measure on a shared machine. ``--router-profile DIR`` runs the routers under cProfile and
+prints where their busy time went. Process output goes to log files in a fresh temporary folder (printed),
+never to pipes nobody reads.
 """
 
 from __future__ import annotations
