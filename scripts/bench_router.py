@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
             load0 = _loadavg()
             runs = asyncio.run(_run_rate(a, rate, url, proxies, pids, [u.pid for u in up]))
             results["rates"][f"{rate:g}"] = _table(rate, runs)
-            results["rates"][f"{rate:g}"]["load_average"] = {"before": load0, "after": _loadavg()}
+            results.setdefault("load_average", {})[f"{rate:g}"] = {"before": load0, "after": _loadavg()}
             print(f"  machine load average (1 min) before and after this rate's runs: {load0:.2f}, {_loadavg():.2f}")
         _live_stats(ports, results)
     if a.router_profile is not None:  # the routers wrote their profiles when they stopped
