@@ -1,29 +1,35 @@
 """Router overhead and policy decision time, measured on loopback. Prints numbers; asserts nothing.
 
-    python scripts/bench_router.py [--rates 100 500] [--duration 5] [--repeats 2]
+    python scripts/bench_router.py [--rates 100 500] [--duration 5] [--repeats 2] [--decisions 0]
+        [--upstream lean|emulator] [--client lean|aiohttp] [--token-gap-ms 0] [--router-profile DIR]
         [--proxy-cmd "toy=python toy_proxy_server.py --port {port} --prefiller-ports {prefill_port} ..."]
         [--proxy NAME=URL [--proxy-pid NAME=PID]]
 
 1. Added latency: open-loop streams of streaming completions at each ``--rates`` value, in alternating runs of
-   every path against one prefill and one decode emulator: the decode emulator directly; the router's deflect
+   every path against one prefill and one decode upstream: the decode upstream directly; the router's deflect
    path (``always_deflect``); the client doing vLLM's two hops itself (P, then D with P's params); the
    router's two-hop path (``round_robin``); and any other proxy, started by this script from ``--proxy-cmd
-   NAME=COMMAND`` once the emulators are up (``{port}``, ``{prefill_port}``, ``{decode_port}`` filled in), or
+   NAME=COMMAND`` once the upstreams are up (``{port}``, ``{prefill_port}``, ``{decode_port}`` filled in), or
    already running at ``--proxy NAME=URL``. Added latency = a path's end-to-end P50/P99 minus its direct
    counterpart's. This script never contains a proxy's code: to compare with vLLM's toy P/D proxy
    (``tests/v1/kv_connector/nixl_integration/toy_proxy_server.py``), give the command that runs your copy.
-   Each row also gives the CPU milliseconds per answered request of the proxy under test (from
-   ``/proc/PID/stat``; the routers, ``--proxy-cmd`` proxies and ``--proxy-pid`` ones) and of this load
-   generator, and the load generator's send lag P99 (how late it sent against its Poisson schedule: when that
-   grows, the load generator, not the path, is the limit).
+   Each row also gives the CPU milliseconds per answered request (from ``/proc/PID/stat``) of the proxy under
+   test (the routers, ``--proxy-cmd`` proxies and ``--proxy-pid`` ones), of both upstreams and of this load
+   generator; the proxy's utilisation (CPU seconds per wall second: 1.0 is one core busy); and the load
+   generator's send lag P99 (how late it sent against its Poisson schedule: when that grows, the load
+   generator, not the path, is the limit). The machine's load average is printed before and after each rate.
 2. Policy decision time: ``Router.decide`` (view build included) in process, for every registered policy,
-   over a cluster view with load on it; P50/P99/max in microseconds. Also the live router's own decision and
-   overhead percentiles from ``GET /stats``.
+   over a cluster view with load on it; P50/P99/max in microseconds (``--decisions 0`` skips it). Also the
+   live router's own decision and overhead percentiles from ``GET /stats``.
 
-The emulators run at a tiny time scale (``--time-scale``, default 0.001: a 10 ms step takes 10 us) so the
-model adds almost nothing. Router, emulators and this load generator share the machine's cores, so the
-numbers include their contention; CPU per request is the steadier measure on a shared machine. Process
-output goes to log files in a fresh temporary folder (printed), never to pipes nobody reads.
+Upstreams and load generator are lean by default (``scripts/lean_http.py``): stand-ins that answer at once
+and a client on raw keep-alive connections, so that hundreds of requests per second measure the router, not
+them. ``--upstream emulator`` uses the engine emulators at ``--time-scale`` (default 0.001: a 10 ms step
+takes 10 us), ``--client aiohttp`` an aiohttp client. Routers, upstreams and this load generator share the
+machine's cores (the header line says how many), so the numbers include their contention; CPU per request
+is the steadier measure on a shared machine. ``--router-profile DIR`` runs the routers under cProfile and
+prints where their busy time went. Process output goes to log files in a fresh temporary folder (printed),
+never to pipes nobody reads.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from deflectlab.scripts.lean_http import LeanClient, request_bytes
 from deflectlab.serving.procs import Processes, free_ports, wait_http
+from deflectlab.serving.protocol import dumps, prefill_hop_body, with_kv_params
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -65,16 +73,17 @@ def cpu_seconds(pid: int | None) -> float:
 
 class Run:
     """One timed run of one path: end-to-end and first-byte seconds, failures, the load generator's send lag
-    (actual minus scheduled send time, s), and CPU seconds used by the proxy under test and by this client."""
+    (actual minus scheduled send time, s), CPU seconds used by the proxy under test, by the upstreams and by
+    this client, and the run's wall seconds (sending plus draining)."""
 
     def __init__(self, e2e: list[float], ttfb: list[float], failures: int, lag: list[float]) -> None:
         self.e2e, self.ttfb, self.lag = np.array(e2e), np.array(ttfb), np.array(lag)
         self.failures = failures
-        self.cpu_proxy = self.cpu_client = float("nan")
+        self.cpu_proxy = self.cpu_client = self.cpu_upstream = self.wall = float("nan")
 
 
 async def _load(rate: float, duration_s: float, call) -> Run:
-    """Open-loop Poisson arrivals at ``rate`` for ``duration_s``."""
+    """Open-loop Poisson arrivals at ``rate`` for ``duration_s``; ``call()`` returns (first byte, end) times."""
     rng = random.Random(1)
     e2e, ttfb, lag = [], [], []
     failures = 0
@@ -84,11 +93,11 @@ async def _load(rate: float, duration_s: float, call) -> Run:
         nonlocal failures
         t0 = time.perf_counter()
         try:
-            t_first = await call()
+            t_first, t_end = await call()
         except Exception:  # noqa: BLE001 - counted
             failures += 1
             return
-        e2e.append(time.perf_counter() - t0)
+        e2e.append(t_end - t0)
         ttfb.append(t_first - t0)
 
     t_start = time.perf_counter()
@@ -101,10 +110,12 @@ async def _load(rate: float, duration_s: float, call) -> Run:
         tasks.append(asyncio.ensure_future(one()))
         t_next += rng.expovariate(rate)
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
-    return Run(e2e, ttfb, failures, lag)
+    run = Run(e2e, ttfb, failures, lag)
+    run.wall = time.perf_counter() - t_start
+    return run
 
 
-async def _stream(session: aiohttp.ClientSession, url: str, body: bytes) -> float:
+async def _stream(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[float, float]:
     async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}")
@@ -112,17 +123,32 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: bytes) -> floa
         async for _ in r.content.iter_any():
             if not t_first:
                 t_first = time.perf_counter()
-        return t_first
+        return t_first, time.perf_counter()
 
 
-async def _two_hops(session: aiohttp.ClientSession, p_url: str, d_url: str, body: dict) -> float:
-    p_body = dict(body, stream=False, max_tokens=1, kv_transfer_params={
-        "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None, "remote_block_ids": None,
-        "remote_host": None, "remote_port": None})
-    p_body.pop("stream_options", None)
-    async with session.post(p_url, json=p_body) as r:
+async def _two_hops(session: aiohttp.ClientSession, p_url: str, d_url: str, body: dict) -> tuple[float, float]:
+    async with session.post(p_url, data=dumps(prefill_hop_body(body)),
+                            headers={"Content-Type": "application/json"}) as r:
         kvp = (await r.json())["kv_transfer_params"]
     return await _stream(session, d_url, json.dumps(dict(body, kv_transfer_params=kvp)).encode())
+
+
+async def _lean_stream(client: LeanClient, addr: tuple[str, int], data: bytes) -> tuple[float, float]:
+    r = await client.request(addr, data)
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}")
+    return r.first_at, r.end_at
+
+
+async def _lean_two_hops(client: LeanClient, p_addr: tuple[str, int], d_addr: tuple[str, int], p_data: bytes,
+                         raw: bytes) -> tuple[float, float]:
+    """vLLM's two hops done by the client: the prefill hop, then the body plus P's params to D."""
+    r = await client.request(p_addr, p_data, keep_body=True)
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status} on the prefill hop")
+    kvp = json.loads(r.body)["kv_transfer_params"]
+    body = with_kv_params(raw, kvp)
+    return await _lean_stream(client, d_addr, request_bytes(*d_addr, "/v1/completions", body))
 
 
 def _pct(x: np.ndarray) -> tuple[float, float]:
@@ -176,61 +202,101 @@ def _paths(a: argparse.Namespace, ports: dict[str, int]) -> dict[str, str]:
     return url
 
 
-async def _warm(s: aiohttp.ClientSession, calls: dict[str, Any], n: int) -> None:
+async def _warm(calls: dict[str, Any], n: int) -> None:
     for _ in range(n):  # warm connections and code paths
         for call in calls.values():
-            await call(s)
+            await call()
 
 
-async def _timed(rate: float, a: argparse.Namespace, call, pid: int | None) -> Run:
-    """One run, with the CPU time of the proxy process ``pid`` (if any) and of this client around it."""
+async def _timed(rate: float, a: argparse.Namespace, call, pid: int | None, upstream_pids: list[int]) -> Run:
+    """One run, with the CPU time of the proxy process ``pid`` (if any), of the upstreams and of this client."""
     p0, c0 = cpu_seconds(pid) if pid else float("nan"), cpu_seconds(None)
+    u0 = sum(cpu_seconds(u) for u in upstream_pids)
     run = await _load(rate, a.duration, call)
     run.cpu_proxy = cpu_seconds(pid) - p0 if pid else float("nan")
     run.cpu_client = cpu_seconds(None) - c0
+    run.cpu_upstream = sum(cpu_seconds(u) for u in upstream_pids) - u0
     return run
 
 
-async def _run_rate(a: argparse.Namespace, rate: float, url: dict[str, str], proxies: dict[str, str],
-                    pids: dict[str, int]) -> dict[str, list[Run]]:
-    """Alternating runs at ``rate`` of every path; returns {path: [Run, ...]}."""
+def _calls(a: argparse.Namespace, url: dict[str, str], proxies: dict[str, str], client: Any) -> dict[str, Any]:
+    """path name -> a no-argument coroutine function doing one request on it with ``client`` (a LeanClient or
+    an aiohttp session) that returns its (first byte, end) times."""
     body = {"prompt": list(range(a.prompt_tokens)), "max_tokens": a.max_tokens, "stream": True}
     raw = json.dumps(body).encode()
-    calls = {
-        "direct decode": lambda s: _stream(s, url["decode"], raw),
-        "router deflect path": lambda s: _stream(s, url["router_deflect"], raw),
-    }
+    urls = {"direct decode": url["decode"], "router deflect path": url["router_deflect"]}
     if not a.skip_prefill_path:
-        calls["direct two hops"] = lambda s: _two_hops(s, url["prefill"], url["decode"], body)
-        calls["router two-hop path"] = lambda s: _stream(s, url["router_prefill"], raw)
-        for name, purl in proxies.items():
-            calls[f"proxy {name}"] = (lambda u: lambda s: _stream(s, u, raw))(purl.rstrip("/") + "/v1/completions")
-    runs: dict[str, list] = {k: [] for k in calls}
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as s:
-        await _warm(s, calls, 20)
+        urls["router two-hop path"] = url["router_prefill"]
+        urls |= {f"proxy {name}": purl.rstrip("/") + "/v1/completions" for name, purl in proxies.items()}
+    if isinstance(client, LeanClient):
+        def addr(u: str) -> tuple[str, int]:
+            host, port = u.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+            return host, int(port)
+
+        def lean(u: str) -> Any:
+            target, data = addr(u), request_bytes(*addr(u), "/v1/completions", raw)
+            return lambda: _lean_stream(client, target, data)
+
+        calls = {name: lean(u) for name, u in urls.items()}
+        if not a.skip_prefill_path:
+            p_addr, d_addr = addr(url["prefill"]), addr(url["decode"])
+            p_data = request_bytes(*p_addr, "/v1/completions", dumps(prefill_hop_body(body)))
+            calls["direct two hops"] = lambda: _lean_two_hops(client, p_addr, d_addr, p_data, raw)
+    else:
+        def plain(u: str) -> Any:
+            return lambda: _stream(client, u, raw)
+
+        calls = {name: plain(u) for name, u in urls.items()}
+        if not a.skip_prefill_path:
+            calls["direct two hops"] = lambda: _two_hops(client, url["prefill"], url["decode"], body)
+    order = ["direct decode", "router deflect path", "direct two hops", "router two-hop path"]
+    return {k: calls[k] for k in [*(o for o in order if o in calls), *(k for k in calls if k not in order)]}
+
+
+async def _run_rate(a: argparse.Namespace, rate: float, url: dict[str, str], proxies: dict[str, str],
+                    pids: dict[str, int], upstream_pids: list[int]) -> dict[str, list[Run]]:
+    """Alternating runs at ``rate`` of every path; returns {path: [Run, ...]}."""
+    if a.client == "lean":
+        client: Any = LeanClient()
+        session = None
+    else:
+        session = client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                                 timeout=aiohttp.ClientTimeout(total=60))
+    try:
+        calls = _calls(a, url, proxies, client)
+        runs: dict[str, list] = {k: [] for k in calls}
+        await _warm(calls, 20)
         for _ in range(a.repeats):
             for name, call in calls.items():
-                runs[name].append(await _timed(rate, a, lambda c=call: c(s), pids.get(name)))
+                runs[name].append(await _timed(rate, a, call, pids.get(name), upstream_pids))
+    finally:
+        if session is not None:
+            await session.close()
+        else:
+            client.close()
     return runs
 
 
 def summarize(runs: list[Run]) -> dict[str, Any]:
     """One path's runs merged: n, failures, end-to-end p50/p99 (ms), the load generator's send lag p99 (ms),
-    and CPU ms per answered request of the proxy under test and of the load generator."""
+    CPU ms per answered request of the proxy under test, of the upstreams and of the load generator, and the
+    proxy's utilisation (its CPU seconds over the runs' wall seconds: the share of one core it used)."""
     e2e = np.concatenate([r.e2e for r in runs]) * 1e3
     lag = np.concatenate([r.lag for r in runs]) * 1e3
     n = int(len(e2e))
     p50, p99 = _pct(e2e) if n else (float("nan"),) * 2
     per_req = 1e3 / n if n else float("nan")
+    wall = sum(r.wall for r in runs)
     return {"n": n, "failed": sum(r.failures for r in runs), "p50_ms": p50, "p99_ms": p99,
             "send_lag_p99_ms": float(np.percentile(lag, 99)) if len(lag) else float("nan"),
             "proxy_cpu_ms_per_req": sum(r.cpu_proxy for r in runs) * per_req,
+            "proxy_util": sum(r.cpu_proxy for r in runs) / wall if wall > 0 else float("nan"),
+            "upstream_cpu_ms_per_req": sum(r.cpu_upstream for r in runs) * per_req,
             "client_cpu_ms_per_req": sum(r.cpu_client for r in runs) * per_req}
 
 
 _HEAD = (f"  {'path':<26}{'n':>7}{'failed':>7}{'p50':>10}{'p99':>10}{'added p50':>11}{'added p99':>11}"
-         f"{'proxy cpu':>11}{'client cpu':>11}{'send lag p99':>14}")
+         f"{'proxy cpu':>11}{'proxy util':>11}{'upstr cpu':>11}{'client cpu':>11}{'send lag p99':>14}")
 
 
 def _table(rate: float, runs: dict[str, list[Run]]) -> dict:
@@ -239,7 +305,8 @@ def _table(rate: float, runs: dict[str, list[Run]]) -> dict:
     base = {"router deflect path": "direct decode"}
     base |= {k: "direct two hops" for k in out if k.startswith(("router two-hop", "proxy "))}
     print(f"\n{rate:g} req/s, end to end (send to last byte), ms; added = path minus its direct call; cpu = CPU ms "
-          "per request of the proxy under test and of this load generator; send lag = how late the load generator "
+          "per request of the proxy under test, of both upstreams together and of this load generator; proxy util = "
+          "the proxy's CPU seconds per wall second (1.0 = one core busy); send lag = how late the load generator "
           "sent (a large one means the load generator, not the path, was the limit)")
     print(_HEAD)
     nan = float("nan")
@@ -249,7 +316,8 @@ def _table(rate: float, runs: dict[str, list[Run]]) -> dict:
                     "added_p99_ms": row["p99_ms"] - out[base[name]]["p99_ms"]}
         print(f"  {name:<26}{row['n']:>7}{row['failed']:>7} {row['p50_ms']:>9.3f} {row['p99_ms']:>9.3f}"
               f" {row.get('added_p50_ms', nan):>10.3f} {row.get('added_p99_ms', nan):>10.3f}"
-              f" {row['proxy_cpu_ms_per_req']:>10.3f} {row['client_cpu_ms_per_req']:>10.3f}"
+              f" {row['proxy_cpu_ms_per_req']:>10.3f} {row.get('proxy_util', nan):>10.3f}"
+              f" {row.get('upstream_cpu_ms_per_req', nan):>10.3f} {row['client_cpu_ms_per_req']:>10.3f}"
               f" {row['send_lag_p99_ms']:>13.3f}")
     r = out.get("router two-hop path", {})
     for name, row in list(out.items()):
@@ -258,6 +326,69 @@ def _table(rate: float, runs: dict[str, list[Run]]) -> dict:
             out[f"ratio vs {name}"] = {"p50": ratio[0], "p99": ratio[1]}
             print(f"  router two-hop added / {name} added: p50 {ratio[0]:.2f}x, p99 {ratio[1]:.2f}x")
     return out
+
+
+#: (group, test on a profile entry's file name and function name), first match wins (``--router-profile``).
+_STARTUP_FILES = ("importlib", "/re/_", "typing.py", "/yaml/", "/enum.py", "/attr/", "numpy/", "/abc.py",
+                  "dataclasses.py", "inspect.py")
+_STARTUP_BUILTINS = ("marshal.loads", "builtins.compile", "_imp.", "set_default_verify_paths", "__build_class__",
+                     "io.open_code", "builtins.exec", "builtins.__import__", "'read' of '_io")
+_PROFILE_GROUPS: tuple[tuple[str, Any], ...] = (
+    ("idle (waiting in epoll)", lambda f, n: f == "~" and "poll' of 'select.epoll" in n),
+    ("start-up (imports, compiling)", lambda f, n: any(k in f for k in _STARTUP_FILES) or (
+        f == "~" and any(k in n for k in _STARTUP_BUILTINS))),
+    ("socket send/recv syscalls", lambda f, n: f == "~" and any(k in n for k in ("'send'", "'recv'", "'connect'",
+                                                                                 "'_accept'"))),
+    ("router: prefix estimate", lambda f, n: "/serving/prefix_view" in f),
+    ("router: own code (serving/, policy, view)", lambda f, n: any(k in f for k in ("/serving/", "/policies/",
+                                                                                       "/envs/"))),
+    ("aiohttp server (request parsing, responses)", lambda f, n: "aiohttp/web" in f),
+    ("aiohttp client (upstream requests, streams)", lambda f, n: "aiohttp/" in f),
+    ("asyncio event loop", lambda f, n: "asyncio/" in f or "selectors" in f),
+    ("prometheus_client", lambda f, n: "prometheus_client" in f),
+    ("json", lambda f, n: "/json/" in f or (f == "~" and "json" in n)),
+)
+
+
+def _group(fname: str, name: str) -> str | None:
+    return next((g for g, match in _PROFILE_GROUPS if match(fname, name)), None)
+
+
+def profile_groups(path: Path | str) -> dict[str, float]:
+    """A cProfile file's own time (``tottime``) summed by :data:`_PROFILE_GROUPS`, seconds. A built-in
+    function no group claims (``isinstance``, ``len``, a lock) counts for its callers' groups, each the time
+    spent in it on their calls; what is left is ``other``."""
+    import pstats
+
+    out: dict[str, float] = {}
+    for (fname, _line, name), (_cc, _nc, tt, _ct, callers) in pstats.Stats(str(path)).stats.items():
+        group = _group(fname, name)
+        if group is None and fname == "~" and callers:
+            for (cf, _cl, cn), caller_stats in callers.items():
+                g = _group(cf, cn) or "other"
+                out[g] = out.get(g, 0.0) + caller_stats[2]
+            continue
+        out[group or "other"] = out.get(group or "other", 0.0) + tt
+    return out
+
+
+def _print_profiles(directory: Path, results: dict) -> None:
+    """Where each profiled router's busy time went, as shares of its busy time (idle and start-up left out);
+    with the run's CPU ms per request from ``/proc``, each share in ms per request."""
+    for policy, path_name in (("always_deflect", "router deflect path"), ("round_robin", "router two-hop path")):
+        f = directory / f"router-{policy}.prof"
+        if not f.exists():
+            continue
+        groups = profile_groups(f)
+        busy = {k: v for k, v in groups.items() if not k.startswith(("idle", "start-up"))}
+        total = sum(busy.values())
+        rows = [r for rate in results["rates"].values() for k, r in rate.items() if k == path_name]
+        cpu = float(np.mean([r["proxy_cpu_ms_per_req"] for r in rows])) if rows else float("nan")
+        print(f"\nrouter {policy} under cProfile ({f}): share of its busy time, and that share of the "
+              f"{cpu:.3f} CPU ms per request measured under the profiler")
+        for k, v in sorted(busy.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:<46}{100 * v / total:6.1f} %{cpu * v / total:9.3f} ms")
+        results[f"profile_{policy}"] = {k: v / total for k, v in busy.items()}
 
 
 def _proxy_arg(text: str) -> tuple[str, str]:
@@ -307,8 +438,17 @@ def _parser() -> argparse.ArgumentParser:
                     help="the routers' --event-loop (the router's default is asyncio; auto: uvloop when installed)")
     ap.add_argument("--client-loop", choices=["asyncio", "uvloop", "auto"], default="auto",
                     help="this load generator's event loop (auto: uvloop when installed)")
+    ap.add_argument("--upstream", choices=["lean", "emulator"], default="lean",
+                    help="upstreams: lean stand-ins that answer at once (scripts/lean_http.py; light enough for "
+                         "hundreds of req/s) or the engine emulators (deflectlab emulate, at --time-scale)")
+    ap.add_argument("--token-gap-ms", type=float, default=0.0,
+                    help="lean decode stand-in: wall ms between streamed events (0: the next loop turn)")
+    ap.add_argument("--client", choices=["lean", "aiohttp"], default="lean",
+                    help="load generator: raw asyncio keep-alive connections (scripts/lean_http.py) or aiohttp")
+    ap.add_argument("--router-profile", type=Path, default=None,
+                    help="run the routers under cProfile and write DIR/router-<policy>.prof when they stop")
     ap.add_argument("--skip-prefill-path", action="store_true")
-    ap.add_argument("--decisions", type=int, default=20000, help="decisions timed per policy in process")
+    ap.add_argument("--decisions", type=int, default=20000, help="decisions timed per policy in process (0: skip)")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     return ap
 
@@ -361,56 +501,104 @@ def _up(url: str, proc: Any, log_dir: Path) -> None:
         raise SystemExit(f"{e}\n{logs}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+def _start(a: argparse.Namespace, procs: Processes, ports: dict[str, int], log_dir: Path) -> tuple[Any, Any, list]:
+    """Start the two upstreams (lean stand-ins or emulators) and the two routers; (deflect router, two-hop
+    router, upstream processes) once all answer."""
+    if a.upstream == "lean":
+        gap = ["--token-gap-ms", str(a.token_gap_ms)]
+        up = [procs.start(["--role", role, "--port", str(ports[role]), *gap], f"lean-{role}",
+                          module="deflectlab.scripts.lean_http") for role in ("prefill", "decode")]
+    else:
+        up = [procs.emulator(ports[role], role, a.time_scale) for role in ("prefill", "decode")]
+    for role, proc in zip(("prefill", "decode"), up):
+        _up(f"http://127.0.0.1:{ports[role]}/health", proc, log_dir)
+    common = ["--time-scale", str(a.time_scale), "--event-loop", a.router_loop]
+    if a.router_profile is not None:
+        a.router_profile.mkdir(parents=True, exist_ok=True)
+
+    def prof(pol: str) -> tuple[str, ...]:
+        return () if a.router_profile is None else (
+            "-m", "cProfile", "-o", str(a.router_profile.resolve() / f"router-{pol}.prof"))
+
+    r1 = procs.router(ports["router_deflect"], [ports["prefill"]], [ports["decode"]], "always_deflect", *common,
+                      python_args=prof("always_deflect"))
+    r2 = procs.router(ports["router_prefill"], [ports["prefill"]], [ports["decode"]], "round_robin", *common,
+                      python_args=prof("round_robin"))
+    _up(f"http://127.0.0.1:{ports['router_deflect']}/healthcheck", r1, log_dir)
+    _up(f"http://127.0.0.1:{ports['router_prefill']}/healthcheck", r2, log_dir)
+    return r1, r2, up
+
+
+def _live_stats(ports: dict[str, int], results: dict) -> None:
+    for name, port in (("always_deflect", ports["router_deflect"]), ("round_robin", ports["router_prefill"])):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:
+            st = json.load(r)
+        results[f"router_stats_{name}"] = st
+        dec, ov = st["decision_us"], st["overhead_us"]
+        print(f"\nlive router ({name}): decision p50 {dec.get('p50', float('nan')):.1f} us, p99 "
+              f"{dec.get('p99', float('nan')):.1f} us; body read to upstream send p50 "
+              f"{ov.get('p50', float('nan')):.1f} us, p99 {ov.get('p99', float('nan')):.1f} us; "
+              f"outcomes {st['requests']}, in flight {st['requests_in_flight']}")
+
+
+def _check(a: argparse.Namespace) -> None:
     if a.duration <= 0 or a.repeats < 1 or any(r <= 0 for r in a.rates):
         raise SystemExit("--duration and --rates must be > 0 and --repeats >= 1")
+    if a.token_gap_ms < 0:
+        raise SystemExit("--token-gap-ms must be >= 0")
     names = [n for n, _ in a.proxy] + [n for n, _ in a.proxy_cmd]
     if len(set(names)) != len(names):
         raise SystemExit(f"--proxy and --proxy-cmd names must differ, got {names}")
     unknown = {n for n, _ in a.proxy_pid} - {n for n, _ in a.proxy}
     if unknown:
         raise SystemExit(f"--proxy-pid names no --proxy: {', '.join(sorted(unknown))}")
-    results: dict = {"args": vars(a) | {"json": str(a.json)}, "rates": {}}
+
+
+def _loadavg() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def _machine() -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return f"{cores} cores (load average {load}), shared by the routers, the upstreams and this load generator"
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    _check(a)
+    results: dict = {"args": vars(a) | {"json": str(a.json), "router_profile": str(a.router_profile)}, "rates": {}}
     free = iter(free_ports(4))
     ports = {"prefill": a.prefill_port or next(free), "decode": a.decode_port or next(free),
              "router_deflect": next(free), "router_prefill": next(free)}
     log_dir = Path(tempfile.mkdtemp(prefix="bench_router-"))  # files, not pipes nobody reads (a full pipe stalls)
     with Processes(log_dir) as procs:
-        p = procs.emulator(ports["prefill"], "prefill", a.time_scale)
-        d = procs.emulator(ports["decode"], "decode", a.time_scale)
-        _up(f"http://127.0.0.1:{ports['prefill']}/health", p, log_dir)
-        _up(f"http://127.0.0.1:{ports['decode']}/health", d, log_dir)
-        common = ["--time-scale", str(a.time_scale), "--event-loop", a.router_loop]
-        r1 = procs.router(ports["router_deflect"], [ports["prefill"]], [ports["decode"]], "always_deflect", *common)
-        r2 = procs.router(ports["router_prefill"], [ports["prefill"]], [ports["decode"]], "round_robin", *common)
-        _up(f"http://127.0.0.1:{ports['router_deflect']}/healthcheck", r1, log_dir)
-        _up(f"http://127.0.0.1:{ports['router_prefill']}/healthcheck", r2, log_dir)
+        r1, r2, up = _start(a, procs, ports, log_dir)
         url = _paths(a, ports)
         proxies, pids = dict(a.proxy), {f"proxy {n}": pid for n, pid in a.proxy_pid}
         for name, cmd in a.proxy_cmd:
             proxies[name], pids[f"proxy {name}"] = _start_proxy(procs, name, cmd, ports, log_dir)
-        print(f"{a.prompt_tokens}-token prompts, {a.max_tokens} streamed tokens, emulators at time scale "
-              f"{a.time_scale:g} (prefill :{ports['prefill']}, decode :{ports['decode']}), {a.repeats} alternating "
-              f"runs of {a.duration:g} s per path and rate; routers' event loop {a.router_loop}, load generator's "
-              f"{_client_loop(a.client_loop)}; process logs in {log_dir}", flush=True)
+        upstream = ("lean stand-ins (scripts/lean_http.py, token gap "
+                    f"{a.token_gap_ms:g} ms)" if a.upstream == "lean" else f"emulators at time scale {a.time_scale:g}")
+        print(f"{a.prompt_tokens}-token prompts, {a.max_tokens} streamed tokens, upstreams: {upstream} (prefill "
+              f":{ports['prefill']}, decode :{ports['decode']}), {a.repeats} alternating runs of {a.duration:g} s "
+              f"per path and rate; routers' event loop {a.router_loop}; load generator: {a.client} client on "
+              f"{_client_loop(a.client_loop)}; {_machine()}; process logs in {log_dir}", flush=True)
         if not proxies:
             print("no --proxy given: the router is timed against direct calls only; to compare with vLLM's toy "
                   "proxy, start it in front of --prefill-port/--decode-port and pass --proxy toy=URL")
         for rate in a.rates:
             pids |= {"router deflect path": r1.pid, "router two-hop path": r2.pid}
-            runs = asyncio.run(_run_rate(a, rate, url, proxies, pids))
+            load0 = _loadavg()
+            runs = asyncio.run(_run_rate(a, rate, url, proxies, pids, [u.pid for u in up]))
             results["rates"][f"{rate:g}"] = _table(rate, runs)
-        for name, port in (("always_deflect", ports["router_deflect"]), ("round_robin", ports["router_prefill"])):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:
-                st = json.load(r)
-            results[f"router_stats_{name}"] = st
-            dec, ov = st["decision_us"], st["overhead_us"]
-            print(f"\nlive router ({name}): decision p50 {dec.get('p50', float('nan')):.1f} us, p99 "
-                  f"{dec.get('p99', float('nan')):.1f} us; body read to upstream send p50 "
-                  f"{ov.get('p50', float('nan')):.1f} us, p99 {ov.get('p99', float('nan')):.1f} us; "
-                  f"outcomes {st['requests']}, in flight {st['requests_in_flight']}")
-    results["decisions"] = bench_decisions(a.decisions)
+            results.setdefault("load_average", {})[f"{rate:g}"] = {"before": load0, "after": _loadavg()}
+            print(f"  machine load average (1 min) before and after this rate's runs: {load0:.2f}, {_loadavg():.2f}")
+        _live_stats(ports, results)
+    if a.router_profile is not None:  # the routers wrote their profiles when they stopped
+        _print_profiles(a.router_profile, results)
+    if a.decisions > 0:
+        results["decisions"] = bench_decisions(a.decisions)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2, default=float))
     return 0

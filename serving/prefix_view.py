@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 #: and Llama families runs at about 4 characters a token; an assumption, not measured here).
 BYTES_PER_TOKEN = 4
 _ROOT = b"deflectlab-prefix"
+_INT_ONLY = {int}
+_ITEM = array("q").itemsize  # 8 bytes per token id
 
 
 def _chain(blocks: list[bytes]) -> list[int]:
@@ -48,7 +50,9 @@ def _chain(blocks: list[bytes]) -> list[int]:
 def token_block_hashes(token_ids: list[int], block_tokens: int) -> list[int]:
     """Chained hashes of the full ``block_tokens``-token blocks of ``token_ids`` (a partial last block: none)."""
     n = len(token_ids) // block_tokens
-    return _chain([array("q", token_ids[i * block_tokens:(i + 1) * block_tokens]).tobytes() for i in range(n)])
+    data = array("q", token_ids[:n * block_tokens]).tobytes()  # one conversion, then byte slices of each block
+    size = block_tokens * _ITEM
+    return _chain([data[i * size:(i + 1) * size] for i in range(n)])
 
 
 def byte_block_hashes(text: bytes, block_tokens: int) -> list[int]:
@@ -63,7 +67,7 @@ def request_block_hashes(body: dict[str, Any], block_tokens: int) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
         prompt = prompt[0]  # a batch of token-id prompts: the router routes the first's prefix
-    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if isinstance(prompt, list) and (not prompt or set(map(type, prompt)) == _INT_ONLY):  # ints, no bools (in C)
         return token_block_hashes(prompt, block_tokens)
     if isinstance(prompt, str):
         return byte_block_hashes(prompt.encode(), block_tokens)

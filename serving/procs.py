@@ -57,14 +57,17 @@ class Processes:
         self.procs: list[subprocess.Popen] = []
         self.log_dir = log_dir
 
-    def start(self, args: list[str], name: str) -> subprocess.Popen:
+    def start(self, args: list[str], name: str, python_args: tuple[str, ...] = (),
+              module: str = "deflectlab.scripts.cli") -> subprocess.Popen:
+        """Start ``python -m MODULE ARGS`` (by default ``deflectlab ARGS``); ``python_args`` go to the interpreter
+        first (e.g. ``-m cProfile -o FILE``)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         else:
             out = subprocess.PIPE  # type: ignore[assignment]
-        p = subprocess.Popen([sys.executable, "-m", "deflectlab.scripts.cli", *args], cwd=REPO, env=env, stdout=out,
+        p = subprocess.Popen([sys.executable, *python_args, "-m", module, *args], cwd=REPO, env=env, stdout=out,
                              stderr=subprocess.STDOUT)
         self.procs.append(p)
         return p
@@ -74,11 +77,11 @@ class Processes:
         return self.start(["emulate", "--role", role, "--port", str(port), "--time-scale", str(time_scale),
                            *extra], name or f"emulator-{role}-{port}")
 
-    def router(self, port: int, prefill_ports: list[int], decode_ports: list[int], policy: str, *extra: str
-               ) -> subprocess.Popen:
+    def router(self, port: int, prefill_ports: list[int], decode_ports: list[int], policy: str, *extra: str,
+               python_args: tuple[str, ...] = ()) -> subprocess.Popen:
         return self.start(["route", "--port", str(port), "--prefiller-ports", *map(str, prefill_ports),
                            "--decoder-ports", *map(str, decode_ports), "--policy", policy, *extra],
-                          f"router-{port}")
+                          f"router-{port}", python_args)
 
     @staticmethod
     def kill(p: subprocess.Popen) -> None:

@@ -354,7 +354,6 @@ class Router:
         return await self._handle(request, chat=True)
 
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        self.m.inflight.inc()
         self.m.in_flight_now += 1
         call = Call(request)
         try:
@@ -371,7 +370,6 @@ class Router:
             return self._error(call, "router_error", f"router error: {type(e).__name__}: {e}", 500,
                                "InternalServerError")
         finally:
-            self.m.inflight.dec()
             self.m.in_flight_now -= 1
 
     async def _read(self, call: Call, chat: bool) -> web.Response | None:
@@ -663,6 +661,8 @@ class Router:
             st.events += k
             d.decoding_ctx += k
             tail = chunk_b[-_TAIL:] if len(chunk_b) >= _TAIL else (tail + chunk_b)[-_TAIL:]
+            if content.at_eof():  # D's stream already ended: its last bytes go out with the end of ours
+                return await self._stream_end(call, d, out, tail, chunk_b)
             try:
                 await out.write(chunk_b)
             except ConnectionResetError:
@@ -670,20 +670,25 @@ class Router:
                 return out
         return await self._stream_end(call, d, out, tail)
 
-    async def _stream_end(self, call: Call, d: Instance, out: web.StreamResponse, tail: bytes
+    async def _stream_end(self, call: Call, d: Instance, out: web.StreamResponse, tail: bytes, last: bytes = b""
                           ) -> web.StreamResponse:
+        """D's stream ended (its ``tail``); ``last``: its final bytes, not yet relayed, sent with our end in one
+        write (one send and one client wake-up fewer than two writes)."""
         if tail.endswith(_DONE_TAIL):
-            self._end(call, "ok")
+            outcome, extra = "ok", b""
         elif b'data: {"error"' in tail:  # the decode instance's own error event, passed on as it is
-            self._end(call, "upstream_error")
+            outcome, extra = "upstream_error", b""
         else:
-            self._end(call, "upstream_error")
-            await self._write_quietly(out, stream_error_event(f"decode instance {d.label} ended its stream on the "
-                                                              "decode hop without [DONE]"))
+            outcome, extra = "upstream_error", stream_error_event(f"decode instance {d.label} ended its stream on "
+                                                                  "the decode hop without [DONE]")
         try:
-            await out.write_eof()
+            await out.write_eof(last + extra if extra else last)
         except ConnectionResetError:
-            pass  # every byte was written; the client closed first (after [DONE])
+            if last:  # the client left before D's last bytes reached it
+                self._end(call, "client_disconnected")
+                return out
+            # else every byte of D's was written; the client closed first (after [DONE])
+        self._end(call, outcome)
         return out
 
     async def _stream_broke(self, call: Call, d: Instance, out: web.StreamResponse, st: _StreamState,
@@ -779,9 +784,12 @@ class Router:
         return web.json_response(self.stats())
 
     async def _on_startup(self, app: web.Application) -> None:
+        # DummyCookieJar: a proxy keeps no cookies (one client's would reach another's requests), and skips the
+        # jar's filtering on every upstream request
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s))
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
+            cookie_jar=aiohttp.DummyCookieJar())
         self._t0 = time.monotonic()
         self.live.start(self.session)
 

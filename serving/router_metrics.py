@@ -97,6 +97,7 @@ class RouterMetrics:
         self.stale = Gauge("deflectlab_router_instance_metrics_stale", "1 while an instance's scraped metrics are "
                            "stale.", ["role", "instance"], registry=reg)
         self.inflight = Gauge("deflectlab_router_requests_in_flight", "Client requests being served.", registry=reg)
+        self.inflight.set_function(lambda: self.in_flight_now)  # read at scrape time: no locked update per request
         self.hop = Histogram("deflectlab_router_hop_seconds", "Upstream hop latency, wall seconds: prefill "
                              "(whole answer), decode_first_byte, decode_total.", ["hop", "instance"],
                              buckets=HOP_BUCKETS, registry=reg)

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from deflectlab.serving.protocol import with_kv_params
-from deflectlab.serving.router import Call, Router, pick_event_loop
+from deflectlab.serving.router import Call, Router, _StreamOut, pick_event_loop
 from deflectlab.serving.router_config import RouterConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +101,59 @@ async def test_a_streams_headers_arrive_with_its_first_chunk(aiohttp_server):
     assert first.startswith(b"HTTP/1.1 200") and b"data: " in first
 
 
+SSE = [b'data: {"choices":[{"index":0,"text":" a"}]}\n\n', b'data: {"choices":[{"index":0,"text":" b"}]}\n\n']
+
+
+@pytest.mark.parametrize("done", [True, False])
+async def test_a_stream_that_arrived_whole_leaves_in_one_write_with_its_end(aiohttp_server, aiohttp_client,
+                                                                            monkeypatch, done):
+    """D's whole answer (and its end) came in one read: the router relays it with the end of its own answer in
+    one write_eof, no separate write; a stream without [DONE] gets the router's error event in that write."""
+    d_bytes = b"".join(SSE) + (b"data: [DONE]\n\n" if done else b"")
+
+    async def whole(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=d_bytes, headers={"Content-Type": "text/event-stream"})
+
+    d = web.Application()
+    d.router.add_post("/v1/completions", whole)
+    d.router.add_get("/health", _ok)
+    ds = await aiohttp_server(d)
+    router = Router(RouterConfig([], [("127.0.0.1", ds.port)], "round_robin"))  # no prefill: deflected
+    calls: list[tuple[str, bytes]] = []
+    write, write_eof = _StreamOut.write, _StreamOut.write_eof
+
+    async def spy_write(self, data):
+        calls.append(("write", bytes(data)))
+        return await write(self, data)
+
+    async def spy_eof(self, data=b""):
+        calls.append(("write_eof", bytes(data)))
+        return await write_eof(self, data)
+
+    monkeypatch.setattr(_StreamOut, "write", spy_write)
+    monkeypatch.setattr(_StreamOut, "write_eof", spy_eof)
+    client = await aiohttp_client(router.app())
+    r = await client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2, "stream": True})
+    got = await r.read()
+    # one write_eof with every byte, no write; later calls are aiohttp's own closing write_eof(), a no-op by then
+    assert r.status == 200 and calls[0] == ("write_eof", got) and set(calls[1:]) <= {("write_eof", b"")}
+    if done:
+        assert got == d_bytes and router.outcomes["ok"] == 1
+    else:
+        assert got.startswith(d_bytes) and router.outcomes["upstream_error"] == 1
+        err = json.loads(got[len(d_bytes):].strip()[len(b"data: "):])["error"]
+        assert "ended its stream on the decode hop without [DONE]" in err["message"]
+
+
+async def test_in_flight_gauge_reads_the_router_count(aiohttp_client):
+    router = Router(RouterConfig([], [("127.0.0.1", 2)], "round_robin"))
+    client = await aiohttp_client(router.app())
+    router.m.in_flight_now = 3  # as if three requests were being served
+    page = await (await client.get("/metrics")).text()
+    assert "deflectlab_router_requests_in_flight 3.0" in page.splitlines()
+
+
 def test_pick_event_loop():
     try:
         assert pick_event_loop("asyncio") == "asyncio"
@@ -123,7 +176,7 @@ def test_bench_summary_and_table_by_hand():
 
     def run(e2e_ms, cpu_proxy, cpu_client, lag_ms=(0.0,), failures=0):
         r = b.Run([x / 1e3 for x in e2e_ms], [0.0] * len(e2e_ms), failures, [x / 1e3 for x in lag_ms])
-        r.cpu_proxy, r.cpu_client = cpu_proxy, cpu_client
+        r.cpu_proxy, r.cpu_client, r.cpu_upstream, r.wall = cpu_proxy, cpu_client, 0.003, 0.5
         return r
 
     runs = {
@@ -139,6 +192,8 @@ def test_bench_summary_and_table_by_hand():
     assert two_hop["added_p50_ms"] == pytest.approx(1.0) and two_hop["added_p99_ms"] == pytest.approx(1.0)
     assert two_hop["proxy_cpu_ms_per_req"] == pytest.approx(1.0)  # 4 ms of CPU over 4 answers
     assert two_hop["client_cpu_ms_per_req"] == pytest.approx(0.5)
+    assert two_hop["upstream_cpu_ms_per_req"] == pytest.approx(1.5)  # 6 ms of upstream CPU over 4 answers
+    assert two_hop["proxy_util"] == pytest.approx(0.004)  # 4 ms of CPU in 1 s of wall time
     toy = out["proxy toy"]  # p50 6.5 - 2.5 = 4.0 added; CPU 20 ms over 4 answers
     assert toy["added_p50_ms"] == pytest.approx(4.0) and toy["proxy_cpu_ms_per_req"] == pytest.approx(5.0)
     assert toy["send_lag_p99_ms"] == pytest.approx(1.0 + 0.99 * 2.0)
@@ -184,3 +239,23 @@ def test_bench_starts_a_proxy_command_and_reports_one_that_dies(tmp_path):
             b._start_proxy(procs, "bad", f"{sys.executable} -c \"import sys; print('ports', *sys.argv[1:]); "
                                          f"sys.exit(3)\" {{prefill_port}} {{decode_port}} {{port}}", ports, tmp_path)
     assert web.poll() is not None  # stopped with the emulators and routers
+
+
+def test_bench_profile_groups_keep_every_second_and_charge_builtins_to_callers(tmp_path):
+    import cProfile
+    import pstats
+
+    from deflectlab.serving.prefix_view import request_block_hashes
+
+    body = {"prompt": list(range(256))}
+    prof = cProfile.Profile()
+    prof.runcall(lambda: [request_block_hashes(body, 16) for _ in range(200)] + [json.dumps(body)])
+    prof.dump_stats(tmp_path / "p.prof")
+    groups = _bench().profile_groups(tmp_path / "p.prof")
+    stats = pstats.Stats(str(tmp_path / "p.prof")).stats
+    assert sum(groups.values()) == pytest.approx(sum(v[2] for v in stats.values()), rel=1e-6)  # nothing lost
+    # the hashing's built-ins (blake2b, array, int.from_bytes, ...) are the prefix estimate's: its group holds
+    # all of their time, which is nearly all of the profile
+    blake = sum(v[2] for (f, _, n), v in stats.items() if f == "~" and "blake2b" in n)
+    assert blake > 0 and groups["router: prefix estimate"] >= blake
+    assert groups["router: prefix estimate"] > 0.8 * sum(groups.values())
