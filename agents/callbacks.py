@@ -60,7 +60,8 @@ class PeriodicEval(BaseCallback):
         t0 = time.perf_counter()
         net = make_policy_net(self.cfg)  # a snapshot of the current weights, apart from the training copy
         net.load_state_dict(self.model.policy.state_dict())
-        rep = evaluate({"learned": NetPolicy(net)}, self.cfg.eval_env_kwargs(), self.cfg.eval_seeds()).to_json()
+        rep = evaluate({"learned": NetPolicy(net, actions=self.cfg.env.actions)}, self.cfg.eval_env_kwargs(),
+                       self.cfg.eval_seeds()).to_json()
         r = rep["policies"]["learned"]
         slo = r["pooled"]["slo_attainment"]
         if slo > self.best:

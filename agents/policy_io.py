@@ -36,10 +36,12 @@ MASKED_LOGIT = -1e9
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
-def spaces_for(cluster: ClusterConfig) -> tuple[spaces.Box, spaces.Discrete]:
-    """Observation and action spaces of a cluster shape (as the environment builds them)."""
+def spaces_for(cluster: ClusterConfig, actions: str = "nodes") -> tuple[spaces.Box, spaces.Discrete]:
+    """Observation and action spaces of a cluster shape (as the environment builds them; ``actions`` is the
+    environment's action space, ``envs.actions``)."""
     lo, hi = FEATURE_SCHEMA.bounds(cluster.num_prefill, cluster.num_decode)
-    return spaces.Box(lo, hi, dtype=np.float32), spaces.Discrete(cluster.num_prefill + cluster.num_decode)
+    n = 2 if actions == "two_way" else cluster.num_prefill + cluster.num_decode
+    return spaces.Box(lo, hi, dtype=np.float32), spaces.Discrete(n)
 
 
 def cluster_of(cfg: TrainConfig) -> ClusterConfig:
@@ -52,7 +54,7 @@ def policy_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 def make_policy_net(cfg: TrainConfig) -> BasePolicy:
     """An untrained policy network of the shape ``cfg`` trains (CPU, eval mode)."""
-    obs_space, act_space = spaces_for(cluster_of(cfg))
+    obs_space, act_space = spaces_for(cluster_of(cfg), cfg.env.actions)
     kw = policy_kwargs(cfg)
     if cfg.algo == "dqn":
         from stable_baselines3.dqn.policies import DQNPolicy

@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
         if not eq:
             name, rest = ("learned" if len(args.model) == 1 else f"learned{i}"), m
         path, _, which = rest.partition("@")
-        net, _, _ = load_policy_net(path, which or args.which)
-        learned[name] = NetPolicy(net, name=name)
+        net, run_cfg, _ = load_policy_net(path, which or args.which)
+        learned[name] = NetPolicy(net, name=name, actions=run_cfg.env.actions)
         first_run = first_run or find_run(path, which or args.which)[0]
     cfg_src = args.config or str(first_run / "config.yaml")
     ov = list(args.overrides or [])
