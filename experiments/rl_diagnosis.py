@@ -156,7 +156,10 @@ def diagnosis_markdown(d: dict[str, Any]) -> str:
             rs = [r for r in rows if r["policy"] == pol and r["load"] == load]
             if not rs:
                 continue
-            m = lambda k, i=None: np.mean([r[k] if i is None else r[k][i] for r in rs])  # noqa: E731
+
+            def m(k: str, i: int | None = None, rs: list = rs) -> float:
+                return float(np.mean([r[k] if i is None else r[k][i] for r in rs]))
+
             body.append([pol, f"{load:g}x", f"{m('slo_attainment'):.3f}", f"{m('decisions'):.0f}",
                          f"{m('burst_decisions', 0):.0f} / {m('burst_decisions', 1):.0f}",
                          f"{m('delay_first_token', 0):.0f} / {m('delay_first_token', 1):.0f}",
