@@ -198,10 +198,37 @@ def report_markdown(groups: dict[str, dict[str, Any]], table_rows: list[dict[str
     return "\n".join(lines)
 
 
+def log_wandb(res: dict[str, Any], out: Path, wandb_dir: Path, mode: str = "offline") -> str | None:
+    """The final evaluation (a table of the paired rows, pooled SLO attainment per policy and load) and the curves
+    image as one W&B run (offline unless ``mode`` says otherwise); returns the run's directory."""
+    if mode == "disabled":
+        return None
+    import os
+
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_CONSOLE", "off")
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    import wandb
+
+    run = wandb.init(project="deflectlab", group="rl-report", name="rl-report", dir=str(wandb_dir), mode=mode,
+                     config={"command": res["command"], "episodes": res["final_eval"]["episodes"],
+                             "loads": res["final_eval"]["loads"]}, reinit="finish_previous")
+    cols = ["load", "policy", "slo_attainment", "ttft_p95_s", "deflected", "diff_vs_best", "ci95", "better", "worse"]
+    run.log({"final/paired": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in res["paired"]]),
+             "final/curves": wandb.Image(str(out / "curves.png")),
+             **{f"final/{r['policy']}/{r['load']:g}x/slo_attainment": r["slo_attainment"] for r in res["paired"]}})
+    d = str(run.dir)
+    run.finish()
+    return d
+
+
 def write_report(run_dirs: list[str | Path], out: Path, learned: dict[str, str], command: str,
                  episodes: int = 20, loads: tuple[float, ...] = (1.0, 2.0, 3.0), window_s: float = 300.0,
-                 diagnosis: bool = True, which: str = "final") -> dict[str, Any]:
-    """Curves, final evaluation and report into ``out`` (``report.md``, ``curves.png``, ``results.json``)."""
+                 diagnosis: bool = True, which: str = "final", wandb_dir: Path | None = None,
+                 wandb_mode: str = "offline") -> dict[str, Any]:
+    """Curves, final evaluation and report into ``out`` (``report.md``, ``curves.png``, ``results.json``), and
+    the final evaluation to W&B under ``wandb_dir`` (default ``out/wandb``; offline by default)."""
     out.mkdir(parents=True, exist_ok=True)
     runs = [read_run(d) for d in run_dirs]
     groups = group_curves(runs)
@@ -218,4 +245,5 @@ def write_report(run_dirs: list[str | Path], out: Path, learned: dict[str, str],
            "diagnosis": diag}
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
     (out / "report.md").write_text(report_markdown(groups, rows, ev, diag_md, command))
+    res["wandb_run_dir"] = log_wandb(res, out, wandb_dir or out / "wandb", wandb_mode)
     return res

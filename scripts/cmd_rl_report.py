@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p.add_argument("--episodes", type=int, default=20, help="held-out episodes per load (>= 2)")
     p.add_argument("--loads", type=float, nargs="+", default=[1.0, 2.0, 3.0], help="x the recorded rate")
     p.add_argument("--window", type=float, default=300.0, help="episode window, trace seconds")
+    p.add_argument("--wandb-dir", type=Path, default=None,
+                   help="where the report's W&B run goes (default OUT/wandb)")
+    p.add_argument("--wandb-mode", default="offline", choices=("offline", "online", "disabled"),
+                   help="W&B mode of the report's run (offline by default: no network)")
     p.add_argument("--no-diagnosis", action="store_true", help="skip the no-training diagnosis")
     p.set_defaults(func=run)
 
@@ -51,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     command = "deflectlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res = write_report(args.runs, args.out, learned, command, episodes=args.episodes, loads=tuple(args.loads),
-                       window_s=args.window, diagnosis=not args.no_diagnosis, which=args.which)
+                       window_s=args.window, diagnosis=not args.no_diagnosis, which=args.which,
+                       wandb_dir=args.wandb_dir, wandb_mode=args.wandb_mode)
     for r in res["paired"]:
         print(f"{r['load']:g}x {r['policy']}: SLO attainment {r['slo_attainment']:.3f}, vs best "
               f"{100 * r['diff_vs_best']:+.2f} ± {100 * r['ci95']:.2f} points")
