@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser("rl-report", help=help_text, description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, help="training run directories (curves)")
+    p.add_argument("--ablation", nargs="*", default=[], help="single runs listed one per row (what each changed)")
     p.add_argument("--learned", action="append", default=[], metavar="LABEL=RUN_DIR",
                    help="a run whose network the final evaluation includes; repeatable")
     p.add_argument("--which", default="final", choices=("final", "best"),
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     command = "deflectlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res = write_report(args.runs, args.out, learned, command, episodes=args.episodes, loads=tuple(args.loads),
                        window_s=args.window, diagnosis=not args.no_diagnosis, which=args.which,
-                       wandb_dir=args.wandb_dir, wandb_mode=args.wandb_mode)
+                       wandb_dir=args.wandb_dir, wandb_mode=args.wandb_mode,
+                       ablation_dirs=args.ablation)
     for r in res["paired"]:
         print(f"{r['load']:g}x {r['policy']}: SLO attainment {r['slo_attainment']:.3f}, vs best "
               f"{100 * r['diff_vs_best']:+.2f} ± {100 * r['ci95']:.2f} points")
