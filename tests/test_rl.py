@@ -140,7 +140,7 @@ def _fake_run(root, name, seed, curve, base, final):
 
 
 def test_rl_report_groups_curves_over_seeds(tmp_path):
-    from deflectlab.experiments.rl_report import group_curves, plot_curves, read_run
+    from deflectlab.experiments.rl_report import ablation_markdown, group_curves, plot_curves, read_run
 
     base = {"round_robin": 0.3, "threshold": 0.9}
     dirs = [_fake_run(tmp_path, "a", 0, [(0, 0.2), (10, 0.5), (20, 0.8)], base, 0.8),
@@ -154,6 +154,8 @@ def test_rl_report_groups_curves_over_seeds(tmp_path):
     assert g["a"]["final"] == [0.8, 0.9] and g["a"]["wall_s"] == [10.0, 11.0]
     assert g["b"]["baselines"] == base
     assert plot_curves(runs, g, tmp_path / "c.png").stat().st_size > 1000
+    md = "\n".join(ablation_markdown(runs))
+    assert "| a | per_request | two_way | 0.9 |" in md and "| 0.800 | 0.800 |" in md and "| 0.900 | 0.900 |" in md
     with pytest.raises(FileNotFoundError, match="result.json"):
         (dirs[2] / "result.json").unlink()
         read_run(dirs[2])
