@@ -172,7 +172,10 @@ def test_rl_report_paired_table_by_hand():
                      "slo_attainment": b, "ttft_p95_s": 1.0, "deflected": 0.5})
         rows.append({"policy": "rl", "load": 2.0, "seed": i, "requests": 100, "slo_met": round(100 * m),
                      "slo_attainment": m, "ttft_p95_s": 2.0, "deflected": 0.4})
-    ev = {"heuristics": {"best tuned (x)": "x"}, "learned": {"rl": "dir"}, "best": "best tuned (x)",
+    for i, v in enumerate([0.95, 0.85, 0.80]):  # another heuristic, better than the tuned one on these episodes
+        rows.append({"policy": "proactive", "load": 2.0, "seed": i, "requests": 100, "slo_met": round(100 * v),
+                     "slo_attainment": v, "ttft_p95_s": 1.0, "deflected": 0.5})
+    ev = {"heuristics": {"best tuned (x)": "x", "proactive": "p"}, "learned": {"rl": "dir"}, "best": "best tuned (x)",
           "loads": [2.0], "rows": rows}
     t = {r["policy"]: r for r in paired_table(ev)}
     d = np.array([0.02, 0.0, 0.04])
@@ -182,3 +185,5 @@ def test_rl_report_paired_table_by_hand():
     assert (t["rl"]["better"], t["rl"]["worse"]) == (2, 0)
     assert t["rl"]["slo_attainment"] == pytest.approx(246 / 300)
     assert t["best tuned (x)"]["diff_vs_best"] == 0.0
+    assert t["rl"]["top_heuristic"] == "proactive"
+    assert t["rl"]["diff_vs_top"] == pytest.approx(np.mean([0.92 - 0.95, 0.80 - 0.85, 0.74 - 0.80]))
