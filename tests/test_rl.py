@@ -187,3 +187,33 @@ def test_rl_report_paired_table_by_hand():
     assert t["best tuned (x)"]["diff_vs_best"] == 0.0
     assert t["rl"]["top_heuristic"] == "proactive"
     assert t["rl"]["diff_vs_top"] == pytest.approx(np.mean([0.92 - 0.95, 0.80 - 0.85, 0.74 - 0.80]))
+
+
+def test_two_way_network_runs_the_same_in_the_env_and_as_a_policy():
+    """The kept from-scratch network (two-way actions): stepping the environment with its greedy actions and
+    running it as an in-process policy on the same workload give the same requests' outcomes."""
+    import torch
+
+    from deflectlab.agents.policy_io import MaskedPolicyModule, load_policy_net
+    from deflectlab.envs.simulator import ClusterSim
+    from deflectlab.experiments.rl_report import learned_policy
+
+    path = "experiments/rl/policy_scratch_s1"
+    net, cfg, _ = load_policy_net(path, "final")
+    assert cfg.env.actions == "two_way"
+    mod = MaskedPolicyModule(net).eval()
+    env = DeflectionEnv(actions="two_way", **SMALL)
+    obs, _ = env.reset(seed=11)
+    wl, _ = env.episode_workload(seed=11)
+    done = False
+    deflect = 0
+    while not done:
+        with torch.no_grad():
+            a, _ = mod(torch.from_numpy(obs).reshape(1, -1), torch.from_numpy(env.action_masks()).reshape(1, -1))
+        deflect += int(a[0])
+        obs, _, done, _, info = env.step(int(a[0]))
+    sim = ClusterSim(env.config, wl)
+    s = sim.run(learned_policy(path)).summary
+    assert 0 < deflect < info["metrics"]["requests"]  # it does choose, both ways
+    assert sim.deflections == deflect
+    assert s["slo_attainment"] == info["metrics"]["slo_attainment"]
