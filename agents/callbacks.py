@@ -60,7 +60,7 @@ class PeriodicEval(BaseCallback):
         t0 = time.perf_counter()
         net = make_policy_net(self.cfg)  # a snapshot of the current weights, apart from the training copy
         net.load_state_dict(self.model.policy.state_dict())
-        pol = NetPolicy(net, feature_schema=self.cfg.env.feature_schema)
+        pol = NetPolicy(net, feature_schema=self.cfg.env.feature_schema, actions=self.cfg.env.actions)
         rep = evaluate({"learned": pol}, self.cfg.eval_env_kwargs(), self.cfg.eval_seeds()).to_json()
         r = rep["policies"]["learned"]
         slo = r["pooled"]["slo_attainment"]

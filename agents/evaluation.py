@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deflectlab.envs.actions import TwoWay
 from deflectlab.envs.features import FeatureBuilder
 from deflectlab.envs.gym_env import DeflectionEnv
 from deflectlab.envs.simulator import ClusterSim
@@ -34,9 +35,11 @@ class NetPolicy(Policy):
     :param name: name in reports.
     :param feature_schema: the feature schema version the network was trained on (its run's
         ``env.feature_schema``).
+    :param actions: the action space it was trained on (``envs.actions``: ``nodes`` or ``two_way``).
     """
 
-    def __init__(self, net: BasePolicy, name: str = "learned", feature_schema: int = 1) -> None:
+    def __init__(self, net: BasePolicy, name: str = "learned", feature_schema: int = 1,
+                 actions: str = "nodes") -> None:
         import torch
 
         from deflectlab.agents.policy_io import MaskedPolicyModule
@@ -45,14 +48,23 @@ class NetPolicy(Policy):
         self._torch = torch
         self._mod = MaskedPolicyModule(net).eval()
         self._fb = FeatureBuilder(feature_schema)
+        self._feature_schema = feature_schema
+        self._actions = actions
+        self._two_way: TwoWay | None = None
 
     def decide(self, view: ClusterView, request: Any) -> Decision:
         torch = self._torch
-        obs = self._fb.build(view, request)
+        fb = self._fb
+        obs = fb.build(view, request)
+        tw = self._two_way
+        if self._actions == "two_way" and (tw is None or (tw.num_prefill, tw.num_decode) != (fb.num_prefill,
+                                                                                             fb.num_decode)):
+            tw = self._two_way = TwoWay(fb.num_prefill, fb.num_decode, self._feature_schema)
+        mask = fb.mask if tw is None else tw.mask(fb.mask)
         with torch.no_grad():
-            a, _ = self._mod(torch.from_numpy(obs).reshape(1, -1),
-                             torch.from_numpy(self._fb.mask).reshape(1, -1))
-        return self._fb.decision(int(a[0]))
+            a, _ = self._mod(torch.from_numpy(obs).reshape(1, -1), torch.from_numpy(mask).reshape(1, -1))
+        act = int(a[0])
+        return fb.decision(act if tw is None else tw.node_action(act, obs, fb.mask))
 
 
 PolicySource = Policy | Callable[[], Policy] | str

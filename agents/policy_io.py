@@ -36,11 +36,13 @@ MASKED_LOGIT = -1e9
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
-def spaces_for(cluster: ClusterConfig, feature_schema: int = 1) -> tuple[spaces.Box, spaces.Discrete]:
+def spaces_for(cluster: ClusterConfig, feature_schema: int = 1, actions: str = "nodes"
+               ) -> tuple[spaces.Box, spaces.Discrete]:
     """Observation and action spaces of a cluster shape under feature schema ``feature_schema`` (as the
-    environment builds them)."""
+    environment builds them; ``actions`` is the environment's action space, ``envs.actions``)."""
     lo, hi = schema(feature_schema).bounds(cluster.num_prefill, cluster.num_decode)
-    return spaces.Box(lo, hi, dtype=np.float32), spaces.Discrete(cluster.num_prefill + cluster.num_decode)
+    n = 2 if actions == "two_way" else cluster.num_prefill + cluster.num_decode
+    return spaces.Box(lo, hi, dtype=np.float32), spaces.Discrete(n)
 
 
 def cluster_of(cfg: TrainConfig) -> ClusterConfig:
@@ -53,7 +55,7 @@ def policy_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 def make_policy_net(cfg: TrainConfig) -> BasePolicy:
     """An untrained policy network of the shape ``cfg`` trains (CPU, eval mode)."""
-    obs_space, act_space = spaces_for(cluster_of(cfg), cfg.env.feature_schema)
+    obs_space, act_space = spaces_for(cluster_of(cfg), cfg.env.feature_schema, cfg.env.actions)
     kw = policy_kwargs(cfg)
     if cfg.algo == "dqn":
         from stable_baselines3.dqn.policies import DQNPolicy

@@ -13,6 +13,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.utils import seeding
 
+from deflectlab.envs.actions import ACTION_SPACES, TwoWay, est_ttft_columns
 from deflectlab.envs.config import ClusterConfig, ConfigError, check_number, check_range, cli_field, from_mapping
 from deflectlab.envs.features import SCHEMAS, FeatureBuilder, action_layout, schema
 from deflectlab.envs.profile import load_profile
@@ -54,6 +55,9 @@ class EnvConfig:
         1, "observation's feature schema version (envs.features.SCHEMAS): 1, no prefix cache (the shipped "
         "policy's); 2 adds each node's cached share of the prompt and cache-aware TTFT estimates",
         choices=tuple(SCHEMAS))
+    actions: str = cli_field("nodes", "action space: nodes (prefill node i or decode node j, Discrete(P + D)) or "
+                             "two_way (prefill or deflect, node by lowest estimated TTFT, Discrete(2); envs.actions)",
+                             choices=ACTION_SPACES)
 
     def __post_init__(self) -> None:
         check_range(self.load, "load", positive=True, unit="x the recorded rate")
@@ -70,6 +74,8 @@ class EnvConfig:
         if isinstance(self.feature_schema, bool) or self.feature_schema not in SCHEMAS:
             raise ConfigError(f"unknown feature_schema {self.feature_schema!r}; known versions: "
                               f"{', '.join(map(str, SCHEMAS))}")
+        if self.actions not in ACTION_SPACES:
+            raise ConfigError(f"unknown actions {self.actions!r}; known: {', '.join(ACTION_SPACES)}")
 
     def kwargs(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +107,9 @@ class DeflectionEnv(gym.Env):
     tokens. :meth:`action_masks` marks decode nodes without free KV room for the prompt invalid (the output
     length is unknown, as in a router); prefill actions are always valid, and the mask is never all False.
     Invalid actions are still carried out (the request waits for KV room) so agents without masking work.
+    With ``actions="two_way"``: ``Discrete(2)``, 0 = prefill on the prefill node with the lowest estimated TTFT,
+    1 = deflect to the valid decode node with the lowest estimated TTFT (valid when some decode node is);
+    ``envs.actions``.
 
     ## Observation Space
 
@@ -179,7 +188,9 @@ class DeflectionEnv(gym.Env):
 
     ## Reward variants
 
-    ``"latency"`` (mean TTFT), ``"slo"`` (TTFT SLO misses), ``"tbt"`` (TBT gaps), ``"composite"`` (default), or
+    ``"latency"`` (mean TTFT), ``"slo"`` (TTFT SLO misses), ``"tbt"`` (TBT gaps), ``"composite"`` (default),
+    ``"attainment"``, ``"per_request"`` (each decision charged with its own request's estimated SLO miss at once,
+    corrected to the actual outcome at the request's deadline), or
     any weighted list, e.g. ``[{"name": "latency", "scale": 0.5}, {"name": "slo", "miss": 2, "slope": 0.1}]``.
 
     ## Version History
@@ -210,6 +221,7 @@ class DeflectionEnv(gym.Env):
         self.min_requests = cfg.min_requests
         self.reward_fn = make_reward(cfg.reward)
         self._track_deadlines = self.reward_fn.needs_deadlines
+        self._track_estimates = self.reward_fn.needs_estimates
         self._expert: Policy | None = None
 
         P, D = self.config.num_prefill, self.config.num_decode
@@ -218,8 +230,12 @@ class DeflectionEnv(gym.Env):
         self.feature_schema = schema(int(cfg.feature_schema))
         low, high = self.feature_schema.bounds(P, D)
         self.observation_space = spaces.Box(low, high, dtype=np.float32)
-        self.action_space = spaces.Discrete(P + D)
-        self.action_layout = action_layout(P, D)
+        self.two_way = TwoWay(P, D, self.feature_schema.version) if cfg.actions == "two_way" else None
+        self.action_space = spaces.Discrete(2 if self.two_way else P + D)
+        self.action_layout = action_layout(P, D) if self.two_way is None else [
+            {"action": 0, "kind": "prefill", "node": "lowest est_ttft"},
+            {"action": 1, "kind": "deflect", "node": "lowest est_ttft among valid"}]
+        self._est_cols = [c for cols in est_ttft_columns(P, D, self.feature_schema.version) for c in cols]
         self.feature_names = self.feature_schema.names(P, D)
 
         self._fb = FeatureBuilder(self.feature_schema.version)
@@ -230,6 +246,7 @@ class DeflectionEnv(gym.Env):
         self._in_flight: list[Any] = []  # prefilled, or deflected and prefilling; no first token yet
         self._n_waiting = 0
         self._by_arrival: deque = deque()  # routed requests whose TTFT deadline has not passed, by arrival
+        self._est_by_arrival: deque = deque()  # their estimated misses (rewards that need estimates)
         self._tbt_marks: list[int] = []
         self._obs = np.zeros(low.shape, dtype=np.float32)
         self.episode_info: dict[str, Any] = {}
@@ -293,6 +310,7 @@ class DeflectionEnv(gym.Env):
         self._d_queues = [deque() for _ in sim.decode]
         self._in_flight = []
         self._by_arrival = deque()
+        self._est_by_arrival = deque()
         self._n_waiting = 0
         self._tbt_marks = [0] * len(sim.decode)
         self._req = sim.advance()
@@ -326,14 +344,26 @@ class DeflectionEnv(gym.Env):
         if self._req is None:
             raise RuntimeError("no request awaits a decision; call reset()")
         d = pol.decide(self.sim.view(), self._req)  # type: ignore[union-attr]
-        if d.deflected:
-            return self.num_prefill + int(d.decode_node)  # type: ignore[arg-type]
-        return int(d.prefill_node)  # type: ignore[arg-type]
+        node = self.num_prefill + int(d.decode_node) if d.deflected else int(d.prefill_node)  # type: ignore[arg-type]
+        return node if self.two_way is None else self.two_way.of_node_action(node)
 
     def action_masks(self) -> np.ndarray:
         """Valid actions for the current request (MaskablePPO calls this): decode nodes without KV room are
-        invalid; never all False."""
+        invalid (``two_way``: deflect is valid when some decode node is); never all False."""
+        if self.two_way is not None:
+            return self.two_way.mask(self._fb.mask)
         return self._fb.mask
+
+    def node_action(self, action: Any) -> int:
+        """The node action (``Discrete(P + D)``) an action of this environment's action space carries out."""
+        if self.two_way is None:
+            return int(action)
+        return self.two_way.node_action(int(action), self._obs, self._fb.mask)
+
+    def estimated_miss(self, node_action: int) -> float:
+        """1.0 if the estimated TTFT of the current request on ``node_action``'s path (its ``est_ttft`` feature,
+        squashed: over 0.5 is over one SLO; 1 is an infeasible deflection) is over the TTFT SLO, else 0.0."""
+        return 1.0 if float(self._obs[self._est_cols[node_action]]) > 0.5 else 0.0
 
     # -- the decision --------------------------------------------------------------------------------------
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
@@ -341,7 +371,8 @@ class DeflectionEnv(gym.Env):
         if sim is None or self._req is None:
             raise RuntimeError("call reset() before step(), and again after the episode terminated")
         req = self._req
-        sim.route(req, self._fb.decision(int(action)))
+        node_act = self.node_action(action)
+        sim.route(req, self._fb.decision(node_act))
         rf = self.reward_fn
         stats = StepStats(ttft_slo_s=sim.config.ttft_slo_s, tbt_slo_s=sim.config.tbt_slo_s)
         if req.reject_reason is not None:
@@ -350,6 +381,9 @@ class DeflectionEnv(gym.Env):
             self._n_waiting += 1
             if self._track_deadlines:
                 self._by_arrival.append(req)
+            if self._track_estimates:
+                stats.decision_est_miss = self.estimated_miss(node_act)
+                self._est_by_arrival.append(stats.decision_est_miss)
             if req.deflected:
                 self._d_queues[req.d_node].append(req)
             else:
@@ -416,12 +450,17 @@ class DeflectionEnv(gym.Env):
         q = self._by_arrival
         slo = stats.ttft_slo_s
         misses = 0
+        est = 0.0
+        eq = self._est_by_arrival if self._track_estimates else None
         while q and q[0].arrival_s + slo <= t1:
             r = q.popleft()
+            if eq is not None:
+                est += eq.popleft()
             tf = r.t_first_token
             if not 0.0 <= tf <= r.arrival_s + slo:
                 misses += 1
         stats.deadline_misses = misses
+        stats.deadline_est_misses = est
 
     def _tbt_gaps(self, stats: StepStats) -> None:
         """Token gaps over the TBT SLO in the decode segments logged since the last step (running batch as the

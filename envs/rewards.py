@@ -25,8 +25,18 @@ Terms (each a penalty, so rewards are <= 0):
     Units: token gaps (times ``weight``). A request misses its TBT SLO when more than 5 % of its gaps are over,
     so for short outputs (the code trace's median is 13 tokens) one slow step is enough.
 
+``request`` -- :class:`RequestOutcome`
+    Decision-local credit for SLO attainment. Each decision is charged ``miss`` at once if the estimated TTFT of
+    its own request on the chosen path (the observation's ``est_ttft`` of the node it went to, the proactive
+    deflector's formula) is over the SLO; when the request's deadline (arrival + TTFT SLO) passes, the
+    estimate is corrected to the truth: ``correction x miss x (actual miss - estimated miss)``. With
+    ``correction=1`` an episode sums to exactly the ``slo`` (``at="deadline"``) total, ``-miss x`` (misses +
+    rejections), but most of the signal arrives at the decision that caused it, not seconds and hundreds of
+    decisions later among other requests' outcomes; ``correction=0`` is the estimate alone (a bandit reward).
+
 ``composite`` (the default) is ``latency + slo + 0.02 x tbt``; ``attainment`` is ``slo(at=deadline) + 0.2 x tbt +
-0.05 x latency``, aimed at SLO attainment with a little dense shaping; see :data:`PRESETS`. Build any reward with
+0.05 x latency``, aimed at SLO attainment with a little dense shaping; ``per_request`` is ``request + 0.2 x
+tbt``, the same aim with decision-local credit; see :data:`PRESETS`. Build any reward with
 :func:`make_reward` from a name, a mapping ``{"name": ..., **params}``, a list of those (summed), or an object.
 """
 
@@ -51,6 +61,10 @@ class StepStats:
     :param deadline_misses: requests whose TTFT deadline (arrival + SLO) passed in the interval without a first
         token (only if a reward needs them).
     :param rejected: requests the cluster rejected at this decision (cannot fit any KV cache).
+    :param decision_est_miss: 1 if the estimated TTFT of this step's own request on the path it was sent is over
+        the TTFT SLO, else 0 (0 for a rejected request; only if a reward needs estimates).
+    :param deadline_est_misses: the sum of ``decision_est_miss`` over the requests whose deadline passed in the
+        interval (the ones counted in ``deadline_misses``'s scan; only if a reward needs estimates).
     :param ttft_slo_s: the cluster's TTFT SLO, seconds.
     :param tbt_slo_s: the cluster's TBT SLO, seconds.
     """
@@ -61,6 +75,8 @@ class StepStats:
     tbt_violation_gaps: float = 0.0
     deadline_misses: int = 0
     rejected: int = 0
+    decision_est_miss: float = 0.0
+    deadline_est_misses: float = 0.0
     ttft_slo_s: float = 1.0
     tbt_slo_s: float = 0.1
 
@@ -72,6 +88,7 @@ class Reward:
     needs_first_tokens = False
     needs_deadlines = False
     needs_tbt = False
+    needs_estimates = False
 
     def __call__(self, s: StepStats) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -165,6 +182,31 @@ class TBTViolation(Reward):
         return {"weight": self.weight}
 
 
+class RequestOutcome(Reward):
+    """Each decision's own request: its estimated SLO miss at the decision, corrected to the actual outcome at
+    its deadline.
+
+    :param miss: cost of one request over its TTFT SLO (or rejected), in requests.
+    :param correction: weight in [0, 1] of the correction ``actual - estimated`` charged at the deadline; 1 makes
+        the episode total that of ``slo`` with ``at="deadline"``, 0 keeps the estimate alone.
+    """
+
+    name = "request"
+    needs_deadlines = True
+    needs_estimates = True
+
+    def __init__(self, miss: float = 1.0, correction: float = 1.0) -> None:
+        self.miss = check_number(miss, "miss", lo=0.0, what="reward")
+        self.correction = check_number(correction, "correction", lo=0.0, hi=1.0, what="reward")
+
+    def __call__(self, s: StepStats) -> float:
+        late = s.deadline_misses - s.deadline_est_misses
+        return -self.miss * (s.rejected + s.decision_est_miss + self.correction * late)
+
+    def params(self) -> dict[str, Any]:
+        return {"miss": self.miss, "correction": self.correction}
+
+
 class Composite(Reward):
     """The sum of several terms.
 
@@ -180,6 +222,7 @@ class Composite(Reward):
         self.needs_first_tokens = any(t.needs_first_tokens for t in self.terms)
         self.needs_deadlines = any(t.needs_deadlines for t in self.terms)
         self.needs_tbt = any(t.needs_tbt for t in self.terms)
+        self.needs_estimates = any(t.needs_estimates for t in self.terms)
 
     def __call__(self, s: StepStats) -> float:
         return sum(t(s) for t in self.terms)
@@ -188,7 +231,8 @@ class Composite(Reward):
         return {"terms": [t.spec() for t in self.terms]}
 
 
-_CLASSES: dict[str, type[Reward]] = {"latency": WaitingTimeIntegral, "slo": SLOHinge, "tbt": TBTViolation}
+_CLASSES: dict[str, type[Reward]] = {"latency": WaitingTimeIntegral, "slo": SLOHinge, "tbt": TBTViolation,
+                                     "request": RequestOutcome}
 
 #: Named rewards; ``make_reward(name)`` builds one.
 PRESETS: dict[str, Any] = {
@@ -198,6 +242,7 @@ PRESETS: dict[str, Any] = {
     "composite": [{"name": "latency", "scale": 1.0}, {"name": "slo", "miss": 1.0}, {"name": "tbt", "weight": 0.02}],
     "attainment": [{"name": "slo", "miss": 1.0, "at": "deadline"}, {"name": "tbt", "weight": 0.2},
                    {"name": "latency", "scale": 0.05}],
+    "per_request": [{"name": "request", "miss": 1.0, "correction": 1.0}, {"name": "tbt", "weight": 0.2}],
 }
 
 

@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
             name, rest = ("learned" if len(args.model) == 1 else f"learned{i}"), m
         path, _, which = rest.partition("@")
         net, run_cfg, _ = load_policy_net(path, which or args.which)
-        learned[name] = NetPolicy(net, name=name, feature_schema=run_cfg.env.feature_schema)
+        learned[name] = NetPolicy(net, name=name, feature_schema=run_cfg.env.feature_schema,
+                                  actions=run_cfg.env.actions)
         first_run = first_run or find_run(path, which or args.which)[0]
     cfg_src = args.config or str(first_run / "config.yaml")
     ov = list(args.overrides or [])

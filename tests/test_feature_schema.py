@@ -461,3 +461,22 @@ def test_train_and_dagger_take_feature_schema_flags(tmp_path):
     for cmd in ("train", "dagger"):
         with pytest.raises(SystemExit):
             parse(build_parser(cmd), cmd, [cmd, "--config", "x", "--feature-schema", "3"])
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_two_way_actions_read_est_ttft_in_either_schema(version):
+    """The two-way action space finds each node's est_ttft column in the schema the env builds."""
+    from deflectlab.envs.actions import TwoWay, est_ttft_columns
+
+    names = schema(version).names(2, 3)
+    p_cols, d_cols = est_ttft_columns(2, 3, version)
+    assert [names[c] for c in p_cols] == ["prefill[0].est_ttft", "prefill[1].est_ttft"]
+    assert [names[c] for c in d_cols] == [f"decode[{j}].est_ttft" for j in range(3)]
+    obs = np.zeros(len(names), np.float32)
+    obs[d_cols] = [0.9, 0.2, 0.4]
+    obs[p_cols] = [0.7, 0.3]
+    tw = TwoWay(2, 3, version)
+    mask = np.ones(5, bool)
+    assert tw.node_action(1, obs, mask) == 2 + 1 and tw.node_action(0, obs, mask) == 1
+    mask[3] = False  # decode node 1 has no room: the next lowest valid one
+    assert tw.node_action(1, obs, mask) == 2 + 2
