@@ -52,9 +52,11 @@ def export(model: str | Path, out_dir: str | Path, which: str = "best", opset: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    actions = cfg.env.actions
+    n_act = 2 if actions == "two_way" else P + D  # two_way: prefill or deflect, the runtime picks the node
     module = MaskedPolicyModule(net).eval()
     dummy_obs = torch.zeros(1, n_obs, dtype=torch.float32)
-    dummy_mask = torch.ones(1, P + D, dtype=torch.bool)
+    dummy_mask = torch.ones(1, n_act, dtype=torch.bool)
     onnx_path = out / "policy.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter, chosen on purpose
@@ -74,7 +76,10 @@ def export(model: str | Path, out_dir: str | Path, which: str = "best", opset: i
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         "feature_schema": fs.to_dict(P, D),
-        "action_layout": F.action_layout(P, D),
+        "actions": actions,
+        "action_layout": F.action_layout(P, D) if actions == "nodes" else [
+            {"action": 0, "kind": "prefill", "node": "lowest est_ttft (envs.actions.TwoWay)"},
+            {"action": 1, "kind": "deflect", "node": "lowest est_ttft among valid decode nodes"}],
         "chunk_rule": {
             "doc": "deflect actions use envs.features.ChunkSolver: the largest chunk whose slowest step keeps "
                    "the TBT SLO by the decode profile, capped by the node's free token budget",
@@ -95,8 +100,8 @@ def export(model: str | Path, out_dir: str | Path, which: str = "best", opset: i
             "net_arch": list(cfg.policy.net_arch), "activation": cfg.policy.activation,
             "layers": [{"in": int(w.shape[1]), "out": int(w.shape[0]), "activation": a} for w, _, a in layers],
             "masked_logit": MASKED_LOGIT,
-            "inputs": {"obs": ["batch", n_obs], "action_mask": ["batch", P + D]},
-            "outputs": {"action": ["batch"], "logits": ["batch", P + D]},
+            "inputs": {"obs": ["batch", n_obs], "action_mask": ["batch", n_act]},
+            "outputs": {"action": ["batch"], "logits": ["batch", n_act]},
         },
         "files": {
             "onnx": {"path": onnx_path.name, "sha256": sha256(onnx_path), "opset": opset},

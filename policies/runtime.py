@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from deflectlab.envs.actions import ACTION_SPACES, TwoWay
 from deflectlab.envs.features import FEATURE_SCHEMA, SCHEMAS, FeatureBuilder, FeatureSchema
 from deflectlab.envs.view import ClusterView, Decision, Policy, RequestLike
 
@@ -85,6 +86,9 @@ def load_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if fs.get("names") != sch.names(P, D):
         raise PolicyFileError(f"{man_path}: feature list differs from {sch.name} "
                               f"v{sch.version} for {P}P{D}D (same version, different features)")
+    if man.get("actions", "nodes") not in ACTION_SPACES:
+        raise PolicyFileError(f"{man_path}: unknown action space {man.get('actions')!r}; this code knows "
+                              f"{', '.join(ACTION_SPACES)}")
     _check_files(d, man, man_path)
     return d, man
 
@@ -182,6 +186,9 @@ class OnnxPolicy(Policy):
         else:
             self.num_prefill, self.num_decode = int(c["num_prefill"]), int(c["num_decode"])
             self.num_obs = SCHEMAS[version].size(self.num_prefill, self.num_decode)
+        #: ``two_way`` (envs.actions): the network picks prefill or deflect, the node is the lowest est_ttft
+        self.two_way = TwoWay(self.num_prefill, self.num_decode, version) \
+            if self.manifest.get("actions", "nodes") == "two_way" else None
         self._masked = float(self.manifest["network"].get("masked_logit", -1e9))
         self._fb = FeatureBuilder(version)  # the schema the policy was trained on (1 for the shipped one)
         self._checked = False
@@ -326,6 +333,9 @@ class OnnxPolicy(Policy):
             self.check_cluster(view)  # raises
         fb = self._fb
         obs = fb.build(view, request)
+        tw = self.two_way
+        if tw is not None:
+            return fb.decision(tw.node_action(self.act(obs, tw.mask(fb.mask)), obs, fb.mask))
         return fb.decision(self.act(obs, fb.mask))
 
     def params(self) -> dict[str, Any]:

@@ -208,3 +208,37 @@ def test_the_kept_trained_policy_loads_and_matches_its_model():
     for obs, mask in _observations(100):
         a = masked_action(net, obs, mask)
         assert onnx_pol.act(obs, mask) == a == np_pol.act(obs, mask)
+
+
+def test_two_way_policy_exports_and_routes_like_in_process(tmp_path):
+    """The kept RL policy (experiments/rl/policy_scratch_s1: two-way actions, prefill or deflect, the node with
+    the lowest est_ttft) exports with its action space in the manifest, and the runtime routes a busy window
+    exactly as the in-process network does, with either backend."""
+    from deflectlab.agents.evaluation import NetPolicy
+
+    run = REPO / "experiments" / "rl" / "policy_scratch_s1"
+    exp = export(run, tmp_path / "exported", which="final").parent
+    man = json.loads((exp / "manifest.json").read_text())
+    assert man["actions"] == "two_way" and [a["kind"] for a in man["action_layout"]] == ["prefill", "deflect"]
+    assert man["network"]["layers"][-1]["out"] == 2
+    net, cfg, _ = load_policy_net(run, "final")
+    env = DeflectionEnv(**{**cfg.eval_env_kwargs(), "window_s": 120, "load": 3.0})
+    w, _ = env.episode_workload(1_000_000)
+    ref = ClusterSim(env.config, w).run(NetPolicy(net, actions="two_way"))
+    paths = ref.records["path"].tolist()
+    assert len(set(paths)) == 2  # it both prefilled and deflected on this window
+    for backend in ("onnx", "numpy"):
+        got = ClusterSim(env.config, w).run(OnnxPolicy(exp, backend=backend))
+        assert got.records["path"].tolist() == paths
+        assert got.records["decode_node"].tolist() == ref.records["decode_node"].tolist()
+
+
+def test_unknown_action_space_is_refused(runs, tmp_path):
+    _, exp = runs["maskable_ppo"]
+    bad = tmp_path / "bad"
+    shutil.copytree(exp, bad)
+    man = json.loads((bad / "manifest.json").read_text())
+    man["actions"] = "three_way"
+    (bad / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(PolicyFileError, match="unknown action space 'three_way'"):
+        OnnxPolicy(bad)
