@@ -90,31 +90,43 @@ def planner_spec(horizon_s: float, best_spec: str) -> str:
     return f"{PLANNER}:horizon_s={horizon_s:g},base={name}" + (f",{base}" if base else "")
 
 
-def episode(trace: str, load: float, seed: int, window_s: float, handoff: str, shape: tuple[int, int] = (2, 2)):
-    """The workload of one held-out episode, drawn as the environment draws it, and its cluster config."""
+def episode(trace: str, load: float, seed: int, window_s: float, handoff: str, shape: tuple[int, int] = (2, 2),
+            variant: dict[str, Any] | None = None):
+    """The workload of one held-out episode, drawn as the environment draws it, and its cluster config.
+
+    ``variant`` (optional) changes how it is drawn: ``arrival`` (``trace``, ``poisson``, ``gamma``, ...) and ``cv``
+    (the arrival process of ``envs.workloads``, lengths still from the trace's window), ``start_s`` (the span of
+    window starts, default :data:`HELD_OUT_START_S`; a trace shorter than 1,200 s needs its own).
+    """
     from deflectlab.envs.gym_env import DeflectionEnv
 
-    env = DeflectionEnv(trace=trace, load=[load, load], window_s=window_s, window_start_s=list(HELD_OUT_START_S),
+    v = variant or {}
+    env = DeflectionEnv(trace=trace, load=[load, load], window_s=window_s,
+                        window_start_s=list(v.get("start_s", HELD_OUT_START_S)),
+                        arrival=v.get("arrival", "trace"), cv=float(v.get("cv", 1.0)),
                         cluster={"handoff": handoff, "num_prefill": shape[0], "num_decode": shape[1]})
     wl, meta = env.episode_workload(seed=seed)
     return env.config, wl, meta
 
 
-def run_one(task: tuple[str, float, int, float, str, str]) -> dict[str, Any]:
-    """One policy on one episode: SLO attainment, P95 TTFT, deflected share, wall time and decisions/s."""
+def run_one(task: tuple) -> dict[str, Any]:
+    """One policy on one episode: SLO attainment, P95 TTFT, deflected share, wall time and decisions/s.
+
+    ``task``: ``(trace, load, seed, window_s, handoff, spec[, shape[, variant]])`` (see :func:`episode`)."""
     from deflectlab.envs.simulator import ClusterSim
     from deflectlab.policies.registry import make_policy
 
     trace, load, seed, window_s, handoff, spec = task[:6]
     shape = task[6] if len(task) > 6 else (2, 2)
-    cfg, wl, meta = episode(trace, load, seed, window_s, handoff, shape)
+    variant = task[7] if len(task) > 7 else None
+    cfg, wl, meta = episode(trace, load, seed, window_s, handoff, shape, variant)
     sim = ClusterSim(cfg, wl)
     t0 = time.perf_counter()
     s = sim.run(make_policy(spec)).summary
     wall = time.perf_counter() - t0
     n = s["requests"]
     return {"trace": trace, "load": load, "seed": seed, "policy": spec, "requests": n,
-            "shape": f"{shape[0]}P{shape[1]}D",
+            "shape": f"{shape[0]}P{shape[1]}D", "variant": (variant or {}).get("label", ""),
             "slo_met": round(s["slo_attainment"] * n), "slo_attainment": s["slo_attainment"],
             "ttft_p95_s": s["ttft_s"]["p95"], "deflected": sim.deflections / n if n else math.nan,
             "wall_s": wall, "decisions_per_s": n / max(sim.decision_s, 1e-9), "start_s": meta["start_s"]}
