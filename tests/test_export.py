@@ -198,10 +198,10 @@ def test_export_cli_subprocess(runs, tmp_path):
     assert p.returncode == 2 and "no best_model.zip or model.zip" in p.stderr
 
 
-def test_the_kept_trained_policy_loads_and_matches_its_model():
-    kept = REPO / "experiments" / "trained"
+def test_the_v1_trained_policy_loads_and_matches_its_model():
+    kept = REPO / "experiments" / "trained_v1"
     if not (kept / "manifest.json").is_file():
-        pytest.skip("no trained policy kept in experiments/trained")
+        pytest.skip("no v1 policy kept in experiments/trained_v1")
     onnx_pol, np_pol = OnnxPolicy(kept), OnnxPolicy(kept, backend="numpy")
     net, cfg, _ = load_policy_net(kept / "sb3_model.zip")
     assert cfg.algo == onnx_pol.manifest["network"]["algo"]
