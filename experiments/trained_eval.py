@@ -122,3 +122,61 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _rel(p: Path) -> str:
+    """``p`` relative to the repository (no machine path in a report), else as given."""
+    try:
+        return str(p.resolve().relative_to(HERE.parent.resolve()))
+    except ValueError:
+        return p.name
+
+
+def headroom_and_learned_summary(trained: Path = HERE / "trained", headroom: Path = HERE / "headroom") -> str:
+    """The main job's section on the planner and the kept learned policy, both read from committed runs (the
+    planner takes minutes, the 20-episode evaluation a few): per trace and load on 2P2D, the planner's and
+    the kept policy's paired differences against the best tuned heuristic, each on its own run's episodes.
+    Empty when neither run is there."""
+    from deflectlab.experiments.headroom import _by, paired_ci, pooled
+    from deflectlab.experiments.learned_eval import _sel, paired
+
+    hr_path, ev_path = headroom / "headroom.json", trained / "evaluation.json"
+    hr = json.loads(hr_path.read_text()) if hr_path.is_file() else None
+    ev = json.loads(ev_path.read_text()) if ev_path.is_file() else None
+    if hr is None and ev is None:
+        return ""
+    rows = []
+    for tr in ("azure_code", "azure_conv"):
+        for ld in (1.0, 2.0, 3.0):
+            cells: list[Any] = [tr, f"{ld:g}x"]
+            if hr is not None and ld in hr["spec"]["loads"] and tr in hr["spec"]["traces"]:
+                best, plan = hr["policies"][hr["best"]], hr["policies"]["lookahead (clairvoyant)"]
+                b, p = _by(hr["rows"], tr, ld, best), _by(hr["rows"], tr, ld, plan)
+                m, h = paired_ci([r["slo_attainment"] for r in p], [r["slo_attainment"] for r in b])
+                cells += [f"{pooled(b):.4f}", f"{pooled(p):.4f}", f"{100 * m:+.2f} ± {100 * h:.2f} ({len(p)})"]
+            else:
+                cells += ["n/a"] * 3
+            if ev is not None:
+                s = ((2, 2), tr, ld)
+                best = ev["policies"][ev["best"]]
+                kept = _sel(ev["rows"], "2P2D", tr, ld, ev["policies"]["kept (shape-generic)"])
+                b = _sel(ev["rows"], "2P2D", tr, ld, best)
+                d = paired(ev, s, "kept (shape-generic)", ev["best"])
+                v1 = paired(ev, s, "kept (shape-generic)", "v1 (2P2D MLP)")
+                cells += [f"{pooled(b):.4f}" if b else "n/a", f"{pooled(kept):.4f}" if kept else "n/a",
+                          _fmt(d) + (f" ({d[2]})" if d else ""), _fmt(v1)]
+            else:
+                cells += ["n/a"] * 4
+            rows.append(cells)
+    head = ["trace", "load", "best tuned SLO (headroom run)", "planner SLO", "planner - best tuned (points, episodes)",
+            "best tuned SLO (evaluation)", "kept learned SLO", "kept - best tuned (points, episodes)",
+            "kept - v1 (points)"]
+    lines = ["## The clairvoyant planner and the kept learned policy (2P2D)", "",
+             "Neither is rerun by the main job; both come from committed runs, each on its own held-out episodes "
+             "(so compare each against the best tuned heuristic in its own run, not across runs). Planner: "
+             f"`{_rel(headroom / 'report.md')}` (`{(hr or {}).get('command', 'n/a')}`), clairvoyant, not deployable. "
+             f"Kept learned policy (`experiments/trained`, shape-generic): `{_rel(trained / 'evaluation.md')}` "
+             f"(`{(ev or {}).get('command', 'n/a')}`), where 4P4D, 8P8D, Gamma CV-4 and Mooncake-style results "
+             "are. Differences are paired per episode, mean ± 95 % half-width, in points of SLO attainment.", ""]
+    lines += table(head, rows)
+    return "\n".join(lines + [""])
