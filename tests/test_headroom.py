@@ -100,3 +100,31 @@ def test_paired_difference_of_a_setting_by_hand():
     # differences by seed: 0.1, 0.2, 0.3 -> mean 0.2, sd 0.1, t(0.975, 2) = 4.303
     assert n == 3 and m == pytest.approx(0.2) and h == pytest.approx(4.303 * 0.1 / math.sqrt(3))
     assert paired(res, ((2, 2), "azure_code", 1.0), "a", "b") is None  # no rows without the variant
+
+
+def test_trained_evaluation_report_and_main_job_section(tmp_path):
+    from deflectlab.experiments.trained_eval import (
+        evaluate,
+        evaluation_markdown,
+        headroom_and_learned_summary,
+        novelty,
+    )
+
+    assert novelty(((2, 2), "azure_code", 1.0)) == ""
+    assert novelty(((8, 8), "mooncake_synthetic", 1.0, {"label": "x"})) == "shape, trace"
+    assert novelty(((4, 4), "azure_code", 1.0, {"label": "g", "arrival": "gamma", "cv": 4.0})) == "arrivals"
+    # the fixed-shape policy stands in for the kept one here (fast); "v1" is the same network on the numpy
+    # backend, which takes the same actions, so their paired difference is exactly zero
+    v1 = "learned:path=experiments/trained_v1"
+    res = evaluate(2, 1, kept=v1, v1=v1 + ",backend=numpy", window_s=15.0, settings=[((2, 2), "azure_code", 2.0)])
+    text = evaluation_markdown(res, "test")
+    assert "| 2P2D | azure_code | 2x | - |" in text and "+0.00 ± 0.00" in text
+    (tmp_path / "evaluation.json").write_text(json.dumps(res, default=float))
+    summary = headroom_and_learned_summary(tmp_path, tmp_path / "no_headroom")
+    rows = [ln for ln in summary.splitlines() if ln.startswith("| azure_code | 2x |")]
+    best = sorted((r for r in res["rows"] if r["policy"] == res["policies"][res["best"]]), key=lambda r: r["seed"])
+    kept = sorted((r for r in res["rows"] if r["policy"] == v1), key=lambda r: r["seed"])
+    diff = np.mean([a["slo_attainment"] - b["slo_attainment"] for a, b in zip(kept, best, strict=True)])
+    assert len(rows) == 1 and f"{100 * diff:+.2f} ± " in rows[0] and "n/a" in rows[0]  # no planner run there
+    assert str(tmp_path) not in summary
+    assert headroom_and_learned_summary(tmp_path / "none", tmp_path / "none") == ""

@@ -92,7 +92,8 @@ def test_learned_spec_runs_any_shape_and_keeps_v1(exported):
     v1 = make_policy("learned:path=experiments/trained_v1")
     ClusterSim(ClusterConfig(), wl).run(v1)
     with pytest.raises(PolicyFileError, match="trained for 2P2D"):
-        ClusterSim(ClusterConfig(num_prefill=4, num_decode=4), wl).run(make_policy("learned:path=experiments/trained_v1"))
+        ClusterSim(ClusterConfig(num_prefill=4, num_decode=4), wl).run(
+            make_policy("learned:path=experiments/trained_v1"))
 
 
 def test_corrupt_set_weights_are_refused(exported, tmp_path):
