@@ -3,8 +3,8 @@ the fixed-shape v1 policy it replaced, on held-out episodes, with paired differe
 
     python -m deflectlab.experiments.trained_eval --out experiments/trained --episodes 20 --jobs 2
 
-Settings (:data:`SETTINGS`): both Azure traces at 1x-3x on 2P2D and 4P4D (the training shapes) and 8P8D (a shape
-the policy never saw); a synthetic Gamma CV-4 arrival process with the code trace's lengths (never trained
+Settings (:data:`SETTINGS`): both Azure traces at 1x-3x on 2P2D and 4P4D (the training shapes), 3P3D and 8P8D
+(shapes the policy never saw; 8P8D also at 6x and 9x on the code trace, where it is loaded at all); a synthetic Gamma CV-4 arrival process with the code trace's lengths (never trained
 on); the Mooncake-style trace (never trained on; its 1,022 s are shorter than the held-out span, so its
 windows start in its second half) on 8P8D. Every policy replays the same episodes of a setting
 (``experiments.headroom.episode``); the policy's differences are paired per episode with 95 % Student-t
@@ -30,7 +30,8 @@ GAMMA4 = {"label": "gamma CV 4", "arrival": "gamma", "cv": 4.0}
 MOONCAKE = {"label": "second half", "start_s": [511.0, None]}
 TRAINED_SHAPES = ("2P2D", "4P4D")
 SETTINGS: list[tuple] = (
-    [((n, n), tr, ld) for n in (2, 4, 8) for tr in ("azure_code", "azure_conv") for ld in (1.0, 2.0, 3.0)]
+    [((n, n), tr, ld) for n in (2, 3, 4, 8) for tr in ("azure_code", "azure_conv") for ld in (1.0, 2.0, 3.0)]
+    + [((8, 8), "azure_code", ld) for ld in (6.0, 9.0)]
     + [((n, n), "azure_code", ld, GAMMA4) for n in (2, 4) for ld in (1.0, 2.0)]
     + [((8, 8), "mooncake_synthetic", ld, MOONCAKE) for ld in (0.5, 1.0)]
 )
