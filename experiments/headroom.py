@@ -158,7 +158,7 @@ def run_headroom(spec: HeadroomSpec) -> dict[str, Any]:
             "rows": rows, "wall_s": wall}
 
 
-def _by(rows: list[dict[str, Any]], trace: str, load: float, policy: str) -> list[dict[str, Any]]:
+def rows_by(rows: list[dict[str, Any]], trace: str, load: float, policy: str) -> list[dict[str, Any]]:
     out = [r for r in rows if r["trace"] == trace and r["load"] == load and r["policy"] == policy]
     return sorted(out, key=lambda r: r["seed"])
 
@@ -192,13 +192,13 @@ def headroom_rows(res: dict[str, Any]) -> list[list[Any]]:
     out = []
     for tr in spec["traces"]:
         for ld in spec["loads"]:
-            cells: list[Any] = [tr, f"{ld:g}x", sum(r["requests"] for r in _by(rows, tr, ld, best))]
-            cells += [f"{pooled(_by(rows, tr, ld, p)):.4f}" for p in pol.values()]
-            m, h = paired_ci([r["slo_attainment"] for r in _by(rows, tr, ld, plan)],
-                             [r["slo_attainment"] for r in _by(rows, tr, ld, best)])
-            cells.append(f"{100 * (pooled(_by(rows, tr, ld, plan)) - pooled(_by(rows, tr, ld, best))):+.2f}")
+            cells: list[Any] = [tr, f"{ld:g}x", sum(r["requests"] for r in rows_by(rows, tr, ld, best))]
+            cells += [f"{pooled(rows_by(rows, tr, ld, p)):.4f}" for p in pol.values()]
+            m, h = paired_ci([r["slo_attainment"] for r in rows_by(rows, tr, ld, plan)],
+                             [r["slo_attainment"] for r in rows_by(rows, tr, ld, best)])
+            cells.append(f"{100 * (pooled(rows_by(rows, tr, ld, plan)) - pooled(rows_by(rows, tr, ld, best))):+.2f}")
             cells.append(f"{100 * m:+.2f} ± {100 * h:.2f}")
-            cells.append(f"{np.mean([r['decisions_per_s'] for r in _by(rows, tr, ld, plan)]):.0f}")
+            cells.append(f"{np.mean([r['decisions_per_s'] for r in rows_by(rows, tr, ld, plan)]):.0f}")
             out.append(cells)
     return out
 
@@ -207,10 +207,10 @@ def sweep_rows(res: dict[str, Any]) -> list[list[Any]]:
     spec, rows = res["spec"], res["rows"]
     tr, ld = spec["sweep_trace"], spec["sweep_load"]
     best = res["policies"][res["best"]]
-    base = _by(rows, tr, ld, best)
+    base = rows_by(rows, tr, ld, best)
     out = []
     for h, p in res["sweep_specs"].items():
-        rs = _by(rows, tr, ld, p)
+        rs = rows_by(rows, tr, ld, p)
         m, ci = paired_ci([r["slo_attainment"] for r in rs], [r["slo_attainment"] for r in base])
         out.append([f"{float(h):g}", f"{pooled(rs):.4f}", f"{100 * m:+.2f} ± {100 * ci:.2f}",
                     f"{np.mean([r['ttft_p95_s'] for r in rs]):.3f}", f"{np.mean([r['deflected'] for r in rs]):.3f}",

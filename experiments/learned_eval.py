@@ -42,7 +42,7 @@ def evaluate_learned(learned: dict[str, str], settings: list[tuple[tuple[int, in
     heur = baseline_policies()
     best = next(k for k in heur if k.startswith("best tuned"))
     pols = {**heur, **learned}
-    settings = [_setting(s) for s in settings]
+    settings = [parse_setting(s) for s in settings]
     tasks = [(tr, ld, seed0 + i, window_s, handoff, spec, shape, var) for shape, tr, ld, var in settings
              for i in range(episodes) for spec in pols.values()]
     t0 = time.perf_counter()
@@ -58,7 +58,7 @@ def evaluate_learned(learned: dict[str, str], settings: list[tuple[tuple[int, in
             "wall_s": time.perf_counter() - t0}
 
 
-def _setting(s: tuple | list) -> tuple[tuple[int, int], str, float, dict[str, Any]]:
+def parse_setting(s: tuple | list) -> tuple[tuple[int, int], str, float, dict[str, Any]]:
     if len(s) not in (3, 4):
         raise ValueError(f"a setting is (shape, trace, load) or (shape, trace, load, variant), got {s!r}")
     var = dict(s[3]) if len(s) == 4 and s[3] else {}
@@ -67,7 +67,7 @@ def _setting(s: tuple | list) -> tuple[tuple[int, int], str, float, dict[str, An
     return (int(s[0][0]), int(s[0][1])), str(s[1]), float(s[2]), var
 
 
-def _sel(rows, shape, trace, load, spec, variant=""):
+def select_rows(rows, shape, trace, load, spec, variant=""):
     return sorted((r for r in rows if r["shape"] == shape and r["trace"] == trace and r["load"] == load
                    and r["policy"] == spec and r.get("variant", "") == variant), key=lambda r: r["seed"])
 
@@ -75,10 +75,10 @@ def _sel(rows, shape, trace, load, spec, variant=""):
 def paired(res: dict[str, Any], setting: tuple | list, label: str, against: str) -> tuple[float, float, int] | None:
     """Paired per-episode SLO-attainment difference ``label - against`` (policy labels of ``res``) on one
     setting: ``(mean, 95 % half-width, episodes)``, or None when either policy did not run there."""
-    (P, D), tr, ld, var = _setting(setting)
+    (P, D), tr, ld, var = parse_setting(setting)
     pols, rows = res["policies"], res["rows"]
-    a = _sel(rows, f"{P}P{D}D", tr, ld, pols[label], var.get("label", ""))
-    b = _sel(rows, f"{P}P{D}D", tr, ld, pols[against], var.get("label", ""))
+    a = select_rows(rows, f"{P}P{D}D", tr, ld, pols[label], var.get("label", ""))
+    b = select_rows(rows, f"{P}P{D}D", tr, ld, pols[against], var.get("label", ""))
     if not a or not b:
         return None
     if [r["seed"] for r in a] != [r["seed"] for r in b]:
@@ -95,15 +95,15 @@ def learned_markdown(res: dict[str, Any], command: str) -> str:
             *(f"{k} - best tuned (points, 95 % CI)" for k in learned)]
     out = []
     for setting in res["settings"]:
-        (P, D), tr, ld, var = _setting(setting)
+        (P, D), tr, ld, var = parse_setting(setting)
         shape, vl = f"{P}P{D}D", var.get("label", "")
         cells: list[Any] = [shape, f"{tr} ({vl})" if vl else tr, f"{ld:g}x"]
         for spec in pols.values():
-            rs = _sel(rows, shape, tr, ld, spec, vl)
+            rs = select_rows(rows, shape, tr, ld, spec, vl)
             cells.append(f"{pooled(rs):.4f} / {np.mean([r['ttft_p95_s'] for r in rs]):.2f} s" if rs else "n/a")
-        base = [r["slo_attainment"] for r in _sel(rows, shape, tr, ld, best, vl)]
+        base = [r["slo_attainment"] for r in select_rows(rows, shape, tr, ld, best, vl)]
         for k in learned:
-            rs = _sel(rows, shape, tr, ld, pols[k], vl)
+            rs = select_rows(rows, shape, tr, ld, pols[k], vl)
             if rs:
                 m, h = paired_ci([r["slo_attainment"] for r in rs], base)
                 cells.append(f"{100 * m:+.2f} ± {100 * h:.2f}")

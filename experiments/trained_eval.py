@@ -4,9 +4,10 @@ the fixed-shape v1 policy it replaced, on held-out episodes, with paired differe
     python -m deflectlab.experiments.trained_eval --out experiments/trained --episodes 20 --jobs 2
 
 Settings (:data:`SETTINGS`): both Azure traces at 1x-3x on 2P2D and 4P4D (the training shapes), 3P3D and 8P8D
-(shapes the policy never saw; 8P8D also at 6x and 9x on the code trace, where it is loaded at all); a synthetic Gamma CV-4 arrival process with the code trace's lengths (never trained
-on); the Mooncake-style trace (never trained on; its 1,022 s are shorter than the held-out span, so its
-windows start in its second half) on 8P8D. Every policy replays the same episodes of a setting
+(shapes the policy never saw; 8P8D also at 6x and 9x on the code trace, where it is loaded at all); a
+synthetic Gamma CV-4 arrival process with the code trace's lengths (never trained on); the Mooncake-style trace
+(never trained on; its 1,022 s are shorter than the held-out span, so its windows start in its second half)
+on 8P8D. Every policy replays the same episodes of a setting
 (``experiments.headroom.episode``); the policy's differences are paired per episode with 95 % Student-t
 intervals. Writes ``evaluation.json`` (every per-episode row) and ``evaluation.md``.
 """
@@ -64,7 +65,7 @@ def _fmt(p: tuple[float, float, int] | None) -> str:
 
 
 def evaluation_markdown(res: dict[str, Any], command: str) -> str:
-    from deflectlab.experiments.learned_eval import _sel, _setting, paired, pooled
+    from deflectlab.experiments.learned_eval import paired, parse_setting, pooled, select_rows
 
     pols = res["policies"]
     others = [k for k in pols if k != "kept (shape-generic)"]
@@ -72,11 +73,11 @@ def evaluation_markdown(res: dict[str, Any], command: str) -> str:
             *(f"kept - {k} (points, 95 % CI)" for k in others)]
     rows, losses = [], []
     for s in res["settings"]:
-        (P, D), tr, ld, var = _setting(s)
+        (P, D), tr, ld, var = parse_setting(s)
         vl = var.get("label", "")
         cells: list[Any] = [f"{P}P{D}D", f"{tr} ({vl})" if vl else tr, f"{ld:g}x", novelty(s) or "-"]
         for spec in pols.values():
-            rs = _sel(res["rows"], f"{P}P{D}D", tr, ld, spec, vl)
+            rs = select_rows(res["rows"], f"{P}P{D}D", tr, ld, spec, vl)
             cells.append(f"{pooled(rs):.4f}" if rs else "n/a")
         for k in others:
             d = paired(res, s, "kept (shape-generic)", k)
@@ -138,8 +139,8 @@ def headroom_and_learned_summary(trained: Path = HERE / "trained", headroom: Pat
     planner takes minutes, the 20-episode evaluation a few): per trace and load on 2P2D, the planner's and
     the kept policy's paired differences against the best tuned heuristic, each on its own run's episodes.
     Empty when neither run is there."""
-    from deflectlab.experiments.headroom import _by, paired_ci, pooled
-    from deflectlab.experiments.learned_eval import _sel, paired
+    from deflectlab.experiments.headroom import paired_ci, pooled, rows_by
+    from deflectlab.experiments.learned_eval import paired, select_rows
 
     hr_path, ev_path = headroom / "headroom.json", trained / "evaluation.json"
     hr = json.loads(hr_path.read_text()) if hr_path.is_file() else None
@@ -152,7 +153,7 @@ def headroom_and_learned_summary(trained: Path = HERE / "trained", headroom: Pat
             cells: list[Any] = [tr, f"{ld:g}x"]
             if hr is not None and ld in hr["spec"]["loads"] and tr in hr["spec"]["traces"]:
                 best, plan = hr["policies"][hr["best"]], hr["policies"]["lookahead (clairvoyant)"]
-                b, p = _by(hr["rows"], tr, ld, best), _by(hr["rows"], tr, ld, plan)
+                b, p = rows_by(hr["rows"], tr, ld, best), rows_by(hr["rows"], tr, ld, plan)
                 m, h = paired_ci([r["slo_attainment"] for r in p], [r["slo_attainment"] for r in b])
                 cells += [f"{pooled(b):.4f}", f"{pooled(p):.4f}", f"{100 * m:+.2f} ± {100 * h:.2f} ({len(p)})"]
             else:
@@ -160,8 +161,8 @@ def headroom_and_learned_summary(trained: Path = HERE / "trained", headroom: Pat
             if ev is not None:
                 s = ((2, 2), tr, ld)
                 best = ev["policies"][ev["best"]]
-                kept = _sel(ev["rows"], "2P2D", tr, ld, ev["policies"]["kept (shape-generic)"])
-                b = _sel(ev["rows"], "2P2D", tr, ld, best)
+                kept = select_rows(ev["rows"], "2P2D", tr, ld, ev["policies"]["kept (shape-generic)"])
+                b = select_rows(ev["rows"], "2P2D", tr, ld, best)
                 d = paired(ev, s, "kept (shape-generic)", ev["best"])
                 v1 = paired(ev, s, "kept (shape-generic)", "v1 (2P2D MLP)")
                 cells += [f"{pooled(b):.4f}" if b else "n/a", f"{pooled(kept):.4f}" if kept else "n/a",
