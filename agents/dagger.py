@@ -11,6 +11,12 @@ disjoint from the held-out evaluation windows ([1200, 1800) s).
 
 The planner's decision maps onto the environment's actions by its node: prefill on ``p`` is action ``p``,
 deflection to ``d`` is action ``P + d`` (with the environment's chunk cap).
+
+The teacher need not be the planner: ``DaggerConfig.teacher`` names any registered policy (``"name:key=value"``,
+e.g. the tuned ``length_threshold:max_len=3072``), which then labels every visited state with its own decision.
+A heuristic teacher is not clairvoyant, so the network sees everything the teacher decides on (up to
+tie-breaks between nodes the features do not tell apart), and labelling costs one ``decide`` per state
+instead of one rollout per candidate action.
 """
 
 from __future__ import annotations
@@ -57,8 +63,21 @@ class DaggerConfig:
     regret_weight: float = 0.0
     #: the observation's feature schema version (envs.features.SCHEMAS; 2 adds the prefix-cache hits)
     feature_schema: int = 1
+    #: the labelling teacher: empty for the clairvoyant planner, else any registered policy spec (a heuristic
+    #: teacher gives no per-action regrets, so ``regret_weight`` must then be 0)
+    teacher: str = ""
 
     def __post_init__(self) -> None:
+        if self.teacher:
+            from deflectlab.policies.registry import make_policy
+
+            try:
+                make_policy(self.teacher)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"dagger: teacher {self.teacher!r}: {e}") from None
+            if self.regret_weight > 0:
+                raise ValueError("dagger: regret_weight needs the planner's rollouts; a policy teacher "
+                                 f"({self.teacher!r}) gives none (use regret_weight 0)")
         if self.iterations < 1 or self.episodes_per_iteration < 1:
             raise ValueError("dagger: iterations and episodes_per_iteration must be >= 1")
         if not self.shapes or any(int(p) < 1 or int(d) < 1 for p, d in self.shapes):
@@ -123,22 +142,29 @@ def _env(cfg: DaggerConfig, shape: tuple[int, int], trace: str):
 
 def collect_episode(cfg: DaggerConfig, net: SetPolicyNet | None, beta: float, shape: tuple[int, int], trace: str,
                     seed: int, data: Dataset, rng: np.random.Generator) -> dict[str, Any]:
-    """Play one episode, the planner labelling every state; returns counts (decisions, agreement)."""
-    from deflectlab.policies.lookahead import Lookahead
-
+    """Play one episode, the teacher (the planner, or ``cfg.teacher``) labelling every state; returns counts
+    (decisions, agreement)."""
     env = _env(cfg, shape, trace)
-    planner = Lookahead(horizon_s=cfg.horizon_s, base=cfg.base, base_max_len=cfg.base_max_len)
     obs, meta = env.reset(seed=seed)
-    planner.attach(env.sim)
+    if cfg.teacher:
+        from deflectlab.policies.registry import make_policy
+
+        teacher = make_policy(cfg.teacher)
+    else:
+        from deflectlab.policies.lookahead import Lookahead
+
+        teacher = Lookahead(horizon_s=cfg.horizon_s, base=cfg.base, base_max_len=cfg.base_max_len)
+        teacher.attach(env.sim)
     P, D = shape
     n = agree = 0
     done = False
     while not done and n < cfg.max_decisions:
         mask = env.action_masks()
-        label = planner_action(planner.decide(env.current_view(), env.current_request), P)
-        if not mask[label]:  # the base's own deflection to a node the env masks: fall back to its best valid
+        label = planner_action(teacher.decide(env.current_view(), env.current_request), P)
+        if not mask[label]:  # the teacher's deflection to a node the env masks: fall back to its best valid
             label = int(np.flatnonzero(mask)[0])
-        data.add(shape, obs, mask, label, action_regret(planner.last_scores, P, len(mask)))
+        regret = None if cfg.teacher else action_regret(teacher.last_scores, P, len(mask))
+        data.add(shape, obs, mask, label, regret)
         if net is not None:
             with torch.no_grad():
                 mine = masked_argmax(net.flat_logits(torch.as_tensor(obs[None]), P, D)[0].numpy(), mask)

@@ -90,31 +90,43 @@ def planner_spec(horizon_s: float, best_spec: str) -> str:
     return f"{PLANNER}:horizon_s={horizon_s:g},base={name}" + (f",{base}" if base else "")
 
 
-def episode(trace: str, load: float, seed: int, window_s: float, handoff: str, shape: tuple[int, int] = (2, 2)):
-    """The workload of one held-out episode, drawn as the environment draws it, and its cluster config."""
+def episode(trace: str, load: float, seed: int, window_s: float, handoff: str, shape: tuple[int, int] = (2, 2),
+            variant: dict[str, Any] | None = None):
+    """The workload of one held-out episode, drawn as the environment draws it, and its cluster config.
+
+    ``variant`` (optional) changes how it is drawn: ``arrival`` (``trace``, ``poisson``, ``gamma``, ...) and ``cv``
+    (the arrival process of ``envs.workloads``, lengths still from the trace's window), ``start_s`` (the span of
+    window starts, default :data:`HELD_OUT_START_S`; a trace shorter than 1,200 s needs its own).
+    """
     from deflectlab.envs.gym_env import DeflectionEnv
 
-    env = DeflectionEnv(trace=trace, load=[load, load], window_s=window_s, window_start_s=list(HELD_OUT_START_S),
+    v = variant or {}
+    env = DeflectionEnv(trace=trace, load=[load, load], window_s=window_s,
+                        window_start_s=list(v.get("start_s", HELD_OUT_START_S)),
+                        arrival=v.get("arrival", "trace"), cv=float(v.get("cv", 1.0)),
                         cluster={"handoff": handoff, "num_prefill": shape[0], "num_decode": shape[1]})
     wl, meta = env.episode_workload(seed=seed)
     return env.config, wl, meta
 
 
-def run_one(task: tuple[str, float, int, float, str, str]) -> dict[str, Any]:
-    """One policy on one episode: SLO attainment, P95 TTFT, deflected share, wall time and decisions/s."""
+def run_one(task: tuple) -> dict[str, Any]:
+    """One policy on one episode: SLO attainment, P95 TTFT, deflected share, wall time and decisions/s.
+
+    ``task``: ``(trace, load, seed, window_s, handoff, spec[, shape[, variant]])`` (see :func:`episode`)."""
     from deflectlab.envs.simulator import ClusterSim
     from deflectlab.policies.registry import make_policy
 
     trace, load, seed, window_s, handoff, spec = task[:6]
     shape = task[6] if len(task) > 6 else (2, 2)
-    cfg, wl, meta = episode(trace, load, seed, window_s, handoff, shape)
+    variant = task[7] if len(task) > 7 else None
+    cfg, wl, meta = episode(trace, load, seed, window_s, handoff, shape, variant)
     sim = ClusterSim(cfg, wl)
     t0 = time.perf_counter()
     s = sim.run(make_policy(spec)).summary
     wall = time.perf_counter() - t0
     n = s["requests"]
     return {"trace": trace, "load": load, "seed": seed, "policy": spec, "requests": n,
-            "shape": f"{shape[0]}P{shape[1]}D",
+            "shape": f"{shape[0]}P{shape[1]}D", "variant": (variant or {}).get("label", ""),
             "slo_met": round(s["slo_attainment"] * n), "slo_attainment": s["slo_attainment"],
             "ttft_p95_s": s["ttft_s"]["p95"], "deflected": sim.deflections / n if n else math.nan,
             "wall_s": wall, "decisions_per_s": n / max(sim.decision_s, 1e-9), "start_s": meta["start_s"]}
@@ -146,7 +158,7 @@ def run_headroom(spec: HeadroomSpec) -> dict[str, Any]:
             "rows": rows, "wall_s": wall}
 
 
-def _by(rows: list[dict[str, Any]], trace: str, load: float, policy: str) -> list[dict[str, Any]]:
+def rows_by(rows: list[dict[str, Any]], trace: str, load: float, policy: str) -> list[dict[str, Any]]:
     out = [r for r in rows if r["trace"] == trace and r["load"] == load and r["policy"] == policy]
     return sorted(out, key=lambda r: r["seed"])
 
@@ -180,13 +192,13 @@ def headroom_rows(res: dict[str, Any]) -> list[list[Any]]:
     out = []
     for tr in spec["traces"]:
         for ld in spec["loads"]:
-            cells: list[Any] = [tr, f"{ld:g}x", sum(r["requests"] for r in _by(rows, tr, ld, best))]
-            cells += [f"{pooled(_by(rows, tr, ld, p)):.4f}" for p in pol.values()]
-            m, h = paired_ci([r["slo_attainment"] for r in _by(rows, tr, ld, plan)],
-                             [r["slo_attainment"] for r in _by(rows, tr, ld, best)])
-            cells.append(f"{100 * (pooled(_by(rows, tr, ld, plan)) - pooled(_by(rows, tr, ld, best))):+.2f}")
+            cells: list[Any] = [tr, f"{ld:g}x", sum(r["requests"] for r in rows_by(rows, tr, ld, best))]
+            cells += [f"{pooled(rows_by(rows, tr, ld, p)):.4f}" for p in pol.values()]
+            m, h = paired_ci([r["slo_attainment"] for r in rows_by(rows, tr, ld, plan)],
+                             [r["slo_attainment"] for r in rows_by(rows, tr, ld, best)])
+            cells.append(f"{100 * (pooled(rows_by(rows, tr, ld, plan)) - pooled(rows_by(rows, tr, ld, best))):+.2f}")
             cells.append(f"{100 * m:+.2f} ± {100 * h:.2f}")
-            cells.append(f"{np.mean([r['decisions_per_s'] for r in _by(rows, tr, ld, plan)]):.0f}")
+            cells.append(f"{np.mean([r['decisions_per_s'] for r in rows_by(rows, tr, ld, plan)]):.0f}")
             out.append(cells)
     return out
 
@@ -195,10 +207,10 @@ def sweep_rows(res: dict[str, Any]) -> list[list[Any]]:
     spec, rows = res["spec"], res["rows"]
     tr, ld = spec["sweep_trace"], spec["sweep_load"]
     best = res["policies"][res["best"]]
-    base = _by(rows, tr, ld, best)
+    base = rows_by(rows, tr, ld, best)
     out = []
     for h, p in res["sweep_specs"].items():
-        rs = _by(rows, tr, ld, p)
+        rs = rows_by(rows, tr, ld, p)
         m, ci = paired_ci([r["slo_attainment"] for r in rs], [r["slo_attainment"] for r in base])
         out.append([f"{float(h):g}", f"{pooled(rs):.4f}", f"{100 * m:+.2f} ± {100 * ci:.2f}",
                     f"{np.mean([r['ttft_p95_s'] for r in rs]):.3f}", f"{np.mean([r['deflected'] for r in rs]):.3f}",

@@ -5,6 +5,10 @@ drawn as the environment draws them) on each (shape, trace, load) setting; the t
 attainment, P95 TTFT, and each learned policy's paired per-episode difference against the best tuned
 heuristic with a 95 % Student-t interval. A policy that refuses a shape (the fixed-shape v1 export on 4P4D)
 is shown as not applicable.
+
+A setting is ``(shape, trace, load)`` or ``(shape, trace, load, variant)``: a variant draws the episodes
+differently (``{"label": "gamma CV 4", "arrival": "gamma", "cv": 4.0}``, or ``start_s`` for a trace shorter
+than the held-out span; see ``experiments.headroom.episode``) and is named in the table's trace column.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ def evaluate_learned(learned: dict[str, str], settings: list[tuple[tuple[int, in
     heur = baseline_policies()
     best = next(k for k in heur if k.startswith("best tuned"))
     pols = {**heur, **learned}
-    tasks = [(tr, ld, seed0 + i, window_s, handoff, spec, shape) for shape, tr, ld in settings
+    settings = [parse_setting(s) for s in settings]
+    tasks = [(tr, ld, seed0 + i, window_s, handoff, spec, shape, var) for shape, tr, ld, var in settings
              for i in range(episodes) for spec in pols.values()]
     t0 = time.perf_counter()
     if jobs <= 1:
@@ -48,14 +53,38 @@ def evaluate_learned(learned: dict[str, str], settings: list[tuple[tuple[int, in
 
         with ProcessPoolExecutor(jobs) as ex:
             rows = list(ex.map(_safe_run, tasks, chunksize=4))
-    return {"policies": pols, "best": best, "settings": [[list(s), t, ld] for s, t, ld in settings],
+    return {"policies": pols, "best": best, "settings": [[list(s), t, ld, v] for s, t, ld, v in settings],
             "episodes": episodes, "window_s": window_s, "seed0": seed0, "rows": [r for r in rows if r],
             "wall_s": time.perf_counter() - t0}
 
 
-def _sel(rows, shape, trace, load, spec):
+def parse_setting(s: tuple | list) -> tuple[tuple[int, int], str, float, dict[str, Any]]:
+    if len(s) not in (3, 4):
+        raise ValueError(f"a setting is (shape, trace, load) or (shape, trace, load, variant), got {s!r}")
+    var = dict(s[3]) if len(s) == 4 and s[3] else {}
+    if var and not var.get("label"):
+        raise ValueError(f"setting {s!r}: a variant needs a 'label' (it names the row in the table)")
+    return (int(s[0][0]), int(s[0][1])), str(s[1]), float(s[2]), var
+
+
+def select_rows(rows, shape, trace, load, spec, variant=""):
     return sorted((r for r in rows if r["shape"] == shape and r["trace"] == trace and r["load"] == load
-                   and r["policy"] == spec), key=lambda r: r["seed"])
+                   and r["policy"] == spec and r.get("variant", "") == variant), key=lambda r: r["seed"])
+
+
+def paired(res: dict[str, Any], setting: tuple | list, label: str, against: str) -> tuple[float, float, int] | None:
+    """Paired per-episode SLO-attainment difference ``label - against`` (policy labels of ``res``) on one
+    setting: ``(mean, 95 % half-width, episodes)``, or None when either policy did not run there."""
+    (P, D), tr, ld, var = parse_setting(setting)
+    pols, rows = res["policies"], res["rows"]
+    a = select_rows(rows, f"{P}P{D}D", tr, ld, pols[label], var.get("label", ""))
+    b = select_rows(rows, f"{P}P{D}D", tr, ld, pols[against], var.get("label", ""))
+    if not a or not b:
+        return None
+    if [r["seed"] for r in a] != [r["seed"] for r in b]:
+        raise ValueError(f"{label} and {against} ran on different episodes in {setting!r}")
+    m, h = paired_ci([r["slo_attainment"] for r in a], [r["slo_attainment"] for r in b])
+    return m, h, len(a)
 
 
 def learned_markdown(res: dict[str, Any], command: str) -> str:
@@ -65,15 +94,16 @@ def learned_markdown(res: dict[str, Any], command: str) -> str:
     head = ["shape", "trace", "load", *(f"{k} SLO / P95 TTFT" for k in pols),
             *(f"{k} - best tuned (points, 95 % CI)" for k in learned)]
     out = []
-    for (P, D), tr, ld in res["settings"]:
-        shape = f"{P}P{D}D"
-        cells: list[Any] = [shape, tr, f"{ld:g}x"]
+    for setting in res["settings"]:
+        (P, D), tr, ld, var = parse_setting(setting)
+        shape, vl = f"{P}P{D}D", var.get("label", "")
+        cells: list[Any] = [shape, f"{tr} ({vl})" if vl else tr, f"{ld:g}x"]
         for spec in pols.values():
-            rs = _sel(rows, shape, tr, ld, spec)
+            rs = select_rows(rows, shape, tr, ld, spec, vl)
             cells.append(f"{pooled(rs):.4f} / {np.mean([r['ttft_p95_s'] for r in rs]):.2f} s" if rs else "n/a")
-        base = [r["slo_attainment"] for r in _sel(rows, shape, tr, ld, best)]
+        base = [r["slo_attainment"] for r in select_rows(rows, shape, tr, ld, best, vl)]
         for k in learned:
-            rs = _sel(rows, shape, tr, ld, pols[k])
+            rs = select_rows(rows, shape, tr, ld, pols[k], vl)
             if rs:
                 m, h = paired_ci([r["slo_attainment"] for r in rs], base)
                 cells.append(f"{100 * m:+.2f} ± {100 * h:.2f}")

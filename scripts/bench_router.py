@@ -155,44 +155,50 @@ def _pct(x: np.ndarray) -> tuple[float, float]:
     return float(np.percentile(x, 50)), float(np.percentile(x, 99))
 
 
-def bench_decisions(n: int = 20000) -> dict:
-    """``Router.decide`` per policy, over a loaded 2P2D view (no network)."""
+def bench_decisions(n: int = 20000, shapes: tuple[tuple[int, int], ...] = ((2, 2),),
+                    only: tuple[str, ...] = ()) -> dict:
+    """``Router.decide`` per policy, over a loaded view of each ``P``x``D`` shape (no network); ``only``: just
+    the policies whose row names start with one of these."""
     from deflectlab.policies.registry import available
     from deflectlab.serving.router import RoutedRequest, Router
     from deflectlab.serving.router_config import RouterConfig
 
-    rng = random.Random(0)
     out = {}
-    print(f"\npolicy decision time, Router.decide with view build, {n} decisions each (us):")
-    print(f"  {'policy':<22}{'p50':>8}{'p99':>8}{'max':>9}")
     trained = Path(__file__).resolve().parents[1] / "experiments" / "trained"
     specs = [(n, n) for n in available() if n != "learned"]
-    specs += [("learned (onnxruntime)", f"learned:path={trained}"),  # the exported MLP of experiments/trained
+    specs += [("learned (onnxruntime)", f"learned:path={trained}"),  # the exported policy of experiments/trained
               ("learned (numpy)", f"learned:path={trained},backend=numpy")]
-    for name, spec in specs:
-        try:
-            router = Router(RouterConfig([("127.0.0.1", 1), ("127.0.0.1", 2)], [("127.0.0.1", 3), ("127.0.0.1", 4)],
-                                         spec))
-        except ValueError as e:  # a policy that needs parameters (e.g. a file)
-            print(f"  {name:<22} skipped: {e}")
-            continue
-        for inst in router.prefill:
-            inst.inflight, inst.inflight_tokens, inst.held, inst.held_tokens = 5, 12000, 2, 4000
-            inst.kv_usage = 0.2
-        for inst in router.decode:
-            inst.decoding, inst.decoding_ctx, inst.defl_waiting, inst.defl_waiting_tokens = 40, 90000, 1, 2000
-            inst.active, inst.scraped_running, inst.kv_usage = 42, 41, 0.3
-        times = np.empty(n)
-        clock = time.perf_counter
-        for i in range(n):
-            req = RoutedRequest(i, i * 0.01, rng.randint(50, 8000))
-            t0 = clock()
-            router.decide(req)
-            times[i] = clock() - t0
-        us = times * 1e6
-        p50, p99 = np.percentile(us, [50, 99])
-        out[name] = {"p50_us": float(p50), "p99_us": float(p99), "max_us": float(us.max())}
-        print(f"  {name:<22}{p50:>8.1f}{p99:>8.1f}{us.max():>9.1f}")
+    specs = [(name, spec) for name, spec in specs if not only or name.startswith(only)]
+    for P, D in shapes:
+        rng = random.Random(0)
+        print(f"\npolicy decision time, Router.decide with view build, {P}P{D}D, {n} decisions each (us):")
+        print(f"  {'policy':<22}{'p50':>8}{'p99':>8}{'max':>9}")
+        hosts = [("127.0.0.1", 1 + i) for i in range(P + D)]
+        for name, spec in specs:
+            try:
+                router = Router(RouterConfig(hosts[:P], hosts[P:], spec))
+                for inst in router.prefill:
+                    inst.inflight, inst.inflight_tokens, inst.held, inst.held_tokens = 5, 12000, 2, 4000
+                    inst.kv_usage = 0.2
+                for inst in router.decode:
+                    inst.decoding, inst.decoding_ctx, inst.defl_waiting, inst.defl_waiting_tokens = 40, 90000, 1, 2000
+                    inst.active, inst.scraped_running, inst.kv_usage = 42, 41, 0.3
+                router.decide(RoutedRequest(-1, 0.0, 100))  # a policy that refuses the shape says so here
+            except ValueError as e:  # a policy that needs parameters (e.g. a file), or refuses this shape
+                print(f"  {name:<22} skipped: {e}")
+                continue
+            times = np.empty(n)
+            clock = time.perf_counter
+            for i in range(n):
+                req = RoutedRequest(i, i * 0.01, rng.randint(50, 8000))
+                t0 = clock()
+                router.decide(req)
+                times[i] = clock() - t0
+            us = times * 1e6
+            p50, p99 = np.percentile(us, [50, 99])
+            out[f"{name} {P}P{D}D" if shapes != ((2, 2),) else name] = {
+                "p50_us": float(p50), "p99_us": float(p99), "max_us": float(us.max())}
+            print(f"  {name:<22}{p50:>8.1f}{p99:>8.1f}{us.max():>9.1f}")
     return out
 
 
@@ -449,6 +455,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="run the routers under cProfile and write DIR/router-<policy>.prof when they stop")
     ap.add_argument("--skip-prefill-path", action="store_true")
     ap.add_argument("--decisions", type=int, default=20000, help="decisions timed per policy in process (0: skip)")
+    ap.add_argument("--decision-shapes", default="2x2",
+                    help="cluster shapes PxD (comma-separated) of the decision-time part")
+    ap.add_argument("--decisions-only", nargs="*", default=None, metavar="POLICY",
+                    help="run only the decision-time part (no emulators), for these policies (row-name prefixes, "
+                         "e.g. 'learned'; none given: every policy)")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     return ap
 
@@ -566,6 +577,17 @@ def _machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    from deflectlab.scripts.cmd_dagger import parse_shapes
+
+    try:
+        shapes = tuple(parse_shapes(a.decision_shapes))
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"--decision-shapes: {e}") from None
+    if a.decisions_only is not None:
+        res = {"decisions": bench_decisions(a.decisions, shapes, tuple(a.decisions_only))}
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=2, default=float))
+        return 0
     _check(a)
     results: dict = {"args": vars(a) | {"json": str(a.json), "router_profile": str(a.router_profile)}, "rates": {}}
     free = iter(free_ports(4))
@@ -598,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.router_profile is not None:  # the routers wrote their profiles when they stopped
         _print_profiles(a.router_profile, results)
     if a.decisions > 0:
-        results["decisions"] = bench_decisions(a.decisions)
+        results["decisions"] = bench_decisions(a.decisions, shapes)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2, default=float))
     return 0

@@ -93,3 +93,30 @@ def test_action_regret_and_cost_aware_targets_by_hand():
     assert w.tolist() == [1.0 + 0.5 * 3.0, 1.0 + 0.5 * 2.0]
     plain, w0 = _targets(data, (1, 2), 0.0)
     assert plain.tolist() == [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]] and w0.tolist() == [1.0, 1.0]
+
+
+def test_a_heuristic_teacher_labels_by_its_own_rule():
+    # the tuned length threshold as teacher: every prompt under 3,072 tokens is labelled a deflection, every
+    # other one a prefill (the rule, recomputed here from the prompt length the observation encodes)
+    import math
+
+    cfg = DaggerConfig(shapes=[(2, 2)], traces=["azure_code"], loads=(1.0, 1.0), window_s=60.0,
+                       window_start_s=(300.0, 600.0), iterations=1, episodes_per_iteration=1, max_decisions=150,
+                       hidden=16, teacher="length_threshold:max_len=3072")
+    data = Dataset()
+    out = collect_episode(cfg, None, 1.0, (2, 2), "azure_code", 3, data, np.random.default_rng(0))
+    assert out["decisions"] == len(data) > 50
+    lengths = [round(math.expm1(float(o[0]) * math.log1p(131072))) for o in data.obs[(2, 2)]]
+    deflected = [y >= 2 for y in data.label[(2, 2)]]
+    assert deflected == [L < 3072 for L in lengths]
+    assert 0 < sum(deflected) < len(deflected)  # both kinds occur: the check is not vacuous
+    # a heuristic teacher gives no per-action regrets: only the label's own entry is known
+    r = np.stack(data.regret[(2, 2)])
+    assert all(r[i, y] == 0 and np.isnan(np.delete(r[i], y)).all() for i, y in enumerate(data.label[(2, 2)]))
+
+
+def test_bad_teacher_is_named():
+    with pytest.raises(ValueError, match="teacher 'no_such_policy'"):
+        DaggerConfig(teacher="no_such_policy")
+    with pytest.raises(ValueError, match="regret_weight needs the planner"):
+        DaggerConfig(teacher="length_threshold", regret_weight=0.5)

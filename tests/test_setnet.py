@@ -89,10 +89,11 @@ def test_learned_spec_runs_any_shape_and_keeps_v1(exported):
         res = ClusterSim(ClusterConfig(num_prefill=P, num_decode=D), wl).run(make_policy(f"learned:path={d}"))
         assert res.summary["requests"] == 120
     # the shipped fixed-shape (v1) policy still loads, and still refuses another shape
-    v1 = make_policy("learned:path=experiments/trained")
+    v1 = make_policy("learned:path=experiments/trained_v1")
     ClusterSim(ClusterConfig(), wl).run(v1)
     with pytest.raises(PolicyFileError, match="trained for 2P2D"):
-        ClusterSim(ClusterConfig(num_prefill=4, num_decode=4), wl).run(make_policy("learned:path=experiments/trained"))
+        ClusterSim(ClusterConfig(num_prefill=4, num_decode=4), wl).run(
+            make_policy("learned:path=experiments/trained_v1"))
 
 
 def test_corrupt_set_weights_are_refused(exported, tmp_path):
@@ -139,4 +140,4 @@ def test_router_loads_the_shape_generic_export_for_any_shape(exported, shape):
     assert r.policy.generic and r.policy._checked
     if shape != (2, 2):
         with pytest.raises(PolicyFileError, match="trained for 2P2D"):
-            Router(RouterConfig(prefill=hosts[:P], decode=hosts[P:], policy="experiments/trained"))
+            Router(RouterConfig(prefill=hosts[:P], decode=hosts[P:], policy="experiments/trained_v1"))

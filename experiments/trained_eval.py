@@ -1,0 +1,184 @@
+"""The kept policy's evaluation: the shape-generic policy in ``experiments/trained`` against the heuristics and
+the fixed-shape v1 policy it replaced, on held-out episodes, with paired differences.
+
+    python -m deflectlab.experiments.trained_eval --out experiments/trained --episodes 20 --jobs 2
+
+Settings (:data:`SETTINGS`): both Azure traces at 1x-3x on 2P2D and 4P4D (the training shapes), 3P3D and 8P8D
+(shapes the policy never saw; 8P8D also at 6x and 9x on the code trace, where it is loaded at all); a
+synthetic Gamma CV-4 arrival process with the code trace's lengths (never trained on); the Mooncake-style trace
+(never trained on; its 1,022 s are shorter than the held-out span, so its windows start in its second half)
+on 8P8D. Every policy replays the same episodes of a setting
+(``experiments.headroom.episode``); the policy's differences are paired per episode with 95 % Student-t
+intervals. Writes ``evaluation.json`` (every per-episode row) and ``evaluation.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from deflectlab.experiments.markdown import table
+
+HERE = Path(__file__).parent
+KEPT = "learned:path=experiments/trained"
+V1 = "learned:path=experiments/trained_v1"
+GAMMA4 = {"label": "gamma CV 4", "arrival": "gamma", "cv": 4.0}
+#: the Mooncake-style trace is 1,022 s long: windows start in its second half (it is not trained on at all)
+MOONCAKE = {"label": "second half", "start_s": [511.0, None]}
+TRAINED_SHAPES = ("2P2D", "4P4D")
+SETTINGS: list[tuple] = (
+    [((n, n), tr, ld) for n in (2, 3, 4, 8) for tr in ("azure_code", "azure_conv") for ld in (1.0, 2.0, 3.0)]
+    + [((8, 8), "azure_code", ld) for ld in (6.0, 9.0)]
+    + [((n, n), "azure_code", ld, GAMMA4) for n in (2, 4) for ld in (1.0, 2.0)]
+    + [((8, 8), "mooncake_synthetic", ld, MOONCAKE) for ld in (0.5, 1.0)]
+)
+
+
+def novelty(setting: tuple | list) -> str:
+    """What the policy did not see in a setting: shape, arrival process, trace (empty: all seen in training)."""
+    (p, d), tr, *rest = setting[:3]
+    var = setting[3] if len(setting) > 3 and setting[3] else {}
+    out = []
+    if f"{p}P{d}D" not in TRAINED_SHAPES:
+        out.append("shape")
+    if var.get("arrival", "trace") != "trace":
+        out.append("arrivals")
+    if tr not in ("azure_code", "azure_conv"):
+        out.append("trace")
+    return ", ".join(out)
+
+
+def evaluate(episodes: int, jobs: int, kept: str = KEPT, v1: str = V1, window_s: float = 120.0,
+             settings: list[tuple] | None = None) -> dict[str, Any]:
+    from deflectlab.experiments.learned_eval import evaluate_learned
+
+    return evaluate_learned({"kept (shape-generic)": kept, "v1 (2P2D MLP)": v1}, settings or SETTINGS, episodes,
+                            window_s=window_s, jobs=jobs)
+
+
+def _fmt(p: tuple[float, float, int] | None) -> str:
+    return "n/a" if p is None else f"{100 * p[0]:+.2f} ± {100 * p[1]:.2f}"
+
+
+def evaluation_markdown(res: dict[str, Any], command: str) -> str:
+    from deflectlab.experiments.learned_eval import paired, parse_setting, pooled, select_rows
+
+    pols = res["policies"]
+    others = [k for k in pols if k != "kept (shape-generic)"]
+    head = ["shape", "trace", "load", "unseen", *(f"{k} SLO" for k in pols),
+            *(f"kept - {k} (points, 95 % CI)" for k in others)]
+    rows, losses = [], []
+    for s in res["settings"]:
+        (P, D), tr, ld, var = parse_setting(s)
+        vl = var.get("label", "")
+        cells: list[Any] = [f"{P}P{D}D", f"{tr} ({vl})" if vl else tr, f"{ld:g}x", novelty(s) or "-"]
+        for spec in pols.values():
+            rs = select_rows(res["rows"], f"{P}P{D}D", tr, ld, spec, vl)
+            cells.append(f"{pooled(rs):.4f}" if rs else "n/a")
+        for k in others:
+            d = paired(res, s, "kept (shape-generic)", k)
+            cells.append(_fmt(d))
+            if d is not None and d[0] + d[1] < 0:
+                losses.append(f"{P}P{D}D {tr}{f' ({vl})' if vl else ''} {ld:g}x vs {k}: {_fmt(d)}")
+        rows.append(cells)
+    lines = ["# The kept policy on held-out episodes", "",
+             f"Command: `{command}` ({res['wall_s']:.0f} s wall on 2 shared cores). {res['episodes']} held-out "
+             f"episodes per setting ({res['window_s']:g}-s windows; Azure traces: starts in [1200, end - window] s, "
+             "after every training window; Mooncake-style: starts in its second half), seeds "
+             f"{res['seed0']}.., the same episodes for every policy. SLO: attainment pooled over requests. "
+             "Differences: the kept policy minus each other policy, paired per episode, mean ± 95 % Student-t "
+             "half-width, in points of SLO attainment. `unseen`: what the kept policy never saw in training "
+             "(it trained on 2P2D and 4P4D, both Azure traces, recorded arrivals, 1-3x load).", "",
+             "Policies: " + "; ".join(f"{k} = `{v}`" for k, v in pols.items()) + ".", ""]
+    lines += table(head, rows)
+    lines += ["", "## Where the kept policy loses (interval entirely below zero)", ""]
+    lines += [f"* {x}" for x in losses] or ["* nowhere"]
+    return "\n".join(lines + [""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("results/trained_eval"))
+    ap.add_argument("--episodes", type=int, default=20)
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--kept", default=KEPT, help="the policy spec evaluated")
+    ap.add_argument("--v1", default=V1, help="the fixed-shape policy it is set against")
+    a = ap.parse_args(argv)
+    if a.episodes < 2 or a.jobs < 1:
+        raise SystemExit("trained_eval: --episodes must be >= 2 and --jobs >= 1")
+    command = "python -m deflectlab.experiments.trained_eval " + " ".join(shlex.quote(x) for x in
+                                                                          (argv if argv is not None else sys.argv[1:]))
+    res = evaluate(a.episodes, a.jobs, a.kept, a.v1)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "evaluation.json").write_text(json.dumps({**res, "command": command}, separators=(",", ":"),
+                                                      default=float))
+    md = evaluation_markdown(res, command)
+    (a.out / "evaluation.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+def _rel(p: Path) -> str:
+    """``p`` relative to the repository (no machine path in a report), else as given."""
+    try:
+        return str(p.resolve().relative_to(HERE.parent.resolve()))
+    except ValueError:
+        return p.name
+
+
+def headroom_and_learned_summary(trained: Path = HERE / "trained", headroom: Path = HERE / "headroom") -> str:
+    """The main job's section on the planner and the kept learned policy, both read from committed runs (the
+    planner takes minutes, the 20-episode evaluation a few): per trace and load on 2P2D, the planner's and
+    the kept policy's paired differences against the best tuned heuristic, each on its own run's episodes.
+    Empty when neither run is there."""
+    from deflectlab.experiments.headroom import paired_ci, pooled, rows_by
+    from deflectlab.experiments.learned_eval import paired, select_rows
+
+    hr_path, ev_path = headroom / "headroom.json", trained / "evaluation.json"
+    hr = json.loads(hr_path.read_text()) if hr_path.is_file() else None
+    ev = json.loads(ev_path.read_text()) if ev_path.is_file() else None
+    if hr is None and ev is None:
+        return ""
+    rows = []
+    for tr in ("azure_code", "azure_conv"):
+        for ld in (1.0, 2.0, 3.0):
+            cells: list[Any] = [tr, f"{ld:g}x"]
+            if hr is not None and ld in hr["spec"]["loads"] and tr in hr["spec"]["traces"]:
+                best, plan = hr["policies"][hr["best"]], hr["policies"]["lookahead (clairvoyant)"]
+                b, p = rows_by(hr["rows"], tr, ld, best), rows_by(hr["rows"], tr, ld, plan)
+                m, h = paired_ci([r["slo_attainment"] for r in p], [r["slo_attainment"] for r in b])
+                cells += [f"{pooled(b):.4f}", f"{pooled(p):.4f}", f"{100 * m:+.2f} ± {100 * h:.2f} ({len(p)})"]
+            else:
+                cells += ["n/a"] * 3
+            if ev is not None:
+                s = ((2, 2), tr, ld)
+                best = ev["policies"][ev["best"]]
+                kept = select_rows(ev["rows"], "2P2D", tr, ld, ev["policies"]["kept (shape-generic)"])
+                b = select_rows(ev["rows"], "2P2D", tr, ld, best)
+                d = paired(ev, s, "kept (shape-generic)", ev["best"])
+                v1 = paired(ev, s, "kept (shape-generic)", "v1 (2P2D MLP)")
+                cells += [f"{pooled(b):.4f}" if b else "n/a", f"{pooled(kept):.4f}" if kept else "n/a",
+                          _fmt(d) + (f" ({d[2]})" if d else ""), _fmt(v1)]
+            else:
+                cells += ["n/a"] * 4
+            rows.append(cells)
+    head = ["trace", "load", "best tuned SLO (headroom run)", "planner SLO", "planner - best tuned (points, episodes)",
+            "best tuned SLO (evaluation)", "kept learned SLO", "kept - best tuned (points, episodes)",
+            "kept - v1 (points)"]
+    lines = ["## The clairvoyant planner and the kept learned policy (2P2D)", "",
+             "Neither is rerun by the main job; both come from committed runs, each on its own held-out episodes "
+             "(so compare each against the best tuned heuristic in its own run, not across runs). Planner: "
+             f"`{_rel(headroom / 'report.md')}` (`{(hr or {}).get('command', 'n/a')}`), clairvoyant, not deployable. "
+             f"Kept learned policy (`experiments/trained`, shape-generic): `{_rel(trained / 'evaluation.md')}` "
+             f"(`{(ev or {}).get('command', 'n/a')}`), where 4P4D, 8P8D, Gamma CV-4 and Mooncake-style results "
+             "are. Differences are paired per episode, mean ± 95 % half-width, in points of SLO attainment.", ""]
+    lines += table(head, rows)
+    return "\n".join(lines + [""])
