@@ -433,6 +433,12 @@ class FeatureBuilder:
                     1.0 if fits else 0.0)
             if v2:
                 obs.append(d.cached_tokens / L)
+        for k in view.dead_prefill:  # out of rotation (the router's view): not a valid action
+            mask[k] = False
+        for k in view.dead_decode:
+            mask[P + k] = False
+        if view.dead_prefill or view.dead_decode:
+            any_ok = any(mask)
         if not any_ok:  # never mask everything: with no prefill nodes and no KV room anywhere, allow all
             mask = [True] * (P + D)
         self._mask_list = mask
@@ -442,7 +448,8 @@ class FeatureBuilder:
     @property
     def mask(self) -> np.ndarray:
         """The action mask of the last :meth:`build` (``bool``, length ``P + D``): decode nodes without KV room
-        for the prompt are invalid; never all False."""
+        for the prompt and nodes out of rotation (``view.dead_prefill``, ``view.dead_decode``) are invalid; never
+        all False."""
         if self._mask is None:
             self._mask = np.array(self._mask_list, dtype=bool)
         return self._mask

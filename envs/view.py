@@ -133,7 +133,15 @@ class ClusterView:
         function computing it on first access (the simulator's, so policies that never look pay nothing).
     :param handoff: the cluster's KV hand-off preset (:class:`envs.handoff.Handoff`) for hand-off estimates
         (:func:`envs.handoff.handoff_estimate_s`); None: the latency profile's transfer terms only.
+
+    ``dead_prefill`` and ``dead_decode`` are the indices of nodes out of rotation: none in the model; the router's
+    view (``serving.load_view.RouterView``) lists the instances it has taken out, which every configured shape
+    keeps in the view so fixed-shape policies keep their shape, and which no policy may pick.
     """
+
+    #: indices of prefill / decode nodes out of rotation (see above)
+    dead_prefill: tuple[int, ...] = ()
+    dead_decode: tuple[int, ...] = ()
 
     __slots__ = ("now_s", "ttft_slo_s", "tbt_slo_s", "_rate", "num_prefill", "num_decode", "_prefill",
                  "_decode", "_builder", "handoff")

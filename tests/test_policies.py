@@ -359,3 +359,27 @@ def test_proactive_estimates_use_the_handoff_preset_and_the_cache():
     e_warm = make_policy("proactive").decide(warm, req(L)).estimates
     assert e_warm["ttft_deflect_s"] < e_cold["ttft_deflect_s"]
     assert e_warm["ttft_prefill_s"] < e_cold["ttft_prefill_s"]  # fewer bytes to move
+
+
+class _ViewWithDead(ClusterView):
+    __slots__ = ("dead_prefill", "dead_decode")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_nodes_out_of_rotation_are_invalid_actions(version):
+    """A view that lists nodes out of rotation (the router's) masks them for every learned policy, and the mask
+    is never all False."""
+    from deflectlab.envs.features import FeatureBuilder
+
+    fb = FeatureBuilder(version)
+    v = _ViewWithDead(0.0, 1.0, TAU, prefill=[pnode(0), pnode(1)], decode=[dnode(0), dnode(1, kv_free=0)])
+    v.dead_prefill, v.dead_decode = (), ()
+    fb.build(v, req(500))
+    assert fb.mask.tolist() == [True, True, True, False]  # decode 1 has no KV room
+    v.dead_prefill, v.dead_decode = (0,), (0,)
+    fb.build(v, req(500))
+    assert fb.mask.tolist() == [False, True, False, False]
+    v.dead_prefill = (0, 1)  # nothing usable: never mask everything
+    fb.build(v, req(500))
+    assert fb.mask.tolist() == [True, True, True, True]
+    assert ClusterView(0.0, 1.0, TAU, prefill=[pnode(0)], decode=[dnode(0)]).dead_prefill == ()

@@ -342,16 +342,13 @@ def test_v1_learned_policy_keeps_its_shape_with_one_node_down(down):
 
 
 @pytest.mark.parametrize("down", [("prefill", 0), ("prefill", 1), ("decode", 0), ("decode", 1)])
-def test_shipped_learned_policy_with_one_node_down_never_reaches_it(down):
+def test_shipped_learned_policy_keeps_its_shape_with_one_node_down(down):
+    """The shipped shape-generic policy gets the configured shape with the dead instance masked as invalid
+    (``ClusterView.dead_*``), so it never names it: nothing replaced, and short prompts are still deflected."""
     router = _route_with_one_down(f"learned:path={TRAINED}", down)
-    fb = router.m.fallbacks
-    assert fb["policy_error"] == 0 and fb["invalid_decision"] == 0
-    if down[0] == "decode":  # a dead decode instance is masked (no KV room): the policy never names it
-        assert fb["dead_instance"] == 0
-    # A dead prefill instance is shown busy for 10^6 s with no free KV, a state the shape-generic policy never
-    # saw in training: it may name it, and then the router replaces the choice (counted). Known gap, see
-    # experiments/trained/README.md; whatever it does, every request went to live instances (checked above).
-    assert router.decisions["prefill"] + router.decisions["deflect"] == 200
+    assert router.m.fallbacks == {"policy_error": 0, "invalid_decision": 0, "dead_instance": 0}
+    assert router.decisions["forced_deflect"] == 0
+    assert router.decisions["prefill"] > 0 and router.decisions["deflect"] > 0
 
 
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
