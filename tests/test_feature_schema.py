@@ -379,12 +379,13 @@ def test_fixed_shape_v2_train_export_same_actions(trace, tmp_path):
 
 
 # -- schema 1 kept; unknown versions refused ---------------------------------------------------------------------
-def test_the_shipped_v1_policy_still_routes_as_its_network_on_v1_features(trace):
-    """On a trace with prefix hits (where v2 features differ from v1), the shipped policy, through the runtime,
+def test_the_v1_policy_still_routes_as_its_network_on_v1_features(trace):
+    """On a trace with prefix hits (where v2 features differ from v1), the fixed-shape v1 policy
+    (experiments/trained_v1), through the runtime,
     routes every request as its own SB3 network does on schema-1 features."""
     from deflectlab.agents.policy_io import load_policy_net
 
-    kept = REPO / "experiments" / "trained"
+    kept = REPO / "experiments" / "trained_v1"
     man = json.loads((kept / "manifest.json").read_text())
     assert man["format_version"] == 1 and man["feature_schema"]["version"] == 1
     net, cfg, _ = load_policy_net(kept / "sb3_model.zip")
@@ -415,7 +416,7 @@ def _set_manifest(d: Path, **changes) -> None:
 def test_unknown_or_mismatched_schema_versions_are_refused(set_v2, tmp_path):
     _, d2 = set_v2
     msg = r"trained on features deflectlab.features v7, this code builds deflectlab.features v1, v2"
-    fixed = _copy(REPO / "experiments" / "trained", tmp_path / "fixed")
+    fixed = _copy(REPO / "experiments" / "trained_v1", tmp_path / "fixed")
     _set_manifest(fixed, version=7)
     with pytest.raises(PolicyFileError, match=msg):
         OnnxPolicy(fixed)
