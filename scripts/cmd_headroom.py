@@ -56,13 +56,12 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
 def _learned(a: argparse.Namespace) -> int:
     from deflectlab.experiments.learned_eval import evaluate_learned, write_learned
     from deflectlab.scripts.cmd_dagger import parse_shapes
+    from deflectlab.scripts.options import labelled
 
-    learned = {}
-    for item in a.learned:
-        label, eq, spec = item.partition("=")
-        if not eq or not label.strip() or not spec.strip():
-            raise SystemExit(f"deflectlab headroom: --learned {item!r} is not LABEL=SPEC")
-        learned[label.strip()] = spec.strip()
+    try:
+        learned = labelled(a.learned, "LABEL=SPEC")
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"deflectlab headroom: --learned: {e}") from None
     try:
         shapes = parse_shapes(a.shapes)
     except argparse.ArgumentTypeError as e:

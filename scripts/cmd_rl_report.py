@@ -42,14 +42,13 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deflectlab.experiments.rl_report import write_report
+    from deflectlab.scripts.options import labelled
 
-    learned = {}
-    for item in args.learned:
-        label, eq, path = item.partition("=")
-        if not eq or not label or not path:
-            print(f"deflectlab rl-report: --learned takes LABEL=RUN_DIR, got {item!r}", file=sys.stderr)
-            return 2
-        learned[label] = path
+    try:
+        learned = labelled(args.learned, "LABEL=RUN_DIR")
+    except argparse.ArgumentTypeError as e:
+        print(f"deflectlab rl-report: --learned: {e}", file=sys.stderr)
+        return 2
     if args.episodes < 2:
         print(f"deflectlab rl-report: --episodes must be >= 2 (a paired interval needs two), got {args.episodes}",
               file=sys.stderr)

@@ -301,3 +301,15 @@ def add_policies_flag(p: Any, default: Iterable[str] | None, help_text: str) -> 
     p.add_argument("--policies", nargs="+", default=list(default) if default else None, metavar="SPEC",
                    help=f"{help_text}; space-separated registry specs, e.g. round_robin proactive:margin=0.1 "
                         f"(default: {shown or 'see below'})")
+
+
+def labelled(items: Iterable[str], what: str = "LABEL=VALUE") -> dict[str, str]:
+    """``["a=x", "b=y"]`` -> ``{"a": "x", "b": "y"}`` (repeatable ``--flag LABEL=VALUE`` options); an item without
+    a label or a value is an ``argparse.ArgumentTypeError`` naming it."""
+    out: dict[str, str] = {}
+    for item in items:
+        label, eq, value = item.partition("=")
+        if not eq or not label.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"{item!r} is not {what}")
+        out[label.strip()] = value.strip()
+    return out

@@ -192,3 +192,12 @@ def test_every_error_prints_the_subcommands_own_usage(argv, command, capsys):
     assert rc == 2
     assert err.startswith(f"usage: deflectlab {command} ")
     assert f"deflectlab {command}: error:" in err and "Traceback" not in err
+
+
+def test_labelled_options_parse_and_name_a_bad_item():
+    from deflectlab.scripts.options import labelled
+
+    assert labelled(["a=learned:path=x", " b = y "]) == {"a": "learned:path=x", "b": "y"}
+    for bad in ("noequals", "=x", "a="):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"{bad!r} is not LABEL=SPEC"):
+            labelled([bad], "LABEL=SPEC")
