@@ -176,10 +176,11 @@ class PrefillNode:
                 queue.popleft()  # only the batch's last prompt can be partial, so finished ones are a prefix
                 r.t_p_end = t
                 if r.p_held is not None:
-                    cache = self.cache
-                    if cache.n_free and cache.may_find(r.p_held):  # the evictions due first (see _lookup)
-                        cache.trim(self.kv_capacity_tokens - self.kv_used_tokens)
-                    cache.register(r.p_held, r.input_tokens // self.hash_block_tokens)
+                    cache, hi = self.cache, r.input_tokens // self.hash_block_tokens
+                    if not cache.try_register(r.p_held, hi):  # it may meet cached blocks: the evictions due first
+                        if cache.n_free:  # (see _lookup)
+                            cache.trim(self.kv_capacity_tokens - self.kv_used_tokens)
+                        cache.register(r.p_held, hi)
                 self.held_handoffs += 1
                 self._on_prefilled(r, t)
         self.busy = False
