@@ -60,7 +60,7 @@ class Holding:
 
     def __init__(self, hashes: list[int], n: int) -> None:
         self.hashes, self.n = hashes, n
-        self.ranges: list[int] = [0, n] if n else []
+        self.ranges: list[int] | tuple[()] = [0, n] if n else []
 
     @property
     def blocks(self) -> int:
@@ -257,7 +257,7 @@ class PrefixCache:
         """A request frees its blocks (finished or preempted): each goes to the LRU tail once nobody holds it,
         last block first. Returns how many are still held by others (shared blocks)."""
         start, hashes, r = self.start, held.hashes, held.ranges
-        held.ranges = []
+        held.ranges = ()  # nothing held any more (a second release frees nothing)
         if not r:
             return 0
         if len(r) == 2:  # one range
