@@ -418,17 +418,11 @@ class DecodeNode:
 
     def _take_joiners(self, t: float, n_done: int) -> list[Request]:
         blk, ph, running = self.block_tokens, self._phase, self.running
-        cache = self.cache
-        if cache is not None and cache.n_free:
-            for r in self.joiners:
-                if r.d_held is not None and cache.may_find(r.d_held):
-                    cache.trim_to(self._cache_keep(n_done))  # the evictions due before registering (see _hold)
-                    break
+        if self.cache is not None:  # the KV arrived: the prompts' new full blocks are cached here now
+            self._register_joiners(n_done)
         for r in self.joiners:
             if r.kv_blocks:
                 self.static_blocks -= r.kv_blocks  # now counted among the running decodes' blocks
-                if r.d_held is not None:  # the KV arrived: its new full blocks are cached here now
-                    self.cache.register(r.d_held, r.input_tokens // self.hash_block_tokens)
             else:  # joined without admission (tests, emulator): its blocks are allocated now
                 self.admitted += 1
             r.t_join = t
@@ -444,6 +438,18 @@ class DecodeNode:
         new_joiners = self.joiners
         self.joiners = []
         return new_joiners
+
+    def _register_joiners(self, n_done: int) -> None:
+        """Register the joiners' blocks, in order, before their blocks count among the running decodes'; the
+        evictions due (as of step ``n_done``) go first, before the first registration that may meet cached
+        blocks (see :meth:`_hold`; the ones before it do not read the LRU list)."""
+        cache, bt, trimmed = self.cache, self.hash_block_tokens, False
+        for r in self.joiners:
+            if r.kv_blocks and r.d_held is not None and not cache.try_register(r.d_held, r.input_tokens // bt):
+                if not trimmed and cache.n_free:
+                    cache.trim_to(self._cache_keep(n_done))
+                    trimmed = True
+                cache.register(r.d_held, r.input_tokens // bt)
 
     def _start_segment(self, t: float) -> None:
         self._starting = False

@@ -72,7 +72,7 @@ class PrefillNode:
             cache = self.cache
             room = self.kv_capacity_tokens - self.kv_used_tokens
             if cache.n_free * cache.unit > room:  # the evictions due before blocks are freed (see _lookup)
-                cache.trim(room)
+                cache.trim_to(room // cache.unit)
             freed -= cache.release(req.p_held) * self.hash_block_tokens  # shared: still in use
             req.p_held = None
         self._use(-freed, t)
@@ -100,12 +100,15 @@ class PrefillNode:
         for r in self.queue:
             if r.t_p_start < 0.0:
                 need = prof.blocks(r.input_tokens) * prof.kv_block_tokens
-                if r.hashes is not None and self.cache is not None:
+                h = r.hashes
+                if h and self.cache is not None and h[0] in self.cache.start:  # it may hit
                     need = self._lookup(r, need, t)
                     if need < 0:
                         break
                 elif self.kv_used_tokens + need > self.kv_capacity_tokens:
                     break  # FCFS: the head waits for KV room
+                elif h is not None and self.cache is not None:  # no hit, whatever is evicted: it holds nothing yet
+                    r.p_held = Holding(h, 0)
                 self._use(need, t)
                 r.t_p_start = t
             c = r.p_remaining if r.p_remaining < budget else budget
@@ -132,7 +135,7 @@ class PrefillNode:
             return 0
         room = self.kv_capacity_tokens - self.kv_used_tokens
         if cache.n_free * cache.unit > room:
-            cache.trim(room)
+            cache.trim_to(room // cache.unit)
         bt = self.hash_block_tokens
         return cache.match(hashes, max_hit_blocks(hashes, prompt_tokens, 0, bt))[0] * bt
 
@@ -148,7 +151,7 @@ class PrefillNode:
         room = self.kv_capacity_tokens - self.kv_used_tokens  # units: tokens here, cache unit 1 block = bt
         if h and h[0] in cache.start:
             if cache.n_free * bt > room:
-                cache.trim(room)
+                cache.trim_to(room // bt)
             hit, shared = cache.match(h, max_hit_blocks(h, r.input_tokens, 0, bt))
             need -= shared * bt
         else:
@@ -176,10 +179,11 @@ class PrefillNode:
                 queue.popleft()  # only the batch's last prompt can be partial, so finished ones are a prefix
                 r.t_p_end = t
                 if r.p_held is not None:
-                    cache = self.cache
-                    if cache.n_free and cache.may_find(r.p_held):  # the evictions due first (see _lookup)
-                        cache.trim(self.kv_capacity_tokens - self.kv_used_tokens)
-                    cache.register(r.p_held, r.input_tokens // self.hash_block_tokens)
+                    cache, hi = self.cache, r.input_tokens // self.hash_block_tokens
+                    if not cache.try_register(r.p_held, hi):  # it may meet cached blocks: the evictions due first
+                        if cache.n_free:  # (see _lookup)
+                            cache.trim_to((self.kv_capacity_tokens - self.kv_used_tokens) // cache.unit)
+                        cache.register(r.p_held, hi)
                 self.held_handoffs += 1
                 self._on_prefilled(r, t)
         self.busy = False

@@ -60,7 +60,7 @@ class Holding:
 
     def __init__(self, hashes: list[int], n: int) -> None:
         self.hashes, self.n = hashes, n
-        self.ranges: list[int] = [0, n] if n else []
+        self.ranges: list[int] | tuple[()] = [0, n] if n else []
 
     @property
     def blocks(self) -> int:
@@ -169,6 +169,27 @@ class PrefixCache:
         h, n = held.hashes, held.n
         return n < len(h) and h[n] in self.start
 
+    def try_register(self, held: Holding, hi: int) -> bool:
+        """:meth:`register` for the common case, where none of the new blocks can be cached already (see there:
+        no ``risky`` span is cached, the request holds the block before the new ones and the first new one is not
+        cached), so what it registers does not depend on evictions. Returns ``False``, changing nothing, in any
+        other case: the caller then carries out the evictions due by now and calls :meth:`register`. This is
+        :meth:`may_find` and the registration in one call (the hot path: one call per request and node)."""
+        lo = held.n
+        if hi <= lo:
+            return True
+        hashes, r = held.hashes, held.ranges
+        if self.risky or hashes[lo] in self.start or (lo and not (r and r[-1] == lo)):
+            return False
+        held.n = hi
+        self.start[hashes[lo]] = _Span(hashes, lo, hi, 1)
+        self.n_blocks += hi - lo
+        if r:
+            r[-1] = hi
+        else:
+            r += (lo, hi)
+        return True
+
     def register(self, held: Holding, hi: int) -> None:
         """The request computed (or received) its blocks up to ``hi``: each not cached yet becomes cached, held by
         it; one cached meanwhile by another request stays that one's (vLLM keeps the first copy and does not cache
@@ -236,7 +257,7 @@ class PrefixCache:
         """A request frees its blocks (finished or preempted): each goes to the LRU tail once nobody holds it,
         last block first. Returns how many are still held by others (shared blocks)."""
         start, hashes, r = self.start, held.hashes, held.ranges
-        held.ranges = []
+        held.ranges = ()  # nothing held any more (a second release frees nothing)
         if not r:
             return 0
         if len(r) == 2:  # one range

@@ -56,6 +56,12 @@ class BlockCache:
     def may_find(self, held: Holding) -> bool:
         return any(h in self.cnt for h in held.hashes[held.n:])
 
+    def try_register(self, held: Holding, hi: int) -> bool:  # only when no new block is cached yet
+        if self.may_find(held):
+            return False
+        self.register(held, hi)
+        return True
+
     def register(self, held: Holding, hi: int) -> None:
         for i in range(held.n, hi):
             if held.hashes[i] not in self.cnt:  # one cached meanwhile by another request stays that one's

@@ -232,18 +232,13 @@ class _EagerDecodeNode(decode_node.DecodeNode):
 
 
 class _EagerPrefillNode(prefill_node.PrefillNode):
-    """The prefill node evicting before every lookup and after every admission (see _EagerDecodeNode)."""
+    """The prefill node evicting at every instant its pool grows: after every admission's allocation (see
+    _EagerDecodeNode; a lookup then finds nothing left to evict)."""
 
-    def _lookup(self, r, need, t):
-        room = self.kv_capacity_tokens - self.kv_used_tokens
-        self.cache.trim(room)
-        hit, shared = self.cache.match(r.hashes, prefix_cache.max_hit_blocks(r.hashes, r.input_tokens, 0,
-                                                                              self.hash_block_tokens))
-        if need - shared * self.hash_block_tokens > room:
-            return -1
-        need = super()._lookup(r, need, t)
-        self.cache.trim(room - need)
-        return need
+    def _use(self, tokens, t):
+        super()._use(tokens, t)
+        if tokens > 0:
+            self.cache.trim(self.kv_capacity_tokens - self.kv_used_tokens)
 
 
 @pytest.mark.parametrize("policy", ["always_deflect", "round_robin", "proactive"])
