@@ -382,9 +382,15 @@ def action_agreement(net: SetPolicyNet, data: Dataset) -> float:
 
 
 def finetune_ppo(net: SetPolicyNet, shape: tuple[int, int], cfg: DaggerConfig, steps: int,
-                 reward: str = "attainment", lr: float = 3e-5) -> tuple[SetPolicyNet, dict[str, Any]]:
+                 reward: str = "attainment", lr: float = 3e-5, value_warmup: int = 0,
+                 vf_coef: float = 0.5) -> tuple[SetPolicyNet, dict[str, Any]]:
     """MaskablePPO fine-tuning of the imitation network on one shape (training windows of ``cfg``), started
-    from its weights; returns the fine-tuned network (a copy) and steps/s and wall time."""
+    from its weights; returns the fine-tuned network (a copy) and steps/s and wall time.
+
+    The imitation network's value head was never trained, and the value loss reaches the encoders the policy
+    shares with it. ``value_warmup`` steps (of ``steps``) first train the value head alone (every other weight
+    frozen, so the policy does not move); ``vf_coef`` weighs the value loss against the policy's afterwards.
+    """
     import copy
 
     from sb3_contrib import MaskablePPO
@@ -392,16 +398,27 @@ def finetune_ppo(net: SetPolicyNet, shape: tuple[int, int], cfg: DaggerConfig, s
     from deflectlab.agents.setnet import make_set_policy_class
     from deflectlab.envs.gym_env import DeflectionEnv
 
+    if not 0 <= value_warmup <= steps:
+        raise ValueError(f"finetune_ppo: value_warmup {value_warmup} must be in [0, steps={steps}]")
     env = DeflectionEnv(trace=cfg.traces[0], load=list(cfg.loads), window_s=cfg.window_s,
                         window_start_s=list(cfg.window_start_s), reward=reward, feature_schema=net.feature_schema,
                         cluster={"num_prefill": shape[0], "num_decode": shape[1], "handoff": cfg.handoff})
     model = MaskablePPO(make_set_policy_class(), env, learning_rate=lr, n_steps=512, batch_size=128, n_epochs=4,
-                        clip_range=0.1, seed=cfg.seed, device="cpu",
+                        clip_range=0.1, vf_coef=vf_coef, seed=cfg.seed, device="cpu",
                         policy_kwargs={"num_prefill": shape[0], "num_decode": shape[1], "hidden": net.hidden,
                                        "feature_schema": net.feature_schema})
-    model.policy.set_net.load_state_dict(net.state_dict())
+    set_net = model.policy.set_net
+    set_net.load_state_dict(net.state_dict())
     t0 = time.perf_counter()
-    model.learn(steps)
+    if value_warmup > 0:
+        for name, p in set_net.named_parameters():
+            p.requires_grad_(name.startswith("value."))
+        model.learn(value_warmup)
+        for p in set_net.parameters():
+            p.requires_grad_(True)
+    if steps - value_warmup > 0:
+        model.learn(steps - value_warmup, reset_num_timesteps=value_warmup == 0)
     wall = time.perf_counter() - t0
-    out = copy.deepcopy(model.policy.set_net).eval()
-    return out, {"steps": steps, "wall_s": wall, "steps_per_s": steps / wall if wall > 0 else float("nan")}
+    out = copy.deepcopy(set_net).eval()
+    return out, {"steps": steps, "value_warmup": value_warmup, "vf_coef": vf_coef, "lr": lr, "reward": reward,
+                 "wall_s": wall, "steps_per_s": steps / wall if wall > 0 else float("nan")}

@@ -69,6 +69,10 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p.add_argument("--ppo-steps", type=int, default=0,
                    help="then MaskablePPO fine-tuning from the imitation weights on the first shape (0: none); "
                         "exported to OUT/policy_ppo")
+    p.add_argument("--ppo-lr", type=float, default=3e-5, help="fine-tuning learning rate")
+    p.add_argument("--ppo-value-warmup", type=int, default=0, metavar="STEPS",
+                   help="first STEPS of --ppo-steps train the value head alone (the policy frozen)")
+    p.add_argument("--ppo-vf-coef", type=float, default=0.5, help="fine-tuning value-loss weight")
     p.add_argument("--init", type=Path, default=None, metavar="DIR",
                    help="start from this exported shape-generic policy (its policy_set.npz, read without pickle); "
                         "its width and feature schema replace --hidden and --feature-schema")
@@ -87,6 +91,8 @@ def _config(a: argparse.Namespace, init_net):
     if start[0] < 0 or start[1] < start[0]:
         raise SystemExit(f"deflectlab dagger: --window-start {start[0]:g} {start[1]:g}: expected 0 <= LOW <= HIGH "
                          "(with --window over 1,200 s give --window-start explicitly)")
+    if not 0 <= a.ppo_value_warmup <= max(a.ppo_steps, 0):
+        raise SystemExit(f"deflectlab dagger: --ppo-value-warmup {a.ppo_value_warmup} must be in [0, --ppo-steps]")
     if a.iterations == 0 and init_net is None:
         raise SystemExit("deflectlab dagger: --iterations 0 needs --init DIR (a network to start from)")
     net_kw = ({"hidden": init_net.hidden, "feature_schema": init_net.feature_schema} if init_net is not None else
@@ -149,7 +155,11 @@ def run(a: argparse.Namespace) -> int:
     if a.ppo_steps > 0:
         from deflectlab.agents.dagger import finetune_ppo
 
-        tuned, info = finetune_ppo(net, cfg.shapes[0], cfg, a.ppo_steps)
+        try:
+            tuned, info = finetune_ppo(net, cfg.shapes[0], cfg, a.ppo_steps, lr=a.ppo_lr,
+                                       value_warmup=a.ppo_value_warmup, vf_coef=a.ppo_vf_coef)
+        except ValueError as e:
+            raise SystemExit(f"deflectlab dagger: {e}") from None
         print(json.dumps({"ppo": info}))
         (a.out / "ppo.json").write_text(json.dumps({"ppo": info, "shape": list(cfg.shapes[0]),
                                                     "trace": cfg.traces[0], "loads": list(cfg.loads)}, indent=1))
