@@ -288,6 +288,9 @@ class RayLabeller:
                 ray.init(address=address, log_to_driver=False, runtime_env=env)
             self.started = True
         self.task = ray.remote(num_cpus=1)(label_episode)
+        # start the workers and import the simulator and torch in each now, not in the first iteration's time
+        n = int(num_cpus or ray.available_resources().get("CPU", 1))
+        ray.get([ray.remote(num_cpus=1)(_warm).remote() for _ in range(max(n, 1))])
 
     def __call__(self, cfg: DaggerConfig, weights: dict[str, np.ndarray] | None, beta: float,
                  plan: list[tuple[int, tuple[int, int], str, int]]) -> list[tuple[Dataset, dict[str, Any]]]:
@@ -299,6 +302,13 @@ class RayLabeller:
         if self.started:
             self.ray.shutdown()
             self.started = False
+
+
+def _warm() -> int:
+    import deflectlab.envs.gym_env  # noqa: F401
+    import deflectlab.policies.lookahead  # noqa: F401
+
+    return torch.get_num_threads()
 
 
 def _sequential(cfg: DaggerConfig, weights: dict[str, np.ndarray] | None, beta: float,
