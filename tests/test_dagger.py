@@ -236,3 +236,17 @@ def test_dagger_cli_init_and_ray_errors(tmp_path, monkeypatch, capsys):
     rc = main(["dagger", "--out", str(tmp_path / "y"), "--ray", "--shapes", "1x1", "--iterations", "1",
                "--episodes", "1", "--max-decisions", "5", "--window", "20"])
     assert rc == 2 and "'rl' extra" in capsys.readouterr().err
+
+
+def test_ppo_value_warmup_moves_only_the_value_head():
+    from deflectlab.agents.dagger import finetune_ppo
+
+    torch.manual_seed(1)
+    net = SetPolicyNet(16)
+    tuned, info = finetune_ppo(net, (2, 2), TINY, steps=512, value_warmup=512, lr=1e-3)
+    assert info["value_warmup"] == 512 and info["timesteps"] == 512
+    a, b = net.state_dict(), tuned.state_dict()
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved == {"value.weight", "value.bias"}  # the policy (every other weight) did not move
+    with pytest.raises(ValueError, match="value_warmup"):
+        finetune_ppo(net, (2, 2), TINY, steps=512, value_warmup=1024)
