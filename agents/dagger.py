@@ -430,6 +430,7 @@ def finetune_ppo(net: SetPolicyNet, shape: tuple[int, int], cfg: DaggerConfig, s
         model.learn(steps - value_warmup, reset_num_timesteps=value_warmup == 0)
     wall = time.perf_counter() - t0
     out = copy.deepcopy(set_net).eval()
-    return out, {"steps": steps, "timesteps": int(model.num_timesteps), "value_warmup": value_warmup,
+    ran = int(model.num_timesteps)  # whole rollouts of 512 steps: a little over ``steps``
+    return out, {"steps": steps, "timesteps": ran, "value_warmup": value_warmup,
                  "vf_coef": vf_coef, "lr": lr, "reward": reward,
-                 "wall_s": wall, "steps_per_s": steps / wall if wall > 0 else float("nan")}
+                 "wall_s": wall, "steps_per_s": ran / wall if wall > 0 else float("nan")}
