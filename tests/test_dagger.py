@@ -170,6 +170,7 @@ def _concat(parts) -> Dataset:
 def test_ray_labelling_gives_the_sequential_data_set():
     # one local Ray (2 CPUs) for the whole test: the same DAgger run with episodes as Ray tasks gives the same
     # labels and observations in the same order, and so the same network
+    pytest.importorskip("ray")
     from deflectlab.agents import dagger as dg
 
     cfg = DaggerConfig(**{**TINY.__dict__, "iterations": 2, "episodes_per_iteration": 3, "epochs": 5})
@@ -207,6 +208,9 @@ def test_init_starts_from_an_exported_policy_and_refuses_a_bad_folder(tmp_path):
     cfg = DaggerConfig(**{**TINY.__dict__, "iterations": 0})
     same, log = train_dagger(cfg, init=back)
     assert log["iterations"] == [] and all(torch.equal(v, same.state_dict()[k]) for k, v in net.state_dict().items())
+    # with iterations, the initial network acts (and is scored against the teacher) from the first iteration
+    _, log = train_dagger(DaggerConfig(**{**TINY.__dict__, "iterations": 1, "episodes_per_iteration": 1}), init=back)
+    assert log["iterations"][0]["learner_agreement_before_fit"] is not None
     with pytest.raises(ValueError, match="16 wide"):
         train_dagger(DaggerConfig(**{**TINY.__dict__, "hidden": 32}), init=back)
     # the shipped policy loads (64 wide, schema v1)
