@@ -5,8 +5,9 @@ started from and the heuristics, on held-out episodes, with paired differences.
 
 Settings (:data:`SETTINGS`): 2P2D on the code trace at 1x-3x (fine-tuning ran on 2P2D code at 2-3x), and two
 settings it was not fine-tuned on (2P2D conversation trace at 2x, 4P4D code at 3x) to show what fine-tuning on
-one shape and trace costs elsewhere. Every policy replays the same held-out episodes of a setting
-(``experiments.headroom.episode``, windows starting at 1,200 s or later, after every training window); the
+one shape and trace costs elsewhere; and, not held out, 2P2D code at 2x and 3x on windows from the span
+fine-tuning trained on (:data:`TRAIN_SPAN`), to show what it learned there. Every policy replays the same
+episodes of a setting (``experiments.headroom.episode``; held out: windows starting at 1,200 s or later); the
 differences are paired per episode with 95 % Student-t intervals. Writes ``evaluation.json`` (every
 per-episode row) and ``evaluation.md``.
 """
@@ -25,8 +26,12 @@ from deflectlab.experiments.markdown import table
 TUNED = "fine-tuned (PPO)"
 KEPT_LABEL = "kept (imitation)"
 KEPT = "learned:path=experiments/trained"
+#: windows from the span fine-tuning trained on (starts in [0, 1080] s, ending by 1,200 s): not held out, they
+#: show what fine-tuning learned where it learned it (fresh episodes, the same span)
+TRAIN_SPAN = {"label": "training span", "start_s": [0.0, 1080.0]}
 SETTINGS: list[tuple] = ([((2, 2), "azure_code", ld) for ld in (1.0, 2.0, 3.0)]
-                         + [((2, 2), "azure_conv", 2.0), ((4, 4), "azure_code", 3.0)])
+                         + [((2, 2), "azure_conv", 2.0), ((4, 4), "azure_code", 3.0)]
+                         + [((2, 2), "azure_code", ld, TRAIN_SPAN) for ld in (2.0, 3.0)])
 
 
 def _fmt(p: tuple[float, float, int] | None) -> str:
@@ -42,20 +47,22 @@ def evaluation_markdown(res: dict[str, Any], command: str) -> str:
             *(f"fine-tuned - {k} (points, 95 % CI)" for k in others)]
     rows, losses = [], []
     for s in res["settings"]:
-        (P, D), tr, ld, _ = parse_setting(s)
-        cells: list[Any] = [f"{P}P{D}D", tr, f"{ld:g}x"]
+        (P, D), tr, ld, var = parse_setting(s)
+        vl = var.get("label", "")
+        cells: list[Any] = [f"{P}P{D}D", f"{tr} ({vl})" if vl else tr, f"{ld:g}x"]
         for spec in pols.values():
-            rs = select_rows(res["rows"], f"{P}P{D}D", tr, ld, spec)
+            rs = select_rows(res["rows"], f"{P}P{D}D", tr, ld, spec, vl)
             cells.append(f"{pooled(rs):.4f}" if rs else "n/a")
         for k in others:
             d = paired(res, s, TUNED, k)
             cells.append(_fmt(d))
             if d is not None and d[0] + d[1] < 0:
-                losses.append(f"{P}P{D}D {tr} {ld:g}x vs {k}: {_fmt(d)}")
+                losses.append(f"{P}P{D}D {tr}{f' ({vl})' if vl else ''} {ld:g}x vs {k}: {_fmt(d)}")
         rows.append(cells)
     lines = ["# The PPO fine-tuned policy on held-out episodes", "",
              f"Command: `{command}` ({res['wall_s']:.0f} s wall on 2 shared cores). {res['episodes']} held-out "
-             f"episodes per setting ({res['window_s']:g}-s windows starting in [1200, end - window] s), seeds "
+             f"episodes per setting ({res['window_s']:g}-s windows starting in [1200, end - window] s, except the "
+             "rows marked 'training span': windows starting in [0, 1080] s, the span fine-tuning trained on), seeds "
              f"{res['seed0']}.., the same episodes for every policy. SLO: attainment pooled over requests. "
              "Differences: the fine-tuned policy minus each other policy, paired per episode, mean ± 95 % "
              "Student-t half-width, in points of SLO attainment.", "",
