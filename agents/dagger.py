@@ -262,10 +262,14 @@ def label_episode(cfg: DaggerConfig, weights: dict[str, np.ndarray] | None, beta
     """One episode's labelled states on their own (:func:`collect_episode` with the learner rebuilt from numpy
     ``weights``, None for the teacher alone, and the teacher/learner coin seeded by ``(cfg.seed, k)``), so
     that episodes can run anywhere, in any order, and still give the same data set. Runs in a Ray task."""
-    torch.set_num_threads(1)
-    net = None if weights is None else net_from_arrays(weights, cfg.hidden, cfg.feature_schema)
-    data = Dataset()
-    counts = collect_episode(cfg, net, beta, shape, trace, seed, data, np.random.default_rng([cfg.seed, k]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one-row forward passes: more threads only contend
+    try:
+        net = None if weights is None else net_from_arrays(weights, cfg.hidden, cfg.feature_schema)
+        data = Dataset()
+        counts = collect_episode(cfg, net, beta, shape, trace, seed, data, np.random.default_rng([cfg.seed, k]))
+    finally:
+        torch.set_num_threads(threads)
     return data, counts
 
 
