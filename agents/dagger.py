@@ -78,8 +78,9 @@ class DaggerConfig:
             if self.regret_weight > 0:
                 raise ValueError("dagger: regret_weight needs the planner's rollouts; a policy teacher "
                                  f"({self.teacher!r}) gives none (use regret_weight 0)")
-        if self.iterations < 1 or self.episodes_per_iteration < 1:
-            raise ValueError("dagger: iterations and episodes_per_iteration must be >= 1")
+        if self.iterations < 0 or self.episodes_per_iteration < 1:
+            raise ValueError("dagger: iterations must be >= 0 (0 only from an initial network) and "
+                             "episodes_per_iteration >= 1")
         if not self.shapes or any(int(p) < 1 or int(d) < 1 for p, d in self.shapes):
             raise ValueError(f"dagger: shapes must be (P, D) pairs with P, D >= 1, got {self.shapes}")
         if not 0.0 <= self.beta0 <= 1.0 or not 0.0 <= self.beta_decay <= 1.0:
@@ -111,6 +112,14 @@ class Dataset:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.label.values())
+
+    def extend(self, other: Dataset) -> None:
+        """Append ``other``'s states after this one's (per shape, in their order)."""
+        for shape in other.label:
+            self.obs.setdefault(shape, []).extend(other.obs[shape])
+            self.mask.setdefault(shape, []).extend(other.mask[shape])
+            self.label.setdefault(shape, []).extend(other.label[shape])
+            self.regret.setdefault(shape, []).extend(other.regret[shape])
 
 
 def planner_action(decision: Any, num_prefill: int) -> int:
@@ -220,32 +229,146 @@ def _targets(data: Dataset, shape: tuple[int, int], regret_weight: float) -> tup
     return torch.as_tensor(target.astype(np.float32)), torch.as_tensor(1.0 + regret_weight * worst, dtype=torch.float32)
 
 
-def train_dagger(cfg: DaggerConfig, out: Path | None = None) -> tuple[SetPolicyNet, dict[str, Any]]:
+def episode_plan(cfg: DaggerConfig, it: int) -> list[tuple[int, tuple[int, int], str, int]]:
+    """Iteration ``it``'s episodes: ``(index k, shape, trace, environment seed)``, in the order their labelled
+    states join the data set (shapes cycle fastest, then traces)."""
+    out = []
+    for e in range(cfg.episodes_per_iteration):
+        k = it * cfg.episodes_per_iteration + e
+        out.append((k, cfg.shapes[k % len(cfg.shapes)], cfg.traces[(k // len(cfg.shapes)) % len(cfg.traces)],
+                    cfg.seed * 100_000 + k))
+    return out
+
+
+def net_from_arrays(arrays: dict[str, np.ndarray], hidden: int, feature_schema: int) -> SetPolicyNet:
+    """A :class:`SetPolicyNet` with these weights (by state-dict name, as :meth:`SetPolicyNet.arrays` gives);
+    a missing, extra or mis-shaped array is a ``ValueError`` naming it."""
+    net = SetPolicyNet(hidden, feature_schema)
+    want = net.state_dict()
+    missing, extra = sorted(set(want) - set(arrays)), sorted(set(arrays) - set(want))
+    if missing or extra:
+        raise ValueError(f"weights do not fit a {hidden}-wide set network (feature schema v{feature_schema}): "
+                         f"missing {missing or 'none'}, unexpected {extra or 'none'}")
+    for k, v in want.items():
+        if tuple(np.shape(arrays[k])) != tuple(v.shape):
+            raise ValueError(f"weights: {k} has shape {tuple(np.shape(arrays[k]))}, a {hidden}-wide set network "
+                             f"(feature schema v{feature_schema}) needs {tuple(v.shape)}")
+    net.load_state_dict({k: torch.as_tensor(np.asarray(arrays[k], np.float32)) for k in want})
+    return net.eval()
+
+
+def label_episode(cfg: DaggerConfig, weights: dict[str, np.ndarray] | None, beta: float, shape: tuple[int, int],
+                  trace: str, seed: int, k: int) -> tuple[Dataset, dict[str, Any]]:
+    """One episode's labelled states on their own (:func:`collect_episode` with the learner rebuilt from numpy
+    ``weights``, None for the teacher alone, and the teacher/learner coin seeded by ``(cfg.seed, k)``), so
+    that episodes can run anywhere, in any order, and still give the same data set. Runs in a Ray task."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one-row forward passes: more threads only contend
+    try:
+        net = None if weights is None else net_from_arrays(weights, cfg.hidden, cfg.feature_schema)
+        data = Dataset()
+        counts = collect_episode(cfg, net, beta, shape, trace, seed, data, np.random.default_rng([cfg.seed, k]))
+    finally:
+        torch.set_num_threads(threads)
+    return data, counts
+
+
+class RayLabeller:
+    """Runs :func:`label_episode` as Ray tasks: a local Ray (``num_cpus`` CPUs, default all) or the cluster at
+    ``address``; the learner's weights go to the object store once per iteration as numpy arrays."""
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
+        import os
+
+        import ray  # ModuleNotFoundError names the 'rl' extra at the command line
+
+        self.ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            env = {"env_vars": {"OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}}
+            if address is None:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=env)
+            else:
+                ray.init(address=address, log_to_driver=False, runtime_env=env)
+            self.started = True
+        self.task = ray.remote(num_cpus=1)(label_episode)
+        # start the workers and import the simulator and torch in each now, not in the first iteration's time
+        n = int(num_cpus or ray.available_resources().get("CPU", 1))
+        ray.get([ray.remote(num_cpus=1)(_warm).remote() for _ in range(max(n, 1))])
+
+    def __call__(self, cfg: DaggerConfig, weights: dict[str, np.ndarray] | None, beta: float,
+                 plan: list[tuple[int, tuple[int, int], str, int]]) -> list[tuple[Dataset, dict[str, Any]]]:
+        w = self.ray.put(weights)
+        refs = [self.task.remote(cfg, w, beta, shape, trace, seed, k) for k, shape, trace, seed in plan]
+        return self.ray.get(refs)  # in the plan's order, whichever task finished first
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
+
+
+def _warm() -> int:
+    import deflectlab.envs.gym_env  # noqa: F401
+    import deflectlab.policies.lookahead  # noqa: F401
+
+    return torch.get_num_threads()
+
+
+def _sequential(cfg: DaggerConfig, weights: dict[str, np.ndarray] | None, beta: float,
+                plan: list[tuple[int, tuple[int, int], str, int]]) -> list[tuple[Dataset, dict[str, Any]]]:
+    return [label_episode(cfg, weights, beta, shape, trace, seed, k) for k, shape, trace, seed in plan]
+
+
+def train_dagger(cfg: DaggerConfig, out: Path | None = None, *, labeller: Any = None,
+                 init: SetPolicyNet | None = None, tracker: Any = None) -> tuple[SetPolicyNet, dict[str, Any]]:
     """Run DAgger; returns the network and a log (per iteration: episodes, learner-planner agreement on the
-    visited states before retraining, training accuracy, wall time)."""
+    visited states before retraining, training accuracy, labelling and fitting wall time, labelled states/s).
+
+    :param labeller: how an iteration's episodes run: None plays them one after another here, a
+        :class:`RayLabeller` runs them as Ray tasks (the same data set either way).
+    :param init: start from this network (a copy; its width and feature schema must match ``cfg``): the learner
+        then acts from the first iteration on, and with ``cfg.iterations == 0`` it is returned unchanged.
+    :param tracker: a W&B run (or anything with ``log(dict, step=)``) that gets each iteration's metrics.
+    """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    net = SetPolicyNet(cfg.hidden, cfg.feature_schema).eval()
+    if init is not None:
+        if (init.hidden, init.feature_schema) != (cfg.hidden, cfg.feature_schema):
+            raise ValueError(f"dagger: the initial network is {init.hidden} wide with feature schema "
+                             f"v{init.feature_schema}; the config asks {cfg.hidden} and v{cfg.feature_schema}")
+        net = net_from_arrays(init.arrays(), cfg.hidden, cfg.feature_schema)
+    else:
+        net = SetPolicyNet(cfg.hidden, cfg.feature_schema).eval()
+    run = labeller or _sequential
     data = Dataset()
     log: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for it in range(cfg.iterations):
         beta = cfg.beta0 * cfg.beta_decay ** it
+        t_lab, c_lab = time.perf_counter(), time.process_time()
+        done = run(cfg, net.arrays() if (it or init is not None) else None, beta, episode_plan(cfg, it))
+        lab_s, lab_cpu = time.perf_counter() - t_lab, time.process_time() - c_lab
         eps = []
-        for e in range(cfg.episodes_per_iteration):
-            k = it * cfg.episodes_per_iteration + e
-            shape = cfg.shapes[k % len(cfg.shapes)]
-            trace = cfg.traces[(k // len(cfg.shapes)) % len(cfg.traces)]
-            eps.append(collect_episode(cfg, net if it else None, beta, shape, trace, cfg.seed * 100_000 + k,
-                                       data, rng))
+        for part, counts in done:
+            data.extend(part)
+            eps.append(counts)
+        t_fit = time.perf_counter()
         acc = fit(net, data, cfg, gen)
         dec = sum(e["decisions"] for e in eps)
-        log.append({"iteration": it, "beta": beta, "episodes": eps, "states": len(data),
-                    "majority_label_share": majority_share(data),
-                    "learner_agreement_before_fit": sum(e["agree"] for e in eps) / max(dec, 1) if it else None,
-                    "train_accuracy": acc, "wall_s": time.perf_counter() - t0})
-    result = {"config": asdict(cfg), "iterations": log, "wall_s": time.perf_counter() - t0, "states": len(data)}
+        row = {"iteration": it, "beta": beta, "episodes": eps, "states": len(data), "labelled": dec,
+               "majority_label_share": majority_share(data),
+               "learner_agreement_before_fit": (sum(e["agree"] for e in eps) / max(dec, 1)
+                                                if it or init is not None else None),
+               "train_accuracy": acc, "label_wall_s": lab_s, "label_driver_cpu_s": lab_cpu,
+               "labelled_per_s": dec / lab_s if lab_s > 0 else float("nan"),
+               "fit_wall_s": time.perf_counter() - t_fit, "wall_s": time.perf_counter() - t0}
+        log.append(row)
+        if tracker is not None:
+            tracker.log({f"dagger/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and v is not None
+                         and k != "iteration"}, step=it)
+    result = {"config": asdict(cfg), "iterations": log, "wall_s": time.perf_counter() - t0, "states": len(data),
+              "labeller": "ray" if isinstance(labeller, RayLabeller) else "sequential"}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "dagger_log.json").write_text(json.dumps(result, indent=1, default=str))
@@ -273,9 +396,15 @@ def action_agreement(net: SetPolicyNet, data: Dataset) -> float:
 
 
 def finetune_ppo(net: SetPolicyNet, shape: tuple[int, int], cfg: DaggerConfig, steps: int,
-                 reward: str = "attainment", lr: float = 3e-5) -> tuple[SetPolicyNet, dict[str, Any]]:
+                 reward: str = "attainment", lr: float = 3e-5, value_warmup: int = 0,
+                 vf_coef: float = 0.5) -> tuple[SetPolicyNet, dict[str, Any]]:
     """MaskablePPO fine-tuning of the imitation network on one shape (training windows of ``cfg``), started
-    from its weights; returns the fine-tuned network (a copy) and steps/s and wall time."""
+    from its weights; returns the fine-tuned network (a copy) and steps/s and wall time.
+
+    The imitation network's value head was never trained, and the value loss reaches the encoders the policy
+    shares with it. ``value_warmup`` steps (of ``steps``) first train the value head alone (every other weight
+    frozen, so the policy does not move); ``vf_coef`` weighs the value loss against the policy's afterwards.
+    """
     import copy
 
     from sb3_contrib import MaskablePPO
@@ -283,16 +412,29 @@ def finetune_ppo(net: SetPolicyNet, shape: tuple[int, int], cfg: DaggerConfig, s
     from deflectlab.agents.setnet import make_set_policy_class
     from deflectlab.envs.gym_env import DeflectionEnv
 
+    if not 0 <= value_warmup <= steps:
+        raise ValueError(f"finetune_ppo: value_warmup {value_warmup} must be in [0, steps={steps}]")
     env = DeflectionEnv(trace=cfg.traces[0], load=list(cfg.loads), window_s=cfg.window_s,
                         window_start_s=list(cfg.window_start_s), reward=reward, feature_schema=net.feature_schema,
                         cluster={"num_prefill": shape[0], "num_decode": shape[1], "handoff": cfg.handoff})
     model = MaskablePPO(make_set_policy_class(), env, learning_rate=lr, n_steps=512, batch_size=128, n_epochs=4,
-                        clip_range=0.1, seed=cfg.seed, device="cpu",
+                        clip_range=0.1, vf_coef=vf_coef, seed=cfg.seed, device="cpu",
                         policy_kwargs={"num_prefill": shape[0], "num_decode": shape[1], "hidden": net.hidden,
                                        "feature_schema": net.feature_schema})
-    model.policy.set_net.load_state_dict(net.state_dict())
+    set_net = model.policy.set_net
+    set_net.load_state_dict(net.state_dict())
     t0 = time.perf_counter()
-    model.learn(steps)
+    if value_warmup > 0:
+        for name, p in set_net.named_parameters():
+            p.requires_grad_(name.startswith("value."))
+        model.learn(value_warmup)
+        for p in set_net.parameters():
+            p.requires_grad_(True)
+    if steps - value_warmup > 0:
+        model.learn(steps - value_warmup, reset_num_timesteps=value_warmup == 0)
     wall = time.perf_counter() - t0
-    out = copy.deepcopy(model.policy.set_net).eval()
-    return out, {"steps": steps, "wall_s": wall, "steps_per_s": steps / wall if wall > 0 else float("nan")}
+    out = copy.deepcopy(set_net).eval()
+    ran = int(model.num_timesteps)  # whole rollouts of 512 steps: a little over ``steps``
+    return out, {"steps": steps, "timesteps": ran, "value_warmup": value_warmup,
+                 "vf_coef": vf_coef, "lr": lr, "reward": reward,
+                 "wall_s": wall, "steps_per_s": ran / wall if wall > 0 else float("nan")}

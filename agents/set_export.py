@@ -80,3 +80,36 @@ def export_set(net: SetPolicyNet, out_dir: str | Path, cluster: ClusterConfig, t
     man = out / "manifest.json"
     man.write_text(json.dumps(manifest, indent=2, default=str))
     return man
+
+
+def load_set_net(path: str | Path) -> SetPolicyNet:
+    """The :class:`SetPolicyNet` of an exported shape-generic policy (a folder :func:`export_set` wrote), from
+    its numpy weights (read with ``allow_pickle=False``), to train further (``deflectlab dagger --init``).
+
+    The manifest is checked as the runtime checks it (format, feature schema, SHA-256 of both files); a
+    fixed-shape (version 1) export, or weights that do not fit the manifest's network, is a
+    :class:`~deflectlab.policies.runtime.PolicyFileError` naming the problem.
+    """
+    from deflectlab.agents.dagger import net_from_arrays
+    from deflectlab.policies.runtime import PolicyFileError, load_manifest
+
+    d, man = load_manifest(path)
+    if man.get("format_version") != SET_MANIFEST_VERSION:
+        raise PolicyFileError(f"{d}: a fixed-shape policy (manifest format version {man.get('format_version')}); "
+                              f"only a shape-generic export (version {SET_MANIFEST_VERSION}) can start DAgger or "
+                              "fine-tuning")
+    try:
+        hidden = int(man["network"]["hidden"])
+        schema = int(man["feature_schema"]["version"])
+        f = d / man["files"]["numpy"]["path"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise PolicyFileError(f"{d}/manifest.json: lacks the network's width or feature schema ({e})") from None
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError) as e:
+        raise PolicyFileError(f"{f}: not a readable numpy weight file: {e}") from None
+    try:
+        return net_from_arrays(arrays, hidden, schema)
+    except ValueError as e:
+        raise PolicyFileError(f"{f}: {e}") from None

@@ -120,3 +120,137 @@ def test_bad_teacher_is_named():
         DaggerConfig(teacher="no_such_policy")
     with pytest.raises(ValueError, match="regret_weight needs the planner"):
         DaggerConfig(teacher="length_threshold", regret_weight=0.5)
+
+
+# -- Ray labelling and starting from an exported policy (issue 12) -----------------------------------------------
+def _same_data(a, b) -> None:
+    assert list(a.label) == list(b.label) and len(a) == len(b) > 0
+    for s in a.label:
+        assert a.label[s] == b.label[s]
+        np.testing.assert_array_equal(np.stack(a.obs[s]), np.stack(b.obs[s]))
+        np.testing.assert_array_equal(np.stack(a.mask[s]), np.stack(b.mask[s]))
+
+
+def test_an_episode_labels_the_same_states_wherever_it_runs():
+    # label_episode seeds its own teacher/learner coin by (seed, episode): run alone, in any order, an episode
+    # gives exactly the same labelled states (here with a learner acting half the time, so the coin matters)
+    from deflectlab.agents.dagger import episode_plan, label_episode
+
+    torch.manual_seed(3)
+    w = SetPolicyNet(TINY.hidden).arrays()
+    plan = episode_plan(TINY, 1)
+    first = [label_episode(TINY, w, 0.5, shape, trace, seed, k) for k, shape, trace, seed in plan]
+    again = [label_episode(TINY, w, 0.5, shape, trace, seed, k) for k, shape, trace, seed in reversed(plan)][::-1]
+    for (d1, c1), (d2, c2) in zip(first, again, strict=True):
+        _same_data(d1, d2)
+        assert c1 == c2
+    # with beta 1 the teacher always acts: the learner's weights change nothing (same states as no learner)
+    k, shape, trace, seed = plan[0]
+    _same_data(label_episode(TINY, None, 1.0, shape, trace, seed, k)[0],
+               label_episode(TINY, w, 1.0, shape, trace, seed, k)[0])
+
+
+def _recording(inner):
+    got: list = []
+
+    def run(cfg, weights, beta, plan):
+        out = inner(cfg, weights, beta, plan)
+        got.extend(out)
+        return out
+    return run, got
+
+
+def _concat(parts) -> Dataset:
+    out = Dataset()
+    for d, _ in parts:
+        out.extend(d)
+    return out
+
+
+def test_ray_labelling_gives_the_sequential_data_set():
+    # one local Ray (2 CPUs) for the whole test: the same DAgger run with episodes as Ray tasks gives the same
+    # labels and observations in the same order, and so the same network
+    pytest.importorskip("ray")
+    from deflectlab.agents import dagger as dg
+
+    cfg = DaggerConfig(**{**TINY.__dict__, "iterations": 2, "episodes_per_iteration": 3, "epochs": 5})
+    seq, seq_parts = _recording(dg._sequential)
+    net_a, log_a = dg.train_dagger(cfg, labeller=seq)
+    lab = dg.RayLabeller(num_cpus=2)
+    try:
+        ray_run, ray_parts = _recording(lab)
+        net_b, log_b = dg.train_dagger(cfg, labeller=ray_run)
+    finally:
+        lab.close()
+    assert len(seq_parts) == len(ray_parts) == 6
+    _same_data(_concat(seq_parts), _concat(ray_parts))
+    assert log_a["states"] == log_b["states"] == len(_concat(seq_parts))
+    assert [e["episodes"] for e in log_a["iterations"]] == [e["episodes"] for e in log_b["iterations"]]
+    for k, v in net_a.state_dict().items():
+        assert torch.equal(v, net_b.state_dict()[k])
+    it = log_b["iterations"][1]
+    assert it["labelled"] == sum(e["decisions"] for e in it["episodes"]) > 0
+    assert it["labelled_per_s"] == pytest.approx(it["labelled"] / it["label_wall_s"])
+
+
+def test_init_starts_from_an_exported_policy_and_refuses_a_bad_folder(tmp_path):
+    from deflectlab.agents.set_export import load_set_net
+    from deflectlab.policies.runtime import PolicyFileError
+
+    torch.manual_seed(5)
+    net = SetPolicyNet(16)
+    export_set(net, tmp_path / "pol", ClusterConfig(), trained_on={"shapes": ["2P2D"]})
+    back = load_set_net(tmp_path / "pol")
+    assert back.hidden == 16 and back.feature_schema == 1
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k])
+    # iterations 0: the initial network comes back unchanged; from it the learner acts from iteration 0 on
+    cfg = DaggerConfig(**{**TINY.__dict__, "iterations": 0})
+    same, log = train_dagger(cfg, init=back)
+    assert log["iterations"] == [] and all(torch.equal(v, same.state_dict()[k]) for k, v in net.state_dict().items())
+    # with iterations, the initial network acts (and is scored against the teacher) from the first iteration
+    _, log = train_dagger(DaggerConfig(**{**TINY.__dict__, "iterations": 1, "episodes_per_iteration": 1}), init=back)
+    assert log["iterations"][0]["learner_agreement_before_fit"] is not None
+    with pytest.raises(ValueError, match="16 wide"):
+        train_dagger(DaggerConfig(**{**TINY.__dict__, "hidden": 32}), init=back)
+    # the shipped policy loads (64 wide, schema v1)
+    kept = load_set_net("experiments/trained")
+    assert (kept.hidden, kept.feature_schema) == (64, 1)
+    # bad folders: missing, fixed-shape v1 export, a changed weight file
+    with pytest.raises(PolicyFileError, match="not found"):
+        load_set_net(tmp_path / "nope")
+    with pytest.raises(PolicyFileError, match="fixed-shape"):
+        load_set_net("experiments/trained_v1")
+    npz = tmp_path / "pol" / "policy_set.npz"
+    np.savez(npz, **{k: v[..., :1] if v.ndim else v for k, v in net.arrays().items()})
+    with pytest.raises(PolicyFileError, match="SHA-256"):
+        load_set_net(tmp_path / "pol")
+
+
+def test_dagger_cli_init_and_ray_errors(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from deflectlab.scripts.cli import main
+
+    with pytest.raises(SystemExit, match="needs --init"):
+        main(["dagger", "--out", str(tmp_path / "x"), "--iterations", "0"])
+    assert main(["dagger", "--out", str(tmp_path / "x"), "--init", str(tmp_path / "none")]) == 2
+    assert "exported policy not found" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    rc = main(["dagger", "--out", str(tmp_path / "y"), "--ray", "--shapes", "1x1", "--iterations", "1",
+               "--episodes", "1", "--max-decisions", "5", "--window", "20"])
+    assert rc == 2 and "'rl' extra" in capsys.readouterr().err
+
+
+def test_ppo_value_warmup_moves_only_the_value_head():
+    from deflectlab.agents.dagger import finetune_ppo
+
+    torch.manual_seed(1)
+    net = SetPolicyNet(16)
+    tuned, info = finetune_ppo(net, (2, 2), TINY, steps=512, value_warmup=512, lr=1e-3)
+    assert info["value_warmup"] == 512 and info["timesteps"] == 512
+    a, b = net.state_dict(), tuned.state_dict()
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved == {"value.weight", "value.bias"}  # the policy (every other weight) did not move
+    with pytest.raises(ValueError, match="value_warmup"):
+        finetune_ppo(net, (2, 2), TINY, steps=512, value_warmup=1024)
