@@ -126,3 +126,55 @@ def write_learned(res: dict[str, Any], out: Path, command: str) -> Path:
     path = out / "learned_eval.md"
     path.write_text(learned_markdown(res, command))
     return path
+
+
+def fmt_diff(p: tuple[float, float, int] | None) -> str:
+    """A paired difference (mean, 95 % half-width, n) in points of SLO attainment."""
+    return "n/a" if p is None else f"{100 * p[0]:+.2f} ± {100 * p[1]:.2f}"
+
+
+def subject_markdown(res: dict[str, Any], command: str, subject: str, short: str, title: str, intro: str,
+                     extra: tuple[str, Any] | None = None) -> str:
+    """One learned policy (``subject``, a label of ``res['policies']``) against every other policy of an
+    :func:`evaluate_learned` result: per setting, each policy's pooled SLO attainment and ``short - other`` paired
+    per episode; then the settings where its interval lies entirely below zero.
+
+    :param intro: the paragraph after the command (which windows, what the differences are).
+    :param extra: ``(column name, function of the setting -> str)``, a column after the load.
+    """
+    pols = res["policies"]
+    others = [k for k in pols if k != subject]
+    head = ["shape", "trace", "load", *([extra[0]] if extra else []), *(f"{k} SLO" for k in pols),
+            *(f"{short} - {k} (points, 95 % CI)" for k in others)]
+    rows, losses = [], []
+    for s in res["settings"]:
+        (P, D), tr, ld, var = parse_setting(s)
+        vl = var.get("label", "")
+        cells: list[Any] = [f"{P}P{D}D", f"{tr} ({vl})" if vl else tr, f"{ld:g}x",
+                            *([extra[1](s) or "-"] if extra else [])]
+        for spec in pols.values():
+            rs = select_rows(res["rows"], f"{P}P{D}D", tr, ld, spec, vl)
+            cells.append(f"{pooled(rs):.4f}" if rs else "n/a")
+        for k in others:
+            d = paired(res, s, subject, k)
+            cells.append(fmt_diff(d))
+            if d is not None and d[0] + d[1] < 0:
+                losses.append(f"{P}P{D}D {tr}{f' ({vl})' if vl else ''} {ld:g}x vs {k}: {fmt_diff(d)}")
+        rows.append(cells)
+    lines = [f"# {title}", "",
+             f"Command: `{command}` ({res['wall_s']:.0f} s wall on 2 shared cores). {intro}", "",
+             "Policies: " + "; ".join(f"{k} = `{v}`" for k, v in pols.items()) + ".", ""]
+    lines += table(head, rows)
+    lines += ["", f"## Where the {short} policy loses (interval entirely below zero)", ""]
+    lines += [f"* {x}" for x in losses] or ["* nowhere"]
+    return "\n".join(lines + [""])
+
+
+def write_evaluation(res: dict[str, Any], out: Path, command: str, markdown: str) -> None:
+    """``evaluation.json`` (every per-episode row and the command) and ``evaluation.md`` in ``out``; prints the
+    markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps({**res, "command": command}, separators=(",", ":"),
+                                                    default=float))
+    (out / "evaluation.md").write_text(markdown)
+    print(markdown)

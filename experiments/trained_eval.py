@@ -60,44 +60,17 @@ def evaluate(episodes: int, jobs: int, kept: str = KEPT, v1: str = V1, window_s:
                             window_s=window_s, jobs=jobs)
 
 
-def _fmt(p: tuple[float, float, int] | None) -> str:
-    return "n/a" if p is None else f"{100 * p[0]:+.2f} ± {100 * p[1]:.2f}"
-
-
 def evaluation_markdown(res: dict[str, Any], command: str) -> str:
-    from deflectlab.experiments.learned_eval import paired, parse_setting, pooled, select_rows
+    from deflectlab.experiments.learned_eval import subject_markdown
 
-    pols = res["policies"]
-    others = [k for k in pols if k != "kept (shape-generic)"]
-    head = ["shape", "trace", "load", "unseen", *(f"{k} SLO" for k in pols),
-            *(f"kept - {k} (points, 95 % CI)" for k in others)]
-    rows, losses = [], []
-    for s in res["settings"]:
-        (P, D), tr, ld, var = parse_setting(s)
-        vl = var.get("label", "")
-        cells: list[Any] = [f"{P}P{D}D", f"{tr} ({vl})" if vl else tr, f"{ld:g}x", novelty(s) or "-"]
-        for spec in pols.values():
-            rs = select_rows(res["rows"], f"{P}P{D}D", tr, ld, spec, vl)
-            cells.append(f"{pooled(rs):.4f}" if rs else "n/a")
-        for k in others:
-            d = paired(res, s, "kept (shape-generic)", k)
-            cells.append(_fmt(d))
-            if d is not None and d[0] + d[1] < 0:
-                losses.append(f"{P}P{D}D {tr}{f' ({vl})' if vl else ''} {ld:g}x vs {k}: {_fmt(d)}")
-        rows.append(cells)
-    lines = ["# The kept policy on held-out episodes", "",
-             f"Command: `{command}` ({res['wall_s']:.0f} s wall on 2 shared cores). {res['episodes']} held-out "
-             f"episodes per setting ({res['window_s']:g}-s windows; Azure traces: starts in [1200, end - window] s, "
-             "after every training window; Mooncake-style: starts in its second half), seeds "
-             f"{res['seed0']}.., the same episodes for every policy. SLO: attainment pooled over requests. "
+    intro = (f"{res['episodes']} held-out episodes per setting ({res['window_s']:g}-s windows; Azure traces: starts "
+             "in [1200, end - window] s, after every training window; Mooncake-style: starts in its second half), "
+             f"seeds {res['seed0']}.., the same episodes for every policy. SLO: attainment pooled over requests. "
              "Differences: the kept policy minus each other policy, paired per episode, mean ± 95 % Student-t "
              "half-width, in points of SLO attainment. `unseen`: what the kept policy never saw in training "
-             "(it trained on 2P2D and 4P4D, both Azure traces, recorded arrivals, 1-3x load).", "",
-             "Policies: " + "; ".join(f"{k} = `{v}`" for k, v in pols.items()) + ".", ""]
-    lines += table(head, rows)
-    lines += ["", "## Where the kept policy loses (interval entirely below zero)", ""]
-    lines += [f"* {x}" for x in losses] or ["* nowhere"]
-    return "\n".join(lines + [""])
+             "(it trained on 2P2D and 4P4D, both Azure traces, recorded arrivals, 1-3x load).")
+    return subject_markdown(res, command, "kept (shape-generic)", "kept", "The kept policy on held-out episodes",
+                            intro, extra=("unseen", novelty))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,12 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m deflectlab.experiments.trained_eval " + " ".join(shlex.quote(x) for x in
                                                                           (argv if argv is not None else sys.argv[1:]))
     res = evaluate(a.episodes, a.jobs, a.kept, a.v1)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "evaluation.json").write_text(json.dumps({**res, "command": command}, separators=(",", ":"),
-                                                      default=float))
-    md = evaluation_markdown(res, command)
-    (a.out / "evaluation.md").write_text(md)
-    print(md)
+    from deflectlab.experiments.learned_eval import write_evaluation
+
+    write_evaluation(res, a.out, command, evaluation_markdown(res, command))
     return 0
 
 
@@ -140,6 +110,7 @@ def headroom_and_learned_summary(trained: Path = HERE / "trained", headroom: Pat
     the kept policy's paired differences against the best tuned heuristic, each on its own run's episodes.
     Empty when neither run is there."""
     from deflectlab.experiments.headroom import paired_ci, pooled, rows_by
+    from deflectlab.experiments.learned_eval import fmt_diff as _fmt
     from deflectlab.experiments.learned_eval import paired, select_rows
 
     hr_path, ev_path = headroom / "headroom.json", trained / "evaluation.json"
