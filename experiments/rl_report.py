@@ -274,7 +274,7 @@ def write_report(run_dirs: list[str | Path], out: Path, learned: dict[str, str],
     rows = paired_table(ev)
     res = {"command": command, "runs": runs, "groups": groups, "final_eval": ev, "paired": rows,
            "diagnosis": diag, "ablation": ablation}
-    (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
+    (out / "results.json").write_text(json.dumps(res, separators=(",", ":"), default=float))
     (out / "report.md").write_text(report_markdown(groups, rows, ev, diag_md, command, ablation))
     res["wandb_run_dir"] = log_wandb(res, out, wandb_dir or out / "wandb", wandb_mode)
     return res

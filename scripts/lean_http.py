@@ -96,6 +96,8 @@ class Response:
             name = name.strip().lower()
             value = value.strip()
             if name == b"content-length":
+                if not value.isdigit():
+                    raise HttpError(f"bad Content-Length {value[:40]!r}")
                 length = int(value)
             elif name == b"transfer-encoding":
                 chunked = value.lower() == b"chunked"
@@ -335,6 +337,9 @@ class _ServerConn(asyncio.Protocol):
             name, _, value = ln.partition(b":")
             name = name.strip().lower()
             if name == b"content-length":
+                if not value.strip().isdigit():
+                    self._send(_answer(400, b'{"error":"bad Content-Length"}'), close=True)
+                    return
                 length = int(value)
             elif name == b"connection":
                 close = value.strip().lower() == b"close"

@@ -56,6 +56,7 @@ def test_length_response_and_connection_close():
 @pytest.mark.parametrize("raw,needle", [
     (b"SSH-2.0-OpenSSH\r\n\r\n", "status line"),
     (b"HTTP/1.1 200 OK\r\n\r\n", "without Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n", "bad Content-Length"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabcd", "CRLF"),
 ])
