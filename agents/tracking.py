@@ -94,3 +94,19 @@ def init_run(cfg: Any, run_name: str, run_dir: Path) -> Any | None:
     return wandb.init(project=wc.project, entity=wc.entity, group=wc.group, tags=list(wc.tags) or None,
                       name=run_name, dir=str(run_dir), config=cfg.to_dict(), mode=mode,  # type: ignore[arg-type]
                       reinit="finish_previous")
+
+
+def start_run(name: str, out: Path, config: dict[str, Any]) -> Any | None:
+    """A W&B run for a command's ``--wandb`` (DAgger, ES): offline unless WANDB_API_KEY is set (``None`` when
+    W&B is disabled by WANDB_MODE); its files go under ``out``."""
+    mode = resolve_mode("auto")
+    if mode == "disabled":
+        return None
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_CONSOLE", "off")
+    out.mkdir(parents=True, exist_ok=True)
+    import wandb
+
+    return wandb.init(project="deflectlab", name=name, dir=str(out), mode=mode, config=config,
+                      reinit="finish_previous")

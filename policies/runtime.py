@@ -152,6 +152,45 @@ def set_numpy_logits(w: dict[str, np.ndarray], req: np.ndarray, pre: np.ndarray,
     return np.concatenate([sp, sd]).astype(np.float32)
 
 
+def split_set_obs(sch: FeatureSchema, obs: np.ndarray, num_actions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(request [R], prefill [P, F_p], decode [D, F_d])`` of one flat observation of schema ``sch``; P and D
+    are read off its length and the action count (``P + D``). A length that fits no shape is a ``ValueError``."""
+    a = num_actions
+    n_req, n_pre, n_dec = len(sch.request), len(sch.prefill), len(sch.decode)
+    D = (len(obs) - n_req - a * n_pre) // (n_dec - n_pre)
+    P = a - D
+    if P < 0 or D < 0 or sch.size(P, D) != len(obs):
+        raise ValueError(f"observation of {len(obs)} features and a mask of {a} actions fit no cluster shape")
+    return obs[:n_req], obs[n_req:n_req + P * n_pre].reshape(P, n_pre), obs[n_req + P * n_pre:].reshape(D, n_dec)
+
+
+class SetArraysPolicy(Policy):
+    """The shape-generic network straight from numpy weights in memory (by state-dict name, as
+    ``SetPolicyNet.arrays()`` gives them): what a training loop uses to score many weight vectors in the
+    simulator without exporting each. Greedy masked action, the numpy path of :class:`OnnxPolicy`; no manifest,
+    so no cluster or SLO checks (an exported policy gets those)."""
+
+    name = "set_arrays"
+
+    def __init__(self, weights: dict[str, np.ndarray], feature_schema: int = 1) -> None:
+        missing = [k for k in _SET_KEYS if f"{k}.weight" not in weights]
+        if missing:
+            raise ValueError(f"set_arrays: the weights lack {missing}")
+        self._w = {k: np.ascontiguousarray(v, np.float32) for k, v in weights.items()}
+        self._fb = FeatureBuilder(feature_schema)
+        self.feature_schema = int(feature_schema)
+
+    def decide(self, view: ClusterView, request: RequestLike) -> Decision:
+        fb = self._fb
+        obs = fb.build(view, request)
+        mask = fb.mask
+        logits = set_numpy_logits(self._w, *split_set_obs(fb.schema, obs, len(mask)))
+        return fb.decision(int(np.argmax(np.where(mask, logits, np.float32(-1e9)))))
+
+    def params(self) -> dict[str, Any]:
+        return {"feature_schema": self.feature_schema, "weights": len(self._w)}
+
+
 _SET_KEYS = ("phi_p.0", "phi_p.2", "phi_d.0", "phi_d.2", "rho.0", "psi_p_node", "psi_p_out", "psi_d_node",
              "psi_d_out")
 
@@ -304,15 +343,7 @@ class OnnxPolicy(Policy):
         return int(np.argmax(np.where(mask, x, np.float32(self._masked))))
 
     def _act_set(self, obs: np.ndarray, mask: np.ndarray) -> int:
-        a = len(mask)
-        sch = self._fb.schema
-        n_req, n_pre, n_dec = self._block_sizes()
-        D = (len(obs) - n_req - a * n_pre) // (n_dec - n_pre)
-        P = a - D
-        if P < 0 or D < 0 or sch.size(P, D) != len(obs):
-            raise ValueError(f"observation of {len(obs)} features and a mask of {a} actions fit no cluster shape")
-        req, pre = obs[:n_req], obs[n_req:n_req + P * n_pre].reshape(P, n_pre)
-        dec = obs[n_req + P * n_pre:].reshape(D, n_dec)
+        req, pre, dec = split_set_obs(self._fb.schema, obs, len(mask))
         if self.backend == "onnx":
             act, _ = self._sess.run(None, {"request": req.reshape(1, -1), "prefill": pre[None], "decode": dec[None],
                                            "action_mask": mask.reshape(1, -1)})

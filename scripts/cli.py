@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "tune": "tune the threshold heuristics on training windows (fair baselines)",
     "train": "train PPO / MaskablePPO / DQN on the deflection environment",
     "dagger": "imitate the clairvoyant lookahead planner with the shape-generic network (DAgger)",
+    "es": "fine-tune a shape-generic policy on the episode score by evolution strategies",
     "rl-report": "learning curves over seeds and a paired held-out evaluation of trained networks",
     "evaluate": "compare policies on a config's evaluation episodes",
     "sweep": "hyperparameter sweep from a W&B sweep YAML (W&B server, or local Optuna)",

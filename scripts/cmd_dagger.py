@@ -113,22 +113,11 @@ def _config(a: argparse.Namespace, init_net):
 def _tracker(a: argparse.Namespace, cfg):
     if not a.wandb:
         return None
-    import os
     from dataclasses import asdict
 
-    from deflectlab.agents.tracking import resolve_mode
+    from deflectlab.agents.tracking import start_run
 
-    mode = resolve_mode("auto")
-    if mode == "disabled":
-        return None
-    os.environ["WANDB_MODE"] = mode
-    os.environ.setdefault("WANDB_SILENT", "true")
-    os.environ.setdefault("WANDB_CONSOLE", "off")
-    a.out.mkdir(parents=True, exist_ok=True)
-    import wandb
-
-    return wandb.init(project="deflectlab", name=f"dagger-{a.out.name}", dir=str(a.out), mode=mode,
-                      config={**asdict(cfg), "init": str(a.init or "")}, reinit="finish_previous")
+    return start_run(f"dagger-{a.out.name}", a.out, {**asdict(cfg), "init": str(a.init or "")})
 
 
 def run(a: argparse.Namespace) -> int:
