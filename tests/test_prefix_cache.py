@@ -209,9 +209,10 @@ def test_a_mooncake_run_leaves_no_block_held():
 
 
 class _EagerDecodeNode(decode_node.DecodeNode):
-    """The decode node evicting at every instant the pool grows: before every lookup and after every admission
-    (the reading of vLLM closest to the letter). The model defers those evictions to the next lookup that may
-    hit, release or free (``DecodeNode._hold``); this is the reference that deferral must equal."""
+    """The decode node evicting at every instant the pool grows: before every lookup, after every admission and
+    at every segment end (the running decodes' growth; the reading of vLLM closest to the letter). The model
+    defers those evictions to the next lookup that may hit, release or free (``DecodeNode._hold``); this is the
+    reference that deferral must equal."""
 
     def _lookup(self, req, t, run_max):
         if self.cache.n_free:
@@ -229,6 +230,11 @@ class _EagerDecodeNode(decode_node.DecodeNode):
         if self.cache is not None and self.cache.n_free and self.admit_queue:
             self._evict(t)  # before the queue head's lookup; later heads follow an admission (evicted in _hold)
         super().try_admit(t)
+
+    def _end_segment(self, t, version):
+        if version == self._version and self.cache.n_free:  # the running decodes grew: evict at every boundary
+            self.cache.trim_to(self._cache_keep(self.steps_done + self._seg_k))
+        super()._end_segment(t, version)
 
 
 class _EagerPrefillNode(prefill_node.PrefillNode):
