@@ -253,10 +253,10 @@ class DecodeNode:
     def _hold(self, req: Request, hit: int) -> None:
         """``req`` is admitted: it holds its cached prefix, which counts as computed.
 
-        The evictions its new blocks cause can wait: until the next segment's end the pool only fills
-        (admissions, the decodes' growth) and nothing reads the LRU list, because every lookup that may hit, every
-        registration that may meet cached blocks, every release and every free evicts what is due first
-        (:meth:`_lookup`, :meth:`_take_joiners`, :meth:`_end_segment`, :meth:`_preempt`,
+        The evictions its new blocks cause can wait: until the next free the pool only fills (admissions, the
+        decodes' growth) and nothing reads the LRU list, because every lookup that may hit, every registration that
+        may meet cached blocks, every release and every free evicts what is due first (:meth:`_lookup`,
+        :meth:`_take_joiners`, :meth:`_end_segment`, :meth:`_register_prefilled`, :meth:`_preempt`,
         :meth:`abandon_handoff`). So the same LRU head goes, in the same order, as if it went now."""
         cache = self.cache
         req.d_held = cache.acquire(req.hashes, hit) if hit else Holding(req.hashes, 0)

@@ -16,8 +16,9 @@ V1, on prefill and decode instances alike), and how this model follows it:
 * **Freed blocks go to the LRU tail in reverse order** (a request's last block is evicted before its first).
 
 A cached block of the trace stands for ``unit`` blocks of the node's pool (512 / ``kv_block_tokens``). The
-nodes evict lazily: before every lookup they trim the free-but-cached blocks to the pool room left at that
-instant. Nothing reads the cache between two lookups and eviction is LRU, so this equals evicting at each step.
+nodes evict lazily: before every lookup, and before blocks are freed, they trim the free-but-cached blocks to
+the pool room left at that instant. The pool only fills in between and eviction is LRU, so this equals evicting
+at each step. The cache itself drops evicted spans from its dicts lazily too (:meth:`PrefixCache.trim_to`).
 
 Simplification (documented in docs/prefix_cache.md): a prompt's new blocks are registered (become hits for
 others) when its whole prefill is done or its KV has arrived, not chunk by chunk; a request that computed a
