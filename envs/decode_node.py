@@ -253,10 +253,10 @@ class DecodeNode:
     def _hold(self, req: Request, hit: int) -> None:
         """``req`` is admitted: it holds its cached prefix, which counts as computed.
 
-        The evictions its new blocks cause can wait: until the next segment's end the pool only fills
-        (admissions, the decodes' growth) and nothing reads the LRU list, because every lookup that may hit, every
-        registration that may meet cached blocks, every release and every free evicts what is due first
-        (:meth:`_lookup`, :meth:`_take_joiners`, :meth:`_end_segment`, :meth:`_preempt`,
+        The evictions its new blocks cause can wait: until the next free the pool only fills (admissions, the
+        decodes' growth) and nothing reads the LRU list, because every lookup that may hit, every registration that
+        may meet cached blocks, every release and every free evicts what is due first (:meth:`_lookup`,
+        :meth:`_take_joiners`, :meth:`_end_segment`, :meth:`_register_prefilled`, :meth:`_preempt`,
         :meth:`abandon_handoff`). So the same LRU head goes, in the same order, as if it went now."""
         cache = self.cache
         req.d_held = cache.acquire(req.hashes, hit) if hit else Holding(req.hashes, 0)
@@ -554,12 +554,16 @@ class DecodeNode:
         self._usage_t, self._usage_last = t, u
         if u + 0.5 * bsz > self.peak_blocks:
             self._note_peak()
-        cache = self.cache
-        if cache is not None and cache.n_free and cache.n_free * cache.unit > self.total_blocks - self.static_blocks - (
-                (self._ctx_base + bsz * n) // self.block_tokens + bsz):  # the running decodes grew: evict, exactly
+        cache, running = self.cache, self.running
+        # The running decodes grew: the evictions due by now, exactly, before this boundary frees blocks (a decode
+        # finishes; a prompt whose chunks end here does its own, in _finish_chunks). A boundary that frees nothing
+        # leaves them to the next free or read (see _hold): the pool only fills until then, so the same LRU head
+        # goes.
+        if cache is not None and cache.n_free and running and running[0][0] == n and \
+                cache.n_free * cache.unit > self.total_blocks - self.static_blocks - (
+                (self._ctx_base + bsz * n) // self.block_tokens + bsz):
             cache.trim_to(self._cache_keep(n))
         freed = self._finish_chunks(t, k, n) if self._seg_chunks else False
-        running = self.running
         blk = self.block_tokens
         while running and running[0][0] == n:
             r = heappop(running)[2]
@@ -595,9 +599,9 @@ class DecodeNode:
                     r.t_first_token = t
                 r.first_step = n
                 r.last_step = n + r.output_tokens - r.generated - 1
-                self.static_blocks -= r.kv_blocks  # a finished prompt: its blocks are a running decode's now
                 if r.d_held is not None:
-                    self.cache.register(r.d_held, r.input_tokens // self.hash_block_tokens)
+                    self._register_prefilled(r, n)
+                self.static_blocks -= r.kv_blocks  # a finished prompt: its blocks are a running decode's now
                 if r.last_step == n:
                     self._finish(r, t)
                     freed = True
@@ -608,6 +612,16 @@ class DecodeNode:
                     self.batch_size += 1
                     heappush(self.running, (r.last_step, r.rid, r))
         return freed
+
+    def _register_prefilled(self, r: Request, n: int) -> None:
+        """``r``'s prompt is prefilled here (its chunks end at step ``n``): its full blocks become cached. The
+        evictions due by now go first when the registration may meet cached blocks or when ``r`` finishes at once
+        (its blocks are freed next); see :meth:`_hold`."""
+        cache, hi = self.cache, r.input_tokens // self.hash_block_tokens
+        if r.last_step == n or not cache.try_register(r.d_held, hi):
+            if cache.n_free:
+                cache.trim_to(self._cache_keep(n))
+            cache.register(r.d_held, hi)
 
     def _finish(self, r: Request, t: float) -> None:
         r.t_finish = t

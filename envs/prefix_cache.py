@@ -16,8 +16,9 @@ V1, on prefill and decode instances alike), and how this model follows it:
 * **Freed blocks go to the LRU tail in reverse order** (a request's last block is evicted before its first).
 
 A cached block of the trace stands for ``unit`` blocks of the node's pool (512 / ``kv_block_tokens``). The
-nodes evict lazily: before every lookup they trim the free-but-cached blocks to the pool room left at that
-instant. Nothing reads the cache between two lookups and eviction is LRU, so this equals evicting at each step.
+nodes evict lazily: before every lookup, and before blocks are freed, they trim the free-but-cached blocks to
+the pool room left at that instant. The pool only fills in between and eviction is LRU, so this equals evicting
+at each step. The cache itself drops evicted spans from its dicts lazily too (:meth:`PrefixCache.trim_to`).
 
 Simplification (documented in docs/prefix_cache.md): a prompt's new blocks are registered (become hits for
 others) when its whole prefill is done or its KV has arrived, not chunk by chunk; a request that computed a
@@ -40,6 +41,9 @@ from itertools import islice
 # parent. A cached block whose parent is not the block before it in its span would be cached twice, which the
 # cache never does; so the next cached block of a prompt, once the current span no longer matches, begins a
 # span of its own.
+
+
+_DUE_MAX = 512  # evicted blocks left in the span dicts at most (see PrefixCache.trim_to)
 
 
 class _Span:
@@ -91,7 +95,7 @@ class PrefixCache:
     :param unit: pool blocks (or tokens, as the node counts its pool) one cached (trace) block occupies.
     """
 
-    __slots__ = ("unit", "start", "free", "n_free", "n_blocks", "evictions", "risky")
+    __slots__ = ("unit", "start", "free", "n_free", "n_blocks", "evictions", "risky", "due")
 
     def __init__(self, unit: int) -> None:
         self.unit = unit
@@ -102,16 +106,21 @@ class PrefixCache:
         self.n_blocks = 0  # cached blocks
         self.evictions = 0
         self.risky: set[int] = set()  # first hashes of cached spans whose registrant did not hold their parent
+        self.due = 0  # evicted blocks still in ``start`` and ``free``, at the LRU head (see trim_to)
 
     def __len__(self) -> int:
         return self.n_blocks
 
     def __contains__(self, h: int) -> bool:
         """Whether block ``h`` is cached (a scan: for tests and inspection, not the hot path)."""
+        if self.due:
+            self._drop_evicted()
         return any(h in s.ref[s.lo:s.hi] for s in self.start.values())
 
     def free_hashes(self) -> list[int]:
         """The free-but-cached blocks in eviction order (inspection)."""
+        if self.due:
+            self._drop_evicted()
         return [h for s in self.free for h in reversed(s.ref[s.lo:s.hi])]
 
     @property
@@ -121,7 +130,9 @@ class PrefixCache:
 
     def match(self, hashes: list[int], n_max: int) -> tuple[int, int]:
         """``(hit, shared)``: the leading blocks of ``hashes[:n_max]`` that are cached, and how many of those a
-        running request already holds (they take no new room). No side effect."""
+        running request already holds (they take no new room). No side effect on what is cached."""
+        if self.due:
+            self._drop_evicted()
         start = self.start
         i = shared = 0
         while i < n_max:
@@ -139,6 +150,8 @@ class PrefixCache:
 
     def acquire(self, hashes: list[int], hit: int) -> Holding:
         """Hold the first ``hit`` blocks (as :meth:`match` found them); free ones leave the LRU list."""
+        if self.due:
+            self._drop_evicted()
         start, free = self.start, self.free
         i = 0
         while i < hit:
@@ -204,6 +217,8 @@ class PrefixCache:
         lo = held.n
         if hi <= lo:
             return
+        if self.due:
+            self._drop_evicted()
         held.n = hi
         hashes, start, r = held.hashes, self.start, held.ranges
         i = lo
@@ -293,12 +308,26 @@ class PrefixCache:
         self.trim_to(room // self.unit if room > 0 else 0)
 
     def trim_to(self, keep: int) -> None:
-        """Evict least recently used free blocks until at most ``keep`` are left."""
+        """Evict least recently used free blocks until at most ``keep`` are left.
+
+        The counts change at once; the evicted blocks leave ``start`` and ``free`` later, in one pass, before
+        anything reads them (:meth:`match`, :meth:`register`, inspection) or once ``_DUE_MAX`` blocks are due.
+        That is the same eviction: they are the LRU head, and until they leave nothing but a release changes the
+        LRU list, which appends at the tail (:meth:`try_register` adds a span only where ``start`` has none, and
+        sends any other case to :meth:`register`)."""
         over = self.n_free - (keep if keep > 0 else 0)
         if over > 0:
             self.evictions += over
             self.n_free -= over
             self.n_blocks -= over
+            self.due += over
+            if self.due > _DUE_MAX:
+                self._drop_evicted()
+
+    def _drop_evicted(self) -> None:
+        """Take the ``due`` evicted blocks off the LRU head: whole spans leave, the last one is shortened."""
+        over, self.due = self.due, 0
+        if over > 0:
             gone = []
             for s in self.free:  # least recently used first
                 n = s.hi - s.lo

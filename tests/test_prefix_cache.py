@@ -209,9 +209,10 @@ def test_a_mooncake_run_leaves_no_block_held():
 
 
 class _EagerDecodeNode(decode_node.DecodeNode):
-    """The decode node evicting at every instant the pool grows: before every lookup and after every admission
-    (the reading of vLLM closest to the letter). The model defers those evictions to the next lookup that may
-    hit, release or free (``DecodeNode._hold``); this is the reference that deferral must equal."""
+    """The decode node evicting at every instant the pool grows: before every lookup, after every admission and
+    at every segment end (the running decodes' growth; the reading of vLLM closest to the letter). The model
+    defers those evictions to the next lookup that may hit, release or free (``DecodeNode._hold``); this is the
+    reference that deferral must equal."""
 
     def _lookup(self, req, t, run_max):
         if self.cache.n_free:
@@ -229,6 +230,11 @@ class _EagerDecodeNode(decode_node.DecodeNode):
         if self.cache is not None and self.cache.n_free and self.admit_queue:
             self._evict(t)  # before the queue head's lookup; later heads follow an admission (evicted in _hold)
         super().try_admit(t)
+
+    def _end_segment(self, t, version):
+        if version == self._version and self.cache.n_free:  # the running decodes grew: evict at every boundary
+            self.cache.trim_to(self._cache_keep(self.steps_done + self._seg_k))
+        super()._end_segment(t, version)
 
 
 class _EagerPrefillNode(prefill_node.PrefillNode):
@@ -356,6 +362,28 @@ def test_spans_equal_a_block_by_block_cache(seed):
         if step % 50 == 0:
             assert a.free_hashes() == b.free_hashes()
             assert all((x in a) == (x in b) for p in prompts for x in p)
+
+
+def test_evictions_left_in_the_span_dicts_stay_bounded_and_exact():
+    """Evicted blocks leave the span dicts lazily (PrefixCache.trim_to): with no lookup for a long time (unshared
+    prompts, the pool always full) the counts follow the block-by-block reference at once, at most
+    ``_DUE_MAX`` evicted blocks linger, and the blocks left cached are the reference's."""
+    caches = (PrefixCache(unit=1), BlockCache(unit=1))
+    for i in range(400):
+        h = list(range(10 * i, 10 * i + 10))
+        held = [c.acquire(h, 0) for c in caches]
+        for c, x in zip(caches, held, strict=True):
+            assert c.try_register(x, 10)
+            c.release(x)
+            c.trim_to(25)  # a full pool: 25 free blocks fit
+        a, b = caches
+        assert (len(a), a.n_free, a.evictions) == (len(b), b.n_free, b.evictions) == (min(10 * i + 10, 25),) * 2 + (
+            max(10 * i - 15, 0),)
+        assert sum(s.hi - s.lo for s in a.start.values()) <= 25 + prefix_cache._DUE_MAX
+    # LRU first, newest block of a prompt first: prompt 397's first five blocks, then 398's and 399's ten
+    assert a.free_hashes() == b.free_hashes() == [*range(3974, 3969, -1), *range(3989, 3979, -1),
+                                                  *range(3999, 3989, -1)]
+    assert sum(s.hi - s.lo for s in a.start.values()) == 25  # the inspection dropped the rest
 
 
 @pytest.mark.parametrize("policy", ["proactive", "always_deflect", "round_robin"])
