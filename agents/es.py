@@ -16,14 +16,18 @@ Two things make the score comparable between candidates on a small budget:
 
 * **common random numbers**: every candidate of an iteration plays the *same* training episodes (windows,
   loads, shapes), so the differences between candidates are the weights' and not the episodes';
-* **a mix of settings**: each iteration draws ``episodes`` windows for each setting ``(shape, trace, load)``,
-  and a candidate's score is the mean over settings of its pooled SLO attainment there, so no setting dominates
-  by its request count. Ties (frequent: SLO counts are integers) are broken by the P95 TTFT, weighed by
-  ``tie_weight`` (P95 TTFT in units of the TTFT SLO), as the headroom study's objective.
+* **a mix of settings**: each iteration draws ``episodes`` windows for each setting ``(shape, trace, load[,
+  arrival, cv])``, and a candidate's score is the mean over settings of its SLO attainment there, so no setting
+  dominates by its request count. Within a setting, episodes weigh equally (``weigh="episodes"``, the statistic
+  the paired held-out evaluations average) or by their requests (``weigh="requests"``, pooled). Ties
+  (frequent: SLO counts are integers) are broken by the P95 TTFT, weighed by ``tie_weight``
+  (P95 TTFT in units of the TTFT SLO), as the headroom study's objective.
 
-Every ``validate_every`` iterations the current weights play a fixed set of *validation* episodes (also drawn
-from the training windows, never the held-out ones), and the best-scoring weights on those are kept: model
-selection without touching the evaluation windows (which start at 1,200 s; training windows end by 1,200 s).
+Every ``validate_every`` iterations the current weights play a fixed set of *validation* episodes, and the
+best-scoring weights on those are kept: model selection without touching the evaluation windows (which start at
+1,200 s; training and validation windows end by 1,200 s). ``validation_start_s`` puts the validation windows in
+their own, later span of the trace (default: the training span), so that selection rewards what carries over
+to a later part of the trace, as the held-out evaluation asks.
 
 Candidates run in parallel in a process pool (``jobs``) or as Ray tasks; each worker keeps the episode
 workloads it has built (a window is drawn once, then replayed by every candidate).
@@ -40,7 +44,9 @@ from typing import Any
 
 import numpy as np
 
-Setting = tuple[tuple[int, int], str, float]
+#: ((P, D), trace, load, arrival, cv): arrival "trace" replays the window's recorded times, "gamma"/"poisson"
+#: draw them at the window's rate x load (envs.gym_env.EnvConfig)
+Setting = tuple[tuple[int, int], str, float, str, float]
 
 #: The held-out evaluation windows start at 1,200 s (experiments.headroom); training windows end before.
 HELD_OUT_START_S = 1200.0
@@ -48,8 +54,8 @@ HELD_OUT_START_S = 1200.0
 
 @dataclass
 class EsConfig:
-    """What :func:`train_es` runs. ``settings``: ``((P, D), trace, load)`` triples, load a multiple of the
-    window's recorded rate."""
+    """What :func:`train_es` runs. ``settings``: ``((P, D), trace, load[, arrival, cv])``, load a multiple of the
+    window's recorded rate (arrival ``trace`` and cv 1 when left out)."""
 
     settings: list[Setting] = field(default_factory=lambda: [
         ((2, 2), "azure_code", 1.0), ((2, 2), "azure_code", 2.0), ((2, 2), "azure_code", 3.0),
@@ -59,6 +65,10 @@ class EsConfig:
     window_s: float = 120.0
     #: window starts drawn in this span (trace seconds); every window must end by HELD_OUT_START_S
     window_start_s: tuple[float, float] = (0.0, 1080.0)
+    #: where the validation windows start (None: the training span)
+    validation_start_s: tuple[float, float] | None = None
+    #: within a setting: "episodes" (mean of per-episode attainment) or "requests" (pooled over requests)
+    weigh: str = "episodes"
     iterations: int = 30
     #: antithetic pairs per iteration (2 x pairs candidates)
     pairs: int = 8
@@ -75,27 +85,43 @@ class EsConfig:
     handoff: str = "vllm-nixl"
 
     def __post_init__(self) -> None:
-        self.settings = [((int(s[0][0]), int(s[0][1])), str(s[1]), float(s[2])) for s in self.settings]
         if not self.settings:
             raise ValueError("es: at least one setting ((P, D), trace, load) is needed")
-        for (p, d), tr, ld in self.settings:
-            if p < 1 or d < 1 or ld <= 0:
-                raise ValueError(f"es: setting ({p}x{d}, {tr}, {ld:g}): shapes need P, D >= 1 and loads > 0")
+        self.settings = [_setting(s) for s in self.settings]
+        if self.weigh not in ("episodes", "requests"):
+            raise ValueError(f"es: weigh must be 'episodes' or 'requests', got {self.weigh!r}")
         if min(self.episodes, self.pairs, self.validate_every, self.validation_episodes) < 1 or self.iterations < 0:
             raise ValueError("es: episodes, pairs, validate_every and validation_episodes must be >= 1, "
                              "iterations >= 0")
         if not (self.sigma > 0 and self.lr > 0 and self.tie_weight >= 0):
             raise ValueError("es: sigma and lr must be > 0 and tie_weight >= 0")
-        lo, hi = self.window_start_s
-        if lo < 0 or hi < lo or hi + self.window_s > HELD_OUT_START_S + 1e-9:
-            raise ValueError(f"es: training windows start in [{lo:g}, {hi:g}] s and last {self.window_s:g} s; they "
-                             f"must end by {HELD_OUT_START_S:g} s, where the held-out evaluation windows begin")
+        for what, span in (("training", self.window_start_s), ("validation", self.validation_start_s)):
+            if span is None:
+                continue
+            lo, hi = span
+            if lo < 0 or hi < lo or hi + self.window_s > HELD_OUT_START_S + 1e-9:
+                raise ValueError(f"es: {what} windows start in [{lo:g}, {hi:g}] s and last {self.window_s:g} s; "
+                                 f"they must end by {HELD_OUT_START_S:g} s, where the held-out evaluation windows "
+                                 "begin")
+        self.window_start_s = tuple(self.window_start_s)
+        if self.validation_start_s is not None:
+            self.validation_start_s = tuple(self.validation_start_s)
         self.params = tuple(self.params)
+
+
+def _setting(s: Any) -> Setting:
+    if len(s) not in (3, 5):
+        raise ValueError(f"es: setting {s!r}: expected ((P, D), trace, load[, arrival, cv])")
+    (p, d), tr, ld = s[:3]
+    arrival, cv = (str(s[3]), float(s[4])) if len(s) == 5 else ("trace", 1.0)
+    if int(p) < 1 or int(d) < 1 or float(ld) <= 0 or cv <= 0:
+        raise ValueError(f"es: setting ({p}x{d}, {tr}, {float(ld):g}): shapes need P, D >= 1, loads and cv > 0")
+    return (int(p), int(d)), str(tr), float(ld), arrival, cv
 
 
 # -- episodes and scores (these run in the workers) ---------------------------------------------------------
 
-Episode = tuple[tuple[int, int], str, float, int]  # shape, trace, load, environment seed
+Episode = tuple[tuple[int, int], str, float, str, float, int]  # a setting, then the environment seed
 
 _WORKLOADS: dict[tuple, tuple[Any, Any]] = {}
 
@@ -106,9 +132,9 @@ def _episode(ep: Episode, window_s: float, start: tuple[float, float], handoff: 
     if got is None:
         from deflectlab.envs.gym_env import DeflectionEnv
 
-        (p, d), trace, load, seed = ep
+        (p, d), trace, load, arrival, cv, seed = ep
         env = DeflectionEnv(trace=trace, load=[load, load], window_s=window_s, window_start_s=list(start),
-                            cluster={"handoff": handoff, "num_prefill": p, "num_decode": d})
+                            arrival=arrival, cv=cv, cluster={"handoff": handoff, "num_prefill": p, "num_decode": d})
         wl, _ = env.episode_workload(seed=seed)
         if len(_WORKLOADS) > 4096:
             _WORKLOADS.clear()
@@ -139,13 +165,18 @@ def play(weights: dict[str, np.ndarray] | None, spec: str, feature_schema: int, 
     return out
 
 
-def score(rows: list[tuple[int, int, float]], episodes: list[Episode], tie_weight: float) -> tuple[float, float]:
-    """``(objective, SLO attainment)`` of one candidate: per setting the pooled attainment minus ``tie_weight``
-    x the mean P95 TTFT (in TTFT SLOs), averaged over settings; attainment the same without the tie-break."""
+def score(rows: list[tuple[int, int, float]], episodes: list[Episode], tie_weight: float,
+          weigh: str = "episodes") -> tuple[float, float]:
+    """``(objective, SLO attainment)`` of one candidate: per setting the attainment (mean over episodes, or
+    pooled over requests with ``weigh="requests"``) minus ``tie_weight`` x the mean P95 TTFT (in TTFT SLOs),
+    averaged over settings; attainment the same without the tie-break."""
     by: dict[tuple, list[tuple[int, int, float]]] = {}
     for ep, r in zip(episodes, rows):
-        by.setdefault(ep[:3], []).append(r)
-    att = [sum(r[0] for r in v) / max(sum(r[1] for r in v), 1) for v in by.values()]
+        by.setdefault(ep[:-1], []).append(r)
+    if weigh == "requests":
+        att = [sum(r[0] for r in v) / max(sum(r[1] for r in v), 1) for v in by.values()]
+    else:
+        att = [float(np.mean([r[0] / max(r[1], 1) for r in v])) for v in by.values()]
     ttft = [float(np.mean([r[2] for r in v])) for v in by.values()]
     return float(np.mean(att) - tie_weight * np.mean(ttft)), float(np.mean(att))
 
@@ -233,12 +264,12 @@ class _Runner:
             self.pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
 
     def map(self, cfg: EsConfig, schema: int, cands: list[dict[str, np.ndarray] | None], specs: list[str],
-            episodes: list[Episode]) -> list[list[tuple[int, int, float]]]:
+            episodes: list[Episode], start: tuple[float, float]) -> list[list[tuple[int, int, float]]]:
         # one task per candidate and setting, so that a few candidates still spread over the workers
         k = len(cfg.settings)
         n = len(episodes) // k
         parts = [episodes[i * n:(i + 1) * n] for i in range(k - 1)] + [episodes[(k - 1) * n:]]
-        args = [(w, s, schema, part, cfg.window_s, tuple(cfg.window_start_s), cfg.handoff)
+        args = [(w, s, schema, part, cfg.window_s, tuple(start), cfg.handoff)
                 for w, s in zip(cands, specs) for part in parts]
         if self.ray is not None:
             done = self.ray.get([self.task.remote(*a) for a in args])
@@ -256,8 +287,7 @@ class _Runner:
 
 
 def draw_episodes(cfg: EsConfig, rng: np.random.Generator, per_setting: int) -> list[Episode]:
-    return [(shape, trace, load, int(rng.integers(0, 2**31 - 1))) for shape, trace, load in cfg.settings
-            for _ in range(per_setting)]
+    return [(*s, int(rng.integers(0, 2**31 - 1))) for s in cfg.settings for _ in range(per_setting)]
 
 
 def train_es(cfg: EsConfig, init_arrays: dict[str, np.ndarray], feature_schema: int = 1, out: Path | None = None,
@@ -271,20 +301,21 @@ def train_es(cfg: EsConfig, init_arrays: dict[str, np.ndarray], feature_schema: 
     opt = Adam(len(theta), cfg.lr)
     rng = np.random.default_rng([cfg.seed, 1])
     val_eps = draw_episodes(cfg, np.random.default_rng([cfg.seed, 2]), cfg.validation_episodes)
+    val_start = cfg.validation_start_s or cfg.window_start_s
     runner = _Runner(jobs, ray_address, use_ray)
     log: dict[str, Any] = {"config": asdict(cfg), "feature_schema": feature_schema, "dim": len(theta),
                            "validation_episodes": [list(e) for e in val_eps], "iterations": [], "validations": []}
     t0 = time.perf_counter()
     try:
         if reference:
-            ref = runner.map(cfg, feature_schema, [None], [reference], val_eps)[0]
-            log["reference"] = {"policy": reference, "objective": score(ref, val_eps, cfg.tie_weight)[0],
-                                "slo_attainment": score(ref, val_eps, cfg.tie_weight)[1]}
+            ref = runner.map(cfg, feature_schema, [None], [reference], val_eps, val_start)[0]
+            obj, att = score(ref, val_eps, cfg.tie_weight, cfg.weigh)
+            log["reference"] = {"policy": reference, "objective": obj, "slo_attainment": att}
         best = (-np.inf, theta.copy(), -1)
         for it in range(cfg.iterations + 1):
             if it % cfg.validate_every == 0 or it == cfg.iterations:
-                rows = runner.map(cfg, feature_schema, [flat.arrays(theta)], [""], val_eps)[0]
-                obj, att = score(rows, val_eps, cfg.tie_weight)
+                rows = runner.map(cfg, feature_schema, [flat.arrays(theta)], [""], val_eps, val_start)[0]
+                obj, att = score(rows, val_eps, cfg.tie_weight, cfg.weigh)
                 log["validations"].append({"iteration": it, "objective": obj, "slo_attainment": att,
                                            "wall_s": time.perf_counter() - t0})
                 if obj > best[0]:
@@ -297,9 +328,8 @@ def train_es(cfg: EsConfig, init_arrays: dict[str, np.ndarray], feature_schema: 
             eps = draw_episodes(cfg, rng, cfg.episodes)
             noise = rng.standard_normal((cfg.pairs, len(theta)))
             cands = [flat.arrays(theta + s * cfg.sigma * e) for s in (1.0, -1.0) for e in noise]
-            results = runner.map(cfg, feature_schema, cands, [""] * len(cands), eps)
-            objs = np.array([score(r, eps, cfg.tie_weight)[0] for r in results])
-            atts = np.array([score(r, eps, cfg.tie_weight)[1] for r in results])
+            results = runner.map(cfg, feature_schema, cands, [""] * len(cands), eps, cfg.window_start_s)
+            objs, atts = np.array([score(r, eps, cfg.tie_weight, cfg.weigh) for r in results]).T
             grad = es_gradient(objs[:cfg.pairs], objs[cfg.pairs:], noise, cfg.sigma)
             theta = theta + opt.step(grad)
             row = {"iteration": it, "candidates_mean_slo": float(atts.mean()), "candidates_best_slo": float(atts.max()),

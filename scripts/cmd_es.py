@@ -20,18 +20,23 @@ from pathlib import Path
 from deflectlab.scripts.cmd_dagger import parse_shapes
 
 
-def parse_settings(text: str) -> list[tuple[tuple[int, int], str, float]]:
-    """``PxD:trace:load`` items, comma-separated (e.g. ``2x2:azure_code:3``)."""
-    out = []
+def parse_settings(text: str) -> list[tuple]:
+    """``PxD:trace:load[:arrival:cv]`` items, comma-separated (e.g. ``2x2:azure_code:3``,
+    ``2x2:azure_code:2:gamma:2``)."""
+    out: list[tuple] = []
     for part in filter(None, (x.strip() for x in text.split(","))):
         bits = part.split(":")
-        if len(bits) != 3:
-            raise argparse.ArgumentTypeError(f"setting {part!r}: expected PxD:trace:load (e.g. 2x2:azure_code:3)")
-        try:
-            load = float(bits[2])
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"setting {part!r}: load {bits[2]!r} is not a number") from None
-        out.append((parse_shapes(bits[0])[0], bits[1], load))
+        if len(bits) not in (3, 5):
+            raise argparse.ArgumentTypeError(f"setting {part!r}: expected PxD:trace:load[:arrival:cv] "
+                                             "(e.g. 2x2:azure_code:3 or 2x2:azure_code:2:gamma:2)")
+        nums = []
+        for b in (bits[2], *bits[4:]):
+            try:
+                nums.append(float(b))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"setting {part!r}: {b!r} is not a number") from None
+        shape = parse_shapes(bits[0])[0]
+        out.append((shape, bits[1], nums[0]) if len(bits) == 3 else (shape, bits[1], nums[0], bits[3], nums[1]))
     if not out:
         raise argparse.ArgumentTypeError("expected at least one setting")
     return out
@@ -52,6 +57,11 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p.add_argument("--window", type=float, default=d.window_s, help="episode window, trace seconds")
     p.add_argument("--window-start", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="window starts in [LOW, HIGH] trace seconds (default: [0, 1200 - window])")
+    p.add_argument("--validation-start", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="validation windows start in [LOW, HIGH] trace seconds (default: the training span); "
+                        "must end by 1,200 s")
+    p.add_argument("--weigh", choices=("episodes", "requests"), default=d.weigh,
+                   help="within a setting, episodes weigh equally or by their requests (pooled)")
     p.add_argument("--iterations", type=int, default=d.iterations)
     p.add_argument("--pairs", type=int, default=d.pairs, help="antithetic pairs per iteration")
     p.add_argument("--sigma", type=float, default=d.sigma, help="perturbation scale")
@@ -78,6 +88,7 @@ def config(a: argparse.Namespace):
     start = tuple(a.window_start) if a.window_start else (0.0, 1200.0 - a.window)
     try:
         return EsConfig(settings=a.settings, episodes=a.episodes, window_s=a.window, window_start_s=start,
+                        validation_start_s=tuple(a.validation_start) if a.validation_start else None, weigh=a.weigh,
                         iterations=a.iterations, pairs=a.pairs, sigma=a.sigma, lr=a.lr,
                         params=tuple(x.strip() for x in a.params.split(",") if x.strip()), tie_weight=a.tie_weight,
                         validate_every=a.validate_every, validation_episodes=a.validation_episodes, seed=a.seed)
@@ -107,9 +118,10 @@ def run(a: argparse.Namespace) -> int:
         tracker.finish()
     trained_on = {"method": f"evolution strategies from {a.init} ({cfg.iterations} iterations x {2 * cfg.pairs} "
                             f"candidates, best on validation at iteration {log['best_iteration']})",
-                  "settings": [f"{p}P{q}D {tr} {ld:g}x" for (p, q), tr, ld in cfg.settings],
-                  "shapes": sorted({f"{p}P{q}D" for (p, q), _, _ in cfg.settings}),
-                  "traces": sorted({tr for _, tr, _ in cfg.settings}),
+                  "settings": [f"{p}P{q}D {tr} {ld:g}x" + ("" if arr == "trace" else f" {arr} CV {cv:g}")
+                               for (p, q), tr, ld, arr, cv in cfg.settings],
+                  "shapes": sorted({f"{s[0][0]}P{s[0][1]}D" for s in cfg.settings}),
+                  "traces": sorted({s[1] for s in cfg.settings}),
                   "window_start_s": list(cfg.window_start_s), "profiles": ["a100-80gb_deepseek-v2-lite"],
                   "feature_schema": init.feature_schema, "init": str(a.init)}
     man = export_set(net_from_arrays(w, init.hidden, init.feature_schema), a.out / "policy",

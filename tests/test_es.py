@@ -83,17 +83,25 @@ def test_flat_round_trip_and_prefixes():
         Flat(arrays, ("zzz",))
 
 
-def test_score_averages_settings_not_requests():
-    eps = [((2, 2), "t", 1.0, 1), ((2, 2), "t", 1.0, 2), ((2, 2), "t", 3.0, 3)]
-    rows = [(9, 10, 0.5), (1, 10, 1.5), (1, 2, 1.0)]
-    obj, att = score(rows, eps, tie_weight=0.1)
-    # setting 1x: 10 / 20 met, mean P95 1.0; setting 3x: 1 / 2, P95 1.0; mean 0.5 each
-    assert att == pytest.approx(0.5) and obj == pytest.approx(0.5 - 0.1 * 1.0)
+def test_score_averages_settings_then_episodes_or_requests():
+    eps = [((2, 2), "t", 1.0, "trace", 1.0, 1), ((2, 2), "t", 1.0, "trace", 1.0, 2),
+           ((2, 2), "t", 3.0, "trace", 1.0, 3)]
+    rows = [(9, 10, 0.5), (1, 20, 1.5), (1, 2, 1.0)]
+    # by requests: setting 1x 10 / 30 met, setting 3x 1 / 2; mean P95 1.0 in each
+    obj, att = score(rows, eps, tie_weight=0.1, weigh="requests")
+    assert att == pytest.approx((10 / 30 + 0.5) / 2) and obj == pytest.approx(att - 0.1 * 1.0)
+    # by episodes: setting 1x (0.9 + 0.05) / 2, setting 3x 0.5
+    obj, att = score(rows, eps, tie_weight=0.0)
+    assert att == pytest.approx((0.475 + 0.5) / 2) and obj == pytest.approx(att)
 
 
 def test_config_refuses_windows_that_reach_the_held_out_span():
-    with pytest.raises(ValueError, match="must end by 1200"):
+    with pytest.raises(ValueError, match="training windows .* must end by 1200"):
         EsConfig(window_s=120.0, window_start_s=(0.0, 1100.0))
+    with pytest.raises(ValueError, match="validation windows .* must end by 1200"):
+        EsConfig(window_s=120.0, window_start_s=(0.0, 600.0), validation_start_s=(700.0, 1100.0))
+    with pytest.raises(ValueError, match="weigh"):
+        EsConfig(weigh="bursts")
     with pytest.raises(ValueError, match="P, D >= 1"):
         EsConfig(settings=[((0, 2), "azure_code", 1.0)])
     with pytest.raises(ValueError, match="sigma and lr"):
@@ -104,7 +112,7 @@ def test_config_refuses_windows_that_reach_the_held_out_span():
 def test_in_memory_weights_route_as_the_exported_policy(shape):
     """``play`` with the kept policy's arrays gives the same run as the exported policy on its numpy path."""
     net = load_set_net(KEPT)
-    ep = (shape, "azure_code", 3.0, 11)
+    ep = (shape, "azure_code", 3.0, "trace", 1.0, 11)
     mine = play(net.arrays(), "", net.feature_schema, [ep], 60.0, (0.0, 1080.0), "vllm-nixl")
     theirs = play(None, f"learned:path={KEPT},backend=numpy", 1, [ep], 60.0, (0.0, 1080.0), "vllm-nixl")
     assert mine == theirs and mine[0][1] > 0
@@ -112,8 +120,9 @@ def test_in_memory_weights_route_as_the_exported_policy(shape):
 
 def test_tiny_run_keeps_the_best_validated_weights(tmp_path):
     net = load_set_net(KEPT)
-    cfg = EsConfig(settings=[((2, 2), "azure_code", 3.0)], episodes=1, window_s=30.0, window_start_s=(0.0, 1000.0),
-                   iterations=2, pairs=2, sigma=0.05, lr=0.01, validate_every=1, validation_episodes=2, seed=3)
+    cfg = EsConfig(settings=[((2, 2), "azure_code", 3.0)], episodes=1, window_s=30.0, window_start_s=(0.0, 500.0),
+                   validation_start_s=(600.0, 1000.0), iterations=2,
+                   pairs=2, sigma=0.05, lr=0.01, validate_every=1, validation_episodes=2, seed=3)
     w, log = train_es(cfg, net.arrays(), net.feature_schema, out=tmp_path, reference="round_robin")
     assert (tmp_path / "es_log.json").exists()
     assert [v["iteration"] for v in log["validations"]] == [0, 1, 2]
@@ -123,10 +132,10 @@ def test_tiny_run_keeps_the_best_validated_weights(tmp_path):
     # replaying the returned weights on the validation episodes gives the best validation score again
     val = draw_episodes(cfg, np.random.default_rng([cfg.seed, 2]), cfg.validation_episodes)
     assert [list(e) for e in val] == log["validation_episodes"]
-    rows = play(w, "", net.feature_schema, val, cfg.window_s, cfg.window_start_s, cfg.handoff)
+    rows = play(w, "", net.feature_schema, val, cfg.window_s, (600.0, 1000.0), cfg.handoff)
     assert score(rows, val, cfg.tie_weight)[0] == pytest.approx(best["objective"])
     # the reference is the named policy on the same episodes
-    wl_rows = play(None, "round_robin", 1, val, cfg.window_s, cfg.window_start_s, cfg.handoff)
+    wl_rows = play(None, "round_robin", 1, val, cfg.window_s, (600.0, 1000.0), cfg.handoff)
     assert log["reference"]["slo_attainment"] == pytest.approx(score(wl_rows, val, cfg.tie_weight)[1])
     moved = any(not np.array_equal(w[k], v) for k, v in net.arrays().items())
     assert moved == (log["best_iteration"] > 0)
@@ -135,9 +144,10 @@ def test_tiny_run_keeps_the_best_validated_weights(tmp_path):
 def test_cli_settings_grammar():
     from deflectlab.scripts.cmd_es import parse_settings
 
-    assert parse_settings("2x2:azure_code:3,4x4:azure_conv:1.5") == [((2, 2), "azure_code", 3.0),
-                                                                    ((4, 4), "azure_conv", 1.5)]
+    assert parse_settings("2x2:azure_code:3,4x4:azure_conv:1.5:gamma:2") == [
+        ((2, 2), "azure_code", 3.0), ((4, 4), "azure_conv", 1.5, "gamma", 2.0)]
     for bad, msg in (("2x2:azure_code", "PxD:trace:load"), ("2x2:azure_code:x", "not a number"),
+                     ("2x2:azure_code:1:gamma", "PxD:trace:load"), ("2x2:azure_code:1:gamma:x", "not a number"),
                      ("0x2:azure_code:1", "P, D >= 1")):
         with pytest.raises(argparse.ArgumentTypeError, match=msg):
             parse_settings(bad)
@@ -147,7 +157,7 @@ def test_replayed_workloads_give_fresh_runs():
     """A workload drawn once and replayed (the workers keep them) gives the run a freshly drawn one gives."""
     from deflectlab.envs.gym_env import DeflectionEnv
 
-    ep = ((2, 2), "azure_code", 2.0, 5)
+    ep = ((2, 2), "azure_code", 2.0, "trace", 1.0, 5)
     first = play(None, "proactive", 1, [ep], 30.0, (0.0, 1000.0), "vllm-nixl")
     again = play(None, "proactive", 1, [ep], 30.0, (0.0, 1000.0), "vllm-nixl")
     env = DeflectionEnv(trace="azure_code", load=[2.0, 2.0], window_s=30.0, window_start_s=[0.0, 1000.0],
@@ -156,3 +166,23 @@ def test_replayed_workloads_give_fresh_runs():
     s = ClusterSim(env.config, wl).run(make_policy("proactive")).summary
     fresh = (round(s["slo_attainment"] * s["requests"]), s["requests"], s["ttft_s"]["p95"] / env.config.ttft_slo_s)
     assert first == again == [fresh]
+
+
+def test_es_eval_labels_training_span_and_held_out_windows():
+    """The ES evaluation's two groups of windows are where they say: training span in [0, 1080] s, held out from
+    1,200 s; the report names each row's group."""
+    from deflectlab.experiments import es_eval
+    from deflectlab.experiments.learned_eval import evaluate_learned
+
+    settings = [((2, 2), "azure_code", 2.0), ((2, 2), "azure_code", 2.0, es_eval.TRAIN_SPAN)]
+    res = evaluate_learned({"DAgger (ES start)": es_eval.KEPT}, settings, episodes=2, window_s=60.0)
+    held = [r["start_s"] for r in res["rows"] if not r["variant"]]
+    train = [r["start_s"] for r in res["rows"] if r["variant"] == "training span"]
+    assert len(held) == len(train) == 2 * 4  # 2 episodes x (3 heuristics + the start network)
+    assert min(held) >= 1200.0 and max(train) <= 1080.0
+    md = es_eval.markdown(res, "cmd", "DAgger (ES start)")
+    rows = [line for line in md.splitlines() if line.startswith("| 2P2D")]
+    assert [r.split("|")[4].strip() for r in rows] == ["held out", "training span"]
+    assert es_eval.parse_named("a=learned:path=x") == ("a", "learned:path=x")
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=SPEC"):
+        es_eval.parse_named("learned:path")
