@@ -2,7 +2,8 @@
 labelled as such, on other episodes of the training span.
 
     python -m deflectlab.experiments.es_eval --out experiments/es --episodes 20 --jobs 2 \\
-        --es es_bursty=learned:path=experiments/es/es_bursty --es es_mixed=learned:path=experiments/es/es_mixed
+        --es es_mixed=learned:path=experiments/trained --es es_bursty=learned:path=experiments/es/es_bursty \\
+        --planner lookahead:horizon_s=2,base=length_threshold,base_max_len=3072
 
 Settings (:data:`SETTINGS`): the code trace on 2P2D at 1-3x and on 3P3D/4P4D at 3x, the conversation trace on
 2P2D at 3x, Gamma CV-4 arrivals on 2P2D at 2x (all held out: windows start at 1,200 s or later), and the code
@@ -20,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-KEPT = "learned:path=experiments/trained"
+KEPT = "learned:path=experiments/trained_dagger"
+PLANNER = "planner (clairvoyant)"
 TRAIN_SPAN = {"label": "training span", "start_s": [0.0, 1080.0]}
 GAMMA4 = {"label": "gamma CV 4", "arrival": "gamma", "cv": 4.0}
 SETTINGS: list[tuple] = (
@@ -43,10 +45,20 @@ def parse_named(text: str) -> tuple[str, str]:
     return name, spec
 
 
-def evaluate(es: dict[str, str], episodes: int, jobs: int, kept: str = KEPT) -> dict[str, Any]:
+def evaluate(es: dict[str, str], episodes: int, jobs: int, kept: str = KEPT, planner: str = "") -> dict[str, Any]:
+    """Every policy on every setting; with ``planner`` (a lookahead spec) the clairvoyant planner too, on the
+    training-span settings only (where the learned policies' gains are; its held-out headroom is
+    ``experiments/headroom``)."""
     from deflectlab.experiments.learned_eval import evaluate_learned
 
-    return evaluate_learned({"DAgger (ES start)": kept, **es}, SETTINGS, episodes, jobs=jobs)
+    res = evaluate_learned({"DAgger (ES start)": kept, **es}, SETTINGS, episodes, jobs=jobs)
+    if planner:
+        span = [s for s in SETTINGS if windows(s) == "training span"]
+        more = evaluate_learned({PLANNER: planner}, span, episodes, jobs=jobs)
+        res["policies"][PLANNER] = planner
+        res["rows"] += [r for r in more["rows"] if r["policy"] == planner]
+        res["wall_s"] += more["wall_s"]
+    return res
 
 
 def markdown(res: dict[str, Any], command: str, subject: str) -> str:
@@ -68,13 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--es", type=parse_named, action="append", required=True, metavar="NAME=SPEC",
                     help="an ES policy to evaluate (repeatable)")
     ap.add_argument("--kept", default=KEPT, help="the network the ES runs started from")
+    ap.add_argument("--planner", default="", metavar="SPEC",
+                    help="also the clairvoyant planner (e.g. lookahead:horizon_s=2) on the training-span settings")
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--jobs", type=int, default=1)
     a = ap.parse_args(argv)
     if a.episodes < 2 or a.jobs < 1:
         raise SystemExit("es_eval: --episodes must be >= 2 and --jobs >= 1")
     command = "python -m deflectlab.experiments.es_eval " + shlex.join(argv if argv is not None else sys.argv[1:])
-    res = evaluate(dict(a.es), a.episodes, a.jobs, a.kept)
+    res = evaluate(dict(a.es), a.episodes, a.jobs, a.kept, a.planner)
     from deflectlab.experiments.learned_eval import write_evaluation
 
     md = "\n".join(markdown(res, command, name) for name, _ in a.es)

@@ -1,5 +1,6 @@
-"""The kept policy's evaluation: the shape-generic policy in ``experiments/trained`` against the heuristics and
-the fixed-shape v1 policy it replaced, on held-out episodes, with paired differences.
+"""The kept policy's evaluation: the shape-generic policy in ``experiments/trained`` (ES fine-tuning of the DAgger
+network in ``experiments/trained_dagger``) against the heuristics, the network it started from, and the
+fixed-shape v1 policy, on held-out episodes, with paired differences.
 
     python -m deflectlab.experiments.trained_eval --out experiments/trained --episodes 20 --jobs 2
 
@@ -26,6 +27,7 @@ from deflectlab.experiments.markdown import table
 HERE = Path(__file__).parent
 KEPT = "learned:path=experiments/trained"
 V1 = "learned:path=experiments/trained_v1"
+DAGGER = "learned:path=experiments/trained_dagger"
 GAMMA4 = {"label": "gamma CV 4", "arrival": "gamma", "cv": 4.0}
 #: the Mooncake-style trace is 1,022 s long: windows start in its second half (it is not trained on at all)
 MOONCAKE = {"label": "second half", "start_s": [511.0, None]}
@@ -53,11 +55,11 @@ def novelty(setting: tuple | list) -> str:
 
 
 def evaluate(episodes: int, jobs: int, kept: str = KEPT, v1: str = V1, window_s: float = 120.0,
-             settings: list[tuple] | None = None) -> dict[str, Any]:
+             settings: list[tuple] | None = None, start: str = DAGGER) -> dict[str, Any]:
     from deflectlab.experiments.learned_eval import evaluate_learned
 
-    return evaluate_learned({"kept (shape-generic)": kept, "v1 (2P2D MLP)": v1}, settings or SETTINGS, episodes,
-                            window_s=window_s, jobs=jobs)
+    return evaluate_learned({"kept (shape-generic)": kept, "DAgger (ES start)": start, "v1 (2P2D MLP)": v1},
+                            settings or SETTINGS, episodes, window_s=window_s, jobs=jobs)
 
 
 def evaluation_markdown(res: dict[str, Any], command: str) -> str:
@@ -68,7 +70,9 @@ def evaluation_markdown(res: dict[str, Any], command: str) -> str:
              f"seeds {res['seed0']}.., the same episodes for every policy. SLO: attainment pooled over requests. "
              "Differences: the kept policy minus each other policy, paired per episode, mean ± 95 % Student-t "
              "half-width, in points of SLO attainment. `unseen`: what the kept policy never saw in training "
-             "(it trained on 2P2D and 4P4D, both Azure traces, recorded arrivals, 1-3x load).")
+             "(its start, the DAgger network, trained on 2P2D and 4P4D, both Azure traces, recorded arrivals, 1-3x "
+             "load; ES then trained it on the code trace: 2P2D at 1-3x, 4P4D at 3x, and Gamma CV-2 arrivals at 2-3x "
+             "on 2P2D, so the Gamma CV-4 rows are an unseen CV, not an unseen kind of arrival process).")
     return subject_markdown(res, command, "kept (shape-generic)", "kept", "The kept policy on held-out episodes",
                             intro, extra=("unseen", novelty))
 
@@ -80,12 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--kept", default=KEPT, help="the policy spec evaluated")
     ap.add_argument("--v1", default=V1, help="the fixed-shape policy it is set against")
+    ap.add_argument("--start", default=DAGGER, help="the network the kept policy was fine-tuned from")
     a = ap.parse_args(argv)
     if a.episodes < 2 or a.jobs < 1:
         raise SystemExit("trained_eval: --episodes must be >= 2 and --jobs >= 1")
     command = "python -m deflectlab.experiments.trained_eval " + " ".join(shlex.quote(x) for x in
                                                                           (argv if argv is not None else sys.argv[1:]))
-    res = evaluate(a.episodes, a.jobs, a.kept, a.v1)
+    res = evaluate(a.episodes, a.jobs, a.kept, a.v1, start=a.start)
     from deflectlab.experiments.learned_eval import write_evaluation
 
     write_evaluation(res, a.out, command, evaluation_markdown(res, command))
@@ -135,7 +140,8 @@ def headroom_and_learned_summary(trained: Path = HERE / "trained", headroom: Pat
                 kept = select_rows(ev["rows"], "2P2D", tr, ld, ev["policies"]["kept (shape-generic)"])
                 b = select_rows(ev["rows"], "2P2D", tr, ld, best)
                 d = paired(ev, s, "kept (shape-generic)", ev["best"])
-                v1 = paired(ev, s, "kept (shape-generic)", "v1 (2P2D MLP)")
+                start = "DAgger (ES start)" if "DAgger (ES start)" in ev["policies"] else "v1 (2P2D MLP)"
+                v1 = paired(ev, s, "kept (shape-generic)", start)
                 cells += [f"{pooled(b):.4f}" if b else "n/a", f"{pooled(kept):.4f}" if kept else "n/a",
                           _fmt(d) + (f" ({d[2]})" if d else ""), _fmt(v1)]
             else:
@@ -143,12 +149,13 @@ def headroom_and_learned_summary(trained: Path = HERE / "trained", headroom: Pat
             rows.append(cells)
     head = ["trace", "load", "best tuned SLO (headroom run)", "planner SLO", "planner - best tuned (points, episodes)",
             "best tuned SLO (evaluation)", "kept learned SLO", "kept - best tuned (points, episodes)",
-            "kept - v1 (points)"]
+            "kept - its start (points)"]
     lines = ["## The clairvoyant planner and the kept learned policy (2P2D)", "",
              "Neither is rerun by the main job; both come from committed runs, each on its own held-out episodes "
              "(so compare each against the best tuned heuristic in its own run, not across runs). Planner: "
              f"`{_rel(headroom / 'report.md')}` (`{(hr or {}).get('command', 'n/a')}`), clairvoyant, not deployable. "
-             f"Kept learned policy (`experiments/trained`, shape-generic): `{_rel(trained / 'evaluation.md')}` "
+             "Kept learned policy (`experiments/trained`, shape-generic, ES fine-tuning of the DAgger network in "
+             f"`experiments/trained_dagger`, its start): `{_rel(trained / 'evaluation.md')}` "
              f"(`{(ev or {}).get('command', 'n/a')}`), where 4P4D, 8P8D, Gamma CV-4 and Mooncake-style results "
              "are. Differences are paired per episode, mean ± 95 % half-width, in points of SLO attainment.", ""]
     lines += table(head, rows)

@@ -243,18 +243,20 @@ def test_unknown_action_space_is_refused(runs, tmp_path):
         OnnxPolicy(bad)
 
 
-def test_the_kept_shape_generic_policy_runs_every_shape_and_keeps_its_teachers_rule():
-    """experiments/trained: one export for every shape; ONNX, numpy and the torch network agree; on a shape it
-    never saw it still follows its teacher's rule (deflect prompts well under 3,072 tokens, prefill ones well
-    over), checked against the prompt lengths of the states it decided on."""
+@pytest.mark.parametrize("folder", ["trained", "trained_dagger"])
+def test_the_shipped_shape_generic_policies_run_every_shape(folder):
+    """experiments/trained (ES fine-tuned) and experiments/trained_dagger (its start): one export for every
+    shape; ONNX, numpy and the torch network agree. The DAgger network, on shapes it never saw, still follows
+    its teacher's rule (deflect prompts well under 3,072 tokens, prefill ones well over), checked against the
+    prompt lengths of the states it decided on; the ES network was trained away from that rule on purpose."""
     import math
 
     import torch
 
     from deflectlab.agents.setnet import SetPolicyNet, masked_argmax, split_obs
 
-    kept = REPO / "experiments" / "trained"
-    assert (kept / "manifest.json").is_file(), "the repository ships its kept policy in experiments/trained"
+    kept = REPO / "experiments" / folder
+    assert (kept / "manifest.json").is_file(), f"the repository ships a shape-generic policy in experiments/{folder}"
     onnx_pol, np_pol = OnnxPolicy(kept), OnnxPolicy(kept, backend="numpy")
     man = onnx_pol.manifest
     assert man["format_version"] == 2 and {"2P2D", "4P4D"} <= set(man["trained_on"]["shapes"])
@@ -283,4 +285,5 @@ def test_the_kept_shape_generic_policy_runs_every_shape_and_keeps_its_teachers_r
             if done:
                 break
         assert len(set(acts)) >= 3 and len(rule) >= 50  # not vacuous: several nodes, both kinds of prompt
-        assert sum(rule) / len(rule) >= 0.95, (P, D, sum(rule) / len(rule))
+        if folder == "trained_dagger":
+            assert sum(rule) / len(rule) >= 0.95, (P, D, sum(rule) / len(rule))
