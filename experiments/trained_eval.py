@@ -159,4 +159,31 @@ def headroom_and_learned_summary(trained: Path = HERE / "trained", headroom: Pat
              f"(`{(ev or {}).get('command', 'n/a')}`), where 4P4D, 8P8D, Gamma CV-4 and Mooncake-style results "
              "are. Differences are paired per episode, mean ± 95 % half-width, in points of SLO attainment.", ""]
     lines += table(head, rows)
+    lines += training_span_summary(HERE / "es")
     return "\n".join(lines + [""])
+
+
+def training_span_summary(es_dir: Path, subject: str = "es_mixed") -> list[str]:
+    """Lines on the kept (ES) policy on *training-span* episodes, read from ``experiments/es/evaluation.json``
+    (``experiments.es_eval``): where its gains are, and that they are in-distribution. Empty without that run."""
+    from deflectlab.experiments.learned_eval import fmt_diff, paired
+
+    path = es_dir / "evaluation.json"
+    if not path.is_file():
+        return []
+    ev = json.loads(path.read_text())
+    if subject not in ev["policies"]:
+        return []
+    out = []
+    for s in ev["settings"]:
+        if not (len(s) > 3 and s[3] and s[3].get("label") == "training span"):
+            continue
+        diffs = [(k, paired(ev, s, subject, k)) for k in ev["policies"] if k != subject and k != "never_deflect"]
+        out.append(f"* {s[0][0]}P{s[0][1]}D {s[1]} {s[2]:g}x: " + ", ".join(
+            f"vs {k} {fmt_diff(d)}" for k, d in diffs if d is not None))
+    if not out:
+        return []
+    return ["", f"On *training-span* windows (other episodes from the part of the trace ES trained on, so "
+            f"in-distribution, not held out; `{_rel(es_dir / 'README.md')}`), the kept policy ({subject}) against "
+            "each other policy, in points (paired per episode, mean ± 95 % half-width). The clairvoyant planner's "
+            "rollouts continue with the tuned threshold:", "", *out]

@@ -168,7 +168,7 @@ def test_replayed_workloads_give_fresh_runs():
     assert first == again == [fresh]
 
 
-def test_es_eval_labels_training_span_and_held_out_windows():
+def test_es_eval_labels_training_span_and_held_out_windows(tmp_path):
     """The ES evaluation's two groups of windows are where they say: training span in [0, 1080] s, held out from
     1,200 s; the report names each row's group."""
     from deflectlab.experiments import es_eval
@@ -183,6 +183,18 @@ def test_es_eval_labels_training_span_and_held_out_windows():
     md = es_eval.markdown(res, "cmd", "DAgger (ES start)")
     rows = [line for line in md.splitlines() if line.startswith("| 2P2D")]
     assert [r.split("|")[4].strip() for r in rows] == ["held out", "training span"]
+    # the main job's lines on the training span: the subject's paired differences, recomputed here by hand
+    import json
+
+    from deflectlab.experiments.trained_eval import training_span_summary
+
+    (tmp_path / "evaluation.json").write_text(json.dumps(res, default=float))
+    lines = training_span_summary(tmp_path, subject="DAgger (ES start)")
+    mine = sorted((r for r in res["rows"] if r["variant"] and r["policy"] == es_eval.KEPT), key=lambda r: r["seed"])
+    pro = sorted((r for r in res["rows"] if r["variant"] and r["policy"] == "proactive"), key=lambda r: r["seed"])
+    d = np.mean([a["slo_attainment"] - b["slo_attainment"] for a, b in zip(mine, pro, strict=True)])
+    assert len(lines) == 4 and lines[-1].startswith("* 2P2D azure_code 2x: vs proactive " + f"{100 * d:+.2f} ± ")
+    assert "held" not in lines[-1] and training_span_summary(tmp_path, subject="nobody") == []
     assert es_eval.parse_named("a=learned:path=x") == ("a", "learned:path=x")
     with pytest.raises(argparse.ArgumentTypeError, match="NAME=SPEC"):
         es_eval.parse_named("learned:path")
