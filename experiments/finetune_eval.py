@@ -22,7 +22,7 @@ from typing import Any
 
 TUNED = "fine-tuned (PPO)"
 KEPT_LABEL = "kept (imitation)"
-KEPT = "learned:path=experiments/trained"
+KEPT = "learned:path=experiments/trained_dagger"  # the network the fine-tuning started from
 #: windows from the span fine-tuning trained on (starts in [0, 1080] s, ending by 1,200 s): not held out, they
 #: show what fine-tuning learned where it learned it (fresh episodes, the same span)
 TRAIN_SPAN = {"label": "training span", "start_s": [0.0, 1080.0]}

@@ -3,7 +3,7 @@
     deflectlab dagger --out runs/dagger --shapes 2x2,4x4 --iterations 4
     deflectlab dagger --out runs/dagger_lt --teacher length_threshold:max_len=3072 --window 120
     deflectlab dagger --out runs/dagger --ray --ray-cpus 2        # each iteration's episodes as Ray tasks
-    deflectlab dagger --out runs/ft --init experiments/trained --iterations 0 --shapes 2x2 --ppo-steps 60000
+    deflectlab dagger --out runs/ft --init experiments/trained_dagger --iterations 0 --shapes 2x2 --ppo-steps 60000
 
 Plays training windows (ending by 1,200 s of each trace) on a mix of shapes, traces and loads; the teacher
 (the clairvoyant lookahead planner, or with ``--teacher`` any registered policy) labels every visited state;

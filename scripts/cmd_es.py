@@ -1,7 +1,7 @@
 """``deflectlab es``: fine-tune a shape-generic policy on the episode objective by evolution strategies.
 
-    deflectlab es --init experiments/trained --out runs/es --iterations 60 --jobs 2
-    deflectlab es --init experiments/trained --out runs/es --settings 2x2:azure_code:2,2x2:azure_code:3 --ray
+    deflectlab es --init experiments/trained_dagger --out runs/es --iterations 60 --jobs 2
+    deflectlab es --init experiments/trained_dagger --out runs/es --settings 2x2:azure_code:2,2x2:azure_code:3 --ray
 
 Each iteration perturbs the weights in ``--pairs`` antithetic pairs, plays every candidate on the same fresh
 training episodes (``--episodes`` per setting, windows ending by 1,200 s of each trace), and takes an Adam step
