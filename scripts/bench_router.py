@@ -156,15 +156,16 @@ def _pct(x: np.ndarray) -> tuple[float, float]:
 
 
 def bench_decisions(n: int = 20000, shapes: tuple[tuple[int, int], ...] = ((2, 2),),
-                    only: tuple[str, ...] = ()) -> dict:
+                    only: tuple[str, ...] = (), trained: Path | None = None) -> dict:
     """``Router.decide`` per policy, over a loaded view of each ``P``x``D`` shape (no network); ``only``: just
-    the policies whose row names start with one of these."""
+    the policies whose row names start with one of these; ``trained``: the exported policy of the ``learned``
+    rows (default ``experiments/trained``)."""
     from deflectlab.policies.registry import available
     from deflectlab.serving.router import RoutedRequest, Router
     from deflectlab.serving.router_config import RouterConfig
 
     out = {}
-    trained = Path(__file__).resolve().parents[1] / "experiments" / "trained"
+    trained = trained or Path(__file__).resolve().parents[1] / "experiments" / "trained"
     specs = [(n, n) for n in available() if n != "learned"]
     specs += [("learned (onnxruntime)", f"learned:path={trained}"),  # the exported policy of experiments/trained
               ("learned (numpy)", f"learned:path={trained},backend=numpy")]
@@ -455,6 +456,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="run the routers under cProfile and write DIR/router-<policy>.prof when they stop")
     ap.add_argument("--skip-prefill-path", action="store_true")
     ap.add_argument("--decisions", type=int, default=20000, help="decisions timed per policy in process (0: skip)")
+    ap.add_argument("--trained", type=Path, default=None, metavar="DIR",
+                    help="the exported policy of the 'learned' decision rows (default: experiments/trained)")
     ap.add_argument("--decision-shapes", default="2x2",
                     help="cluster shapes PxD (comma-separated) of the decision-time part")
     ap.add_argument("--decisions-only", nargs="*", default=None, metavar="POLICY",
@@ -584,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentTypeError as e:
         raise SystemExit(f"--decision-shapes: {e}") from None
     if a.decisions_only is not None:
-        res = {"decisions": bench_decisions(a.decisions, shapes, tuple(a.decisions_only))}
+        res = {"decisions": bench_decisions(a.decisions, shapes, tuple(a.decisions_only), a.trained)}
         if a.json:
             a.json.write_text(json.dumps(res, indent=2, default=float))
         return 0
@@ -620,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.router_profile is not None:  # the routers wrote their profiles when they stopped
         _print_profiles(a.router_profile, results)
     if a.decisions > 0:
-        results["decisions"] = bench_decisions(a.decisions, shapes)
+        results["decisions"] = bench_decisions(a.decisions, shapes, trained=a.trained)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2, default=float))
     return 0
