@@ -47,8 +47,13 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
 
     d = EsConfig()
     p = sub.add_parser("es", help=help_text, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init", type=Path, required=True, metavar="DIR",
-                   help="the exported shape-generic policy to start from (its policy_set.npz, read without pickle)")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--init", type=Path, metavar="DIR",
+                       help="the exported shape-generic policy to start from (its policy_set.npz, read without pickle)")
+    start.add_argument("--scratch", action="store_true",
+                       help="start from a freshly initialized network (torch seeded by --seed; width --hidden): RL "
+                            "from scratch, no imitation")
+    p.add_argument("--hidden", type=int, default=64, help="network width with --scratch")
     p.add_argument("--out", type=Path, default=Path("runs/es"), help="run folder")
     p.add_argument("--settings", type=parse_settings, default=d.settings,
                    help="training settings PxD:trace:load, comma-separated (default: 2P2D code 1-3x, 4P4D code 3x, "
@@ -109,21 +114,30 @@ def run(a: argparse.Namespace) -> int:
 
     if a.jobs < 1:
         raise SystemExit("deflectlab es: --jobs must be >= 1")
-    init = load_set_net(a.init)
+    if a.scratch:
+        import torch
+
+        from deflectlab.agents.setnet import SetPolicyNet
+
+        torch.manual_seed(a.seed)
+        init = SetPolicyNet(a.hidden).eval()
+    else:
+        init = load_set_net(a.init)
     cfg = config(a)
-    tracker = start_run(f"es-{a.out.name}", a.out, {**asdict(cfg), "init": str(a.init)}) if a.wandb else None
+    origin = "a fresh network (no imitation)" if a.scratch else str(a.init)
+    tracker = start_run(f"es-{a.out.name}", a.out, {**asdict(cfg), "init": origin}) if a.wandb else None
     w, log = train_es(cfg, init.arrays(), init.feature_schema, out=a.out, jobs=a.jobs, use_ray=a.ray,
                       ray_address=a.ray_address, reference=a.reference, tracker=tracker)
     if tracker is not None:
         tracker.finish()
-    trained_on = {"method": f"evolution strategies from {a.init} ({cfg.iterations} iterations x {2 * cfg.pairs} "
+    trained_on = {"method": f"evolution strategies from {origin} ({cfg.iterations} iterations x {2 * cfg.pairs} "
                             f"candidates, best on validation at iteration {log['best_iteration']})",
                   "settings": [f"{p}P{q}D {tr} {ld:g}x" + ("" if arr == "trace" else f" {arr} CV {cv:g}")
                                for (p, q), tr, ld, arr, cv in cfg.settings],
                   "shapes": sorted({f"{s[0][0]}P{s[0][1]}D" for s in cfg.settings}),
                   "traces": sorted({s[1] for s in cfg.settings}),
                   "window_start_s": list(cfg.window_start_s), "profiles": ["a100-80gb_deepseek-v2-lite"],
-                  "feature_schema": init.feature_schema, "init": str(a.init)}
+                  "feature_schema": init.feature_schema, "init": origin}
     man = export_set(net_from_arrays(w, init.hidden, init.feature_schema), a.out / "policy",
                      ClusterConfig(handoff=cfg.handoff), trained_on=trained_on,
                      source={"run": str(a.out), "wall_s": log["wall_s"],

@@ -198,3 +198,26 @@ def test_es_eval_labels_training_span_and_held_out_windows(tmp_path):
     assert es_eval.parse_named("a=learned:path=x") == ("a", "learned:path=x")
     with pytest.raises(argparse.ArgumentTypeError, match="NAME=SPEC"):
         es_eval.parse_named("learned:path")
+
+
+def test_cli_from_scratch_end_to_end(tmp_path, capsys):
+    """``deflectlab es --scratch``: a fresh network, one iteration, exported and loadable as a policy; the
+    manifest says it had no imitation; ``--init`` and ``--scratch`` together are refused."""
+    import json
+
+    from deflectlab.scripts.cli import main
+
+    out = tmp_path / "run"
+    assert main(["es", "--scratch", "--hidden", "8", "--out", str(out), "--settings", "2x2:azure_code:3",
+                 "--iterations", "1", "--pairs", "1", "--episodes", "1", "--window", "30", "--validate-every", "1",
+                 "--validation-episodes", "1", "--seed", "4"]) == 0
+    man = json.loads((out / "policy" / "manifest.json").read_text())
+    assert man["trained_on"]["init"] == "a fresh network (no imitation)" and man["network"]["hidden"] == 8
+    log = json.loads((out / "es_log.json").read_text())
+    assert len(log["iterations"]) == 1 and [v["iteration"] for v in log["validations"]] == [0, 1]
+    rows = play(None, f"learned:path={out / 'policy'},backend=numpy", 1, [((2, 2), "azure_code", 3.0, "trace", 1.0, 9)],
+                30.0, (0.0, 1170.0), "vllm-nixl")
+    assert rows[0][1] > 0
+    with pytest.raises(SystemExit):
+        main(["es", "--scratch", "--init", str(KEPT), "--out", str(tmp_path / "x")])
+    assert "not allowed with argument" in capsys.readouterr().err
