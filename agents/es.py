@@ -36,6 +36,7 @@ workloads it has built (a window is drawn once, then replayed by every candidate
 from __future__ import annotations
 
 import json
+import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -161,7 +162,9 @@ def play(weights: dict[str, np.ndarray] | None, spec: str, feature_schema: int, 
         cfg, wl = _episode(ep, window_s, start, handoff)
         s = ClusterSim(cfg, wl).run(policy).summary
         n = int(s["requests"])
-        out.append((round(s["slo_attainment"] * n), n, float(s["ttft_s"]["p95"]) / cfg.ttft_slo_s))
+        p95 = float(s["ttft_s"]["p95"])
+        # an episode with no first token at all has no P95: count it as far worse than any finite tail
+        out.append((round(s["slo_attainment"] * n), n, p95 / cfg.ttft_slo_s if math.isfinite(p95) else 1e3))
     return out
 
 
