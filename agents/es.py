@@ -256,7 +256,8 @@ class _Runner:
         if use_ray or ray_address:
             import ray  # ModuleNotFoundError names the 'rl' extra at the command line
 
-            if not ray.is_initialized():
+            self.started = not ray.is_initialized()
+            if self.started:
                 ray.init(address=ray_address, num_cpus=None if ray_address else jobs, include_dashboard=False,
                          log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
             self.ray = ray
@@ -285,7 +286,7 @@ class _Runner:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
-        if self.ray is not None:
+        if self.ray is not None and self.started:  # a Ray the caller started stays up
             self.ray.shutdown()
 
 

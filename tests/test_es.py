@@ -221,3 +221,16 @@ def test_cli_from_scratch_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["es", "--scratch", "--init", str(KEPT), "--out", str(tmp_path / "x")])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_ray_runs_the_same_candidates():
+    """Candidates played as Ray tasks give the run played here: same validations, same weights."""
+    pytest.importorskip("ray")
+    net = load_set_net(KEPT)
+    cfg = EsConfig(settings=[((2, 2), "azure_code", 3.0), ((2, 2), "azure_code", 1.0)], episodes=1, window_s=30.0,
+                   window_start_s=(0.0, 1000.0), iterations=1, pairs=1, validate_every=1, validation_episodes=1,
+                   seed=5)
+    w_seq, log_seq = train_es(cfg, net.arrays(), net.feature_schema)
+    w_ray, log_ray = train_es(cfg, net.arrays(), net.feature_schema, use_ray=True, jobs=2)
+    assert [v["objective"] for v in log_ray["validations"]] == [v["objective"] for v in log_seq["validations"]]
+    assert all(np.array_equal(w_ray[k], w_seq[k]) for k in w_seq)
