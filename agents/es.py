@@ -301,7 +301,8 @@ def train_es(cfg: EsConfig, init_arrays: dict[str, np.ndarray], feature_schema: 
     initial ones if none beat them) and a log. ``reference``: a registered policy also played on the validation
     episodes, for the log (e.g. the tuned heuristic the network should beat)."""
     flat = Flat(init_arrays, cfg.params)
-    theta = flat.vector()
+    theta0 = flat.vector()
+    theta = theta0.copy()
     opt = Adam(len(theta), cfg.lr)
     rng = np.random.default_rng([cfg.seed, 1])
     val_eps = draw_episodes(cfg, np.random.default_rng([cfg.seed, 2]), cfg.validation_episodes)
@@ -338,7 +339,7 @@ def train_es(cfg: EsConfig, init_arrays: dict[str, np.ndarray], feature_schema: 
             theta = theta + opt.step(grad)
             row = {"iteration": it, "candidates_mean_slo": float(atts.mean()), "candidates_best_slo": float(atts.max()),
                    "candidates_worst_slo": float(atts.min()), "spread_objective": float(objs.max() - objs.min()),
-                   "grad_norm": float(np.linalg.norm(grad)), "step_norm": float(np.linalg.norm(theta - flat.vector())),
+                   "grad_norm": float(np.linalg.norm(grad)), "step_norm": float(np.linalg.norm(theta - theta0)),
                    "episodes_played": len(eps) * len(cands), "wall_s": time.perf_counter() - t_it}
             log["iterations"].append(row)
             if tracker is not None:

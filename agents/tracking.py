@@ -35,6 +35,13 @@ def resolve_mode(mode: str) -> str:
     return "offline"
 
 
+def quiet_wandb_env(mode: str) -> None:
+    """Set W&B's mode in the environment (see the module docstring) and keep it quiet on the console."""
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_CONSOLE", "off")
+
+
 def namespaced(key: str) -> str:
     for old, new in _RENAME.items():
         if key.startswith(old):
@@ -85,9 +92,7 @@ def init_run(cfg: Any, run_name: str, run_dir: Path) -> Any | None:
     mode = resolve_mode(wc.mode)
     if mode == "disabled":
         return None
-    os.environ["WANDB_MODE"] = mode
-    os.environ.setdefault("WANDB_SILENT", "true")
-    os.environ.setdefault("WANDB_CONSOLE", "off")
+    quiet_wandb_env(mode)
     os.environ["WANDB_DIR"] = str(run_dir)
     import wandb
 
@@ -102,9 +107,7 @@ def start_run(name: str, out: Path, config: dict[str, Any]) -> Any | None:
     mode = resolve_mode("auto")
     if mode == "disabled":
         return None
-    os.environ["WANDB_MODE"] = mode
-    os.environ.setdefault("WANDB_SILENT", "true")
-    os.environ.setdefault("WANDB_CONSOLE", "off")
+    quiet_wandb_env(mode)
     out.mkdir(parents=True, exist_ok=True)
     import wandb
 

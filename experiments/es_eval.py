@@ -21,10 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-KEPT = "learned:path=experiments/trained_dagger"
+from deflectlab.experiments.trained_eval import DAGGER as KEPT
+from deflectlab.experiments.trained_eval import GAMMA4
+
 PLANNER = "planner (clairvoyant)"
 TRAIN_SPAN = {"label": "training span", "start_s": [0.0, 1080.0]}
-GAMMA4 = {"label": "gamma CV 4", "arrival": "gamma", "cv": 4.0}
 SETTINGS: list[tuple] = (
     [((2, 2), "azure_code", ld) for ld in (1.0, 2.0, 3.0)]
     + [((3, 3), "azure_code", 3.0), ((4, 4), "azure_code", 3.0), ((2, 2), "azure_conv", 3.0),

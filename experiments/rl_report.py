@@ -233,11 +233,9 @@ def log_wandb(res: dict[str, Any], out: Path, wandb_dir: Path, mode: str = "offl
     image as one W&B run (offline unless ``mode`` says otherwise); returns the run's directory."""
     if mode == "disabled":
         return None
-    import os
+    from deflectlab.agents.tracking import quiet_wandb_env
 
-    os.environ["WANDB_MODE"] = mode
-    os.environ.setdefault("WANDB_SILENT", "true")
-    os.environ.setdefault("WANDB_CONSOLE", "off")
+    quiet_wandb_env(mode)
     wandb_dir.mkdir(parents=True, exist_ok=True)
     import wandb
 

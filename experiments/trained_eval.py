@@ -109,7 +109,8 @@ def _rel(p: Path) -> str:
         return p.name
 
 
-def headroom_and_learned_summary(trained: Path = HERE / "trained", headroom: Path = HERE / "headroom") -> str:
+def headroom_and_learned_summary(trained: Path = HERE / "trained", headroom: Path = HERE / "headroom",
+                                 es: Path = HERE / "es") -> str:
     """The main job's section on the planner and the kept learned policy, both read from committed runs (the
     planner takes minutes, the 20-episode evaluation a few): per trace and load on 2P2D, the planner's and
     the kept policy's paired differences against the best tuned heuristic, each on its own run's episodes.
@@ -159,7 +160,7 @@ def headroom_and_learned_summary(trained: Path = HERE / "trained", headroom: Pat
              f"(`{(ev or {}).get('command', 'n/a')}`), where 4P4D, 8P8D, Gamma CV-4 and Mooncake-style results "
              "are. Differences are paired per episode, mean ± 95 % half-width, in points of SLO attainment.", ""]
     lines += table(head, rows)
-    lines += training_span_summary(HERE / "es")
+    lines += training_span_summary(es)
     return "\n".join(lines + [""])
 
 

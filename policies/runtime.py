@@ -173,7 +173,7 @@ class SetArraysPolicy(Policy):
     name = "set_arrays"
 
     def __init__(self, weights: dict[str, np.ndarray], feature_schema: int = 1) -> None:
-        missing = [k for k in _SET_KEYS if f"{k}.weight" not in weights]
+        missing = missing_set_weights(weights)
         if missing:
             raise ValueError(f"set_arrays: the weights lack {missing}")
         self._w = {k: np.ascontiguousarray(v, np.float32) for k, v in weights.items()}
@@ -189,6 +189,11 @@ class SetArraysPolicy(Policy):
 
     def params(self) -> dict[str, Any]:
         return {"feature_schema": self.feature_schema, "weights": len(self._w)}
+
+
+def missing_set_weights(arrays: dict[str, np.ndarray]) -> list[str]:
+    """The layers of the shape-generic network whose weights ``arrays`` lacks."""
+    return [k for k in _SET_KEYS if f"{k}.weight" not in arrays]
 
 
 _SET_KEYS = ("phi_p.0", "phi_p.2", "phi_d.0", "phi_d.2", "rho.0", "psi_p_node", "psi_p_out", "psi_d_node",
@@ -271,7 +276,7 @@ class OnnxPolicy(Policy):
         except (ValueError, OSError) as e:
             raise PolicyFileError(f"{f}: not a readable numpy weight file: {e}") from None
         if self.generic:
-            missing = [k for k in _SET_KEYS if f"{k}.weight" not in arrays]
+            missing = missing_set_weights(arrays)
             if missing:
                 raise PolicyFileError(f"{f}: shape-generic weights lack {missing}")
             h = arrays["phi_p.0.weight"].shape[0]
