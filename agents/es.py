@@ -117,6 +117,15 @@ def _setting(s: Any) -> Setting:
     arrival, cv = (str(s[3]), float(s[4])) if len(s) == 5 else ("trace", 1.0)
     if int(p) < 1 or int(d) < 1 or float(ld) <= 0 or cv <= 0:
         raise ValueError(f"es: setting ({p}x{d}, {tr}, {float(ld):g}): shapes need P, D >= 1, loads and cv > 0")
+    from deflectlab.envs.workloads import ARRIVALS, WorkloadError, load_trace
+
+    if arrival not in ARRIVALS:
+        raise ValueError(f"es: setting ({p}x{d}, {tr}, {float(ld):g}): unknown arrival {arrival!r}; known: "
+                         f"{', '.join(ARRIVALS)}")
+    try:
+        load_trace(str(tr))  # parsed once and cached: a bad name fails here, not in the first worker
+    except WorkloadError as e:
+        raise ValueError(f"es: setting ({p}x{d}, {tr}, {float(ld):g}): {e}") from None
     return (int(p), int(d)), str(tr), float(ld), arrival, cv
 
 

@@ -102,6 +102,10 @@ def test_config_refuses_windows_that_reach_the_held_out_span():
         EsConfig(window_s=120.0, window_start_s=(0.0, 600.0), validation_start_s=(700.0, 1100.0))
     with pytest.raises(ValueError, match="weigh"):
         EsConfig(weigh="bursts")
+    with pytest.raises(ValueError, match="nope: unknown bundled trace name"):
+        EsConfig(settings=[((2, 2), "nope", 1.0)])
+    with pytest.raises(ValueError, match="unknown arrival 'bursty'"):
+        EsConfig(settings=[((2, 2), "azure_code", 1.0, "bursty", 1.0)])
     with pytest.raises(ValueError, match="P, D >= 1"):
         EsConfig(settings=[((0, 2), "azure_code", 1.0)])
     with pytest.raises(ValueError, match="sigma and lr"):
