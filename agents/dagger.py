@@ -6,8 +6,9 @@ with its action; the action actually taken is the planner's with probability ``b
 and the learner's otherwise, so later iterations visit the states the learner itself reaches (Ross et al.,
 "A Reduction of Imitation Learning and Structured Prediction to No-Regret Online Learning", AISTATS 2011).
 All labelled states are kept (the aggregated data set) and the network is retrained on them each iteration
-by masked cross-entropy. Training windows come from ``window_start_s`` (default [0, 1200) s of each trace),
-disjoint from the held-out evaluation windows ([1200, 1800) s).
+by masked cross-entropy. Training windows come from ``window_start_s`` (default: the training blocks of the
+run's ``split``, envs.splits; [0, 1200) s of each trace for the default ``time`` split), and none may reach into
+a held-out block (the evaluation windows: [1200, 1800) s for the ``time`` split).
 
 The planner's decision maps onto the environment's actions by its node: prefill on ``p`` is action ``p``,
 deflection to ``d`` is action ``P + d`` (with the environment's chunk cap).
@@ -32,6 +33,7 @@ import torch
 
 from deflectlab.agents.setnet import MASKED_LOGIT, SetPolicyNet, masked_argmax, split_obs
 from deflectlab.envs.features import SCHEMAS
+from deflectlab.envs.splits import get_split, start_ranges
 
 
 @dataclass
@@ -42,7 +44,10 @@ class DaggerConfig:
     traces: list[str] = field(default_factory=lambda: ["azure_code", "azure_conv"])
     loads: tuple[float, float] = (1.0, 3.0)
     window_s: float = 60.0
-    window_start_s: tuple[float, float] = (0.0, 1140.0)
+    #: which blocks of trace time are held out (envs.splits); no training window may reach into them
+    split: str = "time"
+    #: window start ranges, trace seconds: [low, high] or a list of them (None: the split's training blocks)
+    window_start_s: Any = None
     iterations: int = 4
     episodes_per_iteration: int = 4
     max_decisions: int = 400
@@ -86,6 +91,10 @@ class DaggerConfig:
         if not 0.0 <= self.beta0 <= 1.0 or not 0.0 <= self.beta_decay <= 1.0:
             raise ValueError("dagger: beta0 and beta_decay must be in [0, 1]")
         self.shapes = [(int(p), int(d)) for p, d in self.shapes]
+        split = get_split(self.split)
+        self.window_start_s = tuple(start_ranges(self.window_start_s, "dagger: window_start_s")
+                                    if self.window_start_s is not None else split.starts("train", self.window_s))
+        split.check_training(self.window_start_s, self.window_s, "dagger: training")
         if isinstance(self.feature_schema, bool) or self.feature_schema not in SCHEMAS:
             raise ValueError(f"dagger: unknown feature_schema {self.feature_schema!r}; known versions: "
                              f"{', '.join(map(str, SCHEMAS))}")

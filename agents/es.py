@@ -24,10 +24,11 @@ Two things make the score comparable between candidates on a small budget:
   (P95 TTFT in units of the TTFT SLO), as the headroom study's objective.
 
 Every ``validate_every`` iterations the current weights play a fixed set of *validation* episodes, and the
-best-scoring weights on those are kept: model selection without touching the evaluation windows (which start at
-1,200 s; training and validation windows end by 1,200 s). ``validation_start_s`` puts the validation windows in
-their own, later span of the trace (default: the training span), so that selection rewards what carries over
-to a later part of the trace, as the held-out evaluation asks.
+best-scoring weights on those are kept: model selection without touching the evaluation windows. Which windows
+those are is the run's ``split`` (``envs.splits``): ``time`` holds out [1200, end) s, so training and validation
+windows end by 1,200 s; ``blocked`` holds out alternating 300-s blocks. No training or validation window may reach
+into a held-out block (checked). ``validation_start_s`` puts the validation windows in ranges of their own
+(default: the training ranges), so that selection rewards what carries over to another part of the trace.
 
 Candidates run in parallel in a process pool (``jobs``) or as Ray tasks; each worker keeps the episode
 workloads it has built (a window is drawn once, then replayed by every candidate).
@@ -45,13 +46,11 @@ from typing import Any
 
 import numpy as np
 
+from deflectlab.envs.splits import get_split, start_ranges
+
 #: ((P, D), trace, load, arrival, cv): arrival "trace" replays the window's recorded times, "gamma"/"poisson"
 #: draw them at the window's rate x load (envs.gym_env.EnvConfig)
 Setting = tuple[tuple[int, int], str, float, str, float]
-
-#: The held-out evaluation windows start at 1,200 s (experiments.headroom); training windows end before.
-HELD_OUT_START_S = 1200.0
-
 
 @dataclass
 class EsConfig:
@@ -64,10 +63,12 @@ class EsConfig:
     #: training episodes per setting per iteration (every candidate plays all of them)
     episodes: int = 4
     window_s: float = 120.0
-    #: window starts drawn in this span (trace seconds); every window must end by HELD_OUT_START_S
-    window_start_s: tuple[float, float] = (0.0, 1080.0)
-    #: where the validation windows start (None: the training span)
-    validation_start_s: tuple[float, float] | None = None
+    #: which blocks of trace time are held out for evaluation (envs.splits): no window may reach into them
+    split: str = "time"
+    #: window start ranges, trace seconds: [low, high] or a list of them (None: the split's training blocks)
+    window_start_s: Any = None
+    #: where the validation windows start (None: the training ranges)
+    validation_start_s: Any = None
     #: within a setting: "episodes" (mean of per-episode attainment) or "requests" (pooled over requests)
     weigh: str = "episodes"
     iterations: int = 30
@@ -96,17 +97,16 @@ class EsConfig:
                              "iterations >= 0")
         if not (self.sigma > 0 and self.lr > 0 and self.tie_weight >= 0):
             raise ValueError("es: sigma and lr must be > 0 and tie_weight >= 0")
-        for what, span in (("training", self.window_start_s), ("validation", self.validation_start_s)):
-            if span is None:
+        split = get_split(self.split)
+        if self.window_start_s is None:
+            self.window_start_s = split.starts("train", self.window_s)
+        for what in ("window_start_s", "validation_start_s"):
+            ranges = getattr(self, what)
+            if ranges is None:
                 continue
-            lo, hi = span
-            if lo < 0 or hi < lo or hi + self.window_s > HELD_OUT_START_S + 1e-9:
-                raise ValueError(f"es: {what} windows start in [{lo:g}, {hi:g}] s and last {self.window_s:g} s; "
-                                 f"they must end by {HELD_OUT_START_S:g} s, where the held-out evaluation windows "
-                                 "begin")
-        self.window_start_s = tuple(self.window_start_s)
-        if self.validation_start_s is not None:
-            self.validation_start_s = tuple(self.validation_start_s)
+            ranges = tuple(start_ranges(ranges, f"es: {what}"))
+            split.check_training(ranges, self.window_s, f"es: {'validation' if 'valid' in what else 'training'}")
+            setattr(self, what, ranges)
         self.params = tuple(self.params)
 
 
@@ -132,11 +132,12 @@ def _setting(s: Any) -> Setting:
 # -- episodes and scores (these run in the workers) ---------------------------------------------------------
 
 Episode = tuple[tuple[int, int], str, float, str, float, int]  # a setting, then the environment seed
+Ranges = tuple[tuple[float, float], ...]  # window start ranges (envs.splits)
 
 _WORKLOADS: dict[tuple, tuple[Any, Any]] = {}
 
 
-def _episode(ep: Episode, window_s: float, start: tuple[float, float], handoff: str):
+def _episode(ep: Episode, window_s: float, start: Ranges, handoff: str):
     key = (ep, window_s, start, handoff)
     got = _WORKLOADS.get(key)
     if got is None:
@@ -153,7 +154,7 @@ def _episode(ep: Episode, window_s: float, start: tuple[float, float], handoff: 
 
 
 def play(weights: dict[str, np.ndarray] | None, spec: str, feature_schema: int, episodes: list[Episode],
-         window_s: float, start: tuple[float, float], handoff: str) -> list[tuple[int, int, float]]:
+         window_s: float, start: Ranges, handoff: str) -> list[tuple[int, int, float]]:
     """Play ``episodes`` under the network ``weights`` (or, with ``weights`` None, the registered policy
     ``spec``); per episode ``(requests meeting the SLO, requests, P95 TTFT / TTFT SLO)``."""
     from deflectlab.envs.simulator import ClusterSim
@@ -277,7 +278,7 @@ class _Runner:
             self.pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
 
     def map(self, cfg: EsConfig, schema: int, cands: list[dict[str, np.ndarray] | None], specs: list[str],
-            episodes: list[Episode], start: tuple[float, float]) -> list[list[tuple[int, int, float]]]:
+            episodes: list[Episode], start: Ranges) -> list[list[tuple[int, int, float]]]:
         # one task per candidate and setting, so that a few candidates still spread over the workers
         k = len(cfg.settings)
         n = len(episodes) // k

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ from deflectlab.envs.features import SCHEMAS, FeatureBuilder, action_layout, sch
 from deflectlab.envs.profile import load_profile
 from deflectlab.envs.rewards import StepStats, make_reward
 from deflectlab.envs.simulator import ClusterSim
+from deflectlab.envs.splits import describe, pick, resolve, start_ranges
 from deflectlab.envs.view import Policy
 from deflectlab.envs.workloads import ARRIVALS, Workload, load_trace, make_workload
 
@@ -40,9 +40,10 @@ class EnvConfig:
              "uniformly per episode")
     window_s: float = cli_field(300.0, "window length; the episode lasts window_s / load simulated seconds",
                                 unit="trace seconds")
-    window_start_s: list[float | None] = cli_field(
+    window_start_s: list[Any] = cli_field(
         None, factory=lambda: [0.0, None], unit="trace seconds",
-        help="[low, high] range of window starts; high None: the trace end minus window_s. Disjoint ranges hold "
+        help="[low, high] range of window starts, or a list of such ranges (a start is drawn uniformly over "
+             "their union; envs.splits); high None: the trace end minus window_s. Disjoint ranges hold "
              "evaluation windows out of training")
     arrival: str = cli_field("trace", "trace replays recorded arrival times; poisson, gamma and onoff draw synthetic "
                              "arrivals at the scaled rate with lengths sampled from the window", choices=ARRIVALS)
@@ -62,9 +63,11 @@ class EnvConfig:
     def __post_init__(self) -> None:
         check_range(self.load, "load", positive=True, unit="x the recorded rate")
         check_number(self.window_s, "window_s", lo=0.0, lo_open=True, unit="trace seconds")
-        if self.window_start_s is not None and (isinstance(self.window_start_s, (str, bytes))
-                                                or len(self.window_start_s) > 2):
-            raise ConfigError(f"window_start_s must be [low, high] trace seconds, got {self.window_start_s!r}")
+        if self.window_start_s is not None:
+            try:
+                start_ranges(self.window_start_s)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.arrival not in ARRIVALS:
             raise ConfigError(f"unknown arrival {self.arrival!r}; known: {', '.join(ARRIVALS)}")
         check_number(self.cv, "cv", lo=0.0, lo_open=True)
@@ -214,7 +217,9 @@ class DeflectionEnv(gym.Env):
         self._trace = load_trace(cfg.trace)
         self.load_range = check_range(cfg.load, "load", positive=True, unit="x the recorded rate")
         self.window_s = float(cfg.window_s)
-        self.window_start_range = self._start_range(cfg.window_start_s)
+        self.window_start_ranges = resolve(start_ranges(cfg.window_start_s if cfg.window_start_s is not None
+                                                        else [0.0, None]),
+                                           float(self._trace.arrival_s[-1]) - self.window_s)
         self.arrival = cfg.arrival
         self.cv = float(cfg.cv)
         self.max_requests = cfg.max_requests
@@ -251,16 +256,6 @@ class DeflectionEnv(gym.Env):
         self._obs = np.zeros(low.shape, dtype=np.float32)
         self.episode_info: dict[str, Any] = {}
 
-    def _start_range(self, window_start_s: Sequence[float | None] | None) -> tuple[float, float]:
-        """``(low, high)`` window starts, trace seconds; a missing or None high is the trace end minus the window."""
-        span = float(self._trace.arrival_s[-1])
-        lo, hi = (tuple(window_start_s) + (None, None))[:2] if window_start_s is not None else (0.0, None)
-        lo = 0.0 if lo is None else float(lo)
-        hi = max(span - self.window_s, 0.0) if hi is None else float(hi)
-        if not 0.0 <= lo <= hi:
-            raise ValueError(f"window_start_s must be 0 <= low <= high (trace seconds), got ({lo}, {hi})")
-        return lo, hi
-
     # -- episodes ------------------------------------------------------------------------------------------
     def episode_workload(self, seed: int | None = None, rng: np.random.Generator | None = None
                          ) -> tuple[Workload, dict[str, Any]]:
@@ -270,10 +265,12 @@ class DeflectionEnv(gym.Env):
         """
         if rng is None:
             rng, _ = seeding.np_random(seed)
-        lo, hi = self.window_start_range
+        ranges = self.window_start_ranges
         t = self._trace.arrival_s
         for _ in range(_MAX_REDRAWS):
-            start = float(rng.uniform(lo, hi)) if hi > lo else lo
+            # one range: rng.uniform(lo, hi), as before ranges could be several (the same double is drawn)
+            start = float(pick(rng.random(), ranges)) if len(ranges) > 1 or ranges[0][1] > ranges[0][0] \
+                else ranges[0][0]
             load = float(rng.uniform(*self.load_range)) if self.load_range[1] > self.load_range[0] \
                 else self.load_range[0]
             i0 = int(np.searchsorted(t, start, side="left"))
@@ -283,8 +280,8 @@ class DeflectionEnv(gym.Env):
                 break
         else:
             raise ValueError(
-                f"no window of {self.window_s:g} trace seconds starting in [{lo:g}, {hi:g}] of {self.trace_name} holds "
-                f"{self.min_requests} requests in {_MAX_REDRAWS} draws; lower min_requests or widen the window")
+                f"no window of {self.window_s:g} trace seconds starting in {describe(ranges)} of {self.trace_name} "
+                f"holds {self.min_requests} requests in {_MAX_REDRAWS} draws; lower min_requests or widen the window")
         span = float(t[i0 + n - 1] - t[i0]) if n >= 2 else 0.0
         # the window's recorded rate (the whole trace's if the window has no span), times the load
         window_rate = (n - 1) / span if span > 0 else (len(t) - 1) / max(float(t[-1]), 1e-9)

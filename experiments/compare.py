@@ -44,6 +44,7 @@ import numpy as np
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.metrics import COMPONENTS
 from deflectlab.envs.simulator import ClusterSim
+from deflectlab.envs.splits import pick
 from deflectlab.envs.workloads import Workload, load_trace, make_workload
 from deflectlab.experiments.compare_plots import write_plots
 from deflectlab.experiments.labels import policy_label
@@ -136,8 +137,15 @@ class ComparisonConfig:
             object.__setattr__(self, "policies", (self.baseline, *self.policies))
         if self.window_s is not None and not self.window_s > 0:
             raise ValueError(f"compare: window_s must be > 0 seconds, got {self.window_s!r}")
-        if self.span is not None and not (len(self.span) == 2 and 0 <= self.span[0] < self.span[1]):
-            raise ValueError(f"compare: span must be (lo, hi) seconds with 0 <= lo < hi, got {self.span!r}")
+        if self.span is not None:
+            blocks = spans(self.span)
+            if not all(0 <= lo < hi for lo, hi in blocks):
+                raise ValueError(f"compare: span must be (lo, hi) seconds with 0 <= lo < hi, or a list of them, "
+                                 f"got {self.span!r}")
+            if len(blocks) > 1 and (self.window_s is None or self.arrival != "trace"
+                                    or min(hi - lo for lo, hi in blocks) < self.window_s):
+                raise ValueError(f"compare: several spans ({self.span!r}) need recorded arrivals and a window_s no "
+                                 "longer than the shortest span; each window lies in one of them")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"compare: workers must be >= 1, got {self.workers!r}")
 
@@ -147,9 +155,29 @@ class ComparisonConfig:
         return d
 
 
+def spans(span: Any) -> list[tuple[float, float]]:
+    """A comparison's ``span``: one ``(lo, hi)`` or a list of them, as a list of float pairs."""
+    if isinstance(span, (str, bytes)) or not isinstance(span, (list, tuple)) or not span:
+        raise ValueError(f"compare: span must be (lo, hi) seconds or a list of them, got {span!r}")
+    items = [span] if not isinstance(span[0], (list, tuple)) else list(span)
+    try:
+        out = [(float(lo), float(hi)) for lo, hi in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"compare: span must be (lo, hi) seconds or a list of them, got {span!r}") from None
+    return out
+
+
 def window_for(cfg: ComparisonConfig, seed: int, trace_end_s: float) -> tuple[float, float | None]:
     """``(start_s, duration_s)`` of the trace window that ``seed`` stands for (see the module docstring)."""
-    lo, hi = cfg.span if cfg.span is not None else (0.0, trace_end_s)
+    blocks = spans(cfg.span) if cfg.span is not None else [(0.0, trace_end_s)]
+    if len(blocks) > 1:  # a start uniform over the windows that fit in one of the spans (envs.splits)
+        ranges = [(lo, min(hi, trace_end_s) - cfg.window_s) for lo, hi in blocks if min(hi, trace_end_s) - lo
+                  >= cfg.window_s]
+        if not ranges:
+            raise ValueError(f"compare: no span of {cfg.span} holds a {cfg.window_s:g}-s window of the trace "
+                             f"(it ends at {trace_end_s:g} s)")
+        return float(pick(float(np.random.default_rng(seed).random()), ranges)), cfg.window_s
+    lo, hi = blocks[0]
     hi = min(hi, trace_end_s + 1e-9)
     if lo >= hi:
         raise ValueError(f"compare: span {cfg.span} starts after the trace ends ({trace_end_s:g} s)")
@@ -406,7 +434,7 @@ class ComparisonResult:
             f"SLOs: TTFT <= {cl.ttft_slo_s:g} s and P95 TBT <= {cl.tbt_slo_s:g} s.",
             f"Workload: `{cfg.trace}`, arrivals `{cfg.arrival}`, "
             + (f"windows of {cfg.window_s:g} s of trace time" if cfg.window_s else "the whole trace")
-            + (f" from [{cfg.span[0]:g}, {cfg.span[1]:g}) s" if cfg.span else "")
+            + (" from " + " + ".join(f"[{lo:g}, {hi:g})" for lo, hi in spans(cfg.span)) + " s" if cfg.span else "")
             + (f" starting at {cfg.window_start_s:g} s" if cfg.window_start_s is not None else
                (", start drawn from the seed" if cfg.arrival == "trace" and cfg.window_s else ""))
             + (f", at most {cfg.num_requests} requests" if cfg.num_requests else "")

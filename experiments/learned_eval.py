@@ -36,10 +36,11 @@ def _safe_run(task: tuple) -> dict[str, Any] | None:
 
 def evaluate_learned(learned: dict[str, str], settings: list[tuple[tuple[int, int], str, float]], episodes: int,
                      window_s: float = 120.0, seed0: int = 4_000_000, handoff: str = "vllm-nixl",
-                     jobs: int = 1) -> dict[str, Any]:
+                     jobs: int = 1, heuristics: dict[str, str] | None = None) -> dict[str, Any]:
     """Run heuristics and ``learned`` (label -> policy spec) on ``episodes`` held-out episodes of each
-    ``(shape, trace, load)``."""
-    heur = baseline_policies()
+    ``(shape, trace, load)``. ``heuristics``: label -> spec, one label starting "best tuned" (default:
+    :func:`experiments.headroom.baseline_policies`, from the shipped tuning)."""
+    heur = heuristics or baseline_policies()
     best = next(k for k in heur if k.startswith("best tuned"))
     pols = {**heur, **learned}
     settings = [parse_setting(s) for s in settings]

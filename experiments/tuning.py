@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 
 from deflectlab.envs.config import read_yaml
-from deflectlab.experiments.compare import ComparisonConfig, run_comparison
+from deflectlab.experiments.compare import ComparisonConfig, run_comparison, spans
 from deflectlab.policies.registry import available, make_policy
 
 #: Parameter grids of the tunable heuristics: policy name -> parameter -> values.
@@ -150,6 +150,14 @@ def tune(cfg: ComparisonConfig, policies: tuple[str, ...] | None = None, progres
     return out
 
 
+def _span_meta(span: Any) -> list | None:
+    """The span as the tuned file records it: ``[lo, hi]``, or ``[[lo, hi], ...]`` for several."""
+    if span is None:
+        return None
+    blocks = spans(span)
+    return list(blocks[0]) if len(blocks) == 1 else [list(b) for b in blocks]
+
+
 def save_tuned(results: dict[str, TuneResult], path: str | Path, cfg: ComparisonConfig,
                command: str | None = None) -> Path:
     """Write the tuned parameters (and how they were found) as the YAML :func:`load_tuned` reads."""
@@ -159,7 +167,7 @@ def save_tuned(results: dict[str, TuneResult], path: str | Path, cfg: Comparison
         "meta": {
             "objective": "mean SLO attainment over the training (rate, seed) runs; ties: lower mean P95 TTFT",
             "trace": cfg.trace, "rates": [r for r in cfg.rates], "seeds": list(cfg.seeds),
-            "window_s": cfg.window_s, "span": list(cfg.span) if cfg.span else None, "arrival": cfg.arrival,
+            "window_s": cfg.window_s, "span": _span_meta(cfg.span), "arrival": cfg.arrival,
             "cluster": cfg.cluster.to_dict(), "command": command,
         },
         "policies": {p: r.best for p, r in results.items()},

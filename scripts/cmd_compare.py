@@ -54,7 +54,8 @@ def add_common_args(p: argparse.ArgumentParser, rates: tuple[float | None, ...],
     add_rates_flag(g, rates)
     add_seeds_flag(g, seeds)
     add_window_flag(g, window, "start drawn from each seed")
-    g.add_argument("--span", default=None, metavar="LO:HI", help="draw windows from LO:HI seconds of the trace only")
+    g.add_argument("--span", default=None, metavar="LO:HI",
+                   help="draw windows from LO:HI seconds of the trace only (several: LO:HI,LO:HI, each window in one)")
     add_dataclass_flags(g, WorkloadSpec, only=("arrival", "cv"))
     add_cluster_flags(p)
     r = p.add_argument_group("run")

@@ -39,6 +39,8 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def register(sub: argparse._SubParsersAction, help_text: str) -> None:
+    from deflectlab.envs.splits import SPLITS
+
     p = sub.add_parser("dagger", help=help_text, description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/dagger"), help="run folder")
@@ -47,9 +49,12 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     p.add_argument("--loads", type=float, nargs=2, default=(1.0, 3.0), metavar=("LOW", "HIGH"),
                    help="episode load drawn uniformly in [LOW, HIGH] x the recorded rate")
     p.add_argument("--window", type=float, default=60.0, help="episode window, trace seconds")
+    p.add_argument("--split", choices=tuple(SPLITS), default="time",
+                   help="which blocks of trace time are held out (envs.splits): time holds out [1200, end) s, "
+                        "blocked alternating 300-s blocks; training windows come from the other blocks")
     p.add_argument("--window-start", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="window starts drawn in [LOW, HIGH] trace seconds (default: [0, 1200 - window], so every "
-                        "training window ends by 1,200 s, before the held-out evaluation windows)")
+                   help="window starts drawn in [LOW, HIGH] trace seconds (default: the split's training blocks, "
+                        "[0, 1200 - window] for the time split, so every training window ends by 1,200 s)")
     p.add_argument("--teacher", default="",
                    help="label with this registered policy (e.g. length_threshold:max_len=3072) instead of the "
                         "clairvoyant lookahead planner")
@@ -87,10 +92,7 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
 def _config(a: argparse.Namespace, init_net):
     from deflectlab.agents.dagger import DaggerConfig
 
-    start = tuple(a.window_start) if a.window_start else (0.0, 1200.0 - a.window)
-    if start[0] < 0 or start[1] < start[0]:
-        raise SystemExit(f"deflectlab dagger: --window-start {start[0]:g} {start[1]:g}: expected 0 <= LOW <= HIGH "
-                         "(with --window over 1,200 s give --window-start explicitly)")
+    start = tuple(a.window_start) if a.window_start else None
     if not 0 <= a.ppo_value_warmup <= max(a.ppo_steps, 0):
         raise SystemExit(f"deflectlab dagger: --ppo-value-warmup {a.ppo_value_warmup} must be in [0, --ppo-steps]")
     if a.iterations == 0 and init_net is None:
@@ -102,7 +104,8 @@ def _config(a: argparse.Namespace, init_net):
                          f"on feature schema v{init_net.feature_schema}")
     try:
         return DaggerConfig(shapes=a.shapes, traces=[t.strip() for t in a.traces.split(",") if t.strip()],
-                            loads=tuple(a.loads), window_s=a.window, window_start_s=start, iterations=a.iterations,
+                            loads=tuple(a.loads), window_s=a.window, split=a.split, window_start_s=start,
+                            iterations=a.iterations,
                             episodes_per_iteration=a.episodes, max_decisions=a.max_decisions, horizon_s=a.horizon,
                             epochs=a.epochs, seed=a.seed, beta_decay=a.beta_decay, regret_weight=a.regret_weight,
                             teacher=a.teacher, **net_kw)
@@ -135,7 +138,8 @@ def run(a: argparse.Namespace) -> int:
         if labeller is not None:
             labeller.close()
     trained_on = {"shapes": [f"{p}P{d}D" for p, d in cfg.shapes], "traces": cfg.traces, "loads": list(cfg.loads),
-                  "window_start_s": list(cfg.window_start_s), "profiles": ["a100-80gb_deepseek-v2-lite"],
+                  "split": cfg.split, "window_start_s": [list(r) for r in cfg.window_start_s],
+                  "profiles": ["a100-80gb_deepseek-v2-lite"],
                   "teacher": cfg.teacher or f"lookahead:horizon_s={cfg.horizon_s:g} (clairvoyant)", "method": "DAgger",
                   "regret_weight": cfg.regret_weight, "feature_schema": cfg.feature_schema, "states": log["states"],
                   **({"init": str(a.init)} if a.init is not None else {})}

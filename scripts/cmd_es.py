@@ -44,6 +44,7 @@ def parse_settings(text: str) -> list[tuple]:
 
 def register(sub: argparse._SubParsersAction, help_text: str) -> None:
     from deflectlab.agents.es import EsConfig
+    from deflectlab.envs.splits import SPLITS
 
     d = EsConfig()
     p = sub.add_parser("es", help=help_text, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,11 +61,15 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
                         "2P2D conversation 3x)")
     p.add_argument("--episodes", type=int, default=d.episodes, help="training episodes per setting per iteration")
     p.add_argument("--window", type=float, default=d.window_s, help="episode window, trace seconds")
+    p.add_argument("--split", choices=tuple(SPLITS), default=d.split,
+                   help="which blocks of trace time are held out (envs.splits): time holds out [1200, end) s, "
+                        "blocked alternating 300-s blocks; training windows come from the other blocks")
     p.add_argument("--window-start", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="window starts in [LOW, HIGH] trace seconds (default: [0, 1200 - window])")
+                   help="window starts in [LOW, HIGH] trace seconds (default: the split's training blocks, "
+                        "[0, 1200 - window] for the time split)")
     p.add_argument("--validation-start", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="validation windows start in [LOW, HIGH] trace seconds (default: the training span); "
-                        "must end by 1,200 s")
+                   help="validation windows start in [LOW, HIGH] trace seconds (default: the training ranges); "
+                        "they may not reach into a held-out block")
     p.add_argument("--weigh", choices=("episodes", "requests"), default=d.weigh,
                    help="within a setting, episodes weigh equally or by their requests (pooled)")
     p.add_argument("--iterations", type=int, default=d.iterations)
@@ -90,9 +95,10 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
 def config(a: argparse.Namespace):
     from deflectlab.agents.es import EsConfig
 
-    start = tuple(a.window_start) if a.window_start else (0.0, 1200.0 - a.window)
+    start = tuple(a.window_start) if a.window_start else None
     try:
-        return EsConfig(settings=a.settings, episodes=a.episodes, window_s=a.window, window_start_s=start,
+        return EsConfig(settings=a.settings, episodes=a.episodes, window_s=a.window, split=a.split,
+                        window_start_s=start,
                         validation_start_s=tuple(a.validation_start) if a.validation_start else None, weigh=a.weigh,
                         iterations=a.iterations, pairs=a.pairs, sigma=a.sigma, lr=a.lr,
                         params=tuple(x.strip() for x in a.params.split(",") if x.strip()), tie_weight=a.tie_weight,
@@ -136,7 +142,8 @@ def run(a: argparse.Namespace) -> int:
                                for (p, q), tr, ld, arr, cv in cfg.settings],
                   "shapes": sorted({f"{s[0][0]}P{s[0][1]}D" for s in cfg.settings}),
                   "traces": sorted({s[1] for s in cfg.settings}),
-                  "window_start_s": list(cfg.window_start_s), "profiles": ["a100-80gb_deepseek-v2-lite"],
+                  "split": cfg.split, "window_start_s": [list(r) for r in cfg.window_start_s],
+                  "profiles": ["a100-80gb_deepseek-v2-lite"],
                   "feature_schema": init.feature_schema, "init": origin}
     man = export_set(net_from_arrays(w, init.hidden, init.feature_schema), a.out / "policy",
                      ClusterConfig(handoff=cfg.handoff), trained_on=trained_on,

@@ -191,17 +191,20 @@ def parse_window(text: str) -> dict[str, Any]:
         raise ValueError(f"--window: {text!r} is not {WINDOW_METAVAR}") from None
 
 
-def parse_span(text: str | None) -> tuple[float, float] | None:
-    """``LO:HI`` seconds of the trace, or None."""
+def parse_span(text: str | None) -> tuple[float, float] | list[tuple[float, float]] | None:
+    """``LO:HI`` seconds of the trace (or several, ``LO:HI,LO:HI``: each window lies in one), or None."""
     if not text:
         return None
-    try:
-        a, b = (float(x) for x in text.split(":", 1))
-    except ValueError:
-        raise ValueError(f"--span: {text!r} is not LO:HI seconds") from None
-    if not 0 <= a < b:
-        raise ValueError(f"--span: {text!r} needs 0 <= LO < HI")
-    return (a, b)
+    out = []
+    for part in text.split(","):
+        try:
+            a, b = (float(x) for x in part.split(":", 1))
+        except ValueError:
+            raise ValueError(f"--span: {part!r} is not LO:HI seconds") from None
+        if not 0 <= a < b:
+            raise ValueError(f"--span: {part!r} needs 0 <= LO < HI")
+        out.append((a, b))
+    return out[0] if len(out) == 1 else out
 
 
 # -- lists ----------------------------------------------------------------------------------------------------

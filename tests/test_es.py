@@ -96,10 +96,19 @@ def test_score_averages_settings_then_episodes_or_requests():
 
 
 def test_config_refuses_windows_that_reach_the_held_out_span():
-    with pytest.raises(ValueError, match="training windows .* must end by 1200"):
+    with pytest.raises(ValueError, match=r"training windows .* reach into the held-out block \[1200, end\) s of the "
+                                         "time split"):
         EsConfig(window_s=120.0, window_start_s=(0.0, 1100.0))
-    with pytest.raises(ValueError, match="validation windows .* must end by 1200"):
+    with pytest.raises(ValueError, match="validation windows .* reach into the held-out block"):
         EsConfig(window_s=120.0, window_start_s=(0.0, 600.0), validation_start_s=(700.0, 1100.0))
+    assert EsConfig(window_s=120.0).window_start_s == ((0.0, 1080.0),)
+    # the blocked split: training windows from its training blocks only, each inside one block
+    assert EsConfig(window_s=120.0, split="blocked").window_start_s == ((0.0, 180.0), (600.0, 780.0),
+                                                                       (1200.0, 1380.0))
+    with pytest.raises(ValueError, match=r"held-out block \[300, 600\) s of the blocked split"):
+        EsConfig(window_s=120.0, split="blocked", window_start_s=(0.0, 200.0))
+    with pytest.raises(ValueError, match="unknown split 'random'"):
+        EsConfig(split="random")
     with pytest.raises(ValueError, match="weigh"):
         EsConfig(weigh="bursts")
     with pytest.raises(ValueError, match="nope: unknown bundled trace name"):

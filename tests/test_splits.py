@@ -1,0 +1,110 @@
+"""Train/held-out splits of trace time (envs.splits) and where the windows they allow really start."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from deflectlab.envs.gym_env import DeflectionEnv
+from deflectlab.envs.splits import SPLITS, get_split, pick, resolve, start_ranges
+from deflectlab.experiments.compare import ComparisonConfig, window_for
+
+
+def test_start_ranges_are_read_from_every_form_and_bad_ones_are_named():
+    assert start_ranges([0.0, 180.0]) == [(0.0, 180.0)]
+    assert start_ranges([[0, 180], [600, None]]) == [(0.0, 180.0), (600.0, None)]
+    assert start_ranges("0:180, 600:") == [(0.0, 180.0), (600.0, None)]
+    for bad, word in (("0-180", "not LOW:HIGH"), ("a:b", "with numbers"), ([[5, 1]], "0 <= low <= high"),
+                      ([], "must be"), ([[1, 2, 3]], "each range")):
+        with pytest.raises(ValueError, match=word):
+            start_ranges(bad)
+    assert resolve([(0.0, None), (10.0, 20.0)], 1668.4) == [(0.0, 1668.4), (10.0, 20.0)]
+
+
+def test_pick_is_uniform_over_the_union_by_hand_and_numpy_s_uniform_for_one_range():
+    ranges = [(0.0, 10.0), (100.0, 130.0)]  # 40 s of starts: the first quarter of u maps into [0, 10]
+    assert pick(0.2, ranges) == pytest.approx(8.0)
+    assert pick(0.5, ranges) == pytest.approx(110.0)
+    assert pick(0.999, ranges) == pytest.approx(100.0 + 0.999 * 40 - 10)
+    u = np.random.default_rng(0).random(20_000)
+    x = np.array([pick(v, ranges) for v in u])
+    assert ((x <= 10) | ((x >= 100) & (x <= 130))).all()
+    assert np.mean(x <= 10) == pytest.approx(0.25, abs=0.01)
+    for seed in range(200):  # one range: the same double as Generator.uniform(low, high)
+        lo, hi = sorted(np.random.default_rng(seed + 1).uniform(0, 2000, 2))
+        assert pick(np.random.default_rng(seed).random(), [(lo, hi)]) == np.random.default_rng(seed).uniform(lo, hi)
+
+
+def test_blocked_split_keeps_windows_inside_blocks_and_refuses_windows_that_reach_held_out_ones():
+    blocked = get_split("blocked")
+    assert blocked.starts("train", 120.0) == [(0.0, 180.0), (600.0, 780.0), (1200.0, 1380.0)]
+    assert blocked.starts("held_out", 120.0) == [(300.0, 480.0), (900.0, 1080.0), (1500.0, None)]
+    assert SPLITS["time"].starts("train", 120.0) == [(0.0, 1080.0)]
+    assert SPLITS["time"].starts("held_out", 120.0) == [(1200.0, None)]
+    blocked.check_training([(0.0, 180.0), (600.0, 780.0)], 120.0)  # ends exactly at the block's end: allowed
+    with pytest.raises(ValueError, match=r"reach into the held-out block \[300, 600\) s of the blocked split"):
+        blocked.check_training([(0.0, 181.0)], 120.0)
+    with pytest.raises(ValueError, match=r"held-out block \[1500, end\)"):
+        blocked.check_training([(1200.0, 1400.0)], 120.0)
+    with pytest.raises(ValueError, match="give the range's end"):
+        blocked.check_training([(0.0, None)], 120.0)
+    with pytest.raises(ValueError, match="no train block holds a 400-s window"):
+        blocked.starts("train", 400.0)
+
+
+def test_the_environment_draws_windows_from_every_range_and_nowhere_else():
+    held = SPLITS["blocked"].starts("held_out", 120.0)
+    env = DeflectionEnv(trace="azure_code", load=[1.0, 1.0], window_s=120.0, window_start_s=[list(r) for r in held])
+    end = float(env._trace.arrival_s[-1]) - 120.0
+    starts = np.array([env.episode_workload(seed=s)[1]["start_s"] for s in range(300)])
+    inside = [(starts >= lo) & (starts <= (end if hi is None else hi)) for lo, hi in held]
+    assert np.logical_or.reduce(inside).all()
+    assert all(m.sum() > 50 for m in inside)  # each block gets about a third
+    # one range: the draw is the one before ranges could be several (a window start uniform in [lo, hi])
+    one = DeflectionEnv(trace="azure_code", load=[1.0, 1.0], window_s=120.0, window_start_s=[100.0, 900.0])
+    rng = np.random.default_rng(np.random.SeedSequence(7))
+    from gymnasium.utils import seeding
+
+    rng, _ = seeding.np_random(7)
+    assert one.episode_workload(seed=7)[1]["start_s"] == rng.uniform(100.0, 900.0)
+
+
+def test_a_comparison_over_several_spans_puts_each_window_in_one_of_them():
+    blocks = [(0.0, 300.0), (600.0, 900.0)]
+    cfg = ComparisonConfig(span=blocks, window_s=120.0, seeds=(0,), rates=(None,))
+    for seed in range(200):
+        start, dur = window_for(cfg, seed, 1788.0)
+        assert dur == 120.0 and any(lo <= start and start + dur <= hi + 1e-9 for lo, hi in blocks)
+    one = ComparisonConfig(span=(0.0, 894.0), window_s=300.0, seeds=(0,), rates=(None,))  # unchanged: by hand
+    u = float(np.random.default_rng(3).random())
+    assert window_for(one, 3, 1788.0) == (pytest.approx(u * 594.0), 300.0)
+    with pytest.raises(ValueError, match="no longer than the shortest span"):
+        ComparisonConfig(span=[(0.0, 100.0), (600.0, 900.0)], window_s=120.0)
+
+
+def test_blocked_study_tunes_on_training_blocks_and_evaluates_on_held_out_ones(tmp_path):
+    from deflectlab.experiments import blocked_split as bs
+
+    doc = bs.tune(jobs=1, episodes=1, policies=("length_threshold",))
+    assert len(doc["trials"]["length_threshold"]) == 8
+    top = doc["trials"]["length_threshold"][0]
+    assert doc["policies"]["length_threshold"] == top["params"]
+    assert top["slo_attainment"] == max(t["slo_attainment"] for t in doc["trials"]["length_threshold"])
+    f = tmp_path / "tuned_blocked.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    heur = bs.heuristics(f)
+    assert list(heur) == ["never_deflect", "proactive", "best tuned (length_threshold)"]
+    setting = ((1, 1), "azure_code", 2.0, bs.HELD)
+    with pytest.raises(ValueError, match="'copy' runs 'proactive', which the heuristics run already"):
+        bs.evaluate(f, {"copy": "proactive"}, episodes=3, jobs=1, planner=False, settings=[setting])
+    res = bs.evaluate(f, {"same as proactive": "proactive:margin=0.0"}, episodes=3, jobs=1, planner=False,
+                      settings=[setting])
+    held = bs.SPLIT.starts("held_out", bs.WINDOW_S)
+    for r in res["rows"]:
+        assert any(lo <= r["start_s"] <= (1788.5 - 120 if hi is None else hi) for lo, hi in held)
+    text = bs.markdown(res, "cmd", doc)
+    # a copy of proactive is level with proactive, episode by episode
+    assert "| 1P1D | azure_code (held-out blocks) | 2x | same as proactive |" in text
+    row = next(line for line in text.splitlines() if "2x | same as proactive |" in line)
+    assert row.rstrip(" |").endswith("+0.00 ± 0.00")
