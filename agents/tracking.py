@@ -113,3 +113,32 @@ def start_run(name: str, out: Path, config: dict[str, Any]) -> Any | None:
 
     return wandb.init(project="deflectlab", name=name, dir=str(out), mode=mode, config=config,
                       reinit="finish_previous")
+
+
+class Progress:
+    """A tracker that prints one line per logged step to ``stream`` (stderr by default), for long CLI runs, and
+    forwards everything to ``inner`` (a W&B run, or None).
+
+    :param keys: the metrics to print (others are forwarded only); a step with none of them prints nothing.
+    """
+
+    def __init__(self, prefix: str, keys: tuple[str, ...], inner: Any = None, stream: Any = None) -> None:
+        self.prefix, self.keys, self.inner, self.stream = prefix, keys, inner, stream
+
+    def log(self, data: dict[str, Any], step: int | None = None) -> None:
+        shown = [f"{k.rpartition('/')[2]}={_fmt(data[k])}" for k in self.keys if k in data]
+        if shown:
+            import sys
+
+            at = "" if step is None else f" {step}"
+            print(f"[{self.prefix}{at}] " + " ".join(shown), file=self.stream or sys.stderr, flush=True)
+        if self.inner is not None:
+            self.inner.log(data, step=step)
+
+    def finish(self) -> None:
+        if self.inner is not None:
+            self.inner.finish()
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -114,13 +114,14 @@ def _config(a: argparse.Namespace, init_net):
 
 
 def _tracker(a: argparse.Namespace, cfg):
-    if not a.wandb:
-        return None
+    """Progress lines on stderr, and W&B with --wandb."""
     from dataclasses import asdict
 
-    from deflectlab.agents.tracking import start_run
+    from deflectlab.agents.tracking import Progress, start_run
 
-    return start_run(f"dagger-{a.out.name}", a.out, {**asdict(cfg), "init": str(a.init or "")})
+    run = start_run(f"dagger-{a.out.name}", a.out, {**asdict(cfg), "init": str(a.init or "")}) if a.wandb else None
+    return Progress("dagger iteration", ("dagger/states", "dagger/learner_agreement_before_fit",
+                                         "dagger/train_accuracy", "dagger/wall_s"), run)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -156,14 +157,12 @@ def run(a: argparse.Namespace) -> int:
         print(json.dumps({"ppo": info}))
         (a.out / "ppo.json").write_text(json.dumps({"ppo": info, "shape": list(cfg.shapes[0]),
                                                     "trace": cfg.traces[0], "loads": list(cfg.loads)}, indent=1))
-        if tracker is not None:
-            tracker.log({f"ppo/{k}": v for k, v in info.items()})
+        tracker.log({f"ppo/{k}": v for k, v in info.items()})
         export_set(tuned, a.out / "policy_ppo", ClusterConfig(handoff=cfg.handoff), trained_on={
             **trained_on, "method": ("DAgger then " if cfg.iterations else "") + f"MaskablePPO {a.ppo_steps} steps "
             f"on {cfg.shapes[0][0]}P{cfg.shapes[0][1]}D ({cfg.traces[0]}, loads {cfg.loads[0]:g}-{cfg.loads[1]:g}x)"},
             source={"run": str(a.out), **info})
-    if tracker is not None:
-        tracker.finish()
+    tracker.finish()
     for it in log["iterations"]:
         print(json.dumps({k: it[k] for k in ("iteration", "beta", "states", "labelled", "label_wall_s",
                                               "labelled_per_s", "learner_agreement_before_fit", "train_accuracy",

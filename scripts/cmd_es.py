@@ -115,7 +115,7 @@ def run(a: argparse.Namespace) -> int:
     from deflectlab.agents.dagger import net_from_arrays
     from deflectlab.agents.es import train_es
     from deflectlab.agents.set_export import export_set, load_set_net
-    from deflectlab.agents.tracking import start_run
+    from deflectlab.agents.tracking import Progress, start_run
     from deflectlab.envs.config import ClusterConfig
 
     if a.jobs < 1:
@@ -131,11 +131,12 @@ def run(a: argparse.Namespace) -> int:
         init = load_set_net(a.init)
     cfg = config(a)
     origin = "a fresh network (no imitation)" if a.scratch else str(a.init)
-    tracker = start_run(f"es-{a.out.name}", a.out, {**asdict(cfg), "init": origin}) if a.wandb else None
+    tracker = Progress("es iteration", ("es/validation_slo", "es/candidates_mean_slo", "es/step_norm",
+                                        "es/wall_s"),
+                       start_run(f"es-{a.out.name}", a.out, {**asdict(cfg), "init": origin}) if a.wandb else None)
     w, log = train_es(cfg, init.arrays(), init.feature_schema, out=a.out, jobs=a.jobs, use_ray=a.ray,
                       ray_address=a.ray_address, reference=a.reference, tracker=tracker)
-    if tracker is not None:
-        tracker.finish()
+    tracker.finish()
     trained_on = {"method": f"evolution strategies from {origin} ({cfg.iterations} iterations x {2 * cfg.pairs} "
                             f"candidates, best on validation at iteration {log['best_iteration']})",
                   "settings": [f"{p}P{q}D {tr} {ld:g}x" + ("" if arr == "trace" else f" {arr} CV {cv:g}")

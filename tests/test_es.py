@@ -247,3 +247,30 @@ def test_ray_runs_the_same_candidates():
     w_ray, log_ray = train_es(cfg, net.arrays(), net.feature_schema, use_ray=True, jobs=2)
     assert [v["objective"] for v in log_ray["validations"]] == [v["objective"] for v in log_seq["validations"]]
     assert all(np.array_equal(w_ray[k], w_seq[k]) for k in w_seq)
+
+
+def test_progress_prints_the_chosen_metrics_and_forwards_every_step():
+    import io
+
+    from deflectlab.agents.tracking import Progress
+
+    class Inner:
+        def __init__(self):
+            self.got, self.done = [], False
+
+        def log(self, data, step=None):
+            self.got.append((data, step))
+
+        def finish(self):
+            self.done = True
+
+    out, inner = io.StringIO(), Inner()
+    p = Progress("es iteration", ("es/validation_slo", "es/wall_s"), inner, out)
+    p.log({"es/validation_slo": 0.91234567, "es/grad_norm": 3.0}, step=5)
+    p.log({"es/grad_norm": 2.0}, step=6)  # nothing to print: forwarded only
+    p.finish()
+    assert out.getvalue() == "[es iteration 5] validation_slo=0.9123\n"
+    assert inner.got == [({"es/validation_slo": 0.91234567, "es/grad_norm": 3.0}, 5), ({"es/grad_norm": 2.0}, 6)]
+    assert inner.done
+    Progress("dagger", ("x",), None, out).log({"x": 1})  # without W&B: prints only
+    assert out.getvalue().endswith("[dagger] x=1\n")
