@@ -146,17 +146,18 @@ def _fmt(d: tuple[float, float] | None) -> str:
     return "n/a" if d is None else f"{100 * d[0]:+.2f} ± {100 * d[1]:.2f}"
 
 
-def markdown(res: dict[str, Any], command: str, tuned_doc: dict[str, Any]) -> str:
+def diff_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]], list[str]]:
+    """Per setting and learned policy: paired differences against the tuning winner, the best heuristic ex post
+    and proactive (and the planner's headroom with the share of it closed, when the planner ran); with the lines
+    where a learned policy's interval lies entirely below zero."""
     pols, heur, learned = res["policies"], res["heuristics"], res["learned"]
     winner = next(k for k in heur if k.startswith("best tuned"))
     planner = "lookahead (clairvoyant)" if "lookahead (clairvoyant)" in pols else None
-    slo_head = ["shape", "trace", "load", *(f"{k}" for k in pols)]
-    slo_rows, diff_rows, losses = [], [], []
+    out, losses = [], []
     for s in res["settings"]:
         rows = _setting_rows(res, s)
         (p, d), tr, ld, var = s[0], s[1], s[2], s[3]
         name = [f"{p}P{d}D", f"{tr} ({var['label']})", f"{ld:g}x"]
-        slo_rows.append(name + [f"{pooled(rows[k]):.4f}" if rows[k] else "n/a" for k in pols])
         # the best heuristic here, chosen after seeing the held-out results (by mean per-episode attainment)
         post = max(heur, key=lambda k: np.mean([r["slo_attainment"] for r in rows[k]]))
         for k in learned:
@@ -168,14 +169,27 @@ def markdown(res: dict[str, Any], command: str, tuned_doc: dict[str, Any]) -> st
                 head = _diff(rows[planner], rows[post])
                 share = vs_post[0] / head[0] if head[0] > 1e-9 else math.nan
                 cells += [_fmt(head), "n/a" if math.isnan(share) else f"{share:.0%}"]
-            diff_rows.append(cells)
+            out.append(cells)
             for label, dd in (("the tuning winner", vs_win), (f"the best heuristic ex post ({post})", vs_post)):
                 if dd[0] + dd[1] < 0:
                     losses.append(f"{' '.join(name)}: {k} vs {label}: {_fmt(dd)}")
-    diff_head = ["shape", "trace", "load", "policy", f"- tuning winner ({winner.removeprefix('best tuned ')})",
-                 "- best heuristic ex post", "- proactive"]
+    head = ["shape", "trace", "load", "policy", f"- tuning winner ({winner.removeprefix('best tuned ')})",
+            "- best heuristic ex post", "- proactive"]
     if planner:
-        diff_head += ["planner - best heuristic ex post (headroom)", "share of the headroom closed"]
+        head += ["planner - best heuristic ex post (headroom)", "share of the headroom closed"]
+    return head, out, losses
+
+
+def markdown(res: dict[str, Any], command: str, tuned_doc: dict[str, Any]) -> str:
+    pols, heur, learned = res["policies"], res["heuristics"], res["learned"]
+    planner = "lookahead (clairvoyant)" if "lookahead (clairvoyant)" in pols else None
+    slo_rows = []
+    for s in res["settings"]:
+        rows = _setting_rows(res, s)
+        (p, d), tr, ld, var = s[0], s[1], s[2], s[3]
+        slo_rows.append([f"{p}P{d}D", f"{tr} ({var['label']})", f"{ld:g}x",
+                         *(f"{pooled(rows[k]):.4f}" if rows[k] else "n/a" for k in pols)])
+    diff_head, diff_rows, losses = diff_table(res)
     meta = tuned_doc["meta"]
     lines = [
         "# The blocked split: trained and tuned on alternating 300-s blocks, evaluated on the blocks between", "",
@@ -189,7 +203,8 @@ def markdown(res: dict[str, Any], command: str, tuned_doc: dict[str, Any]) -> st
         f"`tuned_blocked.yaml`): " + "; ".join(f"{k} = `{v}`" for k, v in pols.items() if k in heur) + ".", "",
         "Learned policies: " + "; ".join(f"{k} = `{pols[k]}`" for k in learned) + "."
         + (f" Planner: `{pols[planner]}` (clairvoyant: it knows the window's future arrivals)." if planner else ""),
-        "", "## SLO attainment (pooled over the episodes' requests)", "", *table(slo_head, slo_rows), "",
+        "", "## SLO attainment (pooled over the episodes' requests)", "",
+        *table(["shape", "trace", "load", *pols], slo_rows), "",
         "## Paired differences (points of SLO attainment, mean ± 95 % Student-t half-width over episodes)", "",
         "The tuning winner was chosen on the training blocks before this evaluation; the best heuristic ex post is "
         "the one with the highest mean attainment on these held-out episodes, a bar no rule fixed in advance "
@@ -197,6 +212,22 @@ def markdown(res: dict[str, Any], command: str, tuned_doc: dict[str, Any]) -> st
         "## Where a learned policy loses (interval entirely below zero)", "",
         *([f"* {x}" for x in losses] or ["* nowhere"]), "",
     ]
+    return "\n".join(lines)
+
+
+def blocked_summary(folder: Path = Path(__file__).parent / "blocked") -> str:
+    """The main job's section on the blocked split, read from its committed evaluation (empty without it)."""
+    path = folder / "evaluation.json"
+    if not path.is_file():
+        return ""
+    res = json.loads(path.read_text())
+    head, rows, losses = diff_table(res)
+    lines = ["## The blocked split: learned policies on held-out 300-s blocks", "",
+             "Not rerun by the main job: `experiments/blocked/evaluation.md` "
+             f"(`{res.get('command', 'n/a')}`). Heuristics tuned and policies trained on alternating 300-s blocks "
+             f"of the trace ({describe(SPLIT.starts('train', WINDOW_S))} window starts), evaluated on the blocks "
+             f"between ({res['episodes']} episodes per setting); paired differences in points of SLO attainment.",
+             "", *table(head, rows), "", "Where a learned policy loses: " + ("; ".join(losses) or "nowhere") + ".", ""]
     return "\n".join(lines)
 
 

@@ -234,10 +234,12 @@ def run_main(out: Path, rates: tuple[float, ...] = DEFAULT_RATES, compare: bool 
     if compare:
         res = run_main_comparison(out / "comparison", progress=progress, cluster=cluster)
         md.append(comparison_summary(res))
+    from deflectlab.experiments.blocked_split import blocked_summary
     from deflectlab.experiments.headroom import headroom_summary
     from deflectlab.experiments.trained_eval import headroom_and_learned_summary
 
     md.append(headroom_and_learned_summary())
+    md.append(blocked_summary())
     md.append(headroom_summary())
     md.append(f"\nTotal wall time {time.perf_counter() - t0:.1f} s.\n")
     report = out / "report.md"

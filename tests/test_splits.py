@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -108,3 +110,8 @@ def test_blocked_study_tunes_on_training_blocks_and_evaluates_on_held_out_ones(t
     assert "| 1P1D | azure_code (held-out blocks) | 2x | same as proactive |" in text
     row = next(line for line in text.splitlines() if "2x | same as proactive |" in line)
     assert row.rstrip(" |").endswith("+0.00 ± 0.00")
+    # the main job's section reads the same table from the folder's evaluation.json
+    assert bs.blocked_summary(tmp_path) == ""
+    (tmp_path / "evaluation.json").write_text(json.dumps({**res, "command": "cmd"}, default=float))
+    summary = bs.blocked_summary(tmp_path)
+    assert row in summary and summary.startswith("## The blocked split")
