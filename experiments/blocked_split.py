@@ -109,20 +109,33 @@ def heuristics(tuned_file: Path) -> dict[str, str]:
 
 
 # -- 3. evaluation on the held-out blocks ------------------------------------------------------------------------
+#: where the planner runs with --planner (it is slow): the 2P2D code-trace settings of the headroom table
+PLANNER_SETTINGS = [s for s in SETTINGS if s[0] == (2, 2) and s[1] == "azure_code" and s[3] is HELD]
+
+
 def evaluate(tuned_file: Path, learned: dict[str, str], episodes: int, jobs: int, planner: bool,
              settings: list[tuple] | None = None) -> dict[str, Any]:
-    from deflectlab.experiments.learned_eval import evaluate_learned
+    """Every heuristic of ``tuned_file`` and the ``learned`` policies on ``episodes`` held-out-block episodes of
+    each setting; with ``planner``, also the clairvoyant planner on :data:`PLANNER_SETTINGS` (among ``settings``)."""
+    from deflectlab.experiments.learned_eval import evaluate_learned, parse_setting
 
     heur = heuristics(tuned_file)
     best = next(k for k in heur if k.startswith("best tuned"))
     for label, spec in learned.items():
         if spec in heur.values():
             raise ValueError(f"blocked_split: {label!r} runs {spec!r}, which the heuristics run already")
-    subjects = dict(learned)
-    if planner:
-        subjects["lookahead (clairvoyant)"] = planner_spec(2.0, heur[best])
-    res = evaluate_learned(subjects, settings or SETTINGS, episodes, window_s=WINDOW_S, seed0=EVAL_SEED0, jobs=jobs,
+    settings = settings or SETTINGS
+    res = evaluate_learned(learned, settings, episodes, window_s=WINDOW_S, seed0=EVAL_SEED0, jobs=jobs,
                            heuristics=heur)
+    if planner:
+        spec = planner_spec(2.0, heur[best])
+        tasks = [(tr, ld, EVAL_SEED0 + i, WINDOW_S, "vllm-nixl", spec, shape, var)
+                 for shape, tr, ld, var in map(parse_setting, settings) if (shape, tr, ld, var) in
+                 [parse_setting(p) for p in PLANNER_SETTINGS] for i in range(episodes)]
+        t0 = time.perf_counter()
+        res["rows"] += _run_all(tasks, jobs)
+        res["policies"]["lookahead (clairvoyant)"] = spec
+        res["wall_s"] += time.perf_counter() - t0
     res["heuristics"] = list(heur)
     res["learned"] = list(learned)
     return res
@@ -165,10 +178,12 @@ def diff_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]], list[st
                 continue
             vs_post, vs_win, vs_pro = (_diff(rows[k], rows[o]) for o in (post, winner, "proactive"))
             cells = [*name, k, _fmt(vs_win), f"{_fmt(vs_post)} ({post})", _fmt(vs_pro)]
-            if planner:
+            if planner and rows[planner]:
                 head = _diff(rows[planner], rows[post])
                 share = vs_post[0] / head[0] if head[0] > 1e-9 else math.nan
                 cells += [_fmt(head), "n/a" if math.isnan(share) else f"{share:.0%}"]
+            elif planner:
+                cells += ["not run", "n/a"]
             out.append(cells)
             for label, dd in (("the tuning winner", vs_win), (f"the best heuristic ex post ({post})", vs_post)):
                 if dd[0] + dd[1] < 0:
