@@ -41,7 +41,7 @@ import numpy as np
 import yaml
 
 from deflectlab.envs.splits import describe, get_split
-from deflectlab.experiments.headroom import _run_all, paired_ci, planner_spec, pooled
+from deflectlab.experiments.headroom import paired_ci, planner_spec, pooled, run_all
 from deflectlab.experiments.markdown import table
 
 SPLIT = get_split("blocked")
@@ -69,7 +69,7 @@ def tune(jobs: int = 1, episodes: int = TUNE_EPISODES, policies: tuple[str, ...]
     tasks = [(TUNE_TRACE, ld, TUNE_SEED0 + i, WINDOW_S, "vllm-nixl", spec, (2, 2), train)
              for ld in TUNE_LOADS for i in range(episodes) for spec in specs]
     t0 = time.perf_counter()
-    rows = _run_all(tasks, jobs)
+    rows = run_all(tasks, jobs)
     by_spec: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_spec.setdefault(r["policy"], []).append(r)
@@ -133,7 +133,7 @@ def evaluate(tuned_file: Path, learned: dict[str, str], episodes: int, jobs: int
                  for shape, tr, ld, var in map(parse_setting, settings) if (shape, tr, ld, var) in
                  [parse_setting(p) for p in PLANNER_SETTINGS] for i in range(episodes)]
         t0 = time.perf_counter()
-        res["rows"] += _run_all(tasks, jobs)
+        res["rows"] += run_all(tasks, jobs)
         res["policies"]["lookahead (clairvoyant)"] = spec
         res["wall_s"] += time.perf_counter() - t0
     res["heuristics"] = list(heur)

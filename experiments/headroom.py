@@ -132,7 +132,8 @@ def run_one(task: tuple) -> dict[str, Any]:
             "wall_s": wall, "decisions_per_s": n / max(sim.decision_s, 1e-9), "start_s": meta["start_s"]}
 
 
-def _run_all(tasks: list[tuple], jobs: int) -> list[dict[str, Any]]:
+def run_all(tasks: list[tuple], jobs: int) -> list[dict[str, Any]]:
+    """:func:`run_one` on every task, in ``jobs`` processes (in order)."""
     if jobs <= 1:
         return [run_one(t) for t in tasks]
     with ProcessPoolExecutor(jobs) as ex:
@@ -152,7 +153,7 @@ def run_headroom(spec: HeadroomSpec) -> dict[str, Any]:
               for h, p in sweep.items() if p not in policies.values() or spec.sweep_load not in spec.loads
               or spec.sweep_trace not in spec.traces]
     t0 = time.perf_counter()
-    rows = _run_all(tasks, spec.jobs)
+    rows = run_all(tasks, spec.jobs)
     wall = time.perf_counter() - t0
     return {"spec": asdict(spec), "policies": policies, "best": best_label, "sweep_specs": sweep,
             "rows": rows, "wall_s": wall}
