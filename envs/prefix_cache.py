@@ -44,6 +44,7 @@ from itertools import islice
 
 
 _DUE_MAX = 512  # evicted blocks left in the span dicts at most (see PrefixCache.trim_to)
+_NO_TRIM = 1 << 62  # PrefixCache.release's default ``keep``: no eviction first
 
 
 class _Span:
@@ -62,9 +63,9 @@ class Holding:
 
     __slots__ = ("hashes", "n", "ranges")
 
-    def __init__(self, hashes: list[int], n: int) -> None:
+    def __init__(self, hashes: list[int], n: int = 0) -> None:
         self.hashes, self.n = hashes, n
-        self.ranges: list[int] | tuple[()] = [0, n] if n else []
+        self.ranges: list[int] | tuple[()] = [0, n] if n else ()  # (): nothing held (no list made yet)
 
     @property
     def blocks(self) -> int:
@@ -200,7 +201,7 @@ class PrefixCache:
         if r:
             r[-1] = hi
         else:
-            r += (lo, hi)
+            held.ranges = [lo, hi]
         return True
 
     def register(self, held: Holding, hi: int) -> None:
@@ -231,7 +232,7 @@ class PrefixCache:
             if r:
                 r[-1] = hi
             else:
-                r += (lo, hi)
+                held.ranges = [lo, hi]
             return
         while i < hi:  # rare: skip the runs another request cached meanwhile
             s = start.get(hashes[i])
@@ -265,12 +266,25 @@ class PrefixCache:
         r = held.ranges
         if r and r[-1] == lo:
             r[-1] = hi
-        else:
+        elif r:
             r += (lo, hi)
+        else:
+            held.ranges = [lo, hi]
 
-    def release(self, held: Holding) -> int:
+    def release(self, held: Holding, keep: int = _NO_TRIM) -> int:
         """A request frees its blocks (finished or preempted): each goes to the LRU tail once nobody holds it,
-        last block first. Returns how many are still held by others (shared blocks)."""
+        last block first. Returns how many are still held by others (shared blocks).
+
+        With ``keep``, the evictions due before blocks are freed go first: :meth:`trim_to` ``(keep)`` in the same
+        call (the hot path: one call per request and node)."""
+        if self.n_free > keep:  # trim_to(keep), inline
+            over = self.n_free - (keep if keep > 0 else 0)
+            self.evictions += over
+            self.n_free -= over
+            self.n_blocks -= over
+            self.due += over
+            if self.due > _DUE_MAX:
+                self._drop_evicted()
         start, hashes, r = self.start, held.hashes, held.ranges
         held.ranges = ()  # nothing held any more (a second release frees nothing)
         if not r:
@@ -339,12 +353,16 @@ class PrefixCache:
                 if not over:
                     break
             free, start, risky = self.free, self.start, self.risky
-            for s in gone:
-                del free[s]
-                h = s.ref[s.lo]
-                del start[h]
-                if risky:
+            if risky:
+                for s in gone:
+                    del free[s]
+                    h = s.ref[s.lo]
+                    del start[h]
                     risky.discard(h)
+            else:
+                for s in gone:
+                    del free[s]
+                    del start[s.ref[s.lo]]
 
     @property
     def free_blocks(self) -> int:
