@@ -33,7 +33,7 @@ from heapq import heapify, heappop, heappush
 from operator import mul
 from typing import TYPE_CHECKING
 
-from deflectlab.envs.prefix_cache import Holding, PrefixCache, cache_unit, max_hit_blocks
+from deflectlab.envs.prefix_cache import PrefixCache, cache_unit, holding, max_hit_blocks
 
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
@@ -259,7 +259,7 @@ class DecodeNode:
         :meth:`_take_joiners`, :meth:`_end_segment`, :meth:`_register_prefilled`, :meth:`_preempt`,
         :meth:`abandon_handoff`). So the same LRU head goes, in the same order, as if it went now."""
         cache = self.cache
-        req.d_held = cache.acquire(req.hashes, hit) if hit else Holding(req.hashes)
+        req.d_held = cache.acquire(req.hashes, hit) if hit else holding(req.hashes)
         req.d_done = hit * self.hash_block_tokens
         if req.t_admit < 0.0:
             req.d_cached = req.d_done

@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from deflectlab.envs.prefix_cache import Holding, PrefixCache, cache_unit, max_hit_blocks
+from deflectlab.envs.prefix_cache import PrefixCache, cache_unit, holding, max_hit_blocks
 
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
@@ -105,7 +105,7 @@ class PrefillNode:
                 elif self.kv_used_tokens + need > self.kv_capacity_tokens:
                     break  # FCFS: the head waits for KV room
                 elif h is not None and cache is not None:  # no hit, whatever is evicted: it holds nothing yet
-                    r.p_held = Holding(h)
+                    r.p_held = holding(h)
                 self._use(need, t)
                 r.t_p_start = t
             c = r.p_remaining if r.p_remaining < budget else budget
@@ -163,7 +163,7 @@ class PrefillNode:
             r.p_remaining -= cached
             self.waiting_tokens -= cached
         else:
-            r.p_held = Holding(h, 0)
+            r.p_held = holding(h)
         return need
 
     def _end_step(self, t: float, _: object) -> None:

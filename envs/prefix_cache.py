@@ -47,6 +47,9 @@ _DUE_MAX = 512  # evicted blocks left in the span dicts at most (see PrefixCache
 _NO_TRIM = 1 << 62  # PrefixCache.release's default ``keep``: no eviction first
 
 
+_new = object.__new__  # the hot paths make spans and holdings without a constructor call (half the cost)
+
+
 class _Span:
     """Cached blocks ``ref[lo:hi]`` of one prompt's hash list, all held by ``cnt`` running requests."""
 
@@ -54,6 +57,16 @@ class _Span:
 
     def __init__(self, ref: list[int], lo: int, hi: int, cnt: int) -> None:
         self.ref, self.lo, self.hi, self.cnt = ref, lo, hi, cnt
+
+
+def _span(ref: list[int], lo: int, hi: int) -> _Span:
+    """``_Span(ref, lo, hi, 1)``: a new span held by the request that registers it."""
+    s = _new(_Span)
+    s.ref = ref
+    s.lo = lo
+    s.hi = hi
+    s.cnt = 1
+    return s
 
 
 class Holding:
@@ -72,6 +85,16 @@ class Holding:
         """Blocks held."""
         r = self.ranges
         return sum(r[1::2]) - sum(r[0::2])
+
+
+def holding(hashes: list[int]) -> Holding:
+    """``Holding(hashes)``, a request that holds nothing yet, made without the constructor's call (the hot path:
+    one per request and node)."""
+    held = _new(Holding)
+    held.hashes = hashes
+    held.n = 0
+    held.ranges = ()
+    return held
 
 
 def _common(a: list[int], i: int, b: list[int], j: int, n: int) -> int:
@@ -173,7 +196,11 @@ class PrefixCache:
                     self.n_free -= n
                 s.cnt += 1
             i += k
-        return Holding(hashes, hit)
+        held = _new(Holding)  # Holding(hashes, hit), without the constructor's call
+        held.hashes = hashes
+        held.n = hit
+        held.ranges = [0, hit] if hit else ()
+        return held
 
     def may_find(self, held: Holding) -> bool:
         """Whether registering the request's next blocks may meet cached ones (so what it registers depends on the
@@ -196,7 +223,12 @@ class PrefixCache:
         if self.risky or hashes[lo] in self.start or (lo and not (r and r[-1] == lo)):
             return False
         held.n = hi
-        self.start[hashes[lo]] = _Span(hashes, lo, hi, 1)
+        sp = _new(_Span)  # _span(hashes, lo, hi), inline
+        sp.ref = hashes
+        sp.lo = lo
+        sp.hi = hi
+        sp.cnt = 1
+        self.start[hashes[lo]] = sp
         self.n_blocks += hi - lo
         if r:
             r[-1] = hi
@@ -227,7 +259,7 @@ class PrefixCache:
         if not ours:  # the block before is another request's (registering in pieces)
             i += self._continuation(hashes, lo, hi)
         elif not (hashes[lo] in start if not self.risky else any(map(start.__contains__, islice(hashes, lo, hi)))):
-            start[hashes[lo]] = _Span(hashes, lo, hi, 1)  # the common case: nothing of it cached meanwhile
+            start[hashes[lo]] = _span(hashes, lo, hi)  # the common case: nothing of it cached meanwhile
             self.n_blocks += hi - lo
             if r:
                 r[-1] = hi
@@ -259,7 +291,7 @@ class PrefixCache:
 
     def _add(self, held: Holding, lo: int, hi: int, risky: bool) -> None:
         h = held.hashes[lo]
-        self.start[h] = _Span(held.hashes, lo, hi, 1)
+        self.start[h] = _span(held.hashes, lo, hi)
         if risky and lo:
             self.risky.add(h)
         self.n_blocks += hi - lo
@@ -342,17 +374,18 @@ class PrefixCache:
         """Take the ``due`` evicted blocks off the LRU head: whole spans leave, the last one is shortened."""
         over, self.due = self.due, 0
         if over > 0:
-            gone = []
+            k = 0  # whole spans to drop
             for s in self.free:  # least recently used first
                 n = s.hi - s.lo
                 if n > over:  # the span's newest blocks go first
                     s.hi -= over
                     break
-                gone.append(s)
+                k += 1
                 over -= n
                 if not over:
                     break
             free, start, risky = self.free, self.start, self.risky
+            gone = list(islice(free, k))
             if risky:
                 for s in gone:
                     del free[s]
