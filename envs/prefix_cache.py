@@ -51,12 +51,14 @@ _new = object.__new__  # the hot paths make spans and holdings without a constru
 
 
 class _Span:
-    """Cached blocks ``ref[lo:hi]`` of one prompt's hash list, all held by ``cnt`` running requests."""
+    """Cached blocks ``ref[lo:hi]`` of one prompt's hash list, all held by ``cnt`` running requests; ``key`` is
+    ``ref[lo]``, its key in :attr:`PrefixCache.start` (kept, so dropping the span reads neither ``ref`` nor
+    its items)."""
 
-    __slots__ = ("ref", "lo", "hi", "cnt")
+    __slots__ = ("ref", "lo", "hi", "cnt", "key")
 
     def __init__(self, ref: list[int], lo: int, hi: int, cnt: int) -> None:
-        self.ref, self.lo, self.hi, self.cnt = ref, lo, hi, cnt
+        self.ref, self.lo, self.hi, self.cnt, self.key = ref, lo, hi, cnt, ref[lo]
 
 
 def _span(ref: list[int], lo: int, hi: int) -> _Span:
@@ -66,19 +68,25 @@ def _span(ref: list[int], lo: int, hi: int) -> _Span:
     s.lo = lo
     s.hi = hi
     s.cnt = 1
+    s.key = ref[lo]
     return s
 
 
 class Holding:
     """A request's blocks held in one node's cache: its hash list, how many of its leading blocks are settled
     (the hit, then every full block once its KV is computed or received), and the ranges ``[lo, hi)`` of its
-    hash list it holds, as a flat list (a block another request cached first is not held by this one)."""
+    hash list it holds, as a flat list (a block another request cached first is not held by this one).
 
-    __slots__ = ("hashes", "n", "ranges")
+    ``own`` is a shortcut for the common case, a request that found no hit and registered its blocks in one
+    span: that span, while the request holds exactly it (``None`` otherwise; the span is still whole while its
+    ``lo`` is 0, since a split gives the head to a new span)."""
+
+    __slots__ = ("hashes", "n", "ranges", "own")
 
     def __init__(self, hashes: list[int], n: int = 0) -> None:
         self.hashes, self.n = hashes, n
         self.ranges: list[int] | tuple[()] = [0, n] if n else ()  # (): nothing held (no list made yet)
+        self.own: _Span | None = None
 
     @property
     def blocks(self) -> int:
@@ -94,6 +102,7 @@ def holding(hashes: list[int]) -> Holding:
     held.hashes = hashes
     held.n = 0
     held.ranges = ()
+    held.own = None
     return held
 
 
@@ -185,9 +194,10 @@ class PrefixCache:
             k = n if n <= hit - i and (s.ref is hashes and lo == i) else _common(s.ref, lo, hashes, i, min(n, hit - i))
             if k < n:  # held up to inside the span: split it; the tail keeps the span's object and LRU place
                 head = _Span(s.ref, lo, lo + k, s.cnt + 1)
-                start[s.ref[lo]] = head
+                start[head.key] = head
                 s.lo = lo + k
-                start[s.ref[lo + k]] = s
+                s.key = s.ref[lo + k]
+                start[s.key] = s
                 if not s.cnt:
                     self.n_free -= k
             else:
@@ -200,6 +210,7 @@ class PrefixCache:
         held.hashes = hashes
         held.n = hit
         held.ranges = [0, hit] if hit else ()
+        held.own = None
         return held
 
     def may_find(self, held: Holding) -> bool:
@@ -219,8 +230,9 @@ class PrefixCache:
         lo = held.n
         if hi <= lo:
             return True
-        hashes, r = held.hashes, held.ranges
-        if self.risky or hashes[lo] in self.start or (lo and not (r and r[-1] == lo)):
+        hashes, r, start = held.hashes, held.ranges, self.start
+        key = hashes[lo]
+        if self.risky or key in start or (lo and not (r and r[-1] == lo)):
             return False
         held.n = hi
         sp = _new(_Span)  # _span(hashes, lo, hi), inline
@@ -228,12 +240,15 @@ class PrefixCache:
         sp.lo = lo
         sp.hi = hi
         sp.cnt = 1
-        self.start[hashes[lo]] = sp
+        sp.key = key
+        start[key] = sp
         self.n_blocks += hi - lo
         if r:
             r[-1] = hi
+            held.own = None  # it holds more than one span now
         else:
             held.ranges = [lo, hi]
+            held.own = sp  # (lo is 0: nothing held before)
         return True
 
     def register(self, held: Holding, hi: int) -> None:
@@ -253,6 +268,7 @@ class PrefixCache:
         if self.due:
             self._drop_evicted()
         held.n = hi
+        held.own = None  # (the shortcut is for the common case only, try_register's)
         hashes, start, r = held.hashes, self.start, held.ranges
         i = lo
         ours = not lo or (r and r[-1] == lo)  # this request holds the block before the new ones
@@ -317,6 +333,17 @@ class PrefixCache:
             self.due += over
             if self.due > _DUE_MAX:
                 self._drop_evicted()
+        sp = held.own
+        if sp is not None:
+            held.own = None
+            if not sp.lo:  # it holds exactly this span, whole (the common case: no hash list read)
+                held.ranges = ()
+                sp.cnt -= 1
+                if sp.cnt:
+                    return sp.hi
+                self.free[sp] = None
+                self.n_free += sp.hi
+                return 0
         start, hashes, r = self.start, held.hashes, held.ranges
         held.ranges = ()  # nothing held any more (a second release frees nothing)
         if not r:
@@ -389,13 +416,12 @@ class PrefixCache:
             if risky:
                 for s in gone:
                     del free[s]
-                    h = s.ref[s.lo]
-                    del start[h]
-                    risky.discard(h)
+                    del start[s.key]
+                    risky.discard(s.key)
             else:
                 for s in gone:
                     del free[s]
-                    del start[s.ref[s.lo]]
+                    del start[s.key]
 
     @property
     def free_blocks(self) -> int:
