@@ -258,11 +258,14 @@ class DecodeNode:
         may meet cached blocks, every release and every free evicts what is due first (:meth:`_lookup`,
         :meth:`_take_joiners`, :meth:`_end_segment`, :meth:`_register_prefilled`, :meth:`_preempt`,
         :meth:`abandon_handoff`). So the same LRU head goes, in the same order, as if it went now."""
-        cache = self.cache
-        req.d_held = cache.acquire(req.hashes, hit) if hit else holding(req.hashes)
-        req.d_done = hit * self.hash_block_tokens
-        if req.t_admit < 0.0:
-            req.d_cached = req.d_done
+        if hit:
+            req.d_held = self.cache.acquire(req.hashes, hit)
+            req.d_done = hit * self.hash_block_tokens
+            if req.t_admit < 0.0:
+                req.d_cached = req.d_done
+        else:  # (d_done is 0 at every admission, d_cached 0 until the first)
+            req.d_held = holding(req.hashes)
+            req.d_done = 0
 
     def _note_peak(self) -> None:
         used = self.static_blocks + self._running_blocks(self.steps_done)
