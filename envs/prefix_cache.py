@@ -75,7 +75,7 @@ def _span(ref: list[int], lo: int, hi: int) -> _Span:
 class Holding:
     """A request's blocks held in one node's cache: its hash list, how many of its leading blocks are settled
     (the hit, then every full block once its KV is computed or received), and the ranges ``[lo, hi)`` of its
-    hash list it holds, as a flat list (a block another request cached first is not held by this one).
+    hash list it holds, as a flat tuple (a block another request cached first is not held by this one).
 
     ``own`` is a shortcut for the common case, a request that found no hit and registered its blocks in one
     span: that span, while the request holds exactly it (``None`` otherwise; the span is still whole while its
@@ -85,7 +85,7 @@ class Holding:
 
     def __init__(self, hashes: list[int], n: int = 0) -> None:
         self.hashes, self.n = hashes, n
-        self.ranges: list[int] | tuple[()] = [0, n] if n else ()  # (): nothing held (no list made yet)
+        self.ranges: tuple[int, ...] = (0, n) if n else ()
         self.own: _Span | None = None
 
     @property
@@ -209,7 +209,7 @@ class PrefixCache:
         held = _new(Holding)  # Holding(hashes, hit), without the constructor's call
         held.hashes = hashes
         held.n = hit
-        held.ranges = [0, hit] if hit else ()
+        held.ranges = (0, hit) if hit else ()
         held.own = None
         return held
 
@@ -244,10 +244,10 @@ class PrefixCache:
         start[key] = sp
         self.n_blocks += hi - lo
         if r:
-            r[-1] = hi
+            held.ranges = r[:-1] + (hi,)
             held.own = None  # it holds more than one span now
         else:
-            held.ranges = [lo, hi]
+            held.ranges = (lo, hi)
             held.own = sp  # (lo is 0: nothing held before)
         return True
 
@@ -277,10 +277,7 @@ class PrefixCache:
         elif not (hashes[lo] in start if not self.risky else any(map(start.__contains__, islice(hashes, lo, hi)))):
             start[hashes[lo]] = _span(hashes, lo, hi)  # the common case: nothing of it cached meanwhile
             self.n_blocks += hi - lo
-            if r:
-                r[-1] = hi
-            else:
-                held.ranges = [lo, hi]
+            held.ranges = r[:-1] + (hi,) if r else (lo, hi)
             return
         while i < hi:  # rare: skip the runs another request cached meanwhile
             s = start.get(hashes[i])
@@ -312,12 +309,7 @@ class PrefixCache:
             self.risky.add(h)
         self.n_blocks += hi - lo
         r = held.ranges
-        if r and r[-1] == lo:
-            r[-1] = hi
-        elif r:
-            r += (lo, hi)
-        else:
-            held.ranges = [lo, hi]
+        held.ranges = r[:-1] + (hi,) if r and r[-1] == lo else r + (lo, hi)
 
     def release(self, held: Holding, keep: int = _NO_TRIM) -> int:
         """A request frees its blocks (finished or preempted): each goes to the LRU tail once nobody holds it,
