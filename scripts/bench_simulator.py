@@ -2,12 +2,20 @@
 
     python scripts/bench_simulator.py [--repeat 3] [--memory-requests 100000] [--handoff vllm-nixl]
     python scripts/bench_simulator.py --prefix-cache [--repeat 5]   # cache on against off, Mooncake trace
+    python scripts/bench_simulator.py --cache-case 2p2d round_robin on 1   # one case N times (under valgrind)
 
 Targets (issues "calibrated cluster simulator" and 10): >= 50,000 simulated requests per wall second on one
 core for 2P2D on the Azure conv trace at 6 req/s, never-deflect and always-deflect, with the hand-off stages;
 < 500 MB peak memory for 100,000 requests.
 For scale: Vidur runs about 390 simulated requests/s on this kind of machine, BLIS (Go) about 1,100.
 Also measures SimPy on the same M/D/1 prefill queue, the reason the hot loop is a plain heap.
+
+Issue 11's prefix-cache target: at most 25 % slower with the cache on than off on the Mooncake trace
+(``--prefix-cache``; docs/prefix_cache.md has the numbers). CPU times on a shared machine move by several
+percent from run to run, so ``--cache-case SHAPE POLICY CASE RUNS`` plays one case (``off``, ``on`` or
+``no-sharing``) ``RUNS`` times after a short warm-up and prints nothing: under
+``valgrind --tool=cachegrind --cache-sim=no`` the instructions of ``RUNS=1`` less those of ``RUNS=0`` are the
+run's, a count that does not depend on the load.
 """
 
 from __future__ import annotations
@@ -84,6 +92,22 @@ def bench_prefix_cache(repeat: int, shapes: tuple[str, ...] = ("2p2d", "16p16d")
                   f"{best['no sharing']:>14.3f}{best['no sharing'] / off:>7.2f}")
 
 
+def cache_case(shape: str, policy: str, case: str, runs: int) -> None:
+    """One case of :func:`bench_prefix_cache`, ``runs`` times after a warm-up on 50 requests (for an instruction
+    count under valgrind; see the module's docstring)."""
+    wl = make_workload("mooncake_synthetic")
+    cases = {"off": (False, wl), "on": (True, wl), "no-sharing": (True, wl)}
+    if case not in cases:
+        raise SystemExit(f"--cache-case: unknown case {case!r}; use one of {', '.join(cases)}")
+    on, w = cases[case]
+    if case == "no-sharing":
+        w = _unshared(wl)
+    small = make_workload("mooncake_synthetic", num_requests=50)
+    ClusterSim(ClusterConfig.from_shape(shape, prefix_cache=on), small).run(make_policy(policy))
+    for _ in range(runs):
+        ClusterSim(ClusterConfig.from_shape(shape, prefix_cache=on), w).run(make_policy(policy))
+
+
 def memory_child(n: int, policy: str, handoff: str) -> None:
     wl = make_workload("azure_conv", arrival="poisson", rate=RATE, num_requests=n, seed=0)
     t0 = time.perf_counter()
@@ -150,7 +174,13 @@ def main() -> None:
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--prefix-cache", action="store_true",
                     help="only the prefix cache's cost: Mooncake trace, cache on against off")
+    ap.add_argument("--cache-case", nargs=4, metavar=("SHAPE", "POLICY", "CASE", "RUNS"),
+                    help="play one prefix-cache case (off, on, no-sharing) RUNS times, printing nothing")
     a = ap.parse_args()
+    if a.cache_case:
+        shape, pol, case, runs = a.cache_case
+        cache_case(shape, pol, case, int(runs))
+        return
     if a.child:
         memory_child(int(a.child[0]), a.child[1], a.child[2])
         return
