@@ -78,18 +78,26 @@ def bench_prefix_cache(repeat: int, shapes: tuple[str, ...] = ("2p2d", "16p16d")
           f"best CPU seconds of {repeat} runs (loop and metrics)")
     print(f"{'shape':<8}{'policy':<16}{'cache off s':>12}{'cache on s':>12}{'on / off':>10}{'no sharing s':>14}"
           f"{'/ off':>7}")
+    work = []  # what each run simulated: the hits change the run (fewer prefill steps, more decode segments)
     for shape in shapes:
         for pol in ("round_robin", "always_deflect", "proactive"):
             best = dict.fromkeys(cases, math.inf)
-            for _ in range(repeat):
+            for i in range(repeat):
                 for name, (on, w) in cases.items():
                     sim = ClusterSim(ClusterConfig.from_shape(shape, prefix_cache=on), w)
                     t0 = time.process_time()
                     sim.run(make_policy(pol))
                     best[name] = min(best[name], time.process_time() - t0)
+                    if i == 0:
+                        work.append((shape, pol, name, sim.events, sum(len(d.log_k) for d in sim.decode),
+                                     sum(d.steps_done for d in sim.decode), sum(d.preemptions for d in sim.decode)))
             off = best["off"]
             print(f"{shape:<8}{pol:<16}{off:>12.3f}{best['on']:>12.3f}{best['on'] / off:>10.2f}"
                   f"{best['no sharing']:>14.3f}{best['no sharing'] / off:>7.2f}")
+    print(f"\n{'shape':<8}{'policy':<16}{'case':<12}{'events':>8}{'decode segments':>17}{'decode steps':>14}"
+          f"{'preemptions':>13}")
+    for shape, pol, name, events, segs, steps, pre in work:
+        print(f"{shape:<8}{pol:<16}{name:<12}{events:>8,}{segs:>17,}{steps:>14,}{pre:>13,}")
 
 
 def cache_case(shape: str, policy: str, case: str, runs: int) -> None:
