@@ -59,7 +59,8 @@ def bench_policy(policy: str, repeat: int, handoff: str) -> dict:
 
 def _unshared(wl: Workload) -> Workload:
     """The same requests with hashes no two of them share: the cache does all its bookkeeping (lookups, holds,
-    registrations, releases, evictions) and never hits, so the schedule is the cache-off one."""
+    registrations, releases, evictions) and never hits another request's blocks, so the schedule is the cache-off
+    one, except where a preempted request's recompute finds its own blocks."""
     nxt, hashes = 0, []
     for h in wl.hash_ids:
         hashes.append(list(range(nxt, nxt + len(h))))
