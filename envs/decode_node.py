@@ -33,7 +33,7 @@ from heapq import heapify, heappop, heappush
 from operator import mul
 from typing import TYPE_CHECKING
 
-from deflectlab.envs.prefix_cache import Holding, PrefixCache, cache_unit, max_hit_blocks
+from deflectlab.envs.prefix_cache import PrefixCache, cache_unit, holding, max_hit_blocks
 
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
@@ -258,11 +258,14 @@ class DecodeNode:
         may meet cached blocks, every release and every free evicts what is due first (:meth:`_lookup`,
         :meth:`_take_joiners`, :meth:`_end_segment`, :meth:`_register_prefilled`, :meth:`_preempt`,
         :meth:`abandon_handoff`). So the same LRU head goes, in the same order, as if it went now."""
-        cache = self.cache
-        req.d_held = cache.acquire(req.hashes, hit) if hit else Holding(req.hashes, 0)
-        req.d_done = hit * self.hash_block_tokens
-        if req.t_admit < 0.0:
-            req.d_cached = req.d_done
+        if hit:
+            req.d_held = self.cache.acquire(req.hashes, hit)
+            req.d_done = hit * self.hash_block_tokens
+            if req.t_admit < 0.0:
+                req.d_cached = req.d_done
+        else:  # (d_done is 0 at every admission, d_cached 0 until the first)
+            req.d_held = holding(req.hashes)
+            req.d_done = 0
 
     def _note_peak(self) -> None:
         used = self.static_blocks + self._running_blocks(self.steps_done)
@@ -418,8 +421,13 @@ class DecodeNode:
 
     def _take_joiners(self, t: float, n_done: int) -> list[Request]:
         blk, ph, running = self.block_tokens, self._phase, self.running
-        if self.cache is not None:  # the KV arrived: the prompts' new full blocks are cached here now
-            self._register_joiners(n_done)
+        cache = self.cache
+        if cache is not None:  # the KV arrived: the prompts' new full blocks are cached here now
+            bt = self.hash_block_tokens
+            for r in self.joiners:  # the common case, where no registration may meet cached blocks
+                if r.kv_blocks and r.d_held is not None and not cache.try_register(r.d_held, r.input_tokens // bt):
+                    self._register_joiners(n_done)  # the rest (those registered here are not registered again)
+                    break
         for r in self.joiners:
             if r.kv_blocks:
                 self.static_blocks -= r.kv_blocks  # now counted among the running decodes' blocks
@@ -559,10 +567,15 @@ class DecodeNode:
         # finishes; a prompt whose chunks end here does its own, in _finish_chunks). A boundary that frees nothing
         # leaves them to the next free or read (see _hold): the pool only fills until then, so the same LRU head
         # goes.
-        if cache is not None and cache.n_free and running and running[0][0] == n and \
-                cache.n_free * cache.unit > self.total_blocks - self.static_blocks - (
-                (self._ctx_base + bsz * n) // self.block_tokens + bsz):
-            cache.trim_to(self._cache_keep(n))
+        if cache is not None and cache.n_free and running and running[0][0] == n:
+            # _cache_keep(n), inline: room beside the floor sum of the running decodes' blocks, less one each
+            free, unit = self.total_blocks - self.static_blocks - (self._ctx_base + bsz * n) // self.block_tokens, \
+                cache.unit
+            if cache.n_free * unit > free - bsz:  # some cached blocks may not fit
+                keep = free // unit
+                if keep != (free - bsz) // unit:
+                    keep = (self.total_blocks - self.static_blocks - self._running_blocks(n)) // unit
+                cache.trim_to(keep)
         freed = self._finish_chunks(t, k, n) if self._seg_chunks else False
         blk = self.block_tokens
         while running and running[0][0] == n:
@@ -627,7 +640,8 @@ class DecodeNode:
         r.t_finish = t
         self.admitted -= 1
         if r.d_held is not None:  # its blocks still held by others were counted once for both: count them again
-            self.static_blocks += self.cache.release(r.d_held) * self.cache.unit
+            cache = self.cache
+            self.static_blocks += cache.release(r.d_held) * cache.unit
             r.d_held = None
         self._on_finished(r, t)
 

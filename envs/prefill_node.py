@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from deflectlab.envs.prefix_cache import Holding, PrefixCache, cache_unit, max_hit_blocks
+from deflectlab.envs.prefix_cache import PrefixCache, cache_unit, holding, max_hit_blocks
 
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
@@ -68,13 +68,10 @@ class PrefillNode:
         """The decode side has pulled ``req``'s KV: free its blocks (and unblock a stalled queue); its cached
         blocks stay cached (held by others, or free for reuse)."""
         freed = self.profile.blocks(req.input_tokens) * self.profile.kv_block_tokens
-        if req.p_held is not None:
-            cache = self.cache
-            room = self.kv_capacity_tokens - self.kv_used_tokens
-            if cache.n_free * cache.unit > room:  # the evictions due before blocks are freed (see _lookup)
-                cache.trim_to(room // cache.unit)
-            freed -= cache.release(req.p_held) * self.hash_block_tokens  # shared: still in use
-            req.p_held = None
+        if req.p_held is not None:  # the evictions due before blocks are freed go first (see _lookup)
+            bt = self.hash_block_tokens  # the cache's unit: this node counts its pool in tokens
+            freed -= self.cache.release(req.p_held, (self.kv_capacity_tokens - self.kv_used_tokens) // bt) * bt
+            req.p_held = None  # (the blocks still held by others stay in use)
         self._use(-freed, t)
         self.held_handoffs -= 1
         if not self.busy and self.queue:
@@ -96,19 +93,19 @@ class PrefillNode:
         budget = self.max_batched_tokens
         batch = self._batch = []
         n = sq = cross = 0
-        prof = self.profile
+        prof, cache = self.profile, self.cache
         for r in self.queue:
             if r.t_p_start < 0.0:
                 need = prof.blocks(r.input_tokens) * prof.kv_block_tokens
                 h = r.hashes
-                if h and self.cache is not None and h[0] in self.cache.start:  # it may hit
+                if h and cache is not None and h[0] in cache.start:  # it may hit
                     need = self._lookup(r, need, t)
                     if need < 0:
                         break
                 elif self.kv_used_tokens + need > self.kv_capacity_tokens:
                     break  # FCFS: the head waits for KV room
-                elif h is not None and self.cache is not None:  # no hit, whatever is evicted: it holds nothing yet
-                    r.p_held = Holding(h, 0)
+                elif h is not None and cache is not None:  # no hit, whatever is evicted: it holds nothing yet
+                    r.p_held = holding(h)
                 self._use(need, t)
                 r.t_p_start = t
             c = r.p_remaining if r.p_remaining < budget else budget
@@ -166,7 +163,7 @@ class PrefillNode:
             r.p_remaining -= cached
             self.waiting_tokens -= cached
         else:
-            r.p_held = Holding(h, 0)
+            r.p_held = holding(h)
         return need
 
     def _end_step(self, t: float, _: object) -> None:

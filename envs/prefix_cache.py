@@ -44,33 +44,66 @@ from itertools import islice
 
 
 _DUE_MAX = 512  # evicted blocks left in the span dicts at most (see PrefixCache.trim_to)
+_NO_TRIM = 1 << 62  # PrefixCache.release's default ``keep``: no eviction first
+
+
+_new = object.__new__  # the hot paths make spans and holdings without a constructor call (half the cost)
 
 
 class _Span:
-    """Cached blocks ``ref[lo:hi]`` of one prompt's hash list, all held by ``cnt`` running requests."""
+    """Cached blocks ``ref[lo:hi]`` of one prompt's hash list, all held by ``cnt`` running requests; ``key`` is
+    ``ref[lo]``, its key in :attr:`PrefixCache.start` (kept, so dropping the span reads neither ``ref`` nor
+    its items)."""
 
-    __slots__ = ("ref", "lo", "hi", "cnt")
+    __slots__ = ("ref", "lo", "hi", "cnt", "key")
 
     def __init__(self, ref: list[int], lo: int, hi: int, cnt: int) -> None:
-        self.ref, self.lo, self.hi, self.cnt = ref, lo, hi, cnt
+        self.ref, self.lo, self.hi, self.cnt, self.key = ref, lo, hi, cnt, ref[lo]
+
+
+def _span(ref: list[int], lo: int, hi: int) -> _Span:
+    """``_Span(ref, lo, hi, 1)``: a new span held by the request that registers it."""
+    s = _new(_Span)
+    s.ref = ref
+    s.lo = lo
+    s.hi = hi
+    s.cnt = 1
+    s.key = ref[lo]
+    return s
 
 
 class Holding:
     """A request's blocks held in one node's cache: its hash list, how many of its leading blocks are settled
     (the hit, then every full block once its KV is computed or received), and the ranges ``[lo, hi)`` of its
-    hash list it holds, as a flat list (a block another request cached first is not held by this one)."""
+    hash list it holds, as a flat tuple (a block another request cached first is not held by this one).
 
-    __slots__ = ("hashes", "n", "ranges")
+    ``own`` is a shortcut for the common case, a request that found no hit and registered its blocks in one
+    span: that span, while the request holds exactly it (``None`` otherwise; the span is still whole while its
+    ``lo`` is 0, since a split gives the head to a new span)."""
 
-    def __init__(self, hashes: list[int], n: int) -> None:
+    __slots__ = ("hashes", "n", "ranges", "own")
+
+    def __init__(self, hashes: list[int], n: int = 0) -> None:
         self.hashes, self.n = hashes, n
-        self.ranges: list[int] | tuple[()] = [0, n] if n else []
+        self.ranges: tuple[int, ...] = (0, n) if n else ()
+        self.own: _Span | None = None
 
     @property
     def blocks(self) -> int:
         """Blocks held."""
         r = self.ranges
         return sum(r[1::2]) - sum(r[0::2])
+
+
+def holding(hashes: list[int]) -> Holding:
+    """``Holding(hashes)``, a request that holds nothing yet, made without the constructor's call (the hot path:
+    one per request and node)."""
+    held = _new(Holding)
+    held.hashes = hashes
+    held.n = 0
+    held.ranges = ()
+    held.own = None
+    return held
 
 
 def _common(a: list[int], i: int, b: list[int], j: int, n: int) -> int:
@@ -161,9 +194,10 @@ class PrefixCache:
             k = n if n <= hit - i and (s.ref is hashes and lo == i) else _common(s.ref, lo, hashes, i, min(n, hit - i))
             if k < n:  # held up to inside the span: split it; the tail keeps the span's object and LRU place
                 head = _Span(s.ref, lo, lo + k, s.cnt + 1)
-                start[s.ref[lo]] = head
+                start[head.key] = head
                 s.lo = lo + k
-                start[s.ref[lo + k]] = s
+                s.key = s.ref[lo + k]
+                start[s.key] = s
                 if not s.cnt:
                     self.n_free -= k
             else:
@@ -172,7 +206,12 @@ class PrefixCache:
                     self.n_free -= n
                 s.cnt += 1
             i += k
-        return Holding(hashes, hit)
+        held = _new(Holding)  # Holding(hashes, hit), without the constructor's call
+        held.hashes = hashes
+        held.n = hit
+        held.ranges = (0, hit) if hit else ()
+        held.own = None
+        return held
 
     def may_find(self, held: Holding) -> bool:
         """Whether registering the request's next blocks may meet cached ones (so what it registers depends on the
@@ -191,16 +230,25 @@ class PrefixCache:
         lo = held.n
         if hi <= lo:
             return True
-        hashes, r = held.hashes, held.ranges
-        if self.risky or hashes[lo] in self.start or (lo and not (r and r[-1] == lo)):
+        hashes, r, start = held.hashes, held.ranges, self.start
+        key = hashes[lo]
+        if self.risky or key in start or (lo and not (r and r[-1] == lo)):
             return False
         held.n = hi
-        self.start[hashes[lo]] = _Span(hashes, lo, hi, 1)
+        sp = _new(_Span)  # _span(hashes, lo, hi), inline
+        sp.ref = hashes
+        sp.lo = lo
+        sp.hi = hi
+        sp.cnt = 1
+        sp.key = key
+        start[key] = sp
         self.n_blocks += hi - lo
         if r:
-            r[-1] = hi
+            held.ranges = r[:-1] + (hi,)
+            held.own = None  # it holds more than one span now
         else:
-            r += (lo, hi)
+            held.ranges = (lo, hi)
+            held.own = sp  # (lo is 0: nothing held before)
         return True
 
     def register(self, held: Holding, hi: int) -> None:
@@ -220,18 +268,16 @@ class PrefixCache:
         if self.due:
             self._drop_evicted()
         held.n = hi
+        held.own = None  # (the shortcut is for the common case only, try_register's)
         hashes, start, r = held.hashes, self.start, held.ranges
         i = lo
         ours = not lo or (r and r[-1] == lo)  # this request holds the block before the new ones
         if not ours:  # the block before is another request's (registering in pieces)
             i += self._continuation(hashes, lo, hi)
         elif not (hashes[lo] in start if not self.risky else any(map(start.__contains__, islice(hashes, lo, hi)))):
-            start[hashes[lo]] = _Span(hashes, lo, hi, 1)  # the common case: nothing of it cached meanwhile
+            start[hashes[lo]] = _span(hashes, lo, hi)  # the common case: nothing of it cached meanwhile
             self.n_blocks += hi - lo
-            if r:
-                r[-1] = hi
-            else:
-                r += (lo, hi)
+            held.ranges = r[:-1] + (hi,) if r else (lo, hi)
             return
         while i < hi:  # rare: skip the runs another request cached meanwhile
             s = start.get(hashes[i])
@@ -258,19 +304,38 @@ class PrefixCache:
 
     def _add(self, held: Holding, lo: int, hi: int, risky: bool) -> None:
         h = held.hashes[lo]
-        self.start[h] = _Span(held.hashes, lo, hi, 1)
+        self.start[h] = _span(held.hashes, lo, hi)
         if risky and lo:
             self.risky.add(h)
         self.n_blocks += hi - lo
         r = held.ranges
-        if r and r[-1] == lo:
-            r[-1] = hi
-        else:
-            r += (lo, hi)
+        held.ranges = r[:-1] + (hi,) if r and r[-1] == lo else r + (lo, hi)
 
-    def release(self, held: Holding) -> int:
+    def release(self, held: Holding, keep: int = _NO_TRIM) -> int:
         """A request frees its blocks (finished or preempted): each goes to the LRU tail once nobody holds it,
-        last block first. Returns how many are still held by others (shared blocks)."""
+        last block first. Returns how many are still held by others (shared blocks).
+
+        With ``keep``, the evictions due before blocks are freed go first: :meth:`trim_to` ``(keep)`` in the same
+        call (the hot path: one call per request and node)."""
+        if self.n_free > keep:  # trim_to(keep), inline
+            over = self.n_free - (keep if keep > 0 else 0)
+            self.evictions += over
+            self.n_free -= over
+            self.n_blocks -= over
+            self.due += over
+            if self.due > _DUE_MAX:
+                self._drop_evicted()
+        sp = held.own
+        if sp is not None:
+            held.own = None
+            if not sp.lo:  # it holds exactly this span, whole (the common case: no hash list read)
+                held.ranges = ()
+                sp.cnt -= 1
+                if sp.cnt:
+                    return sp.hi
+                self.free[sp] = None
+                self.n_free += sp.hi
+                return 0
         start, hashes, r = self.start, held.hashes, held.ranges
         held.ranges = ()  # nothing held any more (a second release frees nothing)
         if not r:
@@ -328,23 +393,27 @@ class PrefixCache:
         """Take the ``due`` evicted blocks off the LRU head: whole spans leave, the last one is shortened."""
         over, self.due = self.due, 0
         if over > 0:
-            gone = []
+            k = 0  # whole spans to drop
             for s in self.free:  # least recently used first
                 n = s.hi - s.lo
                 if n > over:  # the span's newest blocks go first
                     s.hi -= over
                     break
-                gone.append(s)
+                k += 1
                 over -= n
                 if not over:
                     break
             free, start, risky = self.free, self.start, self.risky
-            for s in gone:
-                del free[s]
-                h = s.ref[s.lo]
-                del start[h]
-                if risky:
-                    risky.discard(h)
+            gone = list(islice(free, k))
+            if risky:
+                for s in gone:
+                    del free[s]
+                    del start[s.key]
+                    risky.discard(s.key)
+            else:
+                for s in gone:
+                    del free[s]
+                    del start[s.key]
 
     @property
     def free_blocks(self) -> int:

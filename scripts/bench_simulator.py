@@ -2,12 +2,20 @@
 
     python scripts/bench_simulator.py [--repeat 3] [--memory-requests 100000] [--handoff vllm-nixl]
     python scripts/bench_simulator.py --prefix-cache [--repeat 5]   # cache on against off, Mooncake trace
+    python scripts/bench_simulator.py --cache-case 2p2d round_robin on 1   # one case N times (under valgrind)
 
 Targets (issues "calibrated cluster simulator" and 10): >= 50,000 simulated requests per wall second on one
 core for 2P2D on the Azure conv trace at 6 req/s, never-deflect and always-deflect, with the hand-off stages;
 < 500 MB peak memory for 100,000 requests.
 For scale: Vidur runs about 390 simulated requests/s on this kind of machine, BLIS (Go) about 1,100.
 Also measures SimPy on the same M/D/1 prefill queue, the reason the hot loop is a plain heap.
+
+Issue 11's prefix-cache target: at most 25 % slower with the cache on than off on the Mooncake trace
+(``--prefix-cache``; docs/prefix_cache.md has the numbers). CPU times on a shared machine move by several
+percent from run to run, so ``--cache-case SHAPE POLICY CASE RUNS`` plays one case (``off``, ``on`` or
+``no-sharing``) ``RUNS`` times after a short warm-up and prints nothing: under
+``valgrind --tool=cachegrind --cache-sim=no`` the instructions of ``RUNS=1`` less those of ``RUNS=0`` are the
+run's, a count that does not depend on the load.
 """
 
 from __future__ import annotations
@@ -51,7 +59,8 @@ def bench_policy(policy: str, repeat: int, handoff: str) -> dict:
 
 def _unshared(wl: Workload) -> Workload:
     """The same requests with hashes no two of them share: the cache does all its bookkeeping (lookups, holds,
-    registrations, releases, evictions) and never hits, so the schedule is the cache-off one."""
+    registrations, releases, evictions) and never hits another request's blocks, so the schedule is the cache-off
+    one, except where a preempted request's recompute finds its own blocks."""
     nxt, hashes = 0, []
     for h in wl.hash_ids:
         hashes.append(list(range(nxt, nxt + len(h))))
@@ -70,18 +79,42 @@ def bench_prefix_cache(repeat: int, shapes: tuple[str, ...] = ("2p2d", "16p16d")
           f"best CPU seconds of {repeat} runs (loop and metrics)")
     print(f"{'shape':<8}{'policy':<16}{'cache off s':>12}{'cache on s':>12}{'on / off':>10}{'no sharing s':>14}"
           f"{'/ off':>7}")
+    work = []  # what each run simulated: the hits change the run (fewer prefill steps, more decode segments)
     for shape in shapes:
         for pol in ("round_robin", "always_deflect", "proactive"):
             best = dict.fromkeys(cases, math.inf)
-            for _ in range(repeat):
+            for i in range(repeat):
                 for name, (on, w) in cases.items():
                     sim = ClusterSim(ClusterConfig.from_shape(shape, prefix_cache=on), w)
                     t0 = time.process_time()
                     sim.run(make_policy(pol))
                     best[name] = min(best[name], time.process_time() - t0)
+                    if i == 0:
+                        work.append((shape, pol, name, sim.events, sum(len(d.log_k) for d in sim.decode),
+                                     sum(d.steps_done for d in sim.decode), sum(d.preemptions for d in sim.decode)))
             off = best["off"]
             print(f"{shape:<8}{pol:<16}{off:>12.3f}{best['on']:>12.3f}{best['on'] / off:>10.2f}"
                   f"{best['no sharing']:>14.3f}{best['no sharing'] / off:>7.2f}")
+    print(f"\n{'shape':<8}{'policy':<16}{'case':<12}{'events':>8}{'decode segments':>17}{'decode steps':>14}"
+          f"{'preemptions':>13}")
+    for shape, pol, name, events, segs, steps, pre in work:
+        print(f"{shape:<8}{pol:<16}{name:<12}{events:>8,}{segs:>17,}{steps:>14,}{pre:>13,}")
+
+
+def cache_case(shape: str, policy: str, case: str, runs: int) -> None:
+    """One case of :func:`bench_prefix_cache`, ``runs`` times after a warm-up on 50 requests (for an instruction
+    count under valgrind; see the module's docstring)."""
+    wl = make_workload("mooncake_synthetic")
+    cases = {"off": (False, wl), "on": (True, wl), "no-sharing": (True, wl)}
+    if case not in cases:
+        raise SystemExit(f"--cache-case: unknown case {case!r}; use one of {', '.join(cases)}")
+    on, w = cases[case]
+    if case == "no-sharing":
+        w = _unshared(wl)
+    small = make_workload("mooncake_synthetic", num_requests=50)
+    ClusterSim(ClusterConfig.from_shape(shape, prefix_cache=on), small).run(make_policy(policy))
+    for _ in range(runs):
+        ClusterSim(ClusterConfig.from_shape(shape, prefix_cache=on), w).run(make_policy(policy))
 
 
 def memory_child(n: int, policy: str, handoff: str) -> None:
@@ -150,7 +183,13 @@ def main() -> None:
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--prefix-cache", action="store_true",
                     help="only the prefix cache's cost: Mooncake trace, cache on against off")
+    ap.add_argument("--cache-case", nargs=4, metavar=("SHAPE", "POLICY", "CASE", "RUNS"),
+                    help="play one prefix-cache case (off, on, no-sharing) RUNS times, printing nothing")
     a = ap.parse_args()
+    if a.cache_case:
+        shape, pol, case, runs = a.cache_case
+        cache_case(shape, pol, case, int(runs))
+        return
     if a.child:
         memory_child(int(a.child[0]), a.child[1], a.child[2])
         return

@@ -69,7 +69,9 @@ class BlockCache:
                 held.ranges += (i, i + 1)
         held.n = max(held.n, hi)
 
-    def release(self, held: Holding) -> int:
+    def release(self, held: Holding, keep: int | None = None) -> int:
+        if keep is not None:  # the evictions due before the blocks are freed
+            self.trim_to(keep)
         r = held.ranges
         blocks = [held.hashes[i] for k in range(0, len(r), 2) for i in range(r[k], r[k + 1])]
         still = 0
