@@ -181,14 +181,15 @@ def diff_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]], list[st
             if planner and rows[planner]:
                 head = _diff(rows[planner], rows[post])
                 share = vs_post[0] / head[0] if head[0] > 1e-9 else math.nan
-                cells += [_fmt(head), "n/a" if math.isnan(share) else f"{share:.0%}"]
+                closed = "n/a" if math.isnan(share) else "none (below it)" if share < 0 else f"{share:.0%}"
+                cells += [_fmt(head), closed]
             elif planner:
                 cells += ["not run", "n/a"]
             out.append(cells)
             for label, dd in (("the tuning winner", vs_win), (f"the best heuristic ex post ({post})", vs_post)):
                 if dd[0] + dd[1] < 0:
                     losses.append(f"{' '.join(name)}: {k} vs {label}: {_fmt(dd)}")
-    head = ["shape", "trace", "load", "policy", f"- tuning winner ({winner.removeprefix('best tuned ')})",
+    head = ["shape", "trace", "load", "policy", f"- tuning winner {winner.removeprefix('best tuned ')}",
             "- best heuristic ex post", "- proactive"]
     if planner:
         head += ["planner - best heuristic ex post (headroom)", "share of the headroom closed"]
