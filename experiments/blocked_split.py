@@ -12,7 +12,9 @@ alternates 300-s blocks instead, training on [0, 300), [600, 900), [1200, 1500) 
    Azure traces carry no block hashes) is grid-searched on training-block episodes of the code trace on 2P2D at
    1x, 2x and 3x load, drawn as the environment draws them (``experiments.headroom.episode``), with seeds of
    their own. The objective is the mean SLO attainment over those episodes, ties broken by the lower mean P95
-   TTFT, as ``deflectlab tune``'s. Writes ``tuned_blocked.yaml`` (the format ``experiments.tuning`` reads).
+   TTFT, as ``deflectlab tune``'s. Never-deflect and the proactive deflector (nothing to tune) are scored on the
+   same episodes, and the best of all is the *tuning winner*, the rule one would deploy having seen the training
+   blocks only. Writes ``tuned_blocked.yaml`` (the format ``experiments.tuning`` reads).
 2. Training: ``deflectlab dagger --split blocked --teacher <the tuned winner>`` and ``deflectlab es --split
    blocked --init ...`` (the split keeps every training and validation window inside a training block).
 3. ``evaluate``: never-deflect, the proactive deflector, every tuned heuristic, the learned policies and
@@ -50,6 +52,8 @@ WINDOW_S = 120.0
 TUNE_TRACE, TUNE_LOADS, TUNE_SEED0, TUNE_EPISODES = "azure_code", (1.0, 2.0, 3.0), 5_000_000, 10
 #: heuristics tuned (prefix_affinity is left out: with no block hashes it is a load balancer)
 TUNED = ("length_threshold", "queue_threshold", "dynamo_isl", "dynamo_load", "dynamo_isl_or_load")
+#: heuristics with nothing to tune, scored on the same episodes (the winner is the best of all)
+UNTUNED = ("round_robin", "proactive")
 EVAL_SEED0 = 6_000_000
 HELD = {"label": "held-out blocks", "start_s": [list(r) for r in SPLIT.starts("held_out", WINDOW_S)]}
 GAMMA4 = {**HELD, "label": "held-out blocks, gamma CV 4", "arrival": "gamma", "cv": 4.0}
@@ -66,6 +70,7 @@ def tune(jobs: int = 1, episodes: int = TUNE_EPISODES, policies: tuple[str, ...]
 
     train = {"label": "training blocks", "start_s": [list(r) for r in SPLIT.starts("train", WINDOW_S)]}
     specs = {spec: (p, params) for p in policies for params, spec in grid_specs(p)}
+    specs.update({name: (name, None) for name in UNTUNED})
     tasks = [(TUNE_TRACE, ld, TUNE_SEED0 + i, WINDOW_S, "vllm-nixl", spec, (2, 2), train)
              for ld in TUNE_LOADS for i in range(episodes) for spec in specs]
     t0 = time.perf_counter()
@@ -74,12 +79,16 @@ def tune(jobs: int = 1, episodes: int = TUNE_EPISODES, policies: tuple[str, ...]
     for r in rows:
         by_spec.setdefault(r["policy"], []).append(r)
     trials: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
+    untuned: dict[str, dict[str, float]] = {}
     for spec, (p, params) in specs.items():
         rs = by_spec[spec]
         p95 = [r["ttft_p95_s"] for r in rs if math.isfinite(r["ttft_p95_s"])]
-        slo = round(float(np.mean([r["slo_attainment"] for r in rs])), 6)
-        trials[p].append({"params": params, "slo_attainment": slo,
-                          "ttft_p95_s": round(float(np.mean(p95)), 6) if p95 else math.inf})
+        score = {"slo_attainment": round(float(np.mean([r["slo_attainment"] for r in rs])), 6),
+                 "ttft_p95_s": round(float(np.mean(p95)), 6) if p95 else math.inf}
+        if params is None:
+            untuned[p] = score
+        else:
+            trials[p].append({"params": params, **score})
     for t in trials.values():
         t.sort(key=lambda x: (-x["slo_attainment"], x["ttft_p95_s"]))
     return {
@@ -88,20 +97,26 @@ def tune(jobs: int = 1, episodes: int = TUNE_EPISODES, policies: tuple[str, ...]
                  "seeds": [TUNE_SEED0, TUNE_SEED0 + episodes - 1], "window_s": WINDOW_S,
                  "window_starts": describe(SPLIT.starts("train", WINDOW_S)),
                  "wall_s": round(time.perf_counter() - t0, 1)},
-        "policies": {p: t[0]["params"] for p, t in trials.items()},
+        "policies": {p: dict(t[0]["params"]) for p, t in trials.items()},
         "scores": {p: {k: t[0][k] for k in ("slo_attainment", "ttft_p95_s")} for p, t in trials.items()},
+        # the heuristics with nothing to tune, on the same episodes: they compete for the winner too
+        "untuned_scores": untuned,
         "trials": trials,
     }
 
 
 def heuristics(tuned_file: Path) -> dict[str, str]:
-    """never-deflect, proactive, and every tuned heuristic (the tuning winner labelled ``best tuned (...)``)."""
+    """never-deflect, proactive, and every tuned heuristic; the best of them all on the training blocks (the
+    winner, fixed before any held-out episode is played) is labelled ``best tuned (...)``."""
     from deflectlab.experiments.tuning import load_tuned
 
     tuned, _ = load_tuned(tuned_file)
-    scores = yaml.safe_load(tuned_file.read_text())["scores"]
+    doc = yaml.safe_load(tuned_file.read_text())
+    scores = {**doc["scores"], **(doc.get("untuned_scores") or {})}
     winner = max(scores, key=lambda n: (scores[n]["slo_attainment"], -scores[n]["ttft_p95_s"]))
-    out = {"never_deflect": "round_robin", "proactive": "proactive"}
+    out = {}
+    for name, label in (("round_robin", "never_deflect"), ("proactive", "proactive")):
+        out[f"best tuned ({name})" if name == winner else label] = name
     for name, params in tuned.items():
         label = f"best tuned ({name})" if name == winner else f"{name} (tuned)"
         out[label] = name + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
@@ -165,6 +180,7 @@ def diff_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]], list[st
     where a learned policy's interval lies entirely below zero."""
     pols, heur, learned = res["policies"], res["heuristics"], res["learned"]
     winner = next(k for k in heur if k.startswith("best tuned"))
+    pro = next(k for k in heur if pols[k] == "proactive")
     planner = "lookahead (clairvoyant)" if "lookahead (clairvoyant)" in pols else None
     out, losses = [], []
     for s in res["settings"]:
@@ -176,7 +192,7 @@ def diff_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]], list[st
         for k in learned:
             if not rows[k]:
                 continue
-            vs_post, vs_win, vs_pro = (_diff(rows[k], rows[o]) for o in (post, winner, "proactive"))
+            vs_post, vs_win, vs_pro = (_diff(rows[k], rows[o]) for o in (post, winner, pro))
             cells = [*name, k, _fmt(vs_win), f"{_fmt(vs_post)} ({post})", _fmt(vs_pro)]
             if planner and rows[planner]:
                 head = _diff(rows[planner], rows[post])

@@ -96,7 +96,12 @@ def test_blocked_study_tunes_on_training_blocks_and_evaluates_on_held_out_ones(t
     f = tmp_path / "tuned_blocked.yaml"
     f.write_text(yaml.safe_dump(doc))
     heur = bs.heuristics(f)
-    assert list(heur) == ["never_deflect", "proactive", "best tuned (length_threshold)"]
+    assert sorted(doc["untuned_scores"]) == ["proactive", "round_robin"]
+    scores = {**doc["scores"], **doc["untuned_scores"]}
+    winner = max(scores, key=lambda n: (scores[n]["slo_attainment"], -scores[n]["ttft_p95_s"]))
+    assert f"best tuned ({winner})" in heur and len(heur) == 3
+    assert sorted(heur.values()) == sorted(["round_robin", "proactive", "length_threshold:max_len="
+                                            f"{top['params']['max_len']}"])
     setting = ((1, 1), "azure_code", 2.0, bs.HELD)
     with pytest.raises(ValueError, match="'copy' runs 'proactive', which the heuristics run already"):
         bs.evaluate(f, {"copy": "proactive"}, episodes=3, jobs=1, planner=False, settings=[setting])
