@@ -174,11 +174,12 @@ def _fmt(d: tuple[float, float] | None) -> str:
     return "n/a" if d is None else f"{100 * d[0]:+.2f} ± {100 * d[1]:.2f}"
 
 
-def diff_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]], list[str]]:
+def diff_table(res: dict[str, Any], only: str | None = None) -> tuple[list[str], list[list[Any]], list[str]]:
     """Per setting and learned policy: paired differences against the tuning winner, the best heuristic ex post
     and proactive (and the planner's headroom with the share of it closed, when the planner ran); with the lines
-    where a learned policy's interval lies entirely below zero."""
-    pols, heur, learned = res["policies"], res["heuristics"], res["learned"]
+    where a learned policy's interval lies entirely below zero. ``only``: that learned policy alone."""
+    pols, heur = res["policies"], res["heuristics"]
+    learned = [only] if only else res["learned"]
     winner = next(k for k in heur if k.startswith("best tuned"))
     pro = next(k for k in heur if pols[k] == "proactive")
     planner = "lookahead (clairvoyant)" if "lookahead (clairvoyant)" in pols else None
@@ -253,8 +254,9 @@ def blocked_summary(folder: Path = Path(__file__).parent / "blocked") -> str:
     if not path.is_file():
         return ""
     res = json.loads(path.read_text())
-    head, rows, losses = diff_table(res)
-    lines = ["## The blocked split: learned policies on held-out 300-s blocks", "",
+    kept = res["learned"][0]
+    head, rows, losses = diff_table(res, kept)
+    lines = [f"## The blocked split: the learned policy `{kept}` on held-out 300-s blocks", "",
              "Not rerun by the main job: `experiments/blocked/evaluation.md` "
              f"(`{res.get('command', 'n/a')}`). Heuristics tuned and policies trained on alternating 300-s blocks "
              f"of the trace ({describe(SPLIT.starts('train', WINDOW_S))} window starts), evaluated on the blocks "

@@ -119,4 +119,4 @@ def test_blocked_study_tunes_on_training_blocks_and_evaluates_on_held_out_ones(t
     assert bs.blocked_summary(tmp_path) == ""
     (tmp_path / "evaluation.json").write_text(json.dumps({**res, "command": "cmd"}, default=float))
     summary = bs.blocked_summary(tmp_path)
-    assert row in summary and summary.startswith("## The blocked split")
+    assert row in summary and summary.startswith("## The blocked split: the learned policy `same as proactive`")
