@@ -9,12 +9,13 @@ alternates 300-s blocks instead, training on [0, 300), [600, 900), [1200, 1500) 
 120-s window never straddles two blocks). Nothing here reads a held-out block before the evaluation:
 
 1. ``tune``: every heuristic with a tuning grid (``experiments.tuning.GRIDS``, except the prefix-cache one: the
-   Azure traces carry no block hashes) is grid-searched on training-block episodes of the code trace on 2P2D at
-   1x, 2x and 3x load, drawn as the environment draws them (``experiments.headroom.episode``), with seeds of
-   their own. The objective is the mean SLO attainment over those episodes, ties broken by the lower mean P95
-   TTFT, as ``deflectlab tune``'s. Never-deflect and the proactive deflector (nothing to tune) are scored on the
-   same episodes, and the best of all is the *tuning winner*, the rule one would deploy having seen the training
-   blocks only. Writes ``tuned_blocked.yaml`` (the format ``experiments.tuning`` reads).
+   Azure traces carry no block hashes), and the proactive deflector over :data:`PROACTIVE_GRID`, is
+   grid-searched on training-block episodes of the code trace on 2P2D at 1x, 2x and 3x load, drawn as the
+   environment draws them (``experiments.headroom.episode``), with seeds of their own. The objective is the
+   mean SLO attainment over those episodes, ties broken by the lower mean P95 TTFT, as ``deflectlab tune``'s.
+   Never-deflect and the proactive deflector as shipped are scored on the same episodes, and the best of all
+   is the *tuning winner*, the rule one would deploy having seen the training blocks only. Writes
+   ``tuned_blocked.yaml`` (the format ``experiments.tuning`` reads).
 2. Training: ``deflectlab dagger --split blocked --teacher <the tuned winner>`` and ``deflectlab es --split
    blocked --init ...`` (the split keeps every training and validation window inside a training block).
 3. ``evaluate``: never-deflect, the proactive deflector, every tuned heuristic, the learned policies and
@@ -52,7 +53,11 @@ WINDOW_S = 120.0
 TUNE_TRACE, TUNE_LOADS, TUNE_SEED0, TUNE_EPISODES = "azure_code", (1.0, 2.0, 3.0), 5_000_000, 10
 #: heuristics tuned (prefix_affinity is left out: with no block hashes it is a load balancer)
 TUNED = ("length_threshold", "queue_threshold", "dynamo_isl", "dynamo_load", "dynamo_isl_or_load")
-#: heuristics with nothing to tune, scored on the same episodes (the winner is the best of all)
+#: the proactive deflector's own grid (not in experiments.tuning.GRIDS, whose shipped tuning leaves it at its
+#: defaults): the margin against the other path and the smallest chunk worth deflecting (its default 512 was
+#: chosen on the time split's training windows; see policies/proactive.py)
+PROACTIVE_GRID = {"margin": (0.0, 0.1, 0.2), "min_chunk": (128, 512, 1024, 2048)}
+#: heuristics scored as they ship, on the same episodes (the winner is the best of all)
 UNTUNED = ("round_robin", "proactive")
 EVAL_SEED0 = 6_000_000
 HELD = {"label": "held-out blocks", "start_s": [list(r) for r in SPLIT.starts("held_out", WINDOW_S)]}
@@ -64,12 +69,14 @@ SETTINGS: list[tuple] = (
 
 
 # -- 1. tuning on the training blocks --------------------------------------------------------------------------
-def tune(jobs: int = 1, episodes: int = TUNE_EPISODES, policies: tuple[str, ...] = TUNED) -> dict[str, Any]:
+def tune(jobs: int = 1, episodes: int = TUNE_EPISODES, policies: tuple[str, ...] = (*TUNED, "proactive")
+         ) -> dict[str, Any]:
     """Grid-search each of ``policies`` on training-block episodes; returns the tuned-file document."""
     from deflectlab.experiments.tuning import grid_specs
 
     train = {"label": "training blocks", "start_s": [list(r) for r in SPLIT.starts("train", WINDOW_S)]}
-    specs = {spec: (p, params) for p in policies for params, spec in grid_specs(p)}
+    specs = {spec: (p, params) for p in policies
+             for params, spec in grid_specs(p, PROACTIVE_GRID if p == "proactive" else None)}
     specs.update({name: (name, None) for name in UNTUNED})
     tasks = [(TUNE_TRACE, ld, TUNE_SEED0 + i, WINDOW_S, "vllm-nixl", spec, (2, 2), train)
              for ld in TUNE_LOADS for i in range(episodes) for spec in specs]
@@ -106,21 +113,21 @@ def tune(jobs: int = 1, episodes: int = TUNE_EPISODES, policies: tuple[str, ...]
 
 
 def heuristics(tuned_file: Path) -> dict[str, str]:
-    """never-deflect, proactive, and every tuned heuristic; the best of them all on the training blocks (the
-    winner, fixed before any held-out episode is played) is labelled ``best tuned (...)``."""
+    """never-deflect and proactive as they ship, and every tuned heuristic; the best of them all on the training
+    blocks (the winner, fixed before any held-out episode is played) is labelled ``best tuned (...)``."""
     from deflectlab.experiments.tuning import load_tuned
 
     tuned, _ = load_tuned(tuned_file)
     doc = yaml.safe_load(tuned_file.read_text())
-    scores = {**doc["scores"], **(doc.get("untuned_scores") or {})}
-    winner = max(scores, key=lambda n: (scores[n]["slo_attainment"], -scores[n]["ttft_p95_s"]))
-    out = {}
-    for name, label in (("round_robin", "never_deflect"), ("proactive", "proactive")):
-        out[f"best tuned ({name})" if name == winner else label] = name
-    for name, params in tuned.items():
-        label = f"best tuned ({name})" if name == winner else f"{name} (tuned)"
-        out[label] = name + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
-    return out
+    untuned = doc.get("untuned_scores") or {}
+    cands = [(label, name, untuned.get(name)) for name, label in (("round_robin", "never_deflect"),
+                                                                   ("proactive", "proactive"))]
+    cands += [(f"{name} (tuned)", name + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else ""),
+               doc["scores"][name]) for name, params in tuned.items()]
+    scored = [c for c in cands if c[2] is not None]
+    win = max(scored, key=lambda c: (c[2]["slo_attainment"], -c[2]["ttft_p95_s"]))[0]
+    return {(f"best tuned ({label.removesuffix(' (tuned)')})" if label == win else label): spec
+            for label, spec, _ in cands}
 
 
 # -- 3. evaluation on the held-out blocks ------------------------------------------------------------------------
