@@ -95,13 +95,12 @@ class Holding:
         return sum(r[1::2]) - sum(r[0::2])
 
 
-def holding(hashes: list[int]) -> Holding:
-    """``Holding(hashes)``, a request that holds nothing yet, made without the constructor's call (the hot path:
-    one per request and node)."""
+def holding(hashes: list[int], n: int = 0) -> Holding:
+    """``Holding(hashes, n)``, made without the constructor's call (the hot path: one per request and node)."""
     held = _new(Holding)
     held.hashes = hashes
-    held.n = 0
-    held.ranges = ()
+    held.n = n
+    held.ranges = (0, n) if n else ()
     held.own = None
     return held
 
@@ -206,12 +205,7 @@ class PrefixCache:
                     self.n_free -= n
                 s.cnt += 1
             i += k
-        held = _new(Holding)  # Holding(hashes, hit), without the constructor's call
-        held.hashes = hashes
-        held.n = hit
-        held.ranges = (0, hit) if hit else ()
-        held.own = None
-        return held
+        return holding(hashes, hit)
 
     def may_find(self, held: Holding) -> bool:
         """Whether registering the request's next blocks may meet cached ones (so what it registers depends on the
@@ -235,13 +229,7 @@ class PrefixCache:
         if self.risky or key in start or (lo and not (r and r[-1] == lo)):
             return False
         held.n = hi
-        sp = _new(_Span)  # _span(hashes, lo, hi), inline
-        sp.ref = hashes
-        sp.lo = lo
-        sp.hi = hi
-        sp.cnt = 1
-        sp.key = key
-        start[key] = sp
+        sp = start[key] = _span(hashes, lo, hi)
         self.n_blocks += hi - lo
         if r:
             held.ranges = r[:-1] + (hi,)
@@ -317,14 +305,8 @@ class PrefixCache:
 
         With ``keep``, the evictions due before blocks are freed go first: :meth:`trim_to` ``(keep)`` in the same
         call (the hot path: one call per request and node)."""
-        if self.n_free > keep:  # trim_to(keep), inline
-            over = self.n_free - (keep if keep > 0 else 0)
-            self.evictions += over
-            self.n_free -= over
-            self.n_blocks -= over
-            self.due += over
-            if self.due > _DUE_MAX:
-                self._drop_evicted()
+        if self.n_free > keep:  # (a call only when an eviction is due)
+            self.trim_to(keep)
         sp = held.own
         if sp is not None:
             held.own = None

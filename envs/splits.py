@@ -43,7 +43,7 @@ def start_ranges(spec: Any, what: str = "window_start_s") -> list[StartRange]:
         spec = out
     if not isinstance(spec, Sequence) or not spec:
         raise ValueError(f"{what} must be [low, high] or a list of [low, high] trace seconds, got {spec!r}")
-    if not isinstance(spec[0], (Sequence, tuple)) or isinstance(spec[0], str):
+    if not isinstance(spec[0], Sequence) or isinstance(spec[0], str):
         spec = [spec]
     out = []
     for r in spec:

@@ -151,9 +151,10 @@ def evaluate(tuned_file: Path, learned: dict[str, str], episodes: int, jobs: int
                            heuristics=heur)
     if planner:
         spec = planner_spec(2.0, heur[best])
+        where = [parse_setting(p) for p in PLANNER_SETTINGS]
         tasks = [(tr, ld, EVAL_SEED0 + i, WINDOW_S, "vllm-nixl", spec, shape, var)
-                 for shape, tr, ld, var in map(parse_setting, settings) if (shape, tr, ld, var) in
-                 [parse_setting(p) for p in PLANNER_SETTINGS] for i in range(episodes)]
+                 for shape, tr, ld, var in map(parse_setting, settings) if (shape, tr, ld, var) in where
+                 for i in range(episodes)]
         t0 = time.perf_counter()
         res["rows"] += run_all(tasks, jobs)
         res["policies"]["lookahead (clairvoyant)"] = spec

@@ -44,7 +44,7 @@ import numpy as np
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.metrics import COMPONENTS
 from deflectlab.envs.simulator import ClusterSim
-from deflectlab.envs.splits import pick
+from deflectlab.envs.splits import pick, start_ranges
 from deflectlab.envs.workloads import Workload, load_trace, make_workload
 from deflectlab.experiments.compare_plots import write_plots
 from deflectlab.experiments.labels import policy_label
@@ -156,15 +156,12 @@ class ComparisonConfig:
 
 
 def spans(span: Any) -> list[tuple[float, float]]:
-    """A comparison's ``span``: one ``(lo, hi)`` or a list of them, as a list of float pairs."""
-    if isinstance(span, (str, bytes)) or not isinstance(span, (list, tuple)) or not span:
+    """A comparison's ``span``: one ``(lo, hi)`` or a list of them (``envs.splits.start_ranges``'s forms), as a
+    list of float pairs; every ``hi`` must be given."""
+    out = start_ranges(span, "compare: span")
+    if any(hi is None for _, hi in out):
         raise ValueError(f"compare: span must be (lo, hi) seconds or a list of them, got {span!r}")
-    items = [span] if not isinstance(span[0], (list, tuple)) else list(span)
-    try:
-        out = [(float(lo), float(hi)) for lo, hi in items]
-    except (TypeError, ValueError):
-        raise ValueError(f"compare: span must be (lo, hi) seconds or a list of them, got {span!r}") from None
-    return out
+    return out  # type: ignore[return-value]
 
 
 def window_for(cfg: ComparisonConfig, seed: int, trace_end_s: float) -> tuple[float, float | None]:
