@@ -1,239 +1,38 @@
 """The paper's proactive deflector: estimate TTFT on every path, deflect when the decode side is faster.
 
 Source: "Towards Load-Aware Prefill Deflection for Disaggregated LLM Serving" (arXiv 2607.02043), as written
-out in docs/design.md ("Policies"). For a request of ``L`` prompt tokens:
-
-**Prefill path through P node p**: ``T_P(p) = wait_p + prefill(L) + handoff(L) + first_step(d*)``.
-
-* ``wait_p + prefill(L)``: the running step's remainder (``busy_until_s - now``), then the queued tokens and
-  this prompt in FCFS steps of ``max_batched_tokens`` tokens at the profile's step time: a fixed overhead per
-  step, the linear-operator curve at the step's token count, and the prompts' causal attention, the queued
-  ones taken as ``count x E[L^2]`` (the number waiting times the second moment of the prompt lengths this
-  policy has seen; ``count x mean^2`` underestimates it by the lengths' dispersion, about 1.9 on the Azure
-  traces). The queue is costed at the rate of full steps of the actual mix, not at one tokens/s figure.
-* ``handoff(L) = kv_transfer_overhead_s + L x kv_bytes_per_token / bw + egress_bytes / bw`` (docs/design.md's
-  formula: the transfer plus the bytes already queued on p's NIC), with the cluster's hand-off preset when the
-  view carries one (:func:`envs.handoff.handoff_estimate_s`: its dispatch delay, set-up and rate).
-* With prefix caching, node p prefills only ``L - cached_p`` tokens, the hand-off moves only the tokens ``d*``
-  does not hold, and a deflection to ``d`` prefills ``L - cached_d`` tokens (the view's ``cached_tokens``).
-* ``first_step(d*)``: on ``d*``, the decode node the least-loaded balancer would pick now (fewest sequences
-  running, prefilling or bound there), half its current step (the wait for a step boundary) plus the step
-  the request joins: the larger of d*'s current step and a decode step with this request's context added.
-
-**Deflect path through D node d** (``B`` running decodes over ``C`` context tokens, TBT SLO ``tau =
-tbt_slo_s x tbt_safety``): find the largest chunk cap ``c_d`` whose steps keep the running decodes within
-``tau`` by the profile, then estimate ``T_D(d)``; skip ``d`` when ``c_d`` is below ``min_chunk`` (and below
-``L``), its free KV is under ``L + output_allowance_tokens`` (a router does not know the output length), or
-it already holds ``max_num_seqs`` sequences. The step time of a chunk counts *its attention against the
-prompt's earlier chunks* (``prefill_attn_cross_s x c x prior``): the worst chunk of a prompt is its last, after
-``L - c`` prior tokens, and without that term a 7k-token prompt's last 2k chunk takes 0.15 s, not the 0.09 s
-of its first, and breaks a 0.1 s SLO.
-
-**Sharing a decode node's steps** (``sharing``). The cluster model, like vLLM V1, fills what a decode step's
-token budget leaves after the running decodes with chunks of *every* waiting deflected prefill, FCFS, each
-capped only by its own cap. A prompt deflected behind another therefore does not wait for it: it runs
-alongside, and the step holds the sum of their chunks.
-
-* ``"queue"``: docs/design.md's formula literally: ``c_d`` is the largest chunk with ``step(B, C, c_d) <= tau``
-  for this prompt alone, and ``T_D(d) = step_s/2 + ceil((Q_d + L) / c_d) x step(B, C, c_d)`` with ``Q_d`` the
-  deflected tokens waiting on ``d``. Because concurrent chunks add up, this breaks the TBT SLO: on
-  ``azure_code`` at 3.21 req/s (2P2D, whole trace) TBT SLO attainment fell from 100 % to 90 %; a single slow
-  step is the P95 of a 13-token output's 12 TBT samples.
-* ``"serial"``: as ``"queue"``, but only onto nodes with no deflected prefill in progress (``Q_d = 0``):
-  SLO-safe and stateless, but a node's chunk budget idles between deflections.
-* ``"bounded"`` (default): the policy keeps, per decode node, the lanes it placed there (chunk cap, prompt
-  length, tokens left), advanced between decisions by a fluid model of the node's FCFS fill at its current
-  step time and reconciled with the view (the number of deflected prompts still prefilling there, and their
-  tokens left). The cap of a new prompt is the largest whose *worst possible step* stays within ``tau``: the
-  node's chunk budget filled by the lanes (and the new one) costliest per token first, each lane at its worst
-  chunk (its cap, at its largest possible prior context), next to the decodes running plus those bound to
-  join (KV pulls in flight and the deflected prompts, which decode there once prefilled). ``T_D`` comes from
-  the same fluid model run forward with the new lane appended: each epoch the FCFS fill gives every lane its
-  tokens per step, and the epoch's steps cost the profile's time for them. With no lanes it reduces to
-  ``step_s/2 + ceil(L / c_d) x step(B, C, c_d)``, the design's formula at ``Q_d = 0``.
+out in docs/design.md ("Policies"). The per-path estimates ``T_P(p)`` (prefill on node ``p``, hand-off, first
+decode step) and ``T_D(d)`` with chunk cap ``c_d`` (a chunked prefill on decode node ``d``), and how deflected
+prefills share a decode node's steps (``sharing``), are :mod:`envs.estimates`' (its docstring gives them);
+feature schema 3 gives a learned policy the same numbers.
 
 Deflect to ``argmin T_D`` with chunk cap ``c_d`` when ``min T_D < (1 - margin) x min T_P``, else prefill on
 ``argmin T_P``. The decision carries ``estimates = {"ttft_s": the chosen path's estimate, "ttft_prefill_s":
 min T_P, "ttft_deflect_s": min T_D}`` (a key is absent when no node of that kind qualifies), so the metrics
-report the estimate error against the simulated TTFT.
-
-Speed: plain Python over the view's lists; each profile's terms are unpacked once (:class:`StepModel`) and the
-linear-operator curve costs one ``bisect``; the chunk search is a binary search over integers.
-``scripts/bench_policies.py`` measures ``decide``.
+report the estimate error against the simulated TTFT. ``scripts/bench_policies.py`` measures ``decide``.
 """
 
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from deflectlab.envs.chunking import largest_safe_chunk
 from deflectlab.envs.config import check_number
-from deflectlab.envs.handoff import handoff_estimate_s
-from deflectlab.envs.view import (
-    ClusterView,
-    Decision,
-    DecodeNodeView,
-    Policy,
-    RequestLike,
-    decode_load,
-    least_loaded_decode,
+from deflectlab.envs.estimates import (  # noqa: F401 - re-exported: the estimator's parts, by their old home
+    Lane,
+    NodeLanes,
+    PathEstimator,
+    StepModel,
+    fcfs_fill,
+    lane_worst,
+    step_model,
 )
-
-if TYPE_CHECKING:
-    from deflectlab.envs.profile import LatencyModel
-
-_EPS_TOKENS = 1e-6
-_MAX_EPOCHS = 3  # lanes finishing before a new one that the T_D estimate follows one by one
+from deflectlab.envs.view import ClusterView, Decision, Policy, RequestLike, least_loaded_decode
 
 
-class StepModel:
-    """A latency profile's step-time terms, unpacked once for fast evaluation in ``decide``.
-
-    Mirrors :meth:`envs.profile.LatencyModel.step_s` term by term (checked in ``tests/test_policies.py``).
-    """
-
-    __slots__ = ("profile", "lin", "ov", "dattn", "dseq", "sq", "cross", "kvb", "bw", "xov")
-
-    def __init__(self, profile: LatencyModel) -> None:
-        self.profile = profile
-        self.lin = profile.linear  # linear-operator time of a step of n tokens, seconds
-        self.ov = profile.overhead_s
-        self.dattn = profile.decode_attn_s_per_token
-        self.dseq = profile.decode_attn_s_per_seq
-        self.sq = profile.prefill_attn_sq_s
-        self.cross = profile.prefill_attn_cross_s
-        self.kvb = float(profile.kv_bytes_per_token)
-        self.bw = float(profile.nic_bandwidth_Bps)
-        self.xov = profile.kv_transfer_overhead_s
-
-    def prompt_attn(self, L: int, budget: int) -> float:
-        """Causal attention time of one ``L``-token prompt prefilled in chunks of ``budget``, seconds."""
-        if L <= budget:
-            return self.sq * L * L
-        t = 0.0
-        done = 0
-        while done < L:
-            c = min(budget, L - done)
-            t += self.sq * c * c + self.cross * c * done
-            done += c
-        return t
-
-
-_MODELS: dict[int, StepModel] = {}
-
-
-def step_model(profile: LatencyModel) -> StepModel:
-    """The cached :class:`StepModel` of ``profile``."""
-    m = _MODELS.get(id(profile))
-    if m is None or m.profile is not profile:
-        m = _MODELS[id(profile)] = StepModel(profile)
-    return m
-
-
-def lane_worst(m: StepModel, tokens: float, L: int) -> float:
-    """Worst attention time, seconds, of one step's chunk of an ``L``-token prompt holding at most ``tokens``.
-
-    A chunk of ``t`` tokens comes after at most ``L - t`` earlier tokens of its prompt; ``sq t^2 + cross t (L -
-    t)`` is largest at ``t = tokens`` when ``cross <= 2 sq`` (every bundled profile), else at the vertex.
-    """
-    t = float(tokens)
-    if m.cross > 2.0 * m.sq:
-        vertex = m.cross * L / (2.0 * (m.cross - m.sq))
-        if vertex < t:
-            t = vertex
-    return m.sq * t * t + m.cross * t * (L - t)
-
-
-class Lane:
-    """One deflected prompt prefilling on a decode node, as the policy models it.
-
-    :param cap: its chunk cap, tokens.
-    :param L: its prompt length, tokens.
-    :param rem: prompt tokens still to prefill (a fluid estimate), tokens.
-    """
-
-    __slots__ = ("cap", "L", "rem")
-
-    def __init__(self, cap: float, L: int, rem: float) -> None:
-        self.cap = cap
-        self.L = L
-        self.rem = rem
-
-
-def fcfs_fill(lanes: list[Lane], budget: float) -> list[float]:
-    """Tokens per step each lane gets when ``budget`` chunk tokens are filled FCFS, each up to its cap."""
-    out = []
-    left = budget
-    for ln in lanes:
-        x = ln.cap if ln.cap < ln.rem else ln.rem
-        if x > left:
-            x = left
-        if x < 0.0:
-            x = 0.0
-        out.append(x)
-        left -= x
-    return out
-
-
-class NodeLanes:
-    """The lanes the policy placed on one decode node, FCFS, advanced between decisions (``sharing="bounded"``)."""
-
-    __slots__ = ("lanes", "t_last")
-
-    def __init__(self) -> None:
-        self.lanes: list[Lane] = []
-        self.t_last = 0.0
-
-    def sync(self, now: float, d: DecodeNodeView) -> list[Lane]:
-        """Advance the lanes to ``now`` and reconcile them with what the view says, returning them.
-
-        The fluid model runs the node's FCFS fill at its current step time since the last decision. Then the
-        lanes are trimmed to the view's count of deflected prompts still prefilling (those with the fewest
-        tokens left dropped first) and their tokens left scaled to the view's total. Prompts the policy did not
-        place (more in the view than recorded) become lanes at the front, sharing the unexplained tokens, with
-        the whole budget as cap.
-        """
-        lanes = self.lanes
-        n_view = d.deflected_waiting_requests
-        if n_view == 0:
-            lanes.clear()
-            self.t_last = now
-            return lanes
-        steps = (now - self.t_last) / d.step_s if d.step_s > 0.0 and lanes else 0.0
-        budget = d.max_batched_tokens - d.batch_size
-        while steps > 1e-9 and lanes:
-            alloc = fcfs_fill(lanes, budget)
-            k = steps
-            for ln, a in zip(lanes, alloc):
-                if a > 0.0 and ln.rem / a < k:
-                    k = ln.rem / a
-            if k <= 0.0:
-                break
-            for ln, a in zip(lanes, alloc):
-                ln.rem -= a * k
-            lanes[:] = [ln for ln in lanes if ln.rem > _EPS_TOKENS]
-            steps -= k
-        self.t_last = now
-        if len(lanes) > n_view:
-            keep = sorted(range(len(lanes)), key=lambda i: lanes[i].rem)[len(lanes) - n_view:]
-            lanes[:] = [lanes[i] for i in sorted(keep)]
-        q_view = float(d.deflected_waiting_tokens)
-        tracked = sum(ln.rem for ln in lanes)
-        if len(lanes) < n_view:
-            u = n_view - len(lanes)
-            extra = max(q_view - tracked, float(u))
-            lanes[:0] = [Lane(float(budget), int(2 * extra / u) + 1, extra / u) for _ in range(u)]
-        elif tracked > 0.0 and q_view > 0.0:
-            f = q_view / tracked
-            for ln in lanes:
-                ln.rem = min(ln.rem * f, float(ln.L))
-        return lanes
-
-
-class ProactiveDeflector(Policy):
-    """The paper's proactive deflector (the module docstring gives the estimates and ``sharing``).
+class ProactiveDeflector(PathEstimator, Policy):
+    """The paper's proactive deflector (the module docstring gives the rule, :mod:`envs.estimates` the
+    estimates and ``sharing``).
 
     :param margin: deflect only when the best deflect path's TTFT estimate is below ``(1 - margin)`` times
         the best prefill path's; 0 deflects whenever it is estimated faster. Dimensionless, in [0, 1).
@@ -254,264 +53,34 @@ class ProactiveDeflector(Policy):
 
     name = "proactive"
     needs_prefill_nodes = False  # with no prefill nodes every request takes the best decode node
-    SHARING = ("bounded", "serial", "queue")
 
     def __init__(self, margin: float = 0.0, tbt_safety: float = 1.0, sharing: str = "bounded",
                  min_chunk: int = 512, max_chunk: int | None = None, output_allowance_tokens: int = 256,
                  pin_decode: bool = False) -> None:
         check_number(margin, "margin", lo=0.0, hi=1.0, hi_open=True, what="policy 'proactive'")
-        check_number(tbt_safety, "tbt_safety", lo=0.0, hi=1.0, lo_open=True, what="policy 'proactive'")
-        if sharing not in self.SHARING:
-            raise ValueError(f"policy 'proactive': sharing must be one of {', '.join(self.SHARING)}, "
-                             f"got {sharing!r}")
-        check_number(min_chunk, "min_chunk", lo=1, integer=True, unit="tokens", what="policy 'proactive'")
-        if max_chunk is not None:
-            check_number(max_chunk, "max_chunk", lo=1, integer=True, unit="tokens", what="policy 'proactive'")
-        check_number(output_allowance_tokens, "output_allowance_tokens", lo=0, integer=True, unit="tokens",
-                     what="policy 'proactive'")
         if not isinstance(pin_decode, bool):
             raise ValueError(f"policy 'proactive': pin_decode must be true or false, got {pin_decode!r}")
+        super().__init__(tbt_safety, sharing, min_chunk, max_chunk, output_allowance_tokens,
+                         what="policy 'proactive'")
         self.margin = float(margin)
-        self.tbt_safety = float(tbt_safety)
-        self.sharing = sharing
-        self.min_chunk = int(min_chunk)
-        self.max_chunk = None if max_chunk is None else int(max_chunk)
-        self.output_allowance_tokens = int(output_allowance_tokens)
         self.pin_decode = pin_decode
-        self.reset()
 
     def reset(self, seed: int | None = None) -> None:
-        self._nodes: list[NodeLanes] = []  # per decode node (sharing="bounded")
-        self._n_seen = 0  # prompts seen, and their lengths' first two moments (tokens, tokens^2)
-        self._sum_l = 0.0
-        self._sum_l2 = 0.0
+        self.reset_estimates()
 
     def params(self) -> dict[str, Any]:
-        return {"margin": self.margin, "tbt_safety": self.tbt_safety, "sharing": self.sharing,
-                "min_chunk": self.min_chunk, "max_chunk": self.max_chunk,
-                "output_allowance_tokens": self.output_allowance_tokens, "pin_decode": self.pin_decode}
-
-    # -- the prefill path ----------------------------------------------------------------------------------
-    @staticmethod
-    def prefill_ttft(m: StepModel, now: float, busy_until_s: float, W: int, nw: int, budget: int, L: int,
-                     egress_bytes: float, dispersion: float = 1.0, handoff_s: float | None = None) -> float:
-        """``wait_p + prefill(L) + handoff(L)``, seconds, on a prefill node with ``W`` tokens of ``nw`` prompts
-        waiting (the running step's included) and a step budget of ``budget`` tokens.
-
-        :param L: the prompt tokens to prefill (a cached prefix subtracted).
-        :param dispersion: ``E[L^2] / E[L]^2`` of prompt lengths, for the queued prompts' attention.
-        :param handoff_s: the hand-off estimate (:func:`envs.handoff.handoff_estimate_s`, queued egress
-            included); None: the profile's transfer terms for ``L`` tokens and ``egress_bytes``.
-        """
-        r = busy_until_s - now
-        if r > 0.0:
-            running = W if W < budget else budget  # the running step's tokens are counted in W
-        else:
-            r = 0.0
-            running = 0
-        Wq = W - running
-        X = Wq + L
-        full = (X - 1) // budget  # full steps before the one that finishes this prompt
-        t = r + (full + 1) * m.ov + full * m.lin(budget) + m.lin(X - full * budget)
-        if Wq > 0 and nw > 0:
-            t += m.sq * Wq * (W / nw) * dispersion  # queued prompts' attention: their number x E[L^2]
-        t += m.prompt_attn(L, budget)
-        if handoff_s is not None:
-            return t + handoff_s
-        return t + m.xov + (L * m.kvb + egress_bytes) / m.bw
-
-    # -- the deflect path, docs/design.md's formula ("queue", "serial") ------------------------------------------
-    def slo_chunk(self, m: StepModel, B: int, C: int, L: int, budget: int, tau: float) -> int:
-        """Largest chunk ``c`` (tokens) whose worst step keeps ``B`` decodes over ``C`` context within ``tau``
-        (:func:`envs.chunking.largest_safe_chunk`), at most ``budget`` (the node's token budget after its
-        decodes), ``L`` and ``max_chunk``, at least ``min_chunk``; 0 when none fits."""
-        hi = budget if budget < L else L
-        if self.max_chunk is not None and self.max_chunk < hi:
-            hi = self.max_chunk
-        lo = self.min_chunk if self.min_chunk < L else L
-        return largest_safe_chunk(m.profile, B, C, L, lo, hi, tau)
-
-    @staticmethod
-    def queue_ttft(m: StepModel, B: int, C: int, step_s: float, Q: int, nq: int, L: int, c: int) -> float:
-        """``T_D = step_s / 2 + ceil((Q + L) / c) x step(B, C, c)``, seconds (docs/design.md).
-
-        ``Q`` deflected tokens of ``nq`` prompts are ahead of this ``L``-token prompt, all at ``c`` tokens per
-        step. The step time counts the decode context growing by ``B`` per step, this prompt's chunks'
-        attention against its earlier chunks exactly, and the queue's at its mean prompt length.
-        """
-        n = -(-(Q + L) // c)
-        per_step = m.ov + m.dattn * C + m.dseq * B + m.lin(B + c) + m.sq * c * c
-        t = 0.5 * step_s + n * per_step + m.dattn * B * n * (n - 1) * 0.5
-        nl = -(-L // c)
-        t += m.cross * (c * c * (nl - 1) * (nl - 2) * 0.5 + (L - (nl - 1) * c) * (nl - 1) * c)
-        if Q > 0 and nq > 0:
-            mq = Q / nq  # the queue's mean remaining prompt length, taken as its chunks' mean prior context
-            if mq > c:
-                t += m.cross * Q * (mq - c) * 0.5
-        return t
-
-    # -- the deflect path, "bounded" ------------------------------------------------------------------------
-    def bounded_chunk(self, m: StepModel, B: int, C: int, L: int, budget: int, tau: float,
-                      lanes: list[Lane]) -> int:
-        """Largest chunk cap ``c`` (tokens) for an ``L``-token prompt such that any step the node can form from
-        its ``lanes`` plus this prompt stays within ``tau``, next to ``B`` decodes over ``C`` context.
-
-        A step holds at most ``budget`` chunk tokens; a lane gives at most ``min(cap, tokens left)`` of them at
-        its worst attention cost (:func:`lane_worst`). The worst step is bounded by filling the budget with
-        the costliest lanes per token first, a partial last lane at ``sq t^2 + cross t L``. Returns 0 when even
-        the smallest allowed chunk breaks ``tau``. The search stops within 1/64 of the largest cap (below it).
-        """
-        hi = L if L < budget else budget  # a chunk never exceeds what the step's budget leaves
-        if self.max_chunk is not None and self.max_chunk < hi:
-            hi = self.max_chunk
-        lo = self.min_chunk if self.min_chunk < L else L
-        if hi < lo or budget < 1:
-            return 0
-        sq, cross, lin = m.sq, m.cross, m.lin
-        simple = m.cross <= 2.0 * m.sq  # then a lane's worst chunk is its largest (see lane_worst)
-        items = []
-        for ln in lanes:
-            tok = ln.cap if ln.cap < ln.rem else ln.rem
-            if tok > 0.0:
-                cost = sq * tok * tok + cross * tok * (ln.L - tok) if simple else lane_worst(m, tok, ln.L)
-                items.append((cost / tok, tok, cost, ln.L))
-        items.sort(reverse=True)
-        n = len(items)
-        tok_cum = [0.0] * (n + 1)
-        cost_cum = [0.0] * (n + 1)
-        for i, (_, tok, cost, _) in enumerate(items):
-            tok_cum[i + 1] = tok_cum[i] + tok
-            cost_cum[i + 1] = cost_cum[i] + cost
-        negk = [-it[0] for it in items]
-        base = m.ov + m.dattn * C + m.dseq * B
-
-        def partial(i: int, t: float) -> float:  # lane i's cost bound with only t tokens in the step
-            v = sq * t * t + cross * t * items[i][3]
-            return v if v < items[i][2] else items[i][2]
-
-        def worst(c: int) -> float:
-            cost_new = sq * c * c + cross * c * (L - c) if simple else lane_worst(m, c, L)
-            k_new = cost_new / c
-            pos = bisect_right(negk, -k_new)  # items [0, pos) cost at least as much per token as the new lane
-            if tok_cum[pos] >= budget:  # the new lane is not even in the worst step
-                j = bisect_right(tok_cum, budget) - 1
-                attn = cost_cum[j] + (partial(j, budget - tok_cum[j]) if j < n and tok_cum[j] < budget else 0.0)
-                return base + lin(B + budget) + attn
-            rem = budget - tok_cum[pos]
-            if c >= rem:
-                v = sq * rem * rem + cross * rem * L
-                return base + lin(B + budget) + cost_cum[pos] + (v if v < cost_new else cost_new)
-            rem -= c
-            j = bisect_right(tok_cum, tok_cum[pos] + rem, pos) - 1
-            attn = cost_cum[pos] + cost_new + cost_cum[j] - cost_cum[pos]
-            filled = c + tok_cum[j]
-            if j < n and filled < budget:
-                attn += partial(j, budget - filled)
-                filled = budget
-            return base + lin(B + filled) + attn
-
-        if worst(hi) <= tau:
-            return hi
-        if worst(lo) > tau:
-            return 0
-        while hi - lo > 1 + (lo >> 6):  # invariant: worst(lo) <= tau < worst(hi); 1/64 precision is plenty
-            mid = (lo + hi) >> 1
-            if worst(mid) <= tau:
-                lo = mid
-            else:
-                hi = mid
-        return lo
-
-    @staticmethod
-    def bounded_ttft(m: StepModel, B: int, C: int, step_s: float, L: int, c: int, budget: int,
-                     lanes: list[Lane]) -> float:
-        """``T_D``, seconds: the fluid FCFS fill of ``budget`` chunk tokens per step run forward with a new
-        lane (cap ``c``, ``L`` tokens) behind ``lanes``, until the new lane's last token.
-
-        In each epoch every lane gets a fixed number of tokens per step; the epoch ends when a lane finishes.
-        Its steps cost the profile's time for ``B`` decodes (context growing by ``B`` per step) and the chunks,
-        each at its lane's mean prior context over the epoch. The count of steps is rounded up. After
-        ``_MAX_EPOCHS`` epochs (a cap that keeps ``decide`` within its time budget when a node holds many lanes)
-        the rest is taken in aggregate: the lanes ahead drain their tokens at up to the budget per step while
-        this one gets what they leave, then its cap.
-        """
-        # FCFS lanes still prefilling, as [cap, tokens left, prompt length]; the new lane is the last
-        live = [[ln.cap, ln.rem, ln.L] for ln in lanes if ln.rem > _EPS_TOKENS]
-        own = [float(c), float(L), L]
-        live.append(own)
-        base = m.ov + m.dattn * C + m.dseq * B
-        growth = m.dattn * B
-        sq, cross, lin = m.sq, m.cross, m.lin
-        t = 0.5 * step_s
-        steps = 0.0
-        for _ in range(_MAX_EPOCHS):
-            # one epoch: the FCFS fill of the budget; only the lanes it reaches get tokens
-            left = float(budget)
-            k = math.inf
-            active = []
-            for lane in live:
-                if left <= 0.0:
-                    break
-                cap, r = lane[0], lane[1]
-                a = cap if cap < r else r
-                if a > left:
-                    a = left
-                left -= a
-                active.append((lane, a))
-                if r / a < k:
-                    k = r / a
-            if not active:
-                return math.inf
-            tot = attn = 0.0
-            a_own = 0.0
-            for lane, a in active:
-                tot += a
-                attn += sq * a * a + cross * a * (lane[2] - lane[1] + 0.5 * a * k)
-                if lane is own:
-                    a_own = a
-            step = base + growth * (steps + 0.5 * k) + lin(B + tot) + attn
-            if a_own > 0.0 and own[1] / a_own <= k + 1e-12:
-                whole = math.ceil(steps + own[1] / a_own - 1e-9) - steps  # the first token ends a step
-                return t + whole * step
-            t += k * step
-            steps += k
-            done = False
-            for lane, a in active:
-                lane[1] -= a * k
-                if lane[1] <= _EPS_TOKENS:
-                    done = True
-            if done:
-                live = [lane for lane in live if lane[1] > _EPS_TOKENS]
-        # many lanes ahead: the rest in aggregate, the lanes ahead draining at up to the budget per step and
-        # this one getting what they leave, then its cap
-        ahead = [lane for lane in live if lane is not own]
-        A = min(float(budget), sum(lane[0] for lane in ahead))
-        Q = sum(lane[1] for lane in ahead)
-        g = min(own[0], budget - A)
-        k1 = Q / A if A > 0.0 else 0.0
-        if g > 0.0 and g * k1 >= own[1]:
-            k1 = own[1] / g
-            k2 = 0.0
-        else:
-            k2 = (own[1] - g * k1) / own[0]
-        a_attn = sum(sq * min(lane[0], budget) ** 2 + cross * min(lane[0], budget) * (lane[2] - lane[1])
-                     for lane in ahead[:4])  # the lanes the fill reaches first
-        step1 = base + growth * (steps + 0.5 * k1) + lin(B + A + g) + a_attn + sq * g * g
-        step2 = base + growth * (steps + k1 + 0.5 * k2) + lin(B + own[0]) + sq * own[0] ** 2
-        steps_left = math.ceil(steps + k1 + k2 - 1e-9) - steps
-        return t + k1 * step1 + max(steps_left - k1, 0.0) * step2 + cross * own[0] * (L - own[0]) * 0.5
+        return {"margin": self.margin, **self.estimator_params(), "pin_decode": self.pin_decode}
 
     # -- the decision --------------------------------------------------------------------------------------
     def decide(self, view: ClusterView, request: RequestLike) -> Decision:
         L = request.input_tokens
-        dispersion = self._observe(L)
+        dispersion = self.observe(L)
         dstar = least_loaded_decode(view)
         best_p, t_p = self._best_prefill(view, L, dispersion, dstar.cached_tokens)
-        t_p += self._first_step(dstar, L)
+        t_p += self.first_step(dstar, L)
         best_d, best_c, t_d = self._best_deflection(view, L)
         if best_d >= 0 and (best_p < 0 or t_d < (1.0 - self.margin) * t_p):
-            if self.sharing == "bounded":
-                self._nodes[best_d].lanes.append(Lane(float(best_c), L, float(L - view.decode[best_d].cached_tokens)))
+            self.add_lane(best_d, best_c, L, L - view.decode[best_d].cached_tokens)
             est = {"ttft_s": t_d, "ttft_deflect_s": t_d}
             if best_p >= 0:
                 est["ttft_prefill_s"] = t_p
@@ -524,76 +93,22 @@ class ProactiveDeflector(Policy):
             est["ttft_deflect_s"] = t_d
         return Decision.prefill(best_p, dstar.index if self.pin_decode else None, est)
 
-    def _observe(self, L: int) -> float:
-        """Count the prompt; the prompt-length dispersion E[L^2]/E[L]^2 so far (1 until there are a few)."""
-        self._n_seen += 1
-        self._sum_l += L
-        self._sum_l2 += L * L
-        n_seen = self._n_seen
-        return self._sum_l2 * n_seen / (self._sum_l * self._sum_l) if n_seen >= 16 else 1.0
-
-    @staticmethod
-    def _first_step(dstar: DecodeNodeView, L: int) -> float:
-        """The first decode step of a prefilled request on ``dstar`` (the node the balancer would pick): half the
-        running step, then a step with the request joined (at least the running one), seconds."""
-        md = step_model(dstar.profile)
-        B1 = dstar.batch_size + 1
-        join = md.ov + md.lin(B1) + md.dattn * (dstar.context_tokens + L) + md.dseq * B1
-        return 0.5 * dstar.step_s + (join if join > dstar.step_s else dstar.step_s)
-
     def _best_prefill(self, view: ClusterView, L: int, dispersion: float, d_cached: int = 0) -> tuple[int, float]:
-        """The prefill node with the lowest estimated TTFT before the first decode step, and that estimate: each
-        node prefills what it does not hold cached, and the hand-off (the cluster's preset) moves what the decode
-        node (``d_cached`` tokens held) lacks."""
+        """The prefill node with the lowest :meth:`prefill_estimates` (first on ties) and that estimate."""
         best_p, t_p = -1, math.inf
-        now = view.now_s
-        for p in view.prefill:
-            ho = handoff_estimate_s(view.handoff, p.profile, L - d_cached, p.egress_bytes)
-            t = self.prefill_ttft(step_model(p.profile), now, p.busy_until_s, p.waiting_tokens,
-                                  p.waiting_requests, p.max_batched_tokens, L - p.cached_tokens, p.egress_bytes,
-                                  dispersion, ho)
+        for p, t in zip(view.prefill, self.prefill_estimates(view, L, dispersion, d_cached)):
             if t < t_p:
                 best_p, t_p = p.index, t
         return best_p, t_p
 
     def _best_deflection(self, view: ClusterView, L: int) -> tuple[int, int, float]:
-        """The decode node with the lowest estimated deflected TTFT, its chunk cap and the estimate (``-1, 0,
-        inf`` when no node has room, sequence slots and a TBT-safe chunk)."""
-        decode = view.decode
-        tau = view.tbt_slo_s * self.tbt_safety
-        need_kv = L + self.output_allowance_tokens
-        bounded = self.sharing == "bounded"
-        nodes = self._nodes
-        while bounded and len(nodes) < len(decode):
-            nodes.append(NodeLanes())
+        """The decode node with the lowest :meth:`deflect_estimates` (first on ties), its chunk cap and the estimate
+        (``-1, 0, inf`` when no node has room, sequence slots and a TBT-safe chunk)."""
         best_d, best_c, t_d = -1, 0, math.inf
-        for d in decode:
-            lanes = nodes[d.index].sync(view.now_s, d) if bounded else None
-            if d.kv_free_tokens < need_kv or decode_load(d) >= d.max_num_seqs:
-                continue
-            c, t = self._deflect_estimate(d, L - d.cached_tokens, tau, lanes)  # a cached prefix is not prefilled
+        for d, (c, t) in zip(view.decode, self.deflect_estimates(view, L)):
             if c > 0 and t < t_d:
                 best_d, best_c, t_d = d.index, c, t
         return best_d, best_c, t_d
-
-    def _deflect_estimate(self, d: DecodeNodeView, L: int, tau: float, lanes: list[Lane] | None
-                          ) -> tuple[int, float]:
-        """Chunk cap and TTFT estimate of deflecting ``L`` tokens to ``d`` (cap 0: no TBT-safe chunk)."""
-        m = step_model(d.profile)
-        B, C = d.batch_size, d.context_tokens
-        budget = d.max_batched_tokens - B
-        if lanes is not None:
-            # the batch the chunks will meet: the running decodes and those bound to join while they run
-            # (KV pulls in flight; deflected prompts, which decode here once prefilled)
-            joins = d.inbound_handoffs + d.deflected_waiting_requests
-            c = self.bounded_chunk(m, B + joins, C + joins * L, L, budget - joins, tau, lanes)
-            return (c, self.bounded_ttft(m, B, C, d.step_s, L, c, budget, lanes)) if c > 0 else (0, math.inf)
-        if self.sharing == "serial" and d.deflected_waiting_requests:
-            return 0, math.inf
-        c = self.slo_chunk(m, B, C, L, budget, tau)
-        if c <= 0:
-            return 0, math.inf
-        return c, self.queue_ttft(m, B, C, d.step_s, d.deflected_waiting_tokens, d.deflected_waiting_requests, L, c)
 
 
 def register_policies(register) -> None:
