@@ -66,6 +66,9 @@ class NetPolicy(Policy):
         act = int(a[0])
         return fb.decision(act if tw is None else tw.node_action(act, obs, fb.mask))
 
+    def reset(self, seed: int | None = None) -> None:
+        self._fb.reset()  # feature schema 3 keeps estimator state across a run
+
 
 PolicySource = Policy | Callable[[], Policy] | str
 

@@ -15,8 +15,14 @@ Versions (:data:`SCHEMAS`): **1** (:data:`FEATURE_SCHEMA`, :data:`SCHEMA_VERSION
 policy's) estimates the hand-off from the latency profile's transfer terms and knows no prefix cache; **2**
 (:data:`FEATURE_SCHEMA_V2`) adds each node's cached share of the prompt and its ``est_ttft`` features use the
 hits (a node prefills only what it does not hold, a hand-off moves only what the decode node lacks) and the
-cluster's hand-off preset (:func:`envs.handoff.handoff_estimate_s`, dispatch delay included). A schema-1 policy
-sees exactly the features it was trained on.
+cluster's hand-off preset (:func:`envs.handoff.handoff_estimate_s`, dispatch delay included); **3**
+(:data:`FEATURE_SCHEMA_V3`) adds the proactive deflector's own estimates, ``path_ttft`` per node and ``path_chunk``
+per decode node (:class:`envs.estimates.PathEstimator`, whose state -- the prompt lengths seen and the deflected
+prompts placed on each decode node -- the builder keeps across a run: :meth:`FeatureBuilder.decision` records
+each deflection and :meth:`FeatureBuilder.reset` starts a new run), and a deflection takes the estimator's chunk
+cap (the chunk rule below where the estimator finds none), so a network over it can represent the tuned
+proactive rule exactly and learn where to depart from it. A schema-1 policy sees exactly the features it was
+trained on.
 
 Layout (:data:`FEATURE_SCHEMA`, version :data:`SCHEMA_VERSION`): the request block, then one block per prefill
 node in index order, then one block per decode node. Changing any feature, its order, its transform or its
@@ -41,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deflectlab.envs.chunking import largest_safe_chunk, worst_chunk_step_s
+from deflectlab.envs.estimates import PathEstimator
 from deflectlab.envs.handoff import handoff_estimate_s
 from deflectlab.envs.view import ClusterView, Decision, least_loaded_decode
 
@@ -217,9 +224,30 @@ FEATURE_SCHEMA_V2 = FeatureSchema(
            "prompt tokens this node holds in its prefix cache (a deflection skips them, a hand-off does not move "
            "them) over the prompt length"),),
 )
+#: Schema 3: schema 2 with the proactive deflector's own per-path estimates (:mod:`envs.estimates`, the
+#: estimator's state kept across the run's decisions) and, on a deflection, its chunk cap.
+FEATURE_SCHEMA_V3 = FeatureSchema(
+    name=SCHEMA_NAME,
+    version=3,
+    request=FEATURE_SCHEMA.request,
+    prefill=FEATURE_SCHEMA_V2.prefill + (
+        _f("path_ttft", SLO, "squash", 1.0,
+           "the proactive deflector's T_P on this node (envs.estimates: FCFS steps of the queue and the prompt, "
+           "the queued prompts' attention at E[L^2], the preset's hand-off of what the least-loaded decode node "
+           "lacks) plus the first decode step there"),),
+    decode=FEATURE_SCHEMA_V2.decode + (
+        _f("path_ttft", SLO, "squash", 1.0,
+           "the proactive deflector's T_D on this node (envs.estimates, sharing 'bounded': the fluid FCFS fill "
+           "of the deflected prompts it tracks there with this one appended); 1.0 when the node has no KV room "
+           "for the prompt and 256 output tokens, no sequence slot or no TBT-safe chunk of 32 tokens or more"),
+        _f("path_chunk", "share of the token budget", "ratio", 1.0,
+           "the chunk cap a deflection here gets (the largest whose worst step, next to the prompts already "
+           "deflected there and the decodes bound to join, keeps the TBT SLO), over the node's token budget; "
+           "0 when infeasible as above"),),
+)
 #: Every schema this code builds, by version.
-SCHEMAS: dict[int, FeatureSchema] = {1: FEATURE_SCHEMA, 2: FEATURE_SCHEMA_V2}
-LATEST_SCHEMA_VERSION = 2
+SCHEMAS: dict[int, FeatureSchema] = {1: FEATURE_SCHEMA, 2: FEATURE_SCHEMA_V2, 3: FEATURE_SCHEMA_V3}
+LATEST_SCHEMA_VERSION = 3
 
 
 def schema(version: int) -> FeatureSchema:
@@ -339,6 +367,28 @@ class FeatureBuilder:
         self.chunk_caps: list[int] = []
         self._mask_list: list[bool] = []
         self._mask: np.ndarray | None = None
+        #: schema 3: the proactive deflector's estimator (its state spans a run) and the last build's numbers
+        self._est = PathEstimator(min_chunk=MIN_CHUNK_TOKENS, what="feature schema 3") if version >= 3 else None
+        self._path_caps: list[int] = []
+        self._last_L = 0
+        self._last_todo: list[int] = []
+
+    def reset(self) -> None:
+        """Start a new run: schema 3 forgets the prompts seen and the deflections placed (no effect on 1 and 2)."""
+        if self._est is not None:
+            self._est.reset_estimates()
+
+    def _paths(self, view: ClusterView, L: int, dstar: Any) -> tuple[list[float], list[tuple[int, float]]]:
+        """Schema 3: the estimator's ``T_P(p)`` (first decode step on ``dstar`` included) and ``(c_d, T_D(d))``
+        of every node, seconds; counts the prompt and advances the tracked deflections to now."""
+        est = self._est
+        t_first = est.first_step(dstar, L)
+        t_p = [t + t_first for t in est.prefill_estimates(view, L, est.observe(L), dstar.cached_tokens)]
+        paths = est.deflect_estimates(view, L)
+        self._path_caps = [c for c, _ in paths]
+        self._last_L = L
+        self._last_todo = [L - d.cached_tokens for d in view.decode]
+        return t_p, paths
 
     def _pc(self, profile: LatencyModel) -> _ProfileConsts:
         c = self._consts.get(id(profile))
@@ -369,7 +419,9 @@ class FeatureBuilder:
         rate = view.arrival_rate_per_s
 
         v2 = self.version >= 2
-        d_hit = least_loaded_decode(view).cached_tokens if v2 else 0  # the hand-off's destination holds these
+        dstar = least_loaded_decode(view) if v2 else None
+        d_hit = dstar.cached_tokens if v2 else 0  # the hand-off's destination holds these
+        t_p, paths = self._paths(view, L, dstar) if self._est is not None else ((), ())
         first_prof = pv[0].profile if P else dv[0].profile
         fpc = self._pc(first_prof)
         prefill_L, handoff_L, idle_step_L = fpc.per_prompt(L, pv[0].max_batched_tokens if P else L)
@@ -382,7 +434,7 @@ class FeatureBuilder:
             s = d.step_s if d.step_s > 0.0 else idle_step_L
             if s < first_step:
                 first_step = s
-        for p in pv:
+        for i, p in enumerate(pv):
             pc = fpc if p.profile is first_prof else self._pc(p.profile)
             rem = p.busy_until_s - now
             wait = (rem if rem > 0.0 else 0.0) + p.waiting_tokens / pc.prefill_rate
@@ -402,6 +454,9 @@ class FeatureBuilder:
                     kv if kv < 1.0 else 1.0, e / (e + _S_EGRESS))
             if v2:
                 obs.append(p.cached_tokens / L)
+            if t_p:
+                x = t_p[i] * inv_slo
+                obs.append(x / (x + _S_PATH))
 
         caps = self.chunk_caps = [0] * D
         mask = [True] * (P + D)
@@ -433,6 +488,10 @@ class FeatureBuilder:
                     1.0 if fits else 0.0)
             if v2:
                 obs.append(d.cached_tokens / L)
+            if paths:
+                c, t = paths[j]
+                x = t * inv_slo
+                obs += ((x / (x + _S_PATH)) if c > 0 and x < math.inf else 1.0, c / d.max_batched_tokens)
         for k in view.dead_prefill:  # out of rotation (the router's view): not a valid action
             mask[k] = False
         for k in view.dead_decode:
@@ -462,7 +521,11 @@ class FeatureBuilder:
         j = action - P
         if not 0 <= j < self.num_decode:
             raise ValueError(f"action {action} out of range 0..{P + self.num_decode - 1}")
-        return Decision.deflect(j, self.chunk_caps[j])
+        if self._est is None:
+            return Decision.deflect(j, self.chunk_caps[j])
+        cap = self._path_caps[j] or self.chunk_caps[j]  # the estimator's cap; the chunk rule's where it has none
+        self._est.add_lane(j, cap, self._last_L, self._last_todo[j])  # the estimator tracks the deflection
+        return Decision.deflect(j, cap)
 
 
 _LOG_MAX_PROMPT = math.log1p(MAX_PROMPT_TOKENS)
@@ -481,6 +544,7 @@ _S_PWR, _S_PWT, _S_PWAIT, _S_PTTFT, _S_EGRESS = (_PF[k] for k in (
     "waiting_requests", "waiting_tokens", "est_wait", "est_ttft", "egress_backlog"))
 _S_DWT, _S_DWR, _S_IH, _S_WA, _S_DTTFT = (_DC[k] for k in (
     "deflected_waiting_tokens", "deflected_waiting_requests", "inbound_handoffs", "waiting_admission", "est_ttft"))
+_S_PATH = _scales(FEATURE_SCHEMA_V3.prefill)["path_ttft"]
 
 
 def _chunked_prefill_s(profile: LatencyModel, L: int, budget: int) -> float:

@@ -54,7 +54,8 @@ class EnvConfig:
     reward: Any = cli_field("composite", "reward preset name, mapping or list (envs.rewards)", flag=None)
     feature_schema: int = cli_field(
         1, "observation's feature schema version (envs.features.SCHEMAS): 1, no prefix cache (the shipped "
-        "policy's); 2 adds each node's cached share of the prompt and cache-aware TTFT estimates",
+        "policy's); 2 adds each node's cached share of the prompt and cache-aware TTFT estimates; 3 adds the "
+        "proactive deflector's own per-path estimates and chunk caps (envs.estimates)",
         choices=tuple(SCHEMAS))
     actions: str = cli_field("nodes", "action space: nodes (prefill node i or decode node j, Discrete(P + D)) or "
                              "two_way (prefill or deflect, node by lowest estimated TTFT, Discrete(2); envs.actions)",
@@ -302,6 +303,7 @@ class DeflectionEnv(gym.Env):
         else:
             w, meta = self.episode_workload(rng=self.np_random)
         self.episode_info = meta
+        self._fb.reset()  # a new run (feature schema 3 keeps estimator state across one)
         sim = self.sim = ClusterSim(self.config, w, self.prefill_profile, self.decode_profile)
         self._p_queues = [deque() for _ in sim.prefill]
         self._d_queues = [deque() for _ in sim.decode]

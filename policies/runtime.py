@@ -187,6 +187,9 @@ class SetArraysPolicy(Policy):
         logits = set_numpy_logits(self._w, *split_set_obs(fb.schema, obs, len(mask)))
         return fb.decision(int(np.argmax(np.where(mask, logits, np.float32(-1e9)))))
 
+    def reset(self, seed: int | None = None) -> None:
+        self._fb.reset()  # feature schema 3 keeps estimator state across a run
+
     def params(self) -> dict[str, Any]:
         return {"feature_schema": self.feature_schema, "weights": len(self._w)}
 
@@ -373,6 +376,9 @@ class OnnxPolicy(Policy):
         if tw is not None:
             return fb.decision(tw.node_action(self.act(obs, tw.mask(fb.mask)), obs, fb.mask))
         return fb.decision(self.act(obs, fb.mask))
+
+    def reset(self, seed: int | None = None) -> None:
+        self._fb.reset()  # feature schema 3 keeps estimator state across a run
 
     def params(self) -> dict[str, Any]:
         return {"path": self.path, "backend": self.backend, "strict": self.strict}

@@ -28,6 +28,7 @@ from deflectlab.envs.config import ClusterConfig, ConfigError  # noqa: E402
 from deflectlab.envs.features import (  # noqa: E402
     FEATURE_SCHEMA,
     FEATURE_SCHEMA_V2,
+    FEATURE_SCHEMA_V3,
     ChunkSolver,
     FeatureBuilder,
     schema,
@@ -81,14 +82,14 @@ def _cols(version: int, P: int, D: int, suffix: str) -> list[int]:
 # -- the option ----------------------------------------------------------------------------------------------
 def test_feature_schema_option_sets_the_spaces_and_names(trace):
     assert EnvConfig().feature_schema == 1  # the default: the shipped policy's schema
-    for version, (fp, fd) in ((1, (6, 11)), (2, (7, 12))):
+    for version, (fp, fd) in ((1, (6, 11)), (2, (7, 12)), (3, (8, 14))):
         env = _env(trace, version, 2, 3)
         assert env.observation_space.shape == (3 + 2 * fp + 3 * fd,)
         lo, hi = schema(version).bounds(2, 3)
         assert np.array_equal(env.observation_space.low, lo) and np.array_equal(env.observation_space.high, hi)
         assert env.feature_names == schema(version).names(2, 3)
     assert _env(trace, 2).feature_names[3 + 6] == "prefill[0].cached"
-    for bad in (3, 0, True, "2"):
+    for bad in (4, 0, True, "2"):
         with pytest.raises(ConfigError, match="feature_schema"):
             EnvConfig(feature_schema=bad)
     with pytest.raises(ValueError, match="eval.env.feature_schema"):
@@ -323,6 +324,72 @@ def test_set_policy_refuses_a_schema_other_than_the_envs(trace):
                     policy_kwargs={"num_prefill": 2, "num_decode": 2, "hidden": 8})
 
 
+# -- schema 3: the proactive deflector's own estimates ----------------------------------------------------------
+class _RuleOnV3(Policy):
+    """The proactive rule read off schema-3 observations alone (argmin ``path_ttft`` per side, deflect when the best
+    decode path beats ``(1 - margin)`` x the best prefill path), acting through the builder's ``decision``."""
+
+    name = "rule_on_v3"
+
+    def __init__(self, margin: float) -> None:
+        self.fb, self.margin, self.infeasible = FeatureBuilder(3), margin, 0
+
+    def reset(self, seed=None) -> None:
+        self.fb.reset()
+
+    def decide(self, view, request):
+        obs = self.fb.build(view, request).astype(np.float64)
+        f = dict(zip(FEATURE_SCHEMA_V3.names(view.num_prefill, view.num_decode), obs, strict=True))
+        P, D = view.num_prefill, view.num_decode
+        unsq = [f[f"prefill[{i}].path_ttft"] for i in range(P)]
+        t_p = [y / (1.0 - y) for y in unsq]  # squash x / (x + 1) inverted: seconds over the 1-s SLO
+        dec = [(f[f"decode[{j}].path_ttft"], f[f"decode[{j}].path_chunk"]) for j in range(D)]
+        for y, c in dec:  # infeasible: 1.0 and no chunk, together
+            assert (y == 1.0) == (c == 0.0)
+            self.infeasible += c == 0.0
+        t_d = [y / (1.0 - y) if c > 0 else math.inf for y, c in dec]
+        bp = min(range(P), key=lambda i: (t_p[i], i))
+        bd = min(range(D), key=lambda j: (t_d[j], j))
+        if t_d[bd] < math.inf and t_d[bd] < (1.0 - self.margin) * t_p[bp]:
+            return self.fb.decision(P + bd)
+        return self.fb.decision(bp)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.2])
+def test_v3_features_carry_the_proactive_deflector_so_its_rule_replays_it_exactly(margin):
+    """The proactive rule applied to schema-3 features alone, deflecting with the builder's chunk caps, runs the
+    same simulation as ProactiveDeflector(min_chunk=32) itself: same TTFTs and TBTs per request. That takes the
+    estimates, the first decode step, the chunk caps and the tracked deflections (lanes) all to be the policy's."""
+    wl = make_workload("azure_code", rate=8.0, num_requests=600)
+    rule = _RuleOnV3(margin)
+    a = ClusterSim(ClusterConfig(), wl).run(rule)
+    b = ClusterSim(ClusterConfig(), wl).run(make_policy(f"proactive:margin={margin},min_chunk=32"))
+    assert 0.2 < a.summary["deflection_rate"] < 0.95  # both paths taken
+    assert rule.infeasible > 0  # some deflect paths were infeasible and read so
+    for k in ("ttft_s", "tbt_s", "deflection_rate", "slo_attainment"):
+        assert a.summary[k] == b.summary[k], k
+    # a second run of the same policy object starts afresh (reset forgets the tracked deflections)
+    assert ClusterSim(ClusterConfig(), wl).run(rule).summary["ttft_s"] == a.summary["ttft_s"]
+
+
+def test_dagger_trains_and_exports_schema_3(trace, tmp_path):
+    from deflectlab.agents.dagger import DaggerConfig, train_dagger
+
+    cfg = DaggerConfig(shapes=[(2, 2)], traces=[trace], loads=(1.0, 1.0), window_s=20.0, window_start_s=(0.0, 40.0),
+                       iterations=1, episodes_per_iteration=1, max_decisions=30, hidden=8, epochs=2,
+                       feature_schema=3, teacher="proactive:margin=0.2")
+    net, log = train_dagger(cfg)
+    assert net.feature_schema == 3 and log["states"] > 0
+    export_set(net, tmp_path, ClusterConfig(), trained_on={"shapes": ["2P2D"]})
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    assert man["feature_schema"]["version"] == 3
+    assert [s["name"] for s in man["feature_schema"]["decode"]][-2:] == ["path_ttft", "path_chunk"]
+    pol = OnnxPolicy(tmp_path, backend="numpy")
+    res = ClusterSim(ClusterConfig.from_shape("3p3d"), make_workload("azure_code", rate=6.0, num_requests=200)
+                     ).run(pol)
+    assert res.summary["completed"] == 200
+
+
 def test_dagger_trains_and_exports_schema_2(trace, tmp_path):
     from deflectlab.agents.dagger import DaggerConfig, train_dagger
 
@@ -461,10 +528,10 @@ def test_train_and_dagger_take_feature_schema_flags(tmp_path):
     assert a.feature_schema == 2
     for cmd in ("train", "dagger"):
         with pytest.raises(SystemExit):
-            parse(build_parser(cmd), cmd, [cmd, "--config", "x", "--feature-schema", "3"])
+            parse(build_parser(cmd), cmd, [cmd, "--config", "x", "--feature-schema", "4"])
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_two_way_actions_read_est_ttft_in_either_schema(version):
     """The two-way action space finds each node's est_ttft column in the schema the env builds."""
     from deflectlab.envs.actions import TwoWay, est_ttft_columns
