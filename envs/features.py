@@ -13,16 +13,16 @@ are measured in SLOs (seconds over ``ttft_slo_s`` or ``tbt_slo_s``) so a feature
 
 Versions (:data:`SCHEMAS`): **1** (:data:`FEATURE_SCHEMA`, :data:`SCHEMA_VERSION`, the default and the shipped
 policy's) estimates the hand-off from the latency profile's transfer terms and knows no prefix cache; **2**
-(:data:`FEATURE_SCHEMA_V2`) adds each node's cached share of the prompt and its ``est_ttft`` features use the
-hits (a node prefills only what it does not hold, a hand-off moves only what the decode node lacks) and the
-cluster's hand-off preset (:func:`envs.handoff.handoff_estimate_s`, dispatch delay included); **3**
-(:data:`FEATURE_SCHEMA_V3`) adds the proactive deflector's own estimates, ``path_ttft`` per node and ``path_chunk``
-per decode node (:class:`envs.estimates.PathEstimator`, whose state -- the prompt lengths seen and the deflected
-prompts placed on each decode node -- the builder keeps across a run: :meth:`FeatureBuilder.decision` records
-each deflection and :meth:`FeatureBuilder.reset` starts a new run), and a deflection takes the estimator's chunk
-cap (the chunk rule below where the estimator finds none), so a network over it can represent the tuned
-proactive rule exactly and learn where to depart from it. A schema-1 policy sees exactly the features it was
-trained on.
+(:data:`FEATURE_SCHEMA_V2`) adds each node's cached share of the prompt and its ``est_ttft`` features use the hits
+(a node prefills only what it does not hold, a hand-off moves only what the decode node lacks) and the cluster's
+hand-off preset (:func:`envs.handoff.handoff_estimate_s`, dispatch delay included); **3**
+(:data:`FEATURE_SCHEMA_V3`) adds the proactive deflector's own estimates, ``path_ttft`` per node, ``path_chunk`` per
+decode node, and per node whether it is its side's best and its ratio to the other side's best
+(:class:`envs.estimates.PathEstimator`, whose state -- the prompt lengths seen and the deflected prompts placed on
+each decode node -- the builder keeps across a run: :meth:`FeatureBuilder.decision` records each deflection and
+:meth:`FeatureBuilder.reset` starts a new run), and a deflection takes the estimator's chunk cap (the chunk rule
+below where the estimator finds none), so a network over it can represent the tuned proactive rule exactly and learn
+where to depart from it. A schema-1 policy sees exactly the features it was trained on.
 
 Layout (:data:`FEATURE_SCHEMA`, version :data:`SCHEMA_VERSION`): the request block, then one block per prefill
 node in index order, then one block per decode node. Changing any feature, its order, its transform or its
@@ -234,7 +234,11 @@ FEATURE_SCHEMA_V3 = FeatureSchema(
         _f("path_ttft", SLO, "squash", 1.0,
            "the proactive deflector's T_P on this node (envs.estimates: FCFS steps of the queue and the prompt, "
            "the queued prompts' attention at E[L^2], the preset's hand-off of what the least-loaded decode node "
-           "lacks) plus the first decode step there"),),
+           "lacks) plus the first decode step there"),
+        _f("path_best", "flag", "flag", 1.0, "1 on the prefill node with the lowest T_P (the first on ties)"),
+        _f("path_vs_other", "ratio of estimates", "squash", 1.0,
+           "T_P here over the lowest T_D of a decode node (0 when no deflection is feasible): the proactive "
+           "deflector prefills on its best node when its best decode path's ratio is at least 1 - margin"),),
     decode=FEATURE_SCHEMA_V2.decode + (
         _f("path_ttft", SLO, "squash", 1.0,
            "the proactive deflector's T_D on this node (envs.estimates, sharing 'bounded': the fluid FCFS fill "
@@ -243,7 +247,12 @@ FEATURE_SCHEMA_V3 = FeatureSchema(
         _f("path_chunk", "share of the token budget", "ratio", 1.0,
            "the chunk cap a deflection here gets (the largest whose worst step, next to the prompts already "
            "deflected there and the decodes bound to join, keeps the TBT SLO), over the node's token budget; "
-           "0 when infeasible as above"),),
+           "0 when infeasible as above"),
+        _f("path_best", "flag", "flag", 1.0,
+           "1 on the feasible decode node with the lowest T_D (the first on ties); 0 everywhere when none is"),
+        _f("path_vs_other", "ratio of estimates", "squash", 1.0,
+           "T_D here over the lowest T_P of a prefill node (1.0 when infeasible or with no prefill node): the "
+           "proactive deflector deflects to its best node when this is below 1 - margin"),),
 )
 #: Every schema this code builds, by version.
 SCHEMAS: dict[int, FeatureSchema] = {1: FEATURE_SCHEMA, 2: FEATURE_SCHEMA_V2, 3: FEATURE_SCHEMA_V3}
@@ -378,9 +387,10 @@ class FeatureBuilder:
         if self._est is not None:
             self._est.reset_estimates()
 
-    def _paths(self, view: ClusterView, L: int, dstar: Any) -> tuple[list[float], list[tuple[int, float]]]:
-        """Schema 3: the estimator's ``T_P(p)`` (first decode step on ``dstar`` included) and ``(c_d, T_D(d))``
-        of every node, seconds; counts the prompt and advances the tracked deflections to now."""
+    def _paths(self, view: ClusterView, L: int, dstar: Any) -> tuple[list[tuple[float, ...]], list[tuple[float, ...]]]:
+        """Schema 3's features of each prefill and decode node (in schema order) from the estimator's ``T_P(p)``
+        (the first decode step on ``dstar`` included) and ``(c_d, T_D(d))``; counts the prompt and advances the
+        tracked deflections to now."""
         est = self._est
         t_first = est.first_step(dstar, L)
         t_p = [t + t_first for t in est.prefill_estimates(view, L, est.observe(L), dstar.cached_tokens)]
@@ -388,7 +398,26 @@ class FeatureBuilder:
         self._path_caps = [c for c, _ in paths]
         self._last_L = L
         self._last_todo = [L - d.cached_tokens for d in view.decode]
-        return t_p, paths
+        inv_slo = 1.0 / view.ttft_slo_s
+        best_p = min(range(len(t_p)), key=t_p.__getitem__) if t_p else -1
+        min_p = t_p[best_p] if t_p else math.inf
+        ok = [j for j, (c, t) in enumerate(paths) if c > 0 and t < math.inf]
+        best_d = min(ok, key=lambda j: paths[j][1]) if ok else -1
+        min_d = paths[best_d][1] if ok else math.inf
+        pre = []
+        for i, t in enumerate(t_p):
+            x, r = t * inv_slo, t / min_d if ok else 0.0
+            pre.append((x / (x + _S_PATH), 1.0 if i == best_p else 0.0, r / (r + 1.0)))
+        dec = []
+        for j, (c, t) in enumerate(paths):
+            d = view.decode[j]
+            if c > 0 and t < math.inf:
+                x, r = t * inv_slo, t / min_p
+                dec.append((x / (x + _S_PATH), c / d.max_batched_tokens, 1.0 if j == best_d else 0.0,
+                            r / (r + 1.0)))
+            else:
+                dec.append((1.0, 0.0, 0.0, 1.0))
+        return pre, dec
 
     def _pc(self, profile: LatencyModel) -> _ProfileConsts:
         c = self._consts.get(id(profile))
@@ -421,7 +450,7 @@ class FeatureBuilder:
         v2 = self.version >= 2
         dstar = least_loaded_decode(view) if v2 else None
         d_hit = dstar.cached_tokens if v2 else 0  # the hand-off's destination holds these
-        t_p, paths = self._paths(view, L, dstar) if self._est is not None else ((), ())
+        path_p, path_d = self._paths(view, L, dstar) if self._est is not None else ((), ())
         first_prof = pv[0].profile if P else dv[0].profile
         fpc = self._pc(first_prof)
         prefill_L, handoff_L, idle_step_L = fpc.per_prompt(L, pv[0].max_batched_tokens if P else L)
@@ -454,9 +483,8 @@ class FeatureBuilder:
                     kv if kv < 1.0 else 1.0, e / (e + _S_EGRESS))
             if v2:
                 obs.append(p.cached_tokens / L)
-            if t_p:
-                x = t_p[i] * inv_slo
-                obs.append(x / (x + _S_PATH))
+            if path_p:
+                obs += path_p[i]
 
         caps = self.chunk_caps = [0] * D
         mask = [True] * (P + D)
@@ -488,10 +516,8 @@ class FeatureBuilder:
                     1.0 if fits else 0.0)
             if v2:
                 obs.append(d.cached_tokens / L)
-            if paths:
-                c, t = paths[j]
-                x = t * inv_slo
-                obs += ((x / (x + _S_PATH)) if c > 0 and x < math.inf else 1.0, c / d.max_batched_tokens)
+            if path_d:
+                obs += path_d[j]
         for k in view.dead_prefill:  # out of rotation (the router's view): not a valid action
             mask[k] = False
         for k in view.dead_decode:

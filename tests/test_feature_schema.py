@@ -82,7 +82,7 @@ def _cols(version: int, P: int, D: int, suffix: str) -> list[int]:
 # -- the option ----------------------------------------------------------------------------------------------
 def test_feature_schema_option_sets_the_spaces_and_names(trace):
     assert EnvConfig().feature_schema == 1  # the default: the shipped policy's schema
-    for version, (fp, fd) in ((1, (6, 11)), (2, (7, 12)), (3, (8, 14))):
+    for version, (fp, fd) in ((1, (6, 11)), (2, (7, 12)), (3, (10, 16))):
         env = _env(trace, version, 2, 3)
         assert env.observation_space.shape == (3 + 2 * fp + 3 * fd,)
         lo, hi = schema(version).bounds(2, 3)
@@ -350,6 +350,15 @@ class _RuleOnV3(Policy):
         t_d = [y / (1.0 - y) if c > 0 else math.inf for y, c in dec]
         bp = min(range(P), key=lambda i: (t_p[i], i))
         bd = min(range(D), key=lambda j: (t_d[j], j))
+        # the side's best is flagged; the ratio to the other side's best is the estimates' (up to float32)
+        assert [f[f"prefill[{i}].path_best"] for i in range(P)] == [float(i == bp) for i in range(P)]
+        assert [f[f"decode[{j}].path_best"] for j in range(D)] == [float(j == bd and t_d[j] < math.inf)
+                                                                   for j in range(D)]
+        if t_d[bd] < math.inf:
+            r = t_d[bd] / t_p[bp]
+            assert f[f"decode[{bd}].path_vs_other"] == pytest.approx(r / (r + 1.0), abs=1e-5)
+            r = t_p[bp] / t_d[bd]
+            assert f[f"prefill[{bp}].path_vs_other"] == pytest.approx(r / (r + 1.0), abs=1e-5)
         if t_d[bd] < math.inf and t_d[bd] < (1.0 - self.margin) * t_p[bp]:
             return self.fb.decision(P + bd)
         return self.fb.decision(bp)
@@ -383,7 +392,8 @@ def test_dagger_trains_and_exports_schema_3(trace, tmp_path):
     export_set(net, tmp_path, ClusterConfig(), trained_on={"shapes": ["2P2D"]})
     man = json.loads((tmp_path / "manifest.json").read_text())
     assert man["feature_schema"]["version"] == 3
-    assert [s["name"] for s in man["feature_schema"]["decode"]][-2:] == ["path_ttft", "path_chunk"]
+    assert [s["name"] for s in man["feature_schema"]["decode"]][-4:] == ["path_ttft", "path_chunk", "path_best",
+                                                                          "path_vs_other"]
     pol = OnnxPolicy(tmp_path, backend="numpy")
     res = ClusterSim(ClusterConfig.from_shape("3p3d"), make_workload("azure_code", rate=6.0, num_requests=200)
                      ).run(pol)
