@@ -69,6 +69,11 @@ PROMPT_ROUND_TOKENS = 256
 MAX_PROMPT_TOKENS = 131072
 #: Chunk size at which a prefill node's sustained throughput is taken for queue-wait estimates, tokens.
 PREFILL_RATE_CHUNK_TOKENS = 2048
+#: Schema 3's estimator: no deflect path where the largest TBT-safe chunk is below this (unless the prompt is
+#: shorter), tokens. Fitted: the tuned proactive deflector's ``min_chunk`` on the blocked split's training blocks
+#: (``experiments/blocked/tuned_blocked.yaml``, 2P2D code trace, 1-3x), so schema 3 carries exactly the estimates and
+#: caps of that rule; a learned policy may still deflect to such a node, with the chunk rule's cap.
+PATH_MIN_CHUNK_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -243,7 +248,8 @@ FEATURE_SCHEMA_V3 = FeatureSchema(
         _f("path_ttft", SLO, "squash", 1.0,
            "the proactive deflector's T_D on this node (envs.estimates, sharing 'bounded': the fluid FCFS fill "
            "of the deflected prompts it tracks there with this one appended); 1.0 when the node has no KV room "
-           "for the prompt and 256 output tokens, no sequence slot or no TBT-safe chunk of 32 tokens or more"),
+           "for the prompt and 256 output tokens, no sequence slot or no TBT-safe chunk of 1,024 tokens or more "
+           "(the whole prompt if shorter)"),
         _f("path_chunk", "share of the token budget", "ratio", 1.0,
            "the chunk cap a deflection here gets (the largest whose worst step, next to the prompts already "
            "deflected there and the decodes bound to join, keeps the TBT SLO), over the node's token budget; "
@@ -377,7 +383,7 @@ class FeatureBuilder:
         self._mask_list: list[bool] = []
         self._mask: np.ndarray | None = None
         #: schema 3: the proactive deflector's estimator (its state spans a run) and the last build's numbers
-        self._est = PathEstimator(min_chunk=MIN_CHUNK_TOKENS, what="feature schema 3") if version >= 3 else None
+        self._est = PathEstimator(min_chunk=PATH_MIN_CHUNK_TOKENS, what="feature schema 3") if version >= 3 else None
         self._path_caps: list[int] = []
         self._last_L = 0
         self._last_todo: list[int] = []

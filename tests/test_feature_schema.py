@@ -367,12 +367,13 @@ class _RuleOnV3(Policy):
 @pytest.mark.parametrize("margin", [0.0, 0.2])
 def test_v3_features_carry_the_proactive_deflector_so_its_rule_replays_it_exactly(margin):
     """The proactive rule applied to schema-3 features alone, deflecting with the builder's chunk caps, runs the
-    same simulation as ProactiveDeflector(min_chunk=32) itself: same TTFTs and TBTs per request. That takes the
-    estimates, the first decode step, the chunk caps and the tracked deflections (lanes) all to be the policy's."""
+    same simulation as ProactiveDeflector(min_chunk=1024) itself (schema 3's estimator settings): same TTFTs and
+    TBTs per request. That takes the estimates, the first decode step, the chunk caps and the tracked deflections
+    (lanes) all to be the policy's."""
     wl = make_workload("azure_code", rate=8.0, num_requests=600)
     rule = _RuleOnV3(margin)
     a = ClusterSim(ClusterConfig(), wl).run(rule)
-    b = ClusterSim(ClusterConfig(), wl).run(make_policy(f"proactive:margin={margin},min_chunk=32"))
+    b = ClusterSim(ClusterConfig(), wl).run(make_policy(f"proactive:margin={margin},min_chunk=1024"))
     assert 0.2 < a.summary["deflection_rate"] < 0.95  # both paths taken
     assert rule.infeasible > 0  # some deflect paths were infeasible and read so
     for k in ("ttft_s", "tbt_s", "deflection_rate", "slo_attainment"):
