@@ -178,7 +178,9 @@ def collect_episode(cfg: DaggerConfig, net: SetPolicyNet | None, beta: float, sh
     done = False
     while not done and n < cfg.max_decisions:
         mask = env.action_masks()
-        label = planner_action(teacher.decide(env.current_view(), env.current_request), P)
+        view, req = env.current_view(), env.current_request
+        told = teacher.decide(view, req)
+        label = planner_action(told, P)
         if not mask[label]:  # the teacher's deflection to a node the env masks: fall back to its best valid
             label = int(np.flatnonzero(mask)[0])
         regret = None if cfg.teacher else action_regret(teacher.last_scores, P, len(mask))
@@ -191,6 +193,8 @@ def collect_episode(cfg: DaggerConfig, net: SetPolicyNet | None, beta: float, sh
         agree += int(mine == label)
         act = label if rng.random() < beta else mine
         obs, _, done, _, _ = env.step(act)
+        if env.last_decision != told:  # a teacher tracking its own decisions (proactive's lanes) learns the real one
+            teacher.taken(view, req, env.last_decision)
         n += 1
     return {"shape": f"{P}P{D}D", "trace": trace, "load": meta.get("load"), "decisions": n, "agree": agree}
 

@@ -534,11 +534,23 @@ class PathEstimator:
             out.append((c, t) if c > 0 else (0, math.inf))
         return out
 
-    def add_lane(self, d: int, cap: int, L: int, todo: int) -> None:
+    def add_lane(self, d: int, cap: int, L: int, todo: int) -> Lane | None:
         """Record a deflection of an ``L``-token prompt to decode node ``d`` with chunk cap ``cap``, ``todo`` of its
-        tokens to prefill there (a cached prefix is not); only ``sharing="bounded"`` keeps lanes."""
-        if self.sharing == "bounded":
-            self._nodes[d].lanes.append(Lane(float(cap), L, float(todo)))
+        tokens to prefill there (a cached prefix is not); only ``sharing="bounded"`` keeps lanes. Returns the
+        lane (None without lanes)."""
+        if self.sharing != "bounded":
+            return None
+        ln = Lane(float(cap), L, float(todo))
+        self._nodes[d].lanes.append(ln)
+        return ln
+
+    def drop_lane(self, d: int, lane: Lane) -> None:
+        """Forget a lane :meth:`add_lane` recorded on decode node ``d`` (the deflection was not taken)."""
+        lanes = self._nodes[d].lanes
+        for i, ln in enumerate(lanes):
+            if ln is lane:
+                del lanes[i]
+                return
 
     def deflect_estimate(self, d: DecodeNodeView, L: int, tau: float, lanes: list[Lane] | None
                           ) -> tuple[int, float]:

@@ -371,7 +371,9 @@ class DeflectionEnv(gym.Env):
             raise RuntimeError("call reset() before step(), and again after the episode terminated")
         req = self._req
         node_act = self.node_action(action)
-        sim.route(req, self._fb.decision(node_act))
+        #: the decision the last step took (a labelling teacher is told it: ``Policy.taken``)
+        self.last_decision = decision = self._fb.decision(node_act)
+        sim.route(req, decision)
         rf = self.reward_fn
         stats = StepStats(ttft_slo_s=sim.config.ttft_slo_s, tbt_slo_s=sim.config.tbt_slo_s)
         if req.reject_reason is not None:

@@ -238,6 +238,11 @@ class Policy:
     def reset(self, seed: int | None = None) -> None:
         """Forget per-run state (round-robin pointers, caches) before a new run."""
 
+    def taken(self, view: ClusterView, request: RequestLike, decision: Decision) -> None:
+        """The decision actually taken for ``request``, the one this policy last decided on at ``view``, where another
+        policy acted (a teacher labelling a learner's states). A policy that keeps state on its own decisions
+        (the proactive deflector's tracked deflections) replaces its own with this one; by default nothing."""
+
     def params(self) -> dict[str, Any]:
         """The policy's parameters, for reports and the resolved config."""
         return {}

@@ -67,6 +67,17 @@ class ProactiveDeflector(PathEstimator, Policy):
 
     def reset(self, seed: int | None = None) -> None:
         self.reset_estimates()
+        self._mine: tuple[int, Any] | None = None  # the lane of this policy's last deflection (see taken)
+
+    def taken(self, view: ClusterView, request: RequestLike, decision: Decision) -> None:
+        """Another policy decided ``request``: track its deflection, not the one this policy chose."""
+        mine, self._mine = self._mine, None
+        if mine is not None and mine[1] is not None:
+            self.drop_lane(*mine)
+        if decision.deflected and decision.chunk_cap:
+            d = decision.decode_node
+            self.add_lane(d, decision.chunk_cap, request.input_tokens,
+                          request.input_tokens - view.decode[d].cached_tokens)
 
     def params(self) -> dict[str, Any]:
         return {"margin": self.margin, **self.estimator_params(), "pin_decode": self.pin_decode}
@@ -74,13 +85,14 @@ class ProactiveDeflector(PathEstimator, Policy):
     # -- the decision --------------------------------------------------------------------------------------
     def decide(self, view: ClusterView, request: RequestLike) -> Decision:
         L = request.input_tokens
+        self._mine = None
         dispersion = self.observe(L)
         dstar = least_loaded_decode(view)
         best_p, t_p = self._best_prefill(view, L, dispersion, dstar.cached_tokens)
         t_p += self.first_step(dstar, L)
         best_d, best_c, t_d = self._best_deflection(view, L)
         if best_d >= 0 and (best_p < 0 or t_d < (1.0 - self.margin) * t_p):
-            self.add_lane(best_d, best_c, L, L - view.decode[best_d].cached_tokens)
+            self._mine = (best_d, self.add_lane(best_d, best_c, L, L - view.decode[best_d].cached_tokens))
             est = {"ttft_s": t_d, "ttft_deflect_s": t_d}
             if best_p >= 0:
                 est["ttft_prefill_s"] = t_p

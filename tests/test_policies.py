@@ -13,7 +13,7 @@ import pytest
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.profile import load_profile
 from deflectlab.envs.simulator import ClusterSim
-from deflectlab.envs.view import ClusterView, DecodeNodeView, PrefillNodeView
+from deflectlab.envs.view import ClusterView, Decision, DecodeNodeView, PrefillNodeView
 from deflectlab.envs.workloads import make_workload
 from deflectlab.policies.proactive import Lane, ProactiveDeflector, lane_worst, step_model
 from deflectlab.policies.registry import make_policy
@@ -253,6 +253,33 @@ def test_proactive_is_deterministic_and_reset_forgets_lanes():
     b = ClusterSim(ClusterConfig(), wl).run(pol).records  # run() resets the policy first
     assert np.array_equal(a["decode_node"], b["decode_node"]) and np.array_equal(a["chunk_cap"], b["chunk_cap"])
     np.testing.assert_array_equal(a["ttft_s"], b["ttft_s"])
+
+
+def test_proactive_taken_replaces_its_own_deflection_with_the_one_taken():
+    """When another policy decided (DAgger's learner), the proactive deflector tracks that decision's deflection:
+    its own lane leaves, the real one is tracked, and its next estimates are those of a policy that had decided
+    so itself (the same lanes in the same order)."""
+    rng = random.Random(11)
+    for k in range(200):
+        v, L = _random_view(rng, now=0.0)
+        pol = ProactiveDeflector()
+        d = pol.decide(v, req(L, k))
+        if not d.deflected or d.chunk_cap is None or len(v.decode) < 2 or any(
+                n.deflected_waiting_requests for n in v.decode):  # (lanes the view has and the policy did not place)
+            continue
+        other = (d.decode_node + 1) % len(v.decode)
+        pol.taken(v, req(L, k), Decision.deflect(other, 300))
+        assert [len(n.lanes) for n in pol._nodes] == [int(j == other) for j in range(len(v.decode))]
+        ln = pol._nodes[other].lanes[0]
+        assert (ln.cap, ln.L, ln.rem) == (300.0, L, float(L - v.decode[other].cached_tokens))
+        pol.taken(v, req(L, k), Decision.prefill(0))  # a second call drops nothing it did not place
+        assert len(pol._nodes[other].lanes) == 1
+        pol2 = ProactiveDeflector()
+        pol2.decide(v, req(L, k))
+        pol2.taken(v, req(L, k), Decision.prefill(0))
+        assert all(not n.lanes for n in pol2._nodes)
+        return
+    raise AssertionError("no random view led to a deflection")
 
 
 def test_proactive_ttft_estimate_against_the_simulated_outcome():
