@@ -50,43 +50,29 @@ _NO_TRIM = 1 << 62  # PrefixCache.release's default ``keep``: no eviction first
 _new = object.__new__  # the hot paths make spans and holdings without a constructor call (half the cost)
 
 
-class _Span:
-    """Cached blocks ``ref[lo:hi]`` of one prompt's hash list, all held by ``cnt`` running requests; ``key`` is
-    ``ref[lo]``, its key in :attr:`PrefixCache.start` (kept, so dropping the span reads neither ``ref`` nor
-    its items)."""
-
-    __slots__ = ("ref", "lo", "hi", "cnt", "key")
-
-    def __init__(self, ref: list[int], lo: int, hi: int, cnt: int) -> None:
-        self.ref, self.lo, self.hi, self.cnt, self.key = ref, lo, hi, cnt, ref[lo]
-
-
-def _span(ref: list[int], lo: int, hi: int) -> _Span:
-    """``_Span(ref, lo, hi, 1)``: a new span held by the request that registers it."""
-    s = _new(_Span)
-    s.ref = ref
-    s.lo = lo
-    s.hi = hi
-    s.cnt = 1
-    s.key = ref[lo]
-    return s
-
-
 class Holding:
-    """A request's blocks held in one node's cache: its hash list, how many of its leading blocks are settled
-    (the hit, then every full block once its KV is computed or received), and the ranges ``[lo, hi)`` of its
-    hash list it holds, as a flat tuple (a block another request cached first is not held by this one).
+    """A request's blocks held in one node's cache, and a span of cached blocks: one class for both roles, so that
+    the common request (no hit, its blocks registered as one span) is one object per node, not two.
 
-    ``own`` is a shortcut for the common case, a request that found no hit and registered its blocks in one
-    span: that span, while the request holds exactly it (``None`` otherwise; the span is still whole while its
-    ``lo`` is 0, since a split gives the head to a new span)."""
+    As a holding: its hash list ``hashes``, how many of its leading blocks are settled (``n``: the hit, then every
+    full block once its KV is computed or received), and the ranges ``[lo, hi)`` of its hash list it holds, as a
+    flat tuple ``ranges`` (a block another request cached first is not held by this one).
 
-    __slots__ = ("hashes", "n", "ranges", "own")
+    As a span: the cached blocks ``hashes[lo:hi]`` of one prompt, held by ``cnt`` running requests; ``key`` is
+    ``hashes[lo]``, its key in :attr:`PrefixCache.start` (kept, so dropping the span reads neither the hash list
+    nor its items). Spans made by a split or by :meth:`PrefixCache.register` play this role only (their holding
+    slots are unset or stale); a holding plays it too once it registered its blocks as one span (``own``).
+
+    ``own`` marks that common case: a request that found no hit and registered its blocks in one span, which is
+    this object itself, while the request holds exactly it. The span is still whole while its ``lo`` is 0 (a split
+    gives the head to a new span); the span slots of a holding that never registered so are unset."""
+
+    __slots__ = ("hashes", "n", "ranges", "own", "lo", "hi", "cnt", "key")
 
     def __init__(self, hashes: list[int], n: int = 0) -> None:
         self.hashes, self.n = hashes, n
         self.ranges: tuple[int, ...] = (0, n) if n else ()
-        self.own: _Span | None = None
+        self.own = False
 
     @property
     def blocks(self) -> int:
@@ -101,8 +87,20 @@ def holding(hashes: list[int], n: int = 0) -> Holding:
     held.hashes = hashes
     held.n = n
     held.ranges = (0, n) if n else ()
-    held.own = None
+    held.own = False
     return held
+
+
+def _span(ref: list[int], lo: int, hi: int, cnt: int = 1) -> Holding:
+    """A span ``ref[lo:hi]`` held by ``cnt`` requests (by default the one that registers it); its holding slots
+    stay unset."""
+    s = _new(Holding)
+    s.hashes = ref
+    s.lo = lo
+    s.hi = hi
+    s.cnt = cnt
+    s.key = ref[lo]
+    return s
 
 
 def _common(a: list[int], i: int, b: list[int], j: int, n: int) -> int:
@@ -131,9 +129,9 @@ class PrefixCache:
 
     def __init__(self, unit: int) -> None:
         self.unit = unit
-        self.start: dict[int, _Span] = {}
+        self.start: dict[int, Holding] = {}
         # a plain dict keeps insertion order and a span leaves it when held again, so its order is LRU order
-        self.free: dict[_Span, None] = {}
+        self.free: dict[Holding, None] = {}
         self.n_free = 0  # cached blocks nobody holds
         self.n_blocks = 0  # cached blocks
         self.evictions = 0
@@ -147,13 +145,13 @@ class PrefixCache:
         """Whether block ``h`` is cached (a scan: for tests and inspection, not the hot path)."""
         if self.due:
             self._drop_evicted()
-        return any(h in s.ref[s.lo:s.hi] for s in self.start.values())
+        return any(h in s.hashes[s.lo:s.hi] for s in self.start.values())
 
     def free_hashes(self) -> list[int]:
         """The free-but-cached blocks in eviction order (inspection)."""
         if self.due:
             self._drop_evicted()
-        return [h for s in self.free for h in reversed(s.ref[s.lo:s.hi])]
+        return [h for s in self.free for h in reversed(s.hashes[s.lo:s.hi])]
 
     @property
     def held_blocks(self) -> int:
@@ -174,7 +172,7 @@ class PrefixCache:
             n = s.hi - s.lo
             if n > n_max - i:
                 n = n_max - i
-            k = n if s.ref is hashes and s.lo == i else _common(s.ref, s.lo, hashes, i, n)
+            k = n if s.hashes is hashes and s.lo == i else _common(s.hashes, s.lo, hashes, i, n)
             if s.cnt:
                 shared += k
             i += k
@@ -190,12 +188,13 @@ class PrefixCache:
             s = start[hashes[i]]
             lo = s.lo
             n = s.hi - lo
-            k = n if n <= hit - i and (s.ref is hashes and lo == i) else _common(s.ref, lo, hashes, i, min(n, hit - i))
+            ref = s.hashes
+            k = n if n <= hit - i and (ref is hashes and lo == i) else _common(ref, lo, hashes, i, min(n, hit - i))
             if k < n:  # held up to inside the span: split it; the tail keeps the span's object and LRU place
-                head = _Span(s.ref, lo, lo + k, s.cnt + 1)
+                head = _span(ref, lo, lo + k, s.cnt + 1)
                 start[head.key] = head
                 s.lo = lo + k
-                s.key = s.ref[lo + k]
+                s.key = ref[lo + k]
                 start[s.key] = s
                 if not s.cnt:
                     self.n_free -= k
@@ -226,17 +225,30 @@ class PrefixCache:
             return True
         hashes, r, start = held.hashes, held.ranges, self.start
         key = hashes[lo]
-        if self.risky or key in start or (lo and not (r and r[-1] == lo)):
+        if self.risky or key in start:
+            return False
+        if not r:
+            if lo:  # it holds none of the blocks before the new ones (another request cached them)
+                return False
+            # No hit and nothing held yet (the common case): the holding itself becomes the span of its blocks.
+            # It has never been a span (only a holding with no range can, and a registration gives it one).
+            start[key] = held
+            held.lo = 0
+            held.hi = hi
+            held.cnt = 1
+            held.key = key
+            held.n = hi
+            held.ranges = (0, hi)
+            held.own = True
+            self.n_blocks += hi
+            return True
+        if r[-1] != lo:
             return False
         held.n = hi
-        sp = start[key] = _span(hashes, lo, hi)
+        start[key] = _span(hashes, lo, hi)
         self.n_blocks += hi - lo
-        if r:
-            held.ranges = r[:-1] + (hi,)
-            held.own = None  # it holds more than one span now
-        else:
-            held.ranges = (lo, hi)
-            held.own = sp  # (lo is 0: nothing held before)
+        held.ranges = r[:-1] + (hi,)
+        held.own = False  # it holds more than one span now
         return True
 
     def register(self, held: Holding, hi: int) -> None:
@@ -256,7 +268,7 @@ class PrefixCache:
         if self.due:
             self._drop_evicted()
         held.n = hi
-        held.own = None  # (the shortcut is for the common case only, try_register's)
+        held.own = False  # (the shortcut is for the common case only, try_register's; a span it is stays one)
         hashes, start, r = held.hashes, self.start, held.ranges
         i = lo
         ours = not lo or (r and r[-1] == lo)  # this request holds the block before the new ones
@@ -270,7 +282,7 @@ class PrefixCache:
         while i < hi:  # rare: skip the runs another request cached meanwhile
             s = start.get(hashes[i])
             if s is not None:
-                i += _common(s.ref, s.lo, hashes, i, min(s.hi - s.lo, hi - i))
+                i += _common(s.hashes, s.lo, hashes, i, min(s.hi - s.lo, hi - i))
                 ours = False
                 continue
             j = i + 1
@@ -284,7 +296,7 @@ class PrefixCache:
         request holds (a scan over the spans: only when one request registers its blocks in pieces)."""
         h = hashes[lo - 1]
         for s in self.start.values():
-            ref = s.ref
+            ref = s.hashes
             if h in ref[s.lo:s.hi]:
                 p = ref.index(h, s.lo, s.hi) + 1
                 return _common(ref, p, hashes, lo, min(s.hi - p, hi - lo)) if p < s.hi and ref[p] == hashes[lo] else 0
@@ -307,16 +319,15 @@ class PrefixCache:
         call (the hot path: one call per request and node)."""
         if self.n_free > keep:  # (a call only when an eviction is due)
             self.trim_to(keep)
-        sp = held.own
-        if sp is not None:
-            held.own = None
-            if not sp.lo:  # it holds exactly this span, whole (the common case: no hash list read)
+        if held.own:  # it is the span of its blocks (try_register)
+            held.own = False
+            if not held.lo:  # and holds exactly it, whole (the common case: no hash list read, no other object)
                 held.ranges = ()
-                sp.cnt -= 1
-                if sp.cnt:
-                    return sp.hi
-                self.free[sp] = None
-                self.n_free += sp.hi
+                held.cnt -= 1
+                if held.cnt:
+                    return held.hi
+                self.free[held] = None
+                self.n_free += held.hi
                 return 0
         start, hashes, r = self.start, held.hashes, held.ranges
         held.ranges = ()  # nothing held any more (a second release frees nothing)
