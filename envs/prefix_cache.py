@@ -28,6 +28,7 @@ block another request registered meanwhile keeps its own copy uncached, as vLLM 
 from __future__ import annotations
 
 from itertools import islice
+from operator import attrgetter
 
 # How the blocks are stored. A prompt's blocks enter the cache together, as one contiguous run of its hash
 # list, and they leave it together or from the tail: eviction is LRU among free blocks and a request frees its
@@ -45,6 +46,7 @@ from itertools import islice
 
 _DUE_MAX = 512  # evicted blocks left in the span dicts at most (see PrefixCache.trim_to)
 _NO_TRIM = 1 << 62  # PrefixCache.release's default ``keep``: no eviction first
+_KEY = attrgetter("key")  # a span's key in PrefixCache.start
 
 
 _new = object.__new__  # the hot paths make spans and holdings without a constructor call (half the cost)
@@ -125,7 +127,7 @@ class PrefixCache:
     :param unit: pool blocks (or tokens, as the node counts its pool) one cached (trace) block occupies.
     """
 
-    __slots__ = ("unit", "start", "free", "n_free", "n_blocks", "evictions", "risky", "due")
+    __slots__ = ("unit", "start", "free", "n_free", "added", "dropped", "risky", "due")
 
     def __init__(self, unit: int) -> None:
         self.unit = unit
@@ -133,13 +135,26 @@ class PrefixCache:
         # a plain dict keeps insertion order and a span leaves it when held again, so its order is LRU order
         self.free: dict[Holding, None] = {}
         self.n_free = 0  # cached blocks nobody holds
-        self.n_blocks = 0  # cached blocks
-        self.evictions = 0
+        # The other counts, as sums kept where they change least often: blocks ever cached (``added``) and evicted
+        # (``dropped``: gone from the dicts; ``due``: evicted, still in ``start`` and ``free``, at the LRU head;
+        # see trim_to). An eviction then changes two counts, not four.
+        self.added = 0
+        self.dropped = 0
+        self.due = 0
         self.risky: set[int] = set()  # first hashes of cached spans whose registrant did not hold their parent
-        self.due = 0  # evicted blocks still in ``start`` and ``free``, at the LRU head (see trim_to)
+
+    @property
+    def n_blocks(self) -> int:
+        """Cached blocks."""
+        return self.added - self.dropped - self.due
+
+    @property
+    def evictions(self) -> int:
+        """Blocks evicted so far."""
+        return self.dropped + self.due
 
     def __len__(self) -> int:
-        return self.n_blocks
+        return self.added - self.dropped - self.due
 
     def __contains__(self, h: int) -> bool:
         """Whether block ``h`` is cached (a scan: for tests and inspection, not the hot path)."""
@@ -240,13 +255,13 @@ class PrefixCache:
             held.n = hi
             held.ranges = (0, hi)
             held.own = True
-            self.n_blocks += hi
+            self.added += hi
             return True
         if r[-1] != lo:
             return False
         held.n = hi
         start[key] = _span(hashes, lo, hi)
-        self.n_blocks += hi - lo
+        self.added += hi - lo
         held.ranges = r[:-1] + (hi,)
         held.own = False  # it holds more than one span now
         return True
@@ -276,7 +291,7 @@ class PrefixCache:
             i += self._continuation(hashes, lo, hi)
         elif not (hashes[lo] in start if not self.risky else any(map(start.__contains__, islice(hashes, lo, hi)))):
             start[hashes[lo]] = _span(hashes, lo, hi)  # the common case: nothing of it cached meanwhile
-            self.n_blocks += hi - lo
+            self.added += hi - lo
             held.ranges = r[:-1] + (hi,) if r else (lo, hi)
             return
         while i < hi:  # rare: skip the runs another request cached meanwhile
@@ -307,7 +322,7 @@ class PrefixCache:
         self.start[h] = _span(held.hashes, lo, hi)
         if risky and lo:
             self.risky.add(h)
-        self.n_blocks += hi - lo
+        self.added += hi - lo
         r = held.ranges
         held.ranges = r[:-1] + (hi,) if r and r[-1] == lo else r + (lo, hi)
 
@@ -317,8 +332,13 @@ class PrefixCache:
 
         With ``keep``, the evictions due before blocks are freed go first: :meth:`trim_to` ``(keep)`` in the same
         call (the hot path: one call per request and node)."""
-        if self.n_free > keep:  # (a call only when an eviction is due)
-            self.trim_to(keep)
+        if self.n_free > keep:  # trim_to(keep), inline
+            if keep < 0:
+                keep = 0
+            self.due += self.n_free - keep
+            self.n_free = keep
+            if self.due > _DUE_MAX:
+                self._drop_evicted()
         if held.own:  # it is the span of its blocks (try_register)
             held.own = False
             if not held.lo:  # and holds exactly it, whole (the common case: no hash list read, no other object)
@@ -373,21 +393,22 @@ class PrefixCache:
         That is the same eviction: they are the LRU head, and until they leave nothing but a release changes the
         LRU list, which appends at the tail (:meth:`try_register` adds a span only where ``start`` has none, and
         sends any other case to :meth:`register`)."""
-        over = self.n_free - (keep if keep > 0 else 0)
-        if over > 0:
-            self.evictions += over
-            self.n_free -= over
-            self.n_blocks -= over
-            self.due += over
+        if self.n_free > keep:
+            if keep < 0:
+                keep = 0
+            self.due += self.n_free - keep
+            self.n_free = keep
             if self.due > _DUE_MAX:
                 self._drop_evicted()
 
     def _drop_evicted(self) -> None:
         """Take the ``due`` evicted blocks off the LRU head: whole spans leave, the last one is shortened."""
         over, self.due = self.due, 0
+        self.dropped += over
         if over > 0:
+            free = self.free
             k = 0  # whole spans to drop
-            for s in self.free:  # least recently used first
+            for s in free:  # least recently used first
                 n = s.hi - s.lo
                 if n > over:  # the span's newest blocks go first
                     s.hi -= over
@@ -396,17 +417,14 @@ class PrefixCache:
                 over -= n
                 if not over:
                     break
-            free, start, risky = self.free, self.start, self.risky
-            gone = list(islice(free, k))
-            if risky:
+            if k:
+                start = self.start
+                gone = list(islice(free, k))
                 for s in gone:
                     del free[s]
                     del start[s.key]
-                    risky.discard(s.key)
-            else:
-                for s in gone:
-                    del free[s]
-                    del start[s.key]
+                if self.risky:
+                    self.risky.difference_update(map(_KEY, gone))
 
     @property
     def free_blocks(self) -> int:
