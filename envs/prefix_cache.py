@@ -266,6 +266,30 @@ class PrefixCache:
         held.own = False  # it holds more than one span now
         return True
 
+    def add_new(self, hashes: list[int], hi: int) -> Holding | None:
+        """``try_register(holding(hashes), hi)`` in one call, for a request that holds nothing here yet (it found no
+        hit, so the nodes make its holding only now): the new holding, or ``None``, changing nothing, where the
+        first block is cached already or a ``risky`` span is (the caller then carries out the evictions due and
+        calls :meth:`register` on a new holding). In the common case the holding is the span of its blocks
+        (``own``): one object, made once, for the lookup's miss, the registration and the release."""
+        if hi <= 0:
+            return holding(hashes)
+        key = hashes[0]
+        if self.risky or key in self.start:
+            return None
+        held = _new(Holding)
+        held.hashes = hashes
+        held.n = hi
+        held.ranges = (0, hi)
+        held.own = True
+        held.lo = 0
+        held.hi = hi
+        held.cnt = 1
+        held.key = key
+        self.start[key] = held
+        self.added += hi
+        return held
+
     def register(self, held: Holding, hi: int) -> None:
         """The request computed (or received) its blocks up to ``hi``: each not cached yet becomes cached, held by
         it; one cached meanwhile by another request stays that one's (vLLM keeps the first copy and does not cache
