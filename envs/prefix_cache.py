@@ -93,6 +93,10 @@ def holding(hashes: list[int], n: int = 0) -> Holding:
     return held
 
 
+_EMPTY = holding([])  # add_new's holding for a prompt with no full block: it holds nothing and never will (shared:
+# what release writes to it, an empty range tuple and no ``own``, it has already)
+
+
 def _span(ref: list[int], lo: int, hi: int, cnt: int = 1) -> Holding:
     """A span ``ref[lo:hi]`` held by ``cnt`` requests (by default the one that registers it); its holding slots
     stay unset."""
@@ -184,13 +188,16 @@ class PrefixCache:
             s = start.get(hashes[i])
             if s is None:
                 break
-            n = s.hi - s.lo
+            lo, ref = s.lo, s.hashes
+            n = s.hi - lo
             if n > n_max - i:
                 n = n_max - i
-            k = n if s.hashes is hashes and s.lo == i else _common(s.hashes, s.lo, hashes, i, n)
+            # _common's first test inline (the usual hit is a whole span): a call only when the hit ends inside it
+            if not (ref is hashes and lo == i) and ref[lo:lo + n] != hashes[i:i + n]:
+                n = _common(ref, lo, hashes, i, n)
             if s.cnt:
-                shared += k
-            i += k
+                shared += n
+            i += n
         return i, shared
 
     def acquire(self, hashes: list[int], hit: int) -> Holding:
@@ -204,7 +211,9 @@ class PrefixCache:
             lo = s.lo
             n = s.hi - lo
             ref = s.hashes
-            k = n if n <= hit - i and (ref is hashes and lo == i) else _common(ref, lo, hashes, i, min(n, hit - i))
+            m = n if n <= hit - i else hit - i
+            k = m if (ref is hashes and lo == i) or ref[lo:lo + m] == hashes[i:i + m] else \
+                _common(ref, lo, hashes, i, m)  # (_common's first test inline, as in match)
             if k < n:  # held up to inside the span: split it; the tail keeps the span's object and LRU place
                 head = _span(ref, lo, lo + k, s.cnt + 1)
                 start[head.key] = head
@@ -272,8 +281,8 @@ class PrefixCache:
         first block is cached already or a ``risky`` span is (the caller then carries out the evictions due and
         calls :meth:`register` on a new holding). In the common case the holding is the span of its blocks
         (``own``): one object, made once, for the lookup's miss, the registration and the release."""
-        if hi <= 0:
-            return holding(hashes)
+        if hi <= 0:  # no full block: it holds nothing, now or later (a prompt shorter than a block)
+            return _EMPTY
         key = hashes[0]
         if self.risky or key in self.start:
             return None
@@ -431,16 +440,16 @@ class PrefixCache:
         self.dropped += over
         if over > 0:
             free = self.free
-            k = 0  # whole spans to drop
-            for s in free:  # least recently used first
+            k = 0  # whole spans to drop: those before the one where ``over`` runs out, least recently used first
+            for k, s in enumerate(free):  # (k is read after the loop)
                 n = s.hi - s.lo
-                if n > over:  # the span's newest blocks go first
-                    s.hi -= over
+                if n >= over:
+                    if n > over:  # the span's newest blocks go first
+                        s.hi -= over
+                    else:  # (it goes whole)
+                        k += 1
                     break
-                k += 1
                 over -= n
-                if not over:
-                    break
             if k:
                 start = self.start
                 gone = list(islice(free, k))
