@@ -68,10 +68,23 @@ class PrefillNode:
         """The decode side has pulled ``req``'s KV: free its blocks (and unblock a stalled queue); its cached
         blocks stay cached (held by others, or free for reuse)."""
         freed = self.profile.blocks(req.input_tokens) * self.profile.kv_block_tokens
-        if req.p_held is not None:  # the evictions due before blocks are freed go first (see _lookup)
-            bt = self.hash_block_tokens  # the cache's unit: this node counts its pool in tokens
-            freed -= self.cache.release(req.p_held, (self.kv_capacity_tokens - self.kv_used_tokens) // bt) * bt
+        held = req.p_held
+        if held is not None:  # the evictions due before blocks are freed go first (see _lookup)
             req.p_held = None  # (the blocks still held by others stay in use)
+            cache, bt = self.cache, self.hash_block_tokens  # the cache's unit: this node counts its pool in tokens
+            keep = (self.kv_capacity_tokens - self.kv_used_tokens) // bt
+            if held.own and held.cnt == 1 and not held.lo:
+                # PrefixCache.release's common case, inline (one call less per request): the holding is the span
+                # of its blocks (no hit), whole, and nobody else holds it; it goes to the LRU tail
+                if cache.n_free > keep:
+                    cache.trim_to(keep)
+                held.own = False
+                held.ranges = ()
+                held.cnt = 0
+                cache.free[held] = None
+                cache.n_free += held.hi
+            else:
+                freed -= cache.release(held, keep) * bt
         self._use(-freed, t)
         self.held_handoffs -= 1
         if not self.busy and self.queue:
