@@ -582,10 +582,10 @@ class DecodeNode:
         # finishes; a prompt whose chunks end here does its own, in _finish_chunks). A boundary that frees nothing
         # leaves them to the next free or read (see _hold): the pool only fills until then, so the same LRU head
         # goes.
-        if cache is not None and cache.n_free and running and running[0][0] == n:
+        if cache is not None and running and running[0][0] == n and cache.n_free:
             # _cache_keep(n), inline: room beside the floor sum of the running decodes' blocks, less one each
-            free, unit = self.total_blocks - self.static_blocks - (self._ctx_base + bsz * n) // self.block_tokens, \
-                cache.unit
+            unit = cache.unit
+            free = self.total_blocks - self.static_blocks - (self._ctx_base + bsz * n) // self.block_tokens
             if cache.n_free * unit > free - bsz:  # some cached blocks may not fit
                 keep = free // unit
                 if keep != (free - bsz) // unit:
@@ -662,9 +662,8 @@ class DecodeNode:
     def _finish(self, r: Request, t: float) -> None:
         r.t_finish = t
         self.admitted -= 1
-        held = r.d_held
-        if held is not None:  # its blocks still held by others were counted once for both: count them again
-            r.d_held = None
+        if r.d_held is not None:  # its blocks still held by others were counted once for both: count them again
+            held, r.d_held = r.d_held, None
             if held.own and held.cnt == 1 and not held.lo:
                 # PrefixCache.release's common case, inline (one call less per request): the holding is the span
                 # of its blocks (no hit), whole, and nobody else holds it; it goes to the LRU tail

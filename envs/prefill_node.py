@@ -68,9 +68,8 @@ class PrefillNode:
         """The decode side has pulled ``req``'s KV: free its blocks (and unblock a stalled queue); its cached
         blocks stay cached (held by others, or free for reuse)."""
         freed = self.profile.blocks(req.input_tokens) * self.profile.kv_block_tokens
-        held = req.p_held
-        if held is not None:  # the evictions due before blocks are freed go first (see _lookup)
-            req.p_held = None  # (the blocks still held by others stay in use)
+        if req.p_held is not None:  # the evictions due before blocks are freed go first (see _lookup)
+            held, req.p_held = req.p_held, None  # (the blocks still held by others stay in use)
             cache, bt = self.cache, self.hash_block_tokens  # the cache's unit: this node counts its pool in tokens
             keep = (self.kv_capacity_tokens - self.kv_used_tokens) // bt
             if held.own and held.cnt == 1 and not held.lo:
