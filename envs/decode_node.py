@@ -665,8 +665,9 @@ class DecodeNode:
         if r.d_held is not None:  # its blocks still held by others were counted once for both: count them again
             held, r.d_held = r.d_held, None
             if held.own and held.cnt == 1 and not held.lo:
-                # PrefixCache.release's common case, inline (one call less per request): the holding is the span
-                # of its blocks (no hit), whole, and nobody else holds it; it goes to the LRU tail
+                # PrefixCache.release's first case, inline (one call less per request), doing exactly what it does
+                # there: the holding is the span of its blocks (no hit), whole, and nobody else holds it, so it goes
+                # to the LRU tail and no block stays held by others (release would return 0)
                 cache = self.cache
                 held.own = False
                 held.ranges = ()

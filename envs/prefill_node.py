@@ -73,8 +73,9 @@ class PrefillNode:
             cache, bt = self.cache, self.hash_block_tokens  # the cache's unit: this node counts its pool in tokens
             keep = (self.kv_capacity_tokens - self.kv_used_tokens) // bt
             if held.own and held.cnt == 1 and not held.lo:
-                # PrefixCache.release's common case, inline (one call less per request): the holding is the span
-                # of its blocks (no hit), whole, and nobody else holds it; it goes to the LRU tail
+                # PrefixCache.release's first case, inline (no call per request unless an eviction is due), doing
+                # exactly what it does there: the evictions due first, then the holding, the span of its blocks (no
+                # hit), whole and held by nobody else, goes to the LRU tail (release would return 0)
                 if cache.n_free > keep:
                     cache.trim_to(keep)
                 held.own = False

@@ -33,10 +33,14 @@ from operator import attrgetter
 # How the blocks are stored. A prompt's blocks enter the cache together, as one contiguous run of its hash
 # list, and they leave it together or from the tail: eviction is LRU among free blocks and a request frees its
 # blocks last-first, so the newest block of a run is always evicted before the older ones. The cache therefore
-# keeps *spans* (a run ``ref[lo:hi]`` of one prompt's hash list with one holder count), not blocks: a lookup,
+# keeps *spans* (a run ``hashes[lo:hi]`` of one prompt's hash list with one holder count), not blocks: a lookup,
 # a hold, a release and an eviction touch one or two spans, not ~30 blocks. A span is split when a request holds
 # only its head (the hit ends inside it) and shortened from its tail when evicted. This is exact, not an
 # approximation: ``tests/test_prefix_cache.py`` plays random operations against a block-by-block reference.
+#
+# The common request finds no hit and registers all its blocks as one new span. Its record of what it holds and
+# that span are then one object (class Holding plays both roles), made at the registration (add_new): one
+# allocation per request and node, and a release that touches that object alone.
 #
 # Why a lookup need only find span *starts*: hashes chain, so a block's predecessor inside its span is its
 # parent. A cached block whose parent is not the block before it in its span would be cached twice, which the
@@ -280,7 +284,10 @@ class PrefixCache:
         hit, so the nodes make its holding only now): the new holding, or ``None``, changing nothing, where the
         first block is cached already or a ``risky`` span is (the caller then carries out the evictions due and
         calls :meth:`register` on a new holding). In the common case the holding is the span of its blocks
-        (``own``): one object, made once, for the lookup's miss, the registration and the release."""
+        (``own``): one object, made once, for the lookup's miss, the registration and the release.
+
+        A prompt with no full block (``hi`` at most 0) gets a shared empty holding: it holds nothing and, as the
+        nodes call this with all the prompt's full blocks, never registers more."""
         if hi <= 0:  # no full block: it holds nothing, now or later (a prompt shorter than a block)
             return _EMPTY
         key = hashes[0]
