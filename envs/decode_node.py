@@ -219,7 +219,7 @@ class DecodeNode:
             self.static_blocks += need  # usage is noted at the next step boundary (nothing frees before it)
             req.kv_blocks = kv_need
             self.admitted += 1
-            if cache is not None and h is not None:
+            if hit:  # (no hit: it holds nothing yet; its holding is made when its blocks are registered)
                 self._hold(req, hit)
             if req.t_admit < 0.0:
                 req.t_admit = t
@@ -251,21 +251,19 @@ class DecodeNode:
         return cache.match(h, max_hit_blocks(h, req.input_tokens, req.generated, self.hash_block_tokens))
 
     def _hold(self, req: Request, hit: int) -> None:
-        """``req`` is admitted: it holds its cached prefix, which counts as computed.
+        """``req`` is admitted with a hit: it holds its cached prefix, which counts as computed (with no hit it holds
+        nothing yet, its d_done is 0 as at every admission and its holding is made at the registration:
+        :meth:`_take_joiners`, :meth:`_register_prefilled`).
 
         The evictions its new blocks cause can wait: until the next free the pool only fills (admissions, the
         decodes' growth) and nothing reads the LRU list, because every lookup that may hit, every registration that
         may meet cached blocks, every release and every free evicts what is due first (:meth:`_lookup`,
         :meth:`_take_joiners`, :meth:`_end_segment`, :meth:`_register_prefilled`, :meth:`_preempt`,
         :meth:`abandon_handoff`). So the same LRU head goes, in the same order, as if it went now."""
-        if hit:
-            req.d_held = self.cache.acquire(req.hashes, hit)
-            req.d_done = hit * self.hash_block_tokens
-            if req.t_admit < 0.0:
-                req.d_cached = req.d_done
-        else:  # (d_done is 0 at every admission, d_cached 0 until the first)
-            req.d_held = holding(req.hashes)
-            req.d_done = 0
+        req.d_held = self.cache.acquire(req.hashes, hit)
+        req.d_done = hit * self.hash_block_tokens
+        if req.t_admit < 0.0:
+            req.d_cached = req.d_done
 
     def _note_peak(self) -> None:
         used = self.static_blocks + self._running_blocks(self.steps_done)
@@ -303,11 +301,12 @@ class DecodeNode:
         blocks and its admission slot, then admit what waits."""
         self.inbound_handoffs -= 1
         cache = self.cache
-        if cache is not None and req.d_held is not None:
+        if cache is not None and req.hashes is not None:
             if cache.n_free:  # the evictions due before blocks are freed (see _hold)
                 self._evict(t)
-            self.static_blocks += cache.release(req.d_held) * cache.unit
-            req.d_held = None
+            if req.d_held is not None:  # (it holds a hit)
+                self.static_blocks += cache.release(req.d_held) * cache.unit
+                req.d_held = None
         self.static_blocks -= req.kv_blocks
         req.kv_blocks = 0
         self.admitted -= 1
@@ -425,7 +424,13 @@ class DecodeNode:
         if cache is not None:  # the KV arrived: the prompts' new full blocks are cached here now
             bt = self.hash_block_tokens
             for r in self.joiners:  # the common case, where no registration may meet cached blocks
-                if r.kv_blocks and r.d_held is not None and not cache.try_register(r.d_held, r.input_tokens // bt):
+                if r.kv_blocks and r.hashes is not None:
+                    if r.d_held is None:  # no hit: it holds nothing yet, its holding is made now
+                        r.d_held = cache.add_new(r.hashes, r.input_tokens // bt)
+                        if r.d_held is not None:
+                            continue
+                    elif cache.try_register(r.d_held, r.input_tokens // bt):
+                        continue
                     self._register_joiners(n_done)  # the rest (those registered here are not registered again)
                     break
         for r in self.joiners:
@@ -453,11 +458,21 @@ class DecodeNode:
         blocks (see :meth:`_hold`; the ones before it do not read the LRU list)."""
         cache, bt, trimmed = self.cache, self.hash_block_tokens, False
         for r in self.joiners:
-            if r.kv_blocks and r.d_held is not None and not cache.try_register(r.d_held, r.input_tokens // bt):
-                if not trimmed and cache.n_free:
-                    cache.trim_to(self._cache_keep(n_done))
-                    trimmed = True
-                cache.register(r.d_held, r.input_tokens // bt)
+            if not r.kv_blocks or r.hashes is None:
+                continue
+            hi = r.input_tokens // bt
+            if r.d_held is None:
+                r.d_held = cache.add_new(r.hashes, hi)
+                if r.d_held is not None:
+                    continue
+            elif cache.try_register(r.d_held, hi):
+                continue
+            if not trimmed and cache.n_free:
+                cache.trim_to(self._cache_keep(n_done))
+                trimmed = True
+            if r.d_held is None:
+                r.d_held = holding(r.hashes)
+            cache.register(r.d_held, hi)
 
     def _start_segment(self, t: float) -> None:
         self._starting = False
@@ -567,10 +582,10 @@ class DecodeNode:
         # finishes; a prompt whose chunks end here does its own, in _finish_chunks). A boundary that frees nothing
         # leaves them to the next free or read (see _hold): the pool only fills until then, so the same LRU head
         # goes.
-        if cache is not None and cache.n_free and running and running[0][0] == n:
+        if cache is not None and running and running[0][0] == n and cache.n_free:
             # _cache_keep(n), inline: room beside the floor sum of the running decodes' blocks, less one each
-            free, unit = self.total_blocks - self.static_blocks - (self._ctx_base + bsz * n) // self.block_tokens, \
-                cache.unit
+            unit = cache.unit
+            free = self.total_blocks - self.static_blocks - (self._ctx_base + bsz * n) // self.block_tokens
             if cache.n_free * unit > free - bsz:  # some cached blocks may not fit
                 keep = free // unit
                 if keep != (free - bsz) // unit:
@@ -612,7 +627,7 @@ class DecodeNode:
                     r.t_first_token = t
                 r.first_step = n
                 r.last_step = n + r.output_tokens - r.generated - 1
-                if r.d_held is not None:
+                if self.cache is not None and r.hashes is not None:
                     self._register_prefilled(r, n)
                 self.static_blocks -= r.kv_blocks  # a finished prompt: its blocks are a running decode's now
                 if r.last_step == n:
@@ -631,18 +646,36 @@ class DecodeNode:
         evictions due by now go first when the registration may meet cached blocks or when ``r`` finishes at once
         (its blocks are freed next); see :meth:`_hold`."""
         cache, hi = self.cache, r.input_tokens // self.hash_block_tokens
-        if r.last_step == n or not cache.try_register(r.d_held, hi):
-            if cache.n_free:
-                cache.trim_to(self._cache_keep(n))
-            cache.register(r.d_held, hi)
+        if r.last_step != n:  # the common case's shortcut
+            if r.d_held is None:  # no hit: it holds nothing yet, its holding is made now
+                r.d_held = cache.add_new(r.hashes, hi)
+                if r.d_held is not None:
+                    return
+            elif cache.try_register(r.d_held, hi):
+                return
+        if cache.n_free:
+            cache.trim_to(self._cache_keep(n))
+        if r.d_held is None:
+            r.d_held = holding(r.hashes)
+        cache.register(r.d_held, hi)
 
     def _finish(self, r: Request, t: float) -> None:
         r.t_finish = t
         self.admitted -= 1
         if r.d_held is not None:  # its blocks still held by others were counted once for both: count them again
-            cache = self.cache
-            self.static_blocks += cache.release(r.d_held) * cache.unit
-            r.d_held = None
+            held, r.d_held = r.d_held, None
+            if held.own and held.cnt == 1 and not held.lo:
+                # PrefixCache.release's first case, inline (one call less per request), doing exactly what it does
+                # there: the holding is the span of its blocks (no hit), whole, and nobody else holds it, so it goes
+                # to the LRU tail and no block stays held by others (release would return 0)
+                cache = self.cache
+                held.own = False
+                held.ranges = ()
+                held.cnt = 0
+                cache.free[held] = None
+                cache.n_free += held.hi
+            else:
+                self.static_blocks += self.cache.release(held) * self.cache.unit
         self._on_finished(r, t)
 
     def cached_prefix_tokens(self, hashes: list[int], prompt_tokens: int, t: float) -> int:

@@ -69,9 +69,22 @@ class PrefillNode:
         blocks stay cached (held by others, or free for reuse)."""
         freed = self.profile.blocks(req.input_tokens) * self.profile.kv_block_tokens
         if req.p_held is not None:  # the evictions due before blocks are freed go first (see _lookup)
-            bt = self.hash_block_tokens  # the cache's unit: this node counts its pool in tokens
-            freed -= self.cache.release(req.p_held, (self.kv_capacity_tokens - self.kv_used_tokens) // bt) * bt
-            req.p_held = None  # (the blocks still held by others stay in use)
+            held, req.p_held = req.p_held, None  # (the blocks still held by others stay in use)
+            cache, bt = self.cache, self.hash_block_tokens  # the cache's unit: this node counts its pool in tokens
+            keep = (self.kv_capacity_tokens - self.kv_used_tokens) // bt
+            if held.own and held.cnt == 1 and not held.lo:
+                # PrefixCache.release's first case, inline (no call per request unless an eviction is due), doing
+                # exactly what it does there: the evictions due first, then the holding, the span of its blocks (no
+                # hit), whole and held by nobody else, goes to the LRU tail (release would return 0)
+                if cache.n_free > keep:
+                    cache.trim_to(keep)
+                held.own = False
+                held.ranges = ()
+                held.cnt = 0
+                cache.free[held] = None
+                cache.n_free += held.hi
+            else:
+                freed -= cache.release(held, keep) * bt
         self._use(-freed, t)
         self.held_handoffs -= 1
         if not self.busy and self.queue:
@@ -104,8 +117,7 @@ class PrefillNode:
                         break
                 elif self.kv_used_tokens + need > self.kv_capacity_tokens:
                     break  # FCFS: the head waits for KV room
-                elif h is not None and cache is not None:  # no hit, whatever is evicted: it holds nothing yet
-                    r.p_held = holding(h)
+                # (else no hit, whatever is evicted: it holds nothing yet, and its holding is made at _end_step)
                 self._use(need, t)
                 r.t_p_start = t
             c = r.p_remaining if r.p_remaining < budget else budget
@@ -162,9 +174,18 @@ class PrefillNode:
             r.p_done = cached
             r.p_remaining -= cached
             self.waiting_tokens -= cached
-        else:
-            r.p_held = holding(h)
-        return need
+        return need  # (no hit: it holds nothing yet; _end_step makes its holding)
+
+    def _register(self, r: Request, hi: int) -> None:
+        """``r``'s blocks up to ``hi`` become cached where some of them may be cached already (the common case's
+        shortcut, :meth:`PrefixCache.add_new` or :meth:`PrefixCache.try_register`, declined): the evictions due
+        first (see :meth:`_lookup`)."""
+        cache = self.cache
+        if cache.n_free:
+            cache.trim_to((self.kv_capacity_tokens - self.kv_used_tokens) // cache.unit)
+        if r.p_held is None:
+            r.p_held = holding(r.hashes)
+        cache.register(r.p_held, hi)
 
     def _end_step(self, t: float, _: object) -> None:
         queue = self.queue
@@ -175,12 +196,14 @@ class PrefillNode:
             if r.p_remaining == 0:
                 queue.popleft()  # only the batch's last prompt can be partial, so finished ones are a prefix
                 r.t_p_end = t
-                if r.p_held is not None:
-                    cache, hi = self.cache, r.input_tokens // self.hash_block_tokens
-                    if not cache.try_register(r.p_held, hi):  # it may meet cached blocks: the evictions due first
-                        if cache.n_free:  # (see _lookup)
-                            cache.trim_to((self.kv_capacity_tokens - self.kv_used_tokens) // cache.unit)
-                        cache.register(r.p_held, hi)
+                if self.cache is not None and r.hashes is not None:  # its full blocks become cached
+                    hi = r.input_tokens // self.hash_block_tokens
+                    if r.p_held is None:  # no hit: it holds nothing yet, its holding is made now (the common case)
+                        r.p_held = self.cache.add_new(r.hashes, hi)
+                        if r.p_held is None:
+                            self._register(r, hi)
+                    elif not self.cache.try_register(r.p_held, hi):
+                        self._register(r, hi)
                 self.held_handoffs += 1
                 self._on_prefilled(r, t)
         self.busy = False

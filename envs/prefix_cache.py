@@ -28,14 +28,19 @@ block another request registered meanwhile keeps its own copy uncached, as vLLM 
 from __future__ import annotations
 
 from itertools import islice
+from operator import attrgetter
 
 # How the blocks are stored. A prompt's blocks enter the cache together, as one contiguous run of its hash
 # list, and they leave it together or from the tail: eviction is LRU among free blocks and a request frees its
 # blocks last-first, so the newest block of a run is always evicted before the older ones. The cache therefore
-# keeps *spans* (a run ``ref[lo:hi]`` of one prompt's hash list with one holder count), not blocks: a lookup,
+# keeps *spans* (a run ``hashes[lo:hi]`` of one prompt's hash list with one holder count), not blocks: a lookup,
 # a hold, a release and an eviction touch one or two spans, not ~30 blocks. A span is split when a request holds
 # only its head (the hit ends inside it) and shortened from its tail when evicted. This is exact, not an
 # approximation: ``tests/test_prefix_cache.py`` plays random operations against a block-by-block reference.
+#
+# The common request finds no hit and registers all its blocks as one new span. Its record of what it holds and
+# that span are then one object (class Holding plays both roles), made at the registration (add_new): one
+# allocation per request and node, and a release that touches that object alone.
 #
 # Why a lookup need only find span *starts*: hashes chain, so a block's predecessor inside its span is its
 # parent. A cached block whose parent is not the block before it in its span would be cached twice, which the
@@ -45,48 +50,35 @@ from itertools import islice
 
 _DUE_MAX = 512  # evicted blocks left in the span dicts at most (see PrefixCache.trim_to)
 _NO_TRIM = 1 << 62  # PrefixCache.release's default ``keep``: no eviction first
+_KEY = attrgetter("key")  # a span's key in PrefixCache.start
 
 
 _new = object.__new__  # the hot paths make spans and holdings without a constructor call (half the cost)
 
 
-class _Span:
-    """Cached blocks ``ref[lo:hi]`` of one prompt's hash list, all held by ``cnt`` running requests; ``key`` is
-    ``ref[lo]``, its key in :attr:`PrefixCache.start` (kept, so dropping the span reads neither ``ref`` nor
-    its items)."""
-
-    __slots__ = ("ref", "lo", "hi", "cnt", "key")
-
-    def __init__(self, ref: list[int], lo: int, hi: int, cnt: int) -> None:
-        self.ref, self.lo, self.hi, self.cnt, self.key = ref, lo, hi, cnt, ref[lo]
-
-
-def _span(ref: list[int], lo: int, hi: int) -> _Span:
-    """``_Span(ref, lo, hi, 1)``: a new span held by the request that registers it."""
-    s = _new(_Span)
-    s.ref = ref
-    s.lo = lo
-    s.hi = hi
-    s.cnt = 1
-    s.key = ref[lo]
-    return s
-
-
 class Holding:
-    """A request's blocks held in one node's cache: its hash list, how many of its leading blocks are settled
-    (the hit, then every full block once its KV is computed or received), and the ranges ``[lo, hi)`` of its
-    hash list it holds, as a flat tuple (a block another request cached first is not held by this one).
+    """A request's blocks held in one node's cache, and a span of cached blocks: one class for both roles, so that
+    the common request (no hit, its blocks registered as one span) is one object per node, not two.
 
-    ``own`` is a shortcut for the common case, a request that found no hit and registered its blocks in one
-    span: that span, while the request holds exactly it (``None`` otherwise; the span is still whole while its
-    ``lo`` is 0, since a split gives the head to a new span)."""
+    As a holding: its hash list ``hashes``, how many of its leading blocks are settled (``n``: the hit, then every
+    full block once its KV is computed or received), and the ranges ``[lo, hi)`` of its hash list it holds, as a
+    flat tuple ``ranges`` (a block another request cached first is not held by this one).
 
-    __slots__ = ("hashes", "n", "ranges", "own")
+    As a span: the cached blocks ``hashes[lo:hi]`` of one prompt, held by ``cnt`` running requests; ``key`` is
+    ``hashes[lo]``, its key in :attr:`PrefixCache.start` (kept, so dropping the span reads neither the hash list
+    nor its items). Spans made by a split or by :meth:`PrefixCache.register` play this role only (their holding
+    slots are unset or stale); a holding plays it too once it registered its blocks as one span (``own``).
+
+    ``own`` marks that common case: a request that found no hit and registered its blocks in one span, which is
+    this object itself, while the request holds exactly it. The span is still whole while its ``lo`` is 0 (a split
+    gives the head to a new span); the span slots of a holding that never registered so are unset."""
+
+    __slots__ = ("hashes", "n", "ranges", "own", "lo", "hi", "cnt", "key")
 
     def __init__(self, hashes: list[int], n: int = 0) -> None:
         self.hashes, self.n = hashes, n
         self.ranges: tuple[int, ...] = (0, n) if n else ()
-        self.own: _Span | None = None
+        self.own = False
 
     @property
     def blocks(self) -> int:
@@ -101,8 +93,24 @@ def holding(hashes: list[int], n: int = 0) -> Holding:
     held.hashes = hashes
     held.n = n
     held.ranges = (0, n) if n else ()
-    held.own = None
+    held.own = False
     return held
+
+
+_EMPTY = holding([])  # add_new's holding for a prompt with no full block: it holds nothing and never will (shared:
+# what release writes to it, an empty range tuple and no ``own``, it has already)
+
+
+def _span(ref: list[int], lo: int, hi: int, cnt: int = 1) -> Holding:
+    """A span ``ref[lo:hi]`` held by ``cnt`` requests (by default the one that registers it); its holding slots
+    stay unset."""
+    s = _new(Holding)
+    s.hashes = ref
+    s.lo = lo
+    s.hi = hi
+    s.cnt = cnt
+    s.key = ref[lo]
+    return s
 
 
 def _common(a: list[int], i: int, b: list[int], j: int, n: int) -> int:
@@ -127,33 +135,46 @@ class PrefixCache:
     :param unit: pool blocks (or tokens, as the node counts its pool) one cached (trace) block occupies.
     """
 
-    __slots__ = ("unit", "start", "free", "n_free", "n_blocks", "evictions", "risky", "due")
+    __slots__ = ("unit", "start", "free", "n_free", "added", "dropped", "risky", "due")
 
     def __init__(self, unit: int) -> None:
         self.unit = unit
-        self.start: dict[int, _Span] = {}
+        self.start: dict[int, Holding] = {}
         # a plain dict keeps insertion order and a span leaves it when held again, so its order is LRU order
-        self.free: dict[_Span, None] = {}
+        self.free: dict[Holding, None] = {}
         self.n_free = 0  # cached blocks nobody holds
-        self.n_blocks = 0  # cached blocks
-        self.evictions = 0
+        # The other counts, as sums kept where they change least often: blocks ever cached (``added``) and evicted
+        # (``dropped``: gone from the dicts; ``due``: evicted, still in ``start`` and ``free``, at the LRU head;
+        # see trim_to). An eviction then changes two counts, not four.
+        self.added = 0
+        self.dropped = 0
+        self.due = 0
         self.risky: set[int] = set()  # first hashes of cached spans whose registrant did not hold their parent
-        self.due = 0  # evicted blocks still in ``start`` and ``free``, at the LRU head (see trim_to)
+
+    @property
+    def n_blocks(self) -> int:
+        """Cached blocks."""
+        return self.added - self.dropped - self.due
+
+    @property
+    def evictions(self) -> int:
+        """Blocks evicted so far."""
+        return self.dropped + self.due
 
     def __len__(self) -> int:
-        return self.n_blocks
+        return self.added - self.dropped - self.due
 
     def __contains__(self, h: int) -> bool:
         """Whether block ``h`` is cached (a scan: for tests and inspection, not the hot path)."""
         if self.due:
             self._drop_evicted()
-        return any(h in s.ref[s.lo:s.hi] for s in self.start.values())
+        return any(h in s.hashes[s.lo:s.hi] for s in self.start.values())
 
     def free_hashes(self) -> list[int]:
         """The free-but-cached blocks in eviction order (inspection)."""
         if self.due:
             self._drop_evicted()
-        return [h for s in self.free for h in reversed(s.ref[s.lo:s.hi])]
+        return [h for s in self.free for h in reversed(s.hashes[s.lo:s.hi])]
 
     @property
     def held_blocks(self) -> int:
@@ -171,13 +192,16 @@ class PrefixCache:
             s = start.get(hashes[i])
             if s is None:
                 break
-            n = s.hi - s.lo
+            lo, ref = s.lo, s.hashes
+            n = s.hi - lo
             if n > n_max - i:
                 n = n_max - i
-            k = n if s.ref is hashes and s.lo == i else _common(s.ref, s.lo, hashes, i, n)
+            # _common's first test inline (the usual hit is a whole span): a call only when the hit ends inside it
+            if not (ref is hashes and lo == i) and ref[lo:lo + n] != hashes[i:i + n]:
+                n = _common(ref, lo, hashes, i, n)
             if s.cnt:
-                shared += k
-            i += k
+                shared += n
+            i += n
         return i, shared
 
     def acquire(self, hashes: list[int], hit: int) -> Holding:
@@ -190,12 +214,15 @@ class PrefixCache:
             s = start[hashes[i]]
             lo = s.lo
             n = s.hi - lo
-            k = n if n <= hit - i and (s.ref is hashes and lo == i) else _common(s.ref, lo, hashes, i, min(n, hit - i))
+            ref = s.hashes
+            m = n if n <= hit - i else hit - i
+            k = m if (ref is hashes and lo == i) or ref[lo:lo + m] == hashes[i:i + m] else \
+                _common(ref, lo, hashes, i, m)  # (_common's first test inline, as in match)
             if k < n:  # held up to inside the span: split it; the tail keeps the span's object and LRU place
-                head = _Span(s.ref, lo, lo + k, s.cnt + 1)
+                head = _span(ref, lo, lo + k, s.cnt + 1)
                 start[head.key] = head
                 s.lo = lo + k
-                s.key = s.ref[lo + k]
+                s.key = ref[lo + k]
                 start[s.key] = s
                 if not s.cnt:
                     self.n_free -= k
@@ -226,18 +253,58 @@ class PrefixCache:
             return True
         hashes, r, start = held.hashes, held.ranges, self.start
         key = hashes[lo]
-        if self.risky or key in start or (lo and not (r and r[-1] == lo)):
+        if self.risky or key in start:
+            return False
+        if not r:
+            if lo:  # it holds none of the blocks before the new ones (another request cached them)
+                return False
+            # No hit and nothing held yet (the common case): the holding itself becomes the span of its blocks.
+            # It has never been a span (only a holding with no range can, and a registration gives it one).
+            start[key] = held
+            held.lo = 0
+            held.hi = hi
+            held.cnt = 1
+            held.key = key
+            held.n = hi
+            held.ranges = (0, hi)
+            held.own = True
+            self.added += hi
+            return True
+        if r[-1] != lo:
             return False
         held.n = hi
-        sp = start[key] = _span(hashes, lo, hi)
-        self.n_blocks += hi - lo
-        if r:
-            held.ranges = r[:-1] + (hi,)
-            held.own = None  # it holds more than one span now
-        else:
-            held.ranges = (lo, hi)
-            held.own = sp  # (lo is 0: nothing held before)
+        start[key] = _span(hashes, lo, hi)
+        self.added += hi - lo
+        held.ranges = r[:-1] + (hi,)
+        held.own = False  # it holds more than one span now
         return True
+
+    def add_new(self, hashes: list[int], hi: int) -> Holding | None:
+        """``try_register(holding(hashes), hi)`` in one call, for a request that holds nothing here yet (it found no
+        hit, so the nodes make its holding only now): the new holding, or ``None``, changing nothing, where the
+        first block is cached already or a ``risky`` span is (the caller then carries out the evictions due and
+        calls :meth:`register` on a new holding). In the common case the holding is the span of its blocks
+        (``own``): one object, made once, for the lookup's miss, the registration and the release.
+
+        A prompt with no full block (``hi`` at most 0) gets a shared empty holding: it holds nothing and, as the
+        nodes call this with all the prompt's full blocks, never registers more."""
+        if hi <= 0:  # no full block: it holds nothing, now or later (a prompt shorter than a block)
+            return _EMPTY
+        key = hashes[0]
+        if self.risky or key in self.start:
+            return None
+        held = _new(Holding)
+        held.hashes = hashes
+        held.n = hi
+        held.ranges = (0, hi)
+        held.own = True
+        held.lo = 0
+        held.hi = hi
+        held.cnt = 1
+        held.key = key
+        self.start[key] = held
+        self.added += hi
+        return held
 
     def register(self, held: Holding, hi: int) -> None:
         """The request computed (or received) its blocks up to ``hi``: each not cached yet becomes cached, held by
@@ -256,7 +323,7 @@ class PrefixCache:
         if self.due:
             self._drop_evicted()
         held.n = hi
-        held.own = None  # (the shortcut is for the common case only, try_register's)
+        held.own = False  # (the shortcut is for the common case only, try_register's; a span it is stays one)
         hashes, start, r = held.hashes, self.start, held.ranges
         i = lo
         ours = not lo or (r and r[-1] == lo)  # this request holds the block before the new ones
@@ -264,13 +331,13 @@ class PrefixCache:
             i += self._continuation(hashes, lo, hi)
         elif not (hashes[lo] in start if not self.risky else any(map(start.__contains__, islice(hashes, lo, hi)))):
             start[hashes[lo]] = _span(hashes, lo, hi)  # the common case: nothing of it cached meanwhile
-            self.n_blocks += hi - lo
+            self.added += hi - lo
             held.ranges = r[:-1] + (hi,) if r else (lo, hi)
             return
         while i < hi:  # rare: skip the runs another request cached meanwhile
             s = start.get(hashes[i])
             if s is not None:
-                i += _common(s.ref, s.lo, hashes, i, min(s.hi - s.lo, hi - i))
+                i += _common(s.hashes, s.lo, hashes, i, min(s.hi - s.lo, hi - i))
                 ours = False
                 continue
             j = i + 1
@@ -284,7 +351,7 @@ class PrefixCache:
         request holds (a scan over the spans: only when one request registers its blocks in pieces)."""
         h = hashes[lo - 1]
         for s in self.start.values():
-            ref = s.ref
+            ref = s.hashes
             if h in ref[s.lo:s.hi]:
                 p = ref.index(h, s.lo, s.hi) + 1
                 return _common(ref, p, hashes, lo, min(s.hi - p, hi - lo)) if p < s.hi and ref[p] == hashes[lo] else 0
@@ -295,7 +362,7 @@ class PrefixCache:
         self.start[h] = _span(held.hashes, lo, hi)
         if risky and lo:
             self.risky.add(h)
-        self.n_blocks += hi - lo
+        self.added += hi - lo
         r = held.ranges
         held.ranges = r[:-1] + (hi,) if r and r[-1] == lo else r + (lo, hi)
 
@@ -305,18 +372,22 @@ class PrefixCache:
 
         With ``keep``, the evictions due before blocks are freed go first: :meth:`trim_to` ``(keep)`` in the same
         call (the hot path: one call per request and node)."""
-        if self.n_free > keep:  # (a call only when an eviction is due)
-            self.trim_to(keep)
-        sp = held.own
-        if sp is not None:
-            held.own = None
-            if not sp.lo:  # it holds exactly this span, whole (the common case: no hash list read)
+        if self.n_free > keep:  # trim_to(keep), inline
+            if keep < 0:
+                keep = 0
+            self.due += self.n_free - keep
+            self.n_free = keep
+            if self.due > _DUE_MAX:
+                self._drop_evicted()
+        if held.own:  # it is the span of its blocks (try_register)
+            held.own = False
+            if not held.lo:  # and holds exactly it, whole (the common case: no hash list read, no other object)
                 held.ranges = ()
-                sp.cnt -= 1
-                if sp.cnt:
-                    return sp.hi
-                self.free[sp] = None
-                self.n_free += sp.hi
+                held.cnt -= 1
+                if held.cnt:
+                    return held.hi
+                self.free[held] = None
+                self.n_free += held.hi
                 return 0
         start, hashes, r = self.start, held.hashes, held.ranges
         held.ranges = ()  # nothing held any more (a second release frees nothing)
@@ -362,40 +433,38 @@ class PrefixCache:
         That is the same eviction: they are the LRU head, and until they leave nothing but a release changes the
         LRU list, which appends at the tail (:meth:`try_register` adds a span only where ``start`` has none, and
         sends any other case to :meth:`register`)."""
-        over = self.n_free - (keep if keep > 0 else 0)
-        if over > 0:
-            self.evictions += over
-            self.n_free -= over
-            self.n_blocks -= over
-            self.due += over
+        if self.n_free > keep:
+            if keep < 0:
+                keep = 0
+            self.due += self.n_free - keep
+            self.n_free = keep
             if self.due > _DUE_MAX:
                 self._drop_evicted()
 
     def _drop_evicted(self) -> None:
         """Take the ``due`` evicted blocks off the LRU head: whole spans leave, the last one is shortened."""
         over, self.due = self.due, 0
+        self.dropped += over
         if over > 0:
-            k = 0  # whole spans to drop
-            for s in self.free:  # least recently used first
+            free = self.free
+            k = 0  # whole spans to drop: those before the one where ``over`` runs out, least recently used first
+            for k, s in enumerate(free):  # (k is read after the loop)
                 n = s.hi - s.lo
-                if n > over:  # the span's newest blocks go first
-                    s.hi -= over
+                if n >= over:
+                    if n > over:  # the span's newest blocks go first
+                        s.hi -= over
+                    else:  # (it goes whole)
+                        k += 1
                     break
-                k += 1
                 over -= n
-                if not over:
-                    break
-            free, start, risky = self.free, self.start, self.risky
-            gone = list(islice(free, k))
-            if risky:
+            if k:
+                start = self.start
+                gone = list(islice(free, k))
                 for s in gone:
                     del free[s]
                     del start[s.key]
-                    risky.discard(s.key)
-            else:
-                for s in gone:
-                    del free[s]
-                    del start[s.key]
+                if self.risky:
+                    self.risky.difference_update(map(_KEY, gone))
 
     @property
     def free_blocks(self) -> int:

@@ -62,6 +62,10 @@ class BlockCache:
         self.register(held, hi)
         return True
 
+    def add_new(self, hashes: list[int], hi: int) -> Holding | None:
+        held = Holding(hashes)
+        return held if self.try_register(held, hi) else None
+
     def register(self, held: Holding, hi: int) -> None:
         for i in range(held.n, hi):
             if held.hashes[i] not in self.cnt:  # one cached meanwhile by another request stays that one's

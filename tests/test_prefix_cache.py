@@ -343,19 +343,31 @@ def test_spans_equal_a_block_by_block_cache(seed):
             n_max = rng.randint(0, len(h))
             got = [c.match(h, n_max) for c in caches]
             assert got[0] == got[1], (step, h, n_max)
-            live.append((h, [c.acquire(h, got[0][0]) for c in caches]))
+            if not got[0][0] and rng.random() < 0.5:  # as the nodes do: no hit, no holding until its registration
+                live.append((h, [None, None]))
+            else:
+                live.append((h, [c.acquire(h, got[0][0]) for c in caches]))
         elif op < 0.6:  # a request's KV is computed: its blocks up to some point become cached
             h, held = rng.choice(live)
-            hi = rng.randint(held[1].n, len(h))
-            if rng.random() < 0.5:  # as the nodes do: the common case's shortcut first (or it changes nothing)
-                assert caches[0].try_register(held[0], hi) or caches[0].register(held[0], hi) is None
-            else:
-                caches[0].register(held[0], hi)
-            caches[1].register(held[1], hi)
+            if held[0] is None:  # the nodes' way for a request with no hit: once, all its full blocks
+                for j, c in enumerate(caches):
+                    held[j] = c.add_new(h, len(h))
+                    if held[j] is None:  # declined (a block may be cached already): the general way
+                        held[j] = prefix_cache.holding(h)
+                        c.register(held[j], len(h))
+            elif held[0] is not prefix_cache._EMPTY:  # (add_new's holding with no full block registers no more)
+                hi = rng.randint(held[1].n, len(h))
+                if rng.random() < 0.5:  # as the nodes do: the common case's shortcut first (or it changes nothing)
+                    assert caches[0].try_register(held[0], hi) or caches[0].register(held[0], hi) is None
+                else:
+                    caches[0].register(held[0], hi)
+                caches[1].register(held[1], hi)
             assert held[0].blocks == held[1].blocks
         elif op < 0.85:  # a request finishes or is preempted, half the time evicting what is due first
             h, held = live.pop(rng.randrange(len(live)))
-            if rng.random() < 0.5:
+            if held[0] is None:  # it holds nothing (no hit, not registered): the nodes release nothing
+                pass
+            elif rng.random() < 0.5:
                 assert caches[0].release(held[0]) == caches[1].release(held[1])
             else:
                 keep = rng.randint(0, caches[1].n_free + 1)
