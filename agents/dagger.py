@@ -168,6 +168,8 @@ def collect_episode(cfg: DaggerConfig, net: SetPolicyNet | None, beta: float, sh
         from deflectlab.policies.registry import make_policy
 
         teacher = make_policy(cfg.teacher)
+        if hasattr(teacher, "attach"):  # a planner given as a spec (e.g. lookahead with a tuned base) plays this sim
+            teacher.attach(env.sim)
     else:
         from deflectlab.policies.lookahead import Lookahead
 

@@ -115,6 +115,48 @@ def test_a_heuristic_teacher_labels_by_its_own_rule():
     assert all(r[i, y] == 0 and np.isnan(np.delete(r[i], y)).all() for i, y in enumerate(data.label[(2, 2)]))
 
 
+def test_a_planner_spec_teacher_plays_the_episode_it_labels():
+    """``--teacher lookahead:...`` (the planner with another base) is attached to the episode's simulation, so
+    its labels are the planner's decisions there, as with the built-in planner: same base, same labels."""
+    spec = DaggerConfig(**{**TINY.__dict__, "teacher": f"lookahead:horizon_s={TINY.horizon_s},base=length_threshold,"
+                                                       f"base_max_len={TINY.base_max_len}"})
+    a, b = Dataset(), Dataset()
+    collect_episode(spec, None, 1.0, (2, 2), "azure_code", 7, a, np.random.default_rng(0))
+    collect_episode(TINY, None, 1.0, (2, 2), "azure_code", 7, b, np.random.default_rng(0))
+    assert len(a) == len(b) > 0 and a.label[(2, 2)] == b.label[(2, 2)]
+
+
+def test_a_teacher_is_told_each_decision_that_was_not_its_own(monkeypatch):
+    """With the learner acting, DAgger tells the teacher every decision that differs from the one it labelled
+    (``Policy.taken``), and only those: a spy around the proactive deflector records both."""
+    from deflectlab.policies import registry
+    from deflectlab.policies.proactive import ProactiveDeflector
+
+    calls, told = [], []
+
+    class Spy(ProactiveDeflector):
+        def decide(self, view, request):
+            d = super().decide(view, request)
+            told.append(d)
+            return d
+
+        def taken(self, view, request, decision):
+            calls.append((len(told) - 1, decision))
+            super().taken(view, request, decision)
+
+    monkeypatch.setattr(registry, "make_policy", lambda spec: Spy())
+    cfg = DaggerConfig(shapes=[(2, 2)], traces=["azure_code"], loads=(3.0, 3.0), window_s=60.0,
+                       window_start_s=(300.0, 600.0), iterations=1, episodes_per_iteration=1, max_decisions=200,
+                       hidden=8, teacher="proactive", feature_schema=3)
+    torch.manual_seed(0)
+    data = Dataset()
+    out = collect_episode(cfg, SetPolicyNet(8, 3), 0.0, (2, 2), "azure_code", 5, data, np.random.default_rng(0))
+    assert out["decisions"] == len(told) > 50
+    differs = out["decisions"] - out["agree"]  # the untrained learner's actions that are not the label
+    assert differs > 0 and len(calls) >= differs  # told at least of every other action (and of other caps)
+    assert all(d != told[i] for i, d in calls)  # never of its own decision
+
+
 def test_bad_teacher_is_named():
     with pytest.raises(ValueError, match="teacher 'no_such_policy'"):
         DaggerConfig(teacher="no_such_policy")
