@@ -257,8 +257,9 @@ FEATURE_SCHEMA_V3 = FeatureSchema(
         _f("path_best", "flag", "flag", 1.0,
            "1 on the feasible decode node with the lowest T_D (the first on ties); 0 everywhere when none is"),
         _f("path_vs_other", "ratio of estimates", "squash", 1.0,
-           "T_D here over the lowest T_P of a prefill node (1.0 when infeasible or with no prefill node): the "
-           "proactive deflector deflects to its best node when this is below 1 - margin"),),
+           "T_D here over the lowest T_P of a prefill node (1.0 when infeasible; 0 with no prefill node, where "
+           "only deflections are possible): the proactive deflector deflects to its best node when this is below "
+           "1 - margin"),),
 )
 #: Every schema this code builds, by version.
 SCHEMAS: dict[int, FeatureSchema] = {1: FEATURE_SCHEMA, 2: FEATURE_SCHEMA_V2, 3: FEATURE_SCHEMA_V3}
