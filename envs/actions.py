@@ -3,8 +3,8 @@
 ``nodes`` (the default) is ``Discrete(P + D)``: prefill on prefill node ``i`` or deflect to decode node ``j``.
 With symmetric nodes most of those actions are equivalent (two idle prefill nodes), and a learner has to find
 that out for itself. ``two_way`` is ``Discrete(2)``: 0 = prefill, 1 = deflect, with the node picked by the
-lowest estimated TTFT (the observation's ``est_ttft`` of each node: the proactive deflector's per-path
-estimate, squashed), so the agent learns only *whether* to deflect. The deflect action is valid when some
+lowest estimated TTFT (the observation's ``est_ttft`` of each node, ``path_ttft`` in schema 3: the proactive
+deflector's per-path estimate, squashed), so the agent learns only *whether* to deflect. The deflect action is valid when some
 decode node is (KV room for the prompt); ties go to the lowest index.
 """
 
@@ -18,11 +18,13 @@ ACTION_SPACES = ("nodes", "two_way")
 
 
 def est_ttft_columns(num_prefill: int, num_decode: int, feature_schema: int = 1) -> tuple[list[int], list[int]]:
-    """Observation columns of each prefill node's and each decode node's ``est_ttft`` (squashed, 0.5 = one
-    TTFT SLO; 1 = deflection infeasible) under feature schema ``feature_schema``."""
+    """Observation columns of each prefill node's and each decode node's TTFT estimate (squashed, 0.5 = one TTFT
+    SLO; 1 = deflection infeasible) under feature schema ``feature_schema``: ``est_ttft`` in schemas 1 and 2,
+    ``path_ttft`` (the proactive deflector's own estimate, whose chunk caps schema 3 deflects with) in schema 3."""
     names = schema(feature_schema).names(num_prefill, num_decode)
-    return ([names.index(f"prefill[{i}].est_ttft") for i in range(num_prefill)],
-            [names.index(f"decode[{j}].est_ttft") for j in range(num_decode)])
+    key = "path_ttft" if feature_schema >= 3 else "est_ttft"
+    return ([names.index(f"prefill[{i}].{key}") for i in range(num_prefill)],
+            [names.index(f"decode[{j}].{key}") for j in range(num_decode)])
 
 
 class TwoWay:

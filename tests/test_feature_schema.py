@@ -544,13 +544,14 @@ def test_train_and_dagger_take_feature_schema_flags(tmp_path):
 
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_two_way_actions_read_est_ttft_in_either_schema(version):
-    """The two-way action space finds each node's est_ttft column in the schema the env builds."""
+    """The two-way action space finds each node's TTFT estimate column in the schema the env builds."""
     from deflectlab.envs.actions import TwoWay, est_ttft_columns
 
     names = schema(version).names(2, 3)
     p_cols, d_cols = est_ttft_columns(2, 3, version)
-    assert [names[c] for c in p_cols] == ["prefill[0].est_ttft", "prefill[1].est_ttft"]
-    assert [names[c] for c in d_cols] == [f"decode[{j}].est_ttft" for j in range(3)]
+    key = "path_ttft" if version == 3 else "est_ttft"  # schema 3: the proactive deflector's own estimate
+    assert [names[c] for c in p_cols] == [f"prefill[0].{key}", f"prefill[1].{key}"]
+    assert [names[c] for c in d_cols] == [f"decode[{j}].{key}" for j in range(3)]
     obs = np.zeros(len(names), np.float32)
     obs[d_cols] = [0.9, 0.2, 0.4]
     obs[p_cols] = [0.7, 0.3]
