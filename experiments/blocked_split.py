@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learned", action="append", default=[], metavar="LABEL=SPEC",
                    help="a learned policy to evaluate (repeatable), e.g. es=learned:path=runs/es/policy")
     p.add_argument("--planner", action="store_true", help="also run the clairvoyant lookahead planner (slow)")
+    p.add_argument("--shapes", default=None, metavar="PxD,...",
+                   help="evaluate only the settings of these cluster shapes (e.g. 2x2 for fixed-shape policies)")
     a = p.parse_args(argv)
     command = "python -m deflectlab.experiments.blocked_split " + shlex.join(argv if argv is not None else sys.argv[1:])
     a.out.mkdir(parents=True, exist_ok=True)
@@ -307,7 +309,17 @@ def main(argv: list[str] | None = None) -> int:
         learned[label.strip()] = spec.strip()
     if not learned and not a.planner:
         p.error("nothing to evaluate: give --learned LABEL=SPEC and/or --planner")
-    res = evaluate(tuned_file, learned, a.episodes or 20, a.jobs, a.planner)
+    settings = None
+    if a.shapes:
+        try:
+            want = {tuple(int(x) for x in item.lower().split("x")) for item in a.shapes.split(",")}
+        except ValueError:
+            p.error(f"--shapes {a.shapes!r}: expected PxD[,PxD...], e.g. 2x2,4x4")
+        settings = [st for st in SETTINGS if st[0] in want]
+        if not settings:
+            p.error(f"--shapes {a.shapes!r}: no setting has these shapes; the settings have "
+                    f"{', '.join(sorted({f'{q}x{r}' for (q, r), *_ in SETTINGS}))}")
+    res = evaluate(tuned_file, learned, a.episodes or 20, a.jobs, a.planner, settings)
     text = markdown(res, command, yaml.safe_load(tuned_file.read_text()))
     (a.out / "evaluation.json").write_text(json.dumps({**res, "command": command}, separators=(",", ":"),
                                                       default=float))

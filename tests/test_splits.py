@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +121,18 @@ def test_blocked_study_tunes_on_training_blocks_and_evaluates_on_held_out_ones(t
     (tmp_path / "evaluation.json").write_text(json.dumps({**res, "command": "cmd"}, default=float))
     summary = bs.blocked_summary(tmp_path)
     assert row in summary and summary.startswith("## The blocked split: the learned policy `same as proactive`")
+
+
+def test_blocked_evaluate_shapes_option_names_bad_values(tmp_path, capsys):
+    """``--shapes`` keeps only the settings of the given shapes; a malformed value or one that matches no
+    setting is refused with a message that names it (before anything runs)."""
+    import shutil
+
+    from deflectlab.experiments import blocked_split
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "experiments" / "blocked" / "tuned_blocked.yaml", tmp_path)
+    for bad, msg in (("9x9", "no setting has these shapes; the settings have 2x2, 3x3, 4x4"),
+                     ("2y2", "expected PxD")):
+        with pytest.raises(SystemExit):
+            blocked_split.main(["evaluate", "--out", str(tmp_path), "--planner", "--shapes", bad])
+        assert msg in capsys.readouterr().err
