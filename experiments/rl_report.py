@@ -86,7 +86,7 @@ def plot_curves(runs: list[dict[str, Any]], groups: dict[str, dict[str, Any]], p
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
         ax.set_xlabel("environment steps (decisions)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out SLO attainment (pooled)")
+    axes[0][0].set_ylabel("periodic evaluation SLO attainment (pooled)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -199,7 +199,8 @@ def report_markdown(groups: dict[str, dict[str, Any]], table_rows: list[dict[str
     if ablation:
         lines += ["## Ablation (one seed each, seed 0; same held-out periodic evaluation as the curves)", "",
                   *ablation_markdown(ablation), ""]
-    lines += ["## Learning curves (periodic evaluation on held-out windows, same episodes for every policy)", "",
+    lines += ["## Learning curves (periodic evaluation on each run's `eval.env` windows, held out in the configs of "
+              "experiments/rl; same episodes for every policy)", "",
               "![curves](curves.png)", ""]
     head = ["run", "seeds", "final SLO att. per seed", "curve mean at the end", "baselines on the same episodes",
             "steps per seed", "steps/s (RL only)", "wall s per seed"]
