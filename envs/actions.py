@@ -4,8 +4,8 @@
 With symmetric nodes most of those actions are equivalent (two idle prefill nodes), and a learner has to find
 that out for itself. ``two_way`` is ``Discrete(2)``: 0 = prefill, 1 = deflect, with the node picked by the
 lowest estimated TTFT (the observation's ``est_ttft`` of each node, ``path_ttft`` in schema 3: the proactive
-deflector's per-path estimate, squashed), so the agent learns only *whether* to deflect. The deflect action is valid when some
-decode node is (KV room for the prompt); ties go to the lowest index.
+deflector's per-path estimate, squashed), so the agent learns only *whether* to deflect. The deflect action is
+valid when some decode node is (KV room for the prompt); ties go to the lowest index.
 """
 
 from __future__ import annotations
