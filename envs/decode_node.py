@@ -664,18 +664,7 @@ class DecodeNode:
         self.admitted -= 1
         if r.d_held is not None:  # its blocks still held by others were counted once for both: count them again
             held, r.d_held = r.d_held, None
-            if held.own and held.cnt == 1 and not held.lo:
-                # PrefixCache.release's first case, inline (one call less per request), doing exactly what it does
-                # there: the holding is the span of its blocks (no hit), whole, and nobody else holds it, so it goes
-                # to the LRU tail and no block stays held by others (release would return 0)
-                cache = self.cache
-                held.own = False
-                held.ranges = ()
-                held.cnt = 0
-                cache.free[held] = None
-                cache.n_free += held.hi
-            else:
-                self.static_blocks += self.cache.release(held) * self.cache.unit
+            self.static_blocks += self.cache.release(held) * self.cache.unit
         self._on_finished(r, t)
 
     def cached_prefix_tokens(self, hashes: list[int], prompt_tokens: int, t: float) -> int:

@@ -71,20 +71,7 @@ class PrefillNode:
         if req.p_held is not None:  # the evictions due before blocks are freed go first (see _lookup)
             held, req.p_held = req.p_held, None  # (the blocks still held by others stay in use)
             cache, bt = self.cache, self.hash_block_tokens  # the cache's unit: this node counts its pool in tokens
-            keep = (self.kv_capacity_tokens - self.kv_used_tokens) // bt
-            if held.own and held.cnt == 1 and not held.lo:
-                # PrefixCache.release's first case, inline (no call per request unless an eviction is due), doing
-                # exactly what it does there: the evictions due first, then the holding, the span of its blocks (no
-                # hit), whole and held by nobody else, goes to the LRU tail (release would return 0)
-                if cache.n_free > keep:
-                    cache.trim_to(keep)
-                held.own = False
-                held.ranges = ()
-                held.cnt = 0
-                cache.free[held] = None
-                cache.n_free += held.hi
-            else:
-                freed -= cache.release(held, keep) * bt
+            freed -= cache.release(held, (self.kv_capacity_tokens - self.kv_used_tokens) // bt) * bt
         self._use(-freed, t)
         self.held_handoffs -= 1
         if not self.busy and self.queue:

@@ -372,13 +372,8 @@ class PrefixCache:
 
         With ``keep``, the evictions due before blocks are freed go first: :meth:`trim_to` ``(keep)`` in the same
         call (the hot path: one call per request and node)."""
-        if self.n_free > keep:  # trim_to(keep), inline
-            if keep < 0:
-                keep = 0
-            self.due += self.n_free - keep
-            self.n_free = keep
-            if self.due > _DUE_MAX:
-                self._drop_evicted()
+        if self.n_free > keep:  # (a call only when an eviction is due)
+            self.trim_to(keep)
         if held.own:  # it is the span of its blocks (try_register)
             held.own = False
             if not held.lo:  # and holds exactly it, whole (the common case: no hash list read, no other object)
