@@ -18,15 +18,7 @@ import math
 from typing import Any
 
 from deflectlab.envs.config import check_number
-from deflectlab.envs.estimates import (  # noqa: F401 - re-exported: the estimator's parts, by their old home
-    Lane,
-    NodeLanes,
-    PathEstimator,
-    StepModel,
-    fcfs_fill,
-    lane_worst,
-    step_model,
-)
+from deflectlab.envs.estimates import PathEstimator
 from deflectlab.envs.view import ClusterView, Decision, Policy, RequestLike, least_loaded_decode
 
 

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from deflectlab.envs.config import ClusterConfig
+from deflectlab.envs.estimates import Lane, lane_worst, step_model
 from deflectlab.envs.profile import load_profile
 from deflectlab.envs.simulator import ClusterSim
 from deflectlab.envs.view import ClusterView, Decision, DecodeNodeView, PrefillNodeView
 from deflectlab.envs.workloads import make_workload
-from deflectlab.policies.proactive import Lane, ProactiveDeflector, lane_worst, step_model
+from deflectlab.policies.proactive import ProactiveDeflector
 from deflectlab.policies.registry import make_policy
 
 PROFILE = load_profile("a100-80gb_deepseek-v2-lite")
