@@ -68,8 +68,9 @@ class DaggerConfig:
     regret_weight: float = 0.0
     #: the observation's feature schema version (envs.features.SCHEMAS; 2 adds the prefix-cache hits)
     feature_schema: int = 1
-    #: the labelling teacher: empty for the clairvoyant planner, else any registered policy spec (a heuristic
-    #: teacher gives no per-action regrets, so ``regret_weight`` must then be 0)
+    #: the labelling teacher: empty for the clairvoyant planner, else any registered policy spec (a planner spec,
+    #: ``lookahead:...``, gives per-action regrets; a heuristic teacher gives none, so ``regret_weight`` must then
+    #: be 0)
     teacher: str = ""
 
     def __post_init__(self) -> None:
@@ -77,10 +78,10 @@ class DaggerConfig:
             from deflectlab.policies.registry import make_policy
 
             try:
-                make_policy(self.teacher)
+                teacher = make_policy(self.teacher)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"dagger: teacher {self.teacher!r}: {e}") from None
-            if self.regret_weight > 0:
+            if self.regret_weight > 0 and not hasattr(teacher, "last_scores"):
                 raise ValueError("dagger: regret_weight needs the planner's rollouts; a policy teacher "
                                  f"({self.teacher!r}) gives none (use regret_weight 0)")
         if self.iterations < 0 or self.episodes_per_iteration < 1:
@@ -185,7 +186,8 @@ def collect_episode(cfg: DaggerConfig, net: SetPolicyNet | None, beta: float, sh
         label = planner_action(told, P)
         if not mask[label]:  # the teacher's deflection to a node the env masks: fall back to its best valid
             label = int(np.flatnonzero(mask)[0])
-        regret = None if cfg.teacher else action_regret(teacher.last_scores, P, len(mask))
+        scores = getattr(teacher, "last_scores", None)  # a planner's per-candidate rollouts
+        regret = None if scores is None else action_regret(scores, P, len(mask))
         data.add(shape, obs, mask, label, regret)
         if net is not None:
             with torch.no_grad():

@@ -1,4 +1,4 @@
-"""``lookahead``: a clairvoyant planner that plays each action forward on a copy of the simulation.
+"""``lookahead``: a planner that plays each action forward on a copy of the simulation (clairvoyant by default).
 
 **Clairvoyant, not deployable.** At each decision it copies the running simulation
 (:meth:`~deflectlab.envs.simulator.ClusterSim.copy_state`), routes the request with one candidate action, and
@@ -15,6 +15,14 @@ decision. Objective, over the requests live at the decision plus those arriving 
 number that meet their SLO (TTFT <= the TTFT SLO and their own P95 TBT <= the TBT SLO, as
 :mod:`~deflectlab.envs.metrics` counts it), ties broken by the lower sum of TTFTs. Rollouts are
 deterministic, so one rollout per action suffices.
+
+Where the future comes from (``forecast``): ``known`` (the default) reads the window's arrivals, as above;
+``replay`` is causal about arrivals: the rollouts see only a persistence forecast built from what a router has
+seen (:func:`replay_forecast`). With ``horizon_s=0`` no future arrival enters a rollout at all (the *myopic*
+planner): the decision is played against the present state and drained. Neither is deployable: every mode
+still reads the model's state exactly, including the output lengths of the requests already in the system,
+which fix their decode time and memory and which a router does not know. Comparing the modes splits the
+headroom into what knowing the future arrivals is worth and what planning on the present is worth.
 
 It needs the simulation itself: :meth:`ClusterSim.run` calls :meth:`attach`; the DAgger labeller attaches
 the environment's simulation. Without one, ``decide`` is an error saying so.
@@ -33,6 +41,47 @@ from deflectlab.envs.features import FeatureBuilder
 from deflectlab.envs.view import ClusterView, Decision, Policy, RequestLike
 
 _DRAIN_S = 120.0  # after the horizon, drain the copy at most this long (simulated seconds); unfinished = missed
+
+#: where the rollouts' future arrivals come from: ``known`` (the window's own: clairvoyant) or ``replay`` (a
+#: persistence forecast from what a router has seen: :func:`replay_forecast`)
+FORECASTS = ("known", "replay")
+
+
+def replay_forecast(sim: Any, horizon_s: float) -> tuple[list[float], list[int], list[int], list | None]:
+    """A causal forecast of the next ``horizon_s`` seconds of arrivals: the last ``horizon_s`` seconds' again,
+    shifted by ``horizon_s`` (persistence). Arrival times and prompt lengths are what a router saw arrive (the
+    pending request's included). Output lengths, which a router learns only when a request finishes, are those of
+    the latest arrivals that have finished, the latest first, reused in turn if too few have finished; with none
+    finished yet the forecast has no arrivals. Where the trace has block hashes, the forecast prompts get fresh
+    ones (it assumes no prefix reuse).
+
+    Returned as the simulation's arrival arrays (times, prompt tokens, output tokens, hash lists or ``None``):
+    its own up to now, then the forecast's, so that a copy of the simulation takes the forecast as its future."""
+    i, now = sim._next, sim.now
+    arr_t, arr_in = sim._arr_t, sim._arr_in
+    past = range(bisect_right(arr_t, now - horizon_s, 0, i), i)
+    outs: list[int] = []
+    reqs = sim.requests
+    for k in range(len(reqs) - 1, -1, -1):
+        if len(outs) == len(past):
+            break
+        r = reqs[k]
+        if r.t_finish >= 0.0:
+            outs.append(r.output_tokens)
+    if not outs:
+        past = range(0)
+    fut_t = [arr_t[j] + horizon_s for j in past]
+    fut_in = [arr_in[j] for j in past]
+    fut_out = [outs[n % len(outs)] for n in range(len(past))]
+    hashes = sim._hashes
+    if hashes is not None:
+        fresh, nxt = [], -1
+        for j in past:
+            m = len(hashes[j])
+            fresh.append(list(range(nxt, nxt - m, -1)))  # negative ids: never a trace's
+            nxt -= m
+        hashes = hashes[:i] + fresh
+    return arr_t[:i] + fut_t, sim._arr_in[:i] + fut_in, sim._arr_out[:i] + fut_out, hashes
 
 
 def tbt_slo_met(sim: Any, reqs: list, tau: float) -> list[bool]:
@@ -96,13 +145,15 @@ class Lookahead(Policy):
 
     :param horizon_s: simulated seconds of future arrivals each rollout routes (then it drains).
     :param base: the registry name of the policy that routes the rollouts' future arrivals.
+    :param forecast: where the rollouts' future arrivals come from: ``known`` (the window's: clairvoyant) or
+        ``replay`` (:func:`replay_forecast`: causal about arrivals).
     :param base_*: parameters of the base policy (``base_max_len=3072`` for the tuned length threshold).
     """
 
     name = "lookahead"
-    clairvoyant = True
 
-    def __init__(self, horizon_s: float = 10.0, base: str = "length_threshold", **base_params: Any) -> None:
+    def __init__(self, horizon_s: float = 10.0, base: str = "length_threshold", forecast: str = "known",
+                 **base_params: Any) -> None:
         from deflectlab.policies.registry import make_policy
 
         if not (isinstance(horizon_s, int | float) and horizon_s >= 0 and math.isfinite(horizon_s)):
@@ -112,20 +163,25 @@ class Lookahead(Policy):
             raise ValueError(f"policy 'lookahead': unknown parameters {bad}; base policy parameters are base_<name>")
         if base == "lookahead":
             raise ValueError("policy 'lookahead': the base policy cannot be lookahead itself")
+        if forecast not in FORECASTS:
+            raise ValueError(f"policy 'lookahead': forecast must be one of {', '.join(FORECASTS)}, got {forecast!r}")
+        self.forecast = forecast
         self.horizon_s = float(horizon_s)
+        self.clairvoyant = forecast == "known" and self.horizon_s > 0  # reads the window's future arrivals
         self.base_name = base
         self.base_params = {k[5:]: v for k, v in base_params.items()}
         if base == "length_threshold" and "max_len" not in self.base_params:
             self.base_params["max_len"] = 3072  # tuned: experiments/policies/tuned_azure_code_2p2d.yaml
         self._base = make_policy(base, **self.base_params)
         self._fb = FeatureBuilder()
+        self._future: tuple | None = None  # this decision's forecast arrivals (forecast="replay")
         self._sim: Any = None
         self.last_scores: list[tuple[Decision, tuple[int, float]]] = []
         self.decisions = 0
         self.rollouts = 0
 
     def params(self) -> dict[str, Any]:
-        return {"horizon_s": self.horizon_s, "base": self.base_name,
+        return {"horizon_s": self.horizon_s, "base": self.base_name, "forecast": self.forecast,
                 **{f"base_{k}": v for k, v in self.base_params.items()}}
 
     def reset(self, seed: int | None = None) -> None:
@@ -155,6 +211,7 @@ class Lookahead(Policy):
                                "inside ClusterSim.run (or after attach(sim)); it cannot serve live traffic")
         if not sim.requests or sim.requests[-1] is not request:
             raise RuntimeError("policy 'lookahead': the request is not the simulation's pending one")
+        self._future = None if self.forecast == "known" else replay_forecast(sim, self.horizon_s)
         best, best_key = None, None
         scores = self.last_scores = []  # (decision, (met, -sum TTFT)) per candidate, for cost-aware imitation
         for dec in self.candidates(view, request):
@@ -170,6 +227,10 @@ class Lookahead(Policy):
         """Play ``decision`` forward on a copy: (requests meeting the SLO, minus the sum of their TTFTs)."""
         sim = self._sim
         c = sim.copy_state()
+        if self._future is not None:  # the rollouts' arrivals are the forecast's, not the window's
+            c._arr_t, c._arr_in, c._arr_out, hashes = self._future
+            if hashes is not None:
+                c._hashes = hashes
         self.rollouts += 1
         scored = [r for r in c.requests[c._done_prefix:] if r.reject_reason is None]
         c.route(c.requests[-1], decision)

@@ -117,13 +117,18 @@ def test_a_heuristic_teacher_labels_by_its_own_rule():
 
 def test_a_planner_spec_teacher_plays_the_episode_it_labels():
     """``--teacher lookahead:...`` (the planner with another base) is attached to the episode's simulation, so
-    its labels are the planner's decisions there, as with the built-in planner: same base, same labels."""
+    its labels are the planner's decisions there, as with the built-in planner: same base, same labels, and the
+    same per-action regrets from its rollouts (for the cost-aware loss)."""
     spec = DaggerConfig(**{**TINY.__dict__, "teacher": f"lookahead:horizon_s={TINY.horizon_s},base=length_threshold,"
                                                        f"base_max_len={TINY.base_max_len}"})
     a, b = Dataset(), Dataset()
     collect_episode(spec, None, 1.0, (2, 2), "azure_code", 7, a, np.random.default_rng(0))
     collect_episode(TINY, None, 1.0, (2, 2), "azure_code", 7, b, np.random.default_rng(0))
     assert len(a) == len(b) > 0 and a.label[(2, 2)] == b.label[(2, 2)]
+    ra, rb = np.stack(a.regret[(2, 2)]), np.stack(b.regret[(2, 2)])
+    assert np.array_equal(ra, rb, equal_nan=True)
+    assert (np.isfinite(ra).sum(axis=1) >= 2).all()  # every candidate scored, not only the label
+    DaggerConfig(**{**spec.__dict__, "regret_weight": 1.0})  # so the cost-aware loss is open to a planner spec
 
 
 def test_a_teacher_is_told_each_decision_that_was_not_its_own(monkeypatch):

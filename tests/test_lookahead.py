@@ -174,3 +174,53 @@ def test_lookahead_picks_the_best_rollout_and_beats_its_base():
     keys = [p2.score(d) for d in cands]
     assert p2.decide(sim.view(), sim.requests[-1]) == cands[int(np.argmax([k[0] * 1e6 + k[1] for k in keys]))]
     assert all(math.isfinite(k[1]) for k in keys)
+
+
+def test_replay_forecast_is_the_last_horizon_again():
+    from deflectlab.policies.lookahead import replay_forecast
+
+    sim = ClusterSim(CFG, _busy_workload(200))
+    _play(sim, make_policy("length_threshold:max_len=3072"), stop=150)
+    i, now, h = sim._next, sim.now, 2.0
+    f_t, f_in, f_out, hashes = replay_forecast(sim, h)
+    assert hashes is None  # an Azure trace: no block hashes
+    assert f_t[:i] == sim._arr_t[:i] and f_in[:i] == sim._arr_in[:i] and f_out[:i] == sim._arr_out[:i]
+    # by hand: every arrival of (now - h, now], the pending request's included, again h seconds later
+    past = [j for j in range(i) if sim._arr_t[j] > now - h]
+    assert len(past) >= 10 and past[-1] == i - 1
+    assert f_t[i:] == [sim._arr_t[j] + h for j in past] and f_in[i:] == [sim._arr_in[j] for j in past]
+    assert all(now < t <= now + h for t in f_t[i:])
+    # output lengths: those of the latest arrivals that have finished, latest first (a router knows no others)
+    done = sorted((r for r in sim.requests if r.t_finish >= 0.0), key=lambda r: -r.rid)[:len(past)]
+    assert done and f_out[i:] == [done[n % len(done)].output_tokens for n in range(len(past))]
+    # before any request has finished there is nothing to forecast output lengths from: no forecast arrivals
+    early = ClusterSim(CFG, _busy_workload(200))
+    _play(early, make_policy("length_threshold:max_len=3072"), stop=3)
+    assert replay_forecast(early, h)[0] == early._arr_t[:early._next]
+
+
+def test_replay_planner_does_not_read_the_window_s_future():
+    """Two windows equal up to request 60 and different after it: the replay planner scores every candidate of
+    the first 60 decisions the same in both, while the clairvoyant one sees the difference before it arrives."""
+    from deflectlab.envs.workloads import Workload
+
+    a = _busy_workload(90)
+    later = np.arange(len(a.arrival_s)) >= 60
+    b = Workload(a.arrival_s, np.where(later, 12000, a.input_tokens), a.output_tokens)
+
+    def scores(wl, forecast):
+        sim, pol = ClusterSim(CFG, wl), Lookahead(horizon_s=2.0, base="proactive", forecast=forecast)
+        pol.attach(sim)
+        out = []
+        while len(out) < 60:
+            r = sim.advance()
+            sim.route(r, pol.decide(sim.view(), r))
+            out.append(list(pol.last_scores))
+        return out
+
+    assert scores(a, "replay") == scores(b, "replay")
+    assert scores(a, "known") != scores(b, "known")
+    assert make_policy("lookahead").clairvoyant and not make_policy("lookahead:forecast=replay").clairvoyant
+    assert not make_policy("lookahead:horizon_s=0").clairvoyant  # the myopic planner reads no future arrival
+    with pytest.raises(ValueError, match="forecast must be one of known, replay"):
+        make_policy("lookahead:forecast=oracle")
