@@ -147,13 +147,16 @@ class Lookahead(Policy):
     :param base: the registry name of the policy that routes the rollouts' future arrivals.
     :param forecast: where the rollouts' future arrivals come from: ``known`` (the window's: clairvoyant) or
         ``replay`` (:func:`replay_forecast`: causal about arrivals).
+    :param min_gain: keep the base policy's decision unless another candidate's rollout meets the SLO for at least
+        this many more requests (0: always the best candidate, ties on the SLO count broken by the TTFT sum). A
+        teacher that departs from its base only where it counts gives labels a network can follow.
     :param base_*: parameters of the base policy (``base_max_len=3072`` for the tuned length threshold).
     """
 
     name = "lookahead"
 
     def __init__(self, horizon_s: float = 10.0, base: str = "length_threshold", forecast: str = "known",
-                 **base_params: Any) -> None:
+                 min_gain: int = 0, **base_params: Any) -> None:
         from deflectlab.policies.registry import make_policy
 
         if not (isinstance(horizon_s, int | float) and horizon_s >= 0 and math.isfinite(horizon_s)):
@@ -165,7 +168,10 @@ class Lookahead(Policy):
             raise ValueError("policy 'lookahead': the base policy cannot be lookahead itself")
         if forecast not in FORECASTS:
             raise ValueError(f"policy 'lookahead': forecast must be one of {', '.join(FORECASTS)}, got {forecast!r}")
+        if isinstance(min_gain, bool) or not isinstance(min_gain, int) or min_gain < 0:
+            raise ValueError(f"policy 'lookahead': min_gain must be a whole number of requests >= 0, got {min_gain!r}")
         self.forecast = forecast
+        self.min_gain = min_gain
         self.horizon_s = float(horizon_s)
         self.clairvoyant = forecast == "known" and self.horizon_s > 0  # reads the window's future arrivals
         self.base_name = base
@@ -175,6 +181,7 @@ class Lookahead(Policy):
         self._base = make_policy(base, **self.base_params)
         self._fb = FeatureBuilder()
         self._future: tuple | None = None  # this decision's forecast arrivals (forecast="replay")
+        self._base_decision: Decision | None = None  # the base policy's proposal at this decision (candidates)
         self._sim: Any = None
         self.last_scores: list[tuple[Decision, tuple[int, float]]] = []
         self.decisions = 0
@@ -182,6 +189,7 @@ class Lookahead(Policy):
 
     def params(self) -> dict[str, Any]:
         return {"horizon_s": self.horizon_s, "base": self.base_name, "forecast": self.forecast,
+                "min_gain": self.min_gain,
                 **{f"base_{k}": v for k, v in self.base_params.items()}}
 
     def reset(self, seed: int | None = None) -> None:
@@ -199,7 +207,7 @@ class Lookahead(Policy):
         out = [self._fb.decision(a) for a in range(len(mask)) if mask[a]]
         if not view.num_prefill:
             out = [d for d in out if d.deflected]
-        base = self._base.decide(view, request)
+        base = self._base_decision = self._base.decide(view, request)
         if base not in out:
             out.append(base)
         return out
@@ -214,14 +222,25 @@ class Lookahead(Policy):
         self._future = None if self.forecast == "known" else replay_forecast(sim, self.horizon_s)
         best, best_key = None, None
         scores = self.last_scores = []  # (decision, (met, -sum TTFT)) per candidate, for cost-aware imitation
+        base = base_key = None
         for dec in self.candidates(view, request):
             key = self.score(dec)
             scores.append((dec, key))
             if best_key is None or key > best_key:
                 best, best_key = dec, key
+            if dec == self._base_decision:
+                base, base_key = dec, key
         self.decisions += 1
-        assert best is not None
+        assert best is not None and base is not None and best_key is not None and base_key is not None
+        if self.min_gain and best_key[0] - base_key[0] < self.min_gain:
+            best = base  # not worth a departure from the base
+        if best != base:  # the base tracks what was decided, not what it proposed (proactive's lanes)
+            self._base.taken(view, request, best)
         return best
+
+    def taken(self, view: ClusterView, request: RequestLike, decision: Decision) -> None:
+        """Another policy decided ``request`` (a learner DAgger lets act): the base tracks that decision."""
+        self._base.taken(view, request, decision)
 
     def score(self, decision: Decision) -> tuple[int, float]:
         """Play ``decision`` forward on a copy: (requests meeting the SLO, minus the sum of their TTFTs)."""
@@ -233,9 +252,11 @@ class Lookahead(Policy):
                 c._hashes = hashes
         self.rollouts += 1
         scored = [r for r in c.requests[c._done_prefix:] if r.reject_reason is None]
+        base = copy.deepcopy(self._base)
+        if decision != self._base_decision:  # the rollout's base tracks the candidate, not its own proposal
+            base.taken(c.view(), c.requests[-1], decision)
         c.route(c.requests[-1], decision)
         t_end = c.now + self.horizon_s
-        base = copy.deepcopy(self._base)
         while c._next < len(c._arr_t) and c._arr_t[c._next] <= t_end:
             r = c.advance()
             c.route(r, base.decide(c.view(), r))

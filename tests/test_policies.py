@@ -273,8 +273,11 @@ def test_proactive_taken_replaces_its_own_deflection_with_the_one_taken():
         assert [len(n.lanes) for n in pol._nodes] == [int(j == other) for j in range(len(v.decode))]
         ln = pol._nodes[other].lanes[0]
         assert (ln.cap, ln.L, ln.rem) == (300.0, L, float(L - v.decode[other].cached_tokens))
-        pol.taken(v, req(L, k), Decision.prefill(0))  # a second call drops nothing it did not place
-        assert len(pol._nodes[other].lanes) == 1
+        pol.taken(v, req(L, k), Decision.prefill(0))  # a second call replaces the first (a planner tells its base
+        assert all(not n.lanes for n in pol._nodes)  # what it decided, then DAgger what the learner did)
+        pol.taken(v, req(L, k), Decision.deflect(d.decode_node, 200))
+        assert [len(n.lanes) for n in pol._nodes] == [int(j == d.decode_node) for j in range(len(v.decode))]
+        assert pol._nodes[d.decode_node].lanes[0].cap == 200.0
         pol2 = ProactiveDeflector()
         pol2.decide(v, req(L, k))
         pol2.taken(v, req(L, k), Decision.prefill(0))
