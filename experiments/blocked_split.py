@@ -135,10 +135,19 @@ def heuristics(tuned_file: Path) -> dict[str, str]:
 PLANNER_SETTINGS = [s for s in SETTINGS if s[0] == (2, 2) and s[1] == "azure_code" and s[3] is HELD]
 
 
+#: the planners ``evaluate`` can run (label: horizon in seconds, extra parameters), the clairvoyant one first; the
+#: others split its headroom: the myopic planner plays each decision against the present state alone (no future
+#: arrival), the replay one against a causal persistence forecast of the arrivals (policies.lookahead)
+PLANNERS = {"lookahead (clairvoyant)": (2.0, ""), "lookahead (myopic)": (0.0, ""),
+            "lookahead (replay forecast)": (2.0, ",forecast=replay")}
+CLAIRVOYANT = next(iter(PLANNERS))
+
+
 def evaluate(tuned_file: Path, learned: dict[str, str], episodes: int, jobs: int, planner: bool,
-             settings: list[tuple] | None = None) -> dict[str, Any]:
+             settings: list[tuple] | None = None, causal: bool = False) -> dict[str, Any]:
     """Every heuristic of ``tuned_file`` and the ``learned`` policies on ``episodes`` held-out-block episodes of
-    each setting; with ``planner``, also the clairvoyant planner on :data:`PLANNER_SETTINGS` (among ``settings``)."""
+    each setting; with ``planner``, also the clairvoyant planner on :data:`PLANNER_SETTINGS` (among ``settings``),
+    and with ``causal`` the other :data:`PLANNERS` there too."""
     from deflectlab.experiments.learned_eval import evaluate_learned, parse_setting
 
     heur = heuristics(tuned_file)
@@ -149,15 +158,16 @@ def evaluate(tuned_file: Path, learned: dict[str, str], episodes: int, jobs: int
     settings = settings or SETTINGS
     res = evaluate_learned(learned, settings, episodes, window_s=WINDOW_S, seed0=EVAL_SEED0, jobs=jobs,
                            heuristics=heur)
-    if planner:
-        spec = planner_spec(2.0, heur[best])
+    kinds = [k for k in PLANNERS if (k == CLAIRVOYANT and planner) or (k != CLAIRVOYANT and causal)]
+    if kinds:
+        specs = {k: planner_spec(PLANNERS[k][0], heur[best]) + PLANNERS[k][1] for k in kinds}
         where = [parse_setting(p) for p in PLANNER_SETTINGS]
         tasks = [(tr, ld, EVAL_SEED0 + i, WINDOW_S, "vllm-nixl", spec, shape, var)
                  for shape, tr, ld, var in map(parse_setting, settings) if (shape, tr, ld, var) in where
-                 for i in range(episodes)]
+                 for spec in specs.values() for i in range(episodes)]
         t0 = time.perf_counter()
         res["rows"] += run_all(tasks, jobs)
-        res["policies"]["lookahead (clairvoyant)"] = spec
+        res["policies"].update(specs)
         res["wall_s"] += time.perf_counter() - t0
     res["heuristics"] = list(heur)
     res["learned"] = list(learned)
@@ -190,7 +200,7 @@ def diff_table(res: dict[str, Any], only: str | None = None) -> tuple[list[str],
     learned = [only] if only else res["learned"]
     winner = next(k for k in heur if k.startswith("best tuned"))
     pro = next(k for k in heur if pols[k] == "proactive")
-    planner = "lookahead (clairvoyant)" if "lookahead (clairvoyant)" in pols else None
+    planner = CLAIRVOYANT if CLAIRVOYANT in pols else None
     out, losses = [], []
     for s in res["settings"]:
         rows = _setting_rows(res, s)
@@ -223,7 +233,7 @@ def diff_table(res: dict[str, Any], only: str | None = None) -> tuple[list[str],
 
 def markdown(res: dict[str, Any], command: str, tuned_doc: dict[str, Any]) -> str:
     pols, heur, learned = res["policies"], res["heuristics"], res["learned"]
-    planner = "lookahead (clairvoyant)" if "lookahead (clairvoyant)" in pols else None
+    planner = CLAIRVOYANT if CLAIRVOYANT in pols else None
     slo_rows = []
     for s in res["settings"]:
         rows = _setting_rows(res, s)
@@ -252,8 +262,45 @@ def markdown(res: dict[str, Any], command: str, tuned_doc: dict[str, Any]) -> st
         "clears.", "", *table(diff_head, diff_rows), "",
         "## Where a learned policy loses (interval entirely below zero)", "",
         *([f"* {x}" for x in losses] or ["* nowhere"]), "",
+        *planner_lines(res),
     ]
     return "\n".join(lines)
+
+
+def planner_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Per planner setting, each planner that ran against the tuning winner and the best heuristic ex post
+    (paired, points), with its decisions per second: the headroom and how much of it needs the future."""
+    pols, heur = res["policies"], res["heuristics"]
+    winner = next(k for k in heur if k.startswith("best tuned"))
+    kinds = [k for k in PLANNERS if k in pols]
+    out = []
+    for s in res["settings"]:
+        rows = _setting_rows(res, s)
+        if not kinds or not rows[kinds[0]]:
+            continue
+        (p, d), tr, ld, var = s[0], s[1], s[2], s[3]
+        post = max(heur, key=lambda k: np.mean([r["slo_attainment"] for r in rows[k]]))
+        for k in kinds:
+            rate = np.mean([r["decisions_per_s"] for r in rows[k]])
+            out.append([f"{p}P{d}D", f"{tr} ({var['label']})", f"{ld:g}x", k, _fmt(_diff(rows[k], rows[winner])),
+                        f"{_fmt(_diff(rows[k], rows[post]))} ({post})", f"{rate:.0f}"])
+    head = ["shape", "trace", "load", "planner", f"- tuning winner {winner.removeprefix('best tuned ')}",
+            "- best heuristic ex post", "decisions/s"]
+    return head, out
+
+
+def planner_lines(res: dict[str, Any]) -> list[str]:
+    """The markdown section on the planners (none when only the clairvoyant one, or none, ran)."""
+    pols = res["policies"]
+    if sum(k in pols for k in PLANNERS) < 2:
+        return []
+    head, rows = planner_table(res)
+    return ["## The headroom, split: what knowing the future is worth", "",
+            "The clairvoyant planner reads the window's future arrivals; the myopic one plays each decision against "
+            "the present state alone; the replay one against a persistence forecast (the last 2 s of arrivals "
+            "again). All three read the model's state exactly, the output lengths of the requests in the system "
+            "included, so none is deployable: " + "; ".join(f"{k} = `{pols[k]}`" for k in PLANNERS if k in pols)
+            + ".", "", *table(head, rows), ""]
 
 
 def blocked_summary(folder: Path = Path(__file__).parent / "blocked") -> str:
@@ -284,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learned", action="append", default=[], metavar="LABEL=SPEC",
                    help="a learned policy to evaluate (repeatable), e.g. es=learned:path=runs/es/policy")
     p.add_argument("--planner", action="store_true", help="also run the clairvoyant lookahead planner (slow)")
+    p.add_argument("--causal-planners", action="store_true",
+                   help="also run the myopic and replay-forecast planners (slow), to split the headroom")
     p.add_argument("--shapes", default=None, metavar="PxD,...",
                    help="evaluate only the settings of these cluster shapes (e.g. 2x2 for fixed-shape policies)")
     a = p.parse_args(argv)
@@ -307,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not label.strip() or not spec.strip():
             p.error(f"--learned {item!r}: expected LABEL=SPEC")
         learned[label.strip()] = spec.strip()
-    if not learned and not a.planner:
-        p.error("nothing to evaluate: give --learned LABEL=SPEC and/or --planner")
+    if not learned and not a.planner and not a.causal_planners:
+        p.error("nothing to evaluate: give --learned LABEL=SPEC, --planner and/or --causal-planners")
     settings = None
     if a.shapes:
         try:
@@ -319,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         if not settings:
             p.error(f"--shapes {a.shapes!r}: no setting has these shapes; the settings have "
                     f"{', '.join(sorted({f'{q}x{r}' for (q, r), *_ in SETTINGS}))}")
-    res = evaluate(tuned_file, learned, a.episodes or 20, a.jobs, a.planner, settings)
+    res = evaluate(tuned_file, learned, a.episodes or 20, a.jobs, a.planner, settings, a.causal_planners)
     text = markdown(res, command, yaml.safe_load(tuned_file.read_text()))
     (a.out / "evaluation.json").write_text(json.dumps({**res, "command": command}, separators=(",", ":"),
                                                       default=float))

@@ -136,3 +136,29 @@ def test_blocked_evaluate_shapes_option_names_bad_values(tmp_path, capsys):
         with pytest.raises(SystemExit):
             blocked_split.main(["evaluate", "--out", str(tmp_path), "--planner", "--shapes", bad])
         assert msg in capsys.readouterr().err
+
+
+def test_planner_table_splits_the_headroom_by_hand():
+    """The planners' section: each planner against the tuning winner and the best heuristic ex post, paired over
+    the same episodes (mean and 95 % Student-t half-width, computed here by hand), with its decisions per second."""
+    from deflectlab.experiments import blocked_split as bs
+
+    slo = {"round_robin": [0.5, 0.4, 0.3], "proactive": [0.95, 0.85, 0.75],
+           "proactive:margin=0.2": [0.9, 0.8, 0.7], "lookahead:a": [0.97, 0.9, 0.8], "lookahead:b": [0.92, 0.81, 0.72]}
+    pols = {"never_deflect": "round_robin", "proactive": "proactive", "best tuned (proactive)": "proactive:margin=0.2",
+            "lookahead (clairvoyant)": "lookahead:a", "lookahead (myopic)": "lookahead:b"}
+    rows = [{"shape": "2P2D", "trace": "azure_code", "load": 3.0, "variant": bs.HELD["label"], "seed": i,
+             "policy": spec, "slo_attainment": v[i], "decisions_per_s": 100.0 * (i + 1)}
+            for spec, v in slo.items() for i in range(3)]
+    res = {"policies": pols, "heuristics": list(pols)[:3], "learned": [], "rows": rows, "episodes": 3,
+           "settings": [[[2, 2], "azure_code", 3.0, bs.HELD]]}
+    head, table = bs.planner_table(res)
+    assert head[3:5] == ["planner", "- tuning winner (proactive)"]
+    clair, myopic = table
+    # clairvoyant - winner: +0.07, +0.10, +0.10: mean 9.00 points, sd 1.732 points, t(0.975, 2) = 4.303
+    assert clair[3:] == ["lookahead (clairvoyant)", "+9.00 ± 4.30", "+4.00 ± 4.30 (proactive)", "200"]
+    # myopic - winner: +0.02, +0.01, +0.02: mean 1.67, sd 0.577, half-width 4.303 x 0.577 / sqrt(3) = 1.43
+    assert myopic[3:] == ["lookahead (myopic)", "+1.67 ± 1.43", "-3.33 ± 1.43 (proactive)", "200"]
+    assert bs.planner_lines(res)[0].startswith("## The headroom, split")
+    res["policies"].pop("lookahead (myopic)")
+    assert bs.planner_lines(res) == []  # the clairvoyant planner alone: the main table has its headroom
