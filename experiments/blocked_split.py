@@ -137,8 +137,10 @@ PLANNER_SETTINGS = [s for s in SETTINGS if s[0] == (2, 2) and s[1] == "azure_cod
 
 #: the planners ``evaluate`` can run (label: horizon in seconds, extra parameters), the clairvoyant one first; the
 #: others split its headroom: the myopic planner plays each decision against the present state alone (no future
-#: arrival), the replay one against a causal persistence forecast of the arrivals (policies.lookahead)
+#: arrival), also with the output lengths of requests not yet decoding replaced by a recent mean (what a router
+#: can know), and the replay one against a causal persistence forecast of the arrivals (policies.lookahead)
 PLANNERS = {"lookahead (clairvoyant)": (2.0, ""), "lookahead (myopic)": (0.0, ""),
+            "lookahead (myopic, mean outputs)": (0.0, ",outputs=mean"),
             "lookahead (replay forecast)": (2.0, ",forecast=replay")}
 CLAIRVOYANT = next(iter(PLANNERS))
 
@@ -297,9 +299,10 @@ def planner_lines(res: dict[str, Any]) -> list[str]:
     head, rows = planner_table(res)
     return ["## The headroom, split: what knowing the future is worth", "",
             "The clairvoyant planner reads the window's future arrivals; the myopic one plays each decision against "
-            "the present state alone; the replay one against a persistence forecast (the last 2 s of arrivals "
-            "again). All three read the model's state exactly, the output lengths of the requests in the system "
-            "included, so none is deployable: " + "; ".join(f"{k} = `{pols[k]}`" for k in PLANNERS if k in pols)
+            "the present state alone, and with mean outputs also takes a recent mean for the output length of every "
+            "request not yet decoding; the replay one plays against a persistence forecast (the last 2 s of "
+            "arrivals again). All read the model's state exactly (the remaining output of the requests already "
+            "decoding included), so none is deployable: " + "; ".join(f"{k} = `{pols[k]}`" for k in PLANNERS if k in pols)
             + ".", "", *table(head, rows), ""]
 
 
@@ -332,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a learned policy to evaluate (repeatable), e.g. es=learned:path=runs/es/policy")
     p.add_argument("--planner", action="store_true", help="also run the clairvoyant lookahead planner (slow)")
     p.add_argument("--causal-planners", action="store_true",
-                   help="also run the myopic and replay-forecast planners (slow), to split the headroom")
+                   help="also run the myopic (known and mean outputs) and replay-forecast planners (slow), to split "
+                        "the headroom")
     p.add_argument("--shapes", default=None, metavar="PxD,...",
                    help="evaluate only the settings of these cluster shapes (e.g. 2x2 for fixed-shape policies)")
     a = p.parse_args(argv)

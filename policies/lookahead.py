@@ -47,6 +47,27 @@ _DRAIN_S = 120.0  # after the horizon, drain the copy at most this long (simulat
 FORECASTS = ("known", "replay")
 
 
+#: what the rollouts take for the output lengths of requests that have not started decoding: ``known`` (the
+#: workload's) or ``mean`` (:func:`mean_finished_output`, what a router can know)
+OUTPUTS = ("known", "mean")
+_OUT_SAMPLE = 200  # finished requests the output-length estimate averages (the latest arrivals among them)
+
+
+def mean_finished_output(sim: Any) -> int | None:
+    """The mean output length, tokens (rounded, at least 1), of the latest ``_OUT_SAMPLE`` arrivals that have
+    finished; ``None`` before any has finished."""
+    total = n = 0
+    reqs = sim.requests
+    for k in range(len(reqs) - 1, -1, -1):
+        r = reqs[k]
+        if r.t_finish >= 0.0:
+            total += r.output_tokens
+            n += 1
+            if n == _OUT_SAMPLE:
+                break
+    return max(1, round(total / n)) if n else None
+
+
 def replay_forecast(sim: Any, horizon_s: float) -> tuple[list[float], list[int], list[int], list | None]:
     """A causal forecast of the next ``horizon_s`` seconds of arrivals: the last ``horizon_s`` seconds' again,
     shifted by ``horizon_s`` (persistence). Arrival times and prompt lengths are what a router saw arrive (the
@@ -147,6 +168,10 @@ class Lookahead(Policy):
     :param base: the registry name of the policy that routes the rollouts' future arrivals.
     :param forecast: where the rollouts' future arrivals come from: ``known`` (the window's: clairvoyant) or
         ``replay`` (:func:`replay_forecast`: causal about arrivals).
+    :param outputs: the output lengths the rollouts take for requests that have not started decoding (the pending
+        one, those queued or in hand-off, the arrivals to come): ``known`` (the workload's) or ``mean`` (the mean
+        of recently finished requests', :func:`mean_finished_output`; the workload's until one has finished).
+        Requests already decoding keep theirs: the model fixed their last step when they joined.
     :param min_gain: keep the base policy's decision unless another candidate's rollout meets the SLO for at least
         this many more requests (0: always the best candidate, ties on the SLO count broken by the TTFT sum). A
         teacher that departs from its base only where it counts gives labels a network can follow.
@@ -156,7 +181,7 @@ class Lookahead(Policy):
     name = "lookahead"
 
     def __init__(self, horizon_s: float = 10.0, base: str = "length_threshold", forecast: str = "known",
-                 min_gain: int = 0, **base_params: Any) -> None:
+                 min_gain: int = 0, outputs: str = "known", **base_params: Any) -> None:
         from deflectlab.policies.registry import make_policy
 
         if not (isinstance(horizon_s, int | float) and horizon_s >= 0 and math.isfinite(horizon_s)):
@@ -170,8 +195,11 @@ class Lookahead(Policy):
             raise ValueError(f"policy 'lookahead': forecast must be one of {', '.join(FORECASTS)}, got {forecast!r}")
         if isinstance(min_gain, bool) or not isinstance(min_gain, int) or min_gain < 0:
             raise ValueError(f"policy 'lookahead': min_gain must be a whole number of requests >= 0, got {min_gain!r}")
+        if outputs not in OUTPUTS:
+            raise ValueError(f"policy 'lookahead': outputs must be one of {', '.join(OUTPUTS)}, got {outputs!r}")
         self.forecast = forecast
         self.min_gain = min_gain
+        self.outputs = outputs
         self.horizon_s = float(horizon_s)
         self.clairvoyant = forecast == "known" and self.horizon_s > 0  # reads the window's future arrivals
         self.base_name = base
@@ -181,6 +209,7 @@ class Lookahead(Policy):
         self._base = make_policy(base, **self.base_params)
         self._fb = FeatureBuilder()
         self._future: tuple | None = None  # this decision's forecast arrivals (forecast="replay")
+        self._out_est: int | None = None  # this decision's output-length estimate (outputs="mean")
         self._base_decision: Decision | None = None  # the base policy's proposal at this decision (candidates)
         self._sim: Any = None
         self.last_scores: list[tuple[Decision, tuple[int, float]]] = []
@@ -189,7 +218,7 @@ class Lookahead(Policy):
 
     def params(self) -> dict[str, Any]:
         return {"horizon_s": self.horizon_s, "base": self.base_name, "forecast": self.forecast,
-                "min_gain": self.min_gain,
+                "min_gain": self.min_gain, "outputs": self.outputs,
                 **{f"base_{k}": v for k, v in self.base_params.items()}}
 
     def reset(self, seed: int | None = None) -> None:
@@ -220,6 +249,11 @@ class Lookahead(Policy):
         if not sim.requests or sim.requests[-1] is not request:
             raise RuntimeError("policy 'lookahead': the request is not the simulation's pending one")
         self._future = None if self.forecast == "known" else replay_forecast(sim, self.horizon_s)
+        self._out_est = None if self.outputs == "known" else mean_finished_output(sim)
+        if self._out_est is not None:  # the rollouts' unknown output lengths: the estimate, arrivals to come included
+            t, p_in, out, hashes = self._future or (sim._arr_t, sim._arr_in, sim._arr_out, None)
+            i = sim._next
+            self._future = (t, p_in, out[:i] + [self._out_est] * (len(t) - i), hashes)
         best, best_key = None, None
         scores = self.last_scores = []  # (decision, (met, -sum TTFT)) per candidate, for cost-aware imitation
         base = base_key = None
@@ -252,6 +286,10 @@ class Lookahead(Policy):
                 c._hashes = hashes
         self.rollouts += 1
         scored = [r for r in c.requests[c._done_prefix:] if r.reject_reason is None]
+        if self._out_est is not None:  # requests not decoding yet: their output length is not known either
+            for r in scored:
+                if r.last_step < 0:
+                    r.output_tokens = self._out_est
         base = copy.deepcopy(self._base)
         if decision != self._base_decision:  # the rollout's base tracks the candidate, not its own proposal
             base.taken(c.view(), c.requests[-1], decision)

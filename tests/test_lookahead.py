@@ -224,3 +224,35 @@ def test_replay_planner_does_not_read_the_window_s_future():
     assert not make_policy("lookahead:horizon_s=0").clairvoyant  # the myopic planner reads no future arrival
     with pytest.raises(ValueError, match="forecast must be one of known, replay"):
         make_policy("lookahead:forecast=oracle")
+
+
+def test_mean_outputs_hide_the_output_lengths_a_router_does_not_know():
+    """outputs=mean: the rollouts give every request that has not started decoding the mean output length of the
+    latest finished ones (by hand here), so the pending request's true output length changes no score, and the
+    scores differ from those with the workload's outputs (the substitution is not idle)."""
+    from deflectlab.envs.workloads import Workload
+    from deflectlab.policies.lookahead import mean_finished_output
+
+    a = _busy_workload(60)
+    out_b = a.output_tokens.copy()
+    out_b[59] = 3000
+    b = Workload(a.arrival_s, a.input_tokens, out_b)
+
+    def last_scores(wl, outputs):
+        sim, pol = ClusterSim(CFG, wl), Lookahead(horizon_s=0.0, base="proactive", outputs=outputs)
+        pol.attach(sim)
+        for _ in range(60):
+            r = sim.advance()
+            sim.route(r, pol.decide(sim.view(), r))
+        done = [q.output_tokens for q in sim.requests[:59] if q.t_finish >= 0.0]
+        return pol.last_scores, pol._out_est, done
+
+    sa, est, done = last_scores(a, "mean")
+    assert len(done) >= 5 and est == max(1, round(sum(done[-200:]) / len(done[-200:])))
+    assert sa == last_scores(b, "mean")[0]
+    assert sa != last_scores(a, "known")[0]
+    sim = ClusterSim(CFG, a)
+    sim.advance()
+    assert mean_finished_output(sim) is None  # nothing finished yet: no estimate (the workload's lengths stay)
+    with pytest.raises(ValueError, match="outputs must be one of known, mean"):
+        make_policy("lookahead:outputs=oracle")
