@@ -302,8 +302,8 @@ def planner_lines(res: dict[str, Any]) -> list[str]:
             "the present state alone, and with mean outputs also takes a recent mean for the output length of every "
             "request not yet decoding; the replay one plays against a persistence forecast (the last 2 s of "
             "arrivals again). All read the model's state exactly (the remaining output of the requests already "
-            "decoding included), so none is deployable: " + "; ".join(f"{k} = `{pols[k]}`" for k in PLANNERS if k in pols)
-            + ".", "", *table(head, rows), ""]
+            "decoding included), so none is deployable: "
+            + "; ".join(f"{k} = `{pols[k]}`" for k in PLANNERS if k in pols) + ".", "", *table(head, rows), ""]
 
 
 def blocked_summary(folder: Path = Path(__file__).parent / "blocked") -> str:
