@@ -319,7 +319,8 @@ def blocked_summary(folder: Path = Path(__file__).parent / "blocked") -> str:
              f"(`{res.get('command', 'n/a')}`). Heuristics tuned and policies trained on alternating 300-s blocks "
              f"of the trace ({describe(SPLIT.starts('train', WINDOW_S))} window starts), evaluated on the blocks "
              f"between ({res['episodes']} episodes per setting); paired differences in points of SLO attainment.",
-             "", *table(head, rows), "", "Where a learned policy loses: " + ("; ".join(losses) or "nowhere") + ".", ""]
+             "", *table(head, rows), "", "Where a learned policy loses: " + ("; ".join(losses) or "nowhere") + ".", "",
+             *planner_lines(res)]
     return "\n".join(lines)
 
 
