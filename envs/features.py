@@ -22,7 +22,10 @@ decode node, and per node whether it is its side's best and its ratio to the oth
 each decode node -- the builder keeps across a run: :meth:`FeatureBuilder.decision` records each deflection and
 :meth:`FeatureBuilder.reset` starts a new run), and a deflection takes the estimator's chunk cap (the chunk rule
 below where the estimator finds none), so a network over it can represent the tuned proactive rule exactly and learn
-where to depart from it. A schema-1 policy sees exactly the features it was trained on.
+where to depart from it; **4** (:data:`FEATURE_SCHEMA_V4`) adds the recent arrival process to the request block
+(requests and prompt tokens of the last second, prompt tokens per second over the last 10 s:
+:meth:`ClusterView.recent_arrivals`, which the simulator and the router both answer from the arrivals they saw).
+A schema-1 policy sees exactly the features it was trained on.
 
 Layout (:data:`FEATURE_SCHEMA`, version :data:`SCHEMA_VERSION`): the request block, then one block per prefill
 node in index order, then one block per decode node. Changing any feature, its order, its transform or its
@@ -261,9 +264,26 @@ FEATURE_SCHEMA_V3 = FeatureSchema(
            "only deflections are possible): the proactive deflector deflects to its best node when this is below "
            "1 - margin"),),
 )
+#: Schema 4: schema 3 with the recent arrival process in the request block (ClusterView.recent_arrivals), so a
+#: policy can tell a burst's onset from a steady load the exponentially weighted rate (10 s) smooths over.
+FEATURE_SCHEMA_V4 = FeatureSchema(
+    name=SCHEMA_NAME,
+    version=4,
+    request=FEATURE_SCHEMA.request + (
+        _f("recent_requests_1s", "requests", "squash", 4.0,
+           "requests that arrived in the last second, this one included"),
+        _f("recent_tokens_1s", "tokens", "squash", 16384.0,
+           "prompt tokens that arrived in the last second, this one's included"),
+        _f("recent_tokens_10s", "tokens/s", "squash", 16384.0,
+           "prompt tokens that arrived in the last 10 seconds, per second (this one's included)"),
+    ),
+    prefill=FEATURE_SCHEMA_V3.prefill,
+    decode=FEATURE_SCHEMA_V3.decode,
+)
 #: Every schema this code builds, by version.
-SCHEMAS: dict[int, FeatureSchema] = {1: FEATURE_SCHEMA, 2: FEATURE_SCHEMA_V2, 3: FEATURE_SCHEMA_V3}
-LATEST_SCHEMA_VERSION = 3
+SCHEMAS: dict[int, FeatureSchema] = {1: FEATURE_SCHEMA, 2: FEATURE_SCHEMA_V2, 3: FEATURE_SCHEMA_V3,
+                                     4: FEATURE_SCHEMA_V4}
+LATEST_SCHEMA_VERSION = 4
 
 
 def schema(version: int) -> FeatureSchema:
@@ -463,6 +483,8 @@ class FeatureBuilder:
         prefill_L, handoff_L, idle_step_L = fpc.per_prompt(L, pv[0].max_batched_tokens if P else L)
         x = prefill_L * inv_slo
         obs = [min(math.log1p(L) / _LOG_MAX_PROMPT, 1.0), x / (x + _S_PREFILL), rate / (rate + _S_RATE)]
+        if self.version >= 4:
+            obs += _recent_features(view)
 
         # first decode step of a prefill-path request: the fastest decode node's current step (or an idle step)
         first_step = math.inf
@@ -525,15 +547,7 @@ class FeatureBuilder:
                 obs.append(d.cached_tokens / L)
             if path_d:
                 obs += path_d[j]
-        for k in view.dead_prefill:  # out of rotation (the router's view): not a valid action
-            mask[k] = False
-        for k in view.dead_decode:
-            mask[P + k] = False
-        if view.dead_prefill or view.dead_decode:
-            any_ok = any(mask)
-        if not any_ok:  # never mask everything: with no prefill nodes and no KV room anywhere, allow all
-            mask = [True] * (P + D)
-        self._mask_list = mask
+        self._mask_list = _final_mask(view, mask, any_ok, P)
         self._mask = None
         return np.array(obs, dtype=np.float32)
 
@@ -578,6 +592,28 @@ _S_PWR, _S_PWT, _S_PWAIT, _S_PTTFT, _S_EGRESS = (_PF[k] for k in (
 _S_DWT, _S_DWR, _S_IH, _S_WA, _S_DTTFT = (_DC[k] for k in (
     "deflected_waiting_tokens", "deflected_waiting_requests", "inbound_handoffs", "waiting_admission", "est_ttft"))
 _S_PATH = _scales(FEATURE_SCHEMA_V3.prefill)["path_ttft"]
+_S_R1, _S_K1, _S_K10 = (_scales(FEATURE_SCHEMA_V4.request)[k] for k in (
+    "recent_requests_1s", "recent_tokens_1s", "recent_tokens_10s"))
+
+
+def _final_mask(view: ClusterView, mask: list[bool], any_ok: bool, P: int) -> list[bool]:
+    """The action mask with the nodes out of rotation (the router's view) masked too, and never all False: with
+    no prefill nodes and no KV room anywhere, every action is allowed."""
+    for k in view.dead_prefill:
+        mask[k] = False
+    for k in view.dead_decode:
+        mask[P + k] = False
+    if view.dead_prefill or view.dead_decode:
+        any_ok = any(mask)
+    return mask if any_ok else [True] * len(mask)
+
+
+def _recent_features(view: ClusterView) -> tuple[float, float, float]:
+    """Schema 4's recent arrival process: requests and prompt tokens of the last second, prompt tokens per second
+    over the last 10 s, squashed."""
+    n1, k1 = view.recent_arrivals(1.0)
+    k10 = view.recent_arrivals(10.0)[1] / 10.0
+    return n1 / (n1 + _S_R1), k1 / (k1 + _S_K1), k10 / (k10 + _S_K10)
 
 
 def _chunked_prefill_s(profile: LatencyModel, L: int, budget: int) -> float:

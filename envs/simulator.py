@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from bisect import bisect_right
 from collections.abc import Callable
 from heapq import heappop, heappush
 from typing import TYPE_CHECKING
@@ -156,7 +157,14 @@ class ClusterSim:
         """The read-only cluster view a policy sees now (node lists built on first access)."""
         cfg = self.config
         return ClusterView(self.now, cfg.ttft_slo_s, cfg.tbt_slo_s, self._rate_now, builder=self._build_view,
-                           num_prefill=self._num_prefill, num_decode=self._num_decode, handoff=self.handoff)
+                           num_prefill=self._num_prefill, num_decode=self._num_decode, handoff=self.handoff,
+                           recent=self._recent_arrivals)
+
+    def _recent_arrivals(self, window_s: float) -> tuple[int, int]:
+        """Requests and prompt tokens that arrived in ``(now - window_s, now]`` (the view's arrival history)."""
+        i = self._next
+        lo = bisect_right(self._arr_t, self.now - window_s, 0, i)
+        return i - lo, sum(self._arr_in[lo:i])
 
     def _rate_now(self) -> float:
         return self._rate * math.exp((self._rate_t - self.now) / RATE_TAU_S)

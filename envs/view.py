@@ -120,6 +120,10 @@ class DecodeNodeView:
     cached_tokens: int = 0
 
 
+#: the longest window :meth:`ClusterView.recent_arrivals` answers, seconds (the router keeps this much history)
+RECENT_MAX_S = 10.0
+
+
 class ClusterView:
     """Read-only snapshot of the cluster at one decision.
 
@@ -133,6 +137,9 @@ class ClusterView:
         function computing it on first access (the simulator's, so policies that never look pay nothing).
     :param handoff: the cluster's KV hand-off preset (:class:`envs.handoff.Handoff`) for hand-off estimates
         (:func:`envs.handoff.handoff_estimate_s`); None: the latency profile's transfer terms only.
+    :param recent: the arrival history: ``recent(window_s)`` gives ``(requests, prompt tokens)`` that arrived in
+        ``(now - window_s, now]``, the arriving request included (:meth:`recent_arrivals`; windows up to
+        :data:`RECENT_MAX_S`); None where the view has none (a view built by hand).
 
     ``dead_prefill`` and ``dead_decode`` are the indices of nodes out of rotation: none in the model; the router's
     view (``serving.load_view.RouterView``) lists the instances it has taken out, which every configured shape
@@ -144,7 +151,7 @@ class ClusterView:
     dead_decode: tuple[int, ...] = ()
 
     __slots__ = ("now_s", "ttft_slo_s", "tbt_slo_s", "_rate", "num_prefill", "num_decode", "_prefill",
-                 "_decode", "_builder", "handoff")
+                 "_decode", "_builder", "handoff", "_recent")
 
     def __init__(
         self,
@@ -158,6 +165,7 @@ class ClusterView:
         num_prefill: int | None = None,
         num_decode: int | None = None,
         handoff: Any = None,
+        recent: Callable[[float], tuple[int, int]] | None = None,
     ) -> None:
         if builder is None and (prefill is None or decode is None):
             raise ValueError("ClusterView needs node lists or a builder")
@@ -173,6 +181,17 @@ class ClusterView:
         self._decode = decode
         self._builder = builder
         self.handoff = handoff
+        self._recent = recent
+
+    def recent_arrivals(self, window_s: float) -> tuple[int, int]:
+        """``(requests, prompt tokens)`` that arrived in the last ``window_s`` seconds (``(now - window_s, now]``),
+        the arriving request included; ``window_s`` at most :data:`RECENT_MAX_S`."""
+        if self._recent is None:
+            raise ValueError("this ClusterView carries no arrival history (recent=None): the simulator's and the "
+                             "router's views do; feature schema 4 needs it")
+        if not 0.0 < window_s <= RECENT_MAX_S:
+            raise ValueError(f"recent_arrivals: window_s must be in (0, {RECENT_MAX_S:g}] seconds, got {window_s!r}")
+        return self._recent(window_s)
 
     @property
     def arrival_rate_per_s(self) -> float:

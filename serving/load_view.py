@@ -50,13 +50,14 @@ request to a dead instance a policy picks anyway (see :mod:`serving.router`).
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from deflectlab.envs.profile import LatencyModel
 from deflectlab.envs.simulator import RATE_TAU_S
-from deflectlab.envs.view import ClusterView, DecodeNodeView, PrefillNodeView
+from deflectlab.envs.view import RECENT_MAX_S, ClusterView, DecodeNodeView, PrefillNodeView
 
 #: How long a dead instance is shown busy, seconds: far beyond any SLO, so every policy's estimate rules it out.
 DEAD_BUSY_S = 1.0e6
@@ -151,6 +152,35 @@ class RateEstimate:
         return self.rate * math.exp((self.t - t) / RATE_TAU_S)
 
 
+class RecentArrivals:
+    """The router's arrival history for :meth:`ClusterView.recent_arrivals`: the arrival times (model seconds) and
+    prompt lengths of the last :data:`~deflectlab.envs.view.RECENT_MAX_S` seconds, as the simulator counts them."""
+
+    __slots__ = ("_log", "_t")
+
+    def __init__(self) -> None:
+        self._log: deque[tuple[float, int]] = deque()
+        self._t = 0.0
+
+    def arrival(self, t: float, prompt_tokens: int) -> None:
+        log = self._log
+        log.append((t, prompt_tokens))
+        self._t = t
+        while log[0][0] <= t - RECENT_MAX_S:  # (the newest entry always stays)
+            log.popleft()
+
+    def __call__(self, window_s: float) -> tuple[int, int]:
+        """Requests and prompt tokens that arrived in ``(t - window_s, t]``, ``t`` the latest arrival."""
+        n = tokens = 0
+        lo = self._t - window_s
+        for t, k in reversed(self._log):
+            if t <= lo:
+                break
+            n += 1
+            tokens += k
+        return n, tokens
+
+
 class ViewBuilder:
     """Builds the policy's :class:`ClusterView` from every configured instance.
 
@@ -219,16 +249,17 @@ class ViewBuilder:
             inbound_handoffs=d.inbound, ingress_bytes=float(d.inbound_tokens * prof.kv_bytes_per_token),
             step_s=step, waiting_admission=admission)
 
-    def view(self, now: float, rate: float, prefill: list[Instance], decode: list[Instance]) -> RouterView:
+    def view(self, now: float, rate: float, prefill: list[Instance], decode: list[Instance],
+             recent: RecentArrivals | None = None) -> RouterView:
         """A lazily built view of every configured instance; view index ``i`` is ``prefill[i]`` /
-        ``decode[i]``, dead ones shown unusable (see the module docstring)."""
+        ``decode[i]``, dead ones shown unusable (see the module docstring); ``recent``: the arrival history."""
 
         def build() -> tuple[list[PrefillNodeView], list[DecodeNodeView]]:
             return ([self.prefill_view(i, p, now) for i, p in enumerate(prefill)],
                     [self.decode_view(i, d) for i, d in enumerate(decode)])
 
         return RouterView(now, self.ttft_slo_s, self.tbt_slo_s, rate, builder=build, num_prefill=len(prefill),
-                          num_decode=len(decode), instances=(prefill, decode))
+                          num_decode=len(decode), instances=(prefill, decode), recent=recent)
 
 
 class RouterView(ClusterView):

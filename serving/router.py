@@ -66,7 +66,7 @@ from deflectlab.envs.profile import load_profile
 from deflectlab.envs.view import DEFLECT, Decision, Policy
 from deflectlab.policies.registry import make_policy
 from deflectlab.serving.liveness import Liveness
-from deflectlab.serving.load_view import Instance, RateEstimate, RouterView, ViewBuilder
+from deflectlab.serving.load_view import Instance, RateEstimate, RecentArrivals, RouterView, ViewBuilder
 from deflectlab.serving.prefix_view import PrefixView
 from deflectlab.serving.protocol import (
     CHUNK_CAP_HEADER,
@@ -194,6 +194,7 @@ class Router:
         self.m = RouterMetrics()
         self.live = Liveness(config, self.prefill + self.decode, self.m)
         self.rate = RateEstimate()
+        self.recent = RecentArrivals()
         self.session: aiohttp.ClientSession | None = None
         self._t0 = time.monotonic()
         self._seq = 0
@@ -258,7 +259,7 @@ class Router:
             self.m.forced_deflect(forced)
             return Route(None, self._balance())
         self.m.states.set("prefill pool", "ok", "prefill and decode instances usable again: the policy decides")
-        view = self.views.view(req.arrival_s, self.rate.at(req.arrival_s), self.prefill, self.decode)
+        view = self.views.view(req.arrival_s, self.rate.at(req.arrival_s), self.prefill, self.decode, self.recent)
         if view.stale_prefill:
             self.m.stale_decision("prefill_metrics_stale")
         if view.stale_decode:
@@ -404,6 +405,7 @@ class Router:
             return bad
         now = self.model_now()
         self.rate.arrival(now)
+        self.recent.arrival(now, call.n_tok)
         self._seq += 1
         req = RoutedRequest(self._seq, now, call.n_tok, self.prefix.hashes(call.body) if self.prefix else None)
         tried_p: set[int] = set()

@@ -82,14 +82,14 @@ def _cols(version: int, P: int, D: int, suffix: str) -> list[int]:
 # -- the option ----------------------------------------------------------------------------------------------
 def test_feature_schema_option_sets_the_spaces_and_names(trace):
     assert EnvConfig().feature_schema == 1  # the default: the shipped policy's schema
-    for version, (fp, fd) in ((1, (6, 11)), (2, (7, 12)), (3, (10, 16))):
+    for version, (fr, fp, fd) in ((1, (3, 6, 11)), (2, (3, 7, 12)), (3, (3, 10, 16)), (4, (6, 10, 16))):
         env = _env(trace, version, 2, 3)
-        assert env.observation_space.shape == (3 + 2 * fp + 3 * fd,)
+        assert env.observation_space.shape == (fr + 2 * fp + 3 * fd,)
         lo, hi = schema(version).bounds(2, 3)
         assert np.array_equal(env.observation_space.low, lo) and np.array_equal(env.observation_space.high, hi)
         assert env.feature_names == schema(version).names(2, 3)
     assert _env(trace, 2).feature_names[3 + 6] == "prefill[0].cached"
-    for bad in (4, 0, True, "2"):
+    for bad in (5, 0, True, "2"):
         with pytest.raises(ConfigError, match="feature_schema"):
             EnvConfig(feature_schema=bad)
     with pytest.raises(ValueError, match="eval.env.feature_schema"):
@@ -539,17 +539,17 @@ def test_train_and_dagger_take_feature_schema_flags(tmp_path):
     assert a.feature_schema == 2
     for cmd in ("train", "dagger"):
         with pytest.raises(SystemExit):
-            parse(build_parser(cmd), cmd, [cmd, "--config", "x", "--feature-schema", "4"])
+            parse(build_parser(cmd), cmd, [cmd, "--config", "x", "--feature-schema", "5"])
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_two_way_actions_read_est_ttft_in_either_schema(version):
     """The two-way action space finds each node's TTFT estimate column in the schema the env builds."""
     from deflectlab.envs.actions import TwoWay, est_ttft_columns
 
     names = schema(version).names(2, 3)
     p_cols, d_cols = est_ttft_columns(2, 3, version)
-    key = "path_ttft" if version == 3 else "est_ttft"  # schema 3: the proactive deflector's own estimate
+    key = "path_ttft" if version >= 3 else "est_ttft"  # schema 3 on: the proactive deflector's own estimate
     assert [names[c] for c in p_cols] == [f"prefill[0].{key}", f"prefill[1].{key}"]
     assert [names[c] for c in d_cols] == [f"decode[{j}].{key}" for j in range(3)]
     obs = np.zeros(len(names), np.float32)
@@ -560,3 +560,37 @@ def test_two_way_actions_read_est_ttft_in_either_schema(version):
     assert tw.node_action(1, obs, mask) == 2 + 1 and tw.node_action(0, obs, mask) == 1
     mask[3] = False  # decode node 1 has no room: the next lowest valid one
     assert tw.node_action(1, obs, mask) == 2 + 2
+
+
+def test_schema_4_reads_the_recent_arrivals_the_simulator_and_the_router_both_count():
+    """Schema 4's request block: requests and prompt tokens of the last second and prompt tokens per second over
+    the last 10 s, counted here by hand from the workload's arrivals; the router's history, fed the same arrivals,
+    gives the same counts; schema 4 is schema 3 with these three columns inserted after the request block."""
+    from deflectlab.envs.config import ClusterConfig
+    from deflectlab.envs.simulator import ClusterSim
+    from deflectlab.envs.workloads import make_workload
+    from deflectlab.serving.load_view import RecentArrivals
+
+    wl = make_workload("azure_code", start_s=300, num_requests=400, arrival="trace", rate=8.0)
+    sim = ClusterSim(ClusterConfig(), wl)
+    b3, b4, hist = FeatureBuilder(3), FeatureBuilder(4), RecentArrivals()
+    t_all, l_all = [float(x) for x in wl.arrival_s], [int(x) for x in wl.input_tokens]
+    pol = make_policy("proactive")
+    checked = 0
+    while (r := sim.advance()) is not None:
+        view = sim.view()
+        hist.arrival(view.now_s, r.input_tokens)
+        k = len(sim.requests)  # arrivals so far, this one included
+        for w in (1.0, 10.0):
+            mine = [j for j in range(k) if t_all[j] > view.now_s - w]
+            assert view.recent_arrivals(w) == hist(w) == (len(mine), sum(l_all[j] for j in mine))
+        o3, o4 = b3.build(view, r), b4.build(view, r)
+        n1, k1 = view.recent_arrivals(1.0)
+        k10 = view.recent_arrivals(10.0)[1] / 10.0
+        assert o4[3:6] == pytest.approx([n1 / (n1 + 4.0), k1 / (k1 + 16384.0), k10 / (k10 + 16384.0)])
+        assert np.array_equal(np.delete(o4, [3, 4, 5]), o3)
+        checked += n1 > 1
+        sim.route(r, pol.decide(view, r))
+    assert checked > 20  # bursts: several arrivals within a second, so the counts are not all one
+    with pytest.raises(ValueError, match="window_s must be in"):
+        sim.view().recent_arrivals(11.0)
