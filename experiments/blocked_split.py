@@ -306,16 +306,19 @@ def planner_lines(res: dict[str, Any]) -> list[str]:
             + "; ".join(f"{k} = `{pols[k]}`" for k in PLANNERS if k in pols) + ".", "", *table(head, rows), ""]
 
 
-def blocked_summary(folder: Path = Path(__file__).parent / "blocked") -> str:
-    """The main job's section on the blocked split, read from its committed evaluation (empty without it)."""
+def blocked_summary(folder: Path = Path(__file__).parent / "blocked", title: str | None = None) -> str:
+    """The main job's section on the blocked split, read from a committed evaluation (empty without it): the kept
+    (first) learned policy's differences, or with ``title`` every learned policy's under that heading."""
     path = folder / "evaluation.json"
     if not path.is_file():
         return ""
     res = json.loads(path.read_text())
     kept = res["learned"][0]
-    head, rows, losses = diff_table(res, kept)
-    lines = [f"## The blocked split: the learned policy `{kept}` on held-out 300-s blocks", "",
-             "Not rerun by the main job: `experiments/blocked/evaluation.md` "
+    head, rows, losses = diff_table(res, None if title else kept)
+    root = Path(__file__).resolve().parents[1]  # the repository (the folder of experiments/)
+    where = folder.resolve().relative_to(root) if folder.resolve().is_relative_to(root) else folder
+    lines = [title or f"## The blocked split: the learned policy `{kept}` on held-out 300-s blocks", "",
+             f"Not rerun by the main job: `{where}/evaluation.md` "
              f"(`{res.get('command', 'n/a')}`). Heuristics tuned and policies trained on alternating 300-s blocks "
              f"of the trace ({describe(SPLIT.starts('train', WINDOW_S))} window starts), evaluated on the blocks "
              f"between ({res['episodes']} episodes per setting); paired differences in points of SLO attainment.",

@@ -162,3 +162,16 @@ def test_planner_table_splits_the_headroom_by_hand():
     assert bs.planner_lines(res)[0].startswith("## The headroom, split")
     res["policies"].pop("lookahead (myopic)")
     assert bs.planner_lines(res) == []  # the clairvoyant planner alone: the main table has its headroom
+
+
+def test_main_job_sections_read_the_committed_blocked_evaluations():
+    """The main job's blocked sections: the kept policy of experiments/blocked, and every seed of the schema-4 RL
+    run under its own heading, each naming the committed file it reads."""
+    from deflectlab.experiments import blocked_split as bs
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    kept = bs.blocked_summary()
+    assert "`experiments/blocked/evaluation.md`" in kept and "## The headroom, split" in kept
+    rl = bs.blocked_summary(root / "rl_v4_blocked" / "2to3x", title="## RL v4")
+    assert rl.startswith("## RL v4") and "`experiments/rl_v4_blocked/2to3x/evaluation.md`" in rl
+    assert all(f"| 3x | rl v4 2-3x s{s} |" in rl for s in range(3))
