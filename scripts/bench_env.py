@@ -24,6 +24,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import numpy as np
 
+from deflectlab.envs.features import SCHEMAS
+
 
 def bench_env(episodes: int, feature_schema: int = 1, trace: str = "azure_code") -> None:
     from deflectlab.envs.features import FeatureBuilder
@@ -151,7 +153,7 @@ def main() -> None:
     ap.add_argument("--ppo-steps", type=int, default=20_000, help="training steps per throughput measurement")
     ap.add_argument("--skip-ppo", action="store_true")
     ap.add_argument("--calibrate", action="store_true", help="also print round robin against load")
-    ap.add_argument("--feature-schema", type=int, default=1, choices=(1, 2, 3), help="the env's feature schema")
+    ap.add_argument("--feature-schema", type=int, default=1, choices=tuple(SCHEMAS), help="the env's feature schema")
     ap.add_argument("--trace", default="azure_code", help="the env's trace (mooncake_synthetic has prefix hits)")
     args = ap.parse_args()
     allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
