@@ -10,6 +10,7 @@ per-transfer set-up is a fixed delay the simulator adds before a flow starts; it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,8 @@ class Network:
         self.flow_cap_bps = flow_cap_bps
         self.egress_bps = egress_bps
         self.ingress_bps = ingress_bps
+        # the slowest link (the link lists are fixed once the network is made): see _reschedule's fast path
+        self._min_link_bps = min(min(egress_bps, default=math.inf), min(ingress_bps, default=math.inf))
         self.flows: list[Flow] = []
         self._schedule = schedule
         self._on_done = on_done
@@ -95,7 +98,15 @@ class Network:
             rem = f.remaining
             t_next = t + (rem if rem > 0.0 else 0.0) / rate
         else:
-            self._max_min_rates()
+            cap = self.flow_cap_bps
+            if self._min_link_bps / len(flows) > cap:
+                # Even if every flow crossed the slowest link, its fair share would exceed the per-transfer cap, so
+                # progressive filling fixes every flow at the cap in its first round (_max_min_rates): the same
+                # rates, without building the per-link lists (the usual case: flow_cap < link / 2, two flows)
+                for f in flows:
+                    f.rate = cap
+            else:
+                self._max_min_rates()
             t_next = min(t + max(f.remaining, 0.0) / f.rate for f in flows)
         self._schedule(t_next, self._on_event, self._version)
 

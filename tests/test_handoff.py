@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import random
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from conftest import simple_profile
 
 from deflectlab.envs.config import ClusterConfig, ConfigError
 from deflectlab.envs.handoff import PRESETS, HandoffError, parse_handoff
-from deflectlab.envs.network import Network
+from deflectlab.envs.network import Flow, Network
 from deflectlab.envs.profile import LatencyModel
 from deflectlab.envs.request import Request
 from deflectlab.envs.simulator import ClusterSim
@@ -171,3 +172,27 @@ def test_presets_cite_every_term():
             assert src.strip(), f"{h.name}.{term} has no source"
     assert parse_handoff("vllm-nixl:dispatch_s=0.3").dispatch_s == 0.3
     assert parse_handoff("vllm-nixl:dispatch_s=0.3").sources["dispatch_s"] == "set by the user"
+
+
+def test_all_flows_at_their_cap_take_the_same_rates_as_progressive_filling():
+    """Network._reschedule skips progressive filling where even the slowest link's share of all flows exceeds the
+    per-transfer cap; the rates (and so every completion time) are the ones progressive filling gives."""
+    rng = random.Random(3)
+    fast = slow = 0
+    for _ in range(300):
+        n_src, n_dst = rng.randint(1, 4), rng.randint(1, 4)
+        links = [rng.choice([1e9, 1.75e10, 4e10]) for _ in range(n_src + n_dst)]
+        cap = rng.choice([2e8, 7.5e9, 1e10])
+        flows = [(rng.randrange(n_src), rng.randrange(n_dst), rng.uniform(1e6, 1e9)) for _ in range(rng.randint(2, 6))]
+        nets = [Network(links[:n_src], links[n_src:], lambda *a: None, None, flow_cap_bps=cap) for _ in range(2)]
+        for net in nets:
+            net.flows = [Flow(Request(i, 0.0, 1, 1), s, d, b, 0.0) for i, (s, d, b) in enumerate(flows)]
+        nets[0]._reschedule(0.0)  # the fast path where it applies
+        nets[1]._max_min_rates()  # always progressive filling
+        assert [f.rate for f in nets[0].flows] == [f.rate for f in nets[1].flows]
+        if min(links) / len(flows) > cap:
+            fast += 1
+            assert all(f.rate == cap for f in nets[1].flows)
+        else:
+            slow += 1
+    assert fast > 30 and slow > 30  # both paths were exercised
