@@ -49,6 +49,7 @@ from operator import attrgetter
 
 
 _DUE_MAX = 512  # evicted blocks left in the span dicts at most (see PrefixCache.trim_to)
+_SPARE_MAX = 256  # evicted span objects kept for reuse at most (PrefixCache.spare)
 _NO_TRIM = 1 << 62  # PrefixCache.release's default ``keep``: no eviction first
 _KEY = attrgetter("key")  # a span's key in PrefixCache.start
 
@@ -135,7 +136,7 @@ class PrefixCache:
     :param unit: pool blocks (or tokens, as the node counts its pool) one cached (trace) block occupies.
     """
 
-    __slots__ = ("unit", "start", "free", "n_free", "added", "dropped", "risky", "due")
+    __slots__ = ("unit", "start", "free", "n_free", "added", "dropped", "risky", "due", "spare")
 
     def __init__(self, unit: int) -> None:
         self.unit = unit
@@ -150,6 +151,9 @@ class PrefixCache:
         self.dropped = 0
         self.due = 0
         self.risky: set[int] = set()  # first hashes of cached spans whose registrant did not hold their parent
+        # Evicted spans nothing refers to any more, kept for add_new to reuse: a span object per request and node is
+        # then not made and freed again (object creation and deallocation are slow paths of the interpreter)
+        self.spare: list[Holding] = []
 
     @property
     def n_blocks(self) -> int:
@@ -293,7 +297,8 @@ class PrefixCache:
         key = hashes[0]
         if self.risky or key in self.start:
             return None
-        held = _new(Holding)
+        spare = self.spare
+        held = spare.pop() if spare else _new(Holding)  # (every slot is set below)
         held.hashes = hashes
         held.n = hi
         held.ranges = (0, hi)
@@ -460,6 +465,8 @@ class PrefixCache:
                     del start[s.key]
                 if self.risky:
                     self.risky.difference_update(map(_KEY, gone))
+                if len(self.spare) < _SPARE_MAX:  # nothing else refers to them: a request's holding is released
+                    self.spare += gone  # before its span can be free, and the nodes drop their reference then
 
     @property
     def free_blocks(self) -> int:
