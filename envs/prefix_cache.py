@@ -27,6 +27,7 @@ block another request registered meanwhile keeps its own copy uncached, as vLLM 
 
 from __future__ import annotations
 
+from collections import deque
 from itertools import islice
 from operator import attrgetter
 
@@ -141,8 +142,9 @@ class PrefixCache:
     def __init__(self, unit: int) -> None:
         self.unit = unit
         self.start: dict[int, Holding] = {}
-        # a plain dict keeps insertion order and a span leaves it when held again, so its order is LRU order
-        self.free: dict[Holding, None] = {}
+        # LRU order: a released span joins the tail, a span held again leaves (a scan, on a hit only), evictions
+        # take the head; a deque, so that the common operations (a release, an eviction) touch no hash table
+        self.free: deque[Holding] = deque()
         self.n_free = 0  # cached blocks nobody holds
         # The other counts, as sums kept where they change least often: blocks ever cached (``added``) and evicted
         # (``dropped``: gone from the dicts; ``due``: evicted, still in ``start`` and ``free``, at the LRU head;
@@ -232,7 +234,7 @@ class PrefixCache:
                     self.n_free -= k
             else:
                 if not s.cnt:
-                    del free[s]
+                    free.remove(s)  # (a span's identity: Holding has no __eq__)
                     self.n_free -= n
                 s.cnt += 1
             i += k
@@ -386,7 +388,7 @@ class PrefixCache:
                 held.cnt -= 1
                 if held.cnt:
                     return held.hi
-                self.free[held] = None
+                self.free.append(held)
                 self.n_free += held.hi
                 return 0
         start, hashes, r = self.start, held.hashes, held.ranges
@@ -400,7 +402,7 @@ class PrefixCache:
                 s.cnt -= 1
                 if s.cnt:
                     return hi - i
-                self.free[s] = None
+                self.free.append(s)
                 self.n_free += hi - i
                 return 0
         spans = []
@@ -417,7 +419,7 @@ class PrefixCache:
             if s.cnt:
                 still += s.hi - s.lo
             else:
-                free[s] = None
+                free.append(s)
                 self.n_free += s.hi - s.lo
         return still
 
@@ -458,10 +460,10 @@ class PrefixCache:
                     break
                 over -= n
             if k:
-                start = self.start
+                start, popleft = self.start, free.popleft
                 gone = list(islice(free, k))
                 for s in gone:
-                    del free[s]
+                    popleft()
                     del start[s.key]
                 if self.risky:
                     self.risky.difference_update(map(_KEY, gone))
