@@ -174,9 +174,33 @@ def test_presets_cite_every_term():
     assert parse_handoff("vllm-nixl:dispatch_s=0.3").sources["dispatch_s"] == "set by the user"
 
 
-def test_all_flows_at_their_cap_take_the_same_rates_as_progressive_filling():
-    """Network._reschedule skips progressive filling where even the slowest link's share of all flows exceeds the
-    per-transfer cap; the rates (and so every completion time) are the ones progressive filling gives."""
+def _water_filling(flows, links, n_src, cap):
+    """Max-min fair rates written plainly: raise every unfrozen flow's rate together until a link fills or the flows
+    reach their own cap; freeze the flows there; repeat."""
+    rate = [0.0] * len(flows)
+    frozen = [False] * len(flows)
+    while not all(frozen):
+        live = [i for i, f in enumerate(flows) if not frozen[i]]
+        step = cap - rate[live[0]]  # unfrozen flows all have the same rate
+        for link in range(len(links)):
+            on = [i for i, (s, d, _) in enumerate(flows) if link in (s, n_src + d)]
+            n_live = sum(not frozen[i] for i in on)
+            if n_live:
+                step = min(step, (links[link] - sum(rate[i] for i in on)) / n_live)
+        for i in live:
+            rate[i] += step
+        for i in live:
+            s, d, _ = flows[i]
+            full = any(abs(links[k] - sum(rate[j] for j, (s2, d2, _) in enumerate(flows) if k in (s2, n_src + d2)))
+                       <= 1e-9 * links[k] for k in (s, n_src + d))
+            frozen[i] = full or rate[i] >= cap * (1 - 1e-12)
+    return rate
+
+
+def test_max_min_rates_equal_water_filling_and_all_at_cap_skips_it_exactly():
+    """The rates equal a plainly written water filling over random flows and links; where, on the slowest link, even
+    all flows' even shares exceed the per-transfer cap, Network._reschedule skips progressive filling and gives every
+    flow the cap: exactly the rates progressive filling gives."""
     rng = random.Random(3)
     fast = slow = 0
     for _ in range(300):
@@ -187,12 +211,13 @@ def test_all_flows_at_their_cap_take_the_same_rates_as_progressive_filling():
         nets = [Network(links[:n_src], links[n_src:], lambda *a: None, None, flow_cap_bps=cap) for _ in range(2)]
         for net in nets:
             net.flows = [Flow(Request(i, 0.0, 1, 1), s, d, b, 0.0) for i, (s, d, b) in enumerate(flows)]
-        nets[0]._reschedule(0.0)  # the fast path where it applies
+        nets[0]._reschedule(0.0)  # the shortcut where it applies
         nets[1]._max_min_rates()  # always progressive filling
         assert [f.rate for f in nets[0].flows] == [f.rate for f in nets[1].flows]
+        assert [f.rate for f in nets[1].flows] == pytest.approx(_water_filling(flows, links, n_src, cap), rel=1e-9)
         if min(links) / len(flows) > cap:
             fast += 1
-            assert all(f.rate == cap for f in nets[1].flows)
+            assert all(f.rate == cap for f in nets[0].flows)
         else:
             slow += 1
     assert fast > 30 and slow > 30  # both paths were exercised
