@@ -200,7 +200,8 @@ def _water_filling(flows, links, n_src, cap):
 def test_max_min_rates_equal_water_filling_and_all_at_cap_skips_it_exactly():
     """The rates equal a plainly written water filling over random flows and links; where, on the slowest link, even
     all flows' even shares exceed the per-transfer cap, Network._reschedule skips progressive filling and gives every
-    flow the cap: exactly the rates progressive filling gives."""
+    flow the cap: exactly the rates progressive filling gives; so are the rates it keeps for a set of links seen
+    before."""
     rng = random.Random(3)
     fast = slow = 0
     for _ in range(300):
@@ -213,6 +214,10 @@ def test_max_min_rates_equal_water_filling_and_all_at_cap_skips_it_exactly():
             net.flows = [Flow(Request(i, 0.0, 1, 1), s, d, b, 0.0) for i, (s, d, b) in enumerate(flows)]
         nets[0]._reschedule(0.0)  # the shortcut where it applies
         nets[1]._max_min_rates()  # always progressive filling
+        assert [f.rate for f in nets[0].flows] == [f.rate for f in nets[1].flows]
+        for f in nets[0].flows:
+            f.rate = 0.0
+        nets[0]._reschedule(0.0)  # the same links again: the rates kept from the first time
         assert [f.rate for f in nets[0].flows] == [f.rate for f in nets[1].flows]
         assert [f.rate for f in nets[1].flows] == pytest.approx(_water_filling(flows, links, n_src, cap), rel=1e-9)
         if min(links) / len(flows) > cap:
