@@ -668,7 +668,9 @@ class DecodeNode:
         self.admitted -= 1
         if r.d_held is not None:  # its blocks still held by others were counted once for both: count them again
             held, r.d_held = r.d_held, None
-            self.static_blocks += self.cache.release(held) * self.cache.unit
+            still = self.cache.release(held)
+            if still:
+                self.static_blocks += still * self.cache.unit
         self._on_finished(r, t)
 
     def cached_prefix_tokens(self, hashes: list[int], prompt_tokens: int, t: float) -> int:

@@ -391,10 +391,11 @@ class PrefixCache:
                 self.free.append(held)
                 self.n_free += held.hi
                 return 0
-        start, hashes, r = self.start, held.hashes, held.ranges
-        held.ranges = ()  # nothing held any more (a second release frees nothing)
-        if not r:
+        r = held.ranges
+        if not r:  # it holds nothing (a prompt with no full block, or released already)
             return 0
+        held.ranges = ()  # nothing held any more (a second release frees nothing)
+        start, hashes = self.start, held.hashes
         if len(r) == 2:  # one range
             i, hi = r
             s = start[hashes[i]]
