@@ -154,7 +154,8 @@ class PrefixCache:
         self.due = 0
         self.risky: set[int] = set()  # first hashes of cached spans whose registrant did not hold their parent
         # Evicted spans nothing refers to any more, kept for add_new to reuse: a span object per request and node is
-        # then not made and freed again (object creation and deallocation are slow paths of the interpreter)
+        # then not made and freed again (object creation and deallocation are slow paths of the interpreter). A
+        # holding must therefore not be used once released (the nodes set theirs to None as they release it).
         self.spare: list[Holding] = []
 
     @property
@@ -394,8 +395,8 @@ class PrefixCache:
         r = held.ranges
         if not r:  # it holds nothing (a prompt with no full block, or released already)
             return 0
-        held.ranges = ()  # nothing held any more (a second release frees nothing)
-        start, hashes = self.start, held.hashes
+        held.ranges = ()  # nothing held any more (a second release frees nothing, until the span object is evicted
+        start, hashes = self.start, held.hashes  # and reused by add_new: so callers drop a holding they released)
         if len(r) == 2:  # one range
             i, hi = r
             s = start[hashes[i]]
