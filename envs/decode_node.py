@@ -577,12 +577,15 @@ class DecodeNode:
         self._usage_t, self._usage_last = t, u
         if u + 0.5 * bsz > self.peak_blocks:
             self._note_peak()
-        cache, running = self.cache, self.running
+        running = self.running
+        ending = running[0][0] == n if running else False  # decodes finish here (not read from the list later:
+        # a prompt whose chunks end here may join it, finishing later)
         # The running decodes grew: the evictions due by now, exactly, before this boundary frees blocks (a decode
         # finishes; a prompt whose chunks end here does its own, in _finish_chunks). A boundary that frees nothing
         # leaves them to the next free or read (see _hold): the pool only fills until then, so the same LRU head
         # goes.
-        if cache is not None and running and running[0][0] == n and cache.n_free:
+        if ending and self.cache is not None and self.cache.n_free:
+            cache = self.cache
             # _cache_keep(n), inline: room beside the floor sum of the running decodes' blocks, less one each
             unit = cache.unit
             free = self.total_blocks - self.static_blocks - (self._ctx_base + bsz * n) // self.block_tokens
@@ -592,13 +595,14 @@ class DecodeNode:
                     keep = (self.total_blocks - self.static_blocks - self._running_blocks(n)) // unit
                 cache.trim_to(keep)
         freed = self._finish_chunks(t, k, n) if self._seg_chunks else False
-        blk = self.block_tokens
-        while running and running[0][0] == n:
-            r = heappop(running)[2]
-            self.batch_size -= 1
-            self._ctx_base -= r.ctx_offset
-            self._phase[r.ctx_offset % blk] -= 1
-            self._finish(r, t)
+        if ending:  # (a prompt that joins in _finish_chunks finishes later than n: the heap's head stays)
+            blk = self.block_tokens
+            while running and running[0][0] == n:
+                r = heappop(running)[2]
+                self.batch_size -= 1
+                self._ctx_base -= r.ctx_offset
+                self._phase[r.ctx_offset % blk] -= 1
+                self._finish(r, t)
             freed = True
         if self._on_segment_end is not None:
             self._on_segment_end(t, k)
@@ -664,7 +668,9 @@ class DecodeNode:
         self.admitted -= 1
         if r.d_held is not None:  # its blocks still held by others were counted once for both: count them again
             held, r.d_held = r.d_held, None
-            self.static_blocks += self.cache.release(held) * self.cache.unit
+            still = self.cache.release(held)
+            if still:
+                self.static_blocks += still * self.cache.unit
         self._on_finished(r, t)
 
     def cached_prefix_tokens(self, hashes: list[int], prompt_tokens: int, t: float) -> int:

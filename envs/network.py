@@ -10,12 +10,17 @@ per-transfer set-up is a fixed delay the simulator adds before a flow starts; it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from deflectlab.envs.request import Request
 
+_RATES_MAX = 4096  # sets of flows whose rates Network keeps at most
+_ENDS = attrgetter("src", "dst")
+_RATE = attrgetter("rate")
 _EPS_BYTES = 1e-3  # a flow with less than a thousandth of a byte left is done (float round-off)
 
 
@@ -52,6 +57,12 @@ class Network:
         self.flow_cap_bps = flow_cap_bps
         self.egress_bps = egress_bps
         self.ingress_bps = ingress_bps
+        # the slowest link (the link lists are fixed once the network is made): see _reschedule's fast path
+        self._min_link_bps = min(min(egress_bps, default=math.inf), min(ingress_bps, default=math.inf))
+        # Progressive filling's rates by the flows' (source, destination) pairs in order: a pure function of them
+        # (the links and the cap are fixed), so a set of transfers seen before takes its rates from here, the same
+        # floats (shared by state copies: see ClusterSim.copy_state)
+        self._rates: dict[tuple[tuple[int, int], ...], tuple[float, ...]] = {}
         self.flows: list[Flow] = []
         self._schedule = schedule
         self._on_done = on_done
@@ -95,7 +106,23 @@ class Network:
             rem = f.remaining
             t_next = t + (rem if rem > 0.0 else 0.0) / rate
         else:
-            self._max_min_rates()
+            cap = self.flow_cap_bps
+            if self._min_link_bps / len(flows) > cap:
+                # Even if every flow crossed the slowest link, its fair share would exceed the per-transfer cap, so
+                # progressive filling fixes every flow at the cap in its first round (_max_min_rates): the same
+                # rates, without building the per-link lists (the usual case: flow_cap < link / 2, two flows)
+                for f in flows:
+                    f.rate = cap
+            else:
+                key = tuple(map(_ENDS, flows))  # the rates depend on the flows' links, in order, alone
+                rates = self._rates.get(key)
+                if rates is None:
+                    self._max_min_rates()
+                    if len(self._rates) < _RATES_MAX:
+                        self._rates[key] = tuple(map(_RATE, flows))
+                else:
+                    for f, r in zip(flows, rates):
+                        f.rate = r
             t_next = min(t + max(f.remaining, 0.0) / f.rate for f in flows)
         self._schedule(t_next, self._on_event, self._version)
 

@@ -27,6 +27,7 @@ block another request registered meanwhile keeps its own copy uncached, as vLLM 
 
 from __future__ import annotations
 
+from collections import deque
 from itertools import islice
 from operator import attrgetter
 
@@ -49,6 +50,7 @@ from operator import attrgetter
 
 
 _DUE_MAX = 512  # evicted blocks left in the span dicts at most (see PrefixCache.trim_to)
+_SPARE_MAX = 256  # evicted span objects kept for reuse at most (PrefixCache.spare)
 _NO_TRIM = 1 << 62  # PrefixCache.release's default ``keep``: no eviction first
 _KEY = attrgetter("key")  # a span's key in PrefixCache.start
 
@@ -135,13 +137,14 @@ class PrefixCache:
     :param unit: pool blocks (or tokens, as the node counts its pool) one cached (trace) block occupies.
     """
 
-    __slots__ = ("unit", "start", "free", "n_free", "added", "dropped", "risky", "due")
+    __slots__ = ("unit", "start", "free", "n_free", "added", "dropped", "risky", "due", "spare")
 
     def __init__(self, unit: int) -> None:
         self.unit = unit
         self.start: dict[int, Holding] = {}
-        # a plain dict keeps insertion order and a span leaves it when held again, so its order is LRU order
-        self.free: dict[Holding, None] = {}
+        # LRU order: a released span joins the tail, a span held again leaves (a scan, on a hit only), evictions
+        # take the head; a deque, so that the common operations (a release, an eviction) touch no hash table
+        self.free: deque[Holding] = deque()
         self.n_free = 0  # cached blocks nobody holds
         # The other counts, as sums kept where they change least often: blocks ever cached (``added``) and evicted
         # (``dropped``: gone from the dicts; ``due``: evicted, still in ``start`` and ``free``, at the LRU head;
@@ -150,6 +153,10 @@ class PrefixCache:
         self.dropped = 0
         self.due = 0
         self.risky: set[int] = set()  # first hashes of cached spans whose registrant did not hold their parent
+        # Evicted spans nothing refers to any more, kept for add_new to reuse: a span object per request and node is
+        # then not made and freed again (object creation and deallocation are slow paths of the interpreter). A
+        # holding must therefore not be used once released (the nodes set theirs to None as they release it).
+        self.spare: list[Holding] = []
 
     @property
     def n_blocks(self) -> int:
@@ -228,7 +235,7 @@ class PrefixCache:
                     self.n_free -= k
             else:
                 if not s.cnt:
-                    del free[s]
+                    free.remove(s)  # (a span's identity: Holding has no __eq__)
                     self.n_free -= n
                 s.cnt += 1
             i += k
@@ -293,7 +300,8 @@ class PrefixCache:
         key = hashes[0]
         if self.risky or key in self.start:
             return None
-        held = _new(Holding)
+        spare = self.spare
+        held = spare.pop() if spare else _new(Holding)  # (every slot is set below)
         held.hashes = hashes
         held.n = hi
         held.ranges = (0, hi)
@@ -381,13 +389,14 @@ class PrefixCache:
                 held.cnt -= 1
                 if held.cnt:
                     return held.hi
-                self.free[held] = None
+                self.free.append(held)
                 self.n_free += held.hi
                 return 0
-        start, hashes, r = self.start, held.hashes, held.ranges
-        held.ranges = ()  # nothing held any more (a second release frees nothing)
-        if not r:
+        r = held.ranges
+        if not r:  # it holds nothing (a prompt with no full block, or released already)
             return 0
+        held.ranges = ()  # nothing held any more (a second release frees nothing, until the span object is evicted
+        start, hashes = self.start, held.hashes  # and reused by add_new: so callers drop a holding they released)
         if len(r) == 2:  # one range
             i, hi = r
             s = start[hashes[i]]
@@ -395,7 +404,7 @@ class PrefixCache:
                 s.cnt -= 1
                 if s.cnt:
                     return hi - i
-                self.free[s] = None
+                self.free.append(s)
                 self.n_free += hi - i
                 return 0
         spans = []
@@ -412,7 +421,7 @@ class PrefixCache:
             if s.cnt:
                 still += s.hi - s.lo
             else:
-                free[s] = None
+                free.append(s)
                 self.n_free += s.hi - s.lo
         return still
 
@@ -453,13 +462,15 @@ class PrefixCache:
                     break
                 over -= n
             if k:
-                start = self.start
+                start, popleft = self.start, free.popleft
                 gone = list(islice(free, k))
                 for s in gone:
-                    del free[s]
+                    popleft()
                     del start[s.key]
                 if self.risky:
                     self.risky.difference_update(map(_KEY, gone))
+                if len(self.spare) < _SPARE_MAX:  # nothing else refers to them: a request's holding is released
+                    self.spare += gone  # before its span can be free, and the nodes drop their reference then
 
     @property
     def free_blocks(self) -> int:

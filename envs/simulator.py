@@ -325,6 +325,7 @@ class ClusterSim:
         shared.extend(node.profile for node in self.prefill)
         shared.extend(node.profile for node in self.decode)
         shared.extend(reqs[:k])
+        shared.append(self.network._rates)  # a cache of a pure function: copies may share and extend it
         if self._hashes is not None:  # the trace's hash lists: read-only, referenced by requests and cache spans
             shared.append(self._hashes)
             shared.extend(self._hashes)

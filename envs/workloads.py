@@ -390,6 +390,7 @@ def _read_mooncake(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list
     inp: list[int] = []
     out: list[int] = []
     hashes: list[list[int]] = []
+    ids: dict[int, int] = {}
     has_hashes: bool | None = None
     prev = -math.inf
     last_line = 0
@@ -414,7 +415,9 @@ def _read_mooncake(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list
             if h is not None:
                 if not isinstance(h, list) or not all(_json_int(x) for x in h):
                     raise WorkloadError(f"{where}: hash_ids must be a list of integers")
-                hashes.append(h)
+                # one int object per distinct hash (JSON parsing makes one per occurrence): the prefix cache then
+                # compares shared blocks by identity, and the trace takes less memory
+                hashes.append([ids.setdefault(x, x) for x in h])
             ts.append(t)
             inp.append(rec["input_length"])
             out.append(rec["output_length"])

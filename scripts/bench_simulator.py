@@ -15,12 +15,14 @@ Issue 11's prefix-cache target: at most 25 % slower with the cache on than off o
 percent from run to run, so ``--cache-case SHAPE POLICY CASE RUNS`` plays one case (``off``, ``on`` or
 ``no-sharing``) ``RUNS`` times after a short warm-up and prints nothing: under
 ``valgrind --tool=cachegrind --cache-sim=no`` the instructions of ``RUNS=1`` less those of ``RUNS=0`` are the
-run's, a count that does not depend on the load.
+run's, a count that does not depend on the load (the runs are made first and run with the cyclic garbage
+collector off, so that no collection lands in a count by chance).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import resource
@@ -113,8 +115,11 @@ def cache_case(shape: str, policy: str, case: str, runs: int) -> None:
         w = _unshared(wl)
     small = make_workload("mooncake_synthetic", num_requests=50)
     ClusterSim(ClusterConfig.from_shape(shape, prefix_cache=on), small).run(make_policy(policy))
-    for _ in range(runs):
-        ClusterSim(ClusterConfig.from_shape(shape, prefix_cache=on), w).run(make_policy(policy))
+    sims = [ClusterSim(ClusterConfig.from_shape(shape, prefix_cache=on), w) for _ in range(runs)]
+    gc.collect()  # no collection of the cyclic garbage collector inside the runs: where one lands depends on what
+    gc.disable()  # the process allocated before, and a full one adds tens of millions of instructions to a count
+    for sim in sims:
+        sim.run(make_policy(policy))
 
 
 def memory_child(n: int, policy: str, handoff: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import random
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from conftest import simple_profile
 
 from deflectlab.envs.config import ClusterConfig, ConfigError
 from deflectlab.envs.handoff import PRESETS, HandoffError, parse_handoff
-from deflectlab.envs.network import Network
+from deflectlab.envs.network import Flow, Network
 from deflectlab.envs.profile import LatencyModel
 from deflectlab.envs.request import Request
 from deflectlab.envs.simulator import ClusterSim
@@ -171,3 +172,57 @@ def test_presets_cite_every_term():
             assert src.strip(), f"{h.name}.{term} has no source"
     assert parse_handoff("vllm-nixl:dispatch_s=0.3").dispatch_s == 0.3
     assert parse_handoff("vllm-nixl:dispatch_s=0.3").sources["dispatch_s"] == "set by the user"
+
+
+def _water_filling(flows, links, n_src, cap):
+    """Max-min fair rates written plainly: raise every unfrozen flow's rate together until a link fills or the flows
+    reach their own cap; freeze the flows there; repeat."""
+    rate = [0.0] * len(flows)
+    frozen = [False] * len(flows)
+    while not all(frozen):
+        live = [i for i, f in enumerate(flows) if not frozen[i]]
+        step = cap - rate[live[0]]  # unfrozen flows all have the same rate
+        for link in range(len(links)):
+            on = [i for i, (s, d, _) in enumerate(flows) if link in (s, n_src + d)]
+            n_live = sum(not frozen[i] for i in on)
+            if n_live:
+                step = min(step, (links[link] - sum(rate[i] for i in on)) / n_live)
+        for i in live:
+            rate[i] += step
+        for i in live:
+            s, d, _ = flows[i]
+            full = any(abs(links[k] - sum(rate[j] for j, (s2, d2, _) in enumerate(flows) if k in (s2, n_src + d2)))
+                       <= 1e-9 * links[k] for k in (s, n_src + d))
+            frozen[i] = full or rate[i] >= cap * (1 - 1e-12)
+    return rate
+
+
+def test_max_min_rates_equal_water_filling_and_all_at_cap_skips_it_exactly():
+    """The rates equal a plainly written water filling over random flows and links; where, on the slowest link, even
+    all flows' even shares exceed the per-transfer cap, Network._reschedule skips progressive filling and gives every
+    flow the cap: exactly the rates progressive filling gives; so are the rates it keeps for a set of links seen
+    before."""
+    rng = random.Random(3)
+    fast = slow = 0
+    for _ in range(300):
+        n_src, n_dst = rng.randint(1, 4), rng.randint(1, 4)
+        links = [rng.choice([1e9, 1.75e10, 4e10]) for _ in range(n_src + n_dst)]
+        cap = rng.choice([2e8, 7.5e9, 1e10])
+        flows = [(rng.randrange(n_src), rng.randrange(n_dst), rng.uniform(1e6, 1e9)) for _ in range(rng.randint(2, 6))]
+        nets = [Network(links[:n_src], links[n_src:], lambda *a: None, None, flow_cap_bps=cap) for _ in range(2)]
+        for net in nets:
+            net.flows = [Flow(Request(i, 0.0, 1, 1), s, d, b, 0.0) for i, (s, d, b) in enumerate(flows)]
+        nets[0]._reschedule(0.0)  # the shortcut where it applies
+        nets[1]._max_min_rates()  # always progressive filling
+        assert [f.rate for f in nets[0].flows] == [f.rate for f in nets[1].flows]
+        for f in nets[0].flows:
+            f.rate = 0.0
+        nets[0]._reschedule(0.0)  # the same links again: the rates kept from the first time
+        assert [f.rate for f in nets[0].flows] == [f.rate for f in nets[1].flows]
+        assert [f.rate for f in nets[1].flows] == pytest.approx(_water_filling(flows, links, n_src, cap), rel=1e-9)
+        if min(links) / len(flows) > cap:
+            fast += 1
+            assert all(f.rate == cap for f in nets[0].flows)
+        else:
+            slow += 1
+    assert fast > 30 and slow > 30  # both paths were exercised

@@ -383,6 +383,39 @@ def test_spans_equal_a_block_by_block_cache(seed):
             assert all((x in a) == (x in b) for p in prompts for x in p)
 
 
+def test_reused_span_objects_answer_like_the_block_by_block_cache():
+    """Evicted span objects are reused for new requests' spans (PrefixCache.spare) and the free spans are a deque:
+    requests that hit and miss, a few live at a time, on a pool that keeps evicting, get every answer of the
+    block-by-block reference, and span objects were reused."""
+    rng = random.Random(11)
+    prompts = _random_prompts(rng, 80)
+    caches = (PrefixCache(unit=1), BlockCache(unit=1))
+    live: list[list] = []
+    reused = 0
+    for step in range(3000):
+        if len(live) < 4 and (not live or rng.random() < 0.5):  # admit and, at once, compute its blocks
+            h = rng.choice(prompts)
+            hit, shared = caches[0].match(h, len(h))
+            assert (hit, shared) == caches[1].match(h, len(h)), step
+            spare = len(caches[0].spare)
+            held = [c.add_new(h, len(h)) if not hit else None for c in caches]
+            reused += len(caches[0].spare) < spare
+            for j, c in enumerate(caches):
+                if held[j] is None:  # a hit, or add_new declined: hold the hit and register the rest
+                    held[j] = c.acquire(h, hit)
+                    c.register(held[j], len(h))
+            live.append(held)
+        else:  # the oldest or a random one finishes, the pool having room for 0 to 40 free blocks first
+            held = live.pop(rng.randrange(len(live)))
+            keep = rng.randint(0, 40)
+            assert caches[0].release(held[0], keep) == caches[1].release(held[1], keep)
+        a, b = caches
+        assert (len(a), a.n_free, a.held_blocks, a.evictions) == (len(b), b.n_free, b.held_blocks, b.evictions)
+        if step % 100 == 0:
+            assert a.free_hashes() == b.free_hashes()
+    assert reused > 100 and caches[0].evictions > 1000
+
+
 def test_evictions_left_in_the_span_dicts_stay_bounded_and_exact():
     """Evicted blocks leave the span dicts lazily (PrefixCache.trim_to): with no lookup for a long time (unshared
     prompts, the pool always full) the counts follow the block-by-block reference at once, at most
