@@ -408,6 +408,7 @@ class FeatureBuilder:
         self._path_caps: list[int] = []
         self._last_L = 0
         self._last_todo: list[int] = []
+        self._last_lane: tuple[int, Any] | None = None  # the deflection decision() last recorded (see taken)
 
     def reset(self) -> None:
         """Start a new run: schema 3 forgets the prompts seen and the deflections placed (no effect on 1 and 2)."""
@@ -563,6 +564,7 @@ class FeatureBuilder:
     def decision(self, action: int) -> Decision:
         """Map an action of ``Discrete(P + D)`` to a decision, with the chunk caps of the last :meth:`build`."""
         P = self.num_prefill
+        self._last_lane = None
         if 0 <= action < P:
             return Decision.prefill(action)
         j = action - P
@@ -571,8 +573,21 @@ class FeatureBuilder:
         if self._est is None:
             return Decision.deflect(j, self.chunk_caps[j])
         cap = self._path_caps[j] or self.chunk_caps[j]  # the estimator's cap; the chunk rule's where it has none
-        self._est.add_lane(j, cap, self._last_L, self._last_todo[j])  # the estimator tracks the deflection
+        self._last_lane = (j, self._est.add_lane(j, cap, self._last_L, self._last_todo[j]))  # tracked from now on
         return Decision.deflect(j, cap)
+
+    def taken(self, decision: Decision) -> None:
+        """The decision actually taken for the request of the last :meth:`build`, where another policy acted (a
+        learner in DAgger): schema 3 on, the estimator tracks that deflection instead of the one :meth:`decision`
+        recorded (a second call replaces the first's); no effect on schemas 1 and 2."""
+        if self._est is None:
+            return
+        mine, self._last_lane = self._last_lane, None
+        if mine is not None and mine[1] is not None:
+            self._est.drop_lane(*mine)
+        if decision.deflected and decision.chunk_cap:
+            d = decision.decode_node
+            self._last_lane = (d, self._est.add_lane(d, decision.chunk_cap, self._last_L, self._last_todo[d]))
 
 
 _LOG_MAX_PROMPT = math.log1p(MAX_PROMPT_TOKENS)

@@ -190,6 +190,10 @@ class SetArraysPolicy(Policy):
     def reset(self, seed: int | None = None) -> None:
         self._fb.reset()  # feature schema 3 keeps estimator state across a run
 
+    def taken(self, view: ClusterView, request: RequestLike, decision: Decision) -> None:
+        """Another policy decided ``request`` (a learner DAgger lets act): the features track its deflection."""
+        self._fb.taken(decision)
+
     def params(self) -> dict[str, Any]:
         return {"feature_schema": self.feature_schema, "weights": len(self._w)}
 
@@ -379,6 +383,10 @@ class OnnxPolicy(Policy):
 
     def reset(self, seed: int | None = None) -> None:
         self._fb.reset()  # feature schema 3 keeps estimator state across a run
+
+    def taken(self, view: ClusterView, request: RequestLike, decision: Decision) -> None:
+        """Another policy decided ``request`` (a learner DAgger lets act): the features track its deflection."""
+        self._fb.taken(decision)
 
     def params(self) -> dict[str, Any]:
         return {"path": self.path, "backend": self.backend, "strict": self.strict}

@@ -594,3 +594,44 @@ def test_schema_4_reads_the_recent_arrivals_the_simulator_and_the_router_both_co
     assert checked > 20  # bursts: several arrivals within a second, so the counts are not all one
     with pytest.raises(ValueError, match="window_s must be in"):
         sim.view().recent_arrivals(11.0)
+
+
+def test_a_learned_policy_told_the_decision_taken_tracks_it_like_a_builder_that_took_it():
+    """A schema-3 learned policy (random set network) in a run where another policy often decides: after
+    ``taken`` its estimator tracks exactly the deflections a builder fed the actual decisions tracks, so its
+    features follow the episode as it ran (DAgger with a learned teacher)."""
+    import torch
+
+    from deflectlab.agents.setnet import SetPolicyNet
+    from deflectlab.envs.config import ClusterConfig
+    from deflectlab.envs.simulator import ClusterSim
+    from deflectlab.envs.workloads import make_workload
+    from deflectlab.policies.runtime import SetArraysPolicy
+
+    torch.manual_seed(3)
+    pol = SetArraysPolicy(SetPolicyNet(16, 3).arrays(), 3)
+    pol.reset()
+    ref = FeatureBuilder(3)
+    sim = ClusterSim(ClusterConfig(), make_workload("azure_code", start_s=300, num_requests=250, rate=6.0))
+    lanes = lambda b: [[(ln.cap, ln.L, ln.rem) for ln in n.lanes] for n in b._est._nodes]  # noqa: E731
+    told = k = 0
+    while (r := sim.advance()) is not None:
+        view = sim.view()
+        mine = pol.decide(view, r)
+        ref.build(view, r)
+        mask = ref.mask
+        # every third request the policy's own choice, otherwise the first valid deflection (or prefill on 0)
+        action = next((2 + j for j in range(2) if mask[2 + j]), 0) if k % 3 else None
+        actual = ref.decision(action) if action is not None else None
+        if actual is None:  # the policy's own: the reference records the same action
+            a = (mine.decode_node + 2) if mine.deflected else mine.prefill_node
+            actual = ref.decision(a)
+            assert actual == mine
+        elif actual != mine:
+            pol.taken(view, r, actual)
+            pol.taken(view, r, actual)  # a second call replaces the first (no double count)
+            told += 1
+        sim.route(r, actual)
+        assert lanes(pol._fb) == lanes(ref)
+        k += 1
+    assert told > 50 and any(lanes(ref))  # the check is not vacuous: decisions differed and lanes were kept
