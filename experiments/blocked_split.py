@@ -306,13 +306,23 @@ def planner_lines(res: dict[str, Any]) -> list[str]:
             + "; ".join(f"{k} = `{pols[k]}`" for k in PLANNERS if k in pols) + ".", "", *table(head, rows), ""]
 
 
-def blocked_summary(folder: Path = Path(__file__).parent / "blocked", title: str | None = None) -> str:
+def blocked_summary(folder: Path = Path(__file__).parent / "blocked", title: str | None = None,
+                    also: tuple[str, ...] = ()) -> str:
     """The main job's section on the blocked split, read from a committed evaluation (empty without it): the kept
-    (first) learned policy's differences, or with ``title`` every learned policy's under that heading."""
+    (first) learned policy's differences, or with ``title`` every learned policy's under that heading. ``also``:
+    further evaluation files in ``folder`` (same settings and episodes) whose learned policies join the table."""
     path = folder / "evaluation.json"
     if not path.is_file():
         return ""
     res = json.loads(path.read_text())
+    for name in also:
+        more = json.loads((folder / name).read_text())
+        if (more["settings"], more["episodes"], more["seed0"]) != (res["settings"], res["episodes"], res["seed0"]):
+            raise ValueError(f"blocked_summary: {folder / name} ran other settings or episodes than {path}")
+        res["rows"] += [r for r in more["rows"] if r["policy"] in {more["policies"][k] for k in more["learned"]}]
+        res["policies"].update({k: more["policies"][k] for k in more["learned"]})
+        res["learned"] += more["learned"]
+        res["command"] = f"{res.get('command', 'n/a')}` and `{more.get('command', 'n/a')}"
     kept = res["learned"][0]
     head, rows, losses = diff_table(res, None if title else kept)
     root = Path(__file__).resolve().parents[1]  # the repository (the folder of experiments/)

@@ -172,6 +172,8 @@ def test_main_job_sections_read_the_committed_blocked_evaluations():
     root = Path(__file__).resolve().parents[1] / "experiments"
     kept = bs.blocked_summary()
     assert "`experiments/blocked/evaluation.md`" in kept and "## The headroom, split" in kept
-    rl = bs.blocked_summary(root / "rl_v4_blocked" / "2to3x", title="## RL v4")
+    rl = bs.blocked_summary(root / "rl_v4_blocked" / "2to3x", title="## RL v4", also=("evaluation_s3-5.json",))
     assert rl.startswith("## RL v4") and "`experiments/rl_v4_blocked/2to3x/evaluation.md`" in rl
-    assert all(f"| 3x | rl v4 2-3x s{s} |" in rl for s in range(3))
+    assert all(f"| 3x | rl v4 2-3x s{s} |" in rl for s in range(6))  # both evaluation files' seeds
+    # seed 4 at 1x, from the second file, against the same heuristic rows: -0.34 ± 0.22 ex post
+    assert "| 1x | rl v4 2-3x s4 | -0.21 ± 0.16 | -0.34 ± 0.22 (proactive) |" in rl
