@@ -24,7 +24,7 @@ def _load_builtins() -> None:
     for extra in (
         "deflectlab.policies.heuristics_extra", "deflectlab.policies.proactive", "deflectlab.policies.runtime",
         "deflectlab.policies.prefix_affinity",
-        "deflectlab.policies.lookahead",
+        "deflectlab.policies.lookahead", "deflectlab.policies.ensemble",
     ):
         try:
             mod = __import__(extra, fromlist=["register_policies"])

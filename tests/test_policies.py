@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -414,3 +415,52 @@ def test_nodes_out_of_rotation_are_invalid_actions(version):
     fb.build(v, req(500))
     assert fb.mask.tolist() == [True, True, True, True]
     assert ClusterView(0.0, 1.0, TAU, prefill=[pnode(0)], decode=[dnode(0)]).dead_prefill == ()
+
+
+def test_ensemble_takes_the_majority_and_tells_the_members():
+    """``ensemble``: one member plays exactly like that member; with three, each decision is the majority kind of
+    the members' own votes (ties to ``tie``) and the most chosen decision of that kind, and a member outvoted is told
+    the decision taken; bad specs are named."""
+    from deflectlab.envs.config import ClusterConfig
+    from deflectlab.envs.simulator import ClusterSim
+    from deflectlab.envs.workloads import make_workload
+    from deflectlab.policies.ensemble import Ensemble
+
+    root = Path(__file__).resolve().parents[1] / "experiments" / "rl_v4_blocked" / "2to3x"
+    wl = make_workload("azure_code", start_s=300, num_requests=200, rate=8.0)
+    one = ClusterSim(ClusterConfig(), wl).run(make_policy(f"ensemble:paths={root / 's1'}")).summary
+    alone = ClusterSim(ClusterConfig(), wl).run(make_policy(f"learned:path={root / 's1'}")).summary
+    assert (one["slo_attainment"], one["ttft_s"], one["deflection_rate"]) == (
+        alone["slo_attainment"], alone["ttft_s"], alone["deflection_rate"])
+
+    ens = Ensemble("+".join(str(root / f"s{s}") for s in (0, 3, 4)))
+    told = []
+
+    def spy(member):
+        def taken(view, request, decision):
+            told.append((member, decision))
+            type(member).taken(member, view, request, decision)
+        return taken
+
+    for m in ens.members:  # record what each member is told
+        m.taken = spy(m)
+    sim = ClusterSim(ClusterConfig(), wl)
+    ens.reset()
+    split = 0
+    while (r := sim.advance()) is not None:
+        told.clear()
+        d = ens.decide(sim.view(), r)
+        votes = ens.last_votes
+        n_def = sum(v.deflected for v in votes)
+        assert d.deflected == (n_def >= 2)
+        same = [v for v in votes if v.deflected == d.deflected]
+        assert d in same and same.count(d) == max(same.count(v) for v in same)
+        assert [m for m, _ in told] == [m for m, v in zip(ens.members, votes) if v != d]
+        assert all(t == d for _, t in told)
+        split += 0 < n_def < 3
+        sim.route(r, d)
+    assert split > 5  # the members disagreed, so the vote decided something
+    with pytest.raises(ValueError, match="at least one exported policy"):
+        make_policy("ensemble:paths=")
+    with pytest.raises(ValueError, match="tie must be one of prefill, deflect"):
+        make_policy(f"ensemble:paths={root / 's1'},tie=coin")
