@@ -66,12 +66,13 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from deflectlab.envs.chunking import largest_safe_chunk
 from deflectlab.envs.config import check_number
 from deflectlab.envs.handoff import handoff_estimate_s
-from deflectlab.envs.view import ClusterView, DecodeNodeView, decode_load
+from deflectlab.envs.view import ClusterView, Decision, DecodeNodeView, decode_load
 
 if TYPE_CHECKING:
     from deflectlab.envs.profile import LatencyModel
@@ -543,6 +544,18 @@ class PathEstimator:
         ln = Lane(float(cap), L, float(todo))
         self._nodes[d].lanes.append(ln)
         return ln
+
+    def retrack(self, mine: tuple[int, Lane | None] | None, decision: Decision, L: int,
+                todo: Callable[[int], int]) -> tuple[int, Lane | None] | None:
+        """Replace the deflection ``mine`` (``(node, lane)`` as :meth:`add_lane` recorded it; None: none) with the
+        one ``decision`` makes of an ``L``-token prompt, ``todo(d)`` of its tokens to prefill on node ``d``: where
+        another policy decided than the one that recorded ``mine``. Returns what is tracked now, for a next call."""
+        if mine is not None and mine[1] is not None:
+            self.drop_lane(*mine)
+        if decision.deflected and decision.chunk_cap:
+            d = decision.decode_node
+            return d, self.add_lane(d, decision.chunk_cap, L, todo(d))
+        return None
 
     def drop_lane(self, d: int, lane: Lane) -> None:
         """Forget a lane :meth:`add_lane` recorded on decode node ``d`` (the deflection was not taken)."""

@@ -580,14 +580,8 @@ class FeatureBuilder:
         """The decision actually taken for the request of the last :meth:`build`, where another policy acted (a
         learner in DAgger): schema 3 on, the estimator tracks that deflection instead of the one :meth:`decision`
         recorded (a second call replaces the first's); no effect on schemas 1 and 2."""
-        if self._est is None:
-            return
-        mine, self._last_lane = self._last_lane, None
-        if mine is not None and mine[1] is not None:
-            self._est.drop_lane(*mine)
-        if decision.deflected and decision.chunk_cap:
-            d = decision.decode_node
-            self._last_lane = (d, self._est.add_lane(d, decision.chunk_cap, self._last_L, self._last_todo[d]))
+        if self._est is not None:
+            self._last_lane = self._est.retrack(self._last_lane, decision, self._last_L, self._last_todo.__getitem__)
 
 
 _LOG_MAX_PROMPT = math.log1p(MAX_PROMPT_TOKENS)

@@ -194,6 +194,11 @@ def _fmt(d: tuple[float, float] | None) -> str:
     return "n/a" if d is None else f"{100 * d[0]:+.2f} ± {100 * d[1]:.2f}"
 
 
+def _best_ex_post(heur: list[str], rows: dict[str, list[dict[str, Any]]]) -> str:
+    """The best heuristic of one setting, chosen after seeing its held-out results (mean per-episode attainment)."""
+    return max(heur, key=lambda k: np.mean([r["slo_attainment"] for r in rows[k]]))
+
+
 def diff_table(res: dict[str, Any], only: str | None = None) -> tuple[list[str], list[list[Any]], list[str]]:
     """Per setting and learned policy: paired differences against the tuning winner, the best heuristic ex post
     and proactive (and the planner's headroom with the share of it closed, when the planner ran); with the lines
@@ -208,8 +213,7 @@ def diff_table(res: dict[str, Any], only: str | None = None) -> tuple[list[str],
         rows = _setting_rows(res, s)
         (p, d), tr, ld, var = s[0], s[1], s[2], s[3]
         name = [f"{p}P{d}D", f"{tr} ({var['label']})", f"{ld:g}x"]
-        # the best heuristic here, chosen after seeing the held-out results (by mean per-episode attainment)
-        post = max(heur, key=lambda k: np.mean([r["slo_attainment"] for r in rows[k]]))
+        post = _best_ex_post(heur, rows)
         for k in learned:
             if not rows[k]:
                 continue
@@ -281,7 +285,7 @@ def planner_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         if not kinds or not rows[kinds[0]]:
             continue
         (p, d), tr, ld, var = s[0], s[1], s[2], s[3]
-        post = max(heur, key=lambda k: np.mean([r["slo_attainment"] for r in rows[k]]))
+        post = _best_ex_post(heur, rows)
         for k in kinds:
             rate = np.mean([r["decisions_per_s"] for r in rows[k]])
             out.append([f"{p}P{d}D", f"{tr} ({var['label']})", f"{ld:g}x", k, _fmt(_diff(rows[k], rows[winner])),

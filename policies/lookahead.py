@@ -53,19 +53,25 @@ OUTPUTS = ("known", "mean")
 _OUT_SAMPLE = 200  # finished requests the output-length estimate averages (the latest arrivals among them)
 
 
+def _finished_outputs(sim: Any, n: int) -> list[int]:
+    """The output lengths of the latest ``n`` arrivals that have finished, the latest first (fewer if fewer have):
+    what a router knows of output lengths."""
+    outs: list[int] = []
+    reqs = sim.requests
+    for k in range(len(reqs) - 1, -1, -1):
+        if len(outs) >= n:
+            break
+        r = reqs[k]
+        if r.t_finish >= 0.0:
+            outs.append(r.output_tokens)
+    return outs
+
+
 def mean_finished_output(sim: Any) -> int | None:
     """The mean output length, tokens (rounded, at least 1), of the latest ``_OUT_SAMPLE`` arrivals that have
     finished; ``None`` before any has finished."""
-    total = n = 0
-    reqs = sim.requests
-    for k in range(len(reqs) - 1, -1, -1):
-        r = reqs[k]
-        if r.t_finish >= 0.0:
-            total += r.output_tokens
-            n += 1
-            if n == _OUT_SAMPLE:
-                break
-    return max(1, round(total / n)) if n else None
+    outs = _finished_outputs(sim, _OUT_SAMPLE)
+    return max(1, round(sum(outs) / len(outs))) if outs else None
 
 
 def replay_forecast(sim: Any, horizon_s: float) -> tuple[list[float], list[int], list[int], list | None]:
@@ -81,14 +87,7 @@ def replay_forecast(sim: Any, horizon_s: float) -> tuple[list[float], list[int],
     i, now = sim._next, sim.now
     arr_t, arr_in = sim._arr_t, sim._arr_in
     past = range(bisect_right(arr_t, now - horizon_s, 0, i), i)
-    outs: list[int] = []
-    reqs = sim.requests
-    for k in range(len(reqs) - 1, -1, -1):
-        if len(outs) == len(past):
-            break
-        r = reqs[k]
-        if r.t_finish >= 0.0:
-            outs.append(r.output_tokens)
+    outs = _finished_outputs(sim, len(past))
     if not outs:
         past = range(0)
     fut_t = [arr_t[j] + horizon_s for j in past]

@@ -64,13 +64,8 @@ class ProactiveDeflector(PathEstimator, Policy):
     def taken(self, view: ClusterView, request: RequestLike, decision: Decision) -> None:
         """Another policy decided ``request``: track its deflection, not the one this policy chose (or was last
         told: a second call replaces the first's)."""
-        mine, self._mine = self._mine, None
-        if mine is not None and mine[1] is not None:
-            self.drop_lane(*mine)
-        if decision.deflected and decision.chunk_cap:
-            d = decision.decode_node
-            self._mine = (d, self.add_lane(d, decision.chunk_cap, request.input_tokens,
-                                           request.input_tokens - view.decode[d].cached_tokens))
+        L = request.input_tokens
+        self._mine = self.retrack(self._mine, decision, L, lambda d: L - view.decode[d].cached_tokens)
 
     def params(self) -> dict[str, Any]:
         return {"margin": self.margin, **self.estimator_params(), "pin_decode": self.pin_decode}
