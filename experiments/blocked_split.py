@@ -24,6 +24,11 @@ alternates 300-s blocks instead, training on [0, 300), [600, 900), [1200, 1500) 
    evaluation) and against the best heuristic of each setting chosen *after* seeing the held-out results (a
    baseline no deployable rule can beat).
 
+``select`` picks one of several trained candidates (seeds of one recipe, say) without reading a held-out block:
+each candidate and the tuning winner replay fresh training-block episodes of the tuning settings (seeds of their
+own, neither the tuning's nor the evaluation's), and the candidate with the highest mean per-episode SLO
+attainment over those loads is the pick. The rule is fixed here, before any candidate is scored.
+
     python -m deflectlab.experiments.blocked_split tune --out experiments/blocked --jobs 2
     python -m deflectlab.experiments.blocked_split evaluate --out experiments/blocked --episodes 20 --jobs 2 \\
         --learned es=learned:path=experiments/blocked/es/policy --planner
@@ -60,6 +65,9 @@ PROACTIVE_GRID = {"margin": (0.0, 0.1, 0.2), "min_chunk": (128, 512, 1024, 2048)
 #: heuristics scored as they ship, on the same episodes (the winner is the best of all)
 UNTUNED = ("round_robin", "proactive")
 EVAL_SEED0 = 6_000_000
+#: the select step's episodes: training blocks, the tuning's trace, shape and loads, seeds of their own
+SELECT_SEED0, SELECT_EPISODES = 7_000_000, 40
+TRAIN = {"label": "training blocks", "start_s": [list(r) for r in SPLIT.starts("train", WINDOW_S)]}
 HELD = {"label": "held-out blocks", "start_s": [list(r) for r in SPLIT.starts("held_out", WINDOW_S)]}
 GAMMA4 = {**HELD, "label": "held-out blocks, gamma CV 4", "arrival": "gamma", "cv": 4.0}
 SETTINGS: list[tuple] = (
@@ -74,11 +82,10 @@ def tune(jobs: int = 1, episodes: int = TUNE_EPISODES, policies: tuple[str, ...]
     """Grid-search each of ``policies`` on training-block episodes; returns the tuned-file document."""
     from deflectlab.experiments.tuning import grid_specs
 
-    train = {"label": "training blocks", "start_s": [list(r) for r in SPLIT.starts("train", WINDOW_S)]}
     specs = {spec: (p, params) for p in policies
              for params, spec in grid_specs(p, PROACTIVE_GRID if p == "proactive" else None)}
     specs.update({name: (name, None) for name in UNTUNED})
-    tasks = [(TUNE_TRACE, ld, TUNE_SEED0 + i, WINDOW_S, "vllm-nixl", spec, (2, 2), train)
+    tasks = [(TUNE_TRACE, ld, TUNE_SEED0 + i, WINDOW_S, "vllm-nixl", spec, (2, 2), TRAIN)
              for ld in TUNE_LOADS for i in range(episodes) for spec in specs]
     t0 = time.perf_counter()
     rows = run_all(tasks, jobs)
@@ -341,26 +348,87 @@ def blocked_summary(folder: Path = Path(__file__).parent / "blocked", title: str
     return "\n".join(lines)
 
 
+# -- 4. choosing among candidates on the training blocks ---------------------------------------------------------
+def select(tuned_file: Path, candidates: dict[str, str], episodes: int = SELECT_EPISODES, jobs: int = 1
+           ) -> dict[str, Any]:
+    """The ``candidates`` (label -> spec) and the tuning winner on ``episodes`` fresh training-block episodes of
+    each tuning load; ``pick`` is the candidate with the highest mean over the loads of its mean per-episode SLO
+    attainment (the first listed on a tie)."""
+    from deflectlab.experiments.learned_eval import evaluate_learned
+
+    heur = heuristics(tuned_file)
+    winner = next(k for k in heur if k.startswith("best tuned"))
+    if heur[winner] in candidates.values():
+        raise ValueError(f"blocked_split select: a candidate runs {heur[winner]!r}, the tuning winner")
+    settings = [((2, 2), TUNE_TRACE, ld, TRAIN) for ld in TUNE_LOADS]
+    res = evaluate_learned(candidates, settings, episodes, window_s=WINDOW_S, seed0=SELECT_SEED0, jobs=jobs,
+                           heuristics={winner: heur[winner]})
+    res["heuristics"], res["learned"] = [winner], list(candidates)
+    res["scores"] = {}
+    for k in res["policies"]:
+        per = [float(np.mean([r["slo_attainment"] for r in _setting_rows(res, st)[k]])) for st in res["settings"]]
+        res["scores"][k] = {"per_load": per, "mean": float(np.mean(per))}
+    res["pick"] = max(candidates, key=lambda k: res["scores"][k]["mean"])
+    return res
+
+
+def selection_markdown(res: dict[str, Any], command: str) -> str:
+    """The select step's report: every candidate's score and its paired differences against the tuning winner."""
+    winner = res["heuristics"][0]
+    loads = [f"{st[2]:g}x" for st in res["settings"]]
+    rows = []
+    for k in [winner, *res["learned"]]:
+        sc = res["scores"][k]
+        diffs = ([_fmt(_diff(_setting_rows(res, st)[k], _setting_rows(res, st)[winner])) for st in res["settings"]]
+                 if k != winner else ["-"] * len(loads))
+        rows.append([k + (" (the pick)" if k == res["pick"] else ""), *(f"{x:.4f}" for x in sc["per_load"]),
+                     f"{sc['mean']:.4f}", *diffs])
+    head = ["policy", *(f"SLO {x}" for x in loads), "score (mean)", *(f"- {winner}, {x}" for x in loads)]
+    return "\n".join([
+        "# Choosing among candidates on the training blocks", "",
+        f"Command: `{command}` ({res['wall_s']:.0f} s wall).", "",
+        f"{res['episodes']} episodes per load (seeds {res['seed0']}..), 2P2D, {TUNE_TRACE}, {WINDOW_S:g}-s windows "
+        f"starting in the training blocks ({describe(SPLIT.starts('train', WINDOW_S))}); no held-out block is "
+        "read. Score: the mean over the loads of the mean per-episode SLO attainment; the pick is the candidate "
+        "with the highest score. Paired differences in points (mean ± 95 % Student-t half-width).", "",
+        *table(head, rows), "", "Candidates: " + "; ".join(f"{k} = `{res['policies'][k]}`" for k in res["learned"])
+        + ".", ""])
+
+
+def _learned_args(p: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    learned = {}
+    for item in items:
+        label, sep, spec = item.partition("=")
+        if not sep or not label.strip() or not spec.strip():
+            p.error(f"--learned {item!r}: expected LABEL=SPEC")
+        learned[label.strip()] = spec.strip()
+    return learned
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deflectlab.experiments.blocked_split",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=("tune", "evaluate"))
+    p.add_argument("step", choices=("tune", "evaluate", "select"))
     p.add_argument("--out", type=Path, default=Path("runs/blocked"))
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--episodes", type=int, default=None,
-                   help=f"per setting (tune: per load, default {TUNE_EPISODES}; evaluate: default 20)")
+                   help=f"per setting (tune: per load, default {TUNE_EPISODES}; evaluate: default 20; select: per "
+                        f"load, default {SELECT_EPISODES})")
     p.add_argument("--learned", action="append", default=[], metavar="LABEL=SPEC",
-                   help="a learned policy to evaluate (repeatable), e.g. es=learned:path=runs/es/policy")
+                   help="a learned policy to evaluate (repeatable), e.g. es=learned:path=runs/es/policy; with "
+                        "select, a candidate")
     p.add_argument("--planner", action="store_true", help="also run the clairvoyant lookahead planner (slow)")
     p.add_argument("--causal-planners", action="store_true",
                    help="also run the myopic (known and mean outputs) and replay-forecast planners (slow), to split "
                         "the headroom")
     p.add_argument("--shapes", default=None, metavar="PxD,...",
                    help="evaluate only the settings of these cluster shapes (e.g. 2x2 for fixed-shape policies)")
+    p.add_argument("--tuned", type=Path, default=None, metavar="FILE",
+                   help="evaluate and select: the tune step's file (default: OUT/tuned_blocked.yaml)")
     a = p.parse_args(argv)
     command = "python -m deflectlab.experiments.blocked_split " + shlex.join(argv if argv is not None else sys.argv[1:])
     a.out.mkdir(parents=True, exist_ok=True)
-    tuned_file = a.out / "tuned_blocked.yaml"
+    tuned_file = a.tuned or a.out / "tuned_blocked.yaml"
     if a.step == "tune":
         doc = tune(a.jobs, a.episodes or TUNE_EPISODES)
         doc["meta"]["command"] = command
@@ -371,13 +439,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {tuned_file} ({doc['meta']['wall_s']:.0f} s)")
         return 0
     if not tuned_file.exists():
-        p.error(f"{tuned_file} is missing: run the tune step first (with the same --out)")
-    learned = {}
-    for item in a.learned:
-        label, sep, spec = item.partition("=")
-        if not sep or not label.strip() or not spec.strip():
-            p.error(f"--learned {item!r}: expected LABEL=SPEC")
-        learned[label.strip()] = spec.strip()
+        p.error(f"{tuned_file} is missing: run the tune step first (with the same --out), or give --tuned FILE")
+    learned = _learned_args(p, a.learned)
+    if a.step == "select":
+        if not learned:
+            p.error("select: give the candidates as --learned LABEL=SPEC (repeatable)")
+        res = select(tuned_file, learned, a.episodes or SELECT_EPISODES, a.jobs)
+        (a.out / "selection.json").write_text(json.dumps({**res, "command": command}, separators=(",", ":"),
+                                                         default=float))
+        text = selection_markdown(res, command)
+        (a.out / "selection.md").write_text(text)
+        print(text)
+        return 0
     if not learned and not a.planner and not a.causal_planners:
         p.error("nothing to evaluate: give --learned LABEL=SPEC, --planner and/or --causal-planners")
     settings = None

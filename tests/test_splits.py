@@ -177,3 +177,31 @@ def test_main_job_sections_read_the_committed_blocked_evaluations():
     assert all(f"| 3x | rl v4 2-3x s{s} |" in rl for s in range(6))  # both evaluation files' seeds
     # seed 4 at 1x, from the second file, against the same heuristic rows: -0.34 ± 0.22 ex post
     assert "| 1x | rl v4 2-3x s4 | -0.21 ± 0.16 | -0.34 ± 0.22 (proactive) |" in rl
+
+
+def test_select_scores_candidates_on_fresh_training_block_episodes_and_picks_the_best(tmp_path):
+    """``select``: candidates and the tuning winner replay fresh training-block episodes (seeds of their own); the
+    score is the mean over loads of the mean per-episode attainment, recomputed here from the rows by hand."""
+    from deflectlab.experiments import blocked_split as bs
+
+    tuned = Path(__file__).resolve().parents[1] / "experiments" / "blocked" / "tuned_blocked.yaml"
+    winner_spec = bs.heuristics(tuned)["best tuned (proactive)"]
+    with pytest.raises(ValueError, match="a candidate runs 'proactive:margin=0.2,min_chunk=1024', the tuning winner"):
+        bs.select(tuned, {"copy": winner_spec}, episodes=1)
+    same = "proactive:min_chunk=1024,margin=0.2"  # the winner's rule, spelled otherwise
+    res = bs.select(tuned, {"never": "round_robin", "same rule": same}, episodes=2, jobs=1)
+    train = bs.SPLIT.starts("train", bs.WINDOW_S)
+    assert len(res["rows"]) == 3 * 3 * 2  # 3 policies, 3 loads, 2 episodes
+    for r in res["rows"]:
+        assert r["seed"] in (bs.SELECT_SEED0, bs.SELECT_SEED0 + 1) and r["shape"] == "2P2D"
+        assert any(lo <= r["start_s"] <= hi for lo, hi in train)
+    for label, spec in (("never", "round_robin"), ("same rule", same)):
+        per = [np.mean([r["slo_attainment"] for r in res["rows"] if r["policy"] == spec and r["load"] == ld])
+               for ld in (1.0, 2.0, 3.0)]
+        assert res["scores"][label]["per_load"] == pytest.approx(per)
+        assert res["scores"][label]["mean"] == pytest.approx(sum(per) / 3)
+    assert res["scores"]["same rule"] == res["scores"]["best tuned (proactive)"]  # the same decisions
+    assert res["pick"] == "same rule" and res["scores"]["never"]["mean"] < res["scores"]["same rule"]["mean"]
+    text = bs.selection_markdown(res, "cmd")
+    row = next(line for line in text.splitlines() if line.startswith("| same rule (the pick) |"))
+    assert row.endswith("| +0.00 ± 0.00 | +0.00 ± 0.00 | +0.00 ± 0.00 |")
