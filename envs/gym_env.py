@@ -45,9 +45,13 @@ class EnvConfig:
         help="[low, high] range of window starts, or a list of such ranges (a start is drawn uniformly over "
              "their union; envs.splits); high None: the trace end minus window_s. Disjoint ranges hold "
              "evaluation windows out of training")
-    arrival: str = cli_field("trace", "trace replays recorded arrival times; poisson, gamma and onoff draw synthetic "
-                             "arrivals at the scaled rate with lengths sampled from the window", choices=ARRIVALS)
-    cv: float = cli_field(1.0, "coefficient of variation of the gaps for arrival=gamma")
+    arrival: str | list[str] = cli_field(
+        "trace", "trace replays recorded arrival times; poisson, gamma and onoff draw synthetic arrivals at the "
+        "scaled rate with lengths sampled from the window; a list of these: one drawn uniformly per episode",
+        choices=ARRIVALS)
+    cv: float | list[float] = cli_field(
+        1.0, "coefficient of variation of the gaps for arrival=gamma: a number or a [low, high] range sampled "
+        "uniformly per episode")
     max_requests: int | None = cli_field(None, "cap on requests per episode (the window's first ones)",
                                          unit="requests")
     min_requests: int = cli_field(20, "windows with fewer requests are redrawn", unit="requests")
@@ -69,9 +73,13 @@ class EnvConfig:
                 start_ranges(self.window_start_s)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        if self.arrival not in ARRIVALS:
-            raise ConfigError(f"unknown arrival {self.arrival!r}; known: {', '.join(ARRIVALS)}")
-        check_number(self.cv, "cv", lo=0.0, lo_open=True)
+        kinds = [self.arrival] if isinstance(self.arrival, str) else self.arrival
+        if not isinstance(kinds, (list, tuple)) or not kinds:
+            raise ConfigError(f"arrival must be a name or a non-empty list of names, got {self.arrival!r}")
+        for kind in kinds:
+            if kind not in ARRIVALS:
+                raise ConfigError(f"unknown arrival {kind!r}; known: {', '.join(ARRIVALS)}")
+        check_range(self.cv, "cv", positive=True)
         if self.max_requests is not None:
             check_number(self.max_requests, "max_requests", lo=1, integer=True, unit="requests")
         check_number(self.min_requests, "min_requests", lo=1, integer=True, unit="requests")
@@ -221,8 +229,9 @@ class DeflectionEnv(gym.Env):
         self.window_start_ranges = resolve(start_ranges(cfg.window_start_s if cfg.window_start_s is not None
                                                         else [0.0, None]),
                                            float(self._trace.arrival_s[-1]) - self.window_s)
-        self.arrival = cfg.arrival
-        self.cv = float(cfg.cv)
+        #: the arrival processes an episode draws from (one, uniformly) and the gamma CV range
+        self.arrivals = (cfg.arrival,) if isinstance(cfg.arrival, str) else tuple(cfg.arrival)
+        self.cv_range = check_range(cfg.cv, "cv", positive=True)
         self.max_requests = cfg.max_requests
         self.min_requests = cfg.min_requests
         self.reward_fn = make_reward(cfg.reward)
@@ -286,11 +295,18 @@ class DeflectionEnv(gym.Env):
         span = float(t[i0 + n - 1] - t[i0]) if n >= 2 else 0.0
         # the window's recorded rate (the whole trace's if the window has no span), times the load
         window_rate = (n - 1) / span if span > 0 else (len(t) - 1) / max(float(t[-1]), 1e-9)
+        # a mix of processes or a CV range draws here, after the window (one process and one CV draw nothing, so
+        # their episodes are those of before mixes existed)
+        arrival = self.arrivals[int(rng.integers(len(self.arrivals)))] if len(self.arrivals) > 1 else self.arrivals[0]
+        lo, hi = self.cv_range
+        cv = float(rng.uniform(lo, hi)) if arrival == "gamma" and hi > lo else lo
         w = make_workload(self._trace, start_s=start, duration_s=self.window_s, num_requests=self.max_requests,
-                          rate=load * window_rate if span > 0 or self.arrival != "trace" else None,
-                          arrival=self.arrival, cv=self.cv,
-                          seed=int(rng.integers(0, 2**31 - 1)))
-        return w, {"start_s": start, "load": load, "requests": len(w), "trace": self.trace_name}
+                          rate=load * window_rate if span > 0 or arrival != "trace" else None,
+                          arrival=arrival, cv=cv, seed=int(rng.integers(0, 2**31 - 1)))
+        info = {"start_s": start, "load": load, "requests": len(w), "trace": self.trace_name}
+        if len(self.arrivals) > 1 or hi > lo:
+            info.update(arrival=arrival, cv=cv if arrival == "gamma" else None)
+        return w, info
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
               ) -> tuple[np.ndarray, dict[str, Any]]:

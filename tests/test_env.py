@@ -328,3 +328,53 @@ def test_typed_evaluation_report_matches_runs_done_by_hand():
                                                    "requests"]
     assert EvaluationReport.from_json(j).to_json() == j and table(j) == table(rep)
     assert table(rep).count("\n") == 3  # header, separator, two policies
+
+
+def test_an_arrival_mix_draws_one_process_and_a_gamma_cv_per_episode():
+    """``arrival`` as a list draws one process per episode, ``cv`` as a range a gamma CV: recorded episodes keep
+    the window's gaps scaled by 1 / load, gamma ones draw gaps whose CV follows the drawn one; a single process and
+    CV draw exactly the episodes they drew before mixes existed (replayed here draw by draw)."""
+    from gymnasium.utils import seeding
+
+    from deflectlab.envs.splits import pick
+    from deflectlab.envs.workloads import load_trace, make_workload
+
+    kw = dict(trace="azure_code", load=[1.0, 2.0], window_s=300.0, window_start_s=[0.0, 900.0])
+    env = DeflectionEnv(arrival=["trace", "gamma"], cv=[1.0, 3.0], **kw)
+    trace = load_trace("azure_code")
+    seen = {"trace": 0, "gamma": 0}
+    low_cv, high_cv = [], []
+    for seed in range(60):
+        w, info = env.episode_workload(seed=seed)
+        seen[info["arrival"]] += 1
+        gaps = np.diff(w.arrival_s)
+        if info["arrival"] == "trace":
+            assert info["cv"] is None
+            i0 = int(np.searchsorted(trace.arrival_s, info["start_s"]))
+            rec = np.diff(trace.arrival_s[i0:i0 + len(w)])
+            assert np.allclose(gaps, rec / info["load"], rtol=1e-9, atol=1e-9)
+        else:
+            assert 1.0 <= info["cv"] <= 3.0
+            emp = gaps.std() / gaps.mean()
+            (low_cv if info["cv"] < 1.7 else high_cv if info["cv"] > 2.3 else []).append(emp)
+    assert seen["trace"] > 15 and seen["gamma"] > 15
+    assert low_cv and high_cv and np.mean(high_cv) > np.mean(low_cv) + 0.5
+    with pytest.raises(ValueError, match="unknown arrival 'bursty'"):
+        DeflectionEnv(arrival=["trace", "bursty"], **kw)
+    with pytest.raises(ValueError, match="arrival must be a name or a non-empty list"):
+        DeflectionEnv(arrival=[], **kw)
+    with pytest.raises(ValueError, match="cv range must have low <= high"):
+        DeflectionEnv(arrival="gamma", cv=[3.0, 1.0], **kw)
+    # one process, one CV: the draws of before (window start, load, the workload's seed), nothing else
+    one = DeflectionEnv(arrival="gamma", cv=4.0, **kw)
+    w, info = one.episode_workload(seed=5)
+    rng, _ = seeding.np_random(5)
+    start = float(pick(rng.random(), [(0.0, 900.0)]))
+    load = float(rng.uniform(1.0, 2.0))
+    t = trace.arrival_s
+    i0, i1 = np.searchsorted(t, start), np.searchsorted(t, start + 300.0)
+    rate = load * ((i1 - i0 - 1) / float(t[i1 - 1] - t[i0]))  # the window's recorded rate x load
+    ref = make_workload(trace, start_s=start, duration_s=300.0, rate=rate, arrival="gamma", cv=4.0,
+                        seed=int(rng.integers(0, 2**31 - 1)))
+    assert "arrival" not in info and (start, load) == (info["start_s"], info["load"])
+    assert np.array_equal(w.arrival_s, ref.arrival_s) and np.array_equal(w.input_tokens, ref.input_tokens)
