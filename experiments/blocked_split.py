@@ -423,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the headroom")
     p.add_argument("--shapes", default=None, metavar="PxD,...",
                    help="evaluate only the settings of these cluster shapes (e.g. 2x2 for fixed-shape policies)")
+    p.add_argument("--loads", type=float, nargs="+", default=None, metavar="X",
+                   help="evaluate: the 2P2D code-trace held-out blocks at these loads instead of the default settings "
+                        "(e.g. 4 5: held-out episodes as hard as the training blocks' at 3x)")
     p.add_argument("--tuned", type=Path, default=None, metavar="FILE",
                    help="evaluate and select: the tune step's file (default: OUT/tuned_blocked.yaml)")
     a = p.parse_args(argv)
@@ -454,6 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     if not learned and not a.planner and not a.causal_planners:
         p.error("nothing to evaluate: give --learned LABEL=SPEC, --planner and/or --causal-planners")
     settings = None
+    if a.loads and a.shapes:
+        p.error("--loads and --shapes: give one (--loads runs 2P2D only)")
+    if a.loads:
+        bad = [x for x in a.loads if not math.isfinite(x) or x <= 0]
+        if bad:
+            p.error(f"--loads {bad[0]!r}: a load is a positive multiple of the window's recorded rate")
+        settings = [((2, 2), TUNE_TRACE, float(x), HELD) for x in a.loads]
     if a.shapes:
         try:
             want = {tuple(int(x) for x in item.lower().split("x")) for item in a.shapes.split(",")}
