@@ -116,13 +116,17 @@ def _span(ref: list[int], lo: int, hi: int, cnt: int = 1) -> Holding:
 
 
 def _common(a: list[int], i: int, b: list[int], j: int, n: int) -> int:
-    """Length of the common prefix of ``a[i:i+n]`` and ``b[j:j+n]`` (their first elements are equal)."""
-    if a[i:i + n] == b[j:j + n]:
+    """Length of the common prefix of ``a[i:i+n]`` and ``b[j:j+n]`` (their first elements are equal, ``n`` >= 1).
+
+    Hashes chain (a block's hash covers its parent's), so two hash lists that agree at one block agree on every
+    block before it: the answer is the last ``m`` with ``a[i+m-1] == b[j+m-1]``, and a binary search on single
+    blocks finds it (no slices made and compared)."""
+    if a[i + n - 1] == b[j + n - 1]:
         return n
-    lo, hi = 1, n - 1  # a[i:i+lo] == b[j:j+lo] holds; the answer is below n
-    while lo < hi:  # binary search on equal slices: C-level comparisons
+    lo, hi = 1, n - 1  # a[i+lo-1] == b[j+lo-1] holds; the answer is below n
+    while lo < hi:
         mid = (lo + hi + 1) // 2
-        if a[i:i + mid] == b[j:j + mid]:
+        if a[i + mid - 1] == b[j + mid - 1]:
             lo = mid
         else:
             hi = mid - 1
@@ -204,7 +208,7 @@ class PrefixCache:
             if n > n_max - i:
                 n = n_max - i
             # _common's first test inline (the usual hit is a whole span): a call only when the hit ends inside it
-            if not (ref is hashes and lo == i) and ref[lo:lo + n] != hashes[i:i + n]:
+            if ref[lo + n - 1] != hashes[i + n - 1]:
                 n = _common(ref, lo, hashes, i, n)
             if s.cnt:
                 shared += n
@@ -223,8 +227,7 @@ class PrefixCache:
             n = s.hi - lo
             ref = s.hashes
             m = n if n <= hit - i else hit - i
-            k = m if (ref is hashes and lo == i) or ref[lo:lo + m] == hashes[i:i + m] else \
-                _common(ref, lo, hashes, i, m)  # (_common's first test inline, as in match)
+            k = m if ref[lo + m - 1] == hashes[i + m - 1] else _common(ref, lo, hashes, i, m)  # (as in match)
             if k < n:  # held up to inside the span: split it; the tail keeps the span's object and LRU place
                 head = _span(ref, lo, lo + k, s.cnt + 1)
                 start[head.key] = head
