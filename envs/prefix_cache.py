@@ -141,7 +141,7 @@ class PrefixCache:
     :param unit: pool blocks (or tokens, as the node counts its pool) one cached (trace) block occupies.
     """
 
-    __slots__ = ("unit", "start", "free", "n_free", "added", "dropped", "risky", "due", "spare")
+    __slots__ = ("unit", "start", "free", "n_free", "dropped", "risky", "due", "spare")
 
     def __init__(self, unit: int) -> None:
         self.unit = unit
@@ -150,10 +150,9 @@ class PrefixCache:
         # take the head; a deque, so that the common operations (a release, an eviction) touch no hash table
         self.free: deque[Holding] = deque()
         self.n_free = 0  # cached blocks nobody holds
-        # The other counts, as sums kept where they change least often: blocks ever cached (``added``) and evicted
-        # (``dropped``: gone from the dicts; ``due``: evicted, still in ``start`` and ``free``, at the LRU head;
-        # see trim_to). An eviction then changes two counts, not four.
-        self.added = 0
+        # Blocks evicted, as two sums kept where they change least often: ``dropped`` (gone from the dicts) and
+        # ``due`` (evicted, still in ``start`` and ``free``, at the LRU head; see trim_to). The blocks cached are
+        # counted only when asked (n_blocks, a scan), so a registration changes no count.
         self.dropped = 0
         self.due = 0
         self.risky: set[int] = set()  # first hashes of cached spans whose registrant did not hold their parent
@@ -164,8 +163,9 @@ class PrefixCache:
 
     @property
     def n_blocks(self) -> int:
-        """Cached blocks."""
-        return self.added - self.dropped - self.due
+        """Cached blocks (a scan over the spans, the evicted ones still in them less: inspection, not the hot
+        path; it changes nothing)."""
+        return sum(s.hi - s.lo for s in self.start.values()) - self.due
 
     @property
     def evictions(self) -> int:
@@ -173,7 +173,7 @@ class PrefixCache:
         return self.dropped + self.due
 
     def __len__(self) -> int:
-        return self.added - self.dropped - self.due
+        return self.n_blocks
 
     def __contains__(self, h: int) -> bool:
         """Whether block ``h`` is cached (a scan: for tests and inspection, not the hot path)."""
@@ -278,13 +278,11 @@ class PrefixCache:
             held.n = hi
             held.ranges = (0, hi)
             held.own = True
-            self.added += hi
             return True
         if r[-1] != lo:
             return False
         held.n = hi
         start[key] = _span(hashes, lo, hi)
-        self.added += hi - lo
         held.ranges = r[:-1] + (hi,)
         held.own = False  # it holds more than one span now
         return True
@@ -314,7 +312,6 @@ class PrefixCache:
         held.cnt = 1
         held.key = key
         self.start[key] = held
-        self.added += hi
         return held
 
     def register(self, held: Holding, hi: int) -> None:
@@ -342,7 +339,6 @@ class PrefixCache:
             i += self._continuation(hashes, lo, hi)
         elif not (hashes[lo] in start if not self.risky else any(map(start.__contains__, islice(hashes, lo, hi)))):
             start[hashes[lo]] = _span(hashes, lo, hi)  # the common case: nothing of it cached meanwhile
-            self.added += hi - lo
             held.ranges = r[:-1] + (hi,) if r else (lo, hi)
             return
         while i < hi:  # rare: skip the runs another request cached meanwhile
@@ -373,7 +369,6 @@ class PrefixCache:
         self.start[h] = _span(held.hashes, lo, hi)
         if risky and lo:
             self.risky.add(h)
-        self.added += hi - lo
         r = held.ranges
         held.ranges = r[:-1] + (hi,) if r and r[-1] == lo else r + (lo, hi)
 
