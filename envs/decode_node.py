@@ -200,8 +200,7 @@ class DecodeNode:
         while q:
             req = q[0]
             need = kv_need = -(-(req.input_tokens + req.generated) // self.block_tokens)
-            h = req.hashes
-            if cache is not None and h and h[0] in cache.start:  # else no hit, whatever is evicted
+            if req.n_full and req.hashes[0] in cache.start:  # else no hit, whatever is evicted (n_full: cache on)
                 hit, shared = self._lookup(req, t, run_max)
                 need -= shared * cache.unit  # blocks a running request holds already: no new room
             else:
@@ -422,14 +421,13 @@ class DecodeNode:
         blk, ph, running = self.block_tokens, self._phase, self.running
         cache = self.cache
         if cache is not None:  # the KV arrived: the prompts' new full blocks are cached here now
-            bt = self.hash_block_tokens
             for r in self.joiners:  # the common case, where no registration may meet cached blocks
-                if r.kv_blocks and r.hashes is not None:
+                if r.kv_blocks and r.n_full:
                     if r.d_held is None:  # no hit: it holds nothing yet, its holding is made now
-                        r.d_held = cache.add_new(r.hashes, r.input_tokens // bt)
+                        r.d_held = cache.add_new(r.hashes, r.n_full)
                         if r.d_held is not None:
                             continue
-                    elif cache.try_register(r.d_held, r.input_tokens // bt):
+                    elif cache.try_register(r.d_held, r.n_full):
                         continue
                     self._register_joiners(n_done)  # the rest (those registered here are not registered again)
                     break
@@ -456,11 +454,11 @@ class DecodeNode:
         """Register the joiners' blocks, in order, before their blocks count among the running decodes'; the
         evictions due (as of step ``n_done``) go first, before the first registration that may meet cached
         blocks (see :meth:`_hold`; the ones before it do not read the LRU list)."""
-        cache, bt, trimmed = self.cache, self.hash_block_tokens, False
+        cache, trimmed = self.cache, False
         for r in self.joiners:
-            if not r.kv_blocks or r.hashes is None:
+            hi = r.n_full
+            if not r.kv_blocks or not hi:
                 continue
-            hi = r.input_tokens // bt
             if r.d_held is None:
                 r.d_held = cache.add_new(r.hashes, hi)
                 if r.d_held is not None:
@@ -631,8 +629,10 @@ class DecodeNode:
                     r.t_first_token = t
                 r.first_step = n
                 r.last_step = n + r.output_tokens - r.generated - 1
-                if self.cache is not None and r.hashes is not None:
+                if r.n_full:  # (n_full: the cache is on)
                     self._register_prefilled(r, n)
+                elif r.last_step == n and self.cache is not None and self.cache.n_free:  # it frees its blocks next:
+                    self.cache.trim_to(self._cache_keep(n))  # the evictions due go first (it holds no cached block)
                 self.static_blocks -= r.kv_blocks  # a finished prompt: its blocks are a running decode's now
                 if r.last_step == n:
                     self._finish(r, t)
@@ -649,7 +649,7 @@ class DecodeNode:
         """``r``'s prompt is prefilled here (its chunks end at step ``n``): its full blocks become cached. The
         evictions due by now go first when the registration may meet cached blocks or when ``r`` finishes at once
         (its blocks are freed next); see :meth:`_hold`."""
-        cache, hi = self.cache, r.input_tokens // self.hash_block_tokens
+        cache, hi = self.cache, r.n_full
         if r.last_step != n:  # the common case's shortcut
             if r.d_held is None:  # no hit: it holds nothing yet, its holding is made now
                 r.d_held = cache.add_new(r.hashes, hi)

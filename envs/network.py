@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from operator import attrgetter
+from operator import attrgetter, truediv
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 _RATES_MAX = 4096  # sets of flows whose rates Network keeps at most
 _ENDS = attrgetter("src", "dst")
 _RATE = attrgetter("rate")
+_REMAINING = attrgetter("remaining")
 _EPS_BYTES = 1e-3  # a flow with less than a thousandth of a byte left is done (float round-off)
 
 
@@ -123,7 +124,10 @@ class Network:
                 else:
                     for f, r in zip(flows, rates):
                         f.rate = r
-            t_next = min(t + max(f.remaining, 0.0) / f.rate for f in flows)
+            # the earliest completion, min over flows of t + max(remaining, 0) / rate: adding t and clamping at 0
+            # are monotone in floating point, so they may go outside the min (the same float, no per-flow bytecode)
+            first = min(map(truediv, map(_REMAINING, flows), map(_RATE, flows)))
+            t_next = t + (first if first > 0.0 else 0.0)
         self._schedule(t_next, self._on_event, self._version)
 
     def _max_min_rates(self) -> None:

@@ -68,10 +68,16 @@ class PrefillNode:
         """The decode side has pulled ``req``'s KV: free its blocks (and unblock a stalled queue); its cached
         blocks stay cached (held by others, or free for reuse)."""
         freed = self.profile.blocks(req.input_tokens) * self.profile.kv_block_tokens
-        if req.p_held is not None:  # the evictions due before blocks are freed go first (see _lookup)
-            held, req.p_held = req.p_held, None  # (the blocks still held by others stay in use)
-            cache, bt = self.cache, self.hash_block_tokens  # the cache's unit: this node counts its pool in tokens
-            freed -= cache.release(held, (self.kv_capacity_tokens - self.kv_used_tokens) // bt) * bt
+        cache = self.cache
+        if cache is not None:  # the evictions due before blocks are freed go first (see _lookup)
+            bt = self.hash_block_tokens  # the cache's unit: this node counts its pool in tokens
+            keep = (self.kv_capacity_tokens - self.kv_used_tokens) // bt
+            held = req.p_held
+            if held is not None:  # (the blocks still held by others stay in use)
+                req.p_held = None
+                freed -= cache.release(held, keep) * bt
+            elif cache.n_free > keep:  # (a prompt with no full block holds nothing)
+                cache.trim_to(keep)
         self._use(-freed, t)
         self.held_handoffs -= 1
         if not self.busy and self.queue:
@@ -97,8 +103,7 @@ class PrefillNode:
         for r in self.queue:
             if r.t_p_start < 0.0:
                 need = prof.blocks(r.input_tokens) * prof.kv_block_tokens
-                h = r.hashes
-                if h and cache is not None and h[0] in cache.start:  # it may hit
+                if r.n_full and r.hashes[0] in cache.start:  # it may hit (n_full: the cache is on)
                     need = self._lookup(r, need, t)
                     if need < 0:
                         break
@@ -183,8 +188,8 @@ class PrefillNode:
             if r.p_remaining == 0:
                 queue.popleft()  # only the batch's last prompt can be partial, so finished ones are a prefix
                 r.t_p_end = t
-                if self.cache is not None and r.hashes is not None:  # its full blocks become cached
-                    hi = r.input_tokens // self.hash_block_tokens
+                hi = r.n_full
+                if hi:  # its full blocks become cached (a prompt with none has nothing to do with the cache)
                     if r.p_held is None:  # no hit: it holds nothing yet, its holding is made now (the common case)
                         r.p_held = self.cache.add_new(r.hashes, hi)
                         if r.p_held is None:

@@ -116,13 +116,17 @@ def _span(ref: list[int], lo: int, hi: int, cnt: int = 1) -> Holding:
 
 
 def _common(a: list[int], i: int, b: list[int], j: int, n: int) -> int:
-    """Length of the common prefix of ``a[i:i+n]`` and ``b[j:j+n]`` (their first elements are equal)."""
-    if a[i:i + n] == b[j:j + n]:
+    """Length of the common prefix of ``a[i:i+n]`` and ``b[j:j+n]`` (their first elements are equal, ``n`` >= 1).
+
+    Hashes chain (a block's hash covers its parent's), so two hash lists that agree at one block agree on every
+    block before it: the answer is the last ``m`` with ``a[i+m-1] == b[j+m-1]``, and a binary search on single
+    blocks finds it (no slices made and compared)."""
+    if a[i + n - 1] == b[j + n - 1]:
         return n
-    lo, hi = 1, n - 1  # a[i:i+lo] == b[j:j+lo] holds; the answer is below n
-    while lo < hi:  # binary search on equal slices: C-level comparisons
+    lo, hi = 1, n - 1  # a[i+lo-1] == b[j+lo-1] holds; the answer is below n
+    while lo < hi:
         mid = (lo + hi + 1) // 2
-        if a[i:i + mid] == b[j:j + mid]:
+        if a[i + mid - 1] == b[j + mid - 1]:
             lo = mid
         else:
             hi = mid - 1
@@ -137,7 +141,7 @@ class PrefixCache:
     :param unit: pool blocks (or tokens, as the node counts its pool) one cached (trace) block occupies.
     """
 
-    __slots__ = ("unit", "start", "free", "n_free", "added", "dropped", "risky", "due", "spare")
+    __slots__ = ("unit", "start", "free", "n_free", "dropped", "risky", "due", "spare")
 
     def __init__(self, unit: int) -> None:
         self.unit = unit
@@ -146,10 +150,9 @@ class PrefixCache:
         # take the head; a deque, so that the common operations (a release, an eviction) touch no hash table
         self.free: deque[Holding] = deque()
         self.n_free = 0  # cached blocks nobody holds
-        # The other counts, as sums kept where they change least often: blocks ever cached (``added``) and evicted
-        # (``dropped``: gone from the dicts; ``due``: evicted, still in ``start`` and ``free``, at the LRU head;
-        # see trim_to). An eviction then changes two counts, not four.
-        self.added = 0
+        # Blocks evicted, as two sums kept where they change least often: ``dropped`` (gone from the dicts) and
+        # ``due`` (evicted, still in ``start`` and ``free``, at the LRU head; see trim_to). The blocks cached are
+        # counted only when asked (n_blocks, a scan), so a registration changes no count.
         self.dropped = 0
         self.due = 0
         self.risky: set[int] = set()  # first hashes of cached spans whose registrant did not hold their parent
@@ -160,8 +163,9 @@ class PrefixCache:
 
     @property
     def n_blocks(self) -> int:
-        """Cached blocks."""
-        return self.added - self.dropped - self.due
+        """Cached blocks (a scan over the spans, the evicted ones still in them less: inspection, not the hot
+        path; it changes nothing)."""
+        return sum(s.hi - s.lo for s in self.start.values()) - self.due
 
     @property
     def evictions(self) -> int:
@@ -169,7 +173,7 @@ class PrefixCache:
         return self.dropped + self.due
 
     def __len__(self) -> int:
-        return self.added - self.dropped - self.due
+        return self.n_blocks
 
     def __contains__(self, h: int) -> bool:
         """Whether block ``h`` is cached (a scan: for tests and inspection, not the hot path)."""
@@ -204,7 +208,7 @@ class PrefixCache:
             if n > n_max - i:
                 n = n_max - i
             # _common's first test inline (the usual hit is a whole span): a call only when the hit ends inside it
-            if not (ref is hashes and lo == i) and ref[lo:lo + n] != hashes[i:i + n]:
+            if ref[lo + n - 1] != hashes[i + n - 1]:
                 n = _common(ref, lo, hashes, i, n)
             if s.cnt:
                 shared += n
@@ -223,8 +227,7 @@ class PrefixCache:
             n = s.hi - lo
             ref = s.hashes
             m = n if n <= hit - i else hit - i
-            k = m if (ref is hashes and lo == i) or ref[lo:lo + m] == hashes[i:i + m] else \
-                _common(ref, lo, hashes, i, m)  # (_common's first test inline, as in match)
+            k = m if ref[lo + m - 1] == hashes[i + m - 1] else _common(ref, lo, hashes, i, m)  # (as in match)
             if k < n:  # held up to inside the span: split it; the tail keeps the span's object and LRU place
                 head = _span(ref, lo, lo + k, s.cnt + 1)
                 start[head.key] = head
@@ -275,13 +278,11 @@ class PrefixCache:
             held.n = hi
             held.ranges = (0, hi)
             held.own = True
-            self.added += hi
             return True
         if r[-1] != lo:
             return False
         held.n = hi
         start[key] = _span(hashes, lo, hi)
-        self.added += hi - lo
         held.ranges = r[:-1] + (hi,)
         held.own = False  # it holds more than one span now
         return True
@@ -311,7 +312,6 @@ class PrefixCache:
         held.cnt = 1
         held.key = key
         self.start[key] = held
-        self.added += hi
         return held
 
     def register(self, held: Holding, hi: int) -> None:
@@ -339,7 +339,6 @@ class PrefixCache:
             i += self._continuation(hashes, lo, hi)
         elif not (hashes[lo] in start if not self.risky else any(map(start.__contains__, islice(hashes, lo, hi)))):
             start[hashes[lo]] = _span(hashes, lo, hi)  # the common case: nothing of it cached meanwhile
-            self.added += hi - lo
             held.ranges = r[:-1] + (hi,) if r else (lo, hi)
             return
         while i < hi:  # rare: skip the runs another request cached meanwhile
@@ -370,7 +369,6 @@ class PrefixCache:
         self.start[h] = _span(held.hashes, lo, hi)
         if risky and lo:
             self.risky.add(h)
-        self.added += hi - lo
         r = held.ranges
         held.ranges = r[:-1] + (hi,) if r and r[-1] == lo else r + (lo, hi)
 

@@ -39,7 +39,7 @@ class Request:
         "d_remaining", "d_done", "t_d_start",
         "t_first_token", "t_finish", "first_step", "last_step", "ctx_offset", "kv_blocks",
         "generated", "preemptions", "tbt_runs", "stalls", "t_preempt", "reject_reason",
-        "hashes", "p_cached", "d_cached", "p_held", "d_held",
+        "hashes", "n_full", "p_cached", "d_cached", "p_held", "d_held",
     )
 
     def __init__(self, rid: int, arrival_s: float, input_tokens: int, output_tokens: int) -> None:
@@ -77,10 +77,12 @@ class Request:
         self.stalls: list[float] | None = None  # token gap across each preemption, seconds
         self.t_preempt = NOT_YET
         self.reject_reason: str | None = None
-        # prefix caching (envs/prefix_cache.py): the prompt's chained block hashes (None: no cache lookups), the
-        # prompt tokens found cached on its prefill node and at its first admission on its decode node, and the
-        # cached blocks it holds on each
+        # prefix caching (envs/prefix_cache.py): the prompt's chained block hashes (None: no cache lookups), its full
+        # blocks with a hash (the most a node caches; 0: the nodes' caches have nothing to do with it, neither
+        # lookups that may hit nor blocks to register), the prompt tokens found cached on its prefill node and at its
+        # first admission on its decode node, and the cached blocks it holds on each
         self.hashes: list[int] | None = None
+        self.n_full = 0
         self.p_cached = 0
         self.d_cached = 0
         self.p_held: Holding | None = None

@@ -112,10 +112,11 @@ class ClusterSim:
         """Prefix caching on every node when the config asks for it and the trace has block hashes; returns the
         per-request hashes (None: no lookups, the model without a cache)."""
         hashes = getattr(self.workload, "hash_ids", None)
+        self._hash_block_tokens = 0
         self.prefix_cache = bool(self.config.prefix_cache and hashes is not None)
         if not self.prefix_cache:
             return None
-        bt = self.workload.hash_block_tokens
+        bt = self._hash_block_tokens = self.workload.hash_block_tokens
         for n in (*self.prefill, *self.decode):
             n.enable_prefix_cache(bt)
         return hashes
@@ -146,7 +147,10 @@ class ClusterSim:
         self.now = t_arr
         req = Request(i, t_arr, self._arr_in[i], self._arr_out[i])
         if self._hashes is not None:
-            req.hashes = self._hashes[i]
+            h = req.hashes = self._hashes[i]
+            n = req.n_full = req.input_tokens // self._hash_block_tokens  # full blocks (a short hash list: as many)
+            if n > len(h):
+                req.n_full = len(h)
         self.requests.append(req)
         # exponentially weighted arrival rate, requests per second
         self._rate = self._rate * math.exp((self._rate_t - t_arr) / RATE_TAU_S) + 1.0 / RATE_TAU_S

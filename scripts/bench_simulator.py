@@ -3,6 +3,7 @@
     python scripts/bench_simulator.py [--repeat 3] [--memory-requests 100000] [--handoff vllm-nixl]
     python scripts/bench_simulator.py --prefix-cache [--repeat 5]   # cache on against off, Mooncake trace
     python scripts/bench_simulator.py --cache-case 2p2d round_robin on 1   # one case N times (under valgrind)
+    python scripts/bench_simulator.py --cache-bytecodes 2p2d round_robin   # bytecodes per function, off/on
 
 Targets (issues "calibrated cluster simulator" and 10): >= 50,000 simulated requests per wall second on one
 core for 2P2D on the Azure conv trace at 6 req/s, never-deflect and always-deflect, with the hand-off stages;
@@ -74,7 +75,13 @@ def bench_prefix_cache(repeat: int, shapes: tuple[str, ...] = ("2p2d", "16p16d")
     """Issue 11's speed check: the whole bundled Mooncake trace (recorded arrivals), prefix cache on against off,
     best process CPU time of ``repeat`` interleaved runs (CPU time, since the machine may be shared). The
     "no sharing" column is the cache's bookkeeping alone: hits change the schedule, so on / off mixes the cost
-    of the cache with that of simulating a different run."""
+    of the cache with that of simulating a different run.
+
+    Each run starts from the same heap: a finished simulation is cyclic garbage (its nodes hold its bound
+    methods), so without a collection first the garbage collector frees the previous run's simulation inside a
+    later timed run, whichever case that is. The collection is outside the timing and the collector stays on
+    during the runs (their own collections count). The cases' order turns by one each repetition, so that no
+    case always follows the same one."""
     wl = make_workload("mooncake_synthetic")
     cases = {"off": (False, wl), "on": (True, wl), "no sharing": (True, _unshared(wl))}
     print(f"Mooncake synthetic trace ({len(wl):,} requests, recorded arrivals), a100-80gb_deepseek-v2-lite, "
@@ -85,15 +92,20 @@ def bench_prefix_cache(repeat: int, shapes: tuple[str, ...] = ("2p2d", "16p16d")
     for shape in shapes:
         for pol in ("round_robin", "always_deflect", "proactive"):
             best = dict.fromkeys(cases, math.inf)
+            names, seen = list(cases), {}
             for i in range(repeat):
-                for name, (on, w) in cases.items():
+                for name in names[i % 3:] + names[:i % 3]:
+                    on, w = cases[name]
+                    sim = None  # (the previous run's simulation: garbage now, collected below)
                     sim = ClusterSim(ClusterConfig.from_shape(shape, prefix_cache=on), w)
+                    gc.collect()
                     t0 = time.process_time()
                     sim.run(make_policy(pol))
                     best[name] = min(best[name], time.process_time() - t0)
-                    if i == 0:
-                        work.append((shape, pol, name, sim.events, sum(len(d.log_k) for d in sim.decode),
-                                     sum(d.steps_done for d in sim.decode), sum(d.preemptions for d in sim.decode)))
+                    if name not in seen:
+                        seen[name] = (shape, pol, name, sim.events, sum(len(d.log_k) for d in sim.decode),
+                                      sum(d.steps_done for d in sim.decode), sum(d.preemptions for d in sim.decode))
+            work.extend(seen[name] for name in names)
             off = best["off"]
             print(f"{shape:<8}{pol:<16}{off:>12.3f}{best['on']:>12.3f}{best['on'] / off:>10.2f}"
                   f"{best['no sharing']:>14.3f}{best['no sharing'] / off:>7.2f}")
@@ -120,6 +132,39 @@ def cache_case(shape: str, policy: str, case: str, runs: int) -> None:
     gc.disable()  # the process allocated before, and a full one adds tens of millions of instructions to a count
     for sim in sims:
         sim.run(make_policy(policy))
+
+
+def cache_bytecodes(shape: str, policy: str) -> None:
+    """Bytecodes executed per function in one run of the whole Mooncake trace with the cache off, with no sharing
+    and on (``sys.settrace`` opcode events: slow, but a count that does not depend on the machine's load; on this
+    interpreter a run's CPU time follows its bytecodes more closely than its machine instructions)."""
+    from collections import Counter
+
+    wl = make_workload("mooncake_synthetic")
+    counts = {}
+    for name, on, w in (("off", False, wl), ("no sharing", True, _unshared(wl)), ("on", True, wl)):
+        sim = ClusterSim(ClusterConfig.from_shape(shape, prefix_cache=on), w)
+        n: Counter = Counter()
+
+        def trace(frame, event, _arg, n=n):
+            frame.f_trace_opcodes = True
+            if event == "opcode":
+                n[frame.f_code.co_filename.rsplit("/", 1)[-1][:-3] + ":" + frame.f_code.co_name] += 1
+            return trace
+
+        pol = make_policy(policy)
+        sys.settrace(trace)
+        try:
+            sim.run(pol)
+        finally:
+            sys.settrace(None)
+        counts[name] = n
+    print(f"{shape} {policy}: bytecodes executed, whole Mooncake trace")
+    print(f"{'function':<44}{'off':>12}{'no sharing':>12}{'on':>12}")
+    print(f"{'(all)':<44}" + "".join(f"{sum(c.values()):>12,}" for c in counts.values()))
+    keys = sorted(set().union(*counts.values()), key=lambda k: -abs(counts["on"][k] - counts["off"][k]))
+    for k in keys[:25]:
+        print(f"{k[:43]:<44}" + "".join(f"{c[k]:>12,}" for c in counts.values()))
 
 
 def memory_child(n: int, policy: str, handoff: str) -> None:
@@ -190,7 +235,12 @@ def main() -> None:
                     help="only the prefix cache's cost: Mooncake trace, cache on against off")
     ap.add_argument("--cache-case", nargs=4, metavar=("SHAPE", "POLICY", "CASE", "RUNS"),
                     help="play one prefix-cache case (off, on, no-sharing) RUNS times, printing nothing")
+    ap.add_argument("--cache-bytecodes", nargs=2, metavar=("SHAPE", "POLICY"),
+                    help="bytecodes executed per function with the cache off, with no sharing and on")
     a = ap.parse_args()
+    if a.cache_bytecodes:
+        cache_bytecodes(*a.cache_bytecodes)
+        return
     if a.cache_case:
         shape, pol, case, runs = a.cache_case
         cache_case(shape, pol, case, int(runs))

@@ -163,6 +163,18 @@ def test_handoff_moves_only_the_blocks_the_decode_node_lacks():
     assert c.xfer_ideal_s == pytest.approx(a.xfer_ideal_s, rel=1e-12)
 
 
+def test_short_prompts_and_short_hash_lists():
+    """A prompt shorter than a block has nothing to do with the cache (no hit, nothing cached); a hash list shorter
+    than the prompt's full blocks caches only the blocks it names. By hand: A (5 full blocks, 3 hashes) caches 3
+    blocks on both nodes; B (a 300-token prompt opening like A) finds nothing; C (A's prompt again) finds A's 3."""
+    L = 5 * BT + 10
+    reqs = [(L, 2, [1, 2, 3]), (300, 2, [1]), (L, 2, [1, 2, 3])]
+    a, b, c = _run(_sim(reqs), "round_robin")
+    assert (a.n_full, b.n_full, c.n_full) == (3, 0, 3)
+    assert (a.p_cached, a.d_cached, b.p_cached, b.d_cached) == (0, 0, 0, 0)
+    assert (c.p_cached, c.d_cached) == (3 * BT, 3 * BT)
+
+
 # -- one KV pool for running requests and cached blocks ---------------------------------------------------------
 def test_running_requests_evict_cached_blocks_and_shared_blocks_count_once():
     """A (3 blocks) finishes; B (no shared prefix) then runs and grows to 219 of 256 blocks; C, after B, has
