@@ -118,9 +118,43 @@ def _check_requests(
         bad = np.flatnonzero(a <= 0)
         if bad.size:
             raise WorkloadError(f"{where}: {name} must be > 0, got {int(a[bad[0]])} at index {int(bad[0])}")
-    if hash_ids is not None and len(hash_ids) != len(arr):
-        raise WorkloadError(f"{where}: hash_ids has {len(hash_ids)} entries for {len(arr)} requests")
+    if hash_ids is not None:
+        if len(hash_ids) != len(arr):
+            raise WorkloadError(f"{where}: hash_ids has {len(hash_ids)} entries for {len(arr)} requests")
+        check_hash_chains(hash_ids, where)
     return arr, inp, out
+
+
+_ROOT, _NONE = object(), object()  # check_hash_chains: the parent of a prompt's first block; no parent seen yet
+
+
+def check_hash_chains(hash_ids: list[list[int]], where: str, lines: list[int] | None = None) -> None:
+    """Refuse block hashes that do not chain. Mooncake's ``hash_ids`` are prefix hashes: a block's id stands for
+    every block before it too, so one id always follows the same id (the first block of a prompt has none before
+    it). The prefix cache relies on that (``envs.prefix_cache``: a lookup matches a span by its first and last
+    blocks); a list where one id follows two different ones, or comes first in one prompt and later in another,
+    names the requests (by index, or by ``lines``: each request's line in the file)."""
+    parent: dict[int, Any] = {}
+    first: dict[int, int] = {}  # the request where each id was first seen (for the message)
+    for i, hs in enumerate(hash_ids):
+        prev = _ROOT
+        for h in hs:
+            p = parent.get(h, _NONE)
+            if p is _NONE:
+                parent[h] = prev
+                first[h] = i
+            elif p is not prev and p != prev:
+                a, b = (f"line {lines[i]}", f"line {lines[first[h]]}") if lines else (f"request {i}",
+                                                                                        f"request {first[h]}")
+                raise WorkloadError(
+                    f"{where}: hash_ids do not chain: block {h} comes {_after(prev)} in {a} but {_after(p)} "
+                    f"in {b}; prefix-cache hashes must cover every block before theirs (one id, one "
+                    "prefix), as Mooncake's do")
+            prev = h
+
+
+def _after(x: Any) -> str:
+    return "first in its prompt" if x is _ROOT else f"after block {x}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -390,6 +424,7 @@ def _read_mooncake(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list
     inp: list[int] = []
     out: list[int] = []
     hashes: list[list[int]] = []
+    lines: list[int] = []  # each request's line
     ids: dict[int, int] = {}
     has_hashes: bool | None = None
     prev = -math.inf
@@ -418,11 +453,14 @@ def _read_mooncake(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list
                 # one int object per distinct hash (JSON parsing makes one per occurrence): the prefix cache then
                 # compares shared blocks by identity, and the trace takes less memory
                 hashes.append([ids.setdefault(x, x) for x in h])
+                lines.append(line)
             ts.append(t)
             inp.append(rec["input_length"])
             out.append(rec["output_length"])
     if not ts:
         raise WorkloadError(f"{path}:{max(last_line, 1)}: empty file (no requests)")
+    if has_hashes:
+        check_hash_chains(hashes, str(path), lines)  # here, to name the lines (the Trace checks again, cheaply)
     arrival = np.array(ts, dtype=np.float64)
     arrival = (arrival - arrival[0]) / 1000.0
     return (

@@ -383,3 +383,26 @@ def test_malformed_files_name_file_line_and_problem(
     tmp_path: Path, name: str, text: str, line: int, problem: str
 ) -> None:
     _assert_error(_write(tmp_path / name, text), line, problem)
+
+
+def test_block_hashes_that_do_not_chain_are_refused(tmp_path):
+    """Prefix-cache hashes chain (one id, one prefix: an id always follows the same id). A trace or workload where
+    an id follows two different ids, or is first in one prompt and not in another, is refused, naming both
+    requests; chained lists that share and fork prefixes are accepted."""
+    from deflectlab.envs.workloads import Workload, WorkloadError, load_trace
+
+    kw = dict(arrival_s=[0.0, 1.0, 2.0], input_tokens=[1024] * 3, output_tokens=[1] * 3)
+    Workload(**kw, hash_ids=[[1, 2, 3], [1, 2, 4], [5]])  # shared prefix [1, 2], a fork, a new prompt: fine
+    with pytest.raises(WorkloadError, match=r"block 2 comes after block 4 in request 2 but after block 1 in "
+                                            r"request 0"):
+        Workload(**kw, hash_ids=[[1, 2], [1, 3], [4, 2]])
+    with pytest.raises(WorkloadError, match=r"block 2 comes first in its prompt in request 1 but after block 1"):
+        Workload(**kw, hash_ids=[[1, 2], [2, 5], [6]])
+    with pytest.raises(WorkloadError, match=r"block 7 comes after block 7 in request 0 but first in its prompt"):
+        Workload(**kw, hash_ids=[[7, 7], [8], [9]])  # a repeated id inside one prompt cannot chain either
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"timestamp": 0, "input_length": 1024, "output_length": 5, "hash_ids": [1, 2]}\n'
+                 '{"timestamp": 5, "input_length": 1024, "output_length": 5, "hash_ids": [3, 2]}\n')
+    with pytest.raises(WorkloadError, match=r"bad\.jsonl: hash_ids do not chain: block 2 comes after block 3 in "
+                                            r"line 2 but after block 1 in line 1"):
+        load_trace(f)
