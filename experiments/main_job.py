@@ -243,10 +243,11 @@ def run_main(out: Path, rates: tuple[float, ...] = DEFAULT_RATES, compare: bool 
     md.append(blocked_summary(Path(__file__).parent / "rl_v4_blocked" / "2to3x", also=("evaluation_s3-5.json",),
                               title="## RL from scratch on feature schema 4 (trained at 2-3x on the training "
                                     "blocks), six seeds, held-out blocks"))
-    md.append(blocked_summary(Path(__file__).parent / "rl_v4_blocked" / "valblock", also=("evaluation_s3-5.json",),
+    md.append(blocked_summary(Path(__file__).parent / "rl_v4_blocked" / "valblock",
+                              also=("evaluation_s3-5.json", "evaluation_s6-11.json"),
                               title="## RL on feature schema 4 with a validation block (trained on two training "
-                                    "blocks, checkpoint and seed picked on the third: seed 0), six seeds, held-out "
-                                    "blocks"))
+                                    "blocks, checkpoint and seed picked on the third: seed 0), twelve seeds, "
+                                    "held-out blocks"))
     md.append(headroom_summary())
     md.append(f"\nTotal wall time {time.perf_counter() - t0:.1f} s.\n")
     report = out / "report.md"

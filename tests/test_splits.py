@@ -182,8 +182,10 @@ def test_main_job_sections_read_the_committed_blocked_evaluations():
     assert all(f"| 3x | rl v4 2-3x s{s} |" in rl for s in range(6))  # both evaluation files' seeds
     # seed 4 at 1x, from the second file, against the same heuristic rows: -0.34 ± 0.22 ex post
     assert "| 1x | rl v4 2-3x s4 | -0.21 ± 0.16 | -0.34 ± 0.22 (proactive) |" in rl
-    vb = bs.blocked_summary(root / "rl_v4_blocked" / "valblock", title="## VB", also=("evaluation_s3-5.json",))
+    vb = bs.blocked_summary(root / "rl_v4_blocked" / "valblock", title="## VB",
+                            also=("evaluation_s3-5.json", "evaluation_s6-11.json"))
     assert all(f"| 3x | rl v4 valblock s{s} |" in vb for s in range(6))
+    assert all(f"| 3x | rl_v4_valblock_s{s} |" in vb for s in range(6, 12))
     assert "| 3x | rl v4 valblock s0 | +0.58 ± 0.37 | +0.58 ± 0.37 (best tuned (proactive)) |" in vb  # the pick
 
 
