@@ -44,7 +44,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -94,9 +94,10 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 
 def _check_requests(
-    where: str, arrival_s: Any, input_tokens: Any, output_tokens: Any, hash_ids: Any
+    where: str, arrival_s: Any, input_tokens: Any, output_tokens: Any, hash_ids: Any, chains: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Coerce and check the per-request arrays shared by :class:`Trace` and :class:`Workload`."""
+    """Coerce and check the per-request arrays shared by :class:`Trace` and :class:`Workload`; ``chains``: also
+    check that the block hashes chain (not for hash lists taken from a checked trace)."""
     arr = np.asarray(arrival_s, dtype=np.float64)
     inp = np.asarray(input_tokens, dtype=np.int64)
     out = np.asarray(output_tokens, dtype=np.int64)
@@ -121,7 +122,8 @@ def _check_requests(
     if hash_ids is not None:
         if len(hash_ids) != len(arr):
             raise WorkloadError(f"{where}: hash_ids has {len(hash_ids)} entries for {len(arr)} requests")
-        check_hash_chains(hash_ids, where)
+        if chains:
+            check_hash_chains(hash_ids, where)
     return arr, inp, out
 
 
@@ -180,10 +182,13 @@ class Trace:
     hash_ids: list[list[int]] | None
     source: str
     fmt: str = ""
+    #: the hash lists were checked to chain already (the file reader does it, naming lines): not checked again
+    hashes_checked: InitVar[bool] = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, hashes_checked: bool) -> None:
         arr, inp, out = _check_requests(
-            f"Trace {self.name!r}", self.arrival_s, self.input_tokens, self.output_tokens, self.hash_ids
+            f"Trace {self.name!r}", self.arrival_s, self.input_tokens, self.output_tokens, self.hash_ids,
+            chains=not hashes_checked,
         )
         if arr[0] != 0.0:
             raise WorkloadError(f"Trace {self.name!r}: arrival_s must start at 0.0, got {arr[0]!r}")
@@ -214,10 +219,13 @@ class Workload:
     hash_ids: list[list[int]] | None = None
     meta: dict = field(default_factory=dict)
     hash_block_tokens: int = MOONCAKE_HASH_BLOCK_TOKENS
+    #: the hash lists come from a :class:`Trace` (checked to chain): not checked again (make_workload)
+    hashes_checked: InitVar[bool] = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, hashes_checked: bool) -> None:
         arr, inp, out = _check_requests(
-            "Workload", self.arrival_s, self.input_tokens, self.output_tokens, self.hash_ids
+            "Workload", self.arrival_s, self.input_tokens, self.output_tokens, self.hash_ids,
+            chains=not hashes_checked,
         )
         object.__setattr__(self, "arrival_s", arr)
         object.__setattr__(self, "input_tokens", inp)
@@ -460,7 +468,7 @@ def _read_mooncake(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list
     if not ts:
         raise WorkloadError(f"{path}:{max(last_line, 1)}: empty file (no requests)")
     if has_hashes:
-        check_hash_chains(hashes, str(path), lines)  # here, to name the lines (the Trace checks again, cheaply)
+        check_hash_chains(hashes, str(path), lines)  # here, to name the lines (the Trace does not check again)
     arrival = np.array(ts, dtype=np.float64)
     arrival = (arrival - arrival[0]) / 1000.0
     return (
@@ -507,7 +515,7 @@ def _parse(path: Path, fmt: str | None, drop_failed: bool, name: str, source: st
     else:
         arrays = _read_burstgpt(path, drop_failed)
     arrival, inp, out, hashes = arrays
-    return Trace(name, arrival, inp, out, hashes, source, fmt)
+    return Trace(name, arrival, inp, out, hashes, source, fmt, hashes_checked=hashes is not None)
 
 
 @lru_cache(maxsize=16)
@@ -680,7 +688,7 @@ def make_workload(
         if arrival == "onoff":
             meta.update(on_s=on_s, off_s=off_s, on_rate=rate * (on_s + off_s) / on_s)
     meta["requests"] = len(arr)
-    return Workload(np.array(arr, dtype=np.float64), inp, out, hashes, meta)
+    return Workload(np.array(arr, dtype=np.float64), inp, out, hashes, meta, hashes_checked=True)
 
 
 def trace_stats(t: Trace | Workload) -> dict[str, float | int]:

@@ -49,7 +49,8 @@ import numpy as np
 import yaml
 
 from deflectlab.envs.splits import describe, get_split
-from deflectlab.experiments.headroom import paired_ci, planner_spec, pooled, run_all
+from deflectlab.experiments.headroom import WINNER_PREFIX, paired_ci, planner_spec, pooled, run_all, winner_label
+from deflectlab.experiments.labels import labelled
 from deflectlab.experiments.markdown import table
 
 SPLIT = get_split("blocked")
@@ -133,7 +134,7 @@ def heuristics(tuned_file: Path) -> dict[str, str]:
                doc["scores"][name]) for name, params in tuned.items()]
     scored = [c for c in cands if c[2] is not None]
     win = max(scored, key=lambda c: (c[2]["slo_attainment"], -c[2]["ttft_p95_s"]))[0]
-    return {(f"best tuned ({label.removesuffix(' (tuned)')})" if label == win else label): spec
+    return {(f"{WINNER_PREFIX} ({label.removesuffix(' (tuned)')})" if label == win else label): spec
             for label, spec, _ in cands}
 
 
@@ -160,7 +161,7 @@ def evaluate(tuned_file: Path, learned: dict[str, str], episodes: int, jobs: int
     from deflectlab.experiments.learned_eval import evaluate_learned, parse_setting
 
     heur = heuristics(tuned_file)
-    best = next(k for k in heur if k.startswith("best tuned"))
+    best = winner_label(heur)
     for label, spec in learned.items():
         if spec in heur.values():
             raise ValueError(f"blocked_split: {label!r} runs {spec!r}, which the heuristics run already")
@@ -212,7 +213,7 @@ def diff_table(res: dict[str, Any], only: str | None = None) -> tuple[list[str],
     where a learned policy's interval lies entirely below zero. ``only``: that learned policy alone."""
     pols, heur = res["policies"], res["heuristics"]
     learned = [only] if only else res["learned"]
-    winner = next(k for k in heur if k.startswith("best tuned"))
+    winner = winner_label(heur)
     pro = next(k for k in heur if pols[k] == "proactive")
     planner = CLAIRVOYANT if CLAIRVOYANT in pols else None
     out, losses = [], []
@@ -237,7 +238,7 @@ def diff_table(res: dict[str, Any], only: str | None = None) -> tuple[list[str],
             for label, dd in (("the tuning winner", vs_win), (f"the best heuristic ex post ({post})", vs_post)):
                 if dd[0] + dd[1] < 0:
                     losses.append(f"{' '.join(name)}: {k} vs {label}: {_fmt(dd)}")
-    head = ["shape", "trace", "load", "policy", f"- tuning winner {winner.removeprefix('best tuned ')}",
+    head = ["shape", "trace", "load", "policy", f"- tuning winner {winner.removeprefix(WINNER_PREFIX + ' ')}",
             "- best heuristic ex post", "- proactive"]
     if planner:
         head += ["planner - best heuristic ex post (headroom)", "share of the headroom closed"]
@@ -284,7 +285,7 @@ def planner_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Per planner setting, each planner that ran against the tuning winner and the best heuristic ex post
     (paired, points), with its decisions per second: the headroom and how much of it needs the future."""
     pols, heur = res["policies"], res["heuristics"]
-    winner = next(k for k in heur if k.startswith("best tuned"))
+    winner = winner_label(heur)
     kinds = [k for k in PLANNERS if k in pols]
     out = []
     for s in res["settings"]:
@@ -297,7 +298,7 @@ def planner_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             rate = np.mean([r["decisions_per_s"] for r in rows[k]])
             out.append([f"{p}P{d}D", f"{tr} ({var['label']})", f"{ld:g}x", k, _fmt(_diff(rows[k], rows[winner])),
                         f"{_fmt(_diff(rows[k], rows[post]))} ({post})", f"{rate:.0f}"])
-    head = ["shape", "trace", "load", "planner", f"- tuning winner {winner.removeprefix('best tuned ')}",
+    head = ["shape", "trace", "load", "planner", f"- tuning winner {winner.removeprefix(WINNER_PREFIX + ' ')}",
             "- best heuristic ex post", "decisions/s"]
     return head, out
 
@@ -357,16 +358,17 @@ def select(tuned_file: Path, candidates: dict[str, str], episodes: int = SELECT_
     from deflectlab.experiments.learned_eval import evaluate_learned
 
     heur = heuristics(tuned_file)
-    winner = next(k for k in heur if k.startswith("best tuned"))
+    winner = winner_label(heur)
     if heur[winner] in candidates.values():
         raise ValueError(f"blocked_split select: a candidate runs {heur[winner]!r}, the tuning winner")
     settings = [((2, 2), TUNE_TRACE, ld, TRAIN) for ld in TUNE_LOADS]
     res = evaluate_learned(candidates, settings, episodes, window_s=WINDOW_S, seed0=SELECT_SEED0, jobs=jobs,
                            heuristics={winner: heur[winner]})
     res["heuristics"], res["learned"] = [winner], list(candidates)
+    by_setting = [_setting_rows(res, st) for st in res["settings"]]
     res["scores"] = {}
     for k in res["policies"]:
-        per = [float(np.mean([r["slo_attainment"] for r in _setting_rows(res, st)[k]])) for st in res["settings"]]
+        per = [float(np.mean([r["slo_attainment"] for r in rows[k]])) for rows in by_setting]
         res["scores"][k] = {"per_load": per, "mean": float(np.mean(per))}
     res["pick"] = max(candidates, key=lambda k: res["scores"][k]["mean"])
     return res
@@ -376,11 +378,11 @@ def selection_markdown(res: dict[str, Any], command: str) -> str:
     """The select step's report: every candidate's score and its paired differences against the tuning winner."""
     winner = res["heuristics"][0]
     loads = [f"{st[2]:g}x" for st in res["settings"]]
+    by_setting = [_setting_rows(res, st) for st in res["settings"]]
     rows = []
     for k in [winner, *res["learned"]]:
         sc = res["scores"][k]
-        diffs = ([_fmt(_diff(_setting_rows(res, st)[k], _setting_rows(res, st)[winner])) for st in res["settings"]]
-                 if k != winner else ["-"] * len(loads))
+        diffs = [_fmt(_diff(r[k], r[winner])) for r in by_setting] if k != winner else ["-"] * len(loads)
         rows.append([k + (" (the pick)" if k == res["pick"] else ""), *(f"{x:.4f}" for x in sc["per_load"]),
                      f"{sc['mean']:.4f}", *diffs])
     head = ["policy", *(f"SLO {x}" for x in loads), "score (mean)", *(f"- {winner}, {x}" for x in loads)]
@@ -393,16 +395,6 @@ def selection_markdown(res: dict[str, Any], command: str) -> str:
         "with the highest score. Paired differences in points (mean ± 95 % Student-t half-width).", "",
         *table(head, rows), "", "Candidates: " + "; ".join(f"{k} = `{res['policies'][k]}`" for k in res["learned"])
         + ".", ""])
-
-
-def _learned_args(p: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
-    learned = {}
-    for item in items:
-        label, sep, spec = item.partition("=")
-        if not sep or not label.strip() or not spec.strip():
-            p.error(f"--learned {item!r}: expected LABEL=SPEC")
-        learned[label.strip()] = spec.strip()
-    return learned
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,7 +435,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not tuned_file.exists():
         p.error(f"{tuned_file} is missing: run the tune step first (with the same --out), or give --tuned FILE")
-    learned = _learned_args(p, a.learned)
+    try:
+        learned = labelled(a.learned, "LABEL=SPEC")
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--learned {e}")
     if a.step == "select":
         if not learned:
             p.error("select: give the candidates as --learned LABEL=SPEC (repeatable)")

@@ -64,6 +64,15 @@ class HeadroomSpec:
             raise ValueError(f"headroom: window_s must be > 0 seconds, got {self.window_s}")
 
 
+#: the label prefix of the tuning winner among a comparison's heuristics (``best tuned (<name>)``)
+WINNER_PREFIX = "best tuned"
+
+
+def winner_label(heuristics: dict[str, str] | list[str]) -> str:
+    """The label of the tuning winner among ``heuristics`` (labels, or label -> spec)."""
+    return next(k for k in heuristics if k.startswith(WINNER_PREFIX))
+
+
 def baseline_policies(tuned_file: Path = TUNED_FILE) -> dict[str, str]:
     """never-deflect, the proactive deflector and the best tuned heuristic (the tuning's winner)."""
     from deflectlab.experiments.tuning import load_tuned
@@ -71,7 +80,7 @@ def baseline_policies(tuned_file: Path = TUNED_FILE) -> dict[str, str]:
     tuned, meta = load_tuned(tuned_file)
     best = _tuning_winner(tuned_file)
     params = ",".join(f"{k}={v}" for k, v in tuned[best].items())
-    return {"never_deflect": "round_robin", "proactive": "proactive", f"best tuned ({best})": f"{best}:{params}"}
+    return {"never_deflect": "round_robin", "proactive": "proactive", f"{WINNER_PREFIX} ({best})": f"{best}:{params}"}
 
 
 def _tuning_winner(tuned_file: Path) -> str:
@@ -143,7 +152,7 @@ def run_all(tasks: list[tuple], jobs: int) -> list[dict[str, Any]]:
 def run_headroom(spec: HeadroomSpec) -> dict[str, Any]:
     """Run the table and the sweep; returns the raw rows and the aggregated results."""
     heur = spec.heuristics or baseline_policies()
-    best_label = next(k for k in heur if k.startswith("best tuned"))
+    best_label = winner_label(heur)
     policies = {**heur, "lookahead (clairvoyant)": planner_spec(spec.horizon_s, heur[best_label])}
     seeds = [spec.seed0 + i for i in range(spec.episodes)]
     tasks = [(tr, ld, sd, spec.window_s, spec.handoff, p) for tr in spec.traces for ld in spec.loads

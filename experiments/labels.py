@@ -7,7 +7,9 @@ else by its last component, never as an absolute machine path.
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 #: the folder that holds ``experiments/`` (the repository, or ``site-packages/deflectlab`` when installed)
@@ -38,3 +40,15 @@ def policy_label(spec: str) -> str:
         looks_like_path = eq and (os.sep in v or v.startswith("~"))
         parts.append(f"{k}={short_path(os.path.expanduser(v))}" if looks_like_path else kv)
     return f"{name}:{','.join(parts)}"
+
+
+def labelled(items: Iterable[str], what: str = "LABEL=VALUE") -> dict[str, str]:
+    """``["a=x", "b=y"]`` -> ``{"a": "x", "b": "y"}`` (repeatable ``--flag LABEL=VALUE`` options); an item without
+    a label or a value is an ``argparse.ArgumentTypeError`` naming it."""
+    out: dict[str, str] = {}
+    for item in items:
+        label, eq, value = item.partition("=")
+        if not eq or not label.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"{item!r} is not {what}")
+        out[label.strip()] = value.strip()
+    return out

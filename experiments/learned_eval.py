@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from deflectlab.experiments.headroom import baseline_policies, paired_ci, pooled
+from deflectlab.experiments.headroom import baseline_policies, paired_ci, pooled, winner_label
 from deflectlab.experiments.markdown import table
 from deflectlab.policies.runtime import PolicyFileError
 
@@ -41,7 +41,7 @@ def evaluate_learned(learned: dict[str, str], settings: list[tuple[tuple[int, in
     ``(shape, trace, load)``. ``heuristics``: label -> spec, one label starting "best tuned" (default:
     :func:`experiments.headroom.baseline_policies`, from the shipped tuning)."""
     heur = heuristics or baseline_policies()
-    best = next(k for k in heur if k.startswith("best tuned"))
+    best = winner_label(heur)
     pols = {**heur, **learned}
     settings = [parse_setting(s) for s in settings]
     tasks = [(tr, ld, seed0 + i, window_s, handoff, spec, shape, var) for shape, tr, ld, var in settings

@@ -117,10 +117,11 @@ def rollout(env_kwargs: dict[str, Any], policy: str, expert: Any, seed: int, gam
 def diagnose(loads: tuple[float, ...] = (2.0, 3.0), episodes: int = 4, window_s: float = 300.0,
              seed0: int = 500, gamma: float = 0.99) -> dict[str, Any]:
     """Roll out the behaviour policies on training windows at each load and summarise (see the module doc)."""
-    from deflectlab.experiments.headroom import baseline_policies
+    from deflectlab.experiments.headroom import baseline_policies, winner_label
     from deflectlab.policies.registry import make_policy
 
-    best = next(v for k, v in baseline_policies().items() if k.startswith("best tuned"))
+    base = baseline_policies()
+    best = base[winner_label(base)]
     pols = {"random": None, "never_deflect": "round_robin", "best_threshold": best}
     rows = []
     for load in loads:

@@ -114,7 +114,7 @@ def final_eval(learned: dict[str, str], loads: tuple[float, ...] = (1.0, 2.0, 3.
                window_s: float = 300.0, seed0: int = 2_000_000, which: str = "final") -> dict[str, Any]:
     """Heuristics and ``learned`` (label -> run directory) on the same held-out episodes of each load."""
     from deflectlab.envs.simulator import ClusterSim
-    from deflectlab.experiments.headroom import baseline_policies
+    from deflectlab.experiments.headroom import baseline_policies, winner_label
     from deflectlab.policies.registry import make_policy
 
     heur = baseline_policies()
@@ -132,7 +132,7 @@ def final_eval(learned: dict[str, str], loads: tuple[float, ...] = (1.0, 2.0, 3.
                 rows.append({"policy": label, "load": load, "seed": seed0 + i, "requests": n,
                              "slo_met": round(s["slo_attainment"] * n), "slo_attainment": s["slo_attainment"],
                              "ttft_p95_s": s["ttft_s"]["p95"], "deflected": sim.deflections / n if n else math.nan})
-    best = next(k for k in heur if k.startswith("best tuned"))
+    best = winner_label(heur)
     return {"heuristics": heur, "learned": learned, "best": best, "loads": list(loads), "episodes": episodes,
             "window_s": window_s, "seed0": seed0, "which": which, "rows": rows,
             "wall_s": time.perf_counter() - t0}

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from deflectlab.envs.config import ClusterConfig, parse_shape
+from deflectlab.experiments.labels import labelled  # noqa: F401  (the CLI's LABEL=VALUE options; defined there)
 from deflectlab.experiments.runner import WorkloadSpec
 
 _TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
@@ -304,15 +305,3 @@ def add_policies_flag(p: Any, default: Iterable[str] | None, help_text: str) -> 
     p.add_argument("--policies", nargs="+", default=list(default) if default else None, metavar="SPEC",
                    help=f"{help_text}; space-separated registry specs, e.g. round_robin proactive:margin=0.1 "
                         f"(default: {shown or 'see below'})")
-
-
-def labelled(items: Iterable[str], what: str = "LABEL=VALUE") -> dict[str, str]:
-    """``["a=x", "b=y"]`` -> ``{"a": "x", "b": "y"}`` (repeatable ``--flag LABEL=VALUE`` options); an item without
-    a label or a value is an ``argparse.ArgumentTypeError`` naming it."""
-    out: dict[str, str] = {}
-    for item in items:
-        label, eq, value = item.partition("=")
-        if not eq or not label.strip() or not value.strip():
-            raise argparse.ArgumentTypeError(f"{item!r} is not {what}")
-        out[label.strip()] = value.strip()
-    return out
