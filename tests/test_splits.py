@@ -137,10 +137,14 @@ def test_blocked_evaluate_shapes_option_names_bad_values(tmp_path, capsys):
             blocked_split.main(["evaluate", "--out", str(tmp_path), "--planner", "--shapes", bad])
         assert msg in capsys.readouterr().err
     for args, msg in ((["--loads", "0"], "--loads 0.0: a load is a positive multiple"),
-                      (["--loads", "4", "--shapes", "2x2"], "--loads and --shapes: give one")):
+                      (["--loads", "4", "--shapes", "2x2"], "--loads and --shapes: give one"),
+                      (["--learned", "no-spec"], "--learned 'no-spec' is not LABEL=SPEC")):
         with pytest.raises(SystemExit):
             blocked_split.main(["evaluate", "--out", str(tmp_path), "--planner", *args])
         assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        blocked_split.main(["select", "--out", str(tmp_path)])
+    assert "select: give the candidates as --learned LABEL=SPEC" in capsys.readouterr().err
 
 
 def test_planner_table_splits_the_headroom_by_hand():
