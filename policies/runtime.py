@@ -207,6 +207,36 @@ _SET_KEYS = ("phi_p.0", "phi_p.2", "phi_d.0", "phi_d.2", "rho.0", "psi_p_node", 
              "psi_d_out")
 
 
+_BOUND_MAX = 16  # cluster shapes a policy keeps bound buffers for at most (a router serves one)
+
+
+class _Bound:
+    """Input and output buffers of a shape-generic ONNX policy bound to its session for one cluster shape (see
+    :meth:`OnnxPolicy._bind`)."""
+
+    __slots__ = ("obs", "mask", "action", "logits", "binding", "_values")
+
+    def __init__(self, sess: Any, schema: FeatureSchema, n_obs: int, n_actions: int) -> None:
+        import onnxruntime as ort
+
+        self.obs = np.zeros(n_obs, np.float32)
+        self.mask = np.ones(n_actions, bool)
+        req, pre, dec = split_set_obs(schema, self.obs, n_actions)  # views of self.obs
+        self.action = np.zeros(1, np.int64)
+        self.logits = np.zeros((1, n_actions), np.float32)
+        arrays = {"request": req.reshape(1, -1), "prefill": pre[None], "decode": dec[None],
+                  "action_mask": self.mask.reshape(1, -1)}
+        # the OrtValues share the arrays' memory (CPU); kept here so that they live as long as the binding
+        self._values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
+        self._values["action"] = ort.OrtValue.ortvalue_from_numpy(self.action)
+        self._values["logits"] = ort.OrtValue.ortvalue_from_numpy(self.logits)
+        self.binding = sess.io_binding()
+        for name in _SET_INPUTS:
+            self.binding.bind_ortvalue_input(name, self._values[name])
+        for name in ("action", "logits"):
+            self.binding.bind_ortvalue_output(name, self._values[name])
+
+
 class OnnxPolicy(Policy):
     """An exported policy (see the module docstring).
 
@@ -243,6 +273,7 @@ class OnnxPolicy(Policy):
         self._masked = float(self.manifest["network"].get("masked_logit", -1e9))
         self._fb = FeatureBuilder(version)  # the schema the policy was trained on (1 for the shipped one)
         self._checked = False
+        self._bound: dict[int, _Bound] = {}  # the onnx backend's bound buffers by observation size and action count
         if backend == "onnx":
             self._load_onnx()
         else:
@@ -355,13 +386,29 @@ class OnnxPolicy(Policy):
         return int(np.argmax(np.where(mask, x, np.float32(self._masked))))
 
     def _act_set(self, obs: np.ndarray, mask: np.ndarray) -> int:
-        req, pre, dec = split_set_obs(self._fb.schema, obs, len(mask))
         if self.backend == "onnx":
-            act, _ = self._sess.run(None, {"request": req.reshape(1, -1), "prefill": pre[None], "decode": dec[None],
-                                           "action_mask": mask.reshape(1, -1)})
-            return int(act[0])
+            bound = self._bound.get(len(obs) << 16 | len(mask))
+            if bound is None:
+                bound = self._bind(obs, mask)
+            bound.obs[:] = obs
+            bound.mask[:] = mask
+            self._sess.run_with_iobinding(bound.binding)
+            return int(bound.action[0])
+        req, pre, dec = split_set_obs(self._fb.schema, obs, len(mask))
         logits = set_numpy_logits(self._set_w, req, pre, dec)
         return int(np.argmax(np.where(mask, logits, np.float32(self._masked))))
+
+    def _bind(self, obs: np.ndarray, mask: np.ndarray) -> _Bound:
+        """Buffers bound to the session's inputs and outputs for one observation size and action count (one
+        cluster shape), made at the shape's first decision: a decision then copies the observation and the mask
+        in and runs, with no input dict, no per-call arrays and no per-call input checks (onnxruntime's
+        ``run_with_iobinding``). The inputs are views of one flat buffer laid out as the observation (request
+        block, prefill nodes, decode nodes), so one copy fills all three."""
+        split_set_obs(self._fb.schema, obs, len(mask))  # a length that fits no shape raises here, as unbound
+        if len(self._bound) >= _BOUND_MAX:
+            self._bound.clear()
+        bound = self._bound[len(obs) << 16 | len(mask)] = _Bound(self._sess, self._fb.schema, len(obs), len(mask))
+        return bound
 
     def decide(self, view: ClusterView, request: RequestLike) -> Decision:
         if self.generic:

@@ -80,6 +80,28 @@ def test_same_actions_in_process_onnx_and_numpy(exported, shape):
     assert len(set(acts)) >= 2  # the check is not vacuous: the network picks different nodes
 
 
+def test_one_onnx_policy_alternating_shapes_keeps_the_network_s_actions(exported):
+    """The onnx backend binds buffers per shape at its first decision there; one policy that alternates between
+    shapes (and batches of random observations, far from the training states) must still act as the network."""
+    net, d = exported
+    pol = OnnxPolicy(d, backend="onnx")
+    rng = np.random.default_rng(5)
+    acts = set()
+    for i in range(240):
+        P, D = SHAPES[i % 3]
+        obs = rng.random(pol._fb.schema.size(P, D), dtype=np.float32)
+        mask = rng.random(P + D) < 0.7
+        mask[rng.integers(P + D)] = True
+        with torch.no_grad():
+            logits = net.flat_logits(torch.as_tensor(obs[None]), P, D)[0].numpy()
+        a = masked_argmax(logits, mask)
+        assert pol.act(obs, mask) == a
+        assert mask[a]
+        acts.add((P, D, a))
+    assert len(pol._bound) == 3
+    assert len(acts) >= 9  # not vacuous: several nodes picked on every shape
+
+
 def test_learned_spec_runs_any_shape_and_keeps_v1(exported):
     _, d = exported
     man = json.loads((d / "manifest.json").read_text())
