@@ -519,14 +519,18 @@ class FeatureBuilder:
         caps = self.chunk_caps = [0] * D
         mask = [True] * (P + D)
         any_ok = P > 0
+        d_prof = d_budget = solve = None  # the last decode node's profile and budget (nodes nearly always share them)
         for j, d in enumerate(dv):
-            pc = self._pc(d.profile)
-            need = -(-L // pc.block) * pc.block
+            if d.profile is not d_prof or d.max_batched_tokens != d_budget:
+                d_prof, d_budget = d.profile, d.max_batched_tokens
+                pc = self._pc(d_prof)
+                solve = self._solver(d_prof, tbt, d_budget).solve
+                need = -(-L // pc.block) * pc.block
             fits = d.kv_free_tokens >= need
             mask[P + j] = fits
             any_ok = any_ok or fits
             B = d.batch_size
-            chunk, step_c = self._solver(d.profile, tbt, d.max_batched_tokens).solve(B, d.context_tokens, L)
+            chunk, step_c = solve(B, d.context_tokens, L)
             caps[j] = chunk if chunk >= MIN_CHUNK_TOKENS else MIN_CHUNK_TOKENS
             if fits and chunk >= MIN_CHUNK_TOKENS:
                 todo = L - d.cached_tokens if v2 else L

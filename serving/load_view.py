@@ -270,8 +270,17 @@ class RouterView(ClusterView):
 
     def __init__(self, *args: object, instances: tuple[list[Instance], list[Instance]], **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
-        prefill, decode = instances
-        self.dead_prefill = tuple(i for i, p in enumerate(prefill) if not p.alive)
-        self.dead_decode = tuple(i for i, d in enumerate(decode) if not d.alive)
-        self.stale_prefill = tuple(i for i, p in enumerate(prefill) if p.alive and p.stale)
-        self.stale_decode = tuple(i for i, d in enumerate(decode) if d.alive and d.stale)
+        self.dead_prefill, self.stale_prefill = _out_and_stale(instances[0])
+        self.dead_decode, self.stale_decode = _out_and_stale(instances[1])
+
+
+def _out_and_stale(instances: list[Instance]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(indices out of rotation, indices in rotation with stale metrics)`` (one pass: a decision's hot path, where
+    both are nearly always empty)."""
+    dead = stale = ()
+    for i, x in enumerate(instances):
+        if not x.alive:
+            dead += (i,)
+        elif x.stale:
+            stale += (i,)
+    return dead, stale
