@@ -276,9 +276,51 @@ def markdown(res: dict[str, Any], command: str, tuned_doc: dict[str, Any]) -> st
         "clears.", "", *table(diff_head, diff_rows), "",
         "## Where a learned policy loses (interval entirely below zero)", "",
         *([f"* {x}" for x in losses] or ["* nowhere"]), "",
+        *hindsight_lines(res),
         *planner_lines(res),
     ]
     return "\n".join(lines)
+
+
+#: policy kinds (a spec's name) that are learned, not rules: :func:`hindsight_table` leaves them out
+LEARNED_KINDS = ("learned", "ensemble", "set_arrays")
+
+
+def hindsight_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Per setting, the best rule chosen per episode with hindsight against the best heuristic ex post (paired,
+    points): the most any policy that only switches between these rules could gain, episode by episode. The rules
+    are the study's heuristics and, in a second row where any ran, the other rules evaluated beside them (every
+    evaluated policy that is neither learned nor a planner). The clairvoyant planner's headroom beside it where
+    it ran."""
+    pols, heur = res["policies"], res["heuristics"]
+    others = [k for k in res["learned"] if pols[k].split(":")[0] not in (*LEARNED_KINDS, "lookahead")]
+    groups = [("the heuristics", heur)] + ([("the heuristics and the other rules", heur + others)] if others else [])
+    out = []
+    for s in res["settings"]:
+        rows = _setting_rows(res, s)
+        (p, d), tr, ld, var = s[0], s[1], s[2], s[3]
+        post = _best_ex_post(heur, rows)
+        seeds = [r["seed"] for r in rows[post]]
+        for label, group in groups:
+            if group is not heur and not all(rows[k] for k in others):
+                continue  # (the other rules did not run on this setting)
+            if any([r["seed"] for r in rows[k]] != seeds for k in group):
+                raise ValueError("paired policies ran on different episodes")
+            best = [max(rows[k][i]["slo_attainment"] for k in group) for i in range(len(seeds))]
+            head = _fmt(_diff(rows[CLAIRVOYANT], rows[post])) if rows.get(CLAIRVOYANT) else "not run"
+            out.append([f"{p}P{d}D", f"{tr} ({var['label']})", f"{ld:g}x", label, post,
+                        _fmt(paired_ci(best, [r["slo_attainment"] for r in rows[post]])), head])
+    return ["shape", "trace", "load", "best per episode among", "best heuristic ex post",
+            "- best heuristic ex post", "clairvoyant planner - best heuristic ex post"], out
+
+
+def hindsight_lines(res: dict[str, Any]) -> list[str]:
+    """The markdown section of :func:`hindsight_table`."""
+    head, rows = hindsight_table(res)
+    return ["## Choosing the rule per episode, with hindsight", "",
+            "For each episode the rule that did best on it, against the one heuristic that did best over all the "
+            "episodes: the ceiling of any policy that switches between these rules once per episode (and a "
+            "hindsight bound, not a policy).", "", *table(head, rows), ""]
 
 
 def planner_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:

@@ -173,6 +173,35 @@ def test_planner_table_splits_the_headroom_by_hand():
     assert bs.planner_lines(res) == []  # the clairvoyant planner alone: the main table has its headroom
 
 
+def test_hindsight_table_takes_the_best_rule_of_each_episode_by_hand():
+    """The hindsight section: per episode the best of the rules (the heuristics; then also the other rules evaluated,
+    never a learned policy or a planner) against the best heuristic ex post, paired (computed here by hand)."""
+    from deflectlab.experiments import blocked_split as bs
+
+    slo = {"round_robin": [0.5, 0.9, 0.3], "proactive": [0.95, 0.85, 0.75], "proactive:margin=0.2": [0.9, 0.8, 0.8],
+           "proactive:margin=0.5": [0.96, 0.7, 0.7], "learned:path=x": [1.0, 1.0, 1.0],
+           "lookahead:a": [0.97, 0.92, 0.85]}
+    pols = {"never_deflect": "round_robin", "proactive": "proactive", "best tuned (proactive)": "proactive:margin=0.2",
+            "m0.5": "proactive:margin=0.5", "net": "learned:path=x", "lookahead (clairvoyant)": "lookahead:a"}
+    rows = [{"shape": "2P2D", "trace": "azure_code", "load": 3.0, "variant": bs.HELD["label"], "seed": i,
+             "policy": spec, "slo_attainment": v[i]} for spec, v in slo.items() for i in range(3)]
+    res = {"policies": pols, "heuristics": list(pols)[:3], "learned": ["m0.5", "net"], "rows": rows,
+           "settings": [[[2, 2], "azure_code", 3.0, bs.HELD]]}
+    head, table = bs.hindsight_table(res)
+    assert head[3:] == ["best per episode among", "best heuristic ex post", "- best heuristic ex post",
+                        "clairvoyant planner - best heuristic ex post"]
+    heur, more = table
+    # best heuristic ex post: proactive (mean 0.85). Best heuristic per episode: 0.95, 0.9, 0.8; less proactive's:
+    # 0, +0.05, +0.05: mean 3.33 points, sd 2.887, half-width t(0.975, 2) 4.303 x 2.887 / sqrt(3) = 7.17
+    assert heur[3:6] == ["the heuristics", "proactive", "+3.33 ± 7.17"]
+    # with margin 0.5 (a rule), not the learned policy: 0.96, 0.9, 0.8; +0.01, +0.05, +0.05: sd 2.309, hw 5.74
+    assert more[3:6] == ["the heuristics and the other rules", "proactive", "+3.67 ± 5.74"]
+    # the planner: +0.02, +0.07, +0.10: mean 6.33, sd 4.041, half-width 10.04
+    assert heur[6] == more[6] == "+6.33 ± 10.04"
+    res["learned"] = ["net"]  # no other rule: one row, the heuristics
+    assert [r[3] for r in bs.hindsight_table(res)[1]] == ["the heuristics"]
+
+
 def test_main_job_sections_read_the_committed_blocked_evaluations():
     """The main job's blocked sections: the kept policy of experiments/blocked, and every seed of the schema-4 RL
     run under its own heading, each naming the committed file it reads."""
