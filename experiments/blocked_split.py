@@ -387,7 +387,7 @@ def blocked_summary(folder: Path = Path(__file__).parent / "blocked", title: str
              f"of the trace ({describe(SPLIT.starts('train', WINDOW_S))} window starts), evaluated on the blocks "
              f"between ({res['episodes']} episodes per setting); paired differences in points of SLO attainment.",
              "", *table(head, rows), "", "Where a learned policy loses: " + ("; ".join(losses) or "nowhere") + ".", "",
-             *planner_lines(res)]
+             *([] if title else hindsight_lines(res)), *planner_lines(res)]
     return "\n".join(lines)
 
 

@@ -210,7 +210,10 @@ def test_main_job_sections_read_the_committed_blocked_evaluations():
     root = Path(__file__).resolve().parents[1] / "experiments"
     kept = bs.blocked_summary()
     assert "`experiments/blocked/evaluation.md`" in kept and "## The headroom, split" in kept
+    # the hindsight bound at 3x beside the clairvoyant headroom (experiments/blocked/README.md quotes both)
+    assert "| 3x | the heuristics | best tuned (proactive) | +0.83 ± 0.73 | +1.88 ± 0.62 |" in kept
     rl = bs.blocked_summary(root / "rl_v4_blocked" / "2to3x", title="## RL v4", also=("evaluation_s3-5.json",))
+    assert "with hindsight" not in rl  # (once, in the main section)
     assert rl.startswith("## RL v4") and "`experiments/rl_v4_blocked/2to3x/evaluation.md`" in rl
     assert all(f"| 3x | rl v4 2-3x s{s} |" in rl for s in range(6))  # both evaluation files' seeds
     # seed 4 at 1x, from the second file, against the same heuristic rows: -0.34 ± 0.22 ex post
