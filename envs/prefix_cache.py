@@ -486,7 +486,12 @@ def cache_unit(hash_block_tokens: int, kv_block_tokens: int) -> int:
 
 def max_hit_blocks(hashes: list[int], prompt_tokens: int, generated: int, block_tokens: int) -> int:
     """The most leading blocks a lookup may hit: full prompt blocks only, leaving at least one token of the
-    sequence (prompt plus ``generated``) to compute."""
+    sequence (prompt plus ``generated``) to compute.
+
+    The nodes' lookups take it from the request's ``n_full`` (``min(prompt_tokens // block_tokens,
+    len(hashes))``, set at arrival) without a call: it is ``n_full``, less one where ``n_full`` blocks are the whole
+    sequence (``n_full * block_tokens == prompt_tokens + generated``: a prompt of whole blocks, nothing generated).
+    ``tests/test_prefix_cache.py`` checks the two agree."""
     n = prompt_tokens // block_tokens
     m = (prompt_tokens + generated - 1) // block_tokens
     if m < n:

@@ -175,6 +175,19 @@ def test_short_prompts_and_short_hash_lists():
     assert (c.p_cached, c.d_cached) == (3 * BT, 3 * BT)
 
 
+def test_the_nodes_max_hit_from_n_full_is_max_hit_blocks():
+    """The nodes' lookups take the most blocks a hit may cover from ``Request.n_full`` (less one where those blocks
+    are the whole sequence), not from a call: the same as ``max_hit_blocks`` for every prompt length (around block
+    multiples), tokens generated before a preemption and hash list length."""
+    for tokens in (*range(1, 5 * BT, 97), *(k * BT + d for k in range(1, 5) for d in (-1, 0, 1))):
+        for generated in (0, 1, 2, BT - 1, BT, 3 * BT):
+            for n_hashes in range(7):
+                h = list(range(n_hashes))
+                n_full = min(tokens // BT, n_hashes)  # as the simulator sets it (simulator.full_blocks)
+                n_max = n_full - (n_full * BT == tokens + generated)
+                assert n_max == prefix_cache.max_hit_blocks(h, tokens, generated, BT), (tokens, generated, n_hashes)
+
+
 # -- one KV pool for running requests and cached blocks ---------------------------------------------------------
 def test_running_requests_evict_cached_blocks_and_shared_blocks_count_once():
     """A (3 blocks) finishes; B (no shared prefix) then runs and grows to 219 of 256 blocks; C, after B, has
