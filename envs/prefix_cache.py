@@ -99,8 +99,6 @@ def holding(hashes: list[int], n: int = 0) -> Holding:
     return held
 
 
-_EMPTY = holding([])  # add_new's holding for a prompt with no full block: it holds nothing and never will (shared:
-# what release writes to it, an empty range tuple and no ``own``, it has already)
 
 
 def _span(ref: list[int], lo: int, hi: int, cnt: int = 1) -> Holding:
@@ -294,10 +292,7 @@ class PrefixCache:
         calls :meth:`register` on a new holding). In the common case the holding is the span of its blocks
         (``own``): one object, made once, for the lookup's miss, the registration and the release.
 
-        A prompt with no full block (``hi`` at most 0) gets a shared empty holding: it holds nothing and, as the
-        nodes call this with all the prompt's full blocks, never registers more."""
-        if hi <= 0:  # no full block: it holds nothing, now or later (a prompt shorter than a block)
-            return _EMPTY
+        ``hi`` is at least 1: the nodes leave a prompt with no full block out of the cache altogether."""
         key = hashes[0]
         if self.risky or key in self.start:
             return None

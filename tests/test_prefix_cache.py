@@ -380,7 +380,7 @@ def test_spans_equal_a_block_by_block_cache(seed):
                     if held[j] is None:  # declined (a block may be cached already): the general way
                         held[j] = prefix_cache.holding(h)
                         c.register(held[j], len(h))
-            elif held[0] is not prefix_cache._EMPTY:  # (add_new's holding with no full block registers no more)
+            else:
                 hi = rng.randint(held[1].n, len(h))
                 if rng.random() < 0.5:  # as the nodes do: the common case's shortcut first (or it changes nothing)
                     assert caches[0].try_register(held[0], hi) or caches[0].register(held[0], hi) is None
