@@ -73,7 +73,8 @@ class Holding:
 
     ``own`` marks that common case: a request that found no hit and registered its blocks in one span, which is
     this object itself, while the request holds exactly it. The span is still whole while its ``lo`` is 0 (a split
-    gives the head to a new span); the span slots of a holding that never registered so are unset."""
+    gives the head to a new span); the span slots of a holding that never registered so are unset. Once the request
+    released it, the object is a span only and its holding slots (``own`` included) are stale: nothing reads them."""
 
     __slots__ = ("hashes", "n", "ranges", "own", "lo", "hi", "cnt", "key")
 
@@ -372,24 +373,26 @@ class PrefixCache:
         last block first. Returns how many are still held by others (shared blocks).
 
         With ``keep``, the evictions due before blocks are freed go first: :meth:`trim_to` ``(keep)`` in the same
-        call (the hot path: one call per request and node)."""
+        call (the hot path: one call per request and node).
+
+        A holding is released once, and not used after: the callers drop it as they release it. The common case (a
+        holding that is the span of its blocks, whole) leaves its holding slots as they were, stale: the object
+        lives on as a span only, and nothing reads a span's holding slots (:meth:`add_new` sets them all again when
+        it reuses the object)."""
         if self.n_free > keep:  # (a call only when an eviction is due)
             self.trim_to(keep)
-        if held.own:  # it is the span of its blocks (try_register)
-            held.own = False
-            if not held.lo:  # and holds exactly it, whole (the common case: no hash list read, no other object)
-                held.ranges = ()
-                held.cnt -= 1
-                if held.cnt:
-                    return held.hi
-                self.free.append(held)
-                self.n_free += held.hi
-                return 0
-        r = held.ranges
-        if not r:  # it holds nothing (a prompt with no full block, or released already)
+        if held.own and not held.lo:  # the span of its blocks, whole (add_new, try_register; a split moves lo):
+            held.cnt -= 1  # the common case, no hash list read, no other object
+            if held.cnt:
+                return held.hi
+            self.free.append(held)
+            self.n_free += held.hi
             return 0
-        held.ranges = ()  # nothing held any more (a second release frees nothing, until the span object is evicted
-        start, hashes = self.start, held.hashes  # and reused by add_new: so callers drop a holding they released)
+        r = held.ranges
+        if not r:  # it holds nothing
+            return 0
+        held.ranges = ()  # (nothing held any more)
+        start, hashes = self.start, held.hashes
         if len(r) == 2:  # one range
             i, hi = r
             s = start[hashes[i]]
