@@ -64,7 +64,8 @@ class Holding:
 
     As a holding: its hash list ``hashes``, how many of its leading blocks are settled (``n``: the hit, then every
     full block once its KV is computed or received), and the ranges ``[lo, hi)`` of its hash list it holds, as a
-    flat tuple ``ranges`` (a block another request cached first is not held by this one).
+    flat tuple ``ranges`` (a block another request cached first is not held by this one; an ``own`` holding's is
+    ``(0, n)``, not stored: :meth:`held_ranges`).
 
     As a span: the cached blocks ``hashes[lo:hi]`` of one prompt, held by ``cnt`` running requests; ``key`` is
     ``hashes[lo]``, its key in :attr:`PrefixCache.start` (kept, so dropping the span reads neither the hash list
@@ -86,8 +87,13 @@ class Holding:
     @property
     def blocks(self) -> int:
         """Blocks held."""
-        r = self.ranges
+        r = self.held_ranges()
         return sum(r[1::2]) - sum(r[0::2])
+
+    def held_ranges(self) -> tuple[int, ...]:
+        """``ranges``, also for an ``own`` holding, which holds ``(0, n)`` and does not store it (the common case's
+        registration makes no tuple)."""
+        return (0, self.n) if self.own else self.ranges
 
 
 def holding(hashes: list[int], n: int = 0) -> Holding:
@@ -260,7 +266,7 @@ class PrefixCache:
         lo = held.n
         if hi <= lo:
             return True
-        hashes, r, start = held.hashes, held.ranges, self.start
+        hashes, r, start = held.hashes, held.held_ranges(), self.start
         key = hashes[lo]
         if self.risky or key in start:
             return False
@@ -275,8 +281,7 @@ class PrefixCache:
             held.cnt = 1
             held.key = key
             held.n = hi
-            held.ranges = (0, hi)
-            held.own = True
+            held.own = True  # (so its ranges are (0, hi))
             return True
         if r[-1] != lo:
             return False
@@ -298,10 +303,9 @@ class PrefixCache:
         if self.risky or key in self.start:
             return None
         spare = self.spare
-        held = spare.pop() if spare else _new(Holding)  # (every slot is set below)
+        held = spare.pop() if spare else _new(Holding)  # (every slot is set below but ranges, implicit when own)
         held.hashes = hashes
         held.n = hi
-        held.ranges = (0, hi)
         held.own = True
         held.lo = 0
         held.hi = hi
@@ -326,8 +330,10 @@ class PrefixCache:
             return
         if self.due:
             self._drop_evicted()
+        if held.own:  # (the shortcut is for the common case only, try_register's; a span it is stays one)
+            held.ranges = (0, lo)
+            held.own = False
         held.n = hi
-        held.own = False  # (the shortcut is for the common case only, try_register's; a span it is stays one)
         hashes, start, r = held.hashes, self.start, held.ranges
         i = lo
         ours = not lo or (r and r[-1] == lo)  # this request holds the block before the new ones
@@ -388,7 +394,7 @@ class PrefixCache:
             self.free.append(held)
             self.n_free += held.hi
             return 0
-        r = held.ranges
+        r = held.held_ranges()
         if not r:  # it holds nothing
             return 0
         held.ranges = ()  # (nothing held any more)
