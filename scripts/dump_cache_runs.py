@@ -29,13 +29,22 @@ from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.profile import load_profile
 from deflectlab.envs.request import Request
 from deflectlab.envs.simulator import ClusterSim
-from deflectlab.envs.workloads import make_workload
+from deflectlab.envs.workloads import Workload, make_workload
 from deflectlab.policies.registry import make_policy
-from deflectlab.scripts.bench_simulator import _unshared
 
 _VOLATILE = {"wall_s", "sim_loop_s", "metrics_s", "sim_requests_per_wall_s", "decision_us_mean"}
 _SLOTS = sorted(s for s in Request.__slots__ if s not in ("p_held", "d_held", "hashes"))
 POLICIES = ("round_robin", "always_deflect", "proactive")
+
+
+def unshared(wl: Workload) -> Workload:
+    """The same requests with hashes no two of them share (as ``scripts/bench_simulator.py``'s "no sharing" case;
+    written out here, so that this script runs unchanged against an older tree)."""
+    nxt, hashes = 0, []
+    for h in wl.hash_ids:
+        hashes.append(list(range(nxt, nxt + len(h))))
+        nxt += len(h)
+    return Workload(wl.arrival_s, wl.input_tokens, wl.output_tokens, hash_ids=hashes)
 
 
 def dump(sim: ClusterSim, policy: str) -> str:
@@ -60,7 +69,7 @@ def cases() -> Iterator[tuple[str, Callable[[], ClusterSim], str]]:
     for rate, w in (("1x", wl), ("3x", make_workload("mooncake_synthetic", rate=rate3))):
         for shape in ("2p2d", "16p16d"):
             for pol in POLICIES:
-                for cache, on, ww in (("off", False, w), ("on", True, w), ("unshared", True, _unshared(w))):
+                for cache, on, ww in (("off", False, w), ("on", True, w), ("unshared", True, unshared(w))):
                     yield (f"{rate} {shape} {pol} {cache}",
                            lambda s=shape, o=on, x=ww: ClusterSim(ClusterConfig.from_shape(s, prefix_cache=o), x), pol)
     base = load_profile("a100-80gb_deepseek-v2-lite")
@@ -68,7 +77,7 @@ def cases() -> Iterator[tuple[str, Callable[[], ClusterSim], str]]:
         prof = dataclasses.replace(base, kv_capacity_tokens=kv)
         for shape in ("2p2d", "1p3d"):
             for pol in POLICIES:
-                for cache, ww in (("on", wl), ("unshared", _unshared(wl))):
+                for cache, ww in (("on", wl), ("unshared", unshared(wl))):
                     yield (f"kv{kv} {shape} {pol} {cache}",
                            lambda s=shape, x=ww, p=prof: ClusterSim(ClusterConfig.from_shape(s), x, prefill_profile=p,
                                                                     decode_profile=p), pol)
