@@ -27,7 +27,6 @@ block another request registered meanwhile keeps its own copy uncached, as vLLM 
 
 from __future__ import annotations
 
-from collections import deque
 from itertools import islice
 from operator import attrgetter
 
@@ -151,9 +150,11 @@ class PrefixCache:
     def __init__(self, unit: int) -> None:
         self.unit = unit
         self.start: dict[int, Holding] = {}
-        # LRU order: a released span joins the tail, a span held again leaves (a scan, on a hit only), evictions
-        # take the head; a deque, so that the common operations (a release, an eviction) touch no hash table
-        self.free: deque[Holding] = deque()
+        # LRU order: a released span joins the tail, a span held again leaves, evictions take the head. An
+        # insertion-ordered dict used as an ordered set (keys: the spans, by identity; values unused), so that a
+        # span held again leaves in O(1): a deque's remove compared its way past every span before it (about 40
+        # cold span objects a hit on the bundled trace)
+        self.free: dict[Holding, None] = {}
         self.n_free = 0  # cached blocks nobody holds
         # Blocks evicted, as two sums kept where they change least often: ``dropped`` (gone from the dicts) and
         # ``due`` (evicted, still in ``start`` and ``free``, at the LRU head; see trim_to). The blocks cached are
@@ -243,7 +244,7 @@ class PrefixCache:
                     self.n_free -= k
             else:
                 if not s.cnt:
-                    free.remove(s)  # (a span's identity: Holding has no __eq__)
+                    del free[s]  # (a span's identity: Holding has no __eq__ or __hash__)
                     self.n_free -= n
                 s.cnt += 1
             i += k
@@ -391,7 +392,7 @@ class PrefixCache:
             held.cnt -= 1  # the common case, no hash list read, no other object
             if held.cnt:
                 return held.hi
-            self.free.append(held)
+            self.free[held] = None
             self.n_free += held.hi
             return 0
         r = held.held_ranges()
@@ -406,7 +407,7 @@ class PrefixCache:
                 s.cnt -= 1
                 if s.cnt:
                     return hi - i
-                self.free.append(s)
+                self.free[s] = None
                 self.n_free += hi - i
                 return 0
         spans = []
@@ -423,7 +424,7 @@ class PrefixCache:
             if s.cnt:
                 still += s.hi - s.lo
             else:
-                free.append(s)
+                free[s] = None
                 self.n_free += s.hi - s.lo
         return still
 
@@ -464,10 +465,10 @@ class PrefixCache:
                     break
                 over -= n
             if k:
-                start, popleft = self.start, free.popleft
+                start = self.start
                 gone = list(islice(free, k))
                 for s in gone:
-                    popleft()
+                    del free[s]
                     del start[s.key]
                 if self.risky:
                     self.risky.difference_update(map(_KEY, gone))

@@ -409,9 +409,9 @@ def test_spans_equal_a_block_by_block_cache(seed):
 
 
 def test_reused_span_objects_answer_like_the_block_by_block_cache():
-    """Evicted span objects are reused for new requests' spans (PrefixCache.spare) and the free spans are a deque:
-    requests that hit and miss, a few live at a time, on a pool that keeps evicting, get every answer of the
-    block-by-block reference, and span objects were reused."""
+    """Evicted span objects are reused for new requests' spans (PrefixCache.spare) and the free spans are an
+    insertion-ordered dict: requests that hit and miss, a few live at a time, on a pool that keeps evicting, get every
+    answer of the block-by-block reference, and span objects were reused."""
     rng = random.Random(11)
     prompts = _random_prompts(rng, 80)
     caches = (PrefixCache(unit=1), BlockCache(unit=1))
