@@ -244,10 +244,13 @@ class DecodeNode:
         ``(hit, shared)`` in cached blocks; for a prompt whose first block is cached (else it has no hit,
         whatever is evicted, and the evictions can wait: see :meth:`_hold`). ``run_max`` bounds the running
         decodes' blocks from above."""
-        cache, h = self.cache, req.hashes
+        cache = self.cache
         if cache.n_free and cache.n_free * cache.unit > self.total_blocks - self.static_blocks - run_max:
             self._evict(t)
-        return cache.match(h, max_hit_blocks(h, req.input_tokens, req.generated, self.hash_block_tokens))
+        n_max = req.n_full  # max_hit_blocks, from n_full (see there): at least one token of the sequence is computed
+        if n_max * self.hash_block_tokens == req.input_tokens + req.generated:
+            n_max -= 1
+        return cache.match(req.hashes, n_max)
 
     def _hold(self, req: Request, hit: int) -> None:
         """``req`` is admitted with a hit: it holds its cached prefix, which counts as computed (with no hit it holds

@@ -141,26 +141,27 @@ class PrefillNode:
         return cache.match(hashes, max_hit_blocks(hashes, prompt_tokens, 0, bt))[0] * bt
 
     def _lookup(self, r: Request, need: int, t: float) -> int:
-        """The prompt's cached prefix: its tokens are not prefilled again, blocks other running prompts hold take
-        no new room. Returns the new KV tokens to allocate, or -1 when they do not fit (nothing changed).
+        """The prompt's cached prefix, for a prompt whose first block is cached (else it has no hit, whatever is
+        evicted: the caller checks): its tokens are not prefilled again, blocks other running prompts hold take no
+        new room. Returns the new KV tokens to allocate, or -1 when they do not fit (nothing changed).
 
         Evictions happen only where their result is read: before a lookup that may hit, before a registration
         that may meet cached blocks (:meth:`_end_step`) and before blocks are freed (:meth:`release`). In
         between the pool only fills (admissions), so evicting then takes the same LRU
         head, in the same order, as evicting at every admission would."""
-        cache, bt, h = self.cache, self.hash_block_tokens, r.hashes
+        cache, bt = self.cache, self.hash_block_tokens
         room = self.kv_capacity_tokens - self.kv_used_tokens  # units: tokens here, cache unit 1 block = bt
-        if h and h[0] in cache.start:
-            if cache.n_free * bt > room:
-                cache.trim_to(room // bt)
-            hit, shared = cache.match(h, max_hit_blocks(h, r.input_tokens, 0, bt))
-            need -= shared * bt
-        else:
-            hit = 0
+        if cache.n_free * bt > room:
+            cache.trim_to(room // bt)
+        n_max = r.n_full  # max_hit_blocks, from n_full (see there): a prompt of whole blocks recomputes its last one
+        if n_max * bt == r.input_tokens:
+            n_max -= 1
+        hit, shared = cache.match(r.hashes, n_max)
+        need -= shared * bt
         if need > room:
             return -1  # FCFS: the head waits for KV room
         if hit:
-            r.p_held = cache.acquire(h, hit)
+            r.p_held = cache.acquire(r.hashes, hit)
             cached = hit * bt
             r.p_cached = cached
             r.p_done = cached

@@ -27,7 +27,6 @@ block another request registered meanwhile keeps its own copy uncached, as vLLM 
 
 from __future__ import annotations
 
-from collections import deque
 from itertools import islice
 from operator import attrgetter
 
@@ -64,7 +63,8 @@ class Holding:
 
     As a holding: its hash list ``hashes``, how many of its leading blocks are settled (``n``: the hit, then every
     full block once its KV is computed or received), and the ranges ``[lo, hi)`` of its hash list it holds, as a
-    flat tuple ``ranges`` (a block another request cached first is not held by this one).
+    flat tuple ``ranges`` (a block another request cached first is not held by this one; an ``own`` holding's is
+    ``(0, n)``, not stored: :meth:`held_ranges`).
 
     As a span: the cached blocks ``hashes[lo:hi]`` of one prompt, held by ``cnt`` running requests; ``key`` is
     ``hashes[lo]``, its key in :attr:`PrefixCache.start` (kept, so dropping the span reads neither the hash list
@@ -73,7 +73,8 @@ class Holding:
 
     ``own`` marks that common case: a request that found no hit and registered its blocks in one span, which is
     this object itself, while the request holds exactly it. The span is still whole while its ``lo`` is 0 (a split
-    gives the head to a new span); the span slots of a holding that never registered so are unset."""
+    gives the head to a new span); the span slots of a holding that never registered so are unset. Once the request
+    released it, the object is a span only and its holding slots (``own`` included) are stale: nothing reads them."""
 
     __slots__ = ("hashes", "n", "ranges", "own", "lo", "hi", "cnt", "key")
 
@@ -85,8 +86,13 @@ class Holding:
     @property
     def blocks(self) -> int:
         """Blocks held."""
-        r = self.ranges
+        r = self.held_ranges()
         return sum(r[1::2]) - sum(r[0::2])
+
+    def held_ranges(self) -> tuple[int, ...]:
+        """``ranges``, also for an ``own`` holding, which holds ``(0, n)`` and does not store it (the common case's
+        registration makes no tuple)."""
+        return (0, self.n) if self.own else self.ranges
 
 
 def holding(hashes: list[int], n: int = 0) -> Holding:
@@ -99,8 +105,6 @@ def holding(hashes: list[int], n: int = 0) -> Holding:
     return held
 
 
-_EMPTY = holding([])  # add_new's holding for a prompt with no full block: it holds nothing and never will (shared:
-# what release writes to it, an empty range tuple and no ``own``, it has already)
 
 
 def _span(ref: list[int], lo: int, hi: int, cnt: int = 1) -> Holding:
@@ -146,9 +150,11 @@ class PrefixCache:
     def __init__(self, unit: int) -> None:
         self.unit = unit
         self.start: dict[int, Holding] = {}
-        # LRU order: a released span joins the tail, a span held again leaves (a scan, on a hit only), evictions
-        # take the head; a deque, so that the common operations (a release, an eviction) touch no hash table
-        self.free: deque[Holding] = deque()
+        # LRU order: a released span joins the tail, a span held again leaves, evictions take the head. An
+        # insertion-ordered dict used as an ordered set (keys: the spans, by identity; values unused), so that a
+        # span held again leaves in O(1): a deque's remove compared its way past every span before it (about 40
+        # cold span objects a hit on the bundled trace)
+        self.free: dict[Holding, None] = {}
         self.n_free = 0  # cached blocks nobody holds
         # Blocks evicted, as two sums kept where they change least often: ``dropped`` (gone from the dicts) and
         # ``due`` (evicted, still in ``start`` and ``free``, at the LRU head; see trim_to). The blocks cached are
@@ -238,7 +244,7 @@ class PrefixCache:
                     self.n_free -= k
             else:
                 if not s.cnt:
-                    free.remove(s)  # (a span's identity: Holding has no __eq__)
+                    del free[s]  # (a span's identity: Holding has no __eq__ or __hash__)
                     self.n_free -= n
                 s.cnt += 1
             i += k
@@ -261,7 +267,7 @@ class PrefixCache:
         lo = held.n
         if hi <= lo:
             return True
-        hashes, r, start = held.hashes, held.ranges, self.start
+        hashes, r, start = held.hashes, held.held_ranges(), self.start
         key = hashes[lo]
         if self.risky or key in start:
             return False
@@ -276,8 +282,7 @@ class PrefixCache:
             held.cnt = 1
             held.key = key
             held.n = hi
-            held.ranges = (0, hi)
-            held.own = True
+            held.own = True  # (so its ranges are (0, hi))
             return True
         if r[-1] != lo:
             return False
@@ -294,18 +299,14 @@ class PrefixCache:
         calls :meth:`register` on a new holding). In the common case the holding is the span of its blocks
         (``own``): one object, made once, for the lookup's miss, the registration and the release.
 
-        A prompt with no full block (``hi`` at most 0) gets a shared empty holding: it holds nothing and, as the
-        nodes call this with all the prompt's full blocks, never registers more."""
-        if hi <= 0:  # no full block: it holds nothing, now or later (a prompt shorter than a block)
-            return _EMPTY
+        ``hi`` is at least 1: the nodes leave a prompt with no full block out of the cache altogether."""
         key = hashes[0]
         if self.risky or key in self.start:
             return None
         spare = self.spare
-        held = spare.pop() if spare else _new(Holding)  # (every slot is set below)
+        held = spare.pop() if spare else _new(Holding)  # (every slot is set below but ranges, implicit when own)
         held.hashes = hashes
         held.n = hi
-        held.ranges = (0, hi)
         held.own = True
         held.lo = 0
         held.hi = hi
@@ -330,8 +331,10 @@ class PrefixCache:
             return
         if self.due:
             self._drop_evicted()
+        if held.own:  # (the shortcut is for the common case only, try_register's; a span it is stays one)
+            held.ranges = (0, lo)
+            held.own = False
         held.n = hi
-        held.own = False  # (the shortcut is for the common case only, try_register's; a span it is stays one)
         hashes, start, r = held.hashes, self.start, held.ranges
         i = lo
         ours = not lo or (r and r[-1] == lo)  # this request holds the block before the new ones
@@ -377,24 +380,26 @@ class PrefixCache:
         last block first. Returns how many are still held by others (shared blocks).
 
         With ``keep``, the evictions due before blocks are freed go first: :meth:`trim_to` ``(keep)`` in the same
-        call (the hot path: one call per request and node)."""
+        call (the hot path: one call per request and node).
+
+        A holding is released once, and not used after: the callers drop it as they release it. The common case (a
+        holding that is the span of its blocks, whole) leaves its holding slots as they were, stale: the object
+        lives on as a span only, and nothing reads a span's holding slots (:meth:`add_new` sets them all again when
+        it reuses the object)."""
         if self.n_free > keep:  # (a call only when an eviction is due)
             self.trim_to(keep)
-        if held.own:  # it is the span of its blocks (try_register)
-            held.own = False
-            if not held.lo:  # and holds exactly it, whole (the common case: no hash list read, no other object)
-                held.ranges = ()
-                held.cnt -= 1
-                if held.cnt:
-                    return held.hi
-                self.free.append(held)
-                self.n_free += held.hi
-                return 0
-        r = held.ranges
-        if not r:  # it holds nothing (a prompt with no full block, or released already)
+        if held.own and not held.lo:  # the span of its blocks, whole (add_new, try_register; a split moves lo):
+            held.cnt -= 1  # the common case, no hash list read, no other object
+            if held.cnt:
+                return held.hi
+            self.free[held] = None
+            self.n_free += held.hi
             return 0
-        held.ranges = ()  # nothing held any more (a second release frees nothing, until the span object is evicted
-        start, hashes = self.start, held.hashes  # and reused by add_new: so callers drop a holding they released)
+        r = held.held_ranges()
+        if not r:  # it holds nothing
+            return 0
+        held.ranges = ()  # (nothing held any more)
+        start, hashes = self.start, held.hashes
         if len(r) == 2:  # one range
             i, hi = r
             s = start[hashes[i]]
@@ -402,7 +407,7 @@ class PrefixCache:
                 s.cnt -= 1
                 if s.cnt:
                     return hi - i
-                self.free.append(s)
+                self.free[s] = None
                 self.n_free += hi - i
                 return 0
         spans = []
@@ -419,7 +424,7 @@ class PrefixCache:
             if s.cnt:
                 still += s.hi - s.lo
             else:
-                free.append(s)
+                free[s] = None
                 self.n_free += s.hi - s.lo
         return still
 
@@ -460,10 +465,10 @@ class PrefixCache:
                     break
                 over -= n
             if k:
-                start, popleft = self.start, free.popleft
+                start = self.start
                 gone = list(islice(free, k))
                 for s in gone:
-                    popleft()
+                    del free[s]
                     del start[s.key]
                 if self.risky:
                     self.risky.difference_update(map(_KEY, gone))
@@ -486,7 +491,12 @@ def cache_unit(hash_block_tokens: int, kv_block_tokens: int) -> int:
 
 def max_hit_blocks(hashes: list[int], prompt_tokens: int, generated: int, block_tokens: int) -> int:
     """The most leading blocks a lookup may hit: full prompt blocks only, leaving at least one token of the
-    sequence (prompt plus ``generated``) to compute."""
+    sequence (prompt plus ``generated``) to compute.
+
+    The nodes' lookups take it from the request's ``n_full`` (``min(prompt_tokens // block_tokens,
+    len(hashes))``, set at arrival) without a call: it is ``n_full``, less one where ``n_full`` blocks are the whole
+    sequence (``n_full * block_tokens == prompt_tokens + generated``: a prompt of whole blocks, nothing generated).
+    ``tests/test_prefix_cache.py`` checks the two agree."""
     n = prompt_tokens // block_tokens
     m = (prompt_tokens + generated - 1) // block_tokens
     if m < n:

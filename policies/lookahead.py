@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from deflectlab.envs.features import FeatureBuilder
+from deflectlab.envs.simulator import full_blocks
 from deflectlab.envs.view import ClusterView, Decision, Policy, RequestLike
 
 _DRAIN_S = 120.0  # after the horizon, drain the copy at most this long (simulated seconds); unfinished = missed
@@ -283,6 +284,7 @@ class Lookahead(Policy):
             c._arr_t, c._arr_in, c._arr_out, hashes = self._future
             if hashes is not None:
                 c._hashes = hashes
+                c._n_full = full_blocks(c._arr_in, hashes, c._hash_block_tokens)
         self.rollouts += 1
         scored = [r for r in c.requests[c._done_prefix:] if r.reject_reason is None]
         if self._out_est is not None:  # requests not decoding yet: their output length is not known either

@@ -175,6 +175,19 @@ def test_short_prompts_and_short_hash_lists():
     assert (c.p_cached, c.d_cached) == (3 * BT, 3 * BT)
 
 
+def test_the_nodes_max_hit_from_n_full_is_max_hit_blocks():
+    """The nodes' lookups take the most blocks a hit may cover from ``Request.n_full`` (less one where those blocks
+    are the whole sequence), not from a call: the same as ``max_hit_blocks`` for every prompt length (around block
+    multiples), tokens generated before a preemption and hash list length."""
+    for tokens in (*range(1, 5 * BT, 97), *(k * BT + d for k in range(1, 5) for d in (-1, 0, 1))):
+        for generated in (0, 1, 2, BT - 1, BT, 3 * BT):
+            for n_hashes in range(7):
+                h = list(range(n_hashes))
+                n_full = min(tokens // BT, n_hashes)  # as the simulator sets it (simulator.full_blocks)
+                n_max = n_full - (n_full * BT == tokens + generated)
+                assert n_max == prefix_cache.max_hit_blocks(h, tokens, generated, BT), (tokens, generated, n_hashes)
+
+
 # -- one KV pool for running requests and cached blocks ---------------------------------------------------------
 def test_running_requests_evict_cached_blocks_and_shared_blocks_count_once():
     """A (3 blocks) finishes; B (no shared prefix) then runs and grows to 219 of 256 blocks; C, after B, has
@@ -367,7 +380,7 @@ def test_spans_equal_a_block_by_block_cache(seed):
                     if held[j] is None:  # declined (a block may be cached already): the general way
                         held[j] = prefix_cache.holding(h)
                         c.register(held[j], len(h))
-            elif held[0] is not prefix_cache._EMPTY:  # (add_new's holding with no full block registers no more)
+            else:
                 hi = rng.randint(held[1].n, len(h))
                 if rng.random() < 0.5:  # as the nodes do: the common case's shortcut first (or it changes nothing)
                     assert caches[0].try_register(held[0], hi) or caches[0].register(held[0], hi) is None
@@ -396,9 +409,9 @@ def test_spans_equal_a_block_by_block_cache(seed):
 
 
 def test_reused_span_objects_answer_like_the_block_by_block_cache():
-    """Evicted span objects are reused for new requests' spans (PrefixCache.spare) and the free spans are a deque:
-    requests that hit and miss, a few live at a time, on a pool that keeps evicting, get every answer of the
-    block-by-block reference, and span objects were reused."""
+    """Evicted span objects are reused for new requests' spans (PrefixCache.spare) and the free spans are an
+    insertion-ordered dict: requests that hit and miss, a few live at a time, on a pool that keeps evicting, get every
+    answer of the block-by-block reference, and span objects were reused."""
     rng = random.Random(11)
     prompts = _random_prompts(rng, 80)
     caches = (PrefixCache(unit=1), BlockCache(unit=1))
