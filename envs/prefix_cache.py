@@ -105,8 +105,6 @@ def holding(hashes: list[int], n: int = 0) -> Holding:
     return held
 
 
-
-
 def _span(ref: list[int], lo: int, hi: int, cnt: int = 1) -> Holding:
     """A span ``ref[lo:hi]`` held by ``cnt`` requests (by default the one that registers it); its holding slots
     stay unset."""

@@ -282,8 +282,8 @@ def markdown(res: dict[str, Any], command: str, tuned_doc: dict[str, Any]) -> st
     return "\n".join(lines)
 
 
-#: policy kinds (a spec's name) that are learned, not rules: :func:`hindsight_table` leaves them out
-LEARNED_KINDS = ("learned", "ensemble", "set_arrays")
+#: policy kinds (a spec's name) that are not rules, learned or planners: :func:`hindsight_table` leaves them out
+NOT_RULES = ("learned", "ensemble", "lookahead")
 
 
 def hindsight_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -293,7 +293,7 @@ def hindsight_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     evaluated policy that is neither learned nor a planner). The clairvoyant planner's headroom beside it where
     it ran."""
     pols, heur = res["policies"], res["heuristics"]
-    others = [k for k in res["learned"] if pols[k].split(":")[0] not in (*LEARNED_KINDS, "lookahead")]
+    others = [k for k in res["learned"] if pols[k].split(":")[0] not in NOT_RULES]
     groups = [("the heuristics", heur)] + ([("the heuristics and the other rules", heur + others)] if others else [])
     out = []
     for s in res["settings"]:
@@ -303,7 +303,7 @@ def hindsight_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         seeds = [r["seed"] for r in rows[post]]
         for label, group in groups:
             if group is not heur and not all(rows[k] for k in others):
-                continue  # (the other rules did not run on this setting)
+                continue  # (the other rules did not run on this setting; a heuristic missing raises below)
             if any([r["seed"] for r in rows[k]] != seeds for k in group):
                 raise ValueError("paired policies ran on different episodes")
             best = [max(rows[k][i]["slo_attainment"] for k in group) for i in range(len(seeds))]

@@ -217,7 +217,7 @@ class _Bound:
     """Input and output buffers of a shape-generic ONNX policy bound to its session for one cluster shape (see
     :meth:`OnnxPolicy._bind`)."""
 
-    __slots__ = ("obs", "mask", "action", "logits", "binding", "_values")
+    __slots__ = ("obs", "mask", "action", "binding", "_values")
 
     def __init__(self, sess: Any, schema: FeatureSchema, n_obs: int, n_actions: int) -> None:
         import onnxruntime as ort
@@ -226,13 +226,11 @@ class _Bound:
         self.mask = np.ones(n_actions, bool)
         req, pre, dec = split_set_obs(schema, self.obs, n_actions)  # views of self.obs
         self.action = np.zeros(1, np.int64)
-        self.logits = np.zeros((1, n_actions), np.float32)
         arrays = {"request": req.reshape(1, -1), "prefill": pre[None], "decode": dec[None],
-                  "action_mask": self.mask.reshape(1, -1)}
-        # the OrtValues share the arrays' memory (CPU); kept here so that they live as long as the binding
+                  "action_mask": self.mask.reshape(1, -1), "action": self.action,
+                  "logits": np.zeros((1, n_actions), np.float32)}  # (bound so that no run allocates it)
+        # the OrtValues share the arrays' memory (CPU) and hold them; kept here as long as the binding
         self._values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
-        self._values["action"] = ort.OrtValue.ortvalue_from_numpy(self.action)
-        self._values["logits"] = ort.OrtValue.ortvalue_from_numpy(self.logits)
         self.binding = sess.io_binding()
         for name in _SET_INPUTS:
             self.binding.bind_ortvalue_input(name, self._values[name])
@@ -392,7 +390,7 @@ class OnnxPolicy(Policy):
         if self.backend == "onnx":
             bound = self._bound.get(len(obs) << 16 | len(mask))
             if bound is None:
-                bound = self._bind(obs, mask)
+                bound = self._bind(len(obs), len(mask))
             bound.obs[:] = obs
             bound.mask[:] = mask
             self._sess.run_with_iobinding(bound.binding)
@@ -401,16 +399,16 @@ class OnnxPolicy(Policy):
         logits = set_numpy_logits(self._set_w, req, pre, dec)
         return int(np.argmax(np.where(mask, logits, np.float32(self._masked))))
 
-    def _bind(self, obs: np.ndarray, mask: np.ndarray) -> _Bound:
+    def _bind(self, n_obs: int, n_actions: int) -> _Bound:
         """Buffers bound to the session's inputs and outputs for one observation size and action count (one
         cluster shape), made at the shape's first decision: a decision then copies the observation and the mask
         in and runs, with no input dict, no per-call arrays and no per-call input checks (onnxruntime's
         ``run_with_iobinding``). The inputs are views of one flat buffer laid out as the observation (request
-        block, prefill nodes, decode nodes), so one copy fills all three."""
-        split_set_obs(self._fb.schema, obs, len(mask))  # a length that fits no shape raises here, as unbound
+        block, prefill nodes, decode nodes), so one copy fills all three. A length that fits no shape raises (in
+        :func:`split_set_obs`), as on the unbound path."""
         if len(self._bound) >= _BOUND_MAX:
             self._bound.clear()
-        bound = self._bound[len(obs) << 16 | len(mask)] = _Bound(self._sess, self._fb.schema, len(obs), len(mask))
+        bound = self._bound[n_obs << 16 | n_actions] = _Bound(self._sess, self._fb.schema, n_obs, n_actions)
         return bound
 
     def decide(self, view: ClusterView, request: RequestLike) -> Decision:

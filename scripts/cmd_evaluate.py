@@ -113,6 +113,6 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").write_text(
-            json.dumps({t: r.to_json() for t, r in reports.items()}, indent=2, default=float))
+            json.dumps({t: r.to_json() for t, r in reports.items()}, separators=(",", ":"), default=float))
         (out / "evaluation.md").write_text("\n".join(parts))
     return 0
