@@ -17,9 +17,10 @@ Nothing is unpickled: ONNX is protobuf, the numpy weights are read with ``allow_
 the network with the action mask, and maps the action with the environment's layout and chunk rule. Two
 backends give the same action: ``onnx`` (onnxruntime, about 14 us per call measured for a 64x64 MLP) and
 ``numpy`` (the MLP in plain numpy, about 6 us; docs/design.md). For the shape-generic network (manifest version
-2) onnxruntime is the faster of the two (about 20 us against 40 us for the 2P2D set network, whose numpy path is
-some forty small array operations), and its inputs and outputs are bound once per cluster shape (:class:`_Bound`):
-a decision copies the observation and the mask into buffers the session reads, with no per-call input dict.
+2 or 3) onnxruntime is the faster of the two (about 13 us for the 2P2D set network's one-decision graph of
+version 3, 21 us for version 2's batched one, against 40 us for the numpy path's some forty small array
+operations), and its inputs and outputs are bound once per cluster shape (:class:`_Bound`): a decision copies
+the observation and the mask into buffers the session reads, with no per-call input dict.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from deflectlab.envs.view import ClusterView, Decision, Policy, RequestLike
 
 MANIFEST_FORMAT = "deflectlab.policy"
 MANIFEST_VERSION = 1
-#: Shape-generic policies (agents.setnet: one network for every cluster shape, dynamic node count in ONNX).
-SET_MANIFEST_VERSION = 2
+#: Shape-generic policies (agents.setnet: one network for every cluster shape, dynamic node count in ONNX):
+#: version 3 (what agents.set_export writes) has a graph for one decision, version 2 a batched one (read still).
+SET_MANIFEST_VERSION = 3
+SET_MANIFEST_VERSIONS = (2, 3)
 _SET_INPUTS = ["request", "prefill", "decode", "action_mask"]
 BACKENDS = ("auto", "onnx", "numpy")
 
@@ -70,13 +73,14 @@ def load_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT:
         raise PolicyFileError(f"{man_path}: not a deflectlab policy manifest (format {man.get('format')!r})"
                               if isinstance(man, dict) else f"{man_path}: not a deflectlab policy manifest")
-    if man.get("format_version") == SET_MANIFEST_VERSION:
+    if man.get("format_version") in SET_MANIFEST_VERSIONS:
         _check_set_schema(man, man_path)
         _check_files(d, man, man_path)
         return d, man
     if man.get("format_version") != MANIFEST_VERSION:
         raise PolicyFileError(f"{man_path}: manifest format version {man.get('format_version')!r}; this code reads "
-                              f"{MANIFEST_VERSION} (fixed shape) and {SET_MANIFEST_VERSION} (any shape)")
+                              f"{MANIFEST_VERSION} (fixed shape) and {' and '.join(map(str, SET_MANIFEST_VERSIONS))} "
+                              "(any shape)")
     try:
         fs = man["feature_schema"]
         P, D = int(man["cluster"]["num_prefill"]), int(man["cluster"]["num_decode"])
@@ -219,16 +223,20 @@ class _Bound:
 
     __slots__ = ("obs", "mask", "action", "binding", "_values")
 
-    def __init__(self, sess: Any, schema: FeatureSchema, n_obs: int, n_actions: int) -> None:
+    def __init__(self, sess: Any, schema: FeatureSchema, n_obs: int, n_actions: int, batched: bool) -> None:
         import onnxruntime as ort
 
         self.obs = np.zeros(n_obs, np.float32)
         self.mask = np.ones(n_actions, bool)
         req, pre, dec = split_set_obs(schema, self.obs, n_actions)  # views of self.obs
         self.action = np.zeros(1, np.int64)
-        arrays = {"request": req.reshape(1, -1), "prefill": pre[None], "decode": dec[None],
-                  "action_mask": self.mask.reshape(1, -1), "action": self.action,
-                  "logits": np.zeros((1, n_actions), np.float32)}  # (bound so that no run allocates it)
+        if batched:  # manifest version 2: a batch of one
+            arrays = {"request": req.reshape(1, -1), "prefill": pre[None], "decode": dec[None],
+                      "action_mask": self.mask.reshape(1, -1), "logits": np.zeros((1, n_actions), np.float32)}
+        else:  # version 3: one decision (agents.set_export.decision_graph)
+            arrays = {"request": req.reshape(1, -1), "prefill": pre, "decode": dec,
+                      "action_mask": self.mask.reshape(-1, 1), "logits": np.zeros((n_actions, 1), np.float32)}
+        arrays["action"] = self.action  # (logits bound too, so that no run allocates them)
         # the OrtValues share the arrays' memory (CPU) and hold them; kept here as long as the binding
         self._values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
         self.binding = sess.io_binding()
@@ -260,8 +268,8 @@ class OnnxPolicy(Policy):
         self.dir, self.manifest = load_manifest(path)
         c = self.manifest["cluster"]
         version = self.manifest["feature_schema"]["version"]
-        #: a shape-generic policy (manifest version 2) runs on any P >= 1, D >= 1
-        self.generic = self.manifest["format_version"] == SET_MANIFEST_VERSION
+        #: a shape-generic policy (manifest version 2 or 3) runs on any P >= 1, D >= 1
+        self.generic = self.manifest["format_version"] in SET_MANIFEST_VERSIONS
         if self.generic:
             self.num_prefill = self.num_decode = None
             self.num_obs = None
@@ -296,7 +304,12 @@ class OnnxPolicy(Policy):
         if self.generic:
             if names != _SET_INPUTS:
                 raise PolicyFileError(f"{f}: inputs {names}, expected {_SET_INPUTS} (a shape-generic policy)")
-            have = [i.shape[-1] for i in self._sess.get_inputs()[:3]]
+            inputs = self._sess.get_inputs()
+            rank, want = len(inputs[1].shape), 3 if self.manifest["format_version"] == 2 else 2
+            if rank != want:
+                raise PolicyFileError(f"{f}: its prefill input has {rank} dimensions, a manifest of format version "
+                                      f"{self.manifest['format_version']} needs {want}")
+            have = [i.shape[-1] for i in inputs[:3]]
             if have != self._block_sizes():
                 raise PolicyFileError(f"{f}: takes blocks of {have} features, the manifest's feature schema "
                                       f"v{self._fb.version} has {self._block_sizes()}")
@@ -408,7 +421,8 @@ class OnnxPolicy(Policy):
         :func:`split_set_obs`), as on the unbound path."""
         if len(self._bound) >= _BOUND_MAX:
             self._bound.clear()
-        bound = self._bound[n_obs << 16 | n_actions] = _Bound(self._sess, self._fb.schema, n_obs, n_actions)
+        batched = self.manifest["format_version"] == 2
+        bound = self._bound[n_obs << 16 | n_actions] = _Bound(self._sess, self._fb.schema, n_obs, n_actions, batched)
         return bound
 
     def decide(self, view: ClusterView, request: RequestLike) -> Decision:

@@ -155,6 +155,25 @@ def _pct(x: np.ndarray) -> tuple[float, float]:
     return float(np.percentile(x, 50)), float(np.percentile(x, 99))
 
 
+def machine_stalls(seconds: float = 1.0, over_us: float = 15.0) -> dict:
+    """How often this machine stops a busy Python thread: gaps of more than ``over_us`` between consecutive clock
+    reads over ``seconds`` (timer interrupts, a hypervisor, other processes). A decision of ``T`` seconds meets
+    one with probability about ``rate * T``; once that passes 1 %, a p99 is the p50 plus a stall."""
+    clock = time.perf_counter
+    gaps, starts = [], []
+    t = last = clock()
+    end = t + seconds
+    while t < end:
+        t = clock()
+        if t - last > over_us * 1e-6:
+            gaps.append(t - last)
+            starts.append(t)
+        last = t
+    us = np.array(gaps or [0.0]) * 1e6
+    return {"per_s": len(gaps) / seconds, "over_us": over_us, "p50_us": float(np.median(us)),
+            "p90_us": float(np.percentile(us, 90))}
+
+
 def bench_decisions(n: int = 20000, shapes: tuple[tuple[int, int], ...] = ((2, 2),),
                     only: tuple[str, ...] = (), trained: Path | None = None) -> dict:
     """``Router.decide`` per policy, over a loaded view of each ``P``x``D`` shape (no network); ``only``: just
@@ -170,6 +189,11 @@ def bench_decisions(n: int = 20000, shapes: tuple[tuple[int, int], ...] = ((2, 2
     specs += [("learned (onnxruntime)", f"learned:path={trained}"),  # the exported policy of experiments/trained
               ("learned (numpy)", f"learned:path={trained},backend=numpy")]
     specs = [(name, spec) for name, spec in specs if not only or name.startswith(only)]
+    st = out["machine stalls"] = machine_stalls()
+    print(f"\nthis machine stops a busy thread {st['per_s']:.0f} times a second for over {st['over_us']:.0f} us "
+          f"(median {st['p50_us']:.0f} us, p90 {st['p90_us']:.0f} us): a decision of T us meets a stall with "
+          f"probability about {st['per_s'] * 1e-6:.1e} x T, so past {1e4 / max(st['per_s'], 1e-9):.0f} us a "
+          "decision's p99 is its p50 plus a stall")
     for P, D in shapes:
         rng = random.Random(0)
         print(f"\npolicy decision time, Router.decide with view build, {P}P{D}D, {n} decisions each (us):")

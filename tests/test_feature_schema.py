@@ -272,11 +272,11 @@ def set_v2(trace, tmp_path_factory):
 def test_set_v2_export_records_the_schema(set_v2):
     net, d = set_v2
     man = json.loads((d / "manifest.json").read_text())
-    assert net.feature_schema == 2 and man["format_version"] == 2
+    assert net.feature_schema == 2 and man["format_version"] == 3
     assert man["feature_schema"]["version"] == 2
     assert [s["name"] for s in man["feature_schema"]["prefill"]] == [s.name for s in FEATURE_SCHEMA_V2.prefill]
-    assert man["network"]["inputs"]["prefill"] == ["batch", "P", 7]
-    assert man["network"]["inputs"]["decode"] == ["batch", "D", 12]
+    assert man["network"]["inputs"]["prefill"] == ["P", 7]
+    assert man["network"]["inputs"]["decode"] == ["D", 12]
     pol = OnnxPolicy(d)
     assert pol.generic and pol._fb.version == 2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,7 +106,7 @@ def test_one_onnx_policy_alternating_shapes_keeps_the_network_s_actions(exported
 def test_learned_spec_runs_any_shape_and_keeps_v1(exported):
     _, d = exported
     man = json.loads((d / "manifest.json").read_text())
-    assert man["format_version"] == 2 and man["trained_on"]["shapes"] == ["2P2D"]
+    assert man["format_version"] == 3 and man["trained_on"]["shapes"] == ["2P2D"]
     wl = make_workload("azure_code", num_requests=120, arrival="poisson", rate=6.0, seed=2)
     for P, D in SHAPES:
         res = ClusterSim(ClusterConfig(num_prefill=P, num_decode=D), wl).run(make_policy(f"learned:path={d}"))
@@ -163,3 +164,57 @@ def test_router_loads_the_shape_generic_export_for_any_shape(exported, shape):
     if shape != (2, 2):
         with pytest.raises(PolicyFileError, match="trained for 2P2D"):
             Router(RouterConfig(prefill=hosts[:P], decode=hosts[P:], policy="experiments/trained_v1"))
+
+
+def test_a_batched_v2_export_still_runs_and_re_exports_to_the_same_actions(tmp_path):
+    """Format version 2 (a batched graph traced by torch, the committed exports before version 3) still loads;
+    ``reexport_set`` rewrites one as version 3 with the same weights and provenance, and both graphs, the numpy
+    path and the torch network pick the same actions on three shapes."""
+    from deflectlab.agents.set_export import compare_exports, load_set_net, reexport_set
+
+    src = "experiments/trained_dagger"
+    old = json.loads((Path(src) / "manifest.json").read_text())
+    assert old["format_version"] == 2
+    man = json.loads(reexport_set(src, tmp_path).read_text())
+    assert man["format_version"] == 3 and man["network"]["inputs"]["prefill"] == ["P", 6]
+    for key in ("trained_on", "cluster", "slo", "feature_schema", "chunk_rule"):
+        assert man[key] == old[key]
+    assert man["source"]["reexported_from"]["format_version"] == 2
+    assert man["source"]["run"] == old["source"]["run"]
+    assert (tmp_path / "policy_set.npz").read_bytes() == (Path(src) / "policy_set.npz").read_bytes()
+    assert compare_exports(src, tmp_path, n=100) == (300, 300)
+    net = load_set_net(src)
+    v2, v3, v3np = OnnxPolicy(src), OnnxPolicy(tmp_path), OnnxPolicy(tmp_path, backend="numpy")
+    rng = np.random.default_rng(8)
+    acts = set()
+    for P, D in SHAPES:
+        for _ in range(40):
+            obs = rng.random(v2._fb.schema.size(P, D), dtype=np.float32)
+            mask = rng.random(P + D) < 0.8
+            mask[0] = True
+            with torch.no_grad():
+                a = masked_argmax(net.flat_logits(torch.as_tensor(obs[None]), P, D)[0].numpy(), mask)
+            assert v2.act(obs, mask) == v3.act(obs, mask) == v3np.act(obs, mask) == a
+            acts.add((P, D, a))
+    assert len(acts) >= 6  # not vacuous: the network picks different nodes
+
+
+def test_a_graph_that_does_not_fit_its_manifest_version_is_refused(tmp_path):
+    """A version 3 manifest over a batched (version 2) graph: refused at load, naming the mismatch."""
+    src = Path("experiments/trained_dagger")
+    for f in src.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    man["format_version"] = 3
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(PolicyFileError, match="prefill input has 3 dimensions, a manifest of format version 3 needs 2"):
+        OnnxPolicy(tmp_path, backend="onnx")
+
+
+def test_export_cli_re_exports_an_older_set_export(tmp_path, capsys):
+    from deflectlab.scripts.cli import main
+
+    assert main(["export", "--model", "experiments/trained_dagger", "--out", str(tmp_path), "--check", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "check: 60/60 random observations give the same action on both exports" in out
+    assert json.loads((tmp_path / "manifest.json").read_text())["format_version"] == 3
