@@ -248,20 +248,12 @@ class PrefixCache:
             i += k
         return holding(hashes, hit)
 
-    def may_find(self, held: Holding) -> bool:
-        """Whether registering the request's next blocks may meet cached ones (so what it registers depends on the
-        evictions due by now: a node that defers evictions must carry them out first)."""
-        if self.risky:
-            return True
-        h, n = held.hashes, held.n
-        return n < len(h) and h[n] in self.start
-
     def try_register(self, held: Holding, hi: int) -> bool:
         """:meth:`register` for the common case, where none of the new blocks can be cached already (see there:
         no ``risky`` span is cached, the request holds the block before the new ones and the first new one is not
         cached), so what it registers does not depend on evictions. Returns ``False``, changing nothing, in any
-        other case: the caller then carries out the evictions due by now and calls :meth:`register`. This is
-        :meth:`may_find` and the registration in one call (the hot path: one call per request and node)."""
+        other case: the caller then carries out the evictions due by now and calls :meth:`register`. The check and
+        the registration in one call (the hot path: one call per request and node)."""
         lo = held.n
         if hi <= lo:
             return True
