@@ -151,8 +151,12 @@ def reexport_set(src: str | Path, out_dir: str | Path) -> Path:
     """Write the shape-generic export at ``src`` (any version this code reads) at the current format version
     under ``out_dir`` (may be ``src``): the same weights, profiles, SLOs and provenance, the ONNX graph rebuilt
     (:func:`decision_graph`). Returns the new manifest."""
-    net = load_set_net(src)
     d, man = load_manifest(src)
+    if man.get("format_version") not in SET_MANIFEST_VERSIONS:
+        raise PolicyFileError(f"{d}: a fixed-shape policy (manifest format version {man.get('format_version')}) "
+                              "has no other format to be re-exported at; export its training run again "
+                              "(deflectlab export --model <run>)")
+    net = load_set_net(d)
     c, slo = man["cluster"], man["slo"]
     try:
         cluster = ClusterConfig(prefill_profile=c["prefill_profile"], decode_profile=c["decode_profile"],

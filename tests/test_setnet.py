@@ -218,3 +218,12 @@ def test_export_cli_re_exports_an_older_set_export(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "check: 60/60 random observations give the same action on both exports" in out
     assert json.loads((tmp_path / "manifest.json").read_text())["format_version"] == 3
+
+
+def test_export_cli_names_a_fixed_shape_export_it_cannot_re_export(tmp_path, capsys):
+    from deflectlab.scripts.cli import main
+
+    assert main(["export", "--model", "experiments/trained_v1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "a fixed-shape policy (manifest format version 1) has no other format" in err
+    assert not (tmp_path / "manifest.json").exists()
