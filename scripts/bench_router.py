@@ -224,7 +224,32 @@ def bench_decisions(n: int = 20000, shapes: tuple[tuple[int, int], ...] = ((2, 2
             out[f"{name} {P}P{D}D" if shapes != ((2, 2),) else name] = {
                 "p50_us": float(p50), "p99_us": float(p99), "max_us": float(us.max())}
             print(f"  {name:<22}{p50:>8.1f}{p99:>8.1f}{us.max():>9.1f}")
+            if name.startswith("learned"):
+                net = _network_alone(router, n)
+                out[f"{name} network alone {P}P{D}D"] = net
+                print(f"  {'  network alone':<22}{net['p50_us']:>8.1f}{net['p99_us']:>8.1f}{net['max_us']:>9.1f}")
     return out
+
+
+def _network_alone(router: Any, n: int) -> dict:
+    """An exported policy's ``act`` (the observation and mask copied in, the network run, the greedy action) on
+    one fixed observation of the router's view, ``n`` times: the network's share of a decision."""
+    from deflectlab.envs.features import FeatureBuilder
+    from deflectlab.serving.router import RoutedRequest
+
+    pol = router.policy
+    fb = FeatureBuilder(pol.manifest["feature_schema"]["version"])
+    view = router.views.view(0.0, 1.0, router.prefill, router.decode, router.recent)
+    obs = fb.build(view, RoutedRequest(0, 0.0, 3000))
+    mask = fb.mask
+    times = np.empty(n)
+    clock = time.perf_counter
+    for i in range(n):
+        t0 = clock()
+        pol.act(obs, mask)
+        times[i] = clock() - t0
+    us = times * 1e6
+    return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)), "max_us": float(us.max())}
 
 
 def _paths(a: argparse.Namespace, ports: dict[str, int]) -> dict[str, str]:
