@@ -122,7 +122,8 @@ def decision_graph(w: dict[str, np.ndarray]) -> Any:
     nodes.append(helper.make_node("Concat", ["request", "mean_p", "max_p", "mean_d", "max_d"], ["pooled"], axis=1))
     g = gemm("pooled", "rho.0", "g", tanh=True)  # [1, H]
     ctx_w = np.concatenate([w["psi_p_ctx.weight"], w["psi_d_ctx.weight"]], 0).T
-    ctx_b = np.concatenate([w["psi_p_node.bias"], w["psi_d_node.bias"]]).reshape(1, -1)
+    ctx_b = np.concatenate([w["psi_p_node.bias"] + w.get("psi_p_ctx.bias", 0.0),
+                            w["psi_d_node.bias"] + w.get("psi_d_ctx.bias", 0.0)]).reshape(1, -1)
     nodes.append(helper.make_node("Gemm", [g, const("ctx.wt", ctx_w), const("ctx.b", ctx_b)], ["ctx"]))
     nodes.append(helper.make_node("Split", ["ctx"], ["ctx_p", "ctx_d"], axis=1))
     sp = gemm(gemm(ep, "psi_p_node", "u_p", c="ctx_p", tanh=True), "psi_p_out", "s_p")  # [P, 1]
@@ -178,11 +179,12 @@ def compare_exports(a: str | Path, b: str | Path, n: int = 200, seed: int = 0) -
     from deflectlab.policies.runtime import OnnxPolicy
 
     pa, pb = OnnxPolicy(a, backend="onnx"), OnnxPolicy(b, backend="onnx")
+    size = F.schema(pa.manifest["feature_schema"]["version"]).size
     rng = np.random.default_rng(seed)
     agree = total = 0
     for P, D in ((2, 2), (4, 4), (3, 5)):
         for _ in range(n):
-            obs = rng.random(pa._fb.schema.size(P, D), dtype=np.float32)
+            obs = rng.random(size(P, D), dtype=np.float32)
             mask = rng.random(P + D) < 0.8
             mask[rng.integers(P + D)] = True
             agree += pa.act(obs, mask) == pb.act(obs, mask)
