@@ -194,20 +194,10 @@ class NodeLanes:
             lanes.clear()
             self.t_last = now
             return lanes
-        steps = (now - self.t_last) / d.step_s if d.step_s > 0.0 and lanes else 0.0
         budget = d.max_batched_tokens - d.batch_size
-        while steps > 1e-9 and lanes:
-            alloc = fcfs_fill(lanes, budget)
-            k = steps
-            for ln, a in zip(lanes, alloc):
-                if a > 0.0 and ln.rem / a < k:
-                    k = ln.rem / a
-            if k <= 0.0:
-                break
-            for ln, a in zip(lanes, alloc):
-                ln.rem -= a * k
-            lanes[:] = [ln for ln in lanes if ln.rem > _EPS_TOKENS]
-            steps -= k
+        step_s = d.step_s
+        if lanes and step_s > 0.0:
+            _advance(lanes, (now - self.t_last) / step_s, budget)
         self.t_last = now
         if len(lanes) > n_view:
             keep = sorted(range(len(lanes)), key=lambda i: lanes[i].rem)[len(lanes) - n_view:]
@@ -221,8 +211,44 @@ class NodeLanes:
         elif tracked > 0.0 and q_view > 0.0:
             f = q_view / tracked
             for ln in lanes:
-                ln.rem = min(ln.rem * f, float(ln.L))
+                x = ln.rem * f
+                cap = float(ln.L)
+                ln.rem = cap if cap < x else x  # min(x, cap), without the call
         return lanes
+
+
+def _advance(lanes: list[Lane], steps: float, budget: float) -> None:
+    """Run the fluid FCFS fill of ``budget`` chunk tokens per step over ``lanes`` for ``steps`` steps (in place),
+    dropping the lanes that finish: epoch by epoch, each as long as the first lane to finish in it takes.
+
+    :func:`fcfs_fill` written out in the loop that finds the epoch's length (the same floats, lane by lane), and
+    the list rebuilt only when a lane is left with no tokens (the filter would keep every lane otherwise).
+    """
+    while steps > 1e-9 and lanes:
+        alloc = []
+        left = budget
+        k = steps
+        for ln in lanes:
+            r = ln.rem
+            x = ln.cap if ln.cap < r else r
+            if x > left:
+                x = left
+            if x < 0.0:
+                x = 0.0
+            alloc.append(x)
+            left -= x
+            if x > 0.0 and r / x < k:
+                k = r / x
+        if k <= 0.0:
+            break
+        done = False
+        for ln, a in zip(lanes, alloc):
+            ln.rem -= a * k
+            if not ln.rem > _EPS_TOKENS:
+                done = True
+        if done:
+            lanes[:] = [ln for ln in lanes if ln.rem > _EPS_TOKENS]
+        steps -= k
 
 
 
