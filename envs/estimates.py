@@ -194,20 +194,10 @@ class NodeLanes:
             lanes.clear()
             self.t_last = now
             return lanes
-        steps = (now - self.t_last) / d.step_s if d.step_s > 0.0 and lanes else 0.0
         budget = d.max_batched_tokens - d.batch_size
-        while steps > 1e-9 and lanes:
-            alloc = fcfs_fill(lanes, budget)
-            k = steps
-            for ln, a in zip(lanes, alloc):
-                if a > 0.0 and ln.rem / a < k:
-                    k = ln.rem / a
-            if k <= 0.0:
-                break
-            for ln, a in zip(lanes, alloc):
-                ln.rem -= a * k
-            lanes[:] = [ln for ln in lanes if ln.rem > _EPS_TOKENS]
-            steps -= k
+        step_s = d.step_s
+        if lanes and step_s > 0.0:
+            _advance(lanes, (now - self.t_last) / step_s, budget)
         self.t_last = now
         if len(lanes) > n_view:
             keep = sorted(range(len(lanes)), key=lambda i: lanes[i].rem)[len(lanes) - n_view:]
@@ -221,9 +211,112 @@ class NodeLanes:
         elif tracked > 0.0 and q_view > 0.0:
             f = q_view / tracked
             for ln in lanes:
-                ln.rem = min(ln.rem * f, float(ln.L))
+                x = ln.rem * f
+                cap = float(ln.L)
+                ln.rem = cap if cap < x else x  # min(x, cap), without the call
         return lanes
 
+
+def _advance(lanes: list[Lane], steps: float, budget: float) -> None:
+    """Run the fluid FCFS fill of ``budget`` chunk tokens per step over ``lanes`` for ``steps`` steps (in place),
+    dropping the lanes that finish: epoch by epoch, each as long as the first lane to finish in it takes.
+
+    :func:`fcfs_fill` written out in the loop that finds the epoch's length (the same floats, lane by lane), and
+    the list rebuilt only when a lane is left with no tokens (the filter would keep every lane otherwise).
+    """
+    while steps > 1e-9 and lanes:
+        alloc = []
+        left = budget
+        k = steps
+        for ln in lanes:
+            r = ln.rem
+            x = ln.cap if ln.cap < r else r
+            if x > left:
+                x = left
+            if x < 0.0:
+                x = 0.0
+            alloc.append(x)
+            left -= x
+            if x > 0.0 and r / x < k:
+                k = r / x
+        if k <= 0.0:
+            break
+        done = False
+        for ln, a in zip(lanes, alloc):
+            ln.rem -= a * k
+            if not ln.rem > _EPS_TOKENS:
+                done = True
+        if done:
+            lanes[:] = [ln for ln in lanes if ln.rem > _EPS_TOKENS]
+        steps -= k
+
+
+
+def _worst_step(m: StepModel, base: float, B: int, L: int, budget: int,
+                items: list[tuple[float, float, float, int]]) -> Callable[[int], float]:
+    """:meth:`PathEstimator.bounded_chunk`'s bound on the worst step, seconds, as a function of the new lane's chunk
+    cap ``c``: ``budget`` chunk tokens filled with the lanes ``items`` (``(cost per token, tokens, cost, prompt
+    length)``) and the new one, the costliest per token first, next to decodes costing ``base`` seconds."""
+    sq, cross, lin = m.sq, m.cross, m.lin
+    simple = cross <= 2.0 * sq
+    items.sort(reverse=True)
+    n = len(items)
+    tok_cum = [0.0]  # prefix sums of the sorted lanes' tokens and costs
+    cost_cum = [0.0]
+    negk = []
+    tok_sum = cost_sum = 0.0
+    for k, tok, cost, _ in items:
+        tok_sum += tok
+        cost_sum += cost
+        tok_cum.append(tok_sum)
+        cost_cum.append(cost_sum)
+        negk.append(-k)
+
+    def partial(i: int, t: float) -> float:  # lane i's cost bound with only t tokens in the step
+        v = sq * t * t + cross * t * items[i][3]
+        return v if v < items[i][2] else items[i][2]
+
+    def worst(c: int) -> float:
+        cost_new = sq * c * c + cross * c * (L - c) if simple else lane_worst(m, c, L)
+        k_new = cost_new / c
+        pos = bisect_right(negk, -k_new)  # items [0, pos) cost at least as much per token as the new lane
+        if tok_cum[pos] >= budget:  # the new lane is not even in the worst step
+            j = bisect_right(tok_cum, budget) - 1
+            attn = cost_cum[j] + (partial(j, budget - tok_cum[j]) if j < n and tok_cum[j] < budget else 0.0)
+            return base + lin(B + budget) + attn
+        rem = budget - tok_cum[pos]
+        if c >= rem:
+            v = sq * rem * rem + cross * rem * L
+            return base + lin(B + budget) + cost_cum[pos] + (v if v < cost_new else cost_new)
+        rem -= c
+        j = bisect_right(tok_cum, tok_cum[pos] + rem, pos) - 1
+        attn = cost_cum[pos] + cost_new + cost_cum[j] - cost_cum[pos]
+        filled = c + tok_cum[j]
+        if j < n and filled < budget:
+            attn += partial(j, budget - filled)
+            filled = budget
+        return base + lin(B + filled) + attn
+
+    return worst
+
+
+def _worst_step_alone(m: StepModel, base: float, B: int, L: int, budget: int) -> Callable[[int], float]:
+    """:func:`_worst_step` with no lane in the step (the common case of a node without deflected prefills): the
+    same floats without the empty prefix sums. A chunk is at most ``budget``, so it fills the step only at ``c ==
+    budget``, where the bound is the lesser of the partial-lane form and its cost; the ``+ 0.0`` of the empty sums
+    and the ``c + 0.0`` tokens filled change no float."""
+    sq, cross, lin = m.sq, m.cross, m.lin
+    simple = cross <= 2.0 * sq
+
+    def worst(c: int) -> float:
+        cost_new = sq * c * c + cross * c * (L - c) if simple else lane_worst(m, c, L)
+        if c >= budget:
+            rem = float(budget)
+            v = sq * rem * rem + cross * rem * L
+            return base + lin(B + budget) + (v if v < cost_new else cost_new)
+        return base + lin(B + c) + cost_new
+
+    return worst
 
 
 class PathEstimator:
@@ -347,49 +440,17 @@ class PathEstimator:
         lo = self.min_chunk if self.min_chunk < L else L
         if hi < lo or budget < 1:
             return 0
-        sq, cross, lin = m.sq, m.cross, m.lin
-        simple = m.cross <= 2.0 * m.sq  # then a lane's worst chunk is its largest (see lane_worst)
+        sq, cross = m.sq, m.cross
+        simple = cross <= 2.0 * sq  # then a lane's worst chunk is its largest (see lane_worst)
+        base = m.ov + m.dattn * C + m.dseq * B
+        # the lanes that give the step tokens, as (cost per token, tokens, cost, prompt length)
         items = []
         for ln in lanes:
             tok = ln.cap if ln.cap < ln.rem else ln.rem
             if tok > 0.0:
                 cost = sq * tok * tok + cross * tok * (ln.L - tok) if simple else lane_worst(m, tok, ln.L)
                 items.append((cost / tok, tok, cost, ln.L))
-        items.sort(reverse=True)
-        n = len(items)
-        tok_cum = [0.0] * (n + 1)
-        cost_cum = [0.0] * (n + 1)
-        for i, (_, tok, cost, _) in enumerate(items):
-            tok_cum[i + 1] = tok_cum[i] + tok
-            cost_cum[i + 1] = cost_cum[i] + cost
-        negk = [-it[0] for it in items]
-        base = m.ov + m.dattn * C + m.dseq * B
-
-        def partial(i: int, t: float) -> float:  # lane i's cost bound with only t tokens in the step
-            v = sq * t * t + cross * t * items[i][3]
-            return v if v < items[i][2] else items[i][2]
-
-        def worst(c: int) -> float:
-            cost_new = sq * c * c + cross * c * (L - c) if simple else lane_worst(m, c, L)
-            k_new = cost_new / c
-            pos = bisect_right(negk, -k_new)  # items [0, pos) cost at least as much per token as the new lane
-            if tok_cum[pos] >= budget:  # the new lane is not even in the worst step
-                j = bisect_right(tok_cum, budget) - 1
-                attn = cost_cum[j] + (partial(j, budget - tok_cum[j]) if j < n and tok_cum[j] < budget else 0.0)
-                return base + lin(B + budget) + attn
-            rem = budget - tok_cum[pos]
-            if c >= rem:
-                v = sq * rem * rem + cross * rem * L
-                return base + lin(B + budget) + cost_cum[pos] + (v if v < cost_new else cost_new)
-            rem -= c
-            j = bisect_right(tok_cum, tok_cum[pos] + rem, pos) - 1
-            attn = cost_cum[pos] + cost_new + cost_cum[j] - cost_cum[pos]
-            filled = c + tok_cum[j]
-            if j < n and filled < budget:
-                attn += partial(j, budget - filled)
-                filled = budget
-            return base + lin(B + filled) + attn
-
+        worst = _worst_step(m, base, B, L, budget, items) if items else _worst_step_alone(m, base, B, L, budget)
         if worst(hi) <= tau:
             return hi
         if worst(lo) > tau:
