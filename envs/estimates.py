@@ -155,21 +155,6 @@ class Lane:
         self.rem = rem
 
 
-def fcfs_fill(lanes: list[Lane], budget: float) -> list[float]:
-    """Tokens per step each lane gets when ``budget`` chunk tokens are filled FCFS, each up to its cap."""
-    out = []
-    left = budget
-    for ln in lanes:
-        x = ln.cap if ln.cap < ln.rem else ln.rem
-        if x > left:
-            x = left
-        if x < 0.0:
-            x = 0.0
-        out.append(x)
-        left -= x
-    return out
-
-
 class NodeLanes:
     """The lanes the policy placed on one decode node, FCFS, advanced between decisions (``sharing="bounded"``)."""
 
@@ -221,8 +206,8 @@ def _advance(lanes: list[Lane], steps: float, budget: float) -> None:
     """Run the fluid FCFS fill of ``budget`` chunk tokens per step over ``lanes`` for ``steps`` steps (in place),
     dropping the lanes that finish: epoch by epoch, each as long as the first lane to finish in it takes.
 
-    :func:`fcfs_fill` written out in the loop that finds the epoch's length (the same floats, lane by lane), and
-    the list rebuilt only when a lane is left with no tokens (the filter would keep every lane otherwise).
+    Each lane gets ``min(cap, tokens left, what the lanes ahead left of the budget)`` tokens a step, computed in the
+    loop that finds the epoch's length; the list is rebuilt only when a lane is left with no tokens.
     """
     while steps > 1e-9 and lanes:
         alloc = []
@@ -249,7 +234,6 @@ def _advance(lanes: list[Lane], steps: float, budget: float) -> None:
         if done:
             lanes[:] = [ln for ln in lanes if ln.rem > _EPS_TOKENS]
         steps -= k
-
 
 
 def _worst_step(m: StepModel, base: float, B: int, L: int, budget: int,
@@ -552,7 +536,6 @@ class PathEstimator:
         n_seen = self._n_seen
         return self._sum_l2 * n_seen / (self._sum_l * self._sum_l) if n_seen >= 16 else 1.0
 
-    @staticmethod
     @staticmethod
     def first_step(dstar: DecodeNodeView, L: int) -> float:
         """The first decode step of a prefilled request on ``dstar`` (the node the balancer would pick): half the
