@@ -305,7 +305,9 @@ class OnnxPolicy(Policy):
             if names != _SET_INPUTS:
                 raise PolicyFileError(f"{f}: inputs {names}, expected {_SET_INPUTS} (a shape-generic policy)")
             inputs = self._sess.get_inputs()
-            rank, want = len(inputs[1].shape), 3 if self.manifest["format_version"] == 2 else 2
+            #: manifest version 2's graph takes a batch (3-D node blocks), version 3's one decision (2-D)
+            self._batched = self.manifest["format_version"] == 2
+            rank, want = len(inputs[1].shape), 3 if self._batched else 2
             if rank != want:
                 raise PolicyFileError(f"{f}: its prefill input has {rank} dimensions, a manifest of format version "
                                       f"{self.manifest['format_version']} needs {want}")
@@ -421,8 +423,8 @@ class OnnxPolicy(Policy):
         :func:`split_set_obs`), as on the unbound path."""
         if len(self._bound) >= _BOUND_MAX:
             self._bound.clear()
-        batched = self.manifest["format_version"] == 2
-        bound = self._bound[n_obs << 16 | n_actions] = _Bound(self._sess, self._fb.schema, n_obs, n_actions, batched)
+        bound = self._bound[n_obs << 16 | n_actions] = _Bound(self._sess, self._fb.schema, n_obs, n_actions,
+                                                              self._batched)
         return bound
 
     def decide(self, view: ClusterView, request: RequestLike) -> Decision:

@@ -1,7 +1,7 @@
 """Exactness check for prefix-cache speed work: dump what a set of simulations produced, compare with a reference.
 
-    python scripts/dump_cache_runs.py OUT.pkl            # dump every case
-    python scripts/dump_cache_runs.py OUT.pkl REF.pkl    # and compare with a dump made before a change
+    python scripts/dump_cache_runs.py OUT.json           # dump every case
+    python scripts/dump_cache_runs.py OUT.json REF.json  # and compare with a dump made before a change
 
 A change to the cache's or the nodes' code that is meant to be exact must leave every case identical (the
 protocol in docs/prefix_cache.md, "Speed"). To dump an older commit, export its tree (``git archive COMMIT | tar
@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import pickle
+import json
 import sys
 from collections.abc import Callable, Iterator
 
@@ -65,7 +65,7 @@ def dump(sim: ClusterSim, policy: str) -> str:
 def cases() -> Iterator[tuple[str, Callable[[], ClusterSim], str]]:
     """``(name, make the simulation, policy)`` for every case (see the module's docstring)."""
     wl = make_workload("mooncake_synthetic")
-    rate3 = 3 * len(wl) / float(wl.arrival_s[-1] - wl.arrival_s[0])
+    rate3 = 3 * len(wl) / wl.duration_s
     for rate, w in (("1x", wl), ("3x", make_workload("mooncake_synthetic", rate=rate3))):
         for shape in ("2p2d", "16p16d"):
             for pol in POLICIES:
@@ -85,18 +85,23 @@ def cases() -> Iterator[tuple[str, Callable[[], ClusterSim], str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", help="pickle to write: {case: dump text}")
+    ap.add_argument("out", help="JSON file to write: {case: dump text}")
     ap.add_argument("ref", nargs="?", help="a dump to compare with (exit status 1 if any case differs)")
     a = ap.parse_args()
     res = {}
     for name, make, pol in cases():
         res[name] = dump(make(), pol)
         print(name, hashlib.sha256(res[name].encode()).hexdigest()[:16], flush=True)
-    with open(a.out, "wb") as f:
-        pickle.dump(res, f)
+    with open(a.out, "w") as f:
+        json.dump(res, f)
     if a.ref:
-        with open(a.ref, "rb") as f:
-            ref = pickle.load(f)
+        try:
+            with open(a.ref) as f:
+                ref = json.load(f)
+        except (OSError, ValueError) as e:
+            sys.exit(f"{a.ref}: not a dump of this script ({e})")
+        if not isinstance(ref, dict) or not all(isinstance(v, str) for v in ref.values()):
+            sys.exit(f"{a.ref}: not a dump of this script (a JSON object of case name -> text)")
         bad = sorted(k for k in ref.keys() | res.keys() if ref.get(k) != res.get(k))
         print(f"{len(ref)} cases in the reference, {len(res)} now, {len(res) - len(bad)} identical; differ: {bad}")
         sys.exit(1 if bad else 0)

@@ -46,7 +46,7 @@ REQUESTS_PER_2P2D = 600  # requests per case at 2P2D (scaled with the cluster)
 def trace_rate(trace: str) -> float:
     """The bundled trace's own mean rate, requests/s."""
     wl = make_workload(trace)
-    return len(wl) / float(wl.arrival_s[-1] - wl.arrival_s[0])
+    return len(wl) / wl.duration_s
 
 
 def run_case(sim: ClusterSim, spec: str, features: bool) -> list[str]:
@@ -140,8 +140,11 @@ def main() -> None:
             print(name, len(lines), hashlib.sha256(text.encode()).hexdigest()[:16], flush=True)
     print(f"{n_dec} decisions dumped to {a.out}")
     if a.ref:
-        with open(a.out) as f, open(a.ref) as g:
-            now, ref = f.read().splitlines(), g.read().splitlines()
+        try:
+            with open(a.out) as f, open(a.ref) as g:
+                now, ref = f.read().splitlines(), g.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            sys.exit(f"{a.ref}: cannot read it as a dump of this script ({e})")
         bad = [i for i, (x, y) in enumerate(zip(now, ref)) if x != y]
         same = not bad and len(now) == len(ref)
         print(f"{len(ref)} lines in the reference, {len(now)} now: " + ("identical" if same else
