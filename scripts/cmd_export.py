@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction, help_text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.check < 0:
+        raise ValueError(f"--check must be >= 0 decisions, got {args.check}")
+
     if (Path(args.model) / "manifest.json").is_file():
         return _reexport(args)
     from deflectlab.agents.export import export

@@ -227,3 +227,11 @@ def test_export_cli_names_a_fixed_shape_export_it_cannot_re_export(tmp_path, cap
     err = capsys.readouterr().err
     assert "a fixed-shape policy (manifest format version 1) has no other format" in err
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_export_cli_refuses_a_negative_check(tmp_path, capsys):
+    from deflectlab.scripts.cli import main
+
+    assert main(["export", "--model", "experiments/trained_dagger", "--out", str(tmp_path), "--check", "-1"]) == 2
+    assert "--check must be >= 0 decisions, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "manifest.json").exists()
