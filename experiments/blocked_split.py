@@ -24,6 +24,11 @@ alternates 300-s blocks instead, training on [0, 300), [600, 900), [1200, 1500) 
    evaluation) and against the best heuristic of each setting chosen *after* seeing the held-out results (a
    baseline no deployable rule can beat).
 
+``evaluate --causal-planners`` (or ``--planners NAME,...``) also runs planners that split the clairvoyant
+planner's headroom into what needs the future and what does not (:data:`PLANNERS`). ``predictability`` measures
+how much the last seconds of arrivals tell of the next ones at each decision point of the held-out blocks, and
+how well that relation, fitted on the training blocks, carries over (:func:`predictability`).
+
 ``select`` picks one of several trained candidates (seeds of one recipe, say) without reading a held-out block:
 each candidate and the tuning winner replay fresh training-block episodes of the tuning settings (seeds of their
 own, neither the tuning's nor the evaluation's), and the candidate with the highest mean per-episode SLO
@@ -146,18 +151,24 @@ PLANNER_SETTINGS = [s for s in SETTINGS if s[0] == (2, 2) and s[1] == "azure_cod
 #: the planners ``evaluate`` can run (label: horizon in seconds, extra parameters), the clairvoyant one first; the
 #: others split its headroom: the myopic planner plays each decision against the present state alone (no future
 #: arrival), also with the output lengths of requests not yet decoding replaced by a recent mean (what a router
-#: can know), and the replay one against a causal persistence forecast of the arrivals (policies.lookahead)
+#: can know); the replay one plays against a causal persistence forecast of the arrivals, and the analog one against
+#: four futures drawn from the training blocks, after moments as busy as the present (policies.forecasts)
 PLANNERS = {"lookahead (clairvoyant)": (2.0, ""), "lookahead (myopic)": (0.0, ""),
             "lookahead (myopic, mean outputs)": (0.0, ",outputs=mean"),
-            "lookahead (replay forecast)": (2.0, ",forecast=replay")}
+            "lookahead (replay forecast)": (2.0, ",forecast=replay"),
+            "lookahead (analog forecast)": (2.0, ",forecast=analog,samples=4,pool_split=blocked,pool_part=train")}
 CLAIRVOYANT = next(iter(PLANNERS))
+#: ``--planners`` names: the label's words in brackets, joined by "-" (clairvoyant, myopic, myopic-mean-outputs,
+#: replay-forecast, analog-forecast)
+PLANNER_NAMES = {"-".join(k[k.index("(") + 1:-1].replace(",", "").split()): k for k in PLANNERS}
 
 
 def evaluate(tuned_file: Path, learned: dict[str, str], episodes: int, jobs: int, planner: bool,
-             settings: list[tuple] | None = None, causal: bool = False) -> dict[str, Any]:
+             settings: list[tuple] | None = None, causal: bool = False, planners: tuple[str, ...] = ()
+             ) -> dict[str, Any]:
     """Every heuristic of ``tuned_file`` and the ``learned`` policies on ``episodes`` held-out-block episodes of
     each setting; with ``planner``, also the clairvoyant planner on :data:`PLANNER_SETTINGS` (among ``settings``),
-    and with ``causal`` the other :data:`PLANNERS` there too."""
+    with ``causal`` the other :data:`PLANNERS` there too, and those labelled in ``planners`` as well."""
     from deflectlab.experiments.learned_eval import evaluate_learned, parse_setting
 
     heur = heuristics(tuned_file)
@@ -168,7 +179,7 @@ def evaluate(tuned_file: Path, learned: dict[str, str], episodes: int, jobs: int
     settings = settings or SETTINGS
     res = evaluate_learned(learned, settings, episodes, window_s=WINDOW_S, seed0=EVAL_SEED0, jobs=jobs,
                            heuristics=heur)
-    kinds = [k for k in PLANNERS if (k == CLAIRVOYANT and planner) or (k != CLAIRVOYANT and causal)]
+    kinds = [k for k in PLANNERS if (k == CLAIRVOYANT and planner) or (k != CLAIRVOYANT and causal) or k in planners]
     if kinds:
         specs = {k: planner_spec(PLANNERS[k][0], heur[best]) + PLANNERS[k][1] for k in kinds}
         where = [parse_setting(p) for p in PLANNER_SETTINGS]
@@ -348,16 +359,88 @@ def planner_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 def planner_lines(res: dict[str, Any]) -> list[str]:
     """The markdown section on the planners (none when only the clairvoyant one, or none, ran)."""
     pols = res["policies"]
-    if sum(k in pols for k in PLANNERS) < 2:
+    if not any(k in pols for k in PLANNERS if k != CLAIRVOYANT):
         return []
     head, rows = planner_table(res)
     return ["## The headroom, split: what knowing the future is worth", "",
             "The clairvoyant planner reads the window's future arrivals; the myopic one plays each decision against "
             "the present state alone, and with mean outputs also takes a recent mean for the output length of every "
             "request not yet decoding; the replay one plays against a persistence forecast (the last 2 s of "
-            "arrivals again). All read the model's state exactly (the remaining output of the requests already "
-            "decoding included), so none is deployable: "
+            "arrivals again), the analog one against four futures drawn from the training blocks after moments "
+            "with as many arrivals in the last 2 s as the present (or nearly). All read the model's state exactly "
+            "(the remaining output of the requests already decoding included), so none is deployable: "
             + "; ".join(f"{k} = `{pols[k]}`" for k in PLANNERS if k in pols) + ".", "", *table(head, rows), ""]
+
+
+# -- how much of the next seconds' arrivals the last seconds tell ---------------------------------------------------
+#: simulated seconds of past arrivals the predictability step tries as predictors, and the horizon it predicts
+PREDICT_PAST_S, PREDICT_HORIZON_S = (1.0, 2.0, 10.0), 2.0
+
+
+def _counts_at_arrivals(t: np.ndarray, blocks: list[tuple[float, float]], past_tr: float, fut_tr: float
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """At every arrival of ``t`` with ``past_tr`` trace seconds of its block before it and ``fut_tr`` after it:
+    the arrivals in ``(t_j - past_tr, t_j]`` (itself and those at the same instant included) and in
+    ``(t_j, t_j + fut_tr]``."""
+    past, nxt = [], []
+    for a, b in blocks:
+        lo, hi = np.searchsorted(t, (a + past_tr, b - fut_tr), side="left")
+        tj = t[lo:hi]
+        now = np.searchsorted(t, tj, side="right")
+        past.append(now - np.searchsorted(t, tj - past_tr, side="right"))
+        nxt.append(np.searchsorted(t, tj + fut_tr, side="right") - now)
+    return np.concatenate(past), np.concatenate(nxt)
+
+
+def _conditional_mean(x_fit: np.ndarray, y_fit: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``E[y | x]`` estimated on ``(x_fit, y_fit)`` (the mean of ``y_fit`` at each value of ``x_fit``), read at
+    ``x``; a value never seen takes the nearest seen one's mean."""
+    vals, inv = np.unique(x_fit, return_inverse=True)
+    means = np.bincount(inv, weights=y_fit) / np.bincount(inv)
+    k = np.clip(np.searchsorted(vals, x), 1, len(vals) - 1) if len(vals) > 1 else np.zeros(len(x), int)
+    if len(vals) > 1:
+        k = np.where(np.abs(vals[k - 1] - x) <= np.abs(vals[k] - x), k - 1, k)
+    return means[k]
+
+
+def predictability(trace: Any, split: Any = SPLIT, loads: tuple[float, ...] = TUNE_LOADS,
+                   past_s: tuple[float, ...] = PREDICT_PAST_S, horizon_s: float = PREDICT_HORIZON_S
+                   ) -> list[dict[str, Any]]:
+    """How well the arrivals of the last ``past_s`` simulated seconds predict those of the next ``horizon_s``, at
+    every arrival of the held-out blocks (a decision point) of a trace replayed at each load (the episodes' time
+    scale: ``load`` trace seconds per simulated second). Per load and past window: the correlation of the two
+    counts on the held-out blocks, and the share of the next count's variance there that the conditional mean
+    ``E[next | past]`` fitted on the *training* blocks explains (R², negative when it predicts worse than the
+    held-out mean, which it does not know)."""
+    t = np.asarray(trace.arrival_s, dtype=float)
+    end = float(t[-1])
+    train = [(a, end if b is None else b) for a, b in split.train]
+    held = [(a, end if b is None else b) for a, b in split.held_out]
+    rows = []
+    for load in loads:
+        for p in past_s:
+            xf, yf = _counts_at_arrivals(t, train, p * load, horizon_s * load)
+            x, y = _counts_at_arrivals(t, held, p * load, horizon_s * load)
+            pred = _conditional_mean(xf, yf, x)
+            sst = float(((y - y.mean()) ** 2).sum())
+            rows.append({"load": load, "past_s": p, "points": len(y), "mean_next": float(y.mean()),
+                         "corr": float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else math.nan,
+                         "r2_train_fit": 1.0 - float(((y - pred) ** 2).sum()) / sst if sst > 0 else math.nan})
+    return rows
+
+
+def predictability_markdown(rows: list[dict[str, Any]], trace: str, command: str) -> str:
+    head = ["load", "past (simulated s)", "decision points", f"mean arrivals in the next {PREDICT_HORIZON_S:g} s",
+            "correlation", "R², training-block fit"]
+    body = [[f"{r['load']:g}x", f"{r['past_s']:g}", r["points"], f"{r['mean_next']:.1f}", f"{r['corr']:+.2f}",
+             f"{r['r2_train_fit']:+.2f}"] for r in rows]
+    return "\n".join([f"# How much the last seconds of arrivals tell of the next {PREDICT_HORIZON_S:g} s ({trace})", "",
+                      f"`{command}`", "",
+                      "At every arrival of the held-out blocks of the blocked split (a decision point), the count of "
+                      "arrivals in the last seconds against the count in the next ones, at each load's time scale. "
+                      "R²: the share of the next count's variance on the held-out blocks that its conditional mean "
+                      "given the past count, fitted on the training blocks, explains.", "",
+                      *table(head, body), ""])
 
 
 def blocked_summary(folder: Path = Path(__file__).parent / "blocked", title: str | None = None,
@@ -439,10 +522,20 @@ def selection_markdown(res: dict[str, Any], command: str) -> str:
         + ".", ""])
 
 
+def _planner_labels(p: argparse.ArgumentParser, names: str) -> tuple[str, ...]:
+    """The labels of ``--planners`` names (an unknown one is a usage error naming it)."""
+    out = []
+    for x in filter(None, (n.strip() for n in names.split(","))):
+        if x not in PLANNER_NAMES:
+            p.error(f"--planners {x!r}: known planners are {', '.join(PLANNER_NAMES)}")
+        out.append(PLANNER_NAMES[x])
+    return tuple(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deflectlab.experiments.blocked_split",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=("tune", "evaluate", "select"))
+    p.add_argument("step", choices=("tune", "evaluate", "select", "predictability"))
     p.add_argument("--out", type=Path, default=Path("runs/blocked"))
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--episodes", type=int, default=None,
@@ -453,8 +546,10 @@ def main(argv: list[str] | None = None) -> int:
                         "select, a candidate")
     p.add_argument("--planner", action="store_true", help="also run the clairvoyant lookahead planner (slow)")
     p.add_argument("--causal-planners", action="store_true",
-                   help="also run the myopic (known and mean outputs) and replay-forecast planners (slow), to split "
-                        "the headroom")
+                   help="also run the myopic (known and mean outputs), replay-forecast and analog-forecast planners "
+                        "(slow), to split the headroom")
+    p.add_argument("--planners", default="", metavar="NAME,...",
+                   help=f"also run these planners: {', '.join(PLANNER_NAMES)}")
     p.add_argument("--shapes", default=None, metavar="PxD,...",
                    help="evaluate only the settings of these cluster shapes (e.g. 2x2 for fixed-shape policies)")
     p.add_argument("--loads", type=float, nargs="+", default=None, metavar="X",
@@ -475,6 +570,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"P95 TTFT {sc['ttft_p95_s']:.3f} s")
         print(f"wrote {tuned_file} ({doc['meta']['wall_s']:.0f} s)")
         return 0
+    if a.step == "predictability":
+        from deflectlab.envs.workloads import load_trace
+
+        text = predictability_markdown(predictability(load_trace(TUNE_TRACE)), TUNE_TRACE, command)
+        (a.out / "predictability.md").write_text(text)
+        print(text)
+        return 0
     if not tuned_file.exists():
         p.error(f"{tuned_file} is missing: run the tune step first (with the same --out), or give --tuned FILE")
     try:
@@ -491,8 +593,9 @@ def main(argv: list[str] | None = None) -> int:
         (a.out / "selection.md").write_text(text)
         print(text)
         return 0
-    if not learned and not a.planner and not a.causal_planners:
-        p.error("nothing to evaluate: give --learned LABEL=SPEC, --planner and/or --causal-planners")
+    planners = _planner_labels(p, a.planners)
+    if not learned and not a.planner and not a.causal_planners and not planners:
+        p.error("nothing to evaluate: give --learned LABEL=SPEC, --planner, --causal-planners and/or --planners")
     settings = None
     if a.loads and a.shapes:
         p.error("--loads and --shapes: give one (--loads runs 2P2D only)")
@@ -510,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         if not settings:
             p.error(f"--shapes {a.shapes!r}: no setting has these shapes; the settings have "
                     f"{', '.join(sorted({f'{q}x{r}' for (q, r), *_ in SETTINGS}))}")
-    res = evaluate(tuned_file, learned, a.episodes or 20, a.jobs, a.planner, settings, a.causal_planners)
+    res = evaluate(tuned_file, learned, a.episodes or 20, a.jobs, a.planner, settings, a.causal_planners, planners)
     text = markdown(res, command, yaml.safe_load(tuned_file.read_text()))
     (a.out / "evaluation.json").write_text(json.dumps({**res, "command": command}, separators=(",", ":"),
                                                       default=float))

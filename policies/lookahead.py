@@ -14,15 +14,19 @@ FeatureBuilder`) plus the base policy's own decision, so a planner never scores 
 decision. Objective, over the requests live at the decision plus those arriving within the horizon: the
 number that meet their SLO (TTFT <= the TTFT SLO and their own P95 TBT <= the TBT SLO, as
 :mod:`~deflectlab.envs.metrics` counts it), ties broken by the lower sum of TTFTs. Rollouts are
-deterministic, so one rollout per action suffices.
+deterministic, so one rollout per action and future suffices.
 
 Where the future comes from (``forecast``): ``known`` (the default) reads the window's arrivals, as above;
 ``replay`` is causal about arrivals: the rollouts see only a persistence forecast built from what a router has
-seen (:func:`replay_forecast`). With ``horizon_s=0`` no future arrival enters a rollout at all (the *myopic*
-planner): the decision is played against the present state and drained. Neither is deployable: every mode
+seen (:func:`~.forecasts.replay_forecast`); ``analog`` is causal about the window but knows the arrival process
+of a trace's training blocks: each candidate is played on several futures drawn from what followed moments of
+those blocks as busy as the present (:class:`~.forecasts.AnalogPool`), and scored by the sum. With
+``horizon_s=0`` no future arrival enters a rollout at all (the *myopic* planner): the decision is played against
+the present state and drained. None is deployable: every mode
 still reads the model's state exactly, including the output lengths of the requests already in the system,
 which fix their decode time and memory and which a router does not know. Comparing the modes splits the
-headroom into what knowing the future arrivals is worth and what planning on the present is worth.
+headroom into what knowing the future arrivals is worth, what knowing their distribution is worth, and what
+planning on the present is worth.
 
 It needs the simulation itself: :meth:`ClusterSim.run` calls :meth:`attach`; the DAgger labeller attaches
 the environment's simulation. Without one, ``decide`` is an error saying so.
@@ -40,71 +44,19 @@ import numpy as np
 from deflectlab.envs.features import FeatureBuilder
 from deflectlab.envs.simulator import full_blocks
 from deflectlab.envs.view import ClusterView, Decision, Policy, RequestLike
+from deflectlab.policies.forecasts import AnalogPool, episode_scale, mean_finished_output, replay_forecast
 
 _DRAIN_S = 120.0  # after the horizon, drain the copy at most this long (simulated seconds); unfinished = missed
 
-#: where the rollouts' future arrivals come from: ``known`` (the window's own: clairvoyant) or ``replay`` (a
-#: persistence forecast from what a router has seen: :func:`replay_forecast`)
-FORECASTS = ("known", "replay")
+#: where the rollouts' future arrivals come from: ``known`` (the window's own: clairvoyant), ``replay`` (a
+#: persistence forecast from what a router has seen: :func:`~.forecasts.replay_forecast`) or ``analog`` (draws of
+#: what followed similar moments of a trace's training blocks: :class:`~.forecasts.AnalogPool`)
+FORECASTS = ("known", "replay", "analog")
 
 
 #: what the rollouts take for the output lengths of requests that have not started decoding: ``known`` (the
 #: workload's) or ``mean`` (:func:`mean_finished_output`, what a router can know)
 OUTPUTS = ("known", "mean")
-_OUT_SAMPLE = 200  # finished requests the output-length estimate averages (the latest arrivals among them)
-
-
-def _finished_outputs(sim: Any, n: int) -> list[int]:
-    """The output lengths of the latest ``n`` arrivals that have finished, the latest first (fewer if fewer have):
-    what a router knows of output lengths."""
-    outs: list[int] = []
-    reqs = sim.requests
-    for k in range(len(reqs) - 1, -1, -1):
-        if len(outs) >= n:
-            break
-        r = reqs[k]
-        if r.t_finish >= 0.0:
-            outs.append(r.output_tokens)
-    return outs
-
-
-def mean_finished_output(sim: Any) -> int | None:
-    """The mean output length, tokens (rounded, at least 1), of the latest ``_OUT_SAMPLE`` arrivals that have
-    finished; ``None`` before any has finished."""
-    outs = _finished_outputs(sim, _OUT_SAMPLE)
-    return max(1, round(sum(outs) / len(outs))) if outs else None
-
-
-def replay_forecast(sim: Any, horizon_s: float) -> tuple[list[float], list[int], list[int], list | None]:
-    """A causal forecast of the next ``horizon_s`` seconds of arrivals: the last ``horizon_s`` seconds' again,
-    shifted by ``horizon_s`` (persistence). Arrival times and prompt lengths are what a router saw arrive (the
-    pending request's included). Output lengths, which a router learns only when a request finishes, are those of
-    the latest arrivals that have finished, the latest first, reused in turn if too few have finished; with none
-    finished yet the forecast has no arrivals. Where the trace has block hashes, the forecast prompts get fresh
-    ones (it assumes no prefix reuse).
-
-    Returned as the simulation's arrival arrays (times, prompt tokens, output tokens, hash lists or ``None``):
-    its own up to now, then the forecast's, so that a copy of the simulation takes the forecast as its future."""
-    i, now = sim._next, sim.now
-    arr_t, arr_in = sim._arr_t, sim._arr_in
-    past = range(bisect_right(arr_t, now - horizon_s, 0, i), i)
-    outs = _finished_outputs(sim, len(past))
-    if not outs:
-        past = range(0)
-    fut_t = [arr_t[j] + horizon_s for j in past]
-    fut_in = [arr_in[j] for j in past]
-    fut_out = [outs[n % len(outs)] for n in range(len(past))]
-    hashes = sim._hashes
-    if hashes is not None:
-        fresh, nxt = [], -1
-        for j in past:
-            m = len(hashes[j])
-            fresh.append(list(range(nxt, nxt - m, -1)))  # negative ids: never a trace's
-            nxt -= m
-        hashes = hashes[:i] + fresh
-    return arr_t[:i] + fut_t, sim._arr_in[:i] + fut_in, sim._arr_out[:i] + fut_out, hashes
-
-
 def tbt_slo_met(sim: Any, reqs: list, tau: float) -> list[bool]:
     """For each finished request, whether its own P95 TBT <= ``tau``: at least ``ceil(0.95 n)`` of its ``n``
     samples (token steps after the first, each pre-emption run, each pre-emption gap) are <= ``tau``, as
@@ -166,8 +118,16 @@ class Lookahead(Policy):
 
     :param horizon_s: simulated seconds of future arrivals each rollout routes (then it drains).
     :param base: the registry name of the policy that routes the rollouts' future arrivals.
-    :param forecast: where the rollouts' future arrivals come from: ``known`` (the window's: clairvoyant) or
-        ``replay`` (:func:`replay_forecast`: causal about arrivals).
+    :param forecast: where the rollouts' future arrivals come from: ``known`` (the window's: clairvoyant),
+        ``replay`` (:func:`~.forecasts.replay_forecast`: causal about arrivals) or ``analog`` (``samples`` draws
+        from ``pool``'s blocks, :class:`~.forecasts.AnalogPool`: causal about the window, but it knows the
+        training blocks' arrival process; each candidate's score is summed over the same draws).
+    :param samples: ``forecast=analog``: futures drawn per decision (each candidate is played on every one).
+    :param pool: ``forecast=analog``: the trace the futures are drawn from; empty: the episode's own trace.
+    :param pool_split: ``forecast=analog``: the split (:mod:`~deflectlab.envs.splits`) whose blocks the pool is.
+    :param pool_part: ``forecast=analog``: ``train`` (default) or ``held_out`` blocks of ``pool_split``. An
+        episode whose window meets the pool's blocks is refused: the draws would include its own future.
+    :param seed: ``forecast=analog``: seed of the draws (:meth:`reset` with a seed re-seeds them).
     :param outputs: the output lengths the rollouts take for requests that have not started decoding (the pending
         one, those queued or in hand-off, the arrivals to come): ``known`` (the workload's) or ``mean`` (the mean
         of recently finished requests', :func:`mean_finished_output`; the workload's until one has finished).
@@ -181,7 +141,8 @@ class Lookahead(Policy):
     name = "lookahead"
 
     def __init__(self, horizon_s: float = 10.0, base: str = "length_threshold", forecast: str = "known",
-                 min_gain: int = 0, outputs: str = "known", **base_params: Any) -> None:
+                 min_gain: int = 0, outputs: str = "known", samples: int = 4, pool: str = "",
+                 pool_split: str = "blocked", pool_part: str = "train", seed: int = 0, **base_params: Any) -> None:
         from deflectlab.policies.registry import make_policy
 
         if not (isinstance(horizon_s, int | float) and horizon_s >= 0 and math.isfinite(horizon_s)):
@@ -197,6 +158,17 @@ class Lookahead(Policy):
             raise ValueError(f"policy 'lookahead': min_gain must be a whole number of requests >= 0, got {min_gain!r}")
         if outputs not in OUTPUTS:
             raise ValueError(f"policy 'lookahead': outputs must be one of {', '.join(OUTPUTS)}, got {outputs!r}")
+        for name, v in (("samples", samples), ("seed", seed)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "samples" else 0):
+                raise ValueError(f"policy 'lookahead': {name} must be a whole number >= "
+                                 f"{1 if name == 'samples' else 0}, got {v!r}")
+        if pool_part not in ("train", "held_out"):
+            raise ValueError(f"policy 'lookahead': pool_part must be train or held_out, got {pool_part!r}")
+        if forecast == "analog" and float(horizon_s) <= 0:
+            raise ValueError("policy 'lookahead': forecast=analog needs horizon_s > 0 (the seconds it forecasts)")
+        self.samples, self.pool, self.pool_split, self.pool_part, self.seed = samples, str(pool), pool_split, \
+            pool_part, seed
+        self._rng = np.random.default_rng(seed)
         self.forecast = forecast
         self.min_gain = min_gain
         self.outputs = outputs
@@ -208,7 +180,9 @@ class Lookahead(Policy):
             self.base_params["max_len"] = 3072  # tuned: experiments/policies/tuned_azure_code_2p2d.yaml
         self._base = make_policy(base, **self.base_params)
         self._fb = FeatureBuilder()
-        self._future: tuple | None = None  # this decision's forecast arrivals (forecast="replay")
+        self._futures: list[tuple | None] = [None]  # this decision's rollout arrivals (None: the window's own)
+        self._pool: AnalogPool | None = None  # forecast="analog": the pool and the episode's time scale (attach)
+        self._scale = 1.0
         self._out_est: int | None = None  # this decision's output-length estimate (outputs="mean")
         self._base_decision: Decision | None = None  # the base policy's proposal at this decision (candidates)
         self._sim: Any = None
@@ -217,17 +191,29 @@ class Lookahead(Policy):
         self.rollouts = 0
 
     def params(self) -> dict[str, Any]:
+        extra = {"samples": self.samples, "pool": self.pool, "pool_split": self.pool_split,
+                 "pool_part": self.pool_part, "seed": self.seed} if self.forecast == "analog" else {}
         return {"horizon_s": self.horizon_s, "base": self.base_name, "forecast": self.forecast,
-                "min_gain": self.min_gain, "outputs": self.outputs,
+                "min_gain": self.min_gain, "outputs": self.outputs, **extra,
                 **{f"base_{k}": v for k, v in self.base_params.items()}}
 
     def reset(self, seed: int | None = None) -> None:
         self._base.reset(seed)
         self.decisions = self.rollouts = 0
+        if seed is not None:
+            self._rng = np.random.default_rng((self.seed, seed))
 
     def attach(self, sim: Any) -> None:
-        """Plan on ``sim`` (a :class:`~deflectlab.envs.simulator.ClusterSim` stopped at a decision)."""
+        """Plan on ``sim`` (a :class:`~deflectlab.envs.simulator.ClusterSim` stopped at a decision); an analog
+        forecast finds its pool and the episode's time scale here, and refuses a window its pool meets."""
         self._sim = sim
+        if self.forecast == "analog":
+            trace = self.pool or (getattr(sim.workload, "meta", None) or {}).get("trace")
+            if not trace:
+                raise ValueError("policy 'lookahead': forecast=analog needs pool=<trace> (this episode's workload "
+                                 "does not name its trace)")
+            self._pool = AnalogPool.of_split(trace, self.pool_split, self.pool_part)
+            self._scale = episode_scale(sim, self._pool, "policy 'lookahead'")
 
     def candidates(self, view: ClusterView, request: RequestLike) -> list[Decision]:
         """The environment's valid actions' decisions, then the base policy's decision if it is not among them."""
@@ -248,12 +234,12 @@ class Lookahead(Policy):
                                "inside ClusterSim.run (or after attach(sim)); it cannot serve live traffic")
         if not sim.requests or sim.requests[-1] is not request:
             raise RuntimeError("policy 'lookahead': the request is not the simulation's pending one")
-        self._future = None if self.forecast == "known" else replay_forecast(sim, self.horizon_s)
+        self._futures = self._forecasts(sim)
         self._out_est = None if self.outputs == "known" else mean_finished_output(sim)
         if self._out_est is not None:  # the rollouts' unknown output lengths: the estimate, arrivals to come included
-            t, p_in, out, hashes = self._future or (sim._arr_t, sim._arr_in, sim._arr_out, None)
             i = sim._next
-            self._future = (t, p_in, out[:i] + [self._out_est] * (len(t) - i), hashes)
+            self._futures = [(t, p_in, out[:i] + [self._out_est] * (len(t) - i), hashes) for t, p_in, out, hashes
+                             in (f or (sim._arr_t, sim._arr_in, sim._arr_out, None) for f in self._futures)]
         best, best_key = None, None
         scores = self.last_scores = []  # (decision, (met, -sum TTFT)) per candidate, for cost-aware imitation
         base = base_key = None
@@ -276,12 +262,30 @@ class Lookahead(Policy):
         """Another policy decided ``request`` (a learner DAgger lets act): the base tracks that decision."""
         self._base.taken(view, request, decision)
 
+    def _forecasts(self, sim: Any) -> list[tuple | None]:
+        """This decision's rollout futures: ``[None]`` (the window's own arrivals) or forecast arrival arrays."""
+        if self.forecast == "known":
+            return [None]
+        if self.forecast == "replay":
+            return [replay_forecast(sim, self.horizon_s)]
+        assert self._pool is not None
+        return list(self._pool.forecasts(sim, self._scale, self.horizon_s, self.horizon_s, self.samples, self._rng))
+
     def score(self, decision: Decision) -> tuple[int, float]:
-        """Play ``decision`` forward on a copy: (requests meeting the SLO, minus the sum of their TTFTs)."""
+        """Play ``decision`` forward on a copy for each of this decision's futures: (requests meeting the SLO,
+        minus the sum of their TTFTs), summed over the futures."""
+        met, neg_ttft = 0, 0.0
+        for future in self._futures:
+            m, t = self._rollout(decision, future)
+            met += m
+            neg_ttft += t
+        return met, neg_ttft
+
+    def _rollout(self, decision: Decision, future: tuple | None) -> tuple[int, float]:
         sim = self._sim
         c = sim.copy_state()
-        if self._future is not None:  # the rollouts' arrivals are the forecast's, not the window's
-            c._arr_t, c._arr_in, c._arr_out, hashes = self._future
+        if future is not None:  # the rollouts' arrivals are the forecast's, not the window's
+            c._arr_t, c._arr_in, c._arr_out, hashes = future
             if hashes is not None:
                 c._hashes = hashes
                 c._n_full = full_blocks(c._arr_in, hashes, c._hash_block_tokens)

@@ -177,7 +177,7 @@ def test_lookahead_picks_the_best_rollout_and_beats_its_base():
 
 
 def test_replay_forecast_is_the_last_horizon_again():
-    from deflectlab.policies.lookahead import replay_forecast
+    from deflectlab.policies.forecasts import replay_forecast
 
     sim = ClusterSim(CFG, _busy_workload(200))
     _play(sim, make_policy("length_threshold:max_len=3072"), stop=150)
@@ -222,7 +222,7 @@ def test_replay_planner_does_not_read_the_window_s_future():
     assert scores(a, "known") != scores(b, "known")
     assert make_policy("lookahead").clairvoyant and not make_policy("lookahead:forecast=replay").clairvoyant
     assert not make_policy("lookahead:horizon_s=0").clairvoyant  # the myopic planner reads no future arrival
-    with pytest.raises(ValueError, match="forecast must be one of known, replay"):
+    with pytest.raises(ValueError, match="forecast must be one of known, replay, analog"):
         make_policy("lookahead:forecast=oracle")
 
 
@@ -231,7 +231,7 @@ def test_mean_outputs_hide_the_output_lengths_a_router_does_not_know():
     latest finished ones (by hand here), so the pending request's true output length changes no score, and the
     scores differ from those with the workload's outputs (the substitution is not idle)."""
     from deflectlab.envs.workloads import Workload
-    from deflectlab.policies.lookahead import mean_finished_output
+    from deflectlab.policies.forecasts import mean_finished_output
 
     a = _busy_workload(60)
     out_b = a.output_tokens.copy()

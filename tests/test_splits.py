@@ -145,6 +145,11 @@ def test_blocked_evaluate_shapes_option_names_bad_values(tmp_path, capsys):
     with pytest.raises(SystemExit):
         blocked_split.main(["select", "--out", str(tmp_path)])
     assert "select: give the candidates as --learned LABEL=SPEC" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        blocked_split.main(["evaluate", "--out", str(tmp_path), "--planners", "myopic,oracle"])
+    assert ("--planners 'oracle': known planners are clairvoyant, myopic, myopic-mean-outputs, replay-forecast, "
+            "analog-forecast") in capsys.readouterr().err
+    assert blocked_split.PLANNER_NAMES["analog-forecast"] == "lookahead (analog forecast)"
 
 
 def test_planner_table_splits_the_headroom_by_hand():
@@ -251,3 +256,39 @@ def test_select_scores_candidates_on_fresh_training_block_episodes_and_picks_the
     text = bs.selection_markdown(res, "cmd")
     row = next(line for line in text.splitlines() if line.startswith("| same rule (the pick) |"))
     assert row.endswith("| +0.00 ± 0.00 | +0.00 ± 0.00 | +0.00 ± 0.00 |")
+
+
+def test_predictability_counts_the_arrivals_around_each_decision_point_by_hand():
+    """At every arrival of the held-out blocks with the whole past and next window inside its block: the count
+    of arrivals in the last ``past`` and the next ``horizon`` seconds (times the load: the episodes' time scale),
+    their correlation, and the R² on the held-out points of the next count's mean per past count on the training
+    blocks (nearest past count where one is missing); all by brute force here."""
+    from deflectlab.envs.splits import Split
+    from deflectlab.envs.workloads import Trace
+    from deflectlab.experiments.blocked_split import predictability
+
+    rng = np.random.default_rng(3)
+    rate = np.where(np.arange(400) % 80 < 30, 0.1, 0.6)  # bursts and lulls: gaps of 0.1 s or 0.6 s on average
+    t = np.concatenate([[0.0], np.cumsum(rng.exponential(rate[:-1]))])
+    t = np.round(t, 1)  # ties: arrivals at the same instant count as past (the decision sees them)
+    trace = Trace("toy", t, np.full(400, 10), np.full(400, 5), None, "test")
+    end = float(t[-1])
+    split = Split("toy", ((0.0, end / 2),), ((end / 2, None),))
+    rows = predictability(trace, split, loads=(1.0, 2.0), past_s=(1.0, 3.0), horizon_s=2.0)
+    assert [(r["load"], r["past_s"]) for r in rows] == [(1.0, 1.0), (1.0, 3.0), (2.0, 1.0), (2.0, 3.0)]
+
+    def counts(a, b, past, fut):
+        pts = [x for x in t if a + past <= x < b - fut]
+        return ([sum(1 for y in t if x - past < y <= x) for x in pts],
+                [sum(1 for y in t if x < y <= x + fut) for x in pts])
+
+    for r in rows:
+        past, fut = r["past_s"] * r["load"], 2.0 * r["load"]
+        xf, yf = counts(0.0, end / 2, past, fut)
+        x, y = counts(end / 2, end, past, fut)
+        assert r["points"] == len(y) > 50 and r["mean_next"] == pytest.approx(np.mean(y))
+        assert r["corr"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+        fit = {v: np.mean([b for a, b in zip(xf, yf, strict=True) if a == v]) for v in set(xf)}
+        pred = [fit[min(fit, key=lambda v, q=q: (abs(v - q), v))] for q in x]
+        r2 = 1 - sum((a - b) ** 2 for a, b in zip(y, pred, strict=True)) / sum((a - np.mean(y)) ** 2 for a in y)
+        assert r["r2_train_fit"] == pytest.approx(r2)
