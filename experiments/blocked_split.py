@@ -421,25 +421,36 @@ def predictability(trace: Any, split: Any = SPLIT, loads: tuple[float, ...] = TU
         for p in past_s:
             xf, yf = _counts_at_arrivals(t, train, p * load, horizon_s * load)
             x, y = _counts_at_arrivals(t, held, p * load, horizon_s * load)
-            pred = _conditional_mean(xf, yf, x)
             sst = float(((y - y.mean()) ** 2).sum())
+            slope, icpt = np.polyfit(xf, yf, 1)
+            r2 = {k: 1.0 - float(((y - pred) ** 2).sum()) / sst if sst > 0 else math.nan
+                  for k, pred in (("r2_train_fit", _conditional_mean(xf, yf, x)), ("r2_train_line", icpt + slope * x))}
             rows.append({"load": load, "past_s": p, "points": len(y), "mean_next": float(y.mean()),
-                         "corr": float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else math.nan,
-                         "r2_train_fit": 1.0 - float(((y - pred) ** 2).sum()) / sst if sst > 0 else math.nan})
+                         "mean_next_train": float(yf.mean()), "corr": _corr(x, y), "corr_train": _corr(xf, yf), **r2})
     return rows
 
 
-def predictability_markdown(rows: list[dict[str, Any]], trace: str, command: str) -> str:
+def _corr(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else math.nan
+
+
+def predictability_markdown(rows: list[dict[str, Any]], trace: str, command: str, heading: str = "#") -> str:
     head = ["load", "past (simulated s)", "decision points", f"mean arrivals in the next {PREDICT_HORIZON_S:g} s",
-            "correlation", "R², training-block fit"]
-    body = [[f"{r['load']:g}x", f"{r['past_s']:g}", r["points"], f"{r['mean_next']:.1f}", f"{r['corr']:+.2f}",
-             f"{r['r2_train_fit']:+.2f}"] for r in rows]
-    return "\n".join([f"# How much the last seconds of arrivals tell of the next {PREDICT_HORIZON_S:g} s ({trace})", "",
+            "(training blocks)", "correlation", "(training blocks)", "R², training-block line",
+            "R², training-block mean per count"]
+    body = [[f"{r['load']:g}x", f"{r['past_s']:g}", r["points"], f"{r['mean_next']:.1f}", f"{r['mean_next_train']:.1f}",
+             f"{r['corr']:+.2f}", f"{r['corr_train']:+.2f}", f"{r['r2_train_line']:+.2f}", f"{r['r2_train_fit']:+.2f}"]
+            for r in rows]
+    return "\n".join([f"{heading} How much the last seconds of arrivals tell of the next {PREDICT_HORIZON_S:g} s "
+                      f"({trace})", "",
                       f"`{command}`", "",
                       "At every arrival of the held-out blocks of the blocked split (a decision point), the count of "
-                      "arrivals in the last seconds against the count in the next ones, at each load's time scale. "
-                      "R²: the share of the next count's variance on the held-out blocks that its conditional mean "
-                      "given the past count, fitted on the training blocks, explains.", "",
+                      "arrivals in the last seconds against the count in the next ones, at each load's time scale; "
+                      "the same on the training blocks in brackets. R²: the share of the next count's variance on "
+                      "the held-out blocks that a predictor from the past count, fitted on the training blocks, "
+                      "explains (a least-squares line; the mean next count at each past count). Negative: worse "
+                      "than the held-out blocks' own mean, which no predictor fitted on the training blocks knows.",
+                      "",
                       *table(head, body), ""])
 
 
@@ -447,18 +458,21 @@ def blocked_summary(folder: Path = Path(__file__).parent / "blocked", title: str
                     also: tuple[str, ...] = ()) -> str:
     """The main job's section on the blocked split, read from a committed evaluation (empty without it): the kept
     (first) learned policy's differences, or with ``title`` every learned policy's under that heading. ``also``:
-    further evaluation files in ``folder`` (same settings and episodes) whose learned policies join the table."""
+    further evaluation files in ``folder`` (some or all of the same settings, the same episodes) whose learned
+    policies and planners join the tables."""
     path = folder / "evaluation.json"
     if not path.is_file():
         return ""
     res = json.loads(path.read_text())
     for name in also:
         more = json.loads((folder / name).read_text())
-        if (more["settings"], more["episodes"], more["seed0"]) != (res["settings"], res["episodes"], res["seed0"]):
+        if (any(st not in res["settings"] for st in more["settings"])
+                or (more["episodes"], more["seed0"]) != (res["episodes"], res["seed0"])):
             raise ValueError(f"blocked_summary: {folder / name} ran other settings or episodes than {path}")
-        res["rows"] += [r for r in more["rows"] if r["policy"] in {more["policies"][k] for k in more["learned"]}]
-        res["policies"].update({k: more["policies"][k] for k in more["learned"]})
-        res["learned"] += more["learned"]
+        joining = [k for k in (*more["learned"], *PLANNERS) if k in more["policies"] and k not in res["policies"]]
+        res["rows"] += [r for r in more["rows"] if r["policy"] in {more["policies"][k] for k in joining}]
+        res["policies"].update({k: more["policies"][k] for k in joining})
+        res["learned"] += [k for k in more["learned"] if k in joining]
         res["command"] = f"{res.get('command', 'n/a')}` and `{more.get('command', 'n/a')}"
     kept = res["learned"][0]
     head, rows, losses = diff_table(res, None if title else kept)

@@ -234,12 +234,20 @@ def run_main(out: Path, rates: tuple[float, ...] = DEFAULT_RATES, compare: bool 
     if compare:
         res = run_main_comparison(out / "comparison", progress=progress, cluster=cluster)
         md.append(comparison_summary(res))
-    from deflectlab.experiments.blocked_split import blocked_summary
+    from deflectlab.envs.workloads import load_trace
+    from deflectlab.experiments.blocked_split import (
+        TUNE_TRACE,
+        blocked_summary,
+        predictability,
+        predictability_markdown,
+    )
     from deflectlab.experiments.headroom import headroom_summary
     from deflectlab.experiments.trained_eval import headroom_and_learned_summary
 
     md.append(headroom_and_learned_summary())
-    md.append(blocked_summary())
+    md.append(blocked_summary(also=("analog/evaluation.json",)))
+    md.append(predictability_markdown(predictability(load_trace(TUNE_TRACE)), TUNE_TRACE,
+                                      "computed here (blocked_split.predictability)", heading="##"))
     md.append(blocked_summary(Path(__file__).parent / "rl_v4_blocked" / "2to3x", also=("evaluation_s3-5.json",),
                               title="## RL from scratch on feature schema 4 (trained at 2-3x on the training "
                                     "blocks), six seeds, held-out blocks"))

@@ -207,7 +207,7 @@ def test_hindsight_table_takes_the_best_rule_of_each_episode_by_hand():
     assert [r[3] for r in bs.hindsight_table(res)[1]] == ["the heuristics"]
 
 
-def test_main_job_sections_read_the_committed_blocked_evaluations():
+def test_main_job_sections_read_the_committed_blocked_evaluations(tmp_path):
     """The main job's blocked sections: the kept policy of experiments/blocked, and every seed of the schema-4 RL
     run under its own heading, each naming the committed file it reads."""
     from deflectlab.experiments import blocked_split as bs
@@ -217,6 +217,16 @@ def test_main_job_sections_read_the_committed_blocked_evaluations():
     assert "`experiments/blocked/evaluation.md`" in kept and "## The headroom, split" in kept
     # the hindsight bound at 3x beside the clairvoyant headroom (experiments/blocked/README.md quotes both)
     assert "| 3x | the heuristics | best tuned (proactive) | +0.83 ± 0.73 | +1.88 ± 0.62 |" in kept
+    # the analog planner's run (2P2D settings only, the same episodes) joins the planners' table, beside the others
+    split = bs.blocked_summary(also=("analog/evaluation.json",))
+    assert "| 3x | lookahead (analog forecast) | -1.45 ± 1.68 | -1.45 ± 1.68 (best tuned (proactive)) |" in split
+    assert "| 3x | lookahead (myopic) |" in split and split.count("--planners analog-forecast") == 1
+    other = json.loads((root / "blocked" / "analog" / "evaluation.json").read_text())
+    (tmp_path / "evaluation.json").write_text((root / "blocked" / "evaluation.json").read_text())
+    for key, value in (("episodes", 10), ("settings", [[[2, 2], "azure_code", 4.0, bs.HELD]])):
+        (tmp_path / "more.json").write_text(json.dumps({**other, key: value}))
+        with pytest.raises(ValueError, match="more.json ran other settings or episodes"):
+            bs.blocked_summary(tmp_path, also=("more.json",))
     rl = bs.blocked_summary(root / "rl_v4_blocked" / "2to3x", title="## RL v4", also=("evaluation_s3-5.json",))
     assert "with hindsight" not in rl  # (once, in the main section)
     assert rl.startswith("## RL v4") and "`experiments/rl_v4_blocked/2to3x/evaluation.md`" in rl
@@ -292,3 +302,11 @@ def test_predictability_counts_the_arrivals_around_each_decision_point_by_hand()
         pred = [fit[min(fit, key=lambda v, q=q: (abs(v - q), v))] for q in x]
         r2 = 1 - sum((a - b) ** 2 for a, b in zip(y, pred, strict=True)) / sum((a - np.mean(y)) ** 2 for a in y)
         assert r["r2_train_fit"] == pytest.approx(r2)
+        assert r["mean_next_train"] == pytest.approx(np.mean(yf)) and r["corr_train"] == pytest.approx(
+            np.corrcoef(xf, yf)[0, 1])
+        # the least-squares line on the training points, by the normal equations
+        b = sum((a - np.mean(xf)) * (c - np.mean(yf)) for a, c in zip(xf, yf, strict=True)) / sum(
+            (a - np.mean(xf)) ** 2 for a in xf)
+        line = [np.mean(yf) + b * (q - np.mean(xf)) for q in x]
+        r2_line = 1 - sum((a - c) ** 2 for a, c in zip(y, line, strict=True)) / sum((a - np.mean(y)) ** 2 for a in y)
+        assert r["r2_train_line"] == pytest.approx(r2_line)
