@@ -158,16 +158,17 @@ class Lookahead(Policy):
             raise ValueError(f"policy 'lookahead': min_gain must be a whole number of requests >= 0, got {min_gain!r}")
         if outputs not in OUTPUTS:
             raise ValueError(f"policy 'lookahead': outputs must be one of {', '.join(OUTPUTS)}, got {outputs!r}")
-        for name, v in (("samples", samples), ("seed", seed)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "samples" else 0):
-                raise ValueError(f"policy 'lookahead': {name} must be a whole number >= "
-                                 f"{1 if name == 'samples' else 0}, got {v!r}")
+        _check_whole("samples", samples, 1)
+        _check_whole("seed", seed, 0)
         if pool_part not in ("train", "held_out"):
             raise ValueError(f"policy 'lookahead': pool_part must be train or held_out, got {pool_part!r}")
-        if forecast == "analog" and float(horizon_s) <= 0:
+        if forecast == "analog" and horizon_s <= 0:
             raise ValueError("policy 'lookahead': forecast=analog needs horizon_s > 0 (the seconds it forecasts)")
-        self.samples, self.pool, self.pool_split, self.pool_part, self.seed = samples, str(pool), pool_split, \
-            pool_part, seed
+        self.samples = samples
+        self.pool = str(pool)
+        self.pool_split = pool_split
+        self.pool_part = pool_part
+        self.seed = seed
         self._rng = np.random.default_rng(seed)
         self.forecast = forecast
         self.min_gain = min_gain
@@ -306,6 +307,11 @@ class Lookahead(Policy):
             scored.append(r)
         c.run_events(t_end + _DRAIN_S)
         return _objective(c, scored)
+
+
+def _check_whole(name: str, v: Any, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"policy 'lookahead': {name} must be a whole number >= {lo}, got {v!r}")
 
 
 def _objective(sim: Any, scored: list) -> tuple[int, float]:

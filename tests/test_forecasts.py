@@ -124,3 +124,16 @@ def test_bad_analog_parameters_are_named(spec, msg):
 def test_an_unknown_split_is_named():
     with pytest.raises(ValueError, match="unknown split 'weekly'"):
         make_policy("lookahead:horizon_s=2,forecast=analog,pool_split=weekly").attach(ClusterSim(CFG, _window()))
+
+
+def test_reset_with_a_seed_reseeds_the_draws():
+    """The draws are a function of the planner's seed and the seed ``reset`` is given (none: the planner's own)."""
+    pool = _toy_pool()
+
+    def draws(seed, reset_seed):
+        pol = Lookahead(horizon_s=2.0, forecast="analog", seed=seed)
+        pol.reset(reset_seed)
+        return list(pool.draw(16, 0.5, 2.0, 2.0, 10, pol._rng))
+
+    assert draws(0, 5) == draws(0, 5) and draws(0, None) == draws(0, None)
+    assert len({tuple(draws(0, 5)), tuple(draws(0, 6)), tuple(draws(1, 5)), tuple(draws(0, None))}) == 4
