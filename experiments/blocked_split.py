@@ -266,6 +266,13 @@ def markdown(res: dict[str, Any], command: str, tuned_doc: dict[str, Any]) -> st
         slo_rows.append([f"{p}P{d}D", f"{tr} ({var['label']})", f"{ld:g}x",
                          *(f"{pooled(rows[k]):.4f}" if rows[k] else "n/a" for k in pols)])
     diff_head, diff_rows, losses = diff_table(res)
+    learned_lines = [
+        "## Paired differences (points of SLO attainment, mean ± 95 % Student-t half-width over episodes)", "",
+        "The tuning winner was chosen on the training blocks before this evaluation; the best heuristic ex post is "
+        "the one with the highest mean attainment on these held-out episodes, a bar no rule fixed in advance "
+        "clears.", "", *table(diff_head, diff_rows), "",
+        "## Where a learned policy loses (interval entirely below zero)", "",
+        *([f"* {x}" for x in losses] or ["* nowhere"]), ""] if learned else []
     meta = tuned_doc["meta"]
     lines = [
         "# The blocked split: trained and tuned on alternating 300-s blocks, evaluated on the blocks between", "",
@@ -277,16 +284,11 @@ def markdown(res: dict[str, Any], command: str, tuned_doc: dict[str, Any]) -> st
         f"Heuristics tuned on training-block episodes only ({meta['trace']}, {meta['shape']}, loads "
         f"{', '.join(f'{x:g}x' for x in meta['loads'])}, seeds {meta['seeds'][0]}-{meta['seeds'][1]}; "
         f"`tuned_blocked.yaml`): " + "; ".join(f"{k} = `{v}`" for k, v in pols.items() if k in heur) + ".", "",
-        "Learned policies: " + "; ".join(f"{k} = `{pols[k]}`" for k in learned) + "."
+        "Learned policies: " + ("; ".join(f"{k} = `{pols[k]}`" for k in learned) or "none") + "."
         + (f" Planner: `{pols[planner]}` (clairvoyant: it knows the window's future arrivals)." if planner else ""),
         "", "## SLO attainment (pooled over the episodes' requests)", "",
         *table(["shape", "trace", "load", *pols], slo_rows), "",
-        "## Paired differences (points of SLO attainment, mean ± 95 % Student-t half-width over episodes)", "",
-        "The tuning winner was chosen on the training blocks before this evaluation; the best heuristic ex post is "
-        "the one with the highest mean attainment on these held-out episodes, a bar no rule fixed in advance "
-        "clears.", "", *table(diff_head, diff_rows), "",
-        "## Where a learned policy loses (interval entirely below zero)", "",
-        *([f"* {x}" for x in losses] or ["* nowhere"]), "",
+        *learned_lines,
         *hindsight_lines(res),
         *planner_lines(res),
     ]

@@ -121,6 +121,12 @@ def test_blocked_study_tunes_on_training_blocks_and_evaluates_on_held_out_ones(t
     (tmp_path / "evaluation.json").write_text(json.dumps({**res, "command": "cmd"}, default=float))
     summary = bs.blocked_summary(tmp_path)
     assert row in summary and summary.startswith("## The blocked split: the learned policy `same as proactive`")
+    # planners alone (--planners): no learned policy, so no paired-differences section, and the planners' table
+    only = bs.evaluate(f, {}, episodes=1, jobs=1, planner=False, settings=[((2, 2), "azure_code", 1.0, bs.HELD)],
+                       planners=("lookahead (myopic)",))
+    text = bs.markdown(only, "cmd", doc)
+    assert "Learned policies: none." in text and "## Paired differences" not in text
+    assert "| 2P2D | azure_code (held-out blocks) | 1x | lookahead (myopic) |" in text
 
 
 def test_blocked_evaluate_shapes_option_names_bad_values(tmp_path, capsys):
