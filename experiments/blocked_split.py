@@ -416,15 +416,20 @@ def predictability(trace: Any, split: Any = SPLIT, loads: tuple[float, ...] = TU
     held-out mean, which it does not know)."""
     t = np.asarray(trace.arrival_s, dtype=float)
     end = float(t[-1])
-    train = [(a, end if b is None else b) for a, b in split.train]
-    held = [(a, end if b is None else b) for a, b in split.held_out]
+    train = [(a, end if b is None else min(b, end)) for a, b in split.train]  # a block ends with the trace at most
+    held = [(a, end if b is None else min(b, end)) for a, b in split.held_out]
     rows = []
     for load in loads:
         for p in past_s:
             xf, yf = _counts_at_arrivals(t, train, p * load, horizon_s * load)
             x, y = _counts_at_arrivals(t, held, p * load, horizon_s * load)
+            for part, n in (("training", len(yf)), ("held-out", len(y))):
+                if n < 2:
+                    raise ValueError(f"{getattr(trace, 'name', 'the trace')} ({float(t[-1]):g} s) has {n} arrivals "
+                                     f"with {p:g} + {horizon_s:g} simulated s of a {part} block of the {split.name} "
+                                     f"split around them at {load:g}x load: too few to compare")
             sst = float(((y - y.mean()) ** 2).sum())
-            slope, icpt = np.polyfit(xf, yf, 1)
+            slope, icpt = np.polyfit(xf, yf, 1) if xf.std() > 0 else (0.0, float(yf.mean()))  # constant: the mean
             r2 = {k: 1.0 - float(((y - pred) ** 2).sum()) / sst if sst > 0 else math.nan
                   for k, pred in (("r2_train_fit", _conditional_mean(xf, yf, x)), ("r2_train_line", icpt + slope * x))}
             rows.append({"load": load, "past_s": p, "points": len(y), "mean_next": float(y.mean()),
@@ -548,6 +553,30 @@ def _planner_labels(p: argparse.ArgumentParser, names: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _tune_step(a: argparse.Namespace, command: str, tuned_file: Path) -> int:
+    doc = tune(a.jobs, a.episodes or TUNE_EPISODES)
+    doc["meta"]["command"] = command
+    tuned_file.write_text(yaml.safe_dump(doc, sort_keys=False, width=110))
+    for name, sc in doc["scores"].items():
+        print(f"{name:<20} {doc['policies'][name]}  SLO {sc['slo_attainment']:.4f}  "
+              f"P95 TTFT {sc['ttft_p95_s']:.3f} s")
+    print(f"wrote {tuned_file} ({doc['meta']['wall_s']:.0f} s)")
+    return 0
+
+
+def _predictability_step(p: argparse.ArgumentParser, a: argparse.Namespace, command: str) -> int:
+    from deflectlab.envs.workloads import load_trace
+
+    try:
+        rows = predictability(load_trace(a.trace))
+    except ValueError as e:  # a trace too short for the split's blocks, or an unknown trace
+        p.error(f"predictability: {e}")
+    text = predictability_markdown(rows, a.trace, command)
+    (a.out / "predictability.md").write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deflectlab.experiments.blocked_split",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -566,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(slow), to split the headroom")
     p.add_argument("--planners", default="", metavar="NAME,...",
                    help=f"also run these planners: {', '.join(PLANNER_NAMES)}")
+    p.add_argument("--trace", default=TUNE_TRACE, metavar="NAME|FILE",
+                   help=f"predictability: the trace (a bundled name or a file; default {TUNE_TRACE})")
     p.add_argument("--shapes", default=None, metavar="PxD,...",
                    help="evaluate only the settings of these cluster shapes (e.g. 2x2 for fixed-shape policies)")
     p.add_argument("--loads", type=float, nargs="+", default=None, metavar="X",
@@ -578,21 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     tuned_file = a.tuned or a.out / "tuned_blocked.yaml"
     if a.step == "tune":
-        doc = tune(a.jobs, a.episodes or TUNE_EPISODES)
-        doc["meta"]["command"] = command
-        tuned_file.write_text(yaml.safe_dump(doc, sort_keys=False, width=110))
-        for name, sc in doc["scores"].items():
-            print(f"{name:<20} {doc['policies'][name]}  SLO {sc['slo_attainment']:.4f}  "
-                  f"P95 TTFT {sc['ttft_p95_s']:.3f} s")
-        print(f"wrote {tuned_file} ({doc['meta']['wall_s']:.0f} s)")
-        return 0
+        return _tune_step(a, command, tuned_file)
     if a.step == "predictability":
-        from deflectlab.envs.workloads import load_trace
-
-        text = predictability_markdown(predictability(load_trace(TUNE_TRACE)), TUNE_TRACE, command)
-        (a.out / "predictability.md").write_text(text)
-        print(text)
-        return 0
+        return _predictability_step(p, a, command)
     if not tuned_file.exists():
         p.error(f"{tuned_file} is missing: run the tune step first (with the same --out), or give --tuned FILE")
     try:

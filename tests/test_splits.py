@@ -316,3 +316,21 @@ def test_predictability_counts_the_arrivals_around_each_decision_point_by_hand()
         line = [np.mean(yf) + b * (q - np.mean(xf)) for q in x]
         r2_line = 1 - sum((a - c) ** 2 for a, c in zip(y, line, strict=True)) / sum((a - np.mean(y)) ** 2 for a in y)
         assert r["r2_train_line"] == pytest.approx(r2_line)
+
+
+def test_predictability_names_a_trace_too_short_for_the_split_and_an_unknown_trace(capsys, tmp_path):
+    from deflectlab.envs.workloads import Trace
+    from deflectlab.experiments import blocked_split as bs
+
+    short = Trace("short", np.arange(0.0, 250.0, 0.5), np.full(500, 10), np.full(500, 5), None, "test")
+    with pytest.raises(ValueError, match=r"short \(249.5 s\) has 0 arrivals with 1 \+ 2 simulated s of a held-out "
+                                         r"block of the blocked split around them at 1x load"):
+        bs.predictability(short)  # the held-out blocks start at 300 s, after its end
+    # a block that runs past the trace's end ends with it: no decision point near the end counts arrivals that
+    # are not there (every count of a steady 2 per second is exact)
+    rows = bs.predictability(Trace("steady", np.arange(0.0, 400.0, 0.5), np.full(800, 10), np.full(800, 5), None,
+                                   "test"), loads=(1.0,), past_s=(1.0,))
+    assert rows[0]["mean_next"] == 4.0 and rows[0]["mean_next_train"] == 4.0
+    with pytest.raises(SystemExit):
+        bs.main(["predictability", "--out", str(tmp_path), "--trace", "nope"])
+    assert "predictability: nope: unknown bundled trace name" in capsys.readouterr().err
