@@ -158,6 +158,17 @@ PLANNERS = {"lookahead (clairvoyant)": (2.0, ""), "lookahead (myopic)": (0.0, ""
             "lookahead (replay forecast)": (2.0, ",forecast=replay"),
             "lookahead (analog forecast)": (2.0, ",forecast=analog,samples=4,pool_split=blocked,pool_part=train")}
 CLAIRVOYANT = next(iter(PLANNERS))
+#: what each planner of :data:`PLANNERS` knows, as the planners' section says it
+PLANNER_DOCS = {
+    "lookahead (clairvoyant)": "the clairvoyant planner reads the window's future arrivals",
+    "lookahead (myopic)": "the myopic one plays each decision against the present state alone",
+    "lookahead (myopic, mean outputs)": "the myopic one with mean outputs also takes a recent mean for the output "
+                                        "length of every request not yet decoding",
+    "lookahead (replay forecast)": "the replay one plays against a persistence forecast (the last 2 s of arrivals "
+                                   "again)",
+    "lookahead (analog forecast)": "the analog one plays against four futures drawn from the training blocks, after "
+                                   "moments with as many arrivals in the last 2 s as the present (or nearly)",
+}
 #: ``--planners`` names: the label's words in brackets, joined by "-" (clairvoyant, myopic, myopic-mean-outputs,
 #: replay-forecast, analog-forecast)
 PLANNER_NAMES = {"-".join(k[k.index("(") + 1:-1].replace(",", "").split()): k for k in PLANNERS}
@@ -364,13 +375,10 @@ def planner_lines(res: dict[str, Any]) -> list[str]:
     if not any(k in pols for k in PLANNERS if k != CLAIRVOYANT):
         return []
     head, rows = planner_table(res)
+    said = "; ".join(PLANNER_DOCS[k] for k in PLANNERS if k in pols)
     return ["## The headroom, split: what knowing the future is worth", "",
-            "The clairvoyant planner reads the window's future arrivals; the myopic one plays each decision against "
-            "the present state alone, and with mean outputs also takes a recent mean for the output length of every "
-            "request not yet decoding; the replay one plays against a persistence forecast (the last 2 s of "
-            "arrivals again), the analog one against four futures drawn from the training blocks after moments "
-            "with as many arrivals in the last 2 s as the present (or nearly). All read the model's state exactly "
-            "(the remaining output of the requests already decoding included), so none is deployable: "
+            said[0].upper() + said[1:] + ". All read the model's state exactly (the remaining output of the requests "
+            "already decoding included), so none is deployable: "
             + "; ".join(f"{k} = `{pols[k]}`" for k in PLANNERS if k in pols) + ".", "", *table(head, rows), ""]
 
 

@@ -179,7 +179,11 @@ def test_planner_table_splits_the_headroom_by_hand():
     assert clair[3:] == ["lookahead (clairvoyant)", "+9.00 ± 4.30", "+4.00 ± 4.30 (proactive)", "200"]
     # myopic - winner: +0.02, +0.01, +0.02: mean 1.67, sd 0.577, half-width 4.303 x 0.577 / sqrt(3) = 1.43
     assert myopic[3:] == ["lookahead (myopic)", "+1.67 ± 1.43", "-3.33 ± 1.43 (proactive)", "200"]
-    assert bs.planner_lines(res)[0].startswith("## The headroom, split")
+    lines = bs.planner_lines(res)
+    assert lines[0].startswith("## The headroom, split")
+    # it says what the planners that ran know, and nothing of those that did not run
+    assert lines[2].startswith("The clairvoyant planner reads the window's future arrivals; the myopic one plays")
+    assert "replay" not in lines[2] and "analog" not in lines[2]
     res["policies"].pop("lookahead (myopic)")
     assert bs.planner_lines(res) == []  # the clairvoyant planner alone: the main table has its headroom
 
