@@ -144,6 +144,9 @@ class AnalogPool:
         """The points ``s`` (trace seconds) of ``samples`` analogues of a present with ``n_now`` arrivals in the
         last ``past_s`` simulated seconds: the candidates whose count is nearest, ties in a random order."""
         starts, counts = self.grid(scale, past_s, horizon_s)
+        if samples > len(starts):
+            raise ValueError(f"analog pool {self.label}: {samples} draws asked, but it has only {len(starts)} "
+                             f"candidate moments at {1 / scale:g}x load")
         return starts[np.lexsort((rng.random(len(starts)), np.abs(counts - n_now)))[:samples]]
 
     def future(self, sim: Any, s: float, scale: float, horizon_s: float) -> Arrivals:

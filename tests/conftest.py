@@ -18,3 +18,23 @@ def simple_profile(**kw) -> LatencyModel:
     )
     base.update(kw)
     return LatencyModel(**base)
+
+
+def play(sim, policy, stop: int | None = None) -> None:
+    """Route ``sim``'s arrivals with ``policy``; with ``stop``, return once request number ``stop`` is pending
+    (unrouted)."""
+    while (r := sim.advance()) is not None:
+        if stop is not None and len(sim.requests) >= stop:
+            return
+        sim.route(r, policy.decide(sim.view(), r))
+
+
+def planner_scores(sim, planner, n: int) -> list[list]:
+    """Let ``planner`` (a lookahead policy) route ``sim``'s first ``n`` arrivals; its candidates' scores at each."""
+    planner.attach(sim)
+    out = []
+    while len(out) < n:
+        r = sim.advance()
+        sim.route(r, planner.decide(sim.view(), r))
+        out.append(list(planner.last_scores))
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import planner_scores, play
 
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.simulator import ClusterSim
@@ -29,13 +30,6 @@ def _toy_pool() -> AnalogPool:
     return AnalogPool(trace, [(0.0, 40.0), (100.0, 140.0)], "toy")
 
 
-def _play(sim: ClusterSim, policy, stop: int) -> None:
-    while (r := sim.advance()) is not None:
-        if len(sim.requests) >= stop:
-            return
-        sim.route(r, policy.decide(sim.view(), r))
-
-
 def test_the_analogues_are_the_nearest_moments_and_their_futures_are_the_pool_s():
     pool = _toy_pool()
     scale, past, fut = 0.5, 2.0, 2.0  # 2 simulated s = 4 trace s
@@ -54,12 +48,15 @@ def test_the_analogues_are_the_nearest_moments_and_their_futures_are_the_pool_s(
     assert all(s > 100 for s in pool.draw(10, scale, past, fut, 3, rng))
     got = pool.draw(2, scale, past, fut, len(starts), rng)
     assert sorted(got) == sorted(starts)  # every candidate, once
+    with pytest.raises(ValueError, match=f"toy: {len(starts) + 1} draws asked, but it has only {len(starts)} "
+                                         "candidate moments at 2x load"):
+        pool.draw(2, scale, past, fut, len(starts) + 1, rng)
     d = np.abs(counts[np.searchsorted(starts, got)] - 2)
     assert list(d) == sorted(d)  # nearest first
 
     # the future of one analogue, by hand, appended to a simulation's own arrivals up to now
     sim = ClusterSim(CFG, _window(load=1.0))
-    _play(sim, make_policy("never_deflect"), stop=30)
+    play(sim, make_policy("never_deflect"), stop=30)
     s = 110.1
     f_t, f_in, f_out, hashes = pool.future(sim, s, scale, fut)
     i = sim._next
@@ -79,15 +76,8 @@ def test_the_analog_planner_does_not_read_the_window_s_future():
     b = Workload(a.arrival_s, np.where(later, 12000, a.input_tokens), a.output_tokens, meta=a.meta)
 
     def scores(wl, seed=0):
-        sim = ClusterSim(CFG, wl)
         pol = Lookahead(horizon_s=2.0, base="proactive", forecast="analog", samples=2, seed=seed)
-        pol.attach(sim)
-        out = []
-        while len(out) < 40:
-            r = sim.advance()
-            sim.route(r, pol.decide(sim.view(), r))
-            out.append(list(pol.last_scores))
-        return out, pol
+        return planner_scores(ClusterSim(CFG, wl), pol, 40), pol
 
     sa, pol = scores(a)
     assert sa == scores(b)[0]

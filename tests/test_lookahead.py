@@ -8,6 +8,7 @@ from array import array
 
 import numpy as np
 import pytest
+from conftest import planner_scores, play
 
 from deflectlab.envs.config import ClusterConfig
 from deflectlab.envs.prefix_cache import Holding
@@ -38,14 +39,6 @@ def _logs(sim: ClusterSim) -> list[tuple]:
     return [(list(d.log_n0), list(d.log_k), list(d.log_a), list(d.log_b), d.preemptions) for d in sim.decode]
 
 
-def _play(sim: ClusterSim, policy, stop: int | None = None) -> None:
-    """Route arrivals with ``policy``; with ``stop``, return once request number ``stop`` is pending (unrouted)."""
-    while (r := sim.advance()) is not None:
-        if stop is not None and len(sim.requests) >= stop:
-            return
-        sim.route(r, policy.decide(sim.view(), r))
-
-
 def _cache_state(sim: ClusterSim) -> list[tuple]:
     return [(len(n.cache), n.cache.free_hashes(), n.cache.evictions) for n in (*sim.prefill, *sim.decode)]
 
@@ -60,12 +53,12 @@ def test_copy_played_forward_equals_original_played_forward(trace):
         wl = _busy_workload()
         make = lambda: ClusterSim(CFG, wl)  # noqa: E731
     ref = make()
-    _play(ref, make_policy("length_threshold:max_len=1024"))
+    play(ref, make_policy("length_threshold:max_len=1024"))
     ref.run_events()
 
     sim = make()
     pol = make_policy("length_threshold:max_len=1024")
-    _play(sim, pol, stop=150)  # stopped at a decision with work in flight on every node
+    play(sim, pol, stop=150)  # stopped at a decision with work in flight on every node
     assert any(d.batch_size for d in sim.decode) and sim._heap
     cp = sim.copy_state()
     assert cp.requests[-1] is not sim.requests[-1] and cp.decode[0] is not sim.decode[0]
@@ -74,12 +67,12 @@ def test_copy_played_forward_equals_original_played_forward(trace):
     before = _timeline(sim)
     pending = cp.requests[-1]
     cp.route(pending, pol.decide(cp.view(), pending))
-    _play(cp, make_policy("length_threshold:max_len=1024"))
+    play(cp, make_policy("length_threshold:max_len=1024"))
     cp.run_events()
     assert _timeline(sim) == before
     r = sim.requests[-1]
     sim.route(r, pol.decide(sim.view(), r))
-    _play(sim, pol)
+    play(sim, pol)
     sim.run_events()
     assert _timeline(cp) == _timeline(ref) == _timeline(sim)
     assert _logs(cp) == _logs(ref) == _logs(sim)
@@ -169,7 +162,7 @@ def test_lookahead_picks_the_best_rollout_and_beats_its_base():
     sim = ClusterSim(CFG, wl)
     p2 = Lookahead(horizon_s=4.0)
     p2.attach(sim)
-    _play(sim, make_policy("length_threshold:max_len=3072"), stop=120)
+    play(sim, make_policy("length_threshold:max_len=3072"), stop=120)
     cands = p2.candidates(sim.view(), sim.requests[-1])
     keys = [p2.score(d) for d in cands]
     assert p2.decide(sim.view(), sim.requests[-1]) == cands[int(np.argmax([k[0] * 1e6 + k[1] for k in keys]))]
@@ -180,7 +173,7 @@ def test_replay_forecast_is_the_last_horizon_again():
     from deflectlab.policies.forecasts import replay_forecast
 
     sim = ClusterSim(CFG, _busy_workload(200))
-    _play(sim, make_policy("length_threshold:max_len=3072"), stop=150)
+    play(sim, make_policy("length_threshold:max_len=3072"), stop=150)
     i, now, h = sim._next, sim.now, 2.0
     f_t, f_in, f_out, hashes = replay_forecast(sim, h)
     assert hashes is None  # an Azure trace: no block hashes
@@ -195,7 +188,7 @@ def test_replay_forecast_is_the_last_horizon_again():
     assert done and f_out[i:] == [done[n % len(done)].output_tokens for n in range(len(past))]
     # before any request has finished there is nothing to forecast output lengths from: no forecast arrivals
     early = ClusterSim(CFG, _busy_workload(200))
-    _play(early, make_policy("length_threshold:max_len=3072"), stop=3)
+    play(early, make_policy("length_threshold:max_len=3072"), stop=3)
     assert replay_forecast(early, h)[0] == early._arr_t[:early._next]
 
 
@@ -209,14 +202,7 @@ def test_replay_planner_does_not_read_the_window_s_future():
     b = Workload(a.arrival_s, np.where(later, 12000, a.input_tokens), a.output_tokens)
 
     def scores(wl, forecast):
-        sim, pol = ClusterSim(CFG, wl), Lookahead(horizon_s=2.0, base="proactive", forecast=forecast)
-        pol.attach(sim)
-        out = []
-        while len(out) < 60:
-            r = sim.advance()
-            sim.route(r, pol.decide(sim.view(), r))
-            out.append(list(pol.last_scores))
-        return out
+        return planner_scores(ClusterSim(CFG, wl), Lookahead(horizon_s=2.0, base="proactive", forecast=forecast), 60)
 
     assert scores(a, "replay") == scores(b, "replay")
     assert scores(a, "known") != scores(b, "known")
