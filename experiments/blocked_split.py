@@ -407,10 +407,10 @@ def _conditional_mean(x_fit: np.ndarray, y_fit: np.ndarray, x: np.ndarray) -> np
     ``x``; a value never seen takes the nearest seen one's mean."""
     vals, inv = np.unique(x_fit, return_inverse=True)
     means = np.bincount(inv, weights=y_fit) / np.bincount(inv)
-    k = np.clip(np.searchsorted(vals, x), 1, len(vals) - 1) if len(vals) > 1 else np.zeros(len(x), int)
-    if len(vals) > 1:
-        k = np.where(np.abs(vals[k - 1] - x) <= np.abs(vals[k] - x), k - 1, k)
-    return means[k]
+    if len(vals) == 1:
+        return np.full(len(x), means[0])
+    k = np.clip(np.searchsorted(vals, x), 1, len(vals) - 1)  # vals[k - 1] < x <= vals[k] inside the range
+    return means[np.where(np.abs(vals[k - 1] - x) <= np.abs(vals[k] - x), k - 1, k)]
 
 
 def predictability(trace: Any, split: Any = SPLIT, loads: tuple[float, ...] = TUNE_LOADS,
@@ -418,10 +418,11 @@ def predictability(trace: Any, split: Any = SPLIT, loads: tuple[float, ...] = TU
                    ) -> list[dict[str, Any]]:
     """How well the arrivals of the last ``past_s`` simulated seconds predict those of the next ``horizon_s``, at
     every arrival of the held-out blocks (a decision point) of a trace replayed at each load (the episodes' time
-    scale: ``load`` trace seconds per simulated second). Per load and past window: the correlation of the two
-    counts on the held-out blocks, and the share of the next count's variance there that the conditional mean
-    ``E[next | past]`` fitted on the *training* blocks explains (R², negative when it predicts worse than the
-    held-out mean, which it does not know)."""
+    scale: ``load`` trace seconds per simulated second). Per load and past window: the mean next count and the
+    correlation of the two counts on the held-out blocks and on the training blocks, and the share of the next
+    count's variance on the held-out blocks (R², negative when worse than the held-out mean, which a predictor
+    fitted elsewhere does not know) that two predictors fitted on the *training* blocks explain: a least-squares
+    line, and the conditional mean ``E[next | past]``. A split block that runs past the trace's end ends with it."""
     t = np.asarray(trace.arrival_s, dtype=float)
     end = float(t[-1])
     train = [(a, end if b is None else min(b, end)) for a, b in split.train]  # a block ends with the trace at most
@@ -433,7 +434,7 @@ def predictability(trace: Any, split: Any = SPLIT, loads: tuple[float, ...] = TU
             x, y = _counts_at_arrivals(t, held, p * load, horizon_s * load)
             for part, n in (("training", len(yf)), ("held-out", len(y))):
                 if n < 2:
-                    raise ValueError(f"{getattr(trace, 'name', 'the trace')} ({float(t[-1]):g} s) has {n} arrivals "
+                    raise ValueError(f"{getattr(trace, 'name', 'the trace')} ({end:g} s) has {n} arrivals "
                                      f"with {p:g} + {horizon_s:g} simulated s of a {part} block of the {split.name} "
                                      f"split around them at {load:g}x load: too few to compare")
             sst = float(((y - y.mean()) ** 2).sum())
